@@ -1,0 +1,244 @@
+"""``edge-agent``: run the daemon, serve local files, run inferences, show status."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent import __version__
+from agent.config import DEFAULT_CONFIG, Config, ServingSection
+from agent.config import load as load_config
+from agent.errors import EXIT_CONFIG, AgentError, ConfigError
+
+log = logging.getLogger("agent")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _socket_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--socket",
+        default=None,
+        help="Unix socket path or http://HOST:PORT (default: from --config, else "
+        "/run/edge-agent/infer.sock)",
+    )
+    parser.add_argument("--config", type=Path, default=None, help="agent.toml to read the socket from")
+
+
+def _address(args: argparse.Namespace) -> str:
+    if args.socket:
+        return str(args.socket)
+    path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
+    if path is not None:
+        return str(load_config(path).serving.socket)
+    return str(ServingSection().socket)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edge-agent", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
+    parser.add_argument("--log-level", default=None, help="debug, info, warning, error")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the agent daemon")
+    run.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+
+    check = sub.add_parser("check-config", help="validate a configuration file")
+    check.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    check.add_argument("config_file", nargs="?", type=Path, help="same as --config")
+
+    serve = sub.add_parser(
+        "serve", help="serve local model files (no updates; for development and benchmarks)"
+    )
+    serve.add_argument("models", nargs="+", metavar="[NAME=]MODEL_FILE")
+    serve.add_argument("--socket", type=Path, default=Path("./edge-agent.sock"))
+    serve.add_argument("--http", default="", help="also listen on loopback TCP, 127.0.0.1:PORT")
+    serve.add_argument("--workers", type=int, default=0, help="inference threads (0: cores)")
+    serve.add_argument("--intra-op-threads", type=int, default=1)
+
+    infer = sub.add_parser("infer", help="run one inference through the agent's socket")
+    infer.add_argument("model")
+    infer.add_argument(
+        "--input",
+        action="append",
+        default=[],
+        metavar="NAME=FILE.npy",
+        help="an input tensor from a .npy file (repeat per input)",
+    )
+    infer.add_argument("--output", action="append", default=None, help="output to return")
+    infer.add_argument("--version", dest="model_version", type=int, default=None)
+    infer.add_argument("--json", action="store_true", help="send and print JSON tensors")
+    infer.add_argument("--save", type=Path, default=None, help="write outputs to FILE.npz")
+    _socket_arg(infer)
+
+    status = sub.add_parser("status", help="show what the agent serves and its health")
+    _socket_arg(status)
+    status.add_argument("--json", action="store_true")
+
+    models = sub.add_parser("models", help="list the models the agent knows")
+    _socket_arg(models)
+    return parser
+
+
+def _cmd_run(args: argparse.Namespace, level: str | None) -> int:
+    from agent.daemon import Agent
+
+    config = load_config(args.config)
+    _setup_logging(level or config.agent.log_level)
+    log.info("edge-agent %s starting with %s", __version__, args.config)
+    asyncio.run(Agent(config).run())
+    return 0
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    path = args.config_file or args.config
+    config = load_config(path)
+    print(f"{path}: OK")
+    print(f"  device id    {config.device_id}")
+    print(f"  state dir    {config.agent.state_dir}")
+    print(f"  socket       {config.serving.socket} (mode {config.serving.socket_mode})")
+    print(f"  repository   {config.repository.url or '(none: serving the local store only)'}")
+    print(f"  models       {', '.join(config.models.follow) or '(none)'}")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace, level: str | None) -> int:
+    from agent.daemon import Agent, LocalModel
+
+    _setup_logging(level or "info")
+    serving = ServingSection(
+        socket=args.socket.absolute(),
+        http=args.http,
+        workers=args.workers,
+        intra_op_threads=args.intra_op_threads,
+    )
+    agent = Agent(Config(serving=serving))
+    asyncio.run(agent.run([LocalModel.parse(spec) for spec in args.models]))
+    return 0
+
+
+def _read_inputs(specs: Sequence[str]) -> dict[str, np.ndarray[Any, Any]]:
+    inputs = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name:
+            raise AgentError(f"--input expects NAME=FILE.npy, found {spec!r}")
+        try:
+            inputs[name] = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise AgentError(f"cannot read input {name!r} from {path}: {exc}") from exc
+    return inputs
+
+
+def _print_tensor(name: str, value: np.ndarray[Any, Any]) -> None:
+    with np.printoptions(threshold=20, edgeitems=3, precision=5, suppress=True):
+        flat = value.reshape(-1)
+        preview = np.array2string(flat[:12], separator=", ")
+    more = f" … ({value.size} values)" if value.size > 12 else ""
+    print(f"{name}  {value.dtype}  {list(value.shape)}  {preview}{more}")
+
+
+def _cmd_infer(args: argparse.Namespace) -> int:
+    from agent.serving.client import InferenceClient
+
+    inputs = _read_inputs(args.input)
+    with InferenceClient(_address(args)) as client:
+        response = client.infer_full(
+            args.model, inputs, args.output, version=args.model_version, binary=not args.json
+        )
+    if args.json:
+        doc = {
+            "model_name": response.model_name,
+            "model_version": response.model_version,
+            "outputs": {
+                name: {"dtype": str(v.dtype), "shape": list(v.shape), "data": v.tolist()}
+                for name, v in response.outputs.items()
+            },
+        }
+        print(json.dumps(doc, default=str))
+    else:
+        print(f"model {response.model_name} version {response.model_version}")
+        for name, value in response.outputs.items():
+            _print_tensor(name, value)
+    if args.save:
+        np.savez(args.save, **response.outputs)  # type: ignore[arg-type]
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from agent.serving.client import InferenceClient
+
+    with InferenceClient(_address(args)) as client:
+        status = client.status()
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    print(f"edge-agent {status['agent']}  up {status['uptime_s']} s  ready={status['ready']}")
+    for name, model in status["models"].items():
+        active = model["active_version"]
+        line = f"  {name}: active version {active}" if active is not None else f"  {name}: not serving"
+        if model.get("unavailable_reason") and active is None:
+            line += f" ({model['unavailable_reason']})"
+        print(line)
+        for version, figures in model["loaded_versions"].items():
+            print(
+                f"    v{version}: {figures['requests']} requests, {figures['errors']} errors, "
+                f"p50 {figures['p50_ms']} ms, p99 {figures['p99_ms']} ms"
+            )
+    for key, value in status.items():
+        if key not in ("agent", "uptime_s", "ready", "models"):
+            print(f"  {key}: {json.dumps(value)}")
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from agent.serving.client import InferenceClient
+
+    with InferenceClient(_address(args)) as client:
+        for entry in client.repository_index():
+            print(f"{entry['name']}\t{entry['version']}\t{entry['state']}\t{entry['reason']}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return _cmd_run(args, args.log_level)
+        if args.command == "check-config":
+            return _cmd_check_config(args)
+        if args.command == "serve":
+            return _cmd_serve(args, args.log_level)
+        if args.command == "infer":
+            return _cmd_infer(args)
+        if args.command == "status":
+            return _cmd_status(args)
+        if args.command == "models":
+            return _cmd_models(args)
+    except ConfigError as exc:
+        print(f"edge-agent: {exc}", file=sys.stderr)
+        if exc.remedy:
+            print(f"  hint: {exc.remedy}", file=sys.stderr)
+        return EXIT_CONFIG
+    except AgentError as exc:
+        print(f"edge-agent: {exc}", file=sys.stderr)
+        if exc.remedy:
+            print(f"  hint: {exc.remedy}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    raise AssertionError(f"unhandled command {args.command}")

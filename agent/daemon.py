@@ -1,0 +1,159 @@
+"""The composition root: builds the parts, serves the store's models, runs until a signal."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.config import Config
+from agent.errors import AgentError
+from agent.models.runtime import RuntimeOptions, load_session
+from agent.models.slots import LoadedVersion, Slots
+from agent.models.store import RUNTIME_BY_SUFFIX, Manifest, ModelStore
+from agent.serving.handler import OipHandler
+from agent.serving.oip import Limits
+from agent.serving.server import InferenceServer, ServerLimits
+from agent.telemetry.metrics import Registry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class LocalModel:
+    """A model file served as is (``edge-agent serve``): no signature, no store."""
+
+    name: str
+    path: Path
+    version: int = 1
+
+    @classmethod
+    def parse(cls, spec: str) -> LocalModel:
+        """``path`` or ``name=path``; the name defaults to the file's stem."""
+        name, sep, raw = spec.partition("=")
+        path = Path(raw if sep else spec)
+        if not sep:
+            name = path.stem
+        return cls(name=name, path=path)
+
+
+def load_version(manifest: Manifest, path: Path, options: RuntimeOptions) -> LoadedVersion:
+    """Load a model file into a session (blocking: call it off the event loop)."""
+    session = load_session(path, manifest.runtime, options)
+    return LoadedVersion(manifest=manifest, session=session)
+
+
+class Agent:
+    """One agent process: slots, the inference server and its executor."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        serving = config.serving
+        self.slots = Slots()
+        self.metrics = Registry()
+        self.executor = ThreadPoolExecutor(
+            max_workers=serving.worker_count, thread_name_prefix="infer"
+        )
+        self.options = RuntimeOptions(
+            intra_op_threads=serving.intra_op_threads, interpreters=serving.worker_count
+        )
+        self.handler = OipHandler(
+            self.slots,
+            self.metrics,
+            Limits(max_body_bytes=serving.max_body_bytes),
+        )
+        self.server = InferenceServer(
+            self.handler,
+            self.executor,
+            ServerLimits(
+                max_header_bytes=serving.max_header_bytes,
+                max_body_bytes=serving.max_body_bytes,
+                max_connections=serving.max_connections,
+                idle_timeout_s=serving.idle_timeout_s,
+            ),
+        )
+        self._stop = asyncio.Event()
+
+    async def load_store(self) -> None:
+        """Serve the newest version of every model in the store."""
+        store = await asyncio.to_thread(ModelStore, self.config.store_dir)
+        for name in store.names():
+            slot = self.slots.ensure(name)
+            for version in reversed(store.versions(name)):
+                try:
+                    stored = store.get(name, version)
+                    loaded = await asyncio.to_thread(
+                        load_version, stored.manifest, stored.model_path, self.options
+                    )
+                except AgentError as exc:
+                    log.error(
+                        "model %s version %d cannot be served: %s; trying an older version",
+                        name,
+                        version,
+                        exc,
+                    )
+                    continue
+                slot.add(loaded, activate=True)
+                break
+            else:
+                slot.deactivate("no stored version could be loaded")
+                log.error("model %s: no stored version could be loaded; answering 503", name)
+
+    async def load_local(self, models: Iterable[LocalModel]) -> None:
+        """Serve local model files directly (development, benchmarks)."""
+        for model in models:
+            runtime = RUNTIME_BY_SUFFIX.get(model.path.suffix)
+            if runtime is None:
+                raise AgentError(f"{model.path}: unknown model type, expected .onnx or .tflite")
+            manifest = Manifest(
+                name=model.name,
+                version=model.version,
+                runtime=runtime,
+                model_file=model.path.name,
+            )
+            loaded = await asyncio.to_thread(load_version, manifest, model.path, self.options)
+            self.slots.ensure(model.name).add(loaded, activate=True)
+            log.info("serving %s version %d from %s", model.name, model.version, model.path)
+
+    async def listen(self) -> None:
+        serving = self.config.serving
+        group = serving.socket_group or None
+        await self.server.listen_unix(serving.socket, serving.mode, group)
+        if serving.http:
+            host, _, port = serving.http.rpartition(":")
+            await self.server.listen_tcp(host.strip("[]"), int(port))
+        log.info("listening on %s", ", ".join(self.server.addresses))
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def wait_for_stop(self) -> None:
+        await self._stop.wait()
+
+    async def shutdown(self) -> None:
+        """Stop accepting, drain in-flight requests, release every session."""
+        await self.server.close()
+        self.executor.shutdown(wait=True)
+        self.slots.close()
+
+    async def run(self, local: Iterable[LocalModel] | None = None) -> None:
+        """Load models, listen, and serve until SIGTERM/SIGINT."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        try:
+            if local is None:
+                await self.load_store()
+            else:
+                await self.load_local(local)
+            await self.listen()
+            await self._stop.wait()
+            log.info("stopping: draining in-flight requests")
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            await self.shutdown()

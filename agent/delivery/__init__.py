@@ -1,0 +1,1 @@
+"""Secure model delivery: TUF metadata and targets over HTTPS."""

@@ -1,0 +1,1 @@
+"""Model store, runtimes, slots and the deployment lifecycle."""

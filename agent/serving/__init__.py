@@ -1,0 +1,1 @@
+"""Local inference over the Open Inference Protocol (KServe v2 REST)."""

@@ -1,0 +1,270 @@
+"""Python client for the agent's inference socket: numpy in, numpy out, binary by default.
+
+One persistent HTTP/1.1 connection per client, framed by hand (the server always answers with
+Content-Length), so a call costs one ``sendall`` and as few ``recv`` calls as the reply needs.
+Not thread-safe: use one client per thread.
+
+    with InferenceClient("/run/edge-agent/infer.sock") as client:
+        outputs = client.infer("detector", {"input": image})
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Mapping, Sequence
+from types import TracebackType
+from typing import Any
+from urllib.parse import quote
+
+import numpy as np
+
+from agent.errors import (
+    AgentError,
+    InferenceError,
+    NotFoundError,
+    PayloadTooLargeError,
+    RequestError,
+    UnavailableError,
+    UnsupportedError,
+)
+from agent.serving import oip
+
+DEFAULT_SOCKET = "/run/edge-agent/infer.sock"
+_MAX_HEAD = 64 * 1024
+
+
+class ClientError(AgentError):
+    """The client could not talk to the agent (socket missing, connection broken)."""
+
+
+def _error_for(status: int, message: str) -> AgentError:
+    kinds: dict[int, type[AgentError]] = {
+        400: RequestError,
+        404: NotFoundError,
+        413: PayloadTooLargeError,
+        501: UnsupportedError,
+        503: UnavailableError,
+    }
+    return kinds.get(status, InferenceError)(f"HTTP {status}: {message}")
+
+
+class InferenceClient:
+    """Synchronous client. ``address`` is a Unix socket path or ``http://host:port``."""
+
+    def __init__(
+        self,
+        address: str = DEFAULT_SOCKET,
+        *,
+        timeout_s: float = 30.0,
+        max_response_bytes: int = 256 * 1024 * 1024,
+    ) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self.max_response_bytes = max_response_bytes
+        self._sock: socket.socket | None = None
+        self._buffer = bytearray()
+        self._limits = oip.Limits(max_body_bytes=max_response_bytes)
+
+    # -- connection -------------------------------------------------------------------------
+
+    def _connect(self) -> socket.socket:
+        address = self.address
+        try:
+            if address.startswith("http://"):
+                host, _, port = address[len("http://") :].rstrip("/").rpartition(":")
+                sock = socket.create_connection((host, int(port)), timeout=self.timeout_s)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            else:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.settimeout(self.timeout_s)
+                sock.connect(address)
+        except OSError as exc:
+            raise ClientError(
+                f"cannot connect to the agent at {address}: {exc.strerror or exc}",
+                remedy="is edge-agent running, and are you in its socket group?",
+            ) from exc
+        self._buffer.clear()
+        return sock
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def __enter__(self) -> InferenceClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- HTTP -------------------------------------------------------------------------------
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes = b"",
+        extra_headers: Sequence[tuple[str, str]] = (),
+    ) -> tuple[int, dict[str, str], bytes]:
+        """Send one request on the persistent connection; reconnect once if it went stale."""
+        head = [f"{method} {path} HTTP/1.1", "Host: localhost", f"Content-Length: {len(body)}"]
+        head += [f"{name}: {value}" for name, value in extra_headers]
+        payload = ("\r\n".join(head) + "\r\n\r\n").encode() + body
+        for attempt in (0, 1):
+            fresh = self._sock is None
+            if self._sock is None:
+                self._sock = self._connect()
+            try:
+                self._sock.sendall(payload)
+                return self._read_response()
+            except (ConnectionError, _StaleConnection) as exc:
+                self.close()
+                # A kept-alive connection the server closed while idle: retry once, fresh.
+                if fresh or attempt:
+                    raise ClientError(f"connection to {self.address} broke: {exc}") from exc
+            except TimeoutError as exc:
+                self.close()
+                raise ClientError(
+                    f"no answer from {self.address} within {self.timeout_s} s"
+                ) from exc
+        raise AssertionError("unreachable")
+
+    def _recv_more(self) -> None:
+        assert self._sock is not None
+        chunk = self._sock.recv(262144)
+        if not chunk:
+            raise _StaleConnection("the agent closed the connection")
+        self._buffer += chunk
+
+    def _read_response(self) -> tuple[int, dict[str, str], bytes]:
+        buffer = self._buffer
+        while (end := buffer.find(b"\r\n\r\n")) < 0:
+            if len(buffer) > _MAX_HEAD:
+                raise ClientError("response headers too large")
+            self._recv_more()
+        head = bytes(buffer[:end]).decode("latin-1").split("\r\n")
+        del buffer[: end + 4]
+        try:
+            status = int(head[0].split(" ", 2)[1])
+        except (IndexError, ValueError):
+            raise ClientError(f"malformed status line {head[0]!r}") from None
+        headers = {}
+        for line in head[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        try:
+            length = int(headers["content-length"])
+        except (KeyError, ValueError):
+            raise ClientError("response without a valid Content-Length") from None
+        if length > self.max_response_bytes:
+            raise ClientError(f"response of {length} bytes exceeds {self.max_response_bytes}")
+        while len(buffer) < length:
+            self._recv_more()
+        body = bytes(buffer[:length])
+        del buffer[:length]
+        if headers.get("connection", "").lower() == "close":
+            self.close()
+        return status, headers, body
+
+    def _json(self, method: str, path: str, body: bytes = b"") -> Any:
+        status, _, payload = self.request(method, path, body)
+        if status != 200:
+            raise _error_for(status, oip.decode_error(payload))
+        return json.loads(payload)
+
+    # -- API --------------------------------------------------------------------------------
+
+    def live(self) -> bool:
+        return self.request("GET", "/v2/health/live")[0] == 200
+
+    def ready(self) -> bool:
+        return self.request("GET", "/v2/health/ready")[0] == 200
+
+    def server_metadata(self) -> dict[str, Any]:
+        result: dict[str, Any] = self._json("GET", "/v2")
+        return result
+
+    def model_metadata(self, name: str, version: int | None = None) -> dict[str, Any]:
+        result: dict[str, Any] = self._json("GET", self._model_path(name, version))
+        return result
+
+    def model_ready(self, name: str, version: int | None = None) -> bool:
+        return self.request("GET", self._model_path(name, version) + "/ready")[0] == 200
+
+    def repository_index(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self._json("POST", "/v2/repository/index", b"{}")
+        return result
+
+    def status(self) -> dict[str, Any]:
+        result: dict[str, Any] = self._json("GET", "/agent/status")
+        return result
+
+    def metrics(self) -> str:
+        status, _, body = self.request("GET", "/metrics")
+        if status != 200:
+            raise _error_for(status, oip.decode_error(body))
+        return body.decode()
+
+    def infer(
+        self,
+        name: str,
+        inputs: Mapping[str, np.ndarray[Any, Any]],
+        outputs: Sequence[str] | None = None,
+        *,
+        version: int | None = None,
+        binary: bool = True,
+        request_id: str | None = None,
+    ) -> dict[str, np.ndarray[Any, Any]]:
+        """Run ``name`` on ``inputs``; returns the outputs by name.
+
+        Raises:
+            RequestError, NotFoundError, UnavailableError, InferenceError: as the agent answered.
+            ClientError: the agent could not be reached.
+        """
+        return self.infer_full(
+            name, inputs, outputs, version=version, binary=binary, request_id=request_id
+        ).outputs
+
+    def infer_full(
+        self,
+        name: str,
+        inputs: Mapping[str, np.ndarray[Any, Any]],
+        outputs: Sequence[str] | None = None,
+        *,
+        version: int | None = None,
+        binary: bool = True,
+        request_id: str | None = None,
+    ) -> oip.InferResponse:
+        """Like ``infer`` but returns the whole response (model version, id)."""
+        body, header_length = oip.encode_infer_request(
+            inputs, outputs, binary=binary, binary_output=binary, request_id=request_id
+        )
+        extra = (
+            [("Inference-Header-Content-Length", str(header_length))]
+            if header_length is not None
+            else []
+        )
+        status, headers, payload = self.request(
+            "POST", self._model_path(name, version) + "/infer", body, extra
+        )
+        if status != 200:
+            raise _error_for(status, oip.decode_error(payload))
+        raw_length = headers.get("inference-header-content-length")
+        return oip.decode_infer_response(
+            payload, int(raw_length) if raw_length else None, self._limits
+        )
+
+    @staticmethod
+    def _model_path(name: str, version: int | None) -> str:
+        path = f"/v2/models/{quote(name, safe='')}"
+        return path if version is None else f"{path}/versions/{version}"
+
+
+class _StaleConnection(Exception):
+    """The server closed a kept-alive connection."""

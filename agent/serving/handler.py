@@ -1,0 +1,365 @@
+"""Open Inference Protocol routes: a request's method, path and body in, a response out.
+
+No sockets here. ``handle`` answers every route; inference is split so that the decoding and
+checks run on the caller's thread, the runtime call runs wherever the caller puts it (the
+server's bounded pool), and the encoding runs on the caller's thread again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote
+
+import numpy as np
+
+from agent import __version__
+from agent.errors import (
+    AgentError,
+    InferenceError,
+    NotFoundError,
+    RequestError,
+    UnavailableError,
+)
+from agent.models.slots import LoadedVersion, Slot, Slots
+from agent.serving import oip
+from agent.telemetry.metrics import Registry, render_prometheus
+
+log = logging.getLogger(__name__)
+
+JSON = b"application/json"
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    """What the transport writes back."""
+
+    status: int
+    body: bytes
+    content_type: bytes = JSON
+    header_length: int | None = None  # Inference-Header-Content-Length, for binary outputs
+    retry_after_s: float | None = None
+
+
+@dataclass(slots=True)
+class PreparedInfer:
+    """A decoded, checked inference request holding a lease on the version that will run it."""
+
+    slot: Slot
+    loaded: LoadedVersion
+    request_id: str | None
+    feeds: dict[str, np.ndarray[Any, Any]]
+    outputs: list[tuple[str, bool]]
+    started: float
+
+    def run(self) -> dict[str, np.ndarray[Any, Any]]:
+        """The blocking runtime call; run it off the event loop."""
+        return self.loaded.session.run(self.feeds, [name for name, _ in self.outputs])
+
+
+def error_response(exc: AgentError) -> Response:
+    retry = exc.retry_after_s if isinstance(exc, UnavailableError) else None
+    return Response(exc.status, oip.encode_error(exc.message), retry_after_s=retry)
+
+
+def _json(value: Any, status: int = 200) -> Response:
+    return Response(status, json.dumps(value, separators=(",", ":")).encode())
+
+
+def _parse_version(raw: str) -> int:
+    if not raw.isdigit():
+        raise NotFoundError(f"model version must be a positive integer, found {raw!r}")
+    return int(raw)
+
+
+StatusProvider = Callable[[], Mapping[str, Any]]
+
+
+class OipHandler:
+    """The routes of DESIGN.md's local inference contract over a set of model slots."""
+
+    def __init__(
+        self,
+        slots: Slots,
+        metrics: Registry,
+        limits: oip.Limits | None = None,
+        status: StatusProvider | None = None,
+    ) -> None:
+        self.slots = slots
+        self.metrics = metrics
+        self.limits = limits or oip.Limits()
+        self._status = status
+        self._server_metadata = oip.server_metadata(__version__)
+        self.started = time.time()
+
+    # -- dispatch ---------------------------------------------------------------------------
+
+    def handle(self, method: str, path: str, body: bytes) -> Response:
+        """Every route but inference.
+
+        Inference requests (``POST …/infer``) go through ``prepare_infer`` instead; passed here
+        they are answered with an error.
+        """
+        try:
+            return self._route(method, path, body)
+        except AgentError as exc:
+            return error_response(exc)
+
+    def _route(self, method: str, path: str, body: bytes) -> Response:
+        path = path.split("?", 1)[0]
+        if path == "/v2/health/live":
+            return self._only(method, "GET") or _json({"live": True})
+        if path == "/v2/health/ready":
+            ready = self.ready()
+            return self._only(method, "GET") or _json({"ready": ready}, 200 if ready else 503)
+        if path == "/v2":
+            return self._only(method, "GET") or Response(200, self._server_metadata)
+        if path == "/metrics":
+            return self._only(method, "GET") or Response(
+                200, render_prometheus(self.metrics), b"text/plain; version=0.0.4"
+            )
+        if path == "/agent/status":
+            return self._only(method, "GET") or _json(self.status())
+        if path == "/v2/repository/index":
+            return self._only(method, "POST") or self._repository_index(body)
+        if path.startswith("/v2/models/"):
+            name, version, action = self._split_model_path(path)
+            if action == "infer":
+                raise RequestError("inference must be sent with POST")
+            if action == "":
+                return self._only(method, "GET") or self._model_metadata(name, version)
+            if action == "ready":
+                return self._only(method, "GET") or self._model_ready(name, version)
+            if action == "config":
+                return self._only(method, "GET") or self._model_config(name, version)
+            if action == "stats":
+                return self._only(method, "GET") or self._model_stats(name)
+        raise NotFoundError(f"no route for {method} {path}")
+
+    @staticmethod
+    def _only(method: str, allowed: str) -> Response | None:
+        if method == allowed:
+            return None
+        return Response(405, oip.encode_error(f"method {method} not allowed; use {allowed}"))
+
+    @staticmethod
+    def _split_model_path(path: str) -> tuple[str, int | None, str]:
+        """``/v2/models/{m}[/versions/{v}][/action]`` -> (m, v, action)."""
+        parts = path[len("/v2/models/") :].split("/")
+        name = unquote(parts[0])
+        if not name:
+            raise NotFoundError("model name missing in path")
+        rest = parts[1:]
+        version = None
+        if len(rest) >= 2 and rest[0] == "versions":
+            version = _parse_version(rest[1])
+            rest = rest[2:]
+        if len(rest) > 1 or (rest and rest[0] not in ("infer", "ready", "config", "stats")):
+            raise NotFoundError(f"no route for model path {path}")
+        return name, version, rest[0] if rest else ""
+
+    def is_infer(self, method: str, path: str) -> bool:
+        return method == "POST" and path.startswith("/v2/models/") and path.endswith("/infer")
+
+    # -- inference --------------------------------------------------------------------------
+
+    def prepare_infer(
+        self, path: str, body: bytes | bytearray | memoryview, header_length: int | None
+    ) -> PreparedInfer:
+        """Decode and check an inference request and lease the version that will run it.
+
+        Raises:
+            AgentError: a request, not-found or unavailable error, ready to become a response.
+        """
+        started = time.perf_counter()
+        name, version, _ = self._split_model_path(path.split("?", 1)[0])
+        try:
+            slot = self.slots.get(name)
+        except NotFoundError:
+            self.metrics.rejected_requests += 1
+            raise
+        request = oip.decode_infer_request(body, header_length, self.limits)
+        loaded = slot.acquire(version)
+        try:
+            specs_in = loaded.session.inputs
+            feeds = oip.check_inputs(request, specs_in, name)
+            outputs = oip.check_outputs(request, loaded.session.outputs, name)
+        except AgentError:
+            self._observe(loaded, started, failed=True)
+            slot.release(loaded)
+            raise
+        return PreparedInfer(slot, loaded, request.id, feeds, outputs, started)
+
+    def finish_infer(
+        self,
+        prepared: PreparedInfer,
+        results: dict[str, np.ndarray[Any, Any]] | None,
+        error: BaseException | None,
+    ) -> Response:
+        """Encode the runtime's results (or its failure) and release the lease."""
+        loaded = prepared.loaded
+        try:
+            if error is not None:
+                if isinstance(error, AgentError):
+                    exc = error
+                else:
+                    exc = InferenceError(
+                        f"model {loaded.name} version {loaded.version}: runtime failed: {error}"
+                    )
+                log.warning("infer %s version %d failed: %s", loaded.name, loaded.version, exc)
+                self._observe(loaded, prepared.started, failed=True)
+                return error_response(exc)
+            assert results is not None
+            body, header_length = oip.encode_infer_response(
+                loaded.name,
+                str(loaded.version),
+                prepared.request_id,
+                [(name, results[name], binary) for name, binary in prepared.outputs],
+            )
+            self._observe(loaded, prepared.started, failed=False)
+            content_type = b"application/octet-stream" if header_length is not None else JSON
+            return Response(200, body, content_type, header_length)
+        finally:
+            prepared.slot.release(loaded)
+
+    def infer_blocking(
+        self, path: str, body: bytes | bytearray | memoryview, header_length: int | None
+    ) -> Response:
+        """Prepare, run and finish on the calling thread (tests and in-process callers)."""
+        try:
+            prepared = self.prepare_infer(path, body, header_length)
+        except AgentError as exc:
+            return error_response(exc)
+        try:
+            results = prepared.run()
+        except BaseException as exc:  # the response names the failure; nothing is lost
+            return self.finish_infer(prepared, None, exc)
+        return self.finish_infer(prepared, results, None)
+
+    def _observe(self, loaded: LoadedVersion, started: float, *, failed: bool) -> None:
+        metrics = self.metrics.model(loaded.name, str(loaded.version))
+        metrics.observe(time.perf_counter() - started, failed=failed)
+
+    # -- metadata ---------------------------------------------------------------------------
+
+    def ready(self) -> bool:
+        """True when every known model has an active version (or none is known)."""
+        return all(slot.active is not None for slot in self.slots)
+
+    def _model_metadata(self, name: str, version: int | None) -> Response:
+        slot = self.slots.get(name)
+        with slot.lease(version) as loaded:
+            session = loaded.session
+            body = oip.model_metadata(
+                name,
+                [str(v) for v in slot.versions()],
+                session.platform,
+                session.inputs,
+                session.outputs,
+            )
+        return Response(200, body)
+
+    def _model_config(self, name: str, version: int | None) -> Response:
+        slot = self.slots.get(name)
+        with slot.lease(version) as loaded:
+            session = loaded.session
+            body = oip.model_config(name, session.platform, session.inputs, session.outputs)
+        return Response(200, body)
+
+    def _model_ready(self, name: str, version: int | None) -> Response:
+        slot = self.slots.get(name)
+        if version is None:
+            ready = slot.active is not None
+        else:
+            ready = version in slot.versions()
+        return _json({"name": name, "ready": ready}, 200 if ready else 503)
+
+    def _model_stats(self, name: str) -> Response:
+        slot = self.slots.get(name)
+        stats = []
+        for version in slot.versions():
+            summary = self.metrics.model(name, str(version)).summary()
+            stats.append(
+                {
+                    "name": name,
+                    "version": str(version),
+                    "inference_count": summary.requests,
+                    "error_count": summary.errors,
+                    "latency_ms": {"p50": summary.p50_ms, "p95": summary.p95_ms, "p99": summary.p99_ms},
+                }
+            )
+        return _json({"model_stats": stats})
+
+    def _repository_index(self, body: bytes) -> Response:
+        only_ready = False
+        if body.strip():
+            try:
+                raw = json.loads(body)
+            except ValueError as exc:
+                raise RequestError(f"repository index body is not JSON: {exc}") from None
+            if not isinstance(raw, dict):
+                raise RequestError("repository index body must be a JSON object")
+            flag = raw.get("ready", False)
+            if not isinstance(flag, bool):
+                raise RequestError(f"'ready' must be true or false, found {flag!r}")
+            only_ready = flag
+        index = []
+        for slot in self.slots:
+            active = slot.active
+            for version in slot.versions():
+                is_active = active is not None and active.version == version
+                if only_ready and not is_active:
+                    continue
+                index.append(
+                    {
+                        "name": slot.name,
+                        "version": str(version),
+                        "state": "READY" if is_active else "LOADED",
+                        "reason": "" if is_active else "loaded, not active",
+                    }
+                )
+            if not slot.versions() and not only_ready:
+                index.append(
+                    {
+                        "name": slot.name,
+                        "version": "",
+                        "state": "UNAVAILABLE",
+                        "reason": slot.unavailable_reason or "no version loaded",
+                    }
+                )
+        return _json(index)
+
+    def status(self) -> dict[str, Any]:
+        """The agent's status document (``GET /agent/status``, ``edge-agent status``)."""
+        models: dict[str, Any] = {}
+        for slot in self.slots:
+            active = slot.active
+            versions = {}
+            for version in slot.versions():
+                summary = self.metrics.model(slot.name, str(version)).summary()
+                versions[str(version)] = {
+                    "requests": summary.requests,
+                    "errors": summary.errors,
+                    "p50_ms": summary.p50_ms,
+                    "p95_ms": summary.p95_ms,
+                    "p99_ms": summary.p99_ms,
+                }
+            models[slot.name] = {
+                "active_version": None if active is None else active.version,
+                "platform": None if active is None else active.session.platform,
+                "loaded_versions": versions,
+                "unavailable_reason": slot.unavailable_reason,
+            }
+        doc: dict[str, Any] = {
+            "agent": __version__,
+            "uptime_s": round(time.time() - self.started, 1),
+            "ready": self.ready(),
+            "models": models,
+        }
+        if self._status is not None:
+            doc.update(self._status())
+        return doc

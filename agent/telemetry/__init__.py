@@ -1,0 +1,1 @@
+"""Metrics, system health and MQTT reporting."""

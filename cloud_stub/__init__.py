@@ -1,0 +1,1 @@
+"""Fleet side: publish signed models, serve the repository, watch the fleet."""

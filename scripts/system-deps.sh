@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs the Debian packages edge-agent needs, only when missing.
+#   base: what building the virtualenv needs (venv module)
+#   test: base + the real servers the tests start (mosquitto, nginx) and curl
+set -euo pipefail
+want=()
+python=$(command -v python3.11 || command -v python3)
+if ! "$python" -c 'import venv, ensurepip' 2>/dev/null; then want+=(python3-venv); fi
+if [ "${1:-base}" = test ]; then
+  command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || want+=(mosquitto)
+  command -v mosquitto_sub >/dev/null || want+=(mosquitto-clients)
+  command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || want+=(nginx)
+  command -v curl >/dev/null || want+=(curl)
+fi
+[ ${#want[@]} -eq 0 ] && exit 0
+sudo=""
+if [ "$(id -u)" -ne 0 ]; then
+  command -v sudo >/dev/null || { echo "need root (or sudo) to install: ${want[*]}" >&2; exit 1; }
+  sudo=sudo
+fi
+echo "installing Debian packages: ${want[*]}"
+export DEBIAN_FRONTEND=noninteractive
+$sudo apt-get update -qq
+$sudo apt-get install -y -qq --no-install-recommends "${want[@]}" >/dev/null
+# The packaged services must not hold the ports or files the tests use.
+for svc in mosquitto nginx; do
+  if command -v systemctl >/dev/null && systemctl is-active --quiet "$svc" 2>/dev/null; then
+    $sudo systemctl stop "$svc" || true
+  fi
+done

@@ -1,0 +1,302 @@
+"""The inference server over a real Unix socket and loopback TCP, with real models."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import subprocess
+import threading
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from agent.errors import NotFoundError, RequestError, UnavailableError
+from agent.serving.client import InferenceClient
+
+from .conftest import RunningAgent
+
+
+def raw_exchange(path: Path, payload: bytes, timeout: float = 10.0) -> bytes:
+    """Send bytes on a fresh connection and read until the server closes it."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(path))
+        sock.sendall(payload)
+        chunks = []
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def status_of(reply: bytes) -> int:
+    return int(reply.split(b" ", 2)[1])
+
+
+def body_of(reply: bytes) -> bytes:
+    return reply.split(b"\r\n\r\n", 1)[1]
+
+
+def test_socket_is_0660(served: RunningAgent) -> None:
+    mode = stat.S_IMODE(os.stat(served.socket).st_mode)
+    assert mode == 0o660
+    assert stat.S_ISSOCK(os.stat(served.socket).st_mode)
+
+
+def test_curl_over_unix_socket(served: RunningAgent) -> None:
+    out = subprocess.run(
+        ["curl", "-sS", "-w", "\n%{http_code}", "--unix-socket", str(served.socket),
+         "http://localhost/v2/health/ready"],
+        capture_output=True, check=True, text=True, timeout=30,
+    ).stdout
+    body, code = out.rsplit("\n", 1)
+    assert code == "200"
+    assert json.loads(body) == {"ready": True}
+
+
+def test_server_and_model_metadata(served: RunningAgent) -> None:
+    with InferenceClient(str(served.socket)) as client:
+        assert client.live() and client.ready()
+        meta = client.server_metadata()
+        assert meta["name"] == "edge-agent"
+        assert "binary_tensor_data" in meta["extensions"]
+        face = client.model_metadata("face")
+        assert face["platform"] == "tensorflow_lite"
+        assert face["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [1, 128, 128, 3]}]
+        assert {o["name"] for o in face["outputs"]} == {"regressors", "classificators"}
+        assert client.model_metadata("matmul", version=1)["platform"] == "onnxruntime_onnx"
+        assert client.model_ready("matmul")
+        assert not client.model_ready("matmul", version=7)
+        with pytest.raises(NotFoundError, match="unknown model 'nope'"):
+            client.model_metadata("nope")
+
+
+def test_matmul_bit_for_bit_binary_and_json(served: RunningAgent, matmul_onnx: Path) -> None:
+    session = ort.InferenceSession(str(matmul_onnx), providers=["CPUExecutionProvider"])
+    input_name = session.get_inputs()[0].name
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((1, 64)).astype(np.float32)
+    expected = session.run(None, {input_name: x})
+    output_names = [o.name for o in session.get_outputs()]
+    with InferenceClient(str(served.socket)) as client:
+        for binary in (True, False):
+            got = client.infer("matmul", {input_name: x}, binary=binary)
+            for name, want in zip(output_names, expected, strict=True):
+                assert got[name].dtype == want.dtype
+                np.testing.assert_array_equal(got[name], want)
+        full = client.infer_full("matmul", {input_name: x}, request_id="abc-1")
+        assert full.id == "abc-1"
+        assert full.model_version == "1"
+
+
+def test_face_detector_bit_for_bit(served: RunningAgent, face_detector_tflite: Path) -> None:
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(face_detector_tflite))
+    interpreter.allocate_tensors()
+    image = np.random.default_rng(3).random((1, 128, 128, 3), dtype=np.float32)
+    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], image)
+    interpreter.invoke()
+    expected = {d["name"]: interpreter.get_tensor(d["index"]) for d in interpreter.get_output_details()}
+    with InferenceClient(str(served.socket)) as client:
+        got = client.infer("face", {"input": image})
+    assert set(got) == set(expected)
+    for name, want in expected.items():
+        np.testing.assert_array_equal(got[name], want)
+
+
+def test_tritonclient_over_tcp(served: RunningAgent, matmul_onnx: Path) -> None:
+    import tritonclient.http as httpclient
+
+    session = ort.InferenceSession(str(matmul_onnx), providers=["CPUExecutionProvider"])
+    input_name = session.get_inputs()[0].name
+    output_name = session.get_outputs()[0].name
+    x = np.random.default_rng(1).standard_normal((1, 64)).astype(np.float32)
+    (expected,) = session.run([output_name], {input_name: x})
+    url = served.http.removeprefix("http://")
+    client = httpclient.InferenceServerClient(url)
+    try:
+        assert client.is_server_live()
+        assert client.is_server_ready()
+        assert client.is_model_ready("matmul")
+        meta = client.get_model_metadata("matmul")
+        assert meta["inputs"][0]["name"] == input_name
+        for binary in (True, False):
+            tensor = httpclient.InferInput(input_name, list(x.shape), "FP32")
+            tensor.set_data_from_numpy(x, binary_data=binary)
+            wanted = httpclient.InferRequestedOutput(output_name, binary_data=binary)
+            result = client.infer("matmul", [tensor], outputs=[wanted])
+            np.testing.assert_array_equal(result.as_numpy(output_name), expected)
+        # Without an outputs list tritonclient asks for binary outputs at request level.
+        tensor = httpclient.InferInput(input_name, list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x)
+        result = client.infer("matmul", [tensor])
+        np.testing.assert_array_equal(result.as_numpy(output_name), expected)
+        from tritonclient.utils import InferenceServerException
+
+        with pytest.raises(InferenceServerException, match="unknown model"):
+            client.infer("nope", [tensor])
+    finally:
+        client.close()
+
+
+def test_request_errors_name_the_tensor(served: RunningAgent, matmul_onnx: Path) -> None:
+    session = ort.InferenceSession(str(matmul_onnx), providers=["CPUExecutionProvider"])
+    input_name = session.get_inputs()[0].name
+    x = np.zeros((1, 64), np.float32)
+    with InferenceClient(str(served.socket)) as client:
+        with pytest.raises(RequestError, match=input_name):
+            client.infer("matmul", {input_name: x.astype(np.float64)})
+        with pytest.raises(RequestError, match=input_name):
+            client.infer("matmul", {input_name: np.zeros((1, 63), np.float32)})
+        with pytest.raises(RequestError, match="missing"):
+            client.infer("matmul", {})
+        with pytest.raises(RequestError, match="bogus"):
+            client.infer("matmul", {input_name: x}, outputs=["bogus"])
+        with pytest.raises(NotFoundError):
+            client.infer("matmul", {input_name: x}, version=9)
+        # The same connection still serves after the errors.
+        assert client.infer("matmul", {input_name: x})
+
+
+def test_repository_index_status_and_metrics(served: RunningAgent, matmul_onnx: Path) -> None:
+    with InferenceClient(str(served.socket)) as client:
+        input_name = client.model_metadata("matmul")["inputs"][0]["name"]
+        for _ in range(3):
+            client.infer("matmul", {input_name: np.ones((1, 64), np.float32)})
+        index = client.repository_index()
+        assert {"name": "matmul", "version": "1", "state": "READY", "reason": ""} in index
+        status = client.status()
+        assert status["models"]["matmul"]["active_version"] == 1
+        assert status["models"]["matmul"]["loaded_versions"]["1"]["requests"] == 3
+        text = client.metrics()
+    assert 'edge_agent_requests_total{model="matmul",version="1"} 3' in text
+    assert 'edge_agent_request_duration_seconds_count{model="matmul",version="1"} 3' in text
+
+
+def test_unavailable_model_answers_503_with_retry_after(served: RunningAgent) -> None:
+    slot = served.agent.slots.get("multi")
+    slot.deactivate("swapping to version 2", retry_after_s=2)
+    with InferenceClient(str(served.socket)) as client:
+        with pytest.raises(UnavailableError, match="swapping to version 2"):
+            client.infer("multi", {"a": np.zeros((1,), np.int32)})
+        status, headers, _ = client.request("POST", "/v2/models/multi/infer", b'{"inputs":[]}')
+        assert status == 503
+        assert headers["retry-after"] == "2"
+        assert not client.ready()
+
+
+def test_concurrent_clients_all_correct(served: RunningAgent, matmul_onnx: Path) -> None:
+    session = ort.InferenceSession(str(matmul_onnx), providers=["CPUExecutionProvider"])
+    input_name = session.get_inputs()[0].name
+    failures: list[str] = []
+
+    def worker(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        with InferenceClient(str(served.socket)) as client:
+            for _ in range(25):
+                x = rng.standard_normal((1, 64)).astype(np.float32)
+                (want,) = session.run(None, {input_name: x})
+                got = next(iter(client.infer("matmul", {input_name: x}).values()))
+                if not np.array_equal(got, want):
+                    failures.append(f"worker {seed}: mismatch")
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert failures == []
+
+
+# -- raw socket abuse: every case answers precisely and the server keeps serving ------------
+
+
+def assert_still_serving(served: RunningAgent) -> None:
+    with InferenceClient(str(served.socket)) as client:
+        assert client.ready()
+        meta = client.model_metadata("matmul")
+        x = np.ones([1 if d == -1 else d for d in meta["inputs"][0]["shape"]], np.float32)
+        assert client.infer("matmul", {meta["inputs"][0]["name"]: x})
+
+
+@pytest.mark.parametrize(
+    ("payload", "status", "needle"),
+    [
+        (b"\x00\x01garbage\r\n\r\n", 400, b"malformed HTTP request"),
+        (b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X-Big: " + b"a" * 40000 + b"\r\n\r\n", 431, b"headers"),
+        (b"GET /" + b"a" * 40000 + b" HTTP/1.1\r\n\r\n", 414, b"URL"),
+        (
+            b"POST /v2/models/matmul/infer HTTP/1.1\r\nContent-Length: 999999999999\r\n\r\n",
+            413,
+            b"exceeds the limit",
+        ),
+        (
+            b"POST /v2/models/matmul/infer HTTP/1.1\r\nContent-Length: 5\r\n"
+            b"Connection: close\r\n\r\nnot{j",
+            400,
+            b"JSON",
+        ),
+        (
+            b"POST /v2/models/matmul/infer HTTP/1.1\r\nInference-Header-Content-Length: x\r\n"
+            b"Content-Length: 2\r\n\r\n{}",
+            400,
+            b"Inference-Header-Content-Length",
+        ),
+        (b"GET /v2/nothing/here HTTP/1.1\r\nConnection: close\r\n\r\n", 404, b"no route"),
+        (b"DELETE /v2/health/live HTTP/1.1\r\nConnection: close\r\n\r\n", 405, b"not allowed"),
+    ],
+    ids=["garbage", "huge-headers", "huge-url", "oversized-body", "bad-json", "bad-ihcl",
+         "no-route", "bad-method"],
+)
+def test_raw_abuse(served: RunningAgent, payload: bytes, status: int, needle: bytes) -> None:
+    reply = raw_exchange(served.socket, payload)
+    assert status_of(reply) == status, reply[:300]
+    assert needle in body_of(reply)
+    assert json.loads(body_of(reply))["error"]
+    assert_still_serving(served)
+
+
+def test_truncated_binary_part(served: RunningAgent) -> None:
+    with InferenceClient(str(served.socket)) as client:
+        input_name = client.model_metadata("matmul")["inputs"][0]["name"]
+    header = json.dumps(
+        {"inputs": [{"name": input_name, "shape": [1, 64], "datatype": "FP32",
+                     "parameters": {"binary_data_size": 256}}]}
+    ).encode()
+    body = header + b"\x00" * 100  # 156 bytes of the tensor missing
+    payload = (
+        b"POST /v2/models/matmul/infer HTTP/1.1\r\nConnection: close\r\n"
+        b"Inference-Header-Content-Length: %d\r\nContent-Length: %d\r\n\r\n%s"
+        % (len(header), len(body), body)
+    )
+    reply = raw_exchange(served.socket, payload)
+    assert status_of(reply) == 400
+    assert input_name.encode() in body_of(reply)
+    assert_still_serving(served)
+
+
+def test_client_hangs_up_mid_body(served: RunningAgent) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(str(served.socket))
+        sock.sendall(b"POST /v2/models/matmul/infer HTTP/1.1\r\nContent-Length: 1000\r\n\r\n{\"in")
+    assert_still_serving(served)
+
+
+def test_pipelined_requests_answered_in_order(served: RunningAgent) -> None:
+    requests = b"".join(
+        b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path
+        for path in (b"/v2/health/live", b"/v2/models/nope", b"/v2/health/ready")
+    ) + b"GET /v2 HTTP/1.1\r\nConnection: close\r\n\r\n"
+    reply = raw_exchange(served.socket, requests)
+    statuses = [int(line.split(b" ")[1]) for line in reply.split(b"\r\n") if line.startswith(b"HTTP/1.1")]
+    assert statuses == [200, 404, 200, 200]
