@@ -5,17 +5,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from agent.config import Config
 from agent.errors import AgentError
+from agent.models.deployer import Deployer, DeployConfig
 from agent.models.runtime import RuntimeOptions, load_session
 from agent.models.slots import LoadedVersion, Slots
 from agent.models.store import RUNTIME_BY_SUFFIX, Manifest, ModelStore
+from agent.serving.admin import AdminApi
 from agent.serving.handler import OipHandler
+from agent.state import Event, StateDB
 from agent.serving.oip import Limits
 from agent.serving.server import InferenceServer, ServerLimits
 from agent.telemetry.metrics import Registry
@@ -77,31 +80,30 @@ class Agent:
             ),
         )
         self._stop = asyncio.Event()
+        self.state: StateDB | None = None
+        self.deployer: Deployer | None = None
+        self.event_listeners: list[Callable[[Event], None]] = []
 
-    async def load_store(self) -> None:
-        """Serve the newest version of every model in the store."""
+    async def start_deployments(self) -> None:
+        """Open the store and state database, serve what was committed, validate what is new."""
+        self.state = await asyncio.to_thread(StateDB, self.config.state_db)
         store = await asyncio.to_thread(ModelStore, self.config.store_dir)
-        for name in store.names():
-            slot = self.slots.ensure(name)
-            for version in reversed(store.versions(name)):
-                try:
-                    stored = store.get(name, version)
-                    loaded = await asyncio.to_thread(
-                        load_version, stored.manifest, stored.model_path, self.options
-                    )
-                except AgentError as exc:
-                    log.error(
-                        "model %s version %d cannot be served: %s; trying an older version",
-                        name,
-                        version,
-                        exc,
-                    )
-                    continue
-                slot.add(loaded, activate=True)
-                break
-            else:
-                slot.deactivate("no stored version could be loaded")
-                log.error("model %s: no stored version could be loaded; answering 503", name)
+        self.deployer = Deployer(
+            store,
+            self.slots,
+            self.state,
+            self.metrics,
+            self.options,
+            DeployConfig(keep_versions=self.config.models.keep_versions),
+            on_event=self._on_event,
+        )
+        self.server.admin = AdminApi(self.deployer.rollback, self.deployer.pin)
+        await self.deployer.start()
+
+    def _on_event(self, event: Event) -> None:
+        """Deployment events go to every listener (MQTT reporter, status)."""
+        for listener in self.event_listeners:
+            listener(event)
 
     async def load_local(self, models: Iterable[LocalModel]) -> None:
         """Serve local model files directly (development, benchmarks)."""
@@ -136,9 +138,13 @@ class Agent:
 
     async def shutdown(self) -> None:
         """Stop accepting, drain in-flight requests, release every session."""
+        if self.deployer is not None:
+            await self.deployer.close()
         await self.server.close()
         self.executor.shutdown(wait=True)
         self.slots.close()
+        if self.state is not None:
+            self.state.close()
 
     async def run(self, local: Iterable[LocalModel] | None = None) -> None:
         """Load models, listen, and serve until SIGTERM/SIGINT."""
@@ -146,11 +152,11 @@ class Agent:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         try:
+            await self.listen()
             if local is None:
-                await self.load_store()
+                await self.start_deployments()
             else:
                 await self.load_local(local)
-            await self.listen()
             await self._stop.wait()
             log.info("stopping: draining in-flight requests")
         finally:

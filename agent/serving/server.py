@@ -30,6 +30,7 @@ from typing import Any
 import httptools
 
 from agent.errors import AgentError, ConfigError
+from agent.serving.admin import AdminApi, peer_uid
 from agent.serving.handler import OipHandler, PreparedInfer, Response, error_response
 from agent.serving.oip import encode_error
 
@@ -83,6 +84,7 @@ class HttpConnection(asyncio.Protocol):
         self._closing = False
         self._reading_paused = False
         self._writing_paused = False
+        self._peer_uid: int | None = None
         self.last_active = time.monotonic()
         self._reset()
 
@@ -101,6 +103,8 @@ class HttpConnection(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        elif sock is not None:
+            self._peer_uid = peer_uid(sock)
         if not self._server.register(self):
             self._send_error(503, "too many connections; retry later", keep_alive=False)
 
@@ -222,6 +226,12 @@ class HttpConnection(asyncio.Protocol):
                 self._busy = True
                 future = self._loop.run_in_executor(self._server.executor, prepared.run)
                 future.add_done_callback(partial(self._infer_done, prepared, request.keep_alive))
+            elif self._server.admin is not None and AdminApi.is_admin(request.method, request.path):
+                self._busy = True
+                task = self._loop.create_task(
+                    self._server.admin.handle(request.path, request.body, self._peer_uid)
+                )
+                task.add_done_callback(partial(self._admin_done, request.keep_alive))
             else:
                 self._write(handler.handle(request.method, request.path, request.body), request.keep_alive)
         if not self._queue and not self._writing_paused:
@@ -237,6 +247,19 @@ class HttpConnection(asyncio.Protocol):
         self.last_active = time.monotonic()
         if self._transport is None:
             return  # the client left; the lease is released, nothing to write
+        self._write(response, keep_alive)
+        self._process()
+
+    def _admin_done(self, keep_alive: bool, task: asyncio.Task[Response]) -> None:
+        self._busy = False
+        error = task.exception()
+        if error is not None:
+            log.error("admin call failed: %s", error, exc_info=error)
+            response = Response(500, encode_error(f"admin call failed: {error}"))
+        else:
+            response = task.result()
+        if self._transport is None:
+            return
         self._write(response, keep_alive)
         self._process()
 
@@ -359,10 +382,12 @@ class InferenceServer:
         handler: OipHandler,
         executor: Executor,
         limits: ServerLimits | None = None,
+        admin: AdminApi | None = None,
     ) -> None:
         self.handler = handler
         self.executor = executor
         self.limits = limits or ServerLimits()
+        self.admin = admin
         self._servers: list[asyncio.Server] = []
         self._connections: set[HttpConnection] = set()
         self._unix_paths: list[Path] = []

@@ -1,0 +1,229 @@
+"""The deployment lifecycle as pure decisions: stages, legal transitions, probation, recovery.
+
+::
+
+    downloaded → verified → loading → warming → validated → active (probation) → committed
+         └──────────┴──────────┴─────────┴───────────┴──→ rejected (quarantined, never retried)
+                                                    active ──→ rolled_back (quarantined)
+                                                 committed ──→ retired (superseded) | rolled_back
+
+No I/O here: the driver (``agent.models.deployer``) performs each step and asks this module
+what is allowed and what to do next. Every function takes the facts (and ``now``) as values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from enum import Enum
+
+from agent.errors import AgentError
+
+
+class Stage(str, Enum):
+    DOWNLOADED = "downloaded"
+    VERIFIED = "verified"
+    LOADING = "loading"
+    WARMING = "warming"
+    VALIDATED = "validated"
+    ACTIVE = "active"
+    COMMITTED = "committed"
+    REJECTED = "rejected"
+    ROLLED_BACK = "rolled_back"
+    RETIRED = "retired"
+
+
+_ALLOWED: dict[Stage, frozenset[Stage]] = {
+    Stage.DOWNLOADED: frozenset({Stage.VERIFIED, Stage.REJECTED}),
+    Stage.VERIFIED: frozenset({Stage.LOADING, Stage.REJECTED, Stage.RETIRED}),
+    Stage.LOADING: frozenset({Stage.WARMING, Stage.REJECTED, Stage.VERIFIED}),
+    Stage.WARMING: frozenset({Stage.VALIDATED, Stage.REJECTED, Stage.VERIFIED}),
+    Stage.VALIDATED: frozenset({Stage.ACTIVE, Stage.REJECTED, Stage.VERIFIED}),
+    Stage.ACTIVE: frozenset({Stage.COMMITTED, Stage.ROLLED_BACK, Stage.VERIFIED, Stage.REJECTED}),
+    # A committed version is superseded (retired), or rolled back by hand; a retired one can be
+    # brought back by a rollback to it (it is re-validated first).
+    Stage.COMMITTED: frozenset({Stage.RETIRED, Stage.ROLLED_BACK, Stage.LOADING}),
+    Stage.RETIRED: frozenset({Stage.LOADING, Stage.COMMITTED}),
+    Stage.REJECTED: frozenset(),
+    Stage.ROLLED_BACK: frozenset(),
+}
+
+QUARANTINED = frozenset({Stage.REJECTED, Stage.ROLLED_BACK})
+# Stages a version passes through only while the agent is working on it: after a crash, a
+# version found in one of them is validated again from the start.
+IN_FLIGHT = frozenset({Stage.LOADING, Stage.WARMING, Stage.VALIDATED})
+
+
+class TransitionError(AgentError):
+    """A lifecycle step was asked for in a stage that does not allow it (a bug, or a race)."""
+
+
+def check_transition(current: Stage | None, target: Stage) -> None:
+    """Raise TransitionError unless ``current → target`` is allowed (None: first sighting)."""
+    if current is None:
+        if target in (Stage.DOWNLOADED, Stage.VERIFIED, Stage.REJECTED, Stage.COMMITTED):
+            return
+        raise TransitionError(f"a new version cannot start in stage {target.value}")
+    if target not in _ALLOWED[current]:
+        raise TransitionError(f"transition {current.value} → {target.value} is not allowed")
+
+
+@dataclass(frozen=True, slots=True)
+class VersionState:
+    """What the state database says about one version."""
+
+    version: int
+    stage: Stage
+    crashes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class StartPlan:
+    """What to do with one model when the agent starts."""
+
+    serve: int | None  # the version to load and serve at once (a committed one)
+    validate: int | None  # a newer version to take through validation and probation
+    resets: tuple[tuple[int, Stage, str], ...]  # (version, new stage, reason) to record first
+
+
+def plan_start(
+    states: Iterable[VersionState],
+    stored: Sequence[int],
+    pinned: int | None = None,
+    max_probation_crashes: int = 2,
+) -> StartPlan:
+    """Decide, after a (re)start, what serves and what still needs validating.
+
+    A version that was in probation when the agent died is counted as a crash; after
+    ``max_probation_crashes`` it is rolled back instead of tried again. Versions in the middle
+    of validation go back to ``verified``. Only versions whose files are in the store count.
+    """
+    present = set(stored)
+    by_version = {s.version: s for s in states if s.version in present}
+    resets: list[tuple[int, Stage, str]] = []
+    for state in by_version.values():
+        if state.stage in IN_FLIGHT:
+            resets.append((state.version, Stage.VERIFIED, "validation interrupted by a restart"))
+        elif state.stage is Stage.ACTIVE:
+            if state.crashes + 1 >= max_probation_crashes:
+                resets.append(
+                    (state.version, Stage.ROLLED_BACK, "the agent stopped during its probation "
+                     f"{state.crashes + 1} times")
+                )
+            else:
+                resets.append((state.version, Stage.VERIFIED, "probation interrupted by a restart"))
+    after = {s.version: s.stage for s in by_version.values()}
+    for version, stage, _ in resets:
+        after[version] = stage
+    # Unknown versions in the store (installed before the database knew them: a crash between
+    # the rename and the record) are verified: only verified bytes are ever installed.
+    for version in present - set(after):
+        after[version] = Stage.VERIFIED
+    if pinned is not None and pinned in present and after.get(pinned) not in QUARANTINED:
+        serve = pinned if after[pinned] is Stage.COMMITTED else None
+        validate = None if serve is not None else pinned
+        return StartPlan(serve=serve, validate=validate, resets=tuple(resets))
+    committed = sorted(v for v, stage in after.items() if stage is Stage.COMMITTED)
+    serve = committed[-1] if committed else None
+    floor = serve or 0
+    candidates = sorted(v for v, stage in after.items() if stage is Stage.VERIFIED and v > floor)
+    validate = candidates[-1] if candidates else None
+    if serve is None and validate is None:
+        # Nothing committed and nothing new: fall back to the newest retired version.
+        retired = sorted(v for v, stage in after.items() if stage is Stage.RETIRED)
+        validate = retired[-1] if retired else None
+    return StartPlan(serve=serve, validate=validate, resets=tuple(resets))
+
+
+# -- probation ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ProbationPolicy:
+    """When a freshly activated version is committed or rolled back."""
+
+    window_s: float = 60.0  # commit after this long without a verdict against it
+    min_requests: int = 20  # judge error rates only past this many requests
+    max_error_rate_increase: float = 0.05  # absolute: new rate may exceed the old by this much
+    max_p99_ratio: float = 3.0  # new p99 / old p99
+    min_p99_ms_for_ratio: float = 1.0  # below this, latency noise is not a regression
+
+
+@dataclass(frozen=True, slots=True)
+class Figures:
+    """A version's request figures over the window that is judged."""
+
+    requests: int
+    errors: int
+    p99_ms: float | None
+
+    @property
+    def error_rate(self) -> float:
+        return self.errors / self.requests if self.requests else 0.0
+
+
+class Verdict(str, Enum):
+    CONTINUE = "continue"
+    COMMIT = "commit"
+    ROLLBACK = "rollback"
+
+
+def judge_probation(
+    policy: ProbationPolicy,
+    candidate: Figures,
+    baseline: Figures | None,
+    elapsed_s: float,
+) -> tuple[Verdict, str]:
+    """Compare a version in probation with the version it replaced."""
+    if candidate.requests >= policy.min_requests:
+        base_rate = baseline.error_rate if baseline is not None else 0.0
+        if candidate.error_rate > base_rate + policy.max_error_rate_increase:
+            return Verdict.ROLLBACK, (
+                f"error rate {candidate.error_rate:.1%} over {candidate.requests} requests, "
+                f"previous version {base_rate:.1%} (allowed +{policy.max_error_rate_increase:.1%})"
+            )
+        if (
+            baseline is not None
+            and baseline.p99_ms is not None
+            and candidate.p99_ms is not None
+            and candidate.p99_ms > policy.min_p99_ms_for_ratio
+            and candidate.p99_ms > baseline.p99_ms * policy.max_p99_ratio
+        ):
+            return Verdict.ROLLBACK, (
+                f"p99 latency {candidate.p99_ms:.2f} ms, previous version {baseline.p99_ms:.2f} ms "
+                f"(allowed ×{policy.max_p99_ratio:g})"
+            )
+    if elapsed_s >= policy.window_s:
+        return Verdict.COMMIT, (
+            f"probation passed: {candidate.requests} requests, {candidate.errors} errors "
+            f"in {elapsed_s:.0f} s"
+        )
+    return Verdict.CONTINUE, ""
+
+
+# -- retention ------------------------------------------------------------------------------
+
+
+def versions_to_remove(
+    stored: Sequence[int],
+    stages: dict[int, Stage],
+    active: int | None,
+    keep_extra: int,
+) -> list[int]:
+    """Versions whose files can go: all but the active, the previous committed/retired one,
+    ``keep_extra`` more of the newest, and any version still being worked on."""
+    keep: set[int] = set()
+    if active is not None:
+        keep.add(active)
+    busy = {v for v in stored if stages.get(v) in IN_FLIGHT | {Stage.ACTIVE, Stage.VERIFIED}}
+    keep |= {v for v in busy if active is None or v > active}
+    fallbacks = sorted(
+        (v for v in stored if stages.get(v) in (Stage.COMMITTED, Stage.RETIRED) and v != active),
+        reverse=True,
+    )
+    keep |= set(fallbacks[:1])
+    good_rest = sorted(
+        (v for v in stored if v not in keep and stages.get(v) not in QUARANTINED), reverse=True
+    )
+    keep |= set(good_rest[:keep_extra])
+    return sorted(v for v in stored if v not in keep)

@@ -1,0 +1,116 @@
+"""The pure lifecycle: legal transitions, restart plans, probation verdicts, retention."""
+
+from __future__ import annotations
+
+import pytest
+
+from agent.models.lifecycle import (
+    Figures,
+    ProbationPolicy,
+    Stage,
+    TransitionError,
+    Verdict,
+    VersionState,
+    check_transition,
+    judge_probation,
+    plan_start,
+    versions_to_remove,
+)
+
+
+def test_happy_path_transitions_are_allowed() -> None:
+    path = [Stage.DOWNLOADED, Stage.VERIFIED, Stage.LOADING, Stage.WARMING, Stage.VALIDATED,
+            Stage.ACTIVE, Stage.COMMITTED, Stage.RETIRED]
+    check_transition(None, path[0])
+    for current, target in zip(path, path[1:]):
+        check_transition(current, target)
+
+
+@pytest.mark.parametrize(
+    ("current", "target"),
+    [
+        (Stage.REJECTED, Stage.VERIFIED),  # quarantined forever
+        (Stage.ROLLED_BACK, Stage.LOADING),
+        (Stage.VERIFIED, Stage.ACTIVE),  # no activation without validation
+        (Stage.LOADING, Stage.ACTIVE),
+        (Stage.DOWNLOADED, Stage.LOADING),  # never load unverified bytes
+        (None, Stage.ACTIVE),
+    ],
+)
+def test_illegal_transitions_raise(current: Stage | None, target: Stage) -> None:
+    with pytest.raises(TransitionError):
+        check_transition(current, target)
+
+
+def test_plan_after_clean_history_serves_committed_and_validates_newer() -> None:
+    states = [VersionState(1, Stage.RETIRED), VersionState(2, Stage.COMMITTED),
+              VersionState(3, Stage.VERIFIED)]
+    plan = plan_start(states, [1, 2, 3])
+    assert plan.serve == 2
+    assert plan.validate == 3
+    assert plan.resets == ()
+
+
+def test_plan_after_crash_mid_validation_and_probation() -> None:
+    states = [VersionState(2, Stage.COMMITTED), VersionState(3, Stage.WARMING)]
+    plan = plan_start(states, [2, 3])
+    assert (3, Stage.VERIFIED, "validation interrupted by a restart") in plan.resets
+    assert plan.serve == 2 and plan.validate == 3
+    # Crashed during probation once: try again; the second time: roll back.
+    once = plan_start([VersionState(2, Stage.COMMITTED), VersionState(3, Stage.ACTIVE, 0)], [2, 3])
+    assert once.validate == 3
+    twice = plan_start([VersionState(2, Stage.COMMITTED), VersionState(3, Stage.ACTIVE, 1)], [2, 3])
+    assert twice.validate is None and twice.serve == 2
+    assert twice.resets[0][1] is Stage.ROLLED_BACK
+
+
+def test_plan_ignores_records_without_files_and_adopts_unrecorded_files() -> None:
+    # Version 4 was recorded but its directory never appeared (crash before the rename);
+    # version 5 was renamed into place but not recorded (crash before the record).
+    states = [VersionState(3, Stage.COMMITTED), VersionState(4, Stage.VERIFIED)]
+    plan = plan_start(states, [3, 5])
+    assert plan.serve == 3
+    assert plan.validate == 5
+
+
+def test_plan_never_picks_quarantined_and_honours_pin() -> None:
+    states = [VersionState(1, Stage.COMMITTED), VersionState(2, Stage.REJECTED),
+              VersionState(3, Stage.ROLLED_BACK)]
+    plan = plan_start(states, [1, 2, 3])
+    assert plan.serve == 1 and plan.validate is None
+    pinned = plan_start([VersionState(1, Stage.RETIRED), VersionState(2, Stage.COMMITTED)], [1, 2],
+                        pinned=1)
+    assert pinned.serve is None and pinned.validate == 1
+
+
+def test_probation_rolls_back_on_error_rate_jump() -> None:
+    policy = ProbationPolicy(window_s=60, min_requests=20, max_error_rate_increase=0.05)
+    baseline = Figures(requests=1000, errors=10, p99_ms=2.0)
+    verdict, reason = judge_probation(policy, Figures(40, 10, 2.0), baseline, elapsed_s=5)
+    assert verdict is Verdict.ROLLBACK
+    assert "error rate 25.0%" in reason
+    verdict, _ = judge_probation(policy, Figures(10, 10, 2.0), baseline, elapsed_s=5)
+    assert verdict is Verdict.CONTINUE, "too few requests to judge"
+    verdict, _ = judge_probation(policy, Figures(40, 1, 2.0), baseline, elapsed_s=5)
+    assert verdict is Verdict.CONTINUE
+    verdict, reason = judge_probation(policy, Figures(40, 1, 2.0), baseline, elapsed_s=61)
+    assert verdict is Verdict.COMMIT and "probation passed" in reason
+
+
+def test_probation_rolls_back_on_latency_regression() -> None:
+    policy = ProbationPolicy(max_p99_ratio=3.0, min_requests=20)
+    verdict, reason = judge_probation(policy, Figures(100, 0, 40.0), Figures(100, 0, 5.0), 1)
+    assert verdict is Verdict.ROLLBACK and "p99" in reason
+    # Sub-millisecond noise is not a regression.
+    verdict, _ = judge_probation(policy, Figures(100, 0, 0.9), Figures(100, 0, 0.1), 1)
+    assert verdict is Verdict.CONTINUE
+
+
+def test_retention_keeps_active_previous_and_extra() -> None:
+    stages = {1: Stage.RETIRED, 2: Stage.RETIRED, 3: Stage.RETIRED, 4: Stage.REJECTED,
+              5: Stage.RETIRED, 6: Stage.COMMITTED}
+    assert versions_to_remove([1, 2, 3, 4, 5, 6], stages, active=6, keep_extra=1) == [1, 2, 4]
+    assert versions_to_remove([1, 2, 3, 4, 5, 6], stages, active=6, keep_extra=0) == [1, 2, 3, 4]
+    # A newer version waiting for validation is never removed.
+    stages[7] = Stage.VERIFIED
+    assert 7 not in versions_to_remove([1, 2, 3, 4, 5, 6, 7], stages, active=6, keep_extra=0)
