@@ -36,7 +36,9 @@ def _socket_arg(parser: argparse.ArgumentParser) -> None:
         help="Unix socket path or http://HOST:PORT (default: from --config, else "
         "/run/edge-agent/infer.sock)",
     )
-    parser.add_argument("--config", type=Path, default=None, help="agent.toml to read the socket from")
+    parser.add_argument(
+        "--config", type=Path, default=None, help="agent.toml to read the socket from"
+    )
 
 
 def _address(args: argparse.Namespace) -> str:
@@ -190,7 +192,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
     print(f"edge-agent {status['agent']}  up {status['uptime_s']} s  ready={status['ready']}")
     for name, model in status["models"].items():
         active = model["active_version"]
-        line = f"  {name}: active version {active}" if active is not None else f"  {name}: not serving"
+        line = (
+            f"  {name}: active version {active}" if active is not None else f"  {name}: not serving"
+        )
         if model.get("unavailable_reason") and active is None:
             line += f" ({model['unavailable_reason']})"
         print(line)

@@ -51,7 +51,9 @@ class ServingSection:
         try:
             mode = int(self.socket_mode, 8)
         except ValueError:
-            raise ValueError(f"socket_mode must be octal like \"0660\", found {self.socket_mode!r}") from None
+            raise ValueError(
+                f'socket_mode must be octal like "0660", found {self.socket_mode!r}'
+            ) from None
         if mode & 0o007:
             raise ValueError(f"socket_mode {self.socket_mode} gives access to every user; use 0660")
         if self.http:

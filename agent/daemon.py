@@ -12,15 +12,15 @@ from pathlib import Path
 
 from agent.config import Config
 from agent.errors import AgentError
-from agent.models.deployer import Deployer, DeployConfig
+from agent.models.deployer import DeployConfig, Deployer
 from agent.models.runtime import RuntimeOptions, load_session
 from agent.models.slots import LoadedVersion, Slots
 from agent.models.store import RUNTIME_BY_SUFFIX, Manifest, ModelStore
 from agent.serving.admin import AdminApi
 from agent.serving.handler import OipHandler
-from agent.state import Event, StateDB
 from agent.serving.oip import Limits
 from agent.serving.server import InferenceServer, ServerLimits
+from agent.state import Event, StateDB
 from agent.telemetry.metrics import Registry
 
 log = logging.getLogger(__name__)

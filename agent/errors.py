@@ -3,11 +3,11 @@
 ::
 
     AgentError                      every error the agent raises on purpose
-    ├── ConfigError                 bad configuration: exit with EXIT_CONFIG, systemd does not restart
+    ├── ConfigError                 bad configuration: exit with EXIT_CONFIG, no restart
     ├── TrustError                  repository/trust failure: reject that version, keep serving,
     │                               never retry the same bytes
     ├── DownloadError               network/transport failure: retry with backoff
-    ├── StoreError                  model store I/O (disk full, missing file): keep the last good model
+    ├── StoreError                  model store I/O (disk full, missing file): keep the last good
     ├── ModelError                  a model cannot be loaded or validated: reject it / roll back
     │   └── SmokeTestError          the model loads but fails its signed smoke test
     ├── RequestError                a malformed inference request: 400, keep serving

@@ -89,7 +89,9 @@ class StateDB:
         self.path = path
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(path, timeout=10.0, check_same_thread=False, isolation_level=None)
+            self._db = sqlite3.connect(
+                path, timeout=10.0, check_same_thread=False, isolation_level=None
+            )
             self._db.execute("PRAGMA journal_mode=WAL")
             # FULL: a committed transition survives a power cut, not only a process crash.
             self._db.execute("PRAGMA synchronous=FULL")

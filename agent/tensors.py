@@ -101,7 +101,9 @@ class TensorSpec:
         if not isinstance(shape, list) or not all(
             isinstance(d, int) and not isinstance(d, bool) and d >= -1 for d in shape
         ):
-            raise ModelError(f"tensor {name!r}: shape must be a list of ints >= -1, found {shape!r}")
+            raise ModelError(
+                f"tensor {name!r}: shape must be a list of ints >= -1, found {shape!r}"
+            )
         return cls(name=name, datatype=datatype, shape=tuple(shape))
 
     def accepts_shape(self, shape: Sequence[int]) -> bool:
@@ -111,9 +113,7 @@ class TensorSpec:
         return all(want in (-1, got) for want, got in zip(self.shape, shape, strict=True))
 
 
-def check_signature(
-    expected: Sequence[TensorSpec], found: Sequence[TensorSpec], what: str
-) -> None:
+def check_signature(expected: Sequence[TensorSpec], found: Sequence[TensorSpec], what: str) -> None:
     """Compare a signed signature with what a loaded model reports.
 
     A fixed dimension in ``expected`` must match exactly; -1 matches anything.

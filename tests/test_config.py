@@ -27,7 +27,8 @@ def test_relative_paths_are_relative_to_the_file(tmp_path: Path) -> None:
         '[agent]\nstate_dir = "state"\ndevice_id = "dev-1"\n'
         '[serving]\nsocket = "run/infer.sock"\nhttp = "127.0.0.1:8000"\nworkers = 2\n'
         '[models]\nfollow = ["vad", "face"]\n'
-        '[repository]\nurl = "https://repo.example/fleet"\nca_file = "ca.pem"\npoll_interval_s = 60\n'
+        '[repository]\nurl = "https://repo.example/fleet"\nca_file = "ca.pem"\n'
+        "poll_interval_s = 60\n"
     )
     config = load(path)
     assert config.agent.state_dir == tmp_path / "state"

@@ -78,7 +78,10 @@ def read_smoke(stored: StoredModel) -> dict[str, Any] | None:
 
 
 def validate_version(
-    stored: StoredModel, options: RuntimeOptions, warmup_runs: int, on_stage: Callable[[Stage], None]
+    stored: StoredModel,
+    options: RuntimeOptions,
+    warmup_runs: int,
+    on_stage: Callable[[Stage], None],
 ) -> LoadedVersion:
     """Load, check the signature, warm up and smoke-test one version (blocking: off the loop).
 
@@ -172,8 +175,14 @@ class Deployer:
         )
         if recorded is not None:
             level = logging.WARNING if stage in lifecycle.QUARANTINED else logging.INFO
-            log.log(level, "model %s version %d: %s%s", name, version, stage.value,
-                    f" ({reason})" if reason else "")
+            log.log(
+                level,
+                "model %s version %d: %s%s",
+                name,
+                version,
+                stage.value,
+                f" ({reason})" if reason else "",
+            )
             if self._on_event is not None:
                 try:
                     self._on_event(recorded)
@@ -208,8 +217,14 @@ class Deployer:
             if current is Stage.ACTIVE:
                 row = self.state.get(name, version)
                 crashes = (row.crashes if row else 0) + 1
-            self._record(name, version, stage, reason, event="recovered" if stage is Stage.VERIFIED
-                         else stage.value, crashes=crashes)
+            self._record(
+                name,
+                version,
+                stage,
+                reason,
+                event="recovered" if stage is Stage.VERIFIED else stage.value,
+                crashes=crashes,
+            )
         for version in stored:
             if self._stage(name, version) is None:
                 self._record(name, version, Stage.VERIFIED, "found in the store")
@@ -217,10 +232,15 @@ class Deployer:
             try:
                 loaded = await self._validate(name, plan.serve, record=False)
             except AgentError as exc:
-                log.error("model %s version %d: committed version does not load: %s",
-                          name, plan.serve, exc)
+                log.error(
+                    "model %s version %d: committed version does not load: %s",
+                    name,
+                    plan.serve,
+                    exc,
+                )
                 self._record(name, plan.serve, Stage.ROLLED_BACK, f"no longer loads: {exc}")
-                return await self._start_model(name)
+                await self._start_model(name)
+                return
             slot.add(loaded, activate=True)
             log.info("model %s version %d: serving (committed)", name, plan.serve)
         if plan.validate is not None:
@@ -235,8 +255,12 @@ class Deployer:
         async with self._lock(name):
             stage = self._stage(name, version)
             if stage in lifecycle.QUARANTINED:
-                log.info("model %s version %d is quarantined (%s); not deploying",
-                         name, version, stage.value if stage else "")
+                log.info(
+                    "model %s version %d is quarantined (%s); not deploying",
+                    name,
+                    version,
+                    stage.value if stage else "",
+                )
                 return False
             slot = self.slots.ensure(name)
             active = slot.active
@@ -259,7 +283,9 @@ class Deployer:
                 return False
             before = slot.add(loaded, activate=True)
             self._record(
-                name, version, Stage.ACTIVE,
+                name,
+                version,
+                Stage.ACTIVE,
                 f"replaced version {before.version}" if before else "first version",
                 event="activated",
             )
@@ -298,7 +324,10 @@ class Deployer:
             log.warning(
                 "model %s version %d: %d bytes available, about %d needed to hold both versions; "
                 "draining the active version first",
-                name, version, available, needed,
+                name,
+                version,
+                available,
+                needed,
             )
             return True
         return False
@@ -314,7 +343,9 @@ class Deployer:
         try:
             loaded = await self._validate(name, version, record=False)
         except AgentError as exc:
-            log.error("model %s version %d: cannot be restored after a drain: %s", name, version, exc)
+            log.error(
+                "model %s version %d: cannot be restored after a drain: %s", name, version, exc
+            )
             return
         self.slots.get(name).add(loaded, activate=True)
 
@@ -397,7 +428,9 @@ class Deployer:
         stored = self.store.versions(name)
         if to is None:
             floor = active.version if active is not None else max(stored, default=0) + 1
-            earlier = [v for v in stored if v < floor and stages.get(v) not in lifecycle.QUARANTINED]
+            earlier = [
+                v for v in stored if v < floor and stages.get(v) not in lifecycle.QUARANTINED
+            ]
             if not earlier:
                 raise NotFoundError(f"model {name!r} has no earlier version to roll back to")
             to = earlier[-1]
@@ -407,16 +440,19 @@ class Deployer:
         if task is not None:
             task.cancel()
         async with self._lock(name):
-            loaded = (
-                None if to in slot.versions() else await self._validate(name, to, record=False)
-            )
+            loaded = None if to in slot.versions() else await self._validate(name, to, record=False)
             if loaded is not None:
                 slot.add(loaded, activate=True)
             else:
                 slot.activate(to)
             if active is not None and active.version != to:
-                self._record(name, active.version, Stage.ROLLED_BACK,
-                             f"{reason}: rolled back to version {to}", event="rolled_back")
+                self._record(
+                    name,
+                    active.version,
+                    Stage.ROLLED_BACK,
+                    f"{reason}: rolled back to version {to}",
+                    event="rolled_back",
+                )
                 slot.unload(active.version)
             if stages.get(to) is not Stage.COMMITTED:
                 if stages.get(to) not in (Stage.RETIRED, None):

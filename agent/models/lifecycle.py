@@ -15,12 +15,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 from agent.errors import AgentError
 
 
-class Stage(str, Enum):
+class Stage(StrEnum):
     DOWNLOADED = "downloaded"
     VERIFIED = "verified"
     LOADING = "loading"
@@ -107,8 +107,11 @@ def plan_start(
         elif state.stage is Stage.ACTIVE:
             if state.crashes + 1 >= max_probation_crashes:
                 resets.append(
-                    (state.version, Stage.ROLLED_BACK, "the agent stopped during its probation "
-                     f"{state.crashes + 1} times")
+                    (
+                        state.version,
+                        Stage.ROLLED_BACK,
+                        f"the agent stopped during its probation {state.crashes + 1} times",
+                    )
                 )
             else:
                 resets.append((state.version, Stage.VERIFIED, "probation interrupted by a restart"))
@@ -162,7 +165,7 @@ class Figures:
         return self.errors / self.requests if self.requests else 0.0
 
 
-class Verdict(str, Enum):
+class Verdict(StrEnum):
     CONTINUE = "continue"
     COMMIT = "commit"
     ROLLBACK = "rollback"

@@ -212,7 +212,9 @@ class ModelStore:
         if not _valid_name(manifest.name):
             raise StoreError(f"invalid model name {manifest.name!r}")
         if manifest.model_file not in files:
-            raise StoreError(f"install of {manifest.name}: model file {manifest.model_file} missing")
+            raise StoreError(
+                f"install of {manifest.name}: model file {manifest.model_file} missing"
+            )
         final = self.root / manifest.name / str(manifest.version)
         if final.exists():
             raise StoreError(f"model {manifest.name} version {manifest.version} is already stored")

@@ -53,7 +53,9 @@ class AdminApi:
         self._rollback = rollback
         self._pin = pin
         self._update_now = update_now
-        self.allowed_uids = allowed_uids if allowed_uids is not None else frozenset({0, os.getuid()})
+        self.allowed_uids = (
+            allowed_uids if allowed_uids is not None else frozenset({0, os.getuid()})
+        )
 
     @staticmethod
     def is_admin(method: str, path: str) -> bool:
@@ -106,7 +108,9 @@ class AdminApi:
             if action == "rollback":
                 version = await self._rollback(name, self._version(raw, "to"))
                 log.info("admin: model %s rolled back to version %d", name, version)
-                return Response(200, json.dumps({"model": name, "active_version": version}).encode())
+                return Response(
+                    200, json.dumps({"model": name, "active_version": version}).encode()
+                )
             if action == "pin":
                 pinned = self._version(raw, "version")
                 await self._pin(name, pinned)

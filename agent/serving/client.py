@@ -123,7 +123,7 @@ class InferenceClient:
             try:
                 self._sock.sendall(payload)
                 return self._read_response()
-            except (ConnectionError, _StaleConnection) as exc:
+            except (ConnectionError, _StaleConnectionError) as exc:
                 self.close()
                 # A kept-alive connection the server closed while idle: retry once, fresh.
                 if fresh or attempt:
@@ -139,7 +139,7 @@ class InferenceClient:
         assert self._sock is not None
         chunk = self._sock.recv(262144)
         if not chunk:
-            raise _StaleConnection("the agent closed the connection")
+            raise _StaleConnectionError("the agent closed the connection")
         self._buffer += chunk
 
     def _read_response(self) -> tuple[int, dict[str, str], bytes]:
@@ -266,5 +266,5 @@ class InferenceClient:
         return path if version is None else f"{path}/versions/{version}"
 
 
-class _StaleConnection(Exception):
+class _StaleConnectionError(Exception):
     """The server closed a kept-alive connection."""

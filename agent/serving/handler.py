@@ -272,10 +272,7 @@ class OipHandler:
 
     def _model_ready(self, name: str, version: int | None) -> Response:
         slot = self.slots.get(name)
-        if version is None:
-            ready = slot.active is not None
-        else:
-            ready = version in slot.versions()
+        ready = slot.active is not None if version is None else version in slot.versions()
         return _json({"name": name, "ready": ready}, 200 if ready else 503)
 
     def _model_stats(self, name: str) -> Response:
@@ -289,7 +286,11 @@ class OipHandler:
                     "version": str(version),
                     "inference_count": summary.requests,
                     "error_count": summary.errors,
-                    "latency_ms": {"p50": summary.p50_ms, "p95": summary.p95_ms, "p99": summary.p99_ms},
+                    "latency_ms": {
+                        "p50": summary.p50_ms,
+                        "p95": summary.p95_ms,
+                        "p99": summary.p99_ms,
+                    },
                 }
             )
         return _json({"model_stats": stats})

@@ -60,7 +60,7 @@ class _Request:
 _REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
 
 
-class _ParseAbort(Exception):
+class _ParseAbortError(Exception):
     """Raised inside an httptools callback to stop parsing with an HTTP error."""
 
     def __init__(self, status: int, message: str) -> None:
@@ -108,7 +108,7 @@ class HttpConnection(asyncio.Protocol):
         if not self._server.register(self):
             self._send_error(503, "too many connections; retry later", keep_alive=False)
 
-    def connection_lost(self, exc: Exception | None) -> None:
+    def connection_lost(self, exc: Exception | None) -> None:  # noqa: ARG002
         self._closing = True
         self._transport = None
         self._queue.clear()
@@ -129,14 +129,14 @@ class HttpConnection(asyncio.Protocol):
         self.last_active = time.monotonic()
         try:
             self._parser.feed_data(data)
-        except _ParseAbort as exc:
+        except _ParseAbortError as exc:
             self._send_error(exc.status, exc.message, keep_alive=False)
         except httptools.HttpParserUpgrade:
             self._send_error(400, "protocol upgrades are not supported", keep_alive=False)
         except httptools.HttpParserError as exc:
-            # Callbacks raising _ParseAbort arrive wrapped as HttpParserCallbackError.
+            # Callbacks raising _ParseAbortError arrive wrapped as HttpParserCallbackError.
             cause = exc.__context__
-            if isinstance(cause, _ParseAbort):
+            if isinstance(cause, _ParseAbortError):
                 self._send_error(cause.status, cause.message, keep_alive=False)
             else:
                 self._send_error(400, f"malformed HTTP request: {exc}", keep_alive=False)
@@ -150,12 +150,12 @@ class HttpConnection(asyncio.Protocol):
         self._url += url
         self._header_bytes += len(url)
         if self._header_bytes > self._limits.max_header_bytes:
-            raise _ParseAbort(414, f"URL longer than {self._limits.max_header_bytes} bytes")
+            raise _ParseAbortError(414, f"URL longer than {self._limits.max_header_bytes} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_bytes += len(name) + len(value) + 4
         if self._header_bytes > self._limits.max_header_bytes:
-            raise _ParseAbort(
+            raise _ParseAbortError(
                 431, f"request headers larger than {self._limits.max_header_bytes} bytes"
             )
         lowered = name.lower()
@@ -163,21 +163,23 @@ class HttpConnection(asyncio.Protocol):
             try:
                 self._header_length = int(value)
             except ValueError:
-                raise _ParseAbort(
+                raise _ParseAbortError(
                     400, f"Inference-Header-Content-Length must be an integer, found {value!r}"
                 ) from None
             if self._header_length < 0:
-                raise _ParseAbort(400, "Inference-Header-Content-Length must not be negative")
+                raise _ParseAbortError(400, "Inference-Header-Content-Length must not be negative")
         elif lowered == b"content-length":
             try:
                 self._content_length = int(value)
             except ValueError:
-                raise _ParseAbort(400, f"Content-Length must be an integer, found {value!r}") from None
+                raise _ParseAbortError(
+                    400, f"Content-Length must be an integer, found {value!r}"
+                ) from None
 
     def on_headers_complete(self) -> None:
         length = self._content_length
         if length is not None and length > self._limits.max_body_bytes:
-            raise _ParseAbort(
+            raise _ParseAbortError(
                 413,
                 f"request body of {length} bytes exceeds the limit of "
                 f"{self._limits.max_body_bytes} bytes",
@@ -186,7 +188,7 @@ class HttpConnection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         self._body += body
         if len(self._body) > self._limits.max_body_bytes:
-            raise _ParseAbort(
+            raise _ParseAbortError(
                 413, f"request body exceeds the limit of {self._limits.max_body_bytes} bytes"
             )
 
@@ -195,7 +197,7 @@ class HttpConnection(asyncio.Protocol):
         try:
             path = self._url.decode("ascii")
         except UnicodeDecodeError:
-            raise _ParseAbort(400, "request URL is not ASCII") from None
+            raise _ParseAbortError(400, "request URL is not ASCII") from None
         request = _Request(
             method=method,
             path=path,
@@ -233,7 +235,9 @@ class HttpConnection(asyncio.Protocol):
                 )
                 task.add_done_callback(partial(self._admin_done, request.keep_alive))
             else:
-                self._write(handler.handle(request.method, request.path, request.body), request.keep_alive)
+                self._write(
+                    handler.handle(request.method, request.path, request.body), request.keep_alive
+                )
         if not self._queue and not self._writing_paused:
             self._resume_reading()
 
@@ -330,7 +334,7 @@ def bind_unix_socket(path: Path, mode: int = 0o660, group: str | None = None) ->
         except KeyError:
             raise ConfigError(
                 f"socket group {group!r} does not exist",
-                remedy="create it (systemd-sysusers) or set serving.socket_group = \"\"",
+                remedy='create it (systemd-sysusers) or set serving.socket_group = ""',
             ) from None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

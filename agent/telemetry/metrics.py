@@ -145,7 +145,7 @@ def render_prometheus(registry: Registry, extra: Iterable[tuple[str, str, float]
         labels = f'model="{_label(name)}",version="{_label(version)}"'
         lines.append(f"edge_agent_requests_total{{{labels}}} {metrics.latency.total}")
     lines += [
-        "# HELP edge_agent_request_errors_total Inference requests that failed, by model and version.",
+        "# HELP edge_agent_request_errors_total Inference requests that failed, by model, version.",
         "# TYPE edge_agent_request_errors_total counter",
     ]
     for (name, version), metrics in items:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from agent.models.lifecycle import (
@@ -19,10 +21,18 @@ from agent.models.lifecycle import (
 
 
 def test_happy_path_transitions_are_allowed() -> None:
-    path = [Stage.DOWNLOADED, Stage.VERIFIED, Stage.LOADING, Stage.WARMING, Stage.VALIDATED,
-            Stage.ACTIVE, Stage.COMMITTED, Stage.RETIRED]
+    path = [
+        Stage.DOWNLOADED,
+        Stage.VERIFIED,
+        Stage.LOADING,
+        Stage.WARMING,
+        Stage.VALIDATED,
+        Stage.ACTIVE,
+        Stage.COMMITTED,
+        Stage.RETIRED,
+    ]
     check_transition(None, path[0])
-    for current, target in zip(path, path[1:]):
+    for current, target in itertools.pairwise(path):
         check_transition(current, target)
 
 
@@ -43,8 +53,11 @@ def test_illegal_transitions_raise(current: Stage | None, target: Stage) -> None
 
 
 def test_plan_after_clean_history_serves_committed_and_validates_newer() -> None:
-    states = [VersionState(1, Stage.RETIRED), VersionState(2, Stage.COMMITTED),
-              VersionState(3, Stage.VERIFIED)]
+    states = [
+        VersionState(1, Stage.RETIRED),
+        VersionState(2, Stage.COMMITTED),
+        VersionState(3, Stage.VERIFIED),
+    ]
     plan = plan_start(states, [1, 2, 3])
     assert plan.serve == 2
     assert plan.validate == 3
@@ -74,12 +87,16 @@ def test_plan_ignores_records_without_files_and_adopts_unrecorded_files() -> Non
 
 
 def test_plan_never_picks_quarantined_and_honours_pin() -> None:
-    states = [VersionState(1, Stage.COMMITTED), VersionState(2, Stage.REJECTED),
-              VersionState(3, Stage.ROLLED_BACK)]
+    states = [
+        VersionState(1, Stage.COMMITTED),
+        VersionState(2, Stage.REJECTED),
+        VersionState(3, Stage.ROLLED_BACK),
+    ]
     plan = plan_start(states, [1, 2, 3])
     assert plan.serve == 1 and plan.validate is None
-    pinned = plan_start([VersionState(1, Stage.RETIRED), VersionState(2, Stage.COMMITTED)], [1, 2],
-                        pinned=1)
+    pinned = plan_start(
+        [VersionState(1, Stage.RETIRED), VersionState(2, Stage.COMMITTED)], [1, 2], pinned=1
+    )
     assert pinned.serve is None and pinned.validate == 1
 
 
@@ -107,8 +124,14 @@ def test_probation_rolls_back_on_latency_regression() -> None:
 
 
 def test_retention_keeps_active_previous_and_extra() -> None:
-    stages = {1: Stage.RETIRED, 2: Stage.RETIRED, 3: Stage.RETIRED, 4: Stage.REJECTED,
-              5: Stage.RETIRED, 6: Stage.COMMITTED}
+    stages = {
+        1: Stage.RETIRED,
+        2: Stage.RETIRED,
+        3: Stage.RETIRED,
+        4: Stage.REJECTED,
+        5: Stage.RETIRED,
+        6: Stage.COMMITTED,
+    }
     assert versions_to_remove([1, 2, 3, 4, 5, 6], stages, active=6, keep_extra=1) == [1, 2, 4]
     assert versions_to_remove([1, 2, 3, 4, 5, 6], stages, active=6, keep_extra=0) == [1, 2, 3, 4]
     # A newer version waiting for validation is never removed.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
 import stat
 import subprocess
@@ -47,16 +46,26 @@ def body_of(reply: bytes) -> bytes:
 
 
 def test_socket_is_0660(served: RunningAgent) -> None:
-    mode = stat.S_IMODE(os.stat(served.socket).st_mode)
+    mode = stat.S_IMODE(served.socket.stat().st_mode)
     assert mode == 0o660
-    assert stat.S_ISSOCK(os.stat(served.socket).st_mode)
+    assert stat.S_ISSOCK(served.socket.stat().st_mode)
 
 
 def test_curl_over_unix_socket(served: RunningAgent) -> None:
     out = subprocess.run(
-        ["curl", "-sS", "-w", "\n%{http_code}", "--unix-socket", str(served.socket),
-         "http://localhost/v2/health/ready"],
-        capture_output=True, check=True, text=True, timeout=30,
+        [
+            "curl",
+            "-sS",
+            "-w",
+            "\n%{http_code}",
+            "--unix-socket",
+            str(served.socket),
+            "http://localhost/v2/health/ready",
+        ],
+        capture_output=True,
+        check=True,
+        text=True,
+        timeout=30,
     ).stdout
     body, code = out.rsplit("\n", 1)
     assert code == "200"
@@ -106,7 +115,9 @@ def test_face_detector_bit_for_bit(served: RunningAgent, face_detector_tflite: P
     image = np.random.default_rng(3).random((1, 128, 128, 3), dtype=np.float32)
     interpreter.set_tensor(interpreter.get_input_details()[0]["index"], image)
     interpreter.invoke()
-    expected = {d["name"]: interpreter.get_tensor(d["index"]) for d in interpreter.get_output_details()}
+    expected = {
+        d["name"]: interpreter.get_tensor(d["index"]) for d in interpreter.get_output_details()
+    }
     with InferenceClient(str(served.socket)) as client:
         got = client.infer("face", {"input": image})
     assert set(got) == set(expected)
@@ -233,7 +244,11 @@ def assert_still_serving(served: RunningAgent) -> None:
     ("payload", "status", "needle"),
     [
         (b"\x00\x01garbage\r\n\r\n", 400, b"malformed HTTP request"),
-        (b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X-Big: " + b"a" * 40000 + b"\r\n\r\n", 431, b"headers"),
+        (
+            b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X-Big: " + b"a" * 40000 + b"\r\n\r\n",
+            431,
+            b"headers",
+        ),
         (b"GET /" + b"a" * 40000 + b" HTTP/1.1\r\n\r\n", 414, b"URL"),
         (
             b"POST /v2/models/matmul/infer HTTP/1.1\r\nContent-Length: 999999999999\r\n\r\n",
@@ -255,8 +270,16 @@ def assert_still_serving(served: RunningAgent) -> None:
         (b"GET /v2/nothing/here HTTP/1.1\r\nConnection: close\r\n\r\n", 404, b"no route"),
         (b"DELETE /v2/health/live HTTP/1.1\r\nConnection: close\r\n\r\n", 405, b"not allowed"),
     ],
-    ids=["garbage", "huge-headers", "huge-url", "oversized-body", "bad-json", "bad-ihcl",
-         "no-route", "bad-method"],
+    ids=[
+        "garbage",
+        "huge-headers",
+        "huge-url",
+        "oversized-body",
+        "bad-json",
+        "bad-ihcl",
+        "no-route",
+        "bad-method",
+    ],
 )
 def test_raw_abuse(served: RunningAgent, payload: bytes, status: int, needle: bytes) -> None:
     reply = raw_exchange(served.socket, payload)
@@ -270,8 +293,16 @@ def test_truncated_binary_part(served: RunningAgent) -> None:
     with InferenceClient(str(served.socket)) as client:
         input_name = client.model_metadata("matmul")["inputs"][0]["name"]
     header = json.dumps(
-        {"inputs": [{"name": input_name, "shape": [1, 64], "datatype": "FP32",
-                     "parameters": {"binary_data_size": 256}}]}
+        {
+            "inputs": [
+                {
+                    "name": input_name,
+                    "shape": [1, 64],
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": 256},
+                }
+            ]
+        }
     ).encode()
     body = header + b"\x00" * 100  # 156 bytes of the tensor missing
     payload = (
@@ -288,15 +319,20 @@ def test_truncated_binary_part(served: RunningAgent) -> None:
 def test_client_hangs_up_mid_body(served: RunningAgent) -> None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.connect(str(served.socket))
-        sock.sendall(b"POST /v2/models/matmul/infer HTTP/1.1\r\nContent-Length: 1000\r\n\r\n{\"in")
+        sock.sendall(b'POST /v2/models/matmul/infer HTTP/1.1\r\nContent-Length: 1000\r\n\r\n{"in')
     assert_still_serving(served)
 
 
 def test_pipelined_requests_answered_in_order(served: RunningAgent) -> None:
-    requests = b"".join(
-        b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path
-        for path in (b"/v2/health/live", b"/v2/models/nope", b"/v2/health/ready")
-    ) + b"GET /v2 HTTP/1.1\r\nConnection: close\r\n\r\n"
+    requests = (
+        b"".join(
+            b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path
+            for path in (b"/v2/health/live", b"/v2/models/nope", b"/v2/health/ready")
+        )
+        + b"GET /v2 HTTP/1.1\r\nConnection: close\r\n\r\n"
+    )
     reply = raw_exchange(served.socket, requests)
-    statuses = [int(line.split(b" ")[1]) for line in reply.split(b"\r\n") if line.startswith(b"HTTP/1.1")]
+    statuses = [
+        int(line.split(b" ")[1]) for line in reply.split(b"\r\n") if line.startswith(b"HTTP/1.1")
+    ]
     assert statuses == [200, 404, 200, 200]

@@ -1,0 +1,235 @@
+"""Serving benchmark: edge-agent's socket server against uvicorn, FastAPI and in-process ORT.
+
+    .venv/bin/python bench/serving.py [--seconds 5] [--out bench-serving.json]
+
+One run, one model (the 1x64 · 64x64 FP32 MatMul built with onnx.helper), one load generator
+(bench/loadgen.c: closed loop, epoll, C) for every server, all over a Unix socket:
+
+- in-process ONNX Runtime ``session.run`` (the floor),
+- ``edge-agent serve`` with the binary and the JSON tensor encodings,
+- the same OIP handler behind a bare uvicorn ASGI app, and behind FastAPI + uvicorn,
+- per-call round trip at concurrency 1: edge-agent's Python client over the Unix socket
+  against stock ``tritonclient.http`` over TCP to the same edge-agent server.
+
+Prints requests/s at concurrency 1 and 16, p50/p99, and the ratios the project's bars use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from agent.serving.client import InferenceClient  # noqa: E402
+from agent.serving.oip import encode_infer_request  # noqa: E402
+from cloud_stub.samples import matmul_model  # noqa: E402
+
+
+def build_loadgen(work: Path) -> Path:
+    binary = work / "loadgen"
+    subprocess.run(
+        ["gcc", "-O2", "-o", str(binary), str(ROOT / "bench" / "loadgen.c")], check=True
+    )
+    return binary
+
+
+def request_file(work: Path, name: str, binary: bool) -> Path:
+    x = np.random.default_rng(0).standard_normal((1, 64)).astype(np.float32)
+    body, hlen = encode_infer_request({"x": x}, binary=binary, binary_output=binary)
+    head = (
+        f"POST /v2/models/matmul/infer HTTP/1.1\r\nHost: localhost\r\n"
+        f"Content-Length: {len(body)}\r\n"
+    )
+    if hlen is not None:
+        head += f"Inference-Header-Content-Length: {hlen}\r\n"
+    path = work / f"{name}.http"
+    path.write_bytes(head.encode() + b"\r\n" + body)
+    return path
+
+
+def wait_for_socket(path: Path, process: subprocess.Popen[bytes], timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}")
+        if path.exists():
+            try:
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.connect(str(path))
+                return
+            except OSError:
+                pass
+        time.sleep(0.05)
+    raise RuntimeError(f"{path} did not appear")
+
+
+def loadgen(binary: Path, address: str, request: Path, conc: int, seconds: float) -> dict[str, Any]:
+    out = subprocess.run(
+        [str(binary), address, str(request), str(conc), str(seconds), "1"],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    result: dict[str, Any] = json.loads(out)
+    return result
+
+
+def in_process(model: Path, seconds: float) -> dict[str, Any]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal((1, 64)).astype(np.float32)
+    for _ in range(1000):
+        session.run(None, {"x": x})
+    samples = []
+    stop = time.perf_counter() + seconds
+    while time.perf_counter() < stop:
+        t = time.perf_counter()
+        session.run(None, {"x": x})
+        samples.append(time.perf_counter() - t)
+    samples.sort()
+    return {
+        "requests": len(samples),
+        "errors": 0,
+        "rps": len(samples) / seconds,
+        "p50_us": samples[len(samples) // 2] * 1e6,
+        "p99_us": samples[int(len(samples) * 0.99)] * 1e6,
+    }
+
+
+def per_call(fn: Any, n: int) -> dict[str, float]:
+    for _ in range(200):
+        fn()
+    samples = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t)
+    samples.sort()
+    return {
+        "mean_us": statistics.fmean(samples) * 1e6,
+        "p50_us": samples[n // 2] * 1e6,
+        "p99_us": samples[int(n * 0.99)] * 1e6,
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start(argv: list[str], sock: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    process = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    wait_for_socket(sock, process)
+    return process
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--calls", type=int, default=3000, help="per-call client samples")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="edge-bench-"))
+    try:
+        model = matmul_model(work / "matmul.onnx")
+        gen = build_loadgen(work)
+        binary_req = request_file(work, "binary", binary=True)
+        json_req = request_file(work, "json", binary=False)
+        env = {**os.environ, "EDGE_BENCH_MODEL": str(model), "PYTHONPATH": str(ROOT)}
+        python = sys.executable
+        results: dict[str, Any] = {"in-process ORT": {1: in_process(model, args.seconds)}}
+
+        sock = work / "edge.sock"
+        port = free_port()
+        agent = start(
+            [python, "-m", "agent", "--log-level", "warning", "serve", f"matmul={model}",
+             "--socket", str(sock), "--http", f"127.0.0.1:{port}"],
+            sock, env,
+        )
+        try:
+            for label, req in (("edge-agent binary", binary_req), ("edge-agent JSON", json_req)):
+                results[label] = {c: loadgen(gen, str(sock), req, c, args.seconds) for c in (1, 16)}
+            x = np.random.default_rng(0).standard_normal((1, 64)).astype(np.float32)
+            with InferenceClient(str(sock)) as client:
+                ours = per_call(lambda: client.infer("matmul", {"x": x}), args.calls)
+            import tritonclient.http as httpclient
+
+            triton = httpclient.InferenceServerClient(f"127.0.0.1:{port}")
+            tensor = httpclient.InferInput("x", [1, 64], "FP32")
+            tensor.set_data_from_numpy(x, binary_data=True)
+            wanted = [httpclient.InferRequestedOutput("y", binary_data=True)]
+            theirs = per_call(lambda: triton.infer("matmul", [tensor], outputs=wanted), args.calls)
+            triton.close()
+        finally:
+            stop(agent)
+
+        for label, target in (("uvicorn bare ASGI", "bare"), ("FastAPI + uvicorn", "fastapi")):
+            sock = work / f"{target}.sock"
+            server = start(
+                [python, "-m", "uvicorn", "--factory", f"bench.asgi_apps:{target}", "--uds",
+                 str(sock), "--log-level", "warning", "--no-access-log", "--http", "httptools"],
+                sock, env,
+            )
+            try:
+                results[label] = {c: loadgen(gen, str(sock), binary_req, c, args.seconds)
+                                  for c in (1, 16)}
+            finally:
+                stop(server)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    print(f"\n{'server':<22} {'conc':>4} {'req/s':>9} {'p50 us':>8} {'p99 us':>8} {'errors':>6}")
+    for label, by_conc in results.items():
+        for conc, r in by_conc.items():
+            print(f"{label:<22} {conc:>4} {r['rps']:>9.0f} {r['p50_us']:>8.0f} "
+                  f"{r['p99_us']:>8.0f} {r['errors']:>6}")
+    ours16 = results["edge-agent binary"][16]["rps"]
+    ratios = {
+        "edge-agent binary / uvicorn bare (c=16)": ours16 / results["uvicorn bare ASGI"][16]["rps"],
+        "edge-agent binary / FastAPI (c=16)": ours16 / results["FastAPI + uvicorn"][16]["rps"],
+        "edge-agent binary / JSON (c=16)": ours16 / results["edge-agent JSON"][16]["rps"],
+        "tritonclient / edge-agent client per call": theirs["mean_us"] / ours["mean_us"],
+    }
+    print("\nper call, concurrency 1 (mean / p50 / p99 us):")
+    print(f"  edge-agent client, Unix socket   {ours['mean_us']:.0f} / {ours['p50_us']:.0f} / "
+          f"{ours['p99_us']:.0f}")
+    print(f"  tritonclient.http, TCP           {theirs['mean_us']:.0f} / {theirs['p50_us']:.0f} / "
+          f"{theirs['p99_us']:.0f}")
+    print("\nratios:")
+    for name, value in ratios.items():
+        print(f"  {name:<45} {value:.2f}x")
+    if args.out:
+        doc = {"results": results, "client": {"edge-agent": ours, "tritonclient": theirs},
+               "ratios": ratios}
+        args.out.write_text(json.dumps(doc, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,276 @@
+"""The lifecycle driver with real models: validate, swap, reject, probation, rollback, restart."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+from agent.serving.oip import encode_infer_request
+from onnx import TensorProto, helper
+
+from agent.errors import NotFoundError
+from agent.models.deployer import DeployConfig, Deployer
+from agent.models.lifecycle import ProbationPolicy
+from agent.models.runtime import RuntimeOptions
+from agent.models.slots import Slots
+from agent.models.store import Manifest, ModelStore
+from agent.serving.handler import OipHandler
+from agent.state import Event, StateDB
+from agent.telemetry.metrics import Registry
+from agent.tensors import TensorSpec
+
+
+def scale_model(path: Path, factor: float, batch: int | str = "N") -> Path:
+    """y = x * factor over x: FP32 [batch, 4]; a fixed batch rejects other batch sizes."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 4])
+    k = helper.make_tensor("k", TensorProto.FLOAT, [1], [factor])
+    graph = helper.make_graph([helper.make_node("Mul", ["x", "k"], ["y"])], "scale", [x], [y], [k])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
+def tensor(array: np.ndarray[Any, Any], datatype: str) -> dict[str, Any]:
+    return {
+        "datatype": datatype,
+        "shape": list(array.shape),
+        "b64": base64.b64encode(np.ascontiguousarray(array).tobytes()).decode(),
+    }
+
+
+def smoke_for(factor: float, claimed: float | None = None) -> dict[str, Any]:
+    x = np.arange(4, dtype=np.float32).reshape(1, 4)
+    y = (x * np.float32(claimed if claimed is not None else factor)).astype(np.float32)
+    return {
+        "inputs": {"x": tensor(x, "FP32")},
+        "outputs": {"y": tensor(y, "FP32")},
+        "atol": "1e-6",
+        "rtol": "1e-5",
+    }
+
+
+def install(
+    store: ModelStore,
+    tmp: Path,
+    version: int,
+    factor: float,
+    *,
+    claimed: float | None = None,
+    batch: int | str = "N",
+) -> None:
+    src = scale_model(tmp / f"scale-{version}.onnx", factor, batch)
+    staged = store.new_staging_dir() / "model.onnx"
+    staged.write_bytes(src.read_bytes())
+    dim = -1 if isinstance(batch, str) else batch
+    manifest = Manifest(
+        name="scale",
+        version=version,
+        runtime="onnx",
+        model_file="model.onnx",
+        inputs=(TensorSpec("x", "FP32", (dim, 4)),),
+        outputs=(TensorSpec("y", "FP32", (dim, 4)),),
+        custom={"smoke": {"inline": smoke_for(factor, claimed)}},
+    )
+    store.install(manifest, {"model.onnx": staged})
+
+
+class Harness:
+    def __init__(
+        self, root: Path, policy: ProbationPolicy | None = None, memory: int | None = None
+    ) -> None:
+        self.root = root
+        self.store = ModelStore(root / "models")
+        self.state = StateDB(root / "state.db")
+        self.slots = Slots()
+        self.metrics = Registry()
+        self.events: list[Event] = []
+        self.deployer = Deployer(
+            self.store,
+            self.slots,
+            self.state,
+            self.metrics,
+            RuntimeOptions(),
+            DeployConfig(
+                warmup_runs=2,
+                probation=policy or ProbationPolicy(window_s=0.2),
+                probation_check_s=0.05,
+            ),
+            on_event=self.events.append,
+            available_memory=lambda: memory,
+        )
+        self.handler = OipHandler(self.slots, self.metrics)
+
+    def infer(self, batch: int = 1) -> tuple[int, bytes]:
+        x = np.ones((batch, 4), np.float32)
+        body, length = encode_infer_request({"x": x})
+        response = self.handler.infer_blocking("/v2/models/scale/infer", body, length)
+        return response.status, response.body
+
+    def stage(self, version: int) -> str:
+        row = self.state.get("scale", version)
+        assert row is not None
+        return row.stage
+
+    def kinds(self) -> list[tuple[int | None, str]]:
+        return [(e.version, e.kind) for e in self.events]
+
+    def close(self) -> None:
+        self.slots.close()
+        self.state.close()
+
+
+async def wait_for(predicate: Any, timeout_s: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not predicate():
+        assert loop.time() < deadline, "condition not reached"
+        await asyncio.sleep(0.02)
+
+
+def test_first_version_validates_activates_and_commits(tmp_path: Path) -> None:
+    async def main() -> None:
+        h = Harness(tmp_path)
+        install(h.store, tmp_path, 1, 2.0)
+        await h.deployer.start()
+        assert h.slots.get("scale").active is not None
+        assert h.infer()[0] == 200
+        await wait_for(lambda: h.stage(1) == "committed")
+        kinds = [k for _, k in h.kinds()]
+        assert kinds == ["verified", "loading", "warming", "validated", "activated", "committed"]
+        await h.deployer.close()
+        h.close()
+
+    asyncio.run(main())
+
+
+def test_failed_smoke_test_never_serves(tmp_path: Path) -> None:
+    async def main() -> None:
+        h = Harness(tmp_path)
+        install(h.store, tmp_path, 1, 2.0)
+        await h.deployer.start()
+        await wait_for(lambda: h.stage(1) == "committed")
+        install(h.store, tmp_path, 2, 3.0, claimed=2.5)  # its outputs differ from the signed ones
+        assert not await h.deployer.deploy("scale", 2)
+        assert h.stage(2) == "rejected"
+        rejected = [e for e in h.events if e.kind == "rejected"]
+        assert "smoke" in rejected[0].reason.lower() and "y" in rejected[0].reason
+        active = h.slots.get("scale").active
+        assert active is not None and active.version == 1
+        assert h.metrics.model("scale", "2").summary().requests == 0
+        # Quarantined: never tried again, even after a restart.
+        assert not await h.deployer.deploy("scale", 2)
+        await h.deployer.close()
+        h.close()
+
+    asyncio.run(main())
+
+
+def test_error_rate_jump_rolls_back(tmp_path: Path) -> None:
+    async def main() -> None:
+        policy = ProbationPolicy(window_s=30, min_requests=10, max_error_rate_increase=0.05)
+        h = Harness(tmp_path, policy)
+        install(h.store, tmp_path, 1, 2.0)
+        await h.deployer.start()
+        for _ in range(30):
+            assert h.infer(batch=2)[0] == 200
+        h.state.record("scale", 1, "committed", "test: committed")  # skip v1's own probation
+        await h.deployer.close()
+        install(h.store, tmp_path, 2, 2.0, batch=1)  # passes its smoke test, refuses batch 2
+        assert await h.deployer.deploy("scale", 2)
+        statuses = [h.infer(batch=2)[0] for _ in range(12)]
+        assert 400 in statuses
+        await wait_for(lambda: h.stage(2) == "rolled_back")
+        active = h.slots.get("scale").active
+        assert active is not None and active.version == 1
+        assert h.infer(batch=2)[0] == 200
+        reason = next(e.reason for e in h.events if e.kind == "rolled_back")
+        assert "error rate" in reason
+        await h.deployer.close()
+        h.close()
+
+    asyncio.run(main())
+
+
+def test_manual_rollback_and_restart_resume(tmp_path: Path) -> None:
+    async def main() -> None:
+        h = Harness(tmp_path)
+        install(h.store, tmp_path, 1, 2.0)
+        install(h.store, tmp_path, 2, 4.0)
+        await h.deployer.start()  # nothing committed: validates the newest
+        await wait_for(lambda: h.stage(2) == "committed")
+        assert await h.deployer.rollback("scale") == 1
+        active = h.slots.get("scale").active
+        assert active is not None and active.version == 1
+        assert h.stage(2) == "rolled_back"
+        with pytest.raises(NotFoundError):
+            await h.deployer.rollback("scale", 9)
+        await h.deployer.close()
+        h.close()
+        # A new process: version 1 is committed and serves at once; 2 stays quarantined.
+        h2 = Harness(tmp_path)
+        await h2.deployer.start()
+        active = h2.slots.get("scale").active
+        assert active is not None and active.version == 1
+        assert h2.stage(2) == "rolled_back"
+        await h2.deployer.close()
+        h2.close()
+
+    asyncio.run(main())
+
+
+def test_restart_during_probation_revalidates(tmp_path: Path) -> None:
+    async def main() -> None:
+        h = Harness(tmp_path, ProbationPolicy(window_s=3600))
+        install(h.store, tmp_path, 1, 2.0)
+        await h.deployer.start()
+        assert h.stage(1) == "active"
+        await h.deployer.close()
+        h.close()  # "crash" during probation
+        h2 = Harness(tmp_path, ProbationPolicy(window_s=3600))
+        await h2.deployer.start()
+        assert h2.stage(1) == "active"
+        row = h2.state.get("scale", 1)
+        assert row is not None and row.crashes == 1
+        assert "recovered" in [e.kind for e in h2.events]
+        await h2.deployer.close()
+        h2.close()
+        h3 = Harness(tmp_path, ProbationPolicy(window_s=3600))
+        await h3.deployer.start()  # second crash in probation: rolled back, nothing to serve
+        assert h3.stage(1) == "rolled_back"
+        assert h3.slots.get("scale").active is None
+        await h3.deployer.close()
+        h3.close()
+
+    asyncio.run(main())
+
+
+def test_drain_when_memory_is_short(tmp_path: Path) -> None:
+    async def main() -> None:
+        h = Harness(tmp_path, memory=1024)  # a device with almost no memory left
+        install(h.store, tmp_path, 1, 2.0)
+        await h.deployer.start()
+        await wait_for(lambda: h.stage(1) == "committed")
+        install(h.store, tmp_path, 2, 3.0)
+        assert await h.deployer.deploy("scale", 2)
+        assert [e.kind for e in h.state.events("scale") if e.kind == "drained"]
+        active = h.slots.get("scale").active
+        assert active is not None and active.version == 2
+        await h.deployer.close()
+        h.close()
+
+    asyncio.run(main())
+
+
+def test_events_are_json_serialisable(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    event = h.state.add_event("scale", 1, "downloaded", "from the repository")
+    assert json.loads(json.dumps(event.to_dict()))["kind"] == "downloaded"
+    h.close()
