@@ -9,6 +9,7 @@ stdout. The daemon then deploys the newest verified version of each followed mod
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
@@ -50,13 +51,16 @@ class CycleResult:
     @classmethod
     def from_dict(cls, raw: Any) -> CycleResult:
         if not isinstance(raw, dict):
-            raise ValueError("summary is not an object")
+            raise TypeError("summary is not an object")
         return cls(
             ok=bool(raw.get("ok")),
             installed=tuple((str(i["model"]), int(i["version"])) for i in raw.get("installed", [])),
             rejected=tuple(
-                (str(r["model"]), None if r.get("version") is None else int(r["version"]),
-                 str(r.get("reason", "")))
+                (
+                    str(r["model"]),
+                    None if r.get("version") is None else int(r["version"]),
+                    str(r.get("reason", "")),
+                )
                 for r in raw.get("rejected", [])
             ),
             error=str(raw.get("error", "")),
@@ -68,7 +72,8 @@ def run_cycle_in_process(config: Config) -> CycleResult:
     """One update cycle (this is what the child runs)."""
     from agent.delivery.cycle import run_cycle
 
-    return run_cycle(config)
+    result: CycleResult = run_cycle(config)
+    return result
 
 
 def newest_deployable(state: StateDB, name: str, active: int | None) -> int | None:
@@ -120,7 +125,16 @@ class UpdateLoop:
         source = self.config.source
         if source is None:
             return CycleResult(False, (), (), "no configuration file to give the update child", 0)
-        argv = [sys.executable, "-m", "agent", "update", "--once", "--json", "--config", str(source)]
+        argv = [
+            sys.executable,
+            "-m",
+            "agent",
+            "update",
+            "--once",
+            "--json",
+            "--config",
+            str(source),
+        ]
         try:
             process = await asyncio.create_subprocess_exec(
                 *argv, stdout=asyncio.subprocess.PIPE, stderr=None, stdin=asyncio.subprocess.DEVNULL
@@ -139,7 +153,9 @@ class UpdateLoop:
             return CycleResult.from_dict(json.loads(stdout[:MAX_SUMMARY_BYTES]))
         except (ValueError, KeyError, TypeError) as exc:
             return CycleResult(
-                False, (), (),
+                False,
+                (),
+                (),
                 f"update child exited with {process.returncode} and no valid summary ({exc})",
                 time.time(),
             )
@@ -150,10 +166,8 @@ class UpdateLoop:
             await self.run_once()
             # Jitter spreads a fleet's polls so a repository is not hit by every device at once.
             delay = interval * random.uniform(0.8, 1.2)  # noqa: S311 - not security relevant
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), delay)
-            except TimeoutError:
-                pass
             self._wake.clear()
 
 

@@ -34,7 +34,9 @@ def _handler() -> OipHandler:
 _pool = ThreadPoolExecutor(WORKERS)
 
 
-async def _respond(handler: OipHandler, method: str, path: str, body: bytes, hlen: int | None) -> Response:
+async def _respond(
+    handler: OipHandler, method: str, path: str, body: bytes, hlen: int | None
+) -> Response:
     if handler.is_infer(method, path):
         try:
             prepared = handler.prepare_infer(path, body, hlen)
@@ -68,10 +70,14 @@ def _bare_app() -> Any:
             if name == b"inference-header-content-length":
                 hlen = int(value)
         response = await _respond(handler, scope["method"], scope["path"], b"".join(chunks), hlen)
-        headers = [(b"content-type", response.content_type),
-                   (b"content-length", str(len(response.body)).encode())]
+        headers = [
+            (b"content-type", response.content_type),
+            (b"content-length", str(len(response.body)).encode()),
+        ]
         if response.header_length is not None:
-            headers.append((b"inference-header-content-length", str(response.header_length).encode()))
+            headers.append(
+                (b"inference-header-content-length", str(response.header_length).encode())
+            )
         await send({"type": "http.response.start", "status": response.status, "headers": headers})
         await send({"type": "http.response.body", "body": response.body})
 
@@ -96,8 +102,10 @@ def _fastapi_app() -> Any:
         if response.header_length is not None:
             headers["Inference-Header-Content-Length"] = str(response.header_length)
         return FastResponse(
-            content=response.body, status_code=response.status,
-            media_type=response.content_type.decode(), headers=headers,
+            content=response.body,
+            status_code=response.status,
+            media_type=response.content_type.decode(),
+            headers=headers,
         )
 
     @app.get("/v2/health/ready")

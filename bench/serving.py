@@ -41,9 +41,7 @@ from cloud_stub.samples import matmul_model  # noqa: E402
 
 def build_loadgen(work: Path) -> Path:
     binary = work / "loadgen"
-    subprocess.run(
-        ["gcc", "-O2", "-o", str(binary), str(ROOT / "bench" / "loadgen.c")], check=True
-    )
+    subprocess.run(["gcc", "-O2", "-o", str(binary), str(ROOT / "bench" / "loadgen.c")], check=True)
     return binary
 
 
@@ -80,7 +78,9 @@ def wait_for_socket(path: Path, process: subprocess.Popen[bytes], timeout_s: flo
 def loadgen(binary: Path, address: str, request: Path, conc: int, seconds: float) -> dict[str, Any]:
     out = subprocess.run(
         [str(binary), address, str(request), str(conc), str(seconds), "1"],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout
     result: dict[str, Any] = json.loads(out)
     return result
@@ -168,9 +168,21 @@ def main() -> int:
         sock = work / "edge.sock"
         port = free_port()
         agent = start(
-            [python, "-m", "agent", "--log-level", "warning", "serve", f"matmul={model}",
-             "--socket", str(sock), "--http", f"127.0.0.1:{port}"],
-            sock, env,
+            [
+                python,
+                "-m",
+                "agent",
+                "--log-level",
+                "warning",
+                "serve",
+                f"matmul={model}",
+                "--socket",
+                str(sock),
+                "--http",
+                f"127.0.0.1:{port}",
+            ],
+            sock,
+            env,
         )
         try:
             for label, req in (("edge-agent binary", binary_req), ("edge-agent JSON", json_req)):
@@ -192,13 +204,27 @@ def main() -> int:
         for label, target in (("uvicorn bare ASGI", "bare"), ("FastAPI + uvicorn", "fastapi")):
             sock = work / f"{target}.sock"
             server = start(
-                [python, "-m", "uvicorn", "--factory", f"bench.asgi_apps:{target}", "--uds",
-                 str(sock), "--log-level", "warning", "--no-access-log", "--http", "httptools"],
-                sock, env,
+                [
+                    python,
+                    "-m",
+                    "uvicorn",
+                    "--factory",
+                    f"bench.asgi_apps:{target}",
+                    "--uds",
+                    str(sock),
+                    "--log-level",
+                    "warning",
+                    "--no-access-log",
+                    "--http",
+                    "httptools",
+                ],
+                sock,
+                env,
             )
             try:
-                results[label] = {c: loadgen(gen, str(sock), binary_req, c, args.seconds)
-                                  for c in (1, 16)}
+                results[label] = {
+                    c: loadgen(gen, str(sock), binary_req, c, args.seconds) for c in (1, 16)
+                }
             finally:
                 stop(server)
     finally:
@@ -207,8 +233,10 @@ def main() -> int:
     print(f"\n{'server':<22} {'conc':>4} {'req/s':>9} {'p50 us':>8} {'p99 us':>8} {'errors':>6}")
     for label, by_conc in results.items():
         for conc, r in by_conc.items():
-            print(f"{label:<22} {conc:>4} {r['rps']:>9.0f} {r['p50_us']:>8.0f} "
-                  f"{r['p99_us']:>8.0f} {r['errors']:>6}")
+            print(
+                f"{label:<22} {conc:>4} {r['rps']:>9.0f} {r['p50_us']:>8.0f} "
+                f"{r['p99_us']:>8.0f} {r['errors']:>6}"
+            )
     ours16 = results["edge-agent binary"][16]["rps"]
     ratios = {
         "edge-agent binary / uvicorn bare (c=16)": ours16 / results["uvicorn bare ASGI"][16]["rps"],
@@ -217,16 +245,23 @@ def main() -> int:
         "tritonclient / edge-agent client per call": theirs["mean_us"] / ours["mean_us"],
     }
     print("\nper call, concurrency 1 (mean / p50 / p99 us):")
-    print(f"  edge-agent client, Unix socket   {ours['mean_us']:.0f} / {ours['p50_us']:.0f} / "
-          f"{ours['p99_us']:.0f}")
-    print(f"  tritonclient.http, TCP           {theirs['mean_us']:.0f} / {theirs['p50_us']:.0f} / "
-          f"{theirs['p99_us']:.0f}")
+    print(
+        f"  edge-agent client, Unix socket   {ours['mean_us']:.0f} / {ours['p50_us']:.0f} / "
+        f"{ours['p99_us']:.0f}"
+    )
+    print(
+        f"  tritonclient.http, TCP           {theirs['mean_us']:.0f} / {theirs['p50_us']:.0f} / "
+        f"{theirs['p99_us']:.0f}"
+    )
     print("\nratios:")
     for name, value in ratios.items():
         print(f"  {name:<45} {value:.2f}x")
     if args.out:
-        doc = {"results": results, "client": {"edge-agent": ours, "tritonclient": theirs},
-               "ratios": ratios}
+        doc = {
+            "results": results,
+            "client": {"edge-agent": ours, "tritonclient": theirs},
+            "ratios": ratios,
+        }
         args.out.write_text(json.dumps(doc, indent=2, default=str))
     return 0
 

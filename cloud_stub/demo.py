@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import shutil
 import signal
 import socket
@@ -38,6 +37,11 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def port_open(port: int) -> bool:
+    with socket.create_connection(("127.0.0.1", port), 1):
+        return True
 
 
 def bin_path(name: str) -> str:
@@ -108,19 +112,24 @@ def workdir(keep: bool) -> Iterator[Path]:
 
 
 def start_mosquitto(procs: Processes, work: Path) -> int | None:
-    binary = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+    binary = shutil.which("mosquitto") or (
+        "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
+    )
     if binary is None:
-        print("Mosquitto is not installed: skipping MQTT (sudo apt-get install mosquitto mosquitto-clients)")
+        print(
+            "Mosquitto is not installed: skipping MQTT "
+            "(sudo apt-get install mosquitto mosquitto-clients)"
+        )
         return None
     port = free_port()
     conf = work / "mosquitto.conf"
     conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
     procs.start("mosquitto", [binary, "-c", str(conf)])
-    wait_until("mosquitto", lambda: socket.create_connection(("127.0.0.1", port), 1).close() or True)
+    wait_until("mosquitto", lambda: port_open(port))
     return port
 
 
-def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915 - a demo is a long script
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="edge-agent end-to-end demo")
     parser.add_argument("--keep", action="store_true", help="keep the working directory")
     args = parser.parse_args(argv)
@@ -144,17 +153,41 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915 - a demo is a l
             rng = np.random.default_rng(0)
             calibration = work / "calibration.npz"
             np.savez(calibration, x=rng.standard_normal((64, 16)).astype(np.float32))
-            run([edge_cloud, "publish", str(repo), str(model), "--name", "classifier",
-                 "--version", "1", "--quantize", "int8", "--calibration", str(calibration)])
+            run(
+                [
+                    edge_cloud,
+                    "publish",
+                    str(repo),
+                    str(model),
+                    "--name",
+                    "classifier",
+                    "--version",
+                    "1",
+                    "--quantize",
+                    "int8",
+                    "--calibration",
+                    str(calibration),
+                ]
+            )
 
             step("Serve the repository over HTTPS")
             https_port = free_port()
             pki = work / "pki"
-            procs.start("repository", [edge_cloud, "serve", str(repo), "--https",
-                                       f"127.0.0.1:{https_port}", "--cert",
-                                       str(pki / "server.pem"), "--key", str(pki / "server.key")])
-            wait_until("the HTTPS server", lambda: socket.create_connection(
-                ("127.0.0.1", https_port), 1).close() or True)
+            procs.start(
+                "repository",
+                [
+                    edge_cloud,
+                    "serve",
+                    str(repo),
+                    "--https",
+                    f"127.0.0.1:{https_port}",
+                    "--cert",
+                    str(pki / "server.pem"),
+                    "--key",
+                    str(pki / "server.key"),
+                ],
+            )
+            wait_until("the HTTPS server", lambda: port_open(https_port))
 
             mqtt_port = start_mosquitto(procs, work)
 
@@ -163,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915 - a demo is a l
             config = work / "agent.toml"
             mqtt = (
                 f'\n[mqtt]\nhost = "127.0.0.1"\nport = {mqtt_port}\nhealth_interval_s = 2\n'
-                if mqtt_port else ""
+                if mqtt_port
+                else ""
             )
             config.write_text(
                 f'[agent]\ndevice_id = "demo-device-1"\nfleet = "demo"\n'
@@ -177,8 +211,19 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915 - a demo is a l
             print(config.read_text())
             run([edge_agent, "check-config", "--config", str(config)])
             if mqtt_port:
-                procs.start("mqtt-watch", [shutil.which("mosquitto_sub") or "mosquitto_sub", "-h",
-                                           "127.0.0.1", "-p", str(mqtt_port), "-t", "edge/#", "-v"])
+                procs.start(
+                    "mqtt-watch",
+                    [
+                        shutil.which("mosquitto_sub") or "mosquitto_sub",
+                        "-h",
+                        "127.0.0.1",
+                        "-p",
+                        str(mqtt_port),
+                        "-t",
+                        "edge/#",
+                        "-v",
+                    ],
+                )
             procs.start("edge-agent", [edge_agent, "run", "--config", str(config)])
 
             def serving(version: int) -> bool:
@@ -190,25 +235,67 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915 - a demo is a l
             step("Inference through the CLI, the Python client and curl")
             x = rng.standard_normal((1, 16)).astype(np.float32)
             np.save(work / "x.npy", x)
-            run([edge_agent, "infer", "classifier", "--input", f"x={work / 'x.npy'}",
-                 "--socket", str(sock)])
+            run(
+                [
+                    edge_agent,
+                    "infer",
+                    "classifier",
+                    "--input",
+                    f"x={work / 'x.npy'}",
+                    "--socket",
+                    str(sock),
+                ]
+            )
             with InferenceClient(str(sock)) as client:
                 response = client.infer_full("classifier", {"x": x})
-                print(f"python client: version {response.model_version}, outputs "
-                      f"{ {k: v.round(4).tolist() for k, v in response.outputs.items()} }")
+                print(
+                    f"python client: version {response.model_version}, outputs "
+                    f"{ {k: v.round(4).tolist() for k, v in response.outputs.items()} }"
+                )
             if shutil.which("curl"):
                 run(["curl", "-sS", "--unix-socket", str(sock), "http://localhost/v2/health/ready"])
-                run(["curl", "-sS", "--unix-socket", str(sock), "http://localhost/v2/models/classifier"])
+                run(
+                    [
+                        "curl",
+                        "-sS",
+                        "--unix-socket",
+                        str(sock),
+                        "http://localhost/v2/models/classifier",
+                    ]
+                )
 
             step("Publish version 2; the agent validates it and hot-swaps")
             model2 = mlp_model(work / "classifier-v2.onnx", seed=2)
-            run([edge_cloud, "publish", str(repo), str(model2), "--name", "classifier",
-                 "--version", "2", "--quantize", "int8", "--calibration", str(calibration)])
+            run(
+                [
+                    edge_cloud,
+                    "publish",
+                    str(repo),
+                    str(model2),
+                    "--name",
+                    "classifier",
+                    "--version",
+                    "2",
+                    "--quantize",
+                    "int8",
+                    "--calibration",
+                    str(calibration),
+                ]
+            )
             with InferenceClient(str(sock)) as client:
                 client.request("POST", "/agent/update")
             wait_until("version 2 to become active", lambda: serving(2), 120)
-            run([edge_agent, "infer", "classifier", "--input", f"x={work / 'x.npy'}",
-                 "--socket", str(sock)])
+            run(
+                [
+                    edge_agent,
+                    "infer",
+                    "classifier",
+                    "--input",
+                    f"x={work / 'x.npy'}",
+                    "--socket",
+                    str(sock),
+                ]
+            )
             run([edge_agent, "status", "--socket", str(sock)])
 
             if mqtt_port:

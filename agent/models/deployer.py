@@ -355,8 +355,12 @@ class Deployer:
         old = self._probations.pop(name, None)
         if old is not None:
             old.cancel()
+        # Figures are taken now, at the swap: requests served before the task first runs count.
+        baseline = self._figures(name, previous) if previous is not None else None
+        start = self._figures(name, version)
         task = asyncio.get_running_loop().create_task(
-            self._probation(name, version, previous), name=f"probation-{name}-{version}"
+            self._probation(name, version, previous, baseline, start),
+            name=f"probation-{name}-{version}",
         )
         self._probations[name] = task
 
@@ -364,12 +368,17 @@ class Deployer:
         summary = self.metrics.model(name, str(version)).summary()
         return Figures(summary.requests, summary.errors, summary.p99_ms)
 
-    async def _probation(self, name: str, version: int, previous: int | None) -> None:
+    async def _probation(
+        self,
+        name: str,
+        version: int,
+        previous: int | None,
+        baseline: Figures | None,
+        start_figures: Figures,
+    ) -> None:
         started = time.monotonic()
-        baseline = self._figures(name, previous) if previous is not None else None
         if baseline is not None and baseline.requests < self.config.probation.min_requests:
             baseline = None
-        start_figures = self._figures(name, version)
         while True:
             await asyncio.sleep(self.config.probation_check_s)
             now = self._figures(name, version)
@@ -454,13 +463,12 @@ class Deployer:
                     event="rolled_back",
                 )
                 slot.unload(active.version)
-            if stages.get(to) is not Stage.COMMITTED:
-                if stages.get(to) not in (Stage.RETIRED, None):
-                    self._record(name, to, Stage.VERIFIED, "re-validated for a rollback")
-                    self._record(name, to, Stage.LOADING)
-                    self._record(name, to, Stage.WARMING)
-                    self._record(name, to, Stage.VALIDATED, "smoke test passed")
-                    self._record(name, to, Stage.ACTIVE, "rollback target", event="activated")
+            target_stage = stages.get(to)
+            if target_stage is Stage.VERIFIED:  # never ran here: record its validation
+                for stage in (Stage.LOADING, Stage.WARMING, Stage.VALIDATED):
+                    self._record(name, to, stage, "validated for a rollback")
+                self._record(name, to, Stage.ACTIVE, "rollback target", event="activated")
+            if target_stage is not Stage.COMMITTED:
                 self._record(name, to, Stage.COMMITTED, f"{reason}: rollback target")
         return to
 

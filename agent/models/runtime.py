@@ -9,6 +9,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from agent.errors import ModelError
 from agent.tensors import TensorSpec
 
 
@@ -63,3 +64,24 @@ class Backend(Protocol):
             ModelError: the file is not a model this backend can load.
         """
         ...
+
+
+def load_session(path: Path, runtime: str | None, options: RuntimeOptions) -> Session:
+    """Load ``path`` with the backend named by ``runtime`` ("onnx" | "tflite"), or by suffix.
+
+    Backends are imported here, on first use: LiteRT costs memory a device with only ONNX
+    models should not pay.
+
+    Raises:
+        ModelError: unknown runtime, missing runtime package, or a file it cannot load.
+    """
+    kind = runtime or {".onnx": "onnx", ".tflite": "tflite"}.get(path.suffix)
+    if kind == "onnx":
+        from agent.models.onnx import OnnxBackend
+
+        return OnnxBackend().load(path, options)
+    if kind == "tflite":
+        from agent.models.litert import LiteRTBackend
+
+        return LiteRTBackend().load(path, options)
+    raise ModelError(f"{path}: unknown runtime {runtime!r}; expected 'onnx' or 'tflite'")

@@ -227,9 +227,10 @@ class InferenceClient:
             RequestError, NotFoundError, UnavailableError, InferenceError: as the agent answered.
             ClientError: the agent could not be reached.
         """
-        return self.infer_full(
+        response = self.infer_full(
             name, inputs, outputs, version=version, binary=binary, request_id=request_id
-        ).outputs
+        )
+        return response.outputs
 
     def infer_full(
         self,

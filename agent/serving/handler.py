@@ -182,11 +182,10 @@ class OipHandler:
         except NotFoundError:
             self.metrics.rejected_requests += 1
             raise
-        request = oip.decode_infer_request(body, header_length, self.limits)
         loaded = slot.acquire(version)
         try:
-            specs_in = loaded.session.inputs
-            feeds = oip.check_inputs(request, specs_in, name)
+            request = oip.decode_infer_request(body, header_length, self.limits)
+            feeds = oip.check_inputs(request, loaded.session.inputs, name)
             outputs = oip.check_outputs(request, loaded.session.outputs, name)
         except AgentError:
             self._observe(loaded, started, failed=True)

@@ -11,7 +11,6 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
-from agent.serving.oip import encode_infer_request
 from onnx import TensorProto, helper
 
 from agent.errors import NotFoundError
@@ -21,6 +20,7 @@ from agent.models.runtime import RuntimeOptions
 from agent.models.slots import Slots
 from agent.models.store import Manifest, ModelStore
 from agent.serving.handler import OipHandler
+from agent.serving.oip import encode_infer_request
 from agent.state import Event, StateDB
 from agent.telemetry.metrics import Registry
 from agent.tensors import TensorSpec

@@ -1,0 +1,130 @@
+"""LiteRT (TFLite) backend: a pool of interpreters, one per concurrent caller.
+
+A LiteRT interpreter is not thread-safe, so the session keeps ``RuntimeOptions.interpreters``
+of them and hands one to each ``run`` through a queue. ``ai_edge_litert`` is preferred;
+``tflite_runtime`` is the fallback on boards where only it is installed (it needs numpy<2).
+Quantized (int8/uint8) tensors are exposed with their stored type: clients send quantized
+values, as they would to the interpreter itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.errors import InferenceError, ModelError
+from agent.models.runtime import RuntimeOptions
+from agent.tensors import TensorSpec, oip_datatype
+
+log = logging.getLogger(__name__)
+
+
+def _interpreter_class() -> Any:
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        try:
+            from tflite_runtime.interpreter import Interpreter
+        except ImportError:
+            raise ModelError(
+                "no TFLite runtime installed",
+                remedy="pip install ai-edge-litert (or tflite-runtime with numpy<2 on old boards)",
+            ) from None
+    return Interpreter
+
+
+def _spec(detail: Mapping[str, Any]) -> TensorSpec:
+    signature = detail.get("shape_signature")
+    dims = signature if signature is not None and len(signature) else detail["shape"]
+    shape = tuple(int(d) if int(d) >= 0 else -1 for d in dims)
+    return TensorSpec(
+        name=str(detail["name"]), datatype=oip_datatype(np.dtype(detail["dtype"])), shape=shape
+    )
+
+
+class _Interp:
+    """One interpreter with its tensor indices and the input shapes it is allocated for."""
+
+    def __init__(self, cls: Any, path: Path, threads: int) -> None:
+        self.interp = cls(model_path=str(path), num_threads=max(1, threads))
+        self.interp.allocate_tensors()
+        self.inputs = {d["name"]: d for d in self.interp.get_input_details()}
+        self.outputs = {d["name"]: d for d in self.interp.get_output_details()}
+        self.shapes = {name: tuple(d["shape"]) for name, d in self.inputs.items()}
+
+    def run(
+        self, feeds: Mapping[str, np.ndarray[Any, Any]], names: Sequence[str]
+    ) -> dict[str, np.ndarray[Any, Any]]:
+        resized = False
+        for name, value in feeds.items():
+            if tuple(value.shape) != self.shapes[name]:
+                self.interp.resize_tensor_input(self.inputs[name]["index"], list(value.shape))
+                self.shapes[name] = tuple(value.shape)
+                resized = True
+        if resized:
+            self.interp.allocate_tensors()
+        for name, value in feeds.items():
+            self.interp.set_tensor(self.inputs[name]["index"], value)
+        self.interp.invoke()
+        # get_tensor copies: the next invoke must not change what the caller holds.
+        return {name: self.interp.get_tensor(self.outputs[name]["index"]) for name in names}
+
+
+class LiteRTSession:
+    platform = "tensorflow_lite"
+
+    def __init__(self, path: Path, options: RuntimeOptions) -> None:
+        self.path = path
+        cls = _interpreter_class()
+        self._pool: queue.SimpleQueue[_Interp] = queue.SimpleQueue()
+        try:
+            first = _Interp(cls, path, options.intra_op_threads)
+            for _ in range(max(1, options.interpreters) - 1):
+                self._pool.put(_Interp(cls, path, options.intra_op_threads))
+        except ModelError:
+            raise
+        except Exception as exc:  # LiteRT raises ValueError/RuntimeError with its own text
+            raise ModelError(f"{path}: LiteRT cannot load the model: {exc}") from exc
+        self._pool.put(first)
+        self._inputs = tuple(_spec(d) for d in first.interp.get_input_details())
+        self._outputs = tuple(_spec(d) for d in first.interp.get_output_details())
+        self._output_names = [spec.name for spec in self._outputs]
+
+    @property
+    def inputs(self) -> tuple[TensorSpec, ...]:
+        return self._inputs
+
+    @property
+    def outputs(self) -> tuple[TensorSpec, ...]:
+        return self._outputs
+
+    def run(
+        self, feeds: Mapping[str, np.ndarray[Any, Any]], output_names: Sequence[str] | None = None
+    ) -> dict[str, np.ndarray[Any, Any]]:
+        names = list(output_names) if output_names else self._output_names
+        interp = self._pool.get()
+        try:
+            return interp.run(feeds, names)
+        except Exception as exc:
+            raise InferenceError(f"{self.path.name}: LiteRT failed: {exc}") from exc
+        finally:
+            self._pool.put(interp)
+
+    def close(self) -> None:
+        while True:
+            try:
+                self._pool.get_nowait()
+            except queue.Empty:
+                return
+
+
+class LiteRTBackend:
+    name = "tflite"
+
+    def load(self, path: Path, options: RuntimeOptions) -> LiteRTSession:
+        return LiteRTSession(path, options)

@@ -1,0 +1,96 @@
+"""ONNX Runtime backend: CPU provider, bounded threads, signatures in OIP terms."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from agent.errors import InferenceError, ModelError
+from agent.models.runtime import RuntimeOptions
+from agent.tensors import TensorSpec
+
+log = logging.getLogger(__name__)
+
+# ONNX Runtime's type strings -> OIP datatypes.
+_ORT_TYPES = {
+    "tensor(bool)": "BOOL",
+    "tensor(uint8)": "UINT8",
+    "tensor(uint16)": "UINT16",
+    "tensor(uint32)": "UINT32",
+    "tensor(uint64)": "UINT64",
+    "tensor(int8)": "INT8",
+    "tensor(int16)": "INT16",
+    "tensor(int32)": "INT32",
+    "tensor(int64)": "INT64",
+    "tensor(float16)": "FP16",
+    "tensor(float)": "FP32",
+    "tensor(double)": "FP64",
+    "tensor(string)": "BYTES",
+}
+
+
+def _spec(arg: Any, path: Path) -> TensorSpec:
+    datatype = _ORT_TYPES.get(arg.type)
+    if datatype is None:
+        raise ModelError(f"{path}: tensor {arg.name!r} has type {arg.type}, which OIP cannot carry")
+    # Symbolic ("batch") and unknown (None) dimensions are dynamic.
+    shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in (arg.shape or []))
+    return TensorSpec(name=arg.name, datatype=datatype, shape=shape)
+
+
+class OnnxSession:
+    """A loaded ONNX model. ``InferenceSession.run`` is thread-safe and releases the GIL."""
+
+    platform = "onnxruntime_onnx"
+
+    def __init__(self, path: Path, options: RuntimeOptions) -> None:
+        self.path = path
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = options.intra_op_threads
+        so.inter_op_num_threads = options.inter_op_threads
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3  # errors only: warnings about unused initializers are noise
+        try:
+            self._session: Any = ort.InferenceSession(
+                str(path), so, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph …)
+            raise ModelError(f"{path}: ONNX Runtime cannot load the model: {exc}") from exc
+        self._inputs = tuple(_spec(arg, path) for arg in self._session.get_inputs())
+        self._outputs = tuple(_spec(arg, path) for arg in self._session.get_outputs())
+        self._output_names = [spec.name for spec in self._outputs]
+
+    @property
+    def inputs(self) -> tuple[TensorSpec, ...]:
+        return self._inputs
+
+    @property
+    def outputs(self) -> tuple[TensorSpec, ...]:
+        return self._outputs
+
+    def run(
+        self, feeds: Mapping[str, np.ndarray[Any, Any]], output_names: Sequence[str] | None = None
+    ) -> dict[str, np.ndarray[Any, Any]]:
+        names = list(output_names) if output_names else self._output_names
+        try:
+            results = self._session.run(names, dict(feeds))
+        except Exception as exc:
+            raise InferenceError(f"{self.path.name}: ONNX Runtime failed: {exc}") from exc
+        return dict(zip(names, results, strict=True))
+
+    def close(self) -> None:
+        # Dropping the last reference frees the session; keep the object usable for errors.
+        self._session = None
+
+
+class OnnxBackend:
+    name = "onnx"
+
+    def load(self, path: Path, options: RuntimeOptions) -> OnnxSession:
+        return OnnxSession(path, options)
