@@ -27,6 +27,8 @@ def _setup_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # One line per request from httpx is noise at info level; failures are logged by the agent.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def _socket_arg(parser: argparse.ArgumentParser) -> None:
@@ -90,6 +92,20 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="show what the agent serves and its health")
     _socket_arg(status)
     status.add_argument("--json", action="store_true")
+
+    update = sub.add_parser("update", help="run one update cycle against the repository")
+    update.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    update.add_argument("--once", action="store_true", required=True)
+    update.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    for action in ("rollback", "pin"):
+        admin = sub.add_parser(action, help=f"{action} a model on the running agent")
+        admin.add_argument("model")
+        if action == "rollback":
+            admin.add_argument("--to", type=int, default=None, help="version (default: previous)")
+        else:
+            admin.add_argument("version", help="a version, or 'none' to unpin")
+        _socket_arg(admin)
 
     models = sub.add_parser("models", help="list the models the agent knows")
     _socket_arg(models)
@@ -209,6 +225,41 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_update(args: argparse.Namespace, level: str | None) -> int:
+    from agent.updates import run_cycle_in_process, write_summary
+
+    config = load_config(args.config)
+    _setup_logging(level or config.agent.log_level)
+    result = run_cycle_in_process(config)
+    if args.json:
+        write_summary(result)
+    else:
+        for name, version in result.installed:
+            print(f"installed {name} version {version}")
+        for name, rejected_version, reason in result.rejected:
+            print(f"rejected {name} version {rejected_version}: {reason}")
+        print("update: ok" if result.ok else f"update failed: {result.error}")
+    return 0 if result.ok else 1
+
+
+def _cmd_admin(args: argparse.Namespace) -> int:
+    from agent.serving.client import InferenceClient, _error_for
+    from agent.serving.oip import decode_error
+
+    if args.command == "rollback":
+        path = f"/agent/models/{args.model}/rollback"
+        body: dict[str, int | None] = {"to": args.to}
+    else:
+        path = f"/agent/models/{args.model}/pin"
+        body = {"version": None if args.version == "none" else int(args.version)}
+    with InferenceClient(_address(args)) as client:
+        status, _, payload = client.request("POST", path, json.dumps(body).encode())
+    if status != 200:
+        raise _error_for(status, decode_error(payload))
+    print(payload.decode())
+    return 0
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
     from agent.serving.client import InferenceClient
 
@@ -233,6 +284,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_status(args)
         if args.command == "models":
             return _cmd_models(args)
+        if args.command == "update":
+            return _cmd_update(args, args.log_level)
+        if args.command in ("rollback", "pin"):
+            return _cmd_admin(args)
     except ConfigError as exc:
         print(f"edge-agent: {exc}", file=sys.stderr)
         if exc.remedy:

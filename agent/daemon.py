@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from agent.config import Config
 from agent.errors import AgentError
@@ -22,6 +24,7 @@ from agent.serving.oip import Limits
 from agent.serving.server import InferenceServer, ServerLimits
 from agent.state import Event, StateDB
 from agent.telemetry.metrics import Registry
+from agent.updates import UpdateLoop, newest_deployable
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +86,9 @@ class Agent:
         self.state: StateDB | None = None
         self.deployer: Deployer | None = None
         self.event_listeners: list[Callable[[Event], None]] = []
+        self.updates: UpdateLoop | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._last_event_id = 0
 
     async def start_deployments(self) -> None:
         """Open the store and state database, serve what was committed, validate what is new."""
@@ -97,8 +103,51 @@ class Agent:
             DeployConfig(keep_versions=self.config.models.keep_versions),
             on_event=self._on_event,
         )
-        self.server.admin = AdminApi(self.deployer.rollback, self.deployer.pin)
+        self.server.admin = AdminApi(
+            self.deployer.rollback,
+            self.deployer.pin,
+            self._update_now if self.config.repository.url else None,
+        )
+        self.handler.status_provider = self._status_extra
+        self._last_event_id = max((e.id for e in self.state.events(limit=1)), default=0)
         await self.deployer.start()
+        if self.config.repository.url and self.config.models.follow:
+            self.updates = UpdateLoop(self.config, self.deploy_new_versions)
+
+    async def _update_now(self) -> dict[str, Any]:
+        assert self.updates is not None
+        result = await self.updates.run_once()
+        return result.to_dict()
+
+    async def deploy_new_versions(self) -> None:
+        """After an update cycle: pass its events on, deploy the newest verified versions."""
+        assert self.state is not None
+        assert self.deployer is not None
+        for event in self.state.events(limit=200):
+            if event.id > self._last_event_id:
+                self._last_event_id = event.id
+                self._on_event(event)
+        names = set(self.config.models.follow) | set(self.slots.names())
+        for name in sorted(names):
+            if self.deployer.pinned(name) is not None:
+                continue
+            active = self.slots.ensure(name).active
+            version = newest_deployable(self.state, name, active.version if active else None)
+            if version is not None:
+                await self.deployer.deploy(name, version)
+
+    def _status_extra(self) -> dict[str, Any]:
+        if self.state is None:
+            return {}
+        return {
+            "device_id": self.config.device_id,
+            "last_update": self.state.setting("last_update"),
+            "pinned": {name: self.deployer.pinned(name) for name in self.slots.names()}
+            if self.deployer
+            else {},
+            "recent_events": [e.to_dict() for e in self.state.events(limit=10)],
+            "activity": self.deployer.status_text if self.deployer else "serving",
+        }
 
     def _on_event(self, event: Event) -> None:
         """Deployment events go to every listener (MQTT reporter, status)."""
@@ -138,6 +187,11 @@ class Agent:
 
     async def shutdown(self) -> None:
         """Stop accepting, drain in-flight requests, release every session."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         if self.deployer is not None:
             await self.deployer.close()
         await self.server.close()
@@ -157,6 +211,8 @@ class Agent:
                 await self.start_deployments()
             else:
                 await self.load_local(local)
+            if self.updates is not None:
+                self._tasks.append(loop.create_task(self.updates.run_forever(), name="updates"))
             await self._stop.wait()
             log.info("stopping: draining in-flight requests")
         finally:

@@ -92,7 +92,7 @@ class OipHandler:
         self.slots = slots
         self.metrics = metrics
         self.limits = limits or oip.Limits()
-        self._status = status
+        self.status_provider = status
         self._server_metadata = oip.server_metadata(__version__)
         self.started = time.time()
 
@@ -360,6 +360,6 @@ class OipHandler:
             "ready": self.ready(),
             "models": models,
         }
-        if self._status is not None:
-            doc.update(self._status())
+        if self.status_provider is not None:
+            doc.update(self.status_provider())
         return doc

@@ -1,0 +1,90 @@
+"""``edge-agent update --once``: one update cycle from the configuration, recorded in state."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from agent import __version__
+from agent.config import Config
+from agent.delivery.fetcher import FetchConfig, HttpxFetcher
+from agent.delivery.updater import ModelUpdater, UpdaterConfig
+from agent.errors import ConfigError
+from agent.models.lifecycle import QUARANTINED, Stage
+from agent.models.store import ModelStore
+from agent.state import StateDB
+from agent.updates import CycleResult
+
+log = logging.getLogger(__name__)
+
+
+def updater_config(config: Config) -> UpdaterConfig:
+    repo = config.repository
+    if not repo.url:
+        raise ConfigError("repository.url is not set: nothing to update from")
+    base = repo.url.rstrip("/")
+    return UpdaterConfig(
+        metadata_url=f"{base}/metadata/",
+        targets_url=f"{base}/targets/",
+        trusted_root=repo.trusted_root,
+        metadata_dir=config.agent.state_dir / "tuf",
+        device_id=config.device_id,
+        channel=repo.channel,
+        models=config.models.follow,
+        agent_version=__version__,
+        max_model_bytes=repo.max_model_bytes,
+        max_metadata_bytes=repo.max_metadata_bytes,
+    )
+
+
+def fetch_config(config: Config) -> FetchConfig:
+    repo = config.repository
+    return FetchConfig(
+        ca_file=repo.ca_file,
+        client_cert=repo.client_cert,
+        client_key=repo.client_key,
+        connect_timeout_s=repo.connect_timeout_s,
+        read_timeout_s=repo.read_timeout_s,
+        file_deadline_s=repo.file_deadline_s,
+    )
+
+
+def run_cycle(config: Config) -> CycleResult:
+    """Run one cycle and record what it found in the state database."""
+    state = StateDB(config.state_db)
+    try:
+        store = ModelStore(config.store_dir)
+
+        def quarantined(name: str, version: int) -> bool:
+            row = state.get(name, version)
+            return row is not None and Stage(row.stage) in QUARANTINED
+
+        fetcher = HttpxFetcher(fetch_config(config))
+        try:
+            report = ModelUpdater(updater_config(config), store, fetcher, quarantined).check_once()
+        finally:
+            fetcher.close()
+        for event in report.events:
+            if event.kind in ("up_to_date",):
+                continue
+            if event.kind == "installed" and event.version is not None:
+                state.record(
+                    event.name, event.version, Stage.VERIFIED.value, event.reason, event="verified"
+                )
+            elif event.kind == "rejected" and event.version is not None:
+                state.record(
+                    event.name, event.version, Stage.REJECTED.value, event.reason, event="rejected"
+                )
+            else:
+                state.add_event(event.name, event.version, event.kind, event.reason)
+        result = CycleResult(
+            ok=not report.error,
+            installed=tuple(report.installed),
+            rejected=tuple(report.rejected),
+            error=report.error,
+            finished=time.time(),
+        )
+        state.set_setting("last_update", result.to_dict())
+        return result
+    finally:
+        state.close()

@@ -1,0 +1,177 @@
+"""``edge-cloud``: the fleet side. Create and sign a model repository, publish, serve, certs."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from agent.errors import AgentError
+from cloud_stub.repo import Expiry, Repository, RepositoryError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edge-cloud", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    init = sub.add_parser("init", help="create keys and an empty signed repository")
+    init.add_argument("repo", type=Path)
+    init.add_argument("--timestamp-days", type=float, default=1.0)
+    init.add_argument("--snapshot-days", type=float, default=7.0)
+    init.add_argument("--targets-days", type=float, default=90.0)
+    init.add_argument("--root-days", type=float, default=365.0)
+
+    pub = sub.add_parser("publish", help="quantize (optional), sign and publish a model version")
+    pub.add_argument("repo", type=Path)
+    pub.add_argument("model", type=Path)
+    pub.add_argument("--name", required=True)
+    pub.add_argument("--version", type=int, required=True)
+    pub.add_argument("--channel", default="stable")
+    pub.add_argument("--rollout", type=float, default=100.0, help="percent of devices (0-100)")
+    pub.add_argument("--quantize", choices=["int8", "int8-dynamic", "int8-qoperator"])
+    pub.add_argument("--calibration", type=Path, help=".npz of calibration samples per input")
+    pub.add_argument("--max-error", type=float, default=0.05, help="max abs error of int8")
+    pub.add_argument("--smoke-input", type=Path, help=".npz with the smoke-test input")
+    pub.add_argument("--atol", type=float, default=1e-4)
+    pub.add_argument("--rtol", type=float, default=1e-3)
+    pub.add_argument("--latency-budget-ms", type=int, default=None)
+
+    unpub = sub.add_parser("unpublish", help="remove a model version from the repository")
+    unpub.add_argument("repo", type=Path)
+    unpub.add_argument("--name", required=True)
+    unpub.add_argument("--version", type=int, required=True)
+
+    delegate = sub.add_parser("delegate", help="give a model its own signing role and key")
+    delegate.add_argument("repo", type=Path)
+    delegate.add_argument("name")
+
+    rotate = sub.add_parser("rotate-key", help="replace a top-level role's key")
+    rotate.add_argument("repo", type=Path)
+    rotate.add_argument("role", choices=["root", "targets", "snapshot", "timestamp"])
+
+    refresh = sub.add_parser("refresh", help="re-sign snapshot and timestamp before they expire")
+    refresh.add_argument("repo", type=Path)
+
+    status = sub.add_parser("status", help="what is published and when metadata expires")
+    status.add_argument("repo", type=Path)
+    status.add_argument("--json", action="store_true")
+
+    serve = sub.add_parser("serve", help="serve REPO/public over HTTPS")
+    serve.add_argument("repo", type=Path)
+    serve.add_argument("--https", default="127.0.0.1:8443", metavar="HOST:PORT")
+    serve.add_argument("--cert", type=Path, required=True)
+    serve.add_argument("--key", type=Path, required=True)
+
+    certs = sub.add_parser("certs", help="make a throwaway CA, server and device certificates")
+    certs.add_argument("directory", type=Path)
+    certs.add_argument("--host", action="append", default=None, help="server name or IP")
+    certs.add_argument("--device", action="append", default=[], help="device id (repeat)")
+    return parser
+
+
+def _cmd(args: argparse.Namespace) -> int:
+    if args.command == "init":
+        repo = Repository.init(
+            args.repo,
+            Expiry(args.root_days, args.targets_days, args.snapshot_days, args.timestamp_days),
+        )
+        print(f"created a TUF repository in {repo.root}")
+        print(f"  private keys: {repo.keys_dir}  (keep them offline; never serve this directory)")
+        print(f"  serve only:   {repo.public}")
+        print(f"  trust anchor for devices: {repo.metadata_dir / '1.root.json'}")
+        return 0
+    if args.command == "publish":
+        from cloud_stub.publish import publish
+
+        result = publish(
+            Repository(args.repo),
+            args.model,
+            args.name,
+            args.version,
+            channel=args.channel,
+            rollout_percent=args.rollout,
+            quantize=args.quantize,
+            calibration=args.calibration,
+            max_error=args.max_error,
+            smoke_input=args.smoke_input,
+            atol=args.atol,
+            rtol=args.rtol,
+            latency_budget_ms=args.latency_budget_ms,
+        )
+        print(f"published {result.name} version {result.version}")
+        print(f"  target    {result.path} ({result.length} bytes, {result.runtime})")
+        print(f"  sha256    {result.sha256}")
+        print(f"  channel   {result.channel}, rollout {result.rollout_bp / 100:g}% of devices")
+        quant = result.quantization
+        if result.max_abs_error is not None:
+            quant += f", max abs error {result.max_abs_error:.5f}"
+        print(f"  quantized {quant}")
+        print(f"  smoke     {result.smoke}")
+        return 0
+    if args.command == "unpublish":
+        Repository(args.repo).remove_version(args.name, args.version)
+        print(f"removed {args.name} version {args.version}")
+        return 0
+    if args.command == "delegate":
+        keyid = Repository(args.repo).delegate(args.name)
+        print(f"model {args.name} is now signed by role model-{args.name} (key {keyid[:16]}…)")
+        return 0
+    if args.command == "rotate-key":
+        keyid = Repository(args.repo).rotate_key(args.role)
+        print(f"role {args.role} now signs with key {keyid[:16]}…")
+        return 0
+    if args.command == "refresh":
+        repo = Repository(args.repo)
+        repo.refresh()
+        expires = repo.load("timestamp").signed.expires.isoformat()
+        print(f"re-signed snapshot and timestamp; timestamp expires {expires}")
+        return 0
+    if args.command == "status":
+        doc = Repository(args.repo).status()
+        if args.json:
+            print(json.dumps(doc, indent=2))
+            return 0
+        for role, info in doc["roles"].items():
+            print(f"{role:<16} version {info['version']:<4} expires {info['expires']}")
+        for target in doc["targets"]:
+            print(
+                f"  {target['path']:<40} {target['length']:>10} bytes  role {target['role']}"
+                f"  channel {target['channel']}  rollout {target['rollout_bp']}"
+            )
+        return 0
+    if args.command == "serve":
+        from cloud_stub.https import serve_forever
+
+        host, _, port = args.https.rpartition(":")
+        repo = Repository(args.repo)
+        with contextlib.suppress(KeyboardInterrupt):
+            serve_forever(repo.public, host, int(port), args.cert, args.key)
+        return 0
+    if args.command == "certs":
+        from cloud_stub.certs import make_pki
+
+        pki = make_pki(args.directory, args.host or ("127.0.0.1", "localhost"), args.device)
+        print(f"CA          {pki.ca_cert}")
+        print(f"server      {pki.server_cert} / {pki.server_key}")
+        for device, (cert, key) in pki.devices.items():
+            print(f"device      {device}: {cert} / {key}")
+        return 0
+    raise AssertionError(args.command)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return _cmd(args)
+    except (RepositoryError, AgentError, OSError) as exc:
+        print(f"edge-cloud: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
