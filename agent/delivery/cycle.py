@@ -64,14 +64,16 @@ def run_cycle(config: Config) -> CycleResult:
             report = ModelUpdater(updater_config(config), store, fetcher, quarantined).check_once()
         finally:
             fetcher.close()
+        quarantine = {(name, version) for name, version, _ in report.rejected}
         for event in report.events:
-            if event.kind in ("up_to_date",):
+            if event.kind == "up_to_date":
                 continue
             if event.kind == "installed" and event.version is not None:
                 state.record(
                     event.name, event.version, Stage.VERIFIED.value, event.reason, event="verified"
                 )
-            elif event.kind == "rejected" and event.version is not None:
+            elif event.kind == "rejected" and (event.name, event.version) in quarantine:
+                assert event.version is not None
                 state.record(
                     event.name, event.version, Stage.REJECTED.value, event.reason, event="rejected"
                 )

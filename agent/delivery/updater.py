@@ -240,9 +240,17 @@ class ModelUpdater:
             )
             self.store.install(manifest, files)
         except TrustError as exc:
-            report.rejected.append((name, version, str(exc)))
+            # The signed version may be fine and the bytes tampered on the way: refuse these
+            # bytes, but do not quarantine the version, or one attack would block it forever.
             report.events.append(DeliveryEvent("rejected", name, version, str(exc)))
-            log.warning("update: model %s version %d rejected: %s", name, version, exc)
+            report.error = f"{name} version {version}: {exc}"
+            log.warning("update: model %s version %d: bytes rejected: %s", name, version, exc)
+            return
+        except (tuf_errors.DownloadError, DownloadError) as exc:
+            reason = f"download of {target.path} failed: {exc}"
+            report.events.append(DeliveryEvent("failed", name, version, reason))
+            report.error = f"{name} version {version}: {reason}"
+            log.warning("update: model %s version %d: %s; will retry", name, version, reason)
             return
         except OSError as exc:
             reason = f"cannot write model {name} version {version}: {exc.strerror or exc}"

@@ -1,0 +1,232 @@
+"""Every attack on the repository or the transfer is refused and leaves the store as it was.
+
+The repository is real (signed by cloud_stub.repo with keys made for the test); the attacker
+sits between it and the device (AttackerFetcher) and changes what the device receives.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+from securesystemslib.signer import CryptoSigner
+from tuf.api.metadata import TargetFile
+
+from cloud_stub.repo import Expiry, Repository
+
+from .conftest import World
+
+
+def installed(world: World) -> list[int]:
+    return world.store.versions("mm")
+
+
+def assert_untouched(world: World, versions: list[int]) -> None:
+    assert installed(world) == versions
+    assert world.staging_empty(), "a partial file was left in the store"
+
+
+def test_clean_update_installs_verified_version(world: World) -> None:
+    report = world.updater().check_once()
+    assert report.installed == [("mm", 1)]
+    assert report.error == ""
+    stored = world.store.get("mm", 1)
+    assert stored.manifest.custom["runtime"] == "onnx"
+    assert world.staging_empty()
+    # A second cycle finds nothing new.
+    again = world.updater().check_once()
+    assert again.installed == []
+
+
+def test_tampered_model_bytes_same_length(world: World) -> None:
+    world.fetcher.overrides["model.onnx"] = lambda data: data[:-1] + bytes([data[-1] ^ 0xFF])
+    report = world.updater().check_once()
+    assert report.installed == []
+    reasons = [e.reason for e in report.events if e.kind == "rejected"]
+    assert reasons
+    assert "do not match the signed length and hash" in reasons[0]
+    assert_untouched(world, [])
+    # Not quarantined: when the attack stops, the same signed version installs.
+    world.fetcher.overrides.clear()
+    assert world.updater().check_once().installed == [("mm", 1)]
+
+
+def test_endless_data(world: World) -> None:
+    world.fetcher.overrides["model.onnx"] = lambda data: data + b"\0" * 10_000_000
+    report = world.updater().check_once()
+    assert report.installed == []
+    assert "exceeding the maximum allowed length" in report.error or "length" in report.error
+    assert_untouched(world, [])
+
+
+def test_rollback_of_timestamp_snapshot_targets(world: World) -> None:
+    old = world.root / "old-public"
+    import shutil
+
+    shutil.copytree(world.repo.public, old)
+    world.publish(2)
+    assert world.updater().check_once().installed == [("mm", 2)]
+    # The attacker replays the older timestamp (and everything it points to).
+    world.fetcher.overrides["metadata/timestamp.json"] = (
+        old / "metadata" / "timestamp.json"
+    ).read_bytes()
+    world.publish(3)
+    report = world.updater().check_once()
+    assert report.installed == []
+    assert "BadVersionNumberError" in report.error
+    assert_untouched(world, [2])
+
+
+def test_expired_timestamp_freeze(world: World) -> None:
+    assert world.updater().check_once().installed == [("mm", 1)]
+    frozen = Repository(world.repo.root, Expiry(timestamp_days=-1))
+    world.publish(2)
+    frozen.refresh()  # a timestamp that expired yesterday
+    report = world.updater().check_once()
+    assert report.installed == []
+    assert "ExpiredMetadataError" in report.error
+    assert_untouched(world, [1])
+
+
+def test_mix_and_match(world: World) -> None:
+    world.publish(2)
+    # Serve the targets metadata of one snapshot under the name another snapshot expects.
+    snapshot = world.repo.load("snapshot")
+    expected = snapshot.signed.meta["targets.json"].version
+    older = (world.repo.metadata_dir / f"{expected - 1}.targets.json").read_bytes()
+    world.fetcher.overrides[f"metadata/{expected}.targets.json"] = older
+    report = world.updater().check_once()
+    assert report.installed == []
+    assert "BadVersionNumberError" in report.error or "version" in report.error.lower()
+    assert_untouched(world, [])
+
+
+def test_delegated_key_cannot_sign_other_models(world: World) -> None:
+    world.repo.delegate("mm")
+    world.repo.delegate("other")
+    # The team owning "other" signs a target for "mm" in its own role.
+    role = world.repo.load("model-other")
+    mm_target = next(t for _, t in world.repo.targets() if t.path.startswith("models/mm/"))
+    forged = TargetFile(
+        mm_target.length,
+        mm_target.hashes,
+        "models/mm/99/model.onnx",
+        {"custom": {**mm_target.custom, "version": 99}},
+    )
+    role.signed.targets[forged.path] = forged
+    world.repo._publish({"model-other": role})
+    report = world.updater().check_once()
+    assert report.installed == [("mm", 1)], "the forged version 99 must not be chosen"
+    assert 99 not in installed(world)
+
+
+def test_too_few_root_signatures(world: World) -> None:
+    assert world.updater().check_once().installed == [("mm", 1)]
+    root = world.repo.load("root")
+    root.signed.version += 1
+    attacker = CryptoSigner.generate_ed25519()
+    for keyid in list(root.signed.roles["root"].keyids):
+        root.signed.revoke_key(keyid, "root")
+    root.signed.add_key(attacker.public_key, "root")
+    root.signatures.clear()
+    root.sign(attacker)  # signed only by the new key: the trusted root's threshold is not met
+    world.fetcher.overrides[f"metadata/{root.signed.version}.root.json"] = root.to_bytes()
+    world.publish(2)
+    report = world.updater().check_once()
+    assert report.installed == []
+    assert "UnsignedMetadataError" in report.error
+    assert_untouched(world, [1])
+
+
+def test_revoked_key_after_rotation(world: World) -> None:
+    old_key_file = next(world.repo.keys_dir.glob("timestamp.*.pem"))
+    from cloud_stub.repo import _load_signer
+
+    old_signer = _load_signer(old_key_file)
+    world.repo.rotate_key("timestamp")
+    assert world.updater().check_once().installed == [("mm", 1)]
+    world.publish(2)
+    timestamp = world.repo.load("timestamp")
+    timestamp.signatures.clear()
+    timestamp.sign(old_signer)  # the revoked key
+    world.fetcher.overrides["metadata/timestamp.json"] = timestamp.to_bytes()
+    report = world.updater().check_once()
+    assert report.installed == []
+    assert "UnsignedMetadataError" in report.error
+    assert_untouched(world, [1])
+
+
+def test_oversized_metadata(world: World) -> None:
+    world.fetcher.overrides["metadata/timestamp.json"] = b"{" + b" " * 100_000 + b"}"
+    report = world.updater().check_once()
+    assert report.installed == []
+    assert "repository unreachable" in report.error or "length" in report.error.lower()
+    assert_untouched(world, [])
+
+
+def test_invalid_custom_block_is_rejected_and_quarantined(world: World) -> None:
+    targets = world.repo.load("targets")
+    info = targets.signed.targets["models/mm/1/model.onnx"]
+    bad = TargetFile(
+        info.length,
+        info.hashes,
+        "models/mm/2/model.onnx",
+        {"custom": {**info.custom, "version": 7}},
+    )
+    targets.signed.targets[bad.path] = bad
+    world.repo._publish({"targets": targets})
+    report = world.updater().check_once()
+    reasons = [e.reason for e in report.events if e.kind == "rejected"]
+    assert any("custom.version 7 differs from the path" in r for r in reasons)
+    assert report.installed == [("mm", 1)]
+
+
+def test_target_over_size_limit(world: World) -> None:
+    report = world.updater(max_model_bytes=100).check_once()
+    assert report.installed == []
+    assert report.rejected
+    assert "over the limit of 100" in report.rejected[0][2]
+    assert_untouched(world, [])
+
+
+def test_quarantined_version_is_skipped(world: World) -> None:
+    world.publish(2)
+    world.quarantined.add(("mm", 2))
+    assert world.updater().check_once().installed == [("mm", 1)]
+
+
+def test_repository_down_then_back(world: World) -> None:
+    world.fetcher.down = True
+    report = world.updater().check_once()
+    assert "repository unreachable" in report.error
+    assert_untouched(world, [])
+    world.fetcher.down = False
+    assert world.updater().check_once().installed == [("mm", 1)]
+
+
+def test_staged_rollout_and_channels(world: World) -> None:
+    world.publish(2, rollout_percent=0)
+    world.publish(3, channel="beta")
+    report = world.updater().check_once()
+    assert report.installed == [("mm", 1)]
+    world.channel = "beta"
+    assert world.updater().check_once().installed == [("mm", 3)]
+
+
+def test_metadata_files_are_canonical_json_without_floats(world: World) -> None:
+    raw = json.loads((world.repo.metadata_dir / "2.targets.json").read_text())
+    custom = raw["signed"]["targets"]["models/mm/1/model.onnx"]["custom"]
+
+    def walk(value: object) -> None:
+        assert not isinstance(value, float)
+        if isinstance(value, dict):
+            for item in value.values():
+                walk(item)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item)
+
+    walk(custom)
+    assert custom["rollout_bp"] == 10000
+    expires = dt.datetime.fromisoformat(raw["signed"]["expires"].replace("Z", "+00:00"))
+    assert expires > dt.datetime.now(dt.UTC)

@@ -1,0 +1,311 @@
+"""The fetcher against real TLS servers: certificate failures, HTTP errors, slow and broken
+transfers, resume, outages, nginx, and a full disk."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import socket
+import ssl
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.delivery.fetcher import FetchConfig, HttpxFetcher
+from agent.models.store import ModelStore
+from cloud_stub.certs import Pki, make_pki
+from cloud_stub.https import RepositoryServer
+
+from .conftest import World
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_update_over_https(https_world: tuple[World, RepositoryServer]) -> None:
+    world, _ = https_world
+    report = world.updater().check_once()
+    assert report.installed == [("mm", 1)], report.error
+
+
+@pytest.mark.parametrize("problem", ["wrong-ca", "expired", "wrong-host"])
+def test_tls_failures_are_refused(
+    https_world: tuple[World, RepositoryServer], tmp_path: Path, pki: Pki, problem: str
+) -> None:
+    world, server = https_world
+    server.stop()
+    other = make_pki(tmp_path / "other")
+    if problem == "wrong-ca":
+        cert, key = other.server_cert, other.server_key
+    elif problem == "expired":
+        expired = make_pki(tmp_path / "expired", server_expired=True)
+        cert, key = expired.server_cert, expired.server_key
+        world.fetcher = HttpxFetcher(FetchConfig(ca_file=expired.ca_cert, retries=0))
+    else:
+        wrong = make_pki(tmp_path / "wrong", hosts=("wrong.example",))
+        cert, key = wrong.server_cert, wrong.server_key
+        world.fetcher = HttpxFetcher(FetchConfig(ca_file=wrong.ca_cert, retries=0))
+    with RepositoryServer(world.repo.public, cert, key, port=server.port):
+        report = world.updater().check_once()
+    assert report.installed == []
+    assert "TLS verification failed" in report.error
+    expected = {
+        "wrong-ca": "certificate verify failed",
+        "expired": "expired",
+        "wrong-host": "mismatch",
+    }[problem]
+    assert expected in report.error.lower() or expected in report.error
+    assert world.store.versions("mm") == []
+
+
+def test_http_404_for_a_wrong_base(https_world: tuple[World, RepositoryServer]) -> None:
+    world, server = https_world
+    world.base = server.url + "/nowhere"
+    report = world.updater().check_once()
+    assert "404" in report.error
+    assert world.store.versions("mm") == []
+
+
+def test_repository_down_then_back(https_world: tuple[World, RepositoryServer], pki: Pki) -> None:
+    world, server = https_world
+    server.stop()
+    report = world.updater().check_once()
+    assert "repository unreachable" in report.error
+    with RepositoryServer(world.repo.public, pki.server_cert, pki.server_key, port=server.port):
+        assert world.updater().check_once().installed == [("mm", 1)]
+
+
+class FaultServer:
+    """A TLS server that serves files from a directory with one injected fault:
+    ``drip`` (one byte a second), ``drop`` (close mid-body on the first request of each model
+    file, then honour Range) or ``error500`` (the first request of each file fails)."""
+
+    def __init__(self, root: Path, pki: Pki, fault: str) -> None:
+        self.root = root
+        self.fault = fault
+        self.requests: list[tuple[str, str | None]] = []
+        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.context.load_cert_chain(pki.server_cert, pki.server_key)
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.stop_event = threading.Event()
+        self.seen: set[str] = set()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        self.sock.settimeout(0.2)
+        while not self.stop_event.is_set():
+            try:
+                raw, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            threading.Thread(target=self._handle, args=(raw,), daemon=True).start()
+
+    def _handle(self, raw: socket.socket) -> None:
+        with (
+            contextlib.suppress(OSError, ssl.SSLError),
+            self.context.wrap_socket(raw, server_side=True) as conn,
+        ):
+            while not self.stop_event.is_set():
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    chunk = conn.recv(4096)
+                    if not chunk:
+                        return
+                    head += chunk
+                lines = head.decode().split("\r\n")
+                path = lines[0].split(" ")[1]
+                headers = {
+                    k.lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:] if x)
+                }
+                rng = headers.get("range")
+                self.requests.append((path, rng))
+                file = self.root / path.lstrip("/")
+                if not file.is_file():
+                    conn.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+                    continue
+                data = file.read_bytes()
+                is_target = "/targets/" in path
+                first = path not in self.seen
+                self.seen.add(path)
+                if self.fault == "error500" and first:
+                    conn.sendall(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n")
+                    continue
+                start = 0
+                status = b"200 OK"
+                extra = b""
+                if rng:
+                    start = int(rng.split("=")[1].split("-")[0])
+                    status = b"206 Partial Content"
+                    extra = b"Content-Range: bytes %d-%d/%d\r\n" % (start, len(data) - 1, len(data))
+                body = data[start:]
+                conn.sendall(
+                    b"HTTP/1.1 "
+                    + status
+                    + b"\r\nContent-Length: %d\r\n" % len(body)
+                    + extra
+                    + b"\r\n"
+                )
+                if self.fault == "drip" and is_target:
+                    for i in range(len(body)):
+                        if self.stop_event.wait(1.0):
+                            return
+                        conn.sendall(body[i : i + 1])
+                    continue
+                if self.fault == "drop" and is_target and first:
+                    conn.sendall(body[: len(body) // 2])
+                    return  # connection closed mid-body
+                conn.sendall(body)
+
+    def close(self) -> None:
+        self.stop_event.set()
+        self.thread.join(5)
+        self.sock.close()
+
+
+@pytest.fixture
+def fault_world(
+    tmp_path: Path, pki: Pki, request: pytest.FixtureRequest
+) -> Iterator[tuple[World, FaultServer]]:
+    from cloud_stub.repo import Repository
+
+    from .conftest import AttackerFetcher
+
+    repo = Repository.init(tmp_path / "repo")
+    world = World(
+        tmp_path, repo, ModelStore(tmp_path / "device" / "models"), AttackerFetcher(repo.public)
+    )
+    world.publish(1)
+    server = FaultServer(repo.public, pki, request.param)
+    world.base = f"https://127.0.0.1:{server.port}"
+    world.fetcher = HttpxFetcher(
+        FetchConfig(
+            ca_file=pki.ca_cert, file_deadline_s=2, read_timeout_s=5, retries=2, backoff_base_s=0.01
+        )
+    )
+    try:
+        yield world, server
+    finally:
+        world.fetcher.close()  # type: ignore[attr-defined]
+        server.close()
+
+
+@pytest.mark.parametrize("fault_world", ["drip"], indirect=True)
+def test_slow_retrieval_hits_the_deadline(fault_world: tuple[World, FaultServer]) -> None:
+    world, _ = fault_world
+    report = world.updater().check_once()
+    assert report.installed == []
+    assert "slow retrieval" in report.error
+    assert world.staging_empty()
+
+
+@pytest.mark.parametrize("fault_world", ["drop"], indirect=True)
+def test_dropped_connection_resumes_with_range(fault_world: tuple[World, FaultServer]) -> None:
+    world, server = fault_world
+    report = world.updater().check_once()
+    assert report.installed == [("mm", 1)], report.error
+    ranges = [r for path, r in server.requests if "/targets/" in path and r]
+    assert ranges, "the fetcher did not resume with a Range request"
+    assert ranges[0].startswith("bytes=")
+
+
+@pytest.mark.parametrize("fault_world", ["error500"], indirect=True)
+def test_server_errors_are_retried(fault_world: tuple[World, FaultServer]) -> None:
+    world, server = fault_world
+    report = world.updater().check_once()
+    assert report.installed == [("mm", 1)], report.error
+    assert len(server.requests) > len({p for p, _ in server.requests})
+
+
+def test_disk_full_during_download(
+    https_world: tuple[World, RepositoryServer], tmp_path: Path
+) -> None:
+    world, _ = https_world
+    mount = tmp_path / "small"
+    mount.mkdir()
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(mount)],
+        capture_output=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {result.stderr.decode().strip()}")
+    try:
+        world.publish(2, name="mm")  # model bytes + the store's metadata exceed 16 KiB
+        big = world.root / "big.onnx"
+        from cloud_stub.samples import matmul_model
+
+        matmul_model(big, k=64, n=64)
+        from cloud_stub.publish import publish
+
+        publish(world.repo, big, "mm", 3, log=lambda *_: None)
+        world.store = ModelStore(mount / "models")
+        report = world.updater().check_once()
+        assert report.installed == []
+        assert "No space left on device (disk full)" in report.error
+        assert world.store.versions("mm") == []
+        assert not any(world.store.staging.iterdir())
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_nginx_serves_the_repository(
+    https_world: tuple[World, RepositoryServer], pki: Pki, tmp_path: Path
+) -> None:
+    world, _ = https_world
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not Path(nginx).exists():
+        pytest.fail("nginx is not installed; `make test` installs it")
+    port = free_port()
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(
+        f"""
+daemon off;
+user root root;
+worker_processes 1;
+pid {tmp_path}/nginx.pid;
+error_log {tmp_path}/nginx-error.log;
+events {{ worker_connections 64; }}
+http {{
+  access_log off;
+  client_body_temp_path {tmp_path}/body;
+  proxy_temp_path {tmp_path}/proxy;
+  fastcgi_temp_path {tmp_path}/fastcgi;
+  uwsgi_temp_path {tmp_path}/uwsgi;
+  scgi_temp_path {tmp_path}/scgi;
+  server {{
+    listen 127.0.0.1:{port} ssl;
+    ssl_certificate {pki.server_cert};
+    ssl_certificate_key {pki.server_key};
+    root {world.repo.public};
+    autoindex off;
+  }}
+}}
+"""
+    )
+    process = subprocess.Popen(
+        [nginx, "-c", str(conf), "-p", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = 50
+        for _ in range(deadline):
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+                break
+            if process.poll() is not None:
+                pytest.fail(f"nginx exited: {(tmp_path / 'nginx-error.log').read_text()}")
+            threading.Event().wait(0.1)
+        world.base = f"https://127.0.0.1:{port}"
+        report = world.updater().check_once()
+        assert report.installed == [("mm", 1)], report.error
+    finally:
+        process.terminate()
+        process.wait(10)
