@@ -46,6 +46,8 @@ class ServingSection:
     max_header_bytes: int = 16 * 1024
     max_connections: int = 256
     idle_timeout_s: float = 120.0
+    # Models whose p90 on their warm-up input is under this run on the event loop (0: never).
+    inline_threshold_us: float = 100.0
 
     def __post_init__(self) -> None:
         try:

@@ -7,20 +7,21 @@ import contextlib
 import logging
 import signal
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from agent.config import Config
 from agent.errors import AgentError
-from agent.models.deployer import DeployConfig, Deployer
+from agent.models.deployer import DeployConfig, Deployer, zeros_for
+from agent.models.fastpath import inline_budget
 from agent.models.runtime import RuntimeOptions, load_session
 from agent.models.slots import LoadedVersion, Slots
 from agent.models.store import RUNTIME_BY_SUFFIX, Manifest, ModelStore
 from agent.serving.admin import AdminApi
 from agent.serving.handler import OipHandler
 from agent.serving.oip import Limits
+from agent.serving.pool import InferencePool
 from agent.serving.server import InferenceServer, ServerLimits
 from agent.state import Event, StateDB
 from agent.telemetry.metrics import Registry
@@ -47,10 +48,13 @@ class LocalModel:
         return cls(name=name, path=path)
 
 
-def load_version(manifest: Manifest, path: Path, options: RuntimeOptions) -> LoadedVersion:
+def load_version(
+    manifest: Manifest, path: Path, options: RuntimeOptions, inline_threshold_us: float = 0.0
+) -> LoadedVersion:
     """Load a model file into a session (blocking: call it off the event loop)."""
     session = load_session(path, manifest.runtime, options)
-    return LoadedVersion(manifest=manifest, session=session)
+    inline = inline_budget(session, zeros_for(session.inputs), inline_threshold_us)
+    return LoadedVersion(manifest=manifest, session=session, inline_elements=inline)
 
 
 class Agent:
@@ -61,9 +65,7 @@ class Agent:
         serving = config.serving
         self.slots = Slots()
         self.metrics = Registry()
-        self.executor = ThreadPoolExecutor(
-            max_workers=serving.worker_count, thread_name_prefix="infer"
-        )
+        self.pool = InferencePool(serving.worker_count)
         self.options = RuntimeOptions(
             intra_op_threads=serving.intra_op_threads, interpreters=serving.worker_count
         )
@@ -74,7 +76,7 @@ class Agent:
         )
         self.server = InferenceServer(
             self.handler,
-            self.executor,
+            self.pool,
             ServerLimits(
                 max_header_bytes=serving.max_header_bytes,
                 max_body_bytes=serving.max_body_bytes,
@@ -100,7 +102,10 @@ class Agent:
             self.state,
             self.metrics,
             self.options,
-            DeployConfig(keep_versions=self.config.models.keep_versions),
+            DeployConfig(
+                keep_versions=self.config.models.keep_versions,
+                inline_threshold_us=self.config.serving.inline_threshold_us,
+            ),
             on_event=self._on_event,
         )
         self.server.admin = AdminApi(
@@ -166,7 +171,13 @@ class Agent:
                 runtime=runtime,
                 model_file=model.path.name,
             )
-            loaded = await asyncio.to_thread(load_version, manifest, model.path, self.options)
+            loaded = await asyncio.to_thread(
+                load_version,
+                manifest,
+                model.path,
+                self.options,
+                self.config.serving.inline_threshold_us,
+            )
             self.slots.ensure(model.name).add(loaded, activate=True)
             log.info("serving %s version %d from %s", model.name, model.version, model.path)
 
@@ -195,7 +206,7 @@ class Agent:
         if self.deployer is not None:
             await self.deployer.close()
         await self.server.close()
-        self.executor.shutdown(wait=True)
+        await asyncio.to_thread(self.pool.shutdown)
         self.slots.close()
         if self.state is not None:
             self.state.close()

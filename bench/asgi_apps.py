@@ -13,6 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from fastapi import FastAPI, Request
+from fastapi import Response as FastResponse
+
 from agent.models.runtime import RuntimeOptions, load_session
 from agent.models.slots import LoadedVersion, Slots
 from agent.models.store import Manifest
@@ -85,9 +88,6 @@ def _bare_app() -> Any:
 
 
 def _fastapi_app() -> Any:
-    from fastapi import FastAPI, Request
-    from fastapi import Response as FastResponse
-
     handler = _handler()
     app = FastAPI()
 

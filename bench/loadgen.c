@@ -71,9 +71,10 @@ static size_t complete(const char *buf, size_t have, int *status) {
     if (!end) return 0;
     size_t head = end - buf + 4;
     *status = atoi(buf + 9);
-    const char *cl = memmem(buf, head, "Content-Length:", 15);
-    if (!cl) cl = memmem(buf, head, "content-length:", 15);
-    size_t body = cl ? strtoul(cl + 15, NULL, 10) : 0;
+    /* Preceded by CRLF, so Inference-Header-Content-Length never matches. */
+    const char *cl = memmem(buf, head, "\r\nContent-Length:", 17);
+    if (!cl) cl = memmem(buf, head, "\r\ncontent-length:", 17);
+    size_t body = cl ? strtoul(cl + 17, NULL, 10) : 0;
     return have >= head + body ? head + body : 0;
 }
 

@@ -23,6 +23,7 @@ import numpy as np
 
 from agent.errors import AgentError, ModelError, NotFoundError, StoreError
 from agent.models import lifecycle
+from agent.models.fastpath import inline_budget
 from agent.models.lifecycle import Figures, ProbationPolicy, Stage, Verdict, VersionState
 from agent.models.runtime import RuntimeOptions, load_session
 from agent.models.slots import LoadedVersion, Slots
@@ -48,9 +49,10 @@ class DeployConfig:
     drain_timeout_s: float = 10.0
     max_probation_crashes: int = 2
     keep_versions: int = 1
+    inline_threshold_us: float = 100.0
 
 
-def _zeros_for(session_inputs: Any) -> dict[str, np.ndarray[Any, Any]]:
+def zeros_for(session_inputs: Any) -> dict[str, np.ndarray[Any, Any]]:
     feeds = {}
     for spec in session_inputs:
         shape = [1 if d == -1 else d for d in spec.shape]
@@ -82,6 +84,7 @@ def validate_version(
     options: RuntimeOptions,
     warmup_runs: int,
     on_stage: Callable[[Stage], None],
+    inline_threshold_us: float = 0.0,
 ) -> LoadedVersion:
     """Load, check the signature, warm up and smoke-test one version (blocking: off the loop).
 
@@ -101,7 +104,7 @@ def validate_version(
         on_stage(Stage.WARMING)
         smoke_doc = read_smoke(stored)
         smoke = decode_smoke(smoke_doc) if smoke_doc is not None else None
-        feeds = smoke.inputs if smoke is not None else _zeros_for(session.inputs)
+        feeds = smoke.inputs if smoke is not None else zeros_for(session.inputs)
         latencies = []
         for _ in range(max(1, warmup_runs)):
             started = time.perf_counter()
@@ -124,10 +127,11 @@ def validate_version(
                     f"{where}: p95 latency over warm-up {p95_ms:.2f} ms exceeds the signed "
                     f"budget of {budget} ms"
                 )
+        inline = inline_budget(session, feeds, inline_threshold_us) if latencies else 0
     except BaseException:
         session.close()
         raise
-    return LoadedVersion(manifest=manifest, session=session)
+    return LoadedVersion(manifest=manifest, session=session, inline_elements=inline)
 
 
 class Deployer:
@@ -305,7 +309,12 @@ class Deployer:
                 loop.call_soon_threadsafe(self._record, name, version, stage)
 
         loaded = await asyncio.to_thread(
-            validate_version, stored, self.options, self.config.warmup_runs, on_stage
+            validate_version,
+            stored,
+            self.options,
+            self.config.warmup_runs,
+            on_stage,
+            self.config.inline_threshold_us,
         )
         if record:
             self._record(name, version, Stage.VALIDATED, "smoke test passed")

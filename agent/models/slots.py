@@ -30,6 +30,9 @@ class LoadedVersion:
     leases: int = 0
     retired: bool = False
     closed: bool = field(default=False)
+    # Requests with at most this many input elements run on the event loop thread: measured
+    # at load, the model answers them faster than a hand-off to a worker thread costs.
+    inline_elements: int = 0
 
     @property
     def name(self) -> str:

@@ -55,6 +55,7 @@ class PreparedInfer:
     feeds: dict[str, np.ndarray[Any, Any]]
     outputs: list[tuple[str, bool]]
     started: float
+    inline: bool = False  # small enough to run on the calling thread (see models/fastpath.py)
 
     def run(self) -> dict[str, np.ndarray[Any, Any]]:
         """The blocking runtime call; run it off the event loop."""
@@ -191,7 +192,10 @@ class OipHandler:
             self._observe(loaded, started, failed=True)
             slot.release(loaded)
             raise
-        return PreparedInfer(slot, loaded, request.id, feeds, outputs, started)
+        inline = loaded.inline_elements > 0 and (
+            sum(value.size for value in feeds.values()) <= loaded.inline_elements
+        )
+        return PreparedInfer(slot, loaded, request.id, feeds, outputs, started, inline)
 
     def finish_infer(
         self,
@@ -225,6 +229,14 @@ class OipHandler:
         finally:
             prepared.slot.release(loaded)
 
+    def run_inline(self, prepared: PreparedInfer) -> Response:
+        """Run a prepared request on the calling thread and finish it."""
+        try:
+            results = prepared.run()
+        except BaseException as exc:  # the response names the failure; nothing is lost
+            return self.finish_infer(prepared, None, exc)
+        return self.finish_infer(prepared, results, None)
+
     def infer_blocking(
         self, path: str, body: bytes | bytearray | memoryview, header_length: int | None
     ) -> Response:
@@ -233,11 +245,7 @@ class OipHandler:
             prepared = self.prepare_infer(path, body, header_length)
         except AgentError as exc:
             return error_response(exc)
-        try:
-            results = prepared.run()
-        except BaseException as exc:  # the response names the failure; nothing is lost
-            return self.finish_infer(prepared, None, exc)
-        return self.finish_infer(prepared, results, None)
+        return self.run_inline(prepared)
 
     def _observe(self, loaded: LoadedVersion, started: float, *, failed: bool) -> None:
         metrics = self.metrics.model(loaded.name, str(loaded.version))

@@ -2,7 +2,7 @@
 
 Each connection parses with httptools and answers its requests in order (pipelining allowed).
 Decoding and encoding run on the event loop (they cost microseconds); the runtime call runs in
-the bounded executor given to the server. Every size read from a client is bounded: URL plus
+the bounded inference pool given to the server. Every size read from a client is bounded: URL plus
 headers (431), body (413, refused from Content-Length before any of it is read), connections per
 server (503). Each response goes out in a single ``write`` (no Nagle stalls on TCP).
 """
@@ -20,12 +20,11 @@ import stat
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Executor
 from dataclasses import dataclass
 from functools import partial
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httptools
 
@@ -33,6 +32,7 @@ from agent.errors import AgentError, ConfigError
 from agent.serving.admin import AdminApi, peer_uid
 from agent.serving.handler import OipHandler, PreparedInfer, Response, error_response
 from agent.serving.oip import encode_error
+from agent.serving.pool import InferencePool
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +98,8 @@ class HttpConnection(asyncio.Protocol):
     # -- asyncio.Protocol -------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # uvloop's transports implement the interface without subclassing asyncio.Transport.
+        self._transport = cast(asyncio.Transport, transport)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -225,9 +225,13 @@ class HttpConnection(asyncio.Protocol):
                 except AgentError as exc:
                     self._write(error_response(exc), request.keep_alive)
                     continue
+                if prepared.inline:
+                    self._write(self._handler.run_inline(prepared), request.keep_alive)
+                    continue
                 self._busy = True
-                future = self._loop.run_in_executor(self._server.executor, prepared.run)
-                future.add_done_callback(partial(self._infer_done, prepared, request.keep_alive))
+                self._server.pool.submit(
+                    prepared.run, partial(self._infer_done, prepared, request.keep_alive)
+                )
             elif self._server.admin is not None and AdminApi.is_admin(request.method, request.path):
                 self._busy = True
                 task = self._loop.create_task(
@@ -242,10 +246,12 @@ class HttpConnection(asyncio.Protocol):
             self._resume_reading()
 
     def _infer_done(
-        self, prepared: PreparedInfer, keep_alive: bool, future: asyncio.Future[Any]
+        self,
+        prepared: PreparedInfer,
+        keep_alive: bool,
+        results: Any,
+        error: BaseException | None,
     ) -> None:
-        error = future.exception()
-        results = None if error is not None else future.result()
         response = self._handler.finish_infer(prepared, results, error)
         self._busy = False
         self.last_active = time.monotonic()
@@ -384,12 +390,12 @@ class InferenceServer:
     def __init__(
         self,
         handler: OipHandler,
-        executor: Executor,
+        pool: InferencePool,
         limits: ServerLimits | None = None,
         admin: AdminApi | None = None,
     ) -> None:
         self.handler = handler
-        self.executor = executor
+        self.pool = pool
         self.limits = limits or ServerLimits()
         self.admin = admin
         self._servers: list[asyncio.Server] = []
