@@ -187,6 +187,28 @@ def _flatten_strings(data: Any, what: str, error: type[AgentError], out: list[by
             raise error(f"{what}: BYTES data must be strings, found {type(item).__name__}")
 
 
+def _leaves(data: Any) -> list[Any]:
+    out: list[Any] = []
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(reversed(item))
+        else:
+            out.append(item)
+    return out
+
+
+def _exact_ints(
+    values: list[int], datatype: str, what: str, error: type[AgentError]
+) -> np.ndarray[Any, Any]:
+    dtype = OIP_TO_NUMPY[datatype]
+    info = np.iinfo(dtype)
+    if values and (min(values) < info.min or max(values) > info.max):
+        raise error(f"{what}: values out of range for {datatype}")
+    return np.array(values, dtype=dtype)
+
+
 def _from_json(
     data: Any, datatype: str, shape: tuple[int, ...], what: str, error: type[AgentError]
 ) -> np.ndarray[Any, Any]:
@@ -207,6 +229,13 @@ def _from_json(
         raise error(f"{what}: 'data' is ragged or malformed: {exc}") from None
     if raw.size == 0 and count == 0:
         return np.zeros(shape, dtype=OIP_TO_NUMPY[datatype])
+    if datatype.startswith(("UINT", "INT")) and raw.dtype.kind in "fO":
+        # Integers past int64 (UINT64's upper half) make numpy fall back to float or object.
+        flat = _leaves(data)
+        if len(flat) == raw.size and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in flat
+        ):
+            raw = _exact_ints(flat, datatype, what, error).reshape(raw.shape)
     if raw.dtype.kind not in _JSON_KINDS[datatype]:
         kind = {"U": "strings", "O": "mixed or nested values", "b": "booleans", "f": "floats"}.get(
             raw.dtype.kind, str(raw.dtype)

@@ -1,0 +1,163 @@
+"""Runtimes with real models: signatures, bit-for-bit outputs, int8, threads, bad files."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from agent.errors import InferenceError, ModelError
+from agent.models.runtime import RuntimeOptions, load_session
+from agent.tensors import TensorSpec
+
+
+def reference_onnx(path: Path, feeds: dict[str, Any]) -> dict[str, Any]:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, feeds), strict=True))
+
+
+def test_face_detector_signature_and_bit_exact(face_detector_tflite: Path) -> None:
+    from ai_edge_litert.interpreter import Interpreter
+
+    session = load_session(face_detector_tflite, None, RuntimeOptions(interpreters=2))
+    assert session.platform == "tensorflow_lite"
+    assert session.inputs == (TensorSpec("input", "FP32", (1, 128, 128, 3)),)
+    assert {s.name: s.shape for s in session.outputs} == {
+        "regressors": (1, 896, 16),
+        "classificators": (1, 896, 1),
+    }
+    image = np.random.default_rng(0).random((1, 128, 128, 3), dtype=np.float32)
+    got = session.run({"input": image})
+    interpreter = Interpreter(model_path=str(face_detector_tflite))
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], image)
+    interpreter.invoke()
+    for detail in interpreter.get_output_details():
+        np.testing.assert_array_equal(got[detail["name"]], interpreter.get_tensor(detail["index"]))
+
+
+def test_litert_concurrent_runs_match_sequential(face_landmark_tflite: Path) -> None:
+    session = load_session(face_landmark_tflite, "tflite", RuntimeOptions(interpreters=3))
+    spec = session.inputs[0]
+    rng = np.random.default_rng(1)
+    inputs = [
+        rng.random([1 if d == -1 else d for d in spec.shape], dtype=np.float32) for _ in range(12)
+    ]
+    expected = [session.run({spec.name: x}) for x in inputs]
+    failures: list[int] = []
+
+    def worker(offset: int) -> None:
+        for i in range(offset, len(inputs), 4):
+            got = session.run({spec.name: inputs[i]})
+            if any(not np.array_equal(got[k], v) for k, v in expected[i].items()):
+                failures.append(i)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
+
+
+def test_silero_vad_signature_and_bit_exact(silero_vad_onnx: Path) -> None:
+    session = load_session(silero_vad_onnx, None, RuntimeOptions())
+    assert session.platform == "onnxruntime_onnx"
+    specs = {s.name: s for s in session.inputs}
+    assert set(specs) == {"input", "state", "sr"}
+    assert specs["sr"].datatype == "INT64"
+    assert specs["state"].datatype == "FP32"
+    feeds = {
+        "input": np.random.default_rng(2).standard_normal((1, 512)).astype(np.float32) * 0.1,
+        "state": np.zeros((2, 1, 128), np.float32),
+        "sr": np.array(16000, dtype=np.int64),
+    }
+    got = session.run(feeds)
+    for name, value in reference_onnx(silero_vad_onnx, feeds).items():
+        np.testing.assert_array_equal(got[name], value)
+
+
+def test_silero_half_variant_runs(silero_vad_half_onnx: Path) -> None:
+    session = load_session(silero_vad_half_onnx, None, RuntimeOptions())
+    assert session.inputs == (
+        TensorSpec("input", "FP32", (-1, -1)),
+        TensorSpec("state", "FP32", (2, -1, 128)),
+    )
+    feeds = {
+        "input": np.random.default_rng(4).standard_normal((1, 512)).astype(np.float32) * 0.1,
+        "state": np.zeros((2, 1, 128), np.float32),
+    }
+    got = session.run(feeds)
+    for name, value in reference_onnx(silero_vad_half_onnx, feeds).items():
+        np.testing.assert_array_equal(got[name], value)
+
+
+@pytest.mark.parametrize(
+    "fixture", ["mlp_int8_qdq_onnx", "mlp_int8_qoperator_onnx", "mlp_int8_dynamic_onnx"]
+)
+def test_int8_models_close_to_float(
+    fixture: str, mlp_onnx: Path, request: pytest.FixtureRequest
+) -> None:
+    quantized: Path = request.getfixturevalue(fixture)
+    x = np.random.default_rng(3).standard_normal((4, 16)).astype(np.float32)
+    float_out = load_session(mlp_onnx, None, RuntimeOptions()).run({"x": x})["probs"]
+    session = load_session(quantized, None, RuntimeOptions())
+    assert session.inputs == (TensorSpec("x", "FP32", (-1, 16)),)
+    got = session.run({"x": x})["probs"]
+    np.testing.assert_allclose(got, float_out, atol=0.05)
+    np.testing.assert_array_equal(got, reference_onnx(quantized, {"x": x})["probs"])
+
+
+def test_dynamic_dims_and_dtypes(multi_dtype_onnx: Path) -> None:
+    session = load_session(multi_dtype_onnx, None, RuntimeOptions())
+    assert session.inputs == (
+        TensorSpec("a", "INT32", (-1,)),
+        TensorSpec("h", "FP16", (2, 2)),
+        TensorSpec("b", "BOOL", (3,)),
+    )
+    out = session.run(
+        {
+            "a": np.array([1, 2, 3], np.int32),
+            "h": np.ones((2, 2), np.float16),
+            "b": np.array([True, False, True]),
+        },
+        ["sum", "nb"],
+    )
+    assert set(out) == {"sum", "nb"}
+    assert out["sum"].tolist() == [6]
+    assert out["nb"].tolist() == [False, True, False]
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage" * 100, b"\x08\x01" + b"\xff" * 50])
+@pytest.mark.parametrize("suffix", [".onnx", ".tflite"])
+def test_bad_files_name_the_file(tmp_path: Path, content: bytes, suffix: str) -> None:
+    path = tmp_path / f"broken{suffix}"
+    path.write_bytes(content)
+    with pytest.raises(ModelError, match="broken"):
+        load_session(path, None, RuntimeOptions())
+
+
+def test_truncated_real_model(
+    tmp_path: Path, face_detector_tflite: Path, matmul_onnx: Path
+) -> None:
+    for source in (face_detector_tflite, matmul_onnx):
+        path = tmp_path / f"cut{source.suffix}"
+        path.write_bytes(source.read_bytes()[: source.stat().st_size // 2])
+        with pytest.raises(ModelError, match="cut"):
+            load_session(path, None, RuntimeOptions())
+
+
+def test_unknown_runtime(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="unknown runtime"):
+        load_session(tmp_path / "model.bin", None, RuntimeOptions())
+
+
+def test_runtime_failure_is_an_inference_error(matmul_onnx: Path) -> None:
+    session = load_session(matmul_onnx, None, RuntimeOptions())
+    with pytest.raises(InferenceError, match="matmul.onnx"):
+        session.run({"x": np.zeros((1, 7), np.float32)})

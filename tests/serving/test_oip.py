@@ -1,0 +1,229 @@
+"""The OIP codec without sockets: property tests, every error names its field, and
+compatibility with stock tritonclient's own request and response bodies."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from agent.errors import PayloadTooLargeError, RequestError, UnsupportedError
+from agent.serving import oip
+from agent.tensors import TensorSpec
+
+NUMERIC = [
+    "BOOL",
+    "UINT8",
+    "UINT16",
+    "UINT32",
+    "UINT64",
+    "INT8",
+    "INT16",
+    "INT32",
+    "INT64",
+    "FP16",
+    "FP32",
+    "FP64",
+]
+
+
+@st.composite
+def tensors(draw: st.DrawFn, json_safe: bool = False) -> np.ndarray[Any, Any]:
+    datatype = draw(st.sampled_from([*NUMERIC, "BYTES"]))
+    shape = draw(hnp.array_shapes(min_dims=1, max_dims=3, min_side=0, max_side=4))
+    if datatype == "BYTES":
+        strategy = st.text(max_size=6) if json_safe else st.binary(max_size=6)
+        items = draw(st.lists(strategy, min_size=int(np.prod(shape)), max_size=int(np.prod(shape))))
+        array = np.empty(len(items), dtype=np.object_)
+        array[:] = [i.encode() if isinstance(i, str) else i for i in items]
+        return array.reshape(shape)
+    dtype = oip.OIP_TO_NUMPY[datatype]
+    elements = None
+    if dtype.kind == "f":
+        elements = hnp.from_dtype(dtype, allow_nan=not json_safe, allow_infinity=not json_safe)
+    return draw(hnp.arrays(dtype, shape, elements=elements))
+
+
+def assert_same(a: np.ndarray[Any, Any], b: np.ndarray[Any, Any]) -> None:
+    assert a.shape == b.shape
+    if a.dtype == np.object_:
+        assert list(a.reshape(-1)) == list(b.reshape(-1))
+    else:
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+
+
+@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(st.lists(tensors(), min_size=1, max_size=3))
+def test_binary_request_round_trip(arrays: list[np.ndarray[Any, Any]]) -> None:
+    inputs = {f"t{i}": a for i, a in enumerate(arrays)}
+    body, length = oip.encode_infer_request(inputs, binary=True)
+    request = oip.decode_infer_request(body, length)
+    assert [t.name for t in request.inputs] == list(inputs)
+    for tensor in request.inputs:
+        assert_same(tensor.data, inputs[tensor.name])
+
+
+@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(st.lists(tensors(json_safe=True), min_size=1, max_size=3))
+def test_json_request_round_trip(arrays: list[np.ndarray[Any, Any]]) -> None:
+    inputs = {f"t{i}": a for i, a in enumerate(arrays)}
+    body, length = oip.encode_infer_request(inputs, binary=False, binary_output=False)
+    assert length is None
+    request = oip.decode_infer_request(body, None)
+    for tensor in request.inputs:
+        expected = inputs[tensor.name]
+        if expected.dtype == np.float16:
+            np.testing.assert_array_equal(tensor.data, expected)
+        else:
+            assert_same(tensor.data, expected)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(tensors(), min_size=1, max_size=3), st.booleans())
+def test_response_round_trip(arrays: list[np.ndarray[Any, Any]], binary: bool) -> None:
+    outputs = [(f"o{i}", a, binary or a.dtype.kind in "fO") for i, a in enumerate(arrays)]
+    body, length = oip.encode_infer_response("m", "3", "req-1", outputs)
+    response = oip.decode_infer_response(body, length)
+    assert response.model_version == "3"
+    assert response.id == "req-1"
+    for name, array, _ in outputs:
+        assert_same(response.outputs[name], array)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=400), st.one_of(st.none(), st.integers(min_value=0, max_value=500)))
+def test_garbage_only_raises_request_errors(body: bytes, length: int | None) -> None:
+    try:
+        oip.decode_infer_request(body, length)
+    except (RequestError, PayloadTooLargeError):
+        pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_mutated_valid_bodies_only_raise_request_errors(data: st.DataObject) -> None:
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    body, length = oip.encode_infer_request({"x": x, "s": np.array([b"ab", b"c"], dtype=object)})
+    raw = bytearray(body)
+    for _ in range(data.draw(st.integers(1, 5))):
+        position = data.draw(st.integers(0, len(raw) - 1))
+        raw[position] = data.draw(st.integers(0, 255))
+    try:
+        oip.decode_infer_request(bytes(raw), length)
+    except (RequestError, PayloadTooLargeError):
+        pass
+
+
+def request(**tensor: Any) -> bytes:
+    return json.dumps({"inputs": [tensor]}).encode()
+
+
+@pytest.mark.parametrize(
+    ("body", "length", "needle"),
+    [
+        (b"[1,2]", None, "must be an object"),
+        (b"{", None, "not valid JSON"),
+        (b'{"inputs": []}', None, "non-empty list"),
+        (request(shape=[1], datatype="FP32", data=[1]), None, "without a 'name'"),
+        (request(name="x", shape=[1], datatype="FP99", data=[1]), None, "unknown datatype 'FP99'"),
+        (request(name="x", shape=[-1], datatype="FP32", data=[1]), None, "non-negative"),
+        (request(name="x", shape=[2], datatype="FP32", data=[1]), None, "needs 2 elements"),
+        (request(name="x", shape=[1], datatype="FP32", data=["a"]), None, "cannot hold strings"),
+        (request(name="x", shape=[1], datatype="INT32", data=[1.5]), None, "cannot hold floats"),
+        (request(name="x", shape=[1], datatype="UINT8", data=[300]), None, "out of range"),
+        (request(name="x", shape=[1], datatype="BOOL", data=[1]), None, "cannot hold"),
+        (request(name="x", shape=[2, 2], datatype="FP32", data=[[1, 2, 3], [4]]), None, "ragged"),
+        (request(name="x", shape=[1], datatype="FP32"), None, "neither 'data'"),
+        (
+            request(name="x", shape=[4], datatype="FP32", parameters={"binary_data_size": 16}),
+            None,
+            "only 0 bytes",
+        ),
+        (
+            request(name="x", shape=[4], datatype="FP32", parameters={"binary_data_size": 12})
+            + b"\0" * 12,
+            len(request(name="x", shape=[4], datatype="FP32", parameters={"binary_data_size": 12})),
+            "needs 16",
+        ),
+        (b'{"inputs": [{"name": "x"}]}', 500, "but the body has only 27 bytes"),
+    ],
+)
+def test_errors_name_the_field(body: bytes, length: int | None, needle: str) -> None:
+    with pytest.raises(RequestError) as info:
+        oip.decode_infer_request(body, length)
+    assert needle in str(info.value)
+    if b'"name": "x"' in body and length != 500:
+        assert "input 'x'" in str(info.value), "the message must name the tensor"
+
+
+def test_limits_give_413() -> None:
+    body, length = oip.encode_infer_request({"x": np.zeros(100, np.float32)})
+    with pytest.raises(PayloadTooLargeError):
+        oip.decode_infer_request(body, length, oip.Limits(max_body_bytes=100))
+    with pytest.raises(PayloadTooLargeError, match="elements exceed"):
+        oip.decode_infer_request(body, length, oip.Limits(max_elements=10))
+
+
+def test_check_inputs_and_outputs() -> None:
+    specs = (TensorSpec("x", "FP32", (-1, 3)),)
+    outs = (TensorSpec("y", "FP32", (-1,)), TensorSpec("z", "INT64", (1,)))
+    body, length = oip.encode_infer_request({"x": np.zeros((2, 3), np.float32)}, ["z"])
+    req = oip.decode_infer_request(body, length)
+    assert set(oip.check_inputs(req, specs, "m")) == {"x"}
+    assert oip.check_outputs(req, outs, "m") == [("z", True)]
+    body, length = oip.encode_infer_request({"x": np.zeros((2, 4), np.float32)})
+    with pytest.raises(RequestError, match=r"input 'x' has shape \[2, 4\], expected \[-1, 3\]"):
+        oip.check_inputs(oip.decode_infer_request(body, length), specs, "m")
+    body = json.dumps(
+        {
+            "inputs": [{"name": "x", "shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3]}],
+            "outputs": [{"name": "y", "parameters": {"classification": 2}}],
+        }
+    ).encode()
+    with pytest.raises(UnsupportedError, match="classification"):
+        oip.decode_infer_request(body, None)
+
+
+def test_tritonclient_bodies_decode() -> None:
+    import tritonclient.http as httpclient
+
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    s = np.array([b"hello", b"w\x00rld"], dtype=np.object_)
+    for binary in (True, False):
+        a = httpclient.InferInput("x", list(x.shape), "FP32")
+        a.set_data_from_numpy(x, binary_data=binary)
+        b = httpclient.InferInput("s", [2], "BYTES")
+        b.set_data_from_numpy(s, binary_data=True)
+        for outputs in (None, [httpclient.InferRequestedOutput("y", binary_data=binary)]):
+            body, length = httpclient.InferenceServerClient.generate_request_body(
+                [a, b], outputs=outputs
+            )
+            request = oip.decode_infer_request(body, length)
+            got = {t.name: t.data for t in request.inputs}
+            np.testing.assert_array_equal(got["x"], x)
+            assert list(got["s"]) == list(s)
+            if outputs is None:
+                assert request.binary_output is True
+            else:
+                assert request.outputs == (oip.RequestedOutput("y", binary),)
+
+
+def test_our_responses_parse_in_tritonclient() -> None:
+    import tritonclient.http as httpclient
+
+    y = np.linspace(0, 1, 6, dtype=np.float32).reshape(2, 3)
+    z = np.array([1, 2], dtype=np.int64)
+    s = np.array([b"a", b"bc"], dtype=np.object_)
+    body, length = oip.encode_infer_response(
+        "m", "1", None, [("y", y, True), ("z", z, False), ("s", s, True)]
+    )
+    result = httpclient.InferenceServerClient.parse_response_body(body, header_length=length)
+    np.testing.assert_array_equal(result.as_numpy("y"), y)
+    np.testing.assert_array_equal(result.as_numpy("z"), z)
+    assert list(result.as_numpy("s")) == list(s)
