@@ -231,11 +231,11 @@ def _from_json(
         return np.zeros(shape, dtype=OIP_TO_NUMPY[datatype])
     if datatype.startswith(("UINT", "INT")) and raw.dtype.kind in "fO":
         # Integers past int64 (UINT64's upper half) make numpy fall back to float or object.
-        flat = _leaves(data)
-        if len(flat) == raw.size and all(
-            isinstance(v, int) and not isinstance(v, bool) for v in flat
+        leaves = _leaves(data)
+        if len(leaves) == raw.size and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in leaves
         ):
-            raw = _exact_ints(flat, datatype, what, error).reshape(raw.shape)
+            raw = _exact_ints(leaves, datatype, what, error).reshape(raw.shape)
     if raw.dtype.kind not in _JSON_KINDS[datatype]:
         kind = {"U": "strings", "O": "mixed or nested values", "b": "booleans", "f": "floats"}.get(
             raw.dtype.kind, str(raw.dtype)
