@@ -65,6 +65,8 @@ class InferenceClient:
         self.max_response_bytes = max_response_bytes
         self._sock: socket.socket | None = None
         self._buffer = bytearray()
+        self._chunk = bytearray(256 * 1024)
+        self._chunk_view = memoryview(self._chunk)
         self._limits = oip.Limits(max_body_bytes=max_response_bytes)
 
     # -- connection -------------------------------------------------------------------------
@@ -144,10 +146,11 @@ class InferenceClient:
 
     def _recv_more(self) -> None:
         assert self._sock is not None
-        chunk = self._sock.recv(262144)
-        if not chunk:
+        # recv_into a reused buffer: recv(n) allocates n bytes per call (a 256 KiB mmap).
+        count = self._sock.recv_into(self._chunk)
+        if not count:
             raise _StaleConnectionError("the agent closed the connection")
-        self._buffer += chunk
+        self._buffer += self._chunk_view[:count]
 
     def _read_response(self) -> tuple[int, dict[str, str], bytes]:
         buffer = self._buffer
