@@ -81,6 +81,9 @@ class ServingSection:
 class ModelsSection:
     follow: tuple[str, ...] = ()  # model names taken from the repository
     keep_versions: int = 1  # besides the active and the previous committed version
+    probation_window_s: float = 60.0  # a new version is committed after this long
+    probation_min_requests: int = 20  # error rates are judged past this many requests
+    max_error_rate_increase: float = 0.05  # over the previous version: roll back past it
 
     def __post_init__(self) -> None:
         for name in self.follow:

@@ -15,6 +15,7 @@ from agent.config import Config
 from agent.errors import AgentError
 from agent.models.deployer import DeployConfig, Deployer, zeros_for
 from agent.models.fastpath import inline_budget
+from agent.models.lifecycle import ProbationPolicy
 from agent.models.runtime import RuntimeOptions, load_session
 from agent.models.slots import LoadedVersion, Slots
 from agent.models.store import RUNTIME_BY_SUFFIX, Manifest, ModelStore
@@ -103,6 +104,11 @@ class Agent:
             self.metrics,
             self.options,
             DeployConfig(
+                probation=ProbationPolicy(
+                    window_s=self.config.models.probation_window_s,
+                    min_requests=self.config.models.probation_min_requests,
+                    max_error_rate_increase=self.config.models.max_error_rate_increase,
+                ),
                 keep_versions=self.config.models.keep_versions,
                 inline_threshold_us=self.config.serving.inline_threshold_us,
             ),

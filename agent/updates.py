@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import json
 import logging
 import random
+import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -66,6 +68,16 @@ class CycleResult:
             error=str(raw.get("error", "")),
             finished=float(raw.get("finished", time.time())),
         )
+
+
+def _die_with_parent() -> None:
+    """In the child: ask the kernel to kill it if the daemon dies (kill -9 included), so an
+    orphaned update never races the next daemon's."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the update lock still serialises cycles
+        pass
 
 
 def run_cycle_in_process(config: Config) -> CycleResult:
@@ -137,7 +149,11 @@ class UpdateLoop:
         ]
         try:
             process = await asyncio.create_subprocess_exec(
-                *argv, stdout=asyncio.subprocess.PIPE, stderr=None, stdin=asyncio.subprocess.DEVNULL
+                *argv,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=None,
+                stdin=asyncio.subprocess.DEVNULL,
+                preexec_fn=_die_with_parent,
             )
         except OSError as exc:
             return CycleResult(False, (), (), f"cannot start the update child: {exc}", time.time())

@@ -1,11 +1,13 @@
 /* Closed-loop HTTP/1.1 load generator for Unix sockets and TCP: one thread, epoll.
  *
- *   loadgen ADDRESS REQUEST_FILE CONCURRENCY SECONDS WARMUP_SECONDS
+ *   loadgen ADDRESS REQUEST_FILE CONCURRENCY SECONDS WARMUP_SECONDS [SAMPLES_FILE]
  *
  * ADDRESS is a socket path or HOST:PORT. Every connection sends the bytes of REQUEST_FILE,
  * waits for the whole response (Content-Length framing, keep-alive), records the latency and
  * sends again. Prints one JSON line: requests, errors (non-200 or broken), rps, p50/p99/p999 us.
  * The same binary drives every server in bench/serving.py, so the client side costs the same.
+ * With SAMPLES_FILE, every measured request is also written there as a text line
+ * "END_SECONDS LATENCY_US STATUS" (monotonic clock) so a caller can cut time windows.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -79,7 +81,11 @@ static size_t complete(const char *buf, size_t have, int *status) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 6) { fprintf(stderr, "usage: loadgen ADDR REQFILE CONC SECONDS WARMUP\n"); return 2; }
+    if (argc != 6 && argc != 7) {
+        fprintf(stderr, "usage: loadgen ADDR REQFILE CONC SECONDS WARMUP [SAMPLES]\n");
+        return 2;
+    }
+    FILE *samples = argc == 7 ? fopen(argv[6], "w") : NULL;
     const char *addr = argv[1];
     FILE *f = fopen(argv[2], "rb");
     if (!f) { perror("request file"); return 2; }
@@ -110,7 +116,12 @@ int main(int argc, char **argv) {
         for (int k = 0; k < n; k++) {
             conn_t *c = &conns[events[k].data.u32];
             ssize_t r = read(c->fd, c->buf + c->have, BUF - c->have);
-            if (r <= 0) { fprintf(stderr, "connection closed by server\n"); errors++; goto done; }
+            if (r <= 0) {
+                fprintf(stderr, "connection closed by server\n");
+                errors++;
+                if (samples) fprintf(samples, "%.6f -1 0\n", now_s());
+                goto done;
+            }
             c->have += r;
             int status = 0;
             size_t used = complete(c->buf, c->have, &status);
@@ -119,6 +130,7 @@ int main(int argc, char **argv) {
             if (t2 >= measure_from && t2 < stop) {
                 if (status != 200) errors++;
                 if (nlat < MAXLAT) lat[nlat++] = (float)((t2 - c->sent_at) * 1e6);
+                if (samples) fprintf(samples, "%.6f %.1f %d\n", t2, (t2 - c->sent_at) * 1e6, status);
             }
             memmove(c->buf, c->buf + used, c->have - used);
             c->have -= used;
@@ -127,6 +139,7 @@ int main(int argc, char **argv) {
         }
     }
 done:
+    if (samples) fclose(samples);
     qsort(lat, nlat, sizeof(float), cmp);
     double p50 = nlat ? lat[nlat / 2] : 0, p99 = nlat ? lat[(size_t)(nlat * 0.99)] : 0;
     double p999 = nlat ? lat[(size_t)(nlat * 0.999)] : 0;

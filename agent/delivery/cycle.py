@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import time
 
@@ -50,7 +51,21 @@ def fetch_config(config: Config) -> FetchConfig:
 
 
 def run_cycle(config: Config) -> CycleResult:
-    """Run one cycle and record what it found in the state database."""
+    """Run one cycle and record what it found in the state database.
+
+    One cycle at a time per device: an exclusive lock on ``update.lock`` in the state
+    directory (released by the kernel if the process dies).
+    """
+    config.agent.state_dir.mkdir(parents=True, exist_ok=True)
+    with (config.agent.state_dir / "update.lock").open("a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return CycleResult(False, (), (), "another update cycle is running", time.time())
+        return _run_cycle_locked(config)
+
+
+def _run_cycle_locked(config: Config) -> CycleResult:
     state = StateDB(config.state_db)
     try:
         store = ModelStore(config.store_dir)

@@ -286,6 +286,15 @@ class Deployer:
                 self.status_text = "idle"
                 return False
             before = slot.add(loaded, activate=True)
+            # Keep two versions loaded at most: the new one and the one it replaced (warm for
+            # a rollback). A version still in probation when it is replaced is retired.
+            for other in slot.versions():
+                if other not in (version, before.version if before else None):
+                    slot.unload(other)
+            if before is not None and self._stage(name, before.version) is Stage.ACTIVE:
+                self._record(
+                    name, before.version, Stage.RETIRED, f"superseded by version {version}"
+                )
             self._record(
                 name,
                 version,

@@ -39,7 +39,10 @@ _ALLOWED: dict[Stage, frozenset[Stage]] = {
     Stage.LOADING: frozenset({Stage.WARMING, Stage.REJECTED, Stage.VERIFIED}),
     Stage.WARMING: frozenset({Stage.VALIDATED, Stage.REJECTED, Stage.VERIFIED}),
     Stage.VALIDATED: frozenset({Stage.ACTIVE, Stage.REJECTED, Stage.VERIFIED}),
-    Stage.ACTIVE: frozenset({Stage.COMMITTED, Stage.ROLLED_BACK, Stage.VERIFIED, Stage.REJECTED}),
+    Stage.ACTIVE: frozenset(
+        # RETIRED: superseded by a newer version before its probation ended.
+        {Stage.COMMITTED, Stage.ROLLED_BACK, Stage.VERIFIED, Stage.REJECTED, Stage.RETIRED}
+    ),
     # A committed version is superseded (retired), or rolled back by hand; a retired one can be
     # brought back by a rollback to it (it is re-validated first).
     Stage.COMMITTED: frozenset({Stage.RETIRED, Stage.ROLLED_BACK, Stage.LOADING}),

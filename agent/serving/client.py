@@ -73,6 +73,7 @@ class InferenceClient:
 
     def _connect(self) -> socket.socket:
         address = self.address
+        sock: socket.socket | None = None
         try:
             if address.startswith("http://"):
                 host, _, port = address[len("http://") :].rstrip("/").rpartition(":")
@@ -89,6 +90,8 @@ class InferenceClient:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
         except OSError as exc:
+            if sock is not None:
+                sock.close()
             raise ClientError(
                 f"cannot connect to the agent at {address}: {exc.strerror or exc}",
                 remedy="is edge-agent running, and are you in its socket group?",
