@@ -6,12 +6,15 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent import systemd
 from agent.config import Config
+from agent.config import load as load_config
 from agent.errors import AgentError
 from agent.models.deployer import DeployConfig, Deployer, zeros_for
 from agent.models.fastpath import inline_budget
@@ -54,8 +57,14 @@ def load_version(
 ) -> LoadedVersion:
     """Load a model file into a session (blocking: call it off the event loop)."""
     session = load_session(path, manifest.runtime, options)
-    inline = inline_budget(session, zeros_for(session.inputs), inline_threshold_us)
-    return LoadedVersion(manifest=manifest, session=session, inline_elements=inline)
+    feeds = zeros_for(session.inputs)
+    try:
+        session.run(feeds)
+        probe: dict[str, Any] | None = feeds
+    except AgentError:  # an unsigned local model may not accept zeros: no probe, no fast path
+        probe = None
+    inline = inline_budget(session, feeds, inline_threshold_us) if probe else 0
+    return LoadedVersion(manifest=manifest, session=session, inline_elements=inline, probe=probe)
 
 
 class Agent:
@@ -90,6 +99,7 @@ class Agent:
         self.deployer: Deployer | None = None
         self.event_listeners: list[Callable[[Event], None]] = []
         self.updates: UpdateLoop | None = None
+        self.notifier = systemd.Notifier()
         self._tasks: list[asyncio.Task[None]] = []
         self._last_event_id = 0
 
@@ -190,7 +200,14 @@ class Agent:
     async def listen(self) -> None:
         serving = self.config.serving
         group = serving.socket_group or None
-        await self.server.listen_unix(serving.socket, serving.mode, group)
+        activated = systemd.listen_fds()
+        if activated:
+            # edge-agent.socket owns the socket: restarts of the service drop no client.
+            for sock in activated:
+                await self.server.listen_socket(sock)
+            self.server.addresses.append(f"{len(activated)} socket(s) from systemd")
+        else:
+            await self.server.listen_unix(serving.socket, serving.mode, group)
         if serving.http:
             host, _, port = serving.http.rpartition(":")
             await self.server.listen_tcp(host.strip("[]"), int(port))
@@ -222,6 +239,7 @@ class Agent:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
         try:
             await self.listen()
             if local is None:
@@ -230,9 +248,79 @@ class Agent:
                 await self.load_local(local)
             if self.updates is not None:
                 self._tasks.append(loop.create_task(self.updates.run_forever(), name="updates"))
+            self.notifier.ready(self.status_line())
+            log.info("ready: %s", self.status_line())
+            period = self.notifier.watchdog_period()
+            if period is not None:
+                self._tasks.append(loop.create_task(self._watchdog(period), name="watchdog"))
             await self._stop.wait()
             log.info("stopping: draining in-flight requests")
+            self.notifier.stopping()
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             await self.shutdown()
+            self.notifier.close()
+
+    def status_line(self) -> str:
+        """What the agent is doing, for systemd's STATUS= and the log."""
+        parts = []
+        for slot in self.slots:
+            active = slot.active
+            parts.append(f"{slot.name} v{active.version}" if active else f"{slot.name} (none)")
+        activity = self.deployer.status_text if self.deployer else "serving"
+        models = ", ".join(parts) or "no models"
+        return f"{activity}; serving {models}" if activity != "idle" else f"serving {models}"
+
+    def probe(self) -> None:
+        """One synthetic inference per active model (blocking: run it off the loop).
+
+        Raises:
+            AgentError: a model failed its probe.
+        """
+        for slot in self.slots:
+            active = slot.active
+            if active is None or active.probe is None:
+                continue
+            with slot.lease() as loaded:
+                if loaded.probe is not None:
+                    loaded.session.run(loaded.probe)
+
+    async def _watchdog(self, period_s: float) -> None:
+        """Ping systemd only while the loop turns and every active model answers its probe."""
+        interval = period_s / 3
+        last_status = ""
+        while True:
+            started = time.monotonic()
+            try:
+                await asyncio.wait_for(asyncio.to_thread(self.probe), timeout=interval)
+            except (AgentError, TimeoutError) as exc:
+                log.error("watchdog: synthetic inference failed (%s); not pinging systemd", exc)
+            else:
+                lag = time.monotonic() - started
+                if lag < interval:
+                    self.notifier.watchdog_ping()
+            status = self.status_line()
+            if status != last_status:
+                self.notifier.status(status)
+                last_status = status
+            await asyncio.sleep(interval)
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the configuration; apply what can change without a restart."""
+        source = self.config.source
+        if source is None:
+            return
+        self.notifier.reloading()
+        try:
+            fresh = load_config(source)
+        except AgentError as exc:
+            log.error("reload: %s; keeping the running configuration", exc)
+        else:
+            logging.getLogger().setLevel(fresh.agent.log_level.upper())
+            self.config = fresh
+            if self.updates is not None:
+                self.updates.config = fresh
+                self.updates.trigger()
+            log.info("reload: configuration re-read from %s", source)
+        self.notifier.ready(self.status_line())

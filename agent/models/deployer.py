@@ -131,7 +131,12 @@ def validate_version(
     except BaseException:
         session.close()
         raise
-    return LoadedVersion(manifest=manifest, session=session, inline_elements=inline)
+    return LoadedVersion(
+        manifest=manifest,
+        session=session,
+        inline_elements=inline,
+        probe=dict(feeds) if latencies else None,
+    )
 
 
 class Deployer:

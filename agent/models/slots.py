@@ -13,6 +13,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 from agent.errors import NotFoundError, UnavailableError
 from agent.models.runtime import Session
@@ -33,6 +34,9 @@ class LoadedVersion:
     # Requests with at most this many input elements run on the event loop thread: measured
     # at load, the model answers them faster than a hand-off to a worker thread costs.
     inline_elements: int = 0
+    # A known-good input (the signed smoke input, or zeros that ran at load) for the
+    # watchdog's synthetic inference; None when there is none.
+    probe: dict[str, Any] | None = None
 
     @property
     def name(self) -> str:
