@@ -118,11 +118,34 @@ class RepositorySection:
 
 
 @dataclass(frozen=True, slots=True)
+class MqttSection:
+    host: str = ""  # empty: no fleet reporting
+    port: int = 1883
+    keepalive_s: int = 30
+    ca_file: Path | None = None  # set: TLS to the broker
+    client_cert: Path | None = None
+    client_key: Path | None = None
+    health_interval_s: float = 60.0
+    operator_keys: tuple[Path, ...] = ()  # Ed25519 public keys (PEM) allowed to sign commands
+    outbox_max_bytes: int = 8 * 1024 * 1024
+    outbox_max_age_s: float = 7 * 86400.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port must be 1..65535, found {self.port}")
+        if (self.client_cert is None) != (self.client_key is None):
+            raise ValueError("client_cert and client_key go together")
+        if self.health_interval_s <= 0:
+            raise ValueError("health_interval_s must be positive")
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     agent: AgentSection = field(default_factory=AgentSection)
     serving: ServingSection = field(default_factory=ServingSection)
     models: ModelsSection = field(default_factory=ModelsSection)
     repository: RepositorySection = field(default_factory=RepositorySection)
+    mqtt: MqttSection = field(default_factory=MqttSection)
     source: Path | None = None
 
     @property
@@ -151,6 +174,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "serving": ServingSection,
     "models": ModelsSection,
     "repository": RepositorySection,
+    "mqtt": MqttSection,
 }
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent import systemd
+from agent import __version__, systemd
 from agent.config import Config
 from agent.config import load as load_config
 from agent.errors import AgentError
@@ -100,6 +100,8 @@ class Agent:
         self.event_listeners: list[Callable[[Event], None]] = []
         self.updates: UpdateLoop | None = None
         self.notifier = systemd.Notifier()
+        self.reporter: Any = None
+        self.outbox: Any = None
         self._tasks: list[asyncio.Task[None]] = []
         self._last_event_id = 0
 
@@ -170,6 +172,96 @@ class Agent:
             "activity": self.deployer.status_text if self.deployer else "serving",
         }
 
+    async def prepare_reporting(self) -> None:
+        """Set up fleet reporting when a broker is configured (events queue from now on);
+        the connection (and the birth message) waits until the models are loaded."""
+        mqtt_config = self.config.mqtt
+        if not mqtt_config.host:
+            return
+        from agent.telemetry.mqtt import Reporter, ReporterConfig, load_operator_keys
+        from agent.telemetry.outbox import Outbox
+
+        keys = load_operator_keys(mqtt_config.operator_keys)
+        self.outbox = Outbox(
+            self.config.agent.state_dir / "outbox.db",
+            mqtt_config.outbox_max_bytes,
+            mqtt_config.outbox_max_age_s,
+        )
+        self.reporter = Reporter(
+            ReporterConfig(
+                host=mqtt_config.host,
+                port=mqtt_config.port,
+                keepalive_s=mqtt_config.keepalive_s,
+                ca_file=mqtt_config.ca_file,
+                client_cert=mqtt_config.client_cert,
+                client_key=mqtt_config.client_key,
+                health_interval_s=mqtt_config.health_interval_s,
+            ),
+            self.outbox,
+            device_id=self.config.device_id,
+            fleet=self.config.agent.fleet,
+            agent_version=__version__,
+            models=self.active_versions,
+            health=self.health,
+            on_command=self.run_command,
+            operator_keys=keys,
+        )
+        reporter = self.reporter
+        self.event_listeners.append(
+            lambda e: reporter.publish_event(e.kind, e.name, e.version, e.reason)
+        )
+
+    def active_versions(self) -> dict[str, int | None]:
+        return {slot.name: slot.active.version if slot.active else None for slot in self.slots}
+
+    def health(self) -> dict[str, Any]:
+        from agent.telemetry.system import readings
+
+        models = {}
+        for slot in self.slots:
+            active = slot.active
+            figures = (
+                self.metrics.model(slot.name, str(active.version)).summary() if active else None
+            )
+            models[slot.name] = {
+                "active_version": active.version if active else None,
+                "requests": figures.requests if figures else 0,
+                "errors": figures.errors if figures else 0,
+                "p50_ms": figures.p50_ms if figures else None,
+                "p95_ms": figures.p95_ms if figures else None,
+                "p99_ms": figures.p99_ms if figures else None,
+            }
+        return {**readings(self.config.agent.state_dir), "models": models}
+
+    async def run_command(self, command: Any) -> str:
+        """A verified remote command (agent.telemetry.commands.Command)."""
+        args = command.args
+        if command.name == "check-update":
+            if self.updates is None:
+                raise AgentError("no repository configured")
+            self.updates.trigger()
+            return "update check started"
+        if self.deployer is None:
+            raise AgentError("this agent serves local files; it takes no deployment commands")
+        model = str(args.get("model", ""))
+        if command.name == "rollback":
+            to = args.get("to")
+            version = await self.deployer.rollback(model, int(to) if to else None, "remote command")
+            return f"{model} rolled back to version {version}"
+        if command.name == "pin":
+            await self.deployer.pin(model, int(args["version"]))
+            return f"{model} pinned to version {args['version']}"
+        if command.name == "unpin":
+            await self.deployer.pin(model, None)
+            return f"{model} follows the repository again"
+        if command.name == "set-log-level":
+            level = str(args.get("level", "")).upper()
+            if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+                raise AgentError(f"unknown log level {level!r}")
+            logging.getLogger().setLevel(level)
+            return f"log level {level}"
+        raise AgentError(f"command {command.name} is not handled")
+
     def _on_event(self, event: Event) -> None:
         """Deployment events go to every listener (MQTT reporter, status)."""
         for listener in self.event_listeners:
@@ -228,6 +320,9 @@ class Agent:
                 await task
         if self.deployer is not None:
             await self.deployer.close()
+        if self.reporter is not None:
+            await self.reporter.stop()
+            self.outbox.close()
         await self.server.close()
         await asyncio.to_thread(self.pool.shutdown)
         self.slots.close()
@@ -242,10 +337,13 @@ class Agent:
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         try:
             await self.listen()
+            await self.prepare_reporting()
             if local is None:
                 await self.start_deployments()
             else:
                 await self.load_local(local)
+            if self.reporter is not None:
+                await self.reporter.start()
             if self.updates is not None:
                 self._tasks.append(loop.create_task(self.updates.run_forever(), name="updates"))
             self.notifier.ready(self.status_line())

@@ -359,7 +359,7 @@ class Deployer:
         slot = self.slots.get(name)
         self.status_text = f"draining {name} version {version}: {reason}"
         slot.deactivate(reason, retry_after_s=max(1.0, self.config.drain_timeout_s / 2))
-        self.state.add_event(name, version, "drained", reason)
+        self._event(name, version, "drained", reason)
         slot.unload(version)
 
     async def _restore(self, name: str, version: int) -> None:
@@ -495,9 +495,21 @@ class Deployer:
                 self._record(name, to, Stage.COMMITTED, f"{reason}: rollback target")
         return to
 
+    def _event(self, name: str, version: int | None, kind: str, reason: str) -> None:
+        """An event that changes no stage (pins, drains): recorded and passed on."""
+        event = self.state.add_event(name, version, kind, reason)
+        log.info("model %s version %s: %s (%s)", name, version, kind, reason)
+        if self._on_event is not None:
+            self._on_event(event)
+
     async def pin(self, name: str, version: int | None) -> None:
         """Keep ``name`` at ``version`` (None: unpin and follow the repository again)."""
+        self.slots.get(name)  # NotFoundError for an unknown model, before anything changes
         self.state.set_setting(f"pin:{name}", version)
+        if version is None:
+            self._event(name, None, "unpinned", "follows the repository again")
+        else:
+            self._event(name, version, "pinned", f"held at version {version}")
         if version is not None:
             active = self.slots.get(name).active
             if active is None or active.version != version:

@@ -1,0 +1,314 @@
+"""The MQTT reporter: birth and last will, periodic health, events, signed commands.
+
+paho-mqtt runs its own network thread; its callbacks are handed to the event loop with
+``call_soon_threadsafe`` and everything else happens on the loop. Every message goes through
+the outbox: written first, sent when connected, deleted on PUBACK. On reconnect the backlog
+drains in order, at most ``max_inflight`` unacknowledged at a time and ``drain_per_s`` a
+second, so live messages are not starved behind a long outage. Delivery is at least once;
+receivers deduplicate on (device, seq).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+from agent.errors import AgentError, CommandError, ConfigError
+from agent.telemetry import commands, messages
+from agent.telemetry.outbox import Outbox
+
+log = logging.getLogger(__name__)
+
+CommandHandler = Callable[[commands.Command], Awaitable[str]]
+
+
+@dataclass(frozen=True, slots=True)
+class ReporterConfig:
+    host: str
+    port: int = 1883
+    keepalive_s: int = 30
+    ca_file: Path | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None
+    health_interval_s: float = 60.0
+    max_inflight: int = 20
+    drain_per_s: float = 200.0
+    reconnect_min_s: int = 1
+    reconnect_max_s: int = 60
+
+
+def load_operator_keys(paths: tuple[Path, ...]) -> dict[str, Ed25519PublicKey]:
+    """Operator public keys by id (the file's stem).
+
+    Raises:
+        ConfigError: a file is missing or is not an Ed25519 public key.
+    """
+    keys = {}
+    for path in paths:
+        try:
+            key = load_pem_public_key(path.read_bytes())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"operator key {path}: {exc}") from exc
+        if not isinstance(key, Ed25519PublicKey):
+            raise ConfigError(f"operator key {path} is not an Ed25519 public key")
+        keys[path.stem] = key
+    return keys
+
+
+class Reporter:
+    """One device's connection to the fleet broker."""
+
+    def __init__(
+        self,
+        config: ReporterConfig,
+        outbox: Outbox,
+        *,
+        device_id: str,
+        fleet: str,
+        agent_version: str,
+        models: Callable[[], Mapping[str, int | None]],
+        health: Callable[[], dict[str, Any]],
+        on_command: CommandHandler,
+        operator_keys: Mapping[str, Ed25519PublicKey],
+    ) -> None:
+        self.config = config
+        self.outbox = outbox
+        self.device_id = device_id
+        self.topics = messages.Topics(fleet, device_id)
+        self.agent_version = agent_version
+        self._models = models
+        self._health = health
+        self._on_command = on_command
+        self._keys = operator_keys
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._client: mqtt.Client | None = None
+        self._connected = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._inflight: dict[int, int] = {}  # paho mid -> outbox id
+        self._last_sent = 0  # highest outbox id handed to paho in this connection
+        self._tasks: list[asyncio.Task[None]] = []
+        self._protocol = mqtt.MQTTv5
+        self.sent = 0
+
+    # -- building messages ------------------------------------------------------------------
+
+    def _put(self, topic: str, body: Mapping[str, Any], kind: str, retain: bool = False) -> None:
+        payload = messages.envelope(self.device_id, self.outbox.next_seq(), time.time(), body)
+        self.outbox.put(topic, payload, kind, qos=1, retain=retain)
+        self._wake.set()
+
+    def publish_event(self, kind: str, model: str, version: int | None, reason: str) -> None:
+        self._put(self.topics.events, messages.event(kind, model, version, reason), "event")
+
+    def publish_health(self) -> None:
+        body = self._health()
+        body["dropped_health"] = self.outbox.take_dropped()
+        waiting, size = self.outbox.size()
+        body["outbox"] = {"messages": waiting, "bytes": size}
+        self._put(self.topics.health, body, "health")
+
+    # -- connection -------------------------------------------------------------------------
+
+    def _make_client(self) -> mqtt.Client:
+        client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=f"edge-agent-{self.device_id}",
+            protocol=self._protocol,
+        )
+        will = messages.envelope(self.device_id, 0, time.time(), messages.will(self.agent_version))
+        client.will_set(self.topics.status, will, qos=1, retain=True)
+        if self.config.ca_file is not None:
+            context = ssl.create_default_context(cafile=str(self.config.ca_file))
+            if self.config.client_cert is not None:
+                context.load_cert_chain(self.config.client_cert, self.config.client_key)
+            client.tls_set_context(context)
+        client.reconnect_delay_set(self.config.reconnect_min_s, self.config.reconnect_max_s)
+        client.max_inflight_messages_set(self.config.max_inflight)
+        client.on_connect = self._paho_connect
+        client.on_disconnect = self._paho_disconnect
+        client.on_publish = self._paho_publish
+        client.on_message = self._paho_message
+        return client
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._client = self._make_client()
+        self._client.connect_async(self.config.host, self.config.port, self.config.keepalive_s)
+        self._client.loop_start()
+        self._tasks = [
+            self._loop.create_task(self._drain(), name="mqtt-drain"),
+            self._loop.create_task(self._health_loop(), name="mqtt-health"),
+        ]
+
+    async def stop(self, timeout_s: float = 3.0) -> None:
+        """Say goodbye (retained offline status), flush what fits in ``timeout_s``, disconnect."""
+        self._put(
+            self.topics.status,
+            messages.offline(self.agent_version, "stopped"),
+            "status",
+            retain=True,
+        )
+        deadline = time.monotonic() + timeout_s
+        while self._connected.is_set() and time.monotonic() < deadline:
+            if self.outbox.size()[0] == 0:
+                break
+            await asyncio.sleep(0.05)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._client is not None:
+            self._client.disconnect()
+            self._client.loop_stop()
+
+    # -- paho callbacks (paho's thread) -> the loop -----------------------------------------
+
+    def _call(self, fn: Callable[..., None], *args: Any) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(fn, *args)
+
+    def _paho_connect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any = None
+    ) -> None:
+        self._call(self._on_connect, int(getattr(reason, "value", reason)), str(reason))
+
+    def _paho_disconnect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any = None
+    ) -> None:
+        self._call(self._on_disconnect, str(reason))
+
+    def _paho_publish(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        mid: int,
+        reason: Any = None,
+        properties: Any = None,
+    ) -> None:
+        self._call(self._on_puback, mid)
+
+    def _paho_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        self._call(self._on_message, bytes(message.payload))
+
+    # -- the loop side ----------------------------------------------------------------------
+
+    def _on_connect(self, code: int, reason: str) -> None:
+        if code != 0:
+            log.warning("mqtt: broker refused the connection: %s", reason)
+            if code in (1, 132) and self._protocol == mqtt.MQTTv5:  # unsupported protocol
+                log.info("mqtt: falling back to MQTT 3.1.1")
+                self._protocol = mqtt.MQTTv311
+                assert self._client is not None
+                self._client.loop_stop()
+                self._client = self._make_client()
+                self._client.connect_async(
+                    self.config.host, self.config.port, self.config.keepalive_s
+                )
+                self._client.loop_start()
+            return
+        log.info("mqtt: connected to %s:%d", self.config.host, self.config.port)
+        assert self._client is not None
+        self._client.subscribe(self.topics.commands, qos=1)
+        self._inflight.clear()
+        self._last_sent = 0
+        self._put(
+            self.topics.status,
+            messages.birth(self.agent_version, self._models()),
+            "status",
+            retain=True,
+        )
+        self._connected.set()
+        self._wake.set()
+
+    def _on_disconnect(self, reason: str) -> None:
+        if self._connected.is_set():
+            log.warning("mqtt: disconnected (%s); buffering in the outbox", reason)
+        self._connected.clear()
+        # Unacknowledged messages stay in the outbox and go again after the reconnect.
+        self._inflight.clear()
+        self._last_sent = 0
+
+    def _on_puback(self, mid: int) -> None:
+        message_id = self._inflight.pop(mid, None)
+        if message_id is not None:
+            self.outbox.delete(message_id)
+            self.sent += 1
+            self._wake.set()
+
+    def _on_message(self, payload: bytes) -> None:
+        assert self._loop is not None
+        self._loop.create_task(self._handle_command(payload))
+
+    async def _handle_command(self, payload: bytes) -> None:
+        name, seq = "?", None
+        try:
+            doc = commands.parse(payload)
+            name = str(doc.get("command", "?"))
+            seq = doc.get("seq") if isinstance(doc.get("seq"), int) else None
+            command = commands.verify(
+                doc,
+                device_id=self.device_id,
+                keys=self._keys,
+                last_seq=self.outbox.counter("command_seq"),
+                now=time.time(),
+            )
+            if command.seq is not None:
+                # Recorded before running it: a crash mid-command must not allow a replay.
+                self.outbox.set_counter("command_seq", command.seq)
+        except CommandError as exc:
+            log.warning("mqtt: command %s rejected: %s", name, exc)
+            self._put(self.topics.acks, messages.ack(name, seq, "rejected", str(exc)), "ack")
+            return
+        try:
+            result = await self._on_command(command)
+        except AgentError as exc:
+            log.warning("mqtt: command %s failed: %s", name, exc)
+            self._put(self.topics.acks, messages.ack(name, seq, "failed", str(exc)), "ack")
+            return
+        log.info("mqtt: command %s accepted: %s", name, result)
+        self._put(self.topics.acks, messages.ack(name, seq, "accepted", result), "ack")
+
+    async def _drain(self) -> None:
+        interval = 1.0 / self.config.drain_per_s
+        while True:
+            await self._connected.wait()
+            room = self.config.max_inflight - len(self._inflight)
+            batch = self.outbox.pending(room, after=self._last_sent) if room > 0 else []
+            if not batch:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), 1.0)
+                continue
+            assert self._client is not None
+            for message in batch:
+                if not self._connected.is_set():
+                    break
+                info = self._client.publish(
+                    message.topic, message.payload, message.qos, message.retain
+                )
+                if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                    break
+                self._inflight[info.mid] = message.id
+                self._last_sent = message.id
+                await asyncio.sleep(interval)
+
+    async def _health_loop(self) -> None:
+        while True:
+            try:
+                self.publish_health()
+            except Exception:
+                log.exception("mqtt: building the health message failed")
+            await asyncio.sleep(self.config.health_interval_s)

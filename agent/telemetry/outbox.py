@@ -1,0 +1,168 @@
+"""The MQTT outbox: every message is written here first and deleted only after the broker's
+PUBACK, so a broker outage loses nothing within the bound.
+
+Bound (``plan_drops``, pure): past ``max_bytes`` or ``max_age_s`` the oldest *health* messages
+go first; events, acknowledgements and status are never dropped. Drops are counted (persisted)
+and reported in the next health message.
+
+SQLite in WAL mode with ``synchronous=NORMAL``: a crash of the agent loses nothing; a power cut
+may lose the last few messages written, which for telemetry beats an fsync per message on an
+SD card.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.errors import StoreError
+
+NEVER_DROPPED = frozenset({"event", "ack", "status"})
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    id: int
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    kind: str
+    created: float
+
+
+def plan_drops(
+    rows: Sequence[tuple[int, str, int, float]],
+    max_bytes: int,
+    max_age_s: float,
+    now: float,
+) -> list[int]:
+    """Ids to drop from ``rows`` = (id, kind, size, created), oldest first: expired health
+    messages, then the oldest health messages until the total fits ``max_bytes``."""
+    drops = [
+        rid for rid, kind, _, created in rows if kind == "health" and now - created > max_age_s
+    ]
+    dropped = set(drops)
+    total = sum(size for rid, _, size, _ in rows if rid not in dropped)
+    for rid, kind, size, _ in sorted(rows):
+        if total <= max_bytes:
+            break
+        if kind in NEVER_DROPPED or rid in dropped:
+            continue
+        drops.append(rid)
+        dropped.add(rid)
+        total -= size
+    return drops
+
+
+class Outbox:
+    """Thread-safe; used from the event loop and paho's network thread."""
+
+    def __init__(self, path: Path, max_bytes: int = 8 * 1024 * 1024, max_age_s: float = 7 * 86400):
+        self.max_bytes = max_bytes
+        self.max_age_s = max_age_s
+        self._lock = threading.Lock()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA busy_timeout=5000")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS messages (id INTEGER PRIMARY KEY AUTOINCREMENT, "
+                "topic TEXT NOT NULL, payload BLOB NOT NULL, qos INTEGER NOT NULL, "
+                "retain INTEGER NOT NULL, kind TEXT NOT NULL, created REAL NOT NULL, "
+                "size INTEGER NOT NULL)"
+            )
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS counters (key TEXT PRIMARY KEY, value INTEGER NOT NULL)"
+            )
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open the MQTT outbox {path}: {exc}") from exc
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _bump(self, key: str, by: int) -> int:
+        self._db.execute(
+            "INSERT INTO counters (key, value) VALUES (?, ?) "
+            "ON CONFLICT (key) DO UPDATE SET value = value + excluded.value",
+            (key, by),
+        )
+        row = self._db.execute("SELECT value FROM counters WHERE key=?", (key,)).fetchone()
+        return int(row[0])
+
+    def next_seq(self) -> int:
+        """The device's message sequence number: persisted, strictly increasing."""
+        with self._lock:
+            return self._bump("seq", 1)
+
+    def counter(self, key: str) -> int:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM counters WHERE key=?", (key,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def set_counter(self, key: str, value: int) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO counters (key, value) VALUES (?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (key, value),
+            )
+
+    def put(self, topic: str, payload: bytes, kind: str, qos: int = 1, retain: bool = False) -> int:
+        now = time.time()
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                cursor = self._db.execute(
+                    "INSERT INTO messages (topic, payload, qos, retain, kind, created, size) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (topic, payload, qos, int(retain), kind, now, len(payload) + len(topic)),
+                )
+                rows = self._db.execute("SELECT id, kind, size, created FROM messages").fetchall()
+                drops = plan_drops(rows, self.max_bytes, self.max_age_s, now)
+                if drops:
+                    self._db.executemany("DELETE FROM messages WHERE id=?", [(d,) for d in drops])
+                    self._bump("dropped_health", len(drops))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        assert cursor.lastrowid is not None
+        return cursor.lastrowid
+
+    def pending(self, limit: int, after: int = 0) -> list[Message]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, topic, payload, qos, retain, kind, created FROM messages "
+                "WHERE id > ? ORDER BY id LIMIT ?",
+                (after, limit),
+            ).fetchall()
+        return [Message(r[0], r[1], bytes(r[2]), r[3], bool(r[4]), r[5], r[6]) for r in rows]
+
+    def delete(self, message_id: int) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM messages WHERE id=?", (message_id,))
+
+    def size(self) -> tuple[int, int]:
+        """(messages, bytes) waiting."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM messages"
+            ).fetchone()
+        return int(row[0]), int(row[1])
+
+    def take_dropped(self) -> int:
+        """Health messages dropped since the last call (and reset the count)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT value FROM counters WHERE key='dropped_health'"
+            ).fetchone()
+            self._db.execute("DELETE FROM counters WHERE key='dropped_health'")
+        return int(row[0]) if row else 0

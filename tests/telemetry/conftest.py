@@ -1,0 +1,89 @@
+"""A real Mosquitto broker on a free loopback port, restartable on the same port."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Broker:
+    def __init__(self, directory: Path, extra: str = "") -> None:
+        self.directory = directory
+        self.port = free_port()
+        self.conf = directory / "mosquitto.conf"
+        self.conf.write_text(
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+            f"log_dest file {directory / 'mosquitto.log'}\n{extra}"
+        )
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        if not Path(binary).exists():
+            pytest.fail("mosquitto is not installed; `make test` installs it")
+        self.process = subprocess.Popen(
+            [binary, "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        pytest.fail("mosquitto did not start")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(10)
+            self.process = None
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    b = Broker(tmp_path)
+    b.start()
+    try:
+        yield b
+    finally:
+        b.stop()
+
+
+class Subscriber:
+    """mosquitto_sub in the background, collecting 'topic payload' lines."""
+
+    def __init__(self, broker: Broker, topic: str, out: Path) -> None:
+        self.out = out
+        self.handle = out.open("wb")
+        binary = shutil.which("mosquitto_sub") or "/usr/bin/mosquitto_sub"
+        self.process = subprocess.Popen(
+            [binary, "-h", "127.0.0.1", "-p", str(broker.port), "-t", topic, "-v", "-q", "1"],
+            stdout=self.handle,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(0.3)
+
+    def lines(self) -> list[tuple[str, str]]:
+        pairs = []
+        for line in self.out.read_text().splitlines():
+            topic, _, payload = line.partition(" ")
+            pairs.append((topic, payload))
+        return pairs
+
+    def close(self) -> None:
+        self.process.terminate()
+        self.process.wait(5)
+        self.handle.close()

@@ -1,0 +1,268 @@
+"""Fleet reporting against a real Mosquitto: birth and will, health, events through an outage,
+signed commands; plus the pure outbox bound and command verification."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from agent.errors import CommandError
+from agent.telemetry import commands
+from agent.telemetry.outbox import Outbox, plan_drops
+
+from .conftest import Broker, Subscriber
+
+
+def wait_for(predicate: Callable[[], bool], timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.05)
+
+
+# -- pure parts --------------------------------------------------------------------------
+
+
+def test_plan_drops_oldest_health_first_never_events() -> None:
+    rows = [
+        (1, "health", 100, 0.0),
+        (2, "event", 100, 1.0),
+        (3, "health", 100, 2.0),
+        (4, "event", 100, 3.0),
+        (5, "health", 100, 4.0),
+    ]
+    assert plan_drops(rows, max_bytes=300, max_age_s=1e9, now=5.0) == [1, 3]
+    assert plan_drops(rows, max_bytes=100, max_age_s=1e9, now=5.0) == [1, 3, 5]
+    assert plan_drops(rows, max_bytes=10_000, max_age_s=2.5, now=5.0) == [1, 3]
+
+
+def test_outbox_counts_drops_and_keeps_order(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "outbox.db", max_bytes=2000)
+    for i in range(30):
+        box.put("edge/f/d/health", b"h" * 90, "health")
+        box.put("edge/f/d/events", json.dumps({"n": i}).encode(), "event")
+    events = [m for m in box.pending(1000) if m.kind == "event"]
+    assert [json.loads(m.payload)["n"] for m in events] == list(range(30))
+    assert box.take_dropped() > 0
+    assert box.take_dropped() == 0
+    seqs = [box.next_seq() for _ in range(3)]
+    assert seqs == sorted(seqs)
+    assert len(set(seqs)) == 3
+    box.close()
+
+
+@pytest.fixture
+def operator() -> Ed25519PrivateKey:
+    return Ed25519PrivateKey.generate()
+
+
+def signed(key: Ed25519PrivateKey, **fields: Any) -> dict[str, Any]:
+    doc = {
+        "command": "rollback",
+        "args": {"model": "m"},
+        "device": "dev-1",
+        "seq": 5,
+        "expires": time.time() + 60,
+        **fields,
+    }
+    return commands.sign(doc, key, "ops")
+
+
+def test_command_verification(operator: Ed25519PrivateKey) -> None:
+    keys = {"ops": operator.public_key()}
+    ok = commands.verify(
+        signed(operator), device_id="dev-1", keys=keys, last_seq=4, now=time.time()
+    )
+    assert ok.name == "rollback"
+    assert ok.seq == 5
+    cases = {
+        "bad signature": {**signed(operator), "args": {"model": "other"}},
+        "unknown key": commands.sign(signed(operator), Ed25519PrivateKey.generate(), "ops2"),
+        "is for device": signed(operator, device="dev-2"),
+        "replayed": signed(operator, seq=4),
+        "expired": signed(operator, expires=time.time() - 1),
+        "must be signed": {"command": "rollback", "args": {}},
+        "unknown command": {"command": "format-disk"},
+    }
+    for needle, doc in cases.items():
+        with pytest.raises(CommandError, match=needle):
+            commands.verify(doc, device_id="dev-1", keys=keys, last_seq=4, now=time.time())
+    unsigned = commands.verify(
+        {"command": "check-update"}, device_id="dev-1", keys=keys, last_seq=4, now=time.time()
+    )
+    assert unsigned.signed is False
+
+
+# -- against Mosquitto, with the real agent as a subprocess ------------------------------
+
+
+def agent_config(tmp_path: Path, broker: Broker, model: Path, operator_pub: Path | None) -> Path:
+    config = tmp_path / "agent.toml"
+    keys = f'operator_keys = ["{operator_pub}"]\n' if operator_pub else ""
+    config.write_text(
+        f'[agent]\ndevice_id = "dev-1"\nfleet = "test"\nstate_dir = "{tmp_path / "state"}"\n'
+        f'[serving]\nsocket = "{tmp_path / "infer.sock"}"\n'
+        f'[mqtt]\nhost = "127.0.0.1"\nport = {broker.port}\nkeepalive_s = 2\n'
+        f"health_interval_s = 0.5\n{keys}"
+    )
+    # A model in the store, so the agent serves something and reports it.
+    from agent.models.store import ModelStore
+
+    ModelStore(tmp_path / "state" / "models").install_local("mm", 1, model)
+    return config
+
+
+def start_agent(config: Path, tmp_path: Path) -> subprocess.Popen[bytes]:
+    with (tmp_path / "agent.out").open("ab") as out:  # the child keeps its own descriptor
+        return subprocess.Popen(
+            [sys.executable, "-m", "agent", "run", "--config", str(config)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def payloads(sub: Subscriber, suffix: str) -> list[dict[str, Any]]:
+    return [json.loads(p) for t, p in sub.lines() if t.endswith(suffix)]
+
+
+def test_birth_health_and_will_on_kill_9(broker: Broker, tmp_path: Path, matmul_onnx: Path) -> None:
+    sub = Subscriber(broker, "edge/#", tmp_path / "sub.txt")
+    agent = start_agent(agent_config(tmp_path, broker, matmul_onnx, None), tmp_path)
+    try:
+        wait_for(lambda: any(p.get("online") for p in payloads(sub, "/status")))
+        birth = next(p for p in payloads(sub, "/status") if p.get("online"))
+        assert birth["device"] == "dev-1"
+        assert birth["models"] == {"mm": 1}
+        assert birth["schema"] == 1
+        wait_for(lambda: len(payloads(sub, "/health")) >= 2)
+        health = payloads(sub, "/health")[-1]
+        for key in ("cpu_percent", "memory", "disk", "agent_rss_bytes", "models", "seq", "ts"):
+            assert key in health
+        assert health["models"]["mm"]["active_version"] == 1
+        events = payloads(sub, "/events")
+        assert any(e["kind"] == "activated" and e["version"] == 1 for e in events)
+        agent.send_signal(signal.SIGKILL)
+        agent.wait(10)
+        wait_for(lambda: payloads(sub, "/status")[-1].get("online") is False, timeout_s=10)
+        assert payloads(sub, "/status")[-1]["reason"] == "connection lost"
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
+        sub.close()
+
+
+def test_broker_outage_loses_no_event(broker: Broker, tmp_path: Path, matmul_onnx: Path) -> None:
+    from agent.serving.client import InferenceClient
+
+    config = agent_config(tmp_path, broker, matmul_onnx, None)
+    agent = start_agent(config, tmp_path)
+    sub = Subscriber(broker, "edge/test/dev-1/events", tmp_path / "events.txt")
+    try:
+        wait_for(lambda: any(e["kind"] == "activated" for e in payloads(sub, "/events")))
+        sub.close()
+        broker.stop()
+        # While the broker is away: events (pins and unpins through the admin socket).
+        for _ in range(5):
+            with InferenceClient(str(tmp_path / "infer.sock")) as client:
+                client.request("POST", "/agent/models/mm/pin", b'{"version": 1}')
+        time.sleep(1.5)  # health keeps being written to the outbox meanwhile
+        broker.start()
+        # The agent reconnects after at least a second: subscribe before it does.
+        sub = Subscriber(broker, "edge/test/dev-1/events", tmp_path / "events2.txt")
+        wait_for(lambda: len([e for e in payloads(sub, "/events") if e["kind"] == "pinned"]) >= 5)
+        pinned = [e for e in payloads(sub, "/events") if e["kind"] == "pinned"]
+        assert len(pinned) == 5, "an event written during the outage was lost or duplicated"
+        seqs = [e["seq"] for e in pinned]
+        assert seqs == sorted(seqs), "events arrived out of order"
+        wait_for(lambda: outbox_empty(tmp_path), timeout_s=20)
+        assert "disconnected" in (tmp_path / "agent.out").read_text()
+    finally:
+        agent.terminate()
+        agent.wait(20)
+        sub.close()
+
+
+def outbox_empty(tmp_path: Path) -> bool:
+    box = Outbox(tmp_path / "state" / "outbox.db")
+    try:
+        return box.size()[0] <= 1  # a health message may be in flight
+    finally:
+        box.close()
+
+
+def test_signed_commands(
+    broker: Broker, tmp_path: Path, matmul_onnx: Path, operator: Ed25519PrivateKey
+) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    pub = tmp_path / "ops.pem"
+    pub.write_bytes(
+        operator.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    agent = start_agent(agent_config(tmp_path, broker, matmul_onnx, pub), tmp_path)
+    sub = Subscriber(broker, "edge/test/dev-1/commands/ack", tmp_path / "acks.txt")
+    try:
+        wait_for(lambda: "mqtt: connected" in (tmp_path / "agent.out").read_text())
+        time.sleep(0.5)
+
+        def send(doc: dict[str, Any]) -> None:
+            subprocess.run(
+                [
+                    "mosquitto_pub",
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    str(broker.port),
+                    "-q",
+                    "1",
+                    "-t",
+                    "edge/test/dev-1/commands",
+                    "-m",
+                    json.dumps(doc),
+                ],
+                check=True,
+            )
+
+        base = {
+            "command": "set-log-level",
+            "args": {"level": "debug"},
+            "device": "dev-1",
+            "expires": int(time.time()) + 60,
+        }
+        good = commands.sign({**base, "seq": 10}, operator, "ops")
+        send(good)
+        send(good)  # replay
+        send(commands.sign({**base, "seq": 11, "device": "dev-2"}, operator, "ops"))
+        send(commands.sign({**base, "seq": 12, "expires": 1}, operator, "ops"))
+        send({**commands.sign({**base, "seq": 13}, operator, "ops"), "args": {"level": "error"}})
+        send({"command": "rollback", "args": {"model": "mm"}, "device": "dev-1", "seq": 14})
+        wait_for(lambda: len(payloads(sub, "/ack")) >= 6)
+        acks = payloads(sub, "/ack")
+        outcomes = [(a["command_seq"], a["outcome"]) for a in acks]
+        assert outcomes[0] == (10, "accepted")
+        assert all(outcome == "rejected" for _, outcome in outcomes[1:6])
+        reasons = " | ".join(a["reason"] for a in acks)
+        for needle in (
+            "replayed",
+            "is for device 'dev-2'",
+            "expired",
+            "bad signature",
+            "must be signed",
+        ):
+            assert needle in reasons
+    finally:
+        agent.terminate()
+        agent.wait(20)
+        sub.close()
