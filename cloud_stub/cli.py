@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -65,6 +66,28 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--https", default="127.0.0.1:8443", metavar="HOST:PORT")
     serve.add_argument("--cert", type=Path, required=True)
     serve.add_argument("--key", type=Path, required=True)
+
+    dash = sub.add_parser("dashboard", help="the live fleet dashboard")
+    dash.add_argument("--mqtt", default="127.0.0.1:1883", metavar="HOST:PORT")
+    dash.add_argument("--http", default="127.0.0.1:8080", metavar="HOST:PORT")
+    dash.add_argument("--db", type=Path, default=Path("fleet.db"))
+    dash.add_argument("--operator-key", type=Path, default=None, help="signs commands")
+
+    opkey = sub.add_parser("operator-key", help="make an operator key pair for signed commands")
+    opkey.add_argument("directory", type=Path)
+    opkey.add_argument("--id", default="operator")
+
+    cmd = sub.add_parser("command", help="send a signed command to a device")
+    cmd.add_argument("device")
+    cmd.add_argument(
+        "action", choices=["rollback", "pin", "unpin", "check-update", "set-log-level"]
+    )
+    cmd.add_argument("model", nargs="?", default=None)
+    cmd.add_argument("--to", type=int, default=None, help="rollback target / pinned version")
+    cmd.add_argument("--level", default=None)
+    cmd.add_argument("--fleet", default="default")
+    cmd.add_argument("--mqtt", default="127.0.0.1:1883", metavar="HOST:PORT")
+    cmd.add_argument("--operator-key", type=Path, required=True)
 
     certs = sub.add_parser("certs", help="make a throwaway CA, server and device certificates")
     certs.add_argument("directory", type=Path)
@@ -150,6 +173,57 @@ def _cmd(args: argparse.Namespace) -> int:
         repo = Repository(args.repo)
         with contextlib.suppress(KeyboardInterrupt):
             serve_forever(repo.public, host, int(port), args.cert, args.key)
+        return 0
+    if args.command == "dashboard":
+        from cloud_stub.dashboard.server import Dashboard
+
+        mqtt_host, _, mqtt_port = args.mqtt.rpartition(":")
+        http_host, _, http_port = args.http.rpartition(":")
+        key_id = args.operator_key.stem if args.operator_key else "operator"
+        dashboard = Dashboard(mqtt_host, int(mqtt_port), args.db, args.operator_key, key_id)
+        server = dashboard.start(http_host, int(http_port))
+        print(f"fleet dashboard on http://{http_host}:{server.server_address[1]}/", flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            threading.Event().wait()
+        dashboard.stop(server)
+        return 0
+    if args.command == "operator-key":
+        from cloud_stub.operator import generate
+
+        private, public = generate(args.directory, args.id)
+        print(f"private key {private} (keep it with the operators)")
+        print(f"public key  {public} (list it in [mqtt] operator_keys on devices)")
+        return 0
+    if args.command == "command":
+        import paho.mqtt.client as mqtt
+
+        from cloud_stub.operator import command, load_private
+
+        command_args: dict[str, object] = {}
+        if args.model:
+            command_args["model"] = args.model
+        if args.action == "rollback" and args.to is not None:
+            command_args["to"] = args.to
+        if args.action == "pin":
+            command_args["version"] = args.to
+        if args.level:
+            command_args["level"] = args.level
+        payload = command(
+            load_private(args.operator_key),
+            args.operator_key.stem,
+            args.device,
+            args.action,
+            command_args,
+        )
+        host, _, port = args.mqtt.rpartition(":")
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+        client.connect(host, int(port), 30)
+        client.loop_start()
+        info = client.publish(f"edge/{args.fleet}/{args.device}/commands", payload, qos=1)
+        info.wait_for_publish(10)
+        client.disconnect()
+        client.loop_stop()
+        print(f"sent {args.action} to {args.device}")
         return 0
     if args.command == "certs":
         from cloud_stub.certs import make_pki

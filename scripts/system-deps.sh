@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages edge-agent needs, only when missing.
 #   base: what building the virtualenv needs (venv module)
-#   test: base + the real servers the tests start (mosquitto, nginx) and curl
+#   test: base + the real servers and tools the tests use (mosquitto, nginx, chromium …)
 set -euo pipefail
 want=()
 python=$(command -v python3.11 || command -v python3)
@@ -11,6 +11,11 @@ if [ "${1:-base}" = test ]; then
   command -v mosquitto_sub >/dev/null || want+=(mosquitto-clients)
   command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || want+=(nginx)
   command -v curl >/dev/null || want+=(curl)
+  # The dashboard test drives Debian's browser; no browser is ever downloaded.
+  [ -x /usr/bin/chromium ] || want+=(chromium)
+  [ -x /usr/bin/chromedriver ] || want+=(chromium-driver)
+  command -v systemd-analyze >/dev/null || want+=(systemd)
+  command -v gcc >/dev/null || want+=(gcc)
 fi
 [ ${#want[@]} -eq 0 ] && exit 0
 sudo=""

@@ -1,0 +1,1 @@
+"""The fleet dashboard: MQTT subscriber, fleet state in SQLite, a live web page."""
