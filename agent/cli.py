@@ -219,9 +219,21 @@ def _cmd_status(args: argparse.Namespace) -> int:
                 f"    v{version}: {figures['requests']} requests, {figures['errors']} errors, "
                 f"p50 {figures['p50_ms']} ms, p99 {figures['p99_ms']} ms"
             )
-    for key, value in status.items():
-        if key not in ("agent", "uptime_s", "ready", "models"):
-            print(f"  {key}: {json.dumps(value)}")
+    if status.get("activity"):
+        print(f"  activity: {status['activity']}")
+    update = status.get("last_update")
+    if update:
+        outcome = "ok" if update.get("ok") else f"FAILED: {update.get('error')}"
+        print(f"  last update: {outcome}")
+    for name, version in (status.get("pinned") or {}).items():
+        if version is not None:
+            print(f"  pinned: {name} at version {version}")
+    events = status.get("recent_events") or []
+    if events:
+        print("  recent events:")
+    for event in events[-8:]:
+        reason = f" ({event['reason']})" if event.get("reason") else ""
+        print(f"    {event['model']} v{event['version']}: {event['kind']}{reason}")
     return 0
 
 

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import signal
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,7 +104,10 @@ class Agent:
         self.reporter: Any = None
         self.outbox: Any = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._last_event_id = 0
+        # Events already passed to the listeners: the deployer's arrive directly, the update
+        # child's are picked up from the state database after each cycle.
+        self._forwarded: deque[int] = deque(maxlen=4096)
+        self._floor_event_id = 0
 
     async def start_deployments(self) -> None:
         """Open the store and state database, serve what was committed, validate what is new."""
@@ -132,7 +136,7 @@ class Agent:
             self._update_now if self.config.repository.url else None,
         )
         self.handler.status_provider = self._status_extra
-        self._last_event_id = max((e.id for e in self.state.events(limit=1)), default=0)
+        self._floor_event_id = max((e.id for e in self.state.events(limit=1)), default=0)
         await self.deployer.start()
         if self.config.repository.url and self.config.models.follow:
             self.updates = UpdateLoop(self.config, self.deploy_new_versions)
@@ -147,8 +151,7 @@ class Agent:
         assert self.state is not None
         assert self.deployer is not None
         for event in self.state.events(limit=200):
-            if event.id > self._last_event_id:
-                self._last_event_id = event.id
+            if event.id > self._floor_event_id and event.id not in self._forwarded:
                 self._on_event(event)
         names = set(self.config.models.follow) | set(self.slots.names())
         for name in sorted(names):
@@ -263,7 +266,10 @@ class Agent:
         raise AgentError(f"command {command.name} is not handled")
 
     def _on_event(self, event: Event) -> None:
-        """Deployment events go to every listener (MQTT reporter, status)."""
+        """Deployment events go to every listener (MQTT reporter, status), once each."""
+        if event.id in self._forwarded:
+            return
+        self._forwarded.append(event.id)
         for listener in self.event_listeners:
             listener(event)
 

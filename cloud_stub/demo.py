@@ -217,7 +217,21 @@ def main(argv: list[str] | None = None) -> int:
             )
             print(config.read_text())
             run([edge_agent, "check-config", "--config", str(config)])
+            dashboard_port = free_port()
             if mqtt_port:
+                procs.start(
+                    "dashboard",
+                    [
+                        edge_cloud,
+                        "dashboard",
+                        "--mqtt",
+                        f"127.0.0.1:{mqtt_port}",
+                        "--http",
+                        f"127.0.0.1:{dashboard_port}",
+                        "--db",
+                        str(work / "fleet.db"),
+                    ],
+                )
                 procs.start(
                     "mqtt-watch",
                     [
@@ -314,6 +328,10 @@ def main(argv: list[str] | None = None) -> int:
                     with contextlib.suppress(ValueError):
                         payload = json.dumps(json.loads(payload))[:160]
                     print(f"  {topic}  {payload}")
+                print(
+                    f"\nfleet dashboard: http://127.0.0.1:{dashboard_port}/ (live while the "
+                    "demo runs; run `python -m cloud_stub.demo --keep` to keep the files)"
+                )
             step("Done")
         finally:
             procs.stop_all()
