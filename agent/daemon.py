@@ -30,6 +30,7 @@ from agent.serving.pool import InferencePool
 from agent.serving.server import InferenceServer, ServerLimits
 from agent.state import Event, StateDB
 from agent.telemetry.metrics import Registry
+from agent.telemetry.system import available_memory_bytes
 from agent.updates import UpdateLoop, newest_deployable
 
 log = logging.getLogger(__name__)
@@ -129,6 +130,7 @@ class Agent:
                 inline_threshold_us=self.config.serving.inline_threshold_us,
             ),
             on_event=self._on_event,
+            available_memory=available_memory_bytes,
         )
         self.server.admin = AdminApi(
             self.deployer.rollback,

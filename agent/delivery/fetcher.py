@@ -142,14 +142,29 @@ class HttpxFetcher(FetcherInterface):
             return response
 
     def _fetch(self, url: str) -> Iterator[bytes]:
-        deadline = time.monotonic() + self.config.file_deadline_s
-        response = self._open(url, 0, deadline)
-        return self._stream(url, response, deadline)
+        return self.fetch_from(url, 0)
 
-    def _stream(self, url: str, response: httpx.Response, deadline: float) -> Iterator[bytes]:
-        received = 0
+    def fetch_from(self, url: str, start: int) -> Iterator[bytes]:
+        """The body of ``url`` from byte ``start`` (a partial download kept across restarts).
+
+        Raises:
+            DownloadError: as ``fetch`` (a server that ignores Range is handled: the bytes
+                before ``start`` are skipped).
+        """
+        deadline = time.monotonic() + self.config.file_deadline_s
+        response = self._open(url, start, deadline)
+        skip = start if start and response.status_code == 200 else 0
+        return self._stream(url, response, deadline, received=start - skip, skip=skip)
+
+    def _stream(
+        self,
+        url: str,
+        response: httpx.Response,
+        deadline: float,
+        received: int = 0,
+        skip: int = 0,  # bytes to drop when a server ignored Range and sent the whole file
+    ) -> Iterator[bytes]:
         resumes = 0
-        skip = 0  # bytes to drop when a server ignored Range and sent the file from the start
         try:
             while True:
                 try:

@@ -216,6 +216,35 @@ def test_dropped_connection_resumes_with_range(fault_world: tuple[World, FaultSe
     assert ranges[0].startswith("bytes=")
 
 
+@pytest.mark.parametrize("fault_world", ["none"], indirect=True)
+def test_partial_download_resumes_after_a_restart(fault_world: tuple[World, FaultServer]) -> None:
+    world, server = fault_world
+    info = next(t for _, t in world.repo.targets() if t.path.endswith("model.onnx"))
+    sha = info.hashes["sha256"]
+    data = (world.repo.targets_dir / "models/mm/1" / f"{sha}.model.onnx").read_bytes()
+    partial = world.store.root / ".partial" / sha
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    partial.write_bytes(data[: len(data) // 2])  # what a killed agent left behind
+    report = world.updater().check_once()
+    assert report.installed == [("mm", 1)], report.error
+    ranges = [r for path, r in server.requests if "/targets/" in path and r]
+    assert ranges == [f"bytes={len(data) // 2}-"]
+    assert not partial.exists()
+
+
+@pytest.mark.parametrize("fault_world", ["none"], indirect=True)
+def test_corrupt_partial_is_discarded(fault_world: tuple[World, FaultServer]) -> None:
+    world, _ = fault_world
+    info = next(t for _, t in world.repo.targets() if t.path.endswith("model.onnx"))
+    partial = world.store.root / ".partial" / info.hashes["sha256"]
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    partial.write_bytes(b"\0" * 100)  # not the start of the signed file
+    report = world.updater().check_once()
+    assert "do not match the signed length and hash" in report.error
+    assert not partial.exists()
+    assert world.updater().check_once().installed == [("mm", 1)]
+
+
 @pytest.mark.parametrize("fault_world", ["error500"], indirect=True)
 def test_server_errors_are_retried(fault_world: tuple[World, FaultServer]) -> None:
     world, server = fault_world
