@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -23,8 +24,11 @@ class Broker:
         self.directory = directory
         self.port = free_port()
         self.conf = directory / "mosquitto.conf"
+        # As root, mosquitto would switch to its own user, which cannot read pytest's 0700
+        # temporary directories (certificates, ACL, log).
+        user = "user root\n" if os.getuid() == 0 else ""
         self.conf.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+            f"{user}listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
             f"log_dest file {directory / 'mosquitto.log'}\n{extra}"
         )
         self.process: subprocess.Popen[bytes] | None = None
