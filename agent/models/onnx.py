@@ -56,6 +56,9 @@ class OnnxSession:
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3  # errors only: warnings about unused initializers are noise
+        # The arena keeps freed blocks for reuse; on a device serving small models it mostly
+        # holds memory the rest of the system could use.
+        so.enable_cpu_mem_arena = options.memory_arena
         try:
             self._session: Any = ort.InferenceSession(
                 str(path), so, providers=["CPUExecutionProvider"]

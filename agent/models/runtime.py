@@ -21,6 +21,7 @@ class RuntimeOptions:
     inter_op_threads: int = 1
     # LiteRT interpreters are not thread-safe: the backend keeps this many, one per worker.
     interpreters: int = 1
+    memory_arena: bool = False  # ONNX Runtime's CPU arena: faster for big models, more RSS
 
 
 class Session(Protocol):

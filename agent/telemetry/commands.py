@@ -19,12 +19,12 @@ import binascii
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
-
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from typing import TYPE_CHECKING, Any
 
 from agent.errors import CommandError
+
+if TYPE_CHECKING:  # cryptography costs ~6 MB resident: imported when a signature is checked
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 UNSIGNED_ALLOWED = frozenset({"check-update"})
 KNOWN = frozenset({"check-update", "rollback", "pin", "unpin", "set-log-level"})
@@ -85,6 +85,8 @@ def verify(
     key = keys.get(key_id) if isinstance(key_id, str) else None
     if key is None:
         raise CommandError(f"signed by unknown key {key_id!r}")
+    from cryptography.exceptions import InvalidSignature
+
     try:
         signature = base64.b64decode(str(doc["signature"]), validate=True)
         key.verify(signature, canonical(doc))

@@ -18,17 +18,18 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import paho.mqtt.client as mqtt
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from agent.errors import AgentError, CommandError, ConfigError
 from agent.telemetry import commands, messages
 from agent.telemetry.outbox import Outbox
 
 log = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 CommandHandler = Callable[[commands.Command], Awaitable[str]]
 
@@ -54,6 +55,12 @@ def load_operator_keys(paths: tuple[Path, ...]) -> dict[str, Ed25519PublicKey]:
     Raises:
         ConfigError: a file is missing or is not an Ed25519 public key.
     """
+    if not paths:
+        return {}
+    # Imported only when keys are configured: ~6 MB resident on a device.
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
     keys = {}
     for path in paths:
         try:
