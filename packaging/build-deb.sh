@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Build edge-agent_VERSION_ARCH.deb: the agent as a wheel, a wheelhouse of its dependencies
+# for the target architecture (fetched here with pip's --platform, so the device needs no
+# network), the systemd units, sysusers/tmpfiles and the configuration as a conffile.
+#   packaging/build-deb.sh amd64|arm64 [OUTDIR]
+set -euo pipefail
+arch=${1:?usage: build-deb.sh amd64|arm64 [OUTDIR]}
+top=$(cd "$(dirname "$0")/.." && pwd)
+out=${2:-$top/build}
+python=${PYTHON:-$top/.venv/bin/python}
+case "$arch" in
+  amd64) machine=x86_64 ;;
+  arm64) machine=aarch64 ;;
+  *) echo "unknown architecture $arch (amd64 or arm64)" >&2; exit 2 ;;
+esac
+version=$("$python" -c 'import tomllib;print(tomllib.load(open("'"$top"'/pyproject.toml","rb"))["project"]["version"])')
+stage=$(mktemp -d)
+trap 'rm -rf "$stage"' EXIT
+root=$stage/root
+wheels=$root/opt/edge-agent/wheelhouse
+mkdir -p "$wheels" "$root/DEBIAN" "$root/lib/systemd/system" "$root/usr/lib/sysusers.d" \
+         "$root/usr/lib/tmpfiles.d" "$root/etc/edge-agent" "$root/opt/edge-agent/bin" \
+         "$root/usr/share/doc/edge-agent"
+
+"$python" -m pip wheel -q --no-deps --no-build-isolation -w "$wheels" "$top" 2>/dev/null \
+  || "$python" -m pip wheel -q --no-deps -w "$wheels" "$top"
+platforms=()
+for tag in manylinux2014 manylinux_2_17 manylinux_2_27 manylinux_2_28 manylinux_2_31 manylinux_2_34; do
+  platforms+=(--platform "${tag}_${machine}")
+done
+# Every tag the device's glibc (Debian 12: 2.36) accepts must be named: pip does not widen.
+"$python" -m pip download -q --dest "$wheels" --only-binary=:all: \
+  --python-version 3.11 --implementation cp --abi cp311 --abi abi3 --abi none \
+  "${platforms[@]}" "$wheels"/edge_agent-"$version"-py3-none-any.whl
+
+install -m 0644 "$top/systemd/edge-agent.service" "$top/systemd/edge-agent.socket" "$root/lib/systemd/system/"
+install -m 0644 "$top/systemd/edge-agent.sysusers" "$root/usr/lib/sysusers.d/edge-agent.conf"
+install -m 0644 "$top/systemd/edge-agent.tmpfiles" "$root/usr/lib/tmpfiles.d/edge-agent.conf"
+install -m 0644 "$top/systemd/agent.toml.example" "$root/etc/edge-agent/agent.toml"
+install -m 0644 "$top/README.md" "$root/usr/share/doc/edge-agent/README.md"
+ln -s ../venv/bin/edge-agent "$root/opt/edge-agent/bin/edge-agent"
+for script in postinst prerm postrm; do
+  install -m 0755 "$top/packaging/debian/$script" "$root/DEBIAN/$script"
+done
+echo /etc/edge-agent/agent.toml > "$root/DEBIAN/conffiles"
+size=$(du -sk "$root" | cut -f1)
+sed -e "s/@VERSION@/$version/" -e "s/@ARCH@/$arch/" -e "s/@SIZE@/$size/" \
+  "$top/packaging/debian/control.in" > "$root/DEBIAN/control"
+mkdir -p "$out"
+deb="$out/edge-agent_${version}_${arch}.deb"
+dpkg-deb --root-owner-group -Zxz --build "$root" "$deb" >/dev/null
+echo "$deb"

@@ -1,0 +1,136 @@
+"""The .deb: build it, install it into a scratch root with dpkg, serve an inference with the
+installed agent, upgrade keeping state and configuration, purge; and the arm64 build."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent.serving.client import ClientError, InferenceClient
+
+TOP = Path(__file__).resolve().parents[2]
+
+
+def build(arch: str, out: Path) -> Path:
+    result = subprocess.run(
+        ["bash", str(TOP / "packaging" / "build-deb.sh"), arch, str(out)],
+        env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin:/usr/sbin:/sbin"},
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return Path(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def amd64_deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build("amd64", tmp_path_factory.mktemp("deb"))
+
+
+def dpkg(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [
+            "dpkg",
+            f"--root={root}",
+            "--force-script-chrootless",
+            "--force-depends",
+            "--force-not-root",
+            "--force-confold",
+            "--log=/dev/null",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return result
+
+
+def scratch_root(path: Path) -> Path:
+    for sub in ("var/lib/dpkg/info", "var/lib/dpkg/updates", "etc"):
+        (path / sub).mkdir(parents=True, exist_ok=True)
+    (path / "var/lib/dpkg/status").touch()
+    (path / "var/lib/dpkg/available").touch()
+    return path
+
+
+def test_install_serve_upgrade_purge(amd64_deb: Path, tmp_path: Path, matmul_onnx: Path) -> None:
+    root = scratch_root(tmp_path / "root")
+    dpkg(root, "-i", str(amd64_deb))
+    agent = root / "opt/edge-agent/bin/edge-agent"
+    assert (root / "lib/systemd/system/edge-agent.service").exists()
+    assert re.search(r"^edge-agent:", (root / "etc/passwd").read_text(), re.M)
+    assert (root / "var/lib/edge-agent").is_dir()
+    # The installed agent, from its own virtualenv, serves an inference through its socket.
+    sock = tmp_path / "infer.sock"
+    serve = subprocess.Popen(
+        [str(agent), "serve", f"mm={matmul_onnx}", "--socket", str(sock)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with InferenceClient(str(sock)) as client:
+                    out = client.infer("mm", {"x": np.ones((1, 64), np.float32)})
+                break
+            except ClientError:
+                assert time.monotonic() < deadline, "the installed agent did not serve"
+                time.sleep(0.2)
+        assert out["y"].shape == (1, 64)
+    finally:
+        serve.terminate()
+        serve.wait(20)
+    # An upgrade keeps the operator's configuration and the device's state.
+    config = root / "etc/edge-agent/agent.toml"
+    config.write_text(config.read_text().replace('fleet = "default"', 'fleet = "site-7"'))
+    (root / "var/lib/edge-agent/state.db").write_bytes(b"state")
+    before = (root / "opt/edge-agent/venv").readlink()
+    dpkg(root, "-i", str(amd64_deb))
+    assert 'fleet = "site-7"' in config.read_text()
+    assert (root / "var/lib/edge-agent/state.db").read_bytes() == b"state"
+    assert (root / "opt/edge-agent/venv").readlink() != before
+    assert (
+        subprocess.run(
+            [str(agent), "--version"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        == "edge-agent 0.1.0"
+    )
+    # Purge removes state and configuration.
+    dpkg(root, "--purge", "edge-agent")
+    assert not (root / "var/lib/edge-agent").exists()
+    assert not (root / "etc/edge-agent").exists()
+    assert not (root / "opt/edge-agent").exists()
+
+
+def test_arm64_package_carries_only_arm64_wheels(tmp_path: Path) -> None:
+    deb = build("arm64", tmp_path)
+    fields = subprocess.run(
+        ["dpkg-deb", "-f", str(deb), "Architecture"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert fields == "arm64"
+    extract = tmp_path / "x"
+    subprocess.run(["dpkg-deb", "-x", str(deb), str(extract)], check=True)
+    wheels = sorted((extract / "opt/edge-agent/wheelhouse").glob("*.whl"))
+    names = [w.name for w in wheels]
+    assert any(n.startswith("onnxruntime-") for n in names)
+    assert any(n.startswith("ai_edge_litert-") for n in names)
+    for wheel in wheels:
+        tags = wheel.name[:-4].split("-")[-1]
+        if tags == "any":
+            continue
+        assert "aarch64" in tags, f"{wheel.name} is not an arm64 wheel"
+        with zipfile.ZipFile(wheel) as archive:
+            assert archive.testzip() is None
