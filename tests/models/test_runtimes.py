@@ -161,3 +161,28 @@ def test_runtime_failure_is_an_inference_error(matmul_onnx: Path) -> None:
     session = load_session(matmul_onnx, None, RuntimeOptions())
     with pytest.raises(InferenceError, match=r"matmul\.onnx"):
         session.run({"x": np.zeros((1, 7), np.float32)})
+
+
+@pytest.mark.parametrize(
+    ("fixture", "datatype"), [("tiny_int8_tflite", "INT8"), ("tiny_fp16_tflite", "FP32")]
+)
+def test_quantized_tflite_models(
+    fixture: str, datatype: str, request: pytest.FixtureRequest
+) -> None:
+    from ai_edge_litert.interpreter import Interpreter
+
+    path: Path = request.getfixturevalue(fixture)
+    session = load_session(path, None, RuntimeOptions(interpreters=2))
+    (spec,) = session.inputs
+    assert spec.datatype == datatype
+    assert spec.shape == (1, 8, 8, 1)
+    assert session.outputs[0].datatype == datatype
+    dtype = np.int8 if datatype == "INT8" else np.float32
+    x = (np.arange(64).reshape(1, 8, 8, 1) % 7).astype(dtype)
+    got = session.run({spec.name: x})
+    interpreter = Interpreter(model_path=str(path))
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], x)
+    interpreter.invoke()
+    out = interpreter.get_output_details()[0]
+    np.testing.assert_array_equal(got[out["name"]], interpreter.get_tensor(out["index"]))

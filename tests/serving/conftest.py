@@ -73,11 +73,18 @@ def start_agent(
 
 @pytest.fixture
 def served(
-    tmp_path: Path, matmul_onnx: Path, multi_dtype_onnx: Path, face_detector_tflite: Path
+    tmp_path: Path,
+    matmul_onnx: Path,
+    multi_dtype_onnx: Path,
+    face_detector_tflite: Path,
+    tiny_int8_tflite: Path,
+    mlp_int8_qdq_onnx: Path,
 ) -> Iterator[RunningAgent]:
     models = [
         LocalModel("matmul", matmul_onnx),
         LocalModel("multi", multi_dtype_onnx),
         LocalModel("face", face_detector_tflite),
+        LocalModel("int8", tiny_int8_tflite),
+        LocalModel("mlp8", mlp_int8_qdq_onnx),
     ]
     yield from start_agent(models, tmp_path / "infer.sock")

@@ -126,6 +126,33 @@ def test_face_detector_bit_for_bit(served: RunningAgent, face_detector_tflite: P
         np.testing.assert_array_equal(got[name], want)
 
 
+def test_int8_models_over_the_socket(
+    served: RunningAgent, tiny_int8_tflite: Path, mlp_int8_qdq_onnx: Path
+) -> None:
+    from ai_edge_litert.interpreter import Interpreter
+
+    x = (np.arange(64).reshape(1, 8, 8, 1) % 7).astype(np.int8)
+    interpreter = Interpreter(model_path=str(tiny_int8_tflite))
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], x)
+    interpreter.invoke()
+    detail = interpreter.get_output_details()[0]
+    features = np.random.default_rng(5).standard_normal((2, 16)).astype(np.float32)
+    with InferenceClient(str(served.socket)) as client:
+        meta = client.model_metadata("int8")
+        assert meta["inputs"][0]["datatype"] == "INT8"
+        for binary in (True, False):
+            got = client.infer("int8", {meta["inputs"][0]["name"]: x}, binary=binary)
+            np.testing.assert_array_equal(
+                got[detail["name"]], interpreter.get_tensor(detail["index"])
+            )
+        probs = client.infer("mlp8", {"x": features})["probs"]
+    (want,) = ort.InferenceSession(str(mlp_int8_qdq_onnx), providers=["CPUExecutionProvider"]).run(
+        None, {"x": features}
+    )
+    np.testing.assert_array_equal(probs, want)
+
+
 def test_tritonclient_over_tcp(served: RunningAgent, matmul_onnx: Path) -> None:
     import tritonclient.http as httpclient
 
