@@ -136,6 +136,33 @@ def test_dashboard_shows_the_fleet_live(tmp_path: Path, matmul_onnx: Path) -> No
         ack = fleet(url)["acks"][0]
         assert ack["outcome"] == "failed"
         assert "no earlier version" in ack["reason"]
+        # The same from the shell: `edge-cloud command` signs and publishes.
+        from cloud_stub.cli import main as edge_cloud
+
+        assert (
+            edge_cloud(
+                [
+                    "command",
+                    "dev-1",
+                    "set-log-level",
+                    "--level",
+                    "debug",
+                    "--fleet",
+                    "test",
+                    "--mqtt",
+                    f"127.0.0.1:{broker.port}",
+                    "--operator-key",
+                    str(key),
+                ]
+            )
+            == 0
+        )
+        wait_for(
+            lambda: any(
+                a["command"] == "set-log-level" and a["outcome"] == "accepted"
+                for a in fleet(url)["acks"]
+            )
+        )
     finally:
         if agent.poll() is None:
             agent.kill()
