@@ -126,6 +126,7 @@ class MqttSection:
     client_cert: Path | None = None
     client_key: Path | None = None
     health_interval_s: float = 60.0
+    reconnect_max_s: int = 60  # jittered exponential backoff from 1 s up to this
     operator_keys: tuple[Path, ...] = ()  # Ed25519 public keys (PEM) allowed to sign commands
     outbox_max_bytes: int = 8 * 1024 * 1024
     outbox_max_age_s: float = 7 * 86400.0

@@ -201,6 +201,7 @@ class Agent:
                 client_cert=mqtt_config.client_cert,
                 client_key=mqtt_config.client_key,
                 health_interval_s=mqtt_config.health_interval_s,
+                reconnect_max_s=mqtt_config.reconnect_max_s,
             ),
             self.outbox,
             device_id=self.config.device_id,

@@ -20,7 +20,7 @@ def free_port() -> int:
 
 
 class Broker:
-    def __init__(self, directory: Path, extra: str = "") -> None:
+    def __init__(self, directory: Path, extra: str = "", persistent: bool = False) -> None:
         self.directory = directory
         self.port = free_port()
         self.conf = directory / "mosquitto.conf"
@@ -28,7 +28,13 @@ class Broker:
         # temporary directories (certificates, ACL, log).
         user = "user root\n" if os.getuid() == 0 else ""
         self.conf.write_text(
-            f"{user}listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+            f"{user}listener {self.port} 127.0.0.1\nallow_anonymous true\n"
+            + (
+                f"persistence true\npersistence_location {directory}/\n"
+                if persistent
+                else "persistence false\n"
+            )
+            + ""
             f"log_dest file {directory / 'mosquitto.log'}\n{extra}"
         )
         self.process: subprocess.Popen[bytes] | None = None
@@ -69,12 +75,26 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
 class Subscriber:
     """mosquitto_sub in the background, collecting 'topic payload' lines."""
 
-    def __init__(self, broker: Broker, topic: str, out: Path) -> None:
+    def __init__(self, broker: Broker, topic: str, out: Path, session: str | None = None) -> None:
         self.out = out
         self.handle = out.open("wb")
         binary = shutil.which("mosquitto_sub") or "/usr/bin/mosquitto_sub"
+        # With a session id the broker queues QoS 1 messages for it while it is away.
+        persistent = ["-c", "-i", session] if session else []
         self.process = subprocess.Popen(
-            [binary, "-h", "127.0.0.1", "-p", str(broker.port), "-t", topic, "-v", "-q", "1"],
+            [
+                binary,
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(broker.port),
+                "-t",
+                topic,
+                "-v",
+                "-q",
+                "1",
+                *persistent,
+            ],
             stdout=self.handle,
             stderr=subprocess.DEVNULL,
         )

@@ -113,7 +113,7 @@ def agent_config(tmp_path: Path, broker: Broker, model: Path, operator_pub: Path
         f'[agent]\ndevice_id = "dev-1"\nfleet = "test"\nstate_dir = "{tmp_path / "state"}"\n'
         f'[serving]\nsocket = "{tmp_path / "infer.sock"}"\n'
         f'[mqtt]\nhost = "127.0.0.1"\nport = {broker.port}\nkeepalive_s = 2\n'
-        f"health_interval_s = 0.5\n{keys}"
+        f"health_interval_s = 0.5\nreconnect_max_s = 2\n{keys}"
     )
     # A model in the store, so the agent serves something and reports it.
     from agent.models.store import ModelStore
@@ -162,15 +162,18 @@ def test_birth_health_and_will_on_kill_9(broker: Broker, tmp_path: Path, matmul_
         sub.close()
 
 
-def test_broker_outage_loses_no_event(broker: Broker, tmp_path: Path, matmul_onnx: Path) -> None:
+def test_broker_outage_loses_no_event(tmp_path: Path, matmul_onnx: Path) -> None:
     from agent.serving.client import InferenceClient
 
+    # A persistent broker and a persistent subscriber session: whatever the agent publishes
+    # after the outage reaches the subscriber, whichever of the two reconnects first.
+    broker = Broker(tmp_path, persistent=True)
+    broker.start()
     config = agent_config(tmp_path, broker, matmul_onnx, None)
     agent = start_agent(config, tmp_path)
-    sub = Subscriber(broker, "edge/test/dev-1/events", tmp_path / "events.txt")
+    sub = Subscriber(broker, "edge/test/dev-1/events", tmp_path / "events.txt", session="fleet")
     try:
         wait_for(lambda: any(e["kind"] == "activated" for e in payloads(sub, "/events")))
-        sub.close()
         broker.stop()
         # A 60 s outage (the bar), with events spread over it (pins through the admin
         # socket) while health keeps being written to the outbox every 0.5 s.
@@ -179,8 +182,6 @@ def test_broker_outage_loses_no_event(broker: Broker, tmp_path: Path, matmul_onn
                 client.request("POST", "/agent/models/mm/pin", b'{"version": 1}')
             time.sleep(OUTAGE_S / 5)
         broker.start()
-        # The agent reconnects after at least a second: subscribe before it does.
-        sub = Subscriber(broker, "edge/test/dev-1/events", tmp_path / "events2.txt")
         wait_for(lambda: len([e for e in payloads(sub, "/events") if e["kind"] == "pinned"]) >= 5)
         pinned = [e for e in payloads(sub, "/events") if e["kind"] == "pinned"]
         assert len(pinned) == 5, "an event written during the outage was lost or duplicated"
@@ -192,6 +193,7 @@ def test_broker_outage_loses_no_event(broker: Broker, tmp_path: Path, matmul_onn
         agent.terminate()
         agent.wait(20)
         sub.close()
+        broker.stop()
 
 
 OUTAGE_S = float(os.environ.get("EDGE_OUTAGE_S", "60"))
