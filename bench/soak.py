@@ -129,7 +129,10 @@ def main() -> int:
         time.sleep(5)
     summary = load.communicate()[0]
     with InferenceClient(str(sock)) as client:
-        final = client.status()["models"]["clf"]["active_version"]
+        status = client.status()
+    final = status["models"]["clf"]["active_version"]
+    for event in status.get("recent_events", [])[-6:]:
+        print(f"  event: v{event['version']} {event['kind']} {event['reason']}")
     agent.terminate()
     agent.wait(30)
     server.stop()

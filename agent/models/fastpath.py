@@ -39,9 +39,12 @@ def inline_budget(
         for _ in range(5):  # first runs allocate; they are not what requests will see
             session.run(feeds)
         for _ in range(runs):
-            started = time.perf_counter()
+            # CPU time of this thread, not wall time: the decision must not flip because the
+            # device was busy while the model loaded (both runtimes run on the calling thread
+            # with one intra-op thread).
+            started = time.thread_time()
             session.run(feeds)
-            samples.append(time.perf_counter() - started)
+            samples.append(time.thread_time() - started)
     except Exception:  # a model that cannot run its warm-up input gets no fast path
         return 0
     samples.sort()

@@ -152,7 +152,7 @@ def render_prometheus(registry: Registry, extra: Iterable[tuple[str, str, float]
         labels = f'model="{_label(name)}",version="{_label(version)}"'
         lines.append(f"edge_agent_request_errors_total{{{labels}}} {metrics.errors}")
     lines += [
-        "# HELP edge_agent_request_duration_seconds Inference latency in the agent.",
+        "# HELP edge_agent_request_duration_seconds Time in the runtime per inference.",
         "# TYPE edge_agent_request_duration_seconds histogram",
     ]
     for (name, version), metrics in items:
