@@ -106,6 +106,7 @@ class Reporter:
         self._last_sent = 0  # highest outbox id handed to paho in this connection
         self._tasks: list[asyncio.Task[None]] = []
         self._protocol = mqtt.MQTTv5
+        self._ever_connected = False
         self.sent = 0
 
     # -- building messages ------------------------------------------------------------------
@@ -215,17 +216,10 @@ class Reporter:
     def _on_connect(self, code: int, reason: str) -> None:
         if code != 0:
             log.warning("mqtt: broker refused the connection: %s", reason)
-            if code in (1, 132) and self._protocol == mqtt.MQTTv5:  # unsupported protocol
-                log.info("mqtt: falling back to MQTT 3.1.1")
-                self._protocol = mqtt.MQTTv311
-                assert self._client is not None
-                self._client.loop_stop()
-                self._client = self._make_client()
-                self._client.connect_async(
-                    self.config.host, self.config.port, self.config.keepalive_s
-                )
-                self._client.loop_start()
+            if code in (1, 132):  # unsupported protocol version
+                self._fall_back(f"the broker answered {reason!r} to MQTT 5")
             return
+        self._ever_connected = True
         log.info("mqtt: connected to %s:%d", self.config.host, self.config.port)
         assert self._client is not None
         self._client.subscribe(self.topics.commands, qos=1)
@@ -240,7 +234,23 @@ class Reporter:
         self._connected.set()
         self._wake.set()
 
+    def _fall_back(self, why: str) -> None:
+        if self._protocol != mqtt.MQTTv5:
+            return
+        log.info("mqtt: %s; falling back to MQTT 3.1.1", why)
+        self._protocol = mqtt.MQTTv311
+        assert self._client is not None
+        old = self._client
+        self._client = self._make_client()
+        old.loop_stop()
+        self._client.connect_async(self.config.host, self.config.port, self.config.keepalive_s)
+        self._client.loop_start()
+
     def _on_disconnect(self, reason: str) -> None:
+        if not self._ever_connected and not self._connected.is_set():
+            # Some 3.1.1-only brokers do not parse an MQTT 5 CONNECT at all and just close.
+            self._fall_back(f"the connection closed before any CONNACK ({reason})")
+            return
         if self._connected.is_set():
             log.warning("mqtt: disconnected (%s); buffering in the outbox", reason)
         self._connected.clear()
