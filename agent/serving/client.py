@@ -2,7 +2,7 @@
 
 One persistent HTTP/1.1 connection per client, framed by hand (the server always answers with
 Content-Length), so a call costs one ``sendall`` and as few ``recv`` calls as the reply needs.
-Not thread-safe: use one client per thread.
+Not thread-safe: use one client per thread. ``AsyncInferenceClient`` is the asyncio version.
 
     with InferenceClient("/run/edge-agent/infer.sock") as client:
         outputs = client.infer("detector", {"input": image})
@@ -10,6 +10,8 @@ Not thread-safe: use one client per thread.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import socket
 import struct
@@ -282,3 +284,138 @@ class InferenceClient:
 
 class _StaleConnectionError(Exception):
     """The server closed a kept-alive connection."""
+
+
+class AsyncInferenceClient:
+    """The asyncio twin of ``InferenceClient``: one persistent connection, calls serialised.
+
+    async with AsyncInferenceClient("/run/edge-agent/infer.sock") as client:
+        outputs = await client.infer("detector", {"input": image})
+    """
+
+    def __init__(
+        self,
+        address: str = DEFAULT_SOCKET,
+        *,
+        timeout_s: float = 30.0,
+        max_response_bytes: int = 256 * 1024 * 1024,
+    ) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self.max_response_bytes = max_response_bytes
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._lock = asyncio.Lock()
+        self._limits = oip.Limits(max_body_bytes=max_response_bytes)
+
+    async def _connect(self) -> None:
+        try:
+            if self.address.startswith("http://"):
+                host, _, port = self.address[len("http://") :].rstrip("/").rpartition(":")
+                connect = asyncio.open_connection(host, int(port), limit=_MAX_HEAD)
+            else:
+                connect = asyncio.open_unix_connection(self.address, limit=_MAX_HEAD)
+            self._reader, self._writer = await asyncio.wait_for(connect, self.timeout_s)
+        except (OSError, TimeoutError) as exc:
+            raise ClientError(f"cannot connect to the agent at {self.address}: {exc}") from exc
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            with contextlib.suppress(OSError):
+                await self._writer.wait_closed()
+            self._reader = self._writer = None
+
+    async def __aenter__(self) -> AsyncInferenceClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes = b"",
+        extra_headers: Sequence[tuple[str, str]] = (),
+    ) -> tuple[int, dict[str, str], bytes]:
+        head = [f"{method} {path} HTTP/1.1", "Host: localhost", f"Content-Length: {len(body)}"]
+        head += [f"{name}: {value}" for name, value in extra_headers]
+        payload = ("\r\n".join(head) + "\r\n\r\n").encode() + body
+        async with self._lock:
+            for attempt in (0, 1):
+                fresh = self._writer is None
+                if fresh:
+                    await self._connect()
+                assert self._reader is not None
+                assert self._writer is not None
+                try:
+                    self._writer.write(payload)
+                    return await asyncio.wait_for(self._read(self._reader), self.timeout_s)
+                except (ConnectionError, asyncio.IncompleteReadError) as exc:
+                    await self.close()
+                    if fresh or attempt:
+                        raise ClientError(f"connection to {self.address} broke: {exc}") from exc
+                except TimeoutError as exc:
+                    await self.close()
+                    raise ClientError(
+                        f"no answer from {self.address} within {self.timeout_s} s"
+                    ) from exc
+        raise AssertionError("unreachable")
+
+    async def _read(self, reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+        try:
+            raw = await reader.readuntil(b"\r\n\r\n")
+        except asyncio.LimitOverrunError:
+            raise ClientError("response headers too large") from None
+        lines = raw.decode("latin-1").split("\r\n")
+        try:
+            status = int(lines[0].split(" ", 2)[1])
+        except (IndexError, ValueError):
+            raise ClientError(f"malformed status line {lines[0]!r}") from None
+        headers = {}
+        for line in lines[1:]:
+            if line:
+                name, _, value = line.partition(":")
+                headers[name.strip().lower()] = value.strip()
+        try:
+            length = int(headers["content-length"])
+        except (KeyError, ValueError):
+            raise ClientError("response without a valid Content-Length") from None
+        if length > self.max_response_bytes:
+            raise ClientError(f"response of {length} bytes exceeds {self.max_response_bytes}")
+        body = await reader.readexactly(length)
+        if headers.get("connection", "").lower() == "close":
+            await self.close()
+        return status, headers, body
+
+    async def infer(
+        self,
+        name: str,
+        inputs: Mapping[str, np.ndarray[Any, Any]],
+        outputs: Sequence[str] | None = None,
+        *,
+        version: int | None = None,
+        binary: bool = True,
+    ) -> dict[str, np.ndarray[Any, Any]]:
+        """Like ``InferenceClient.infer``."""
+        body, header_length = oip.encode_infer_request(
+            inputs, outputs, binary=binary, binary_output=binary
+        )
+        extra = (
+            [("Inference-Header-Content-Length", str(header_length))]
+            if header_length is not None
+            else []
+        )
+        path = InferenceClient._model_path(name, version) + "/infer"
+        status, headers, payload = await self.request("POST", path, body, extra)
+        if status != 200:
+            raise _error_for(status, oip.decode_error(payload))
+        raw_length = headers.get("inference-header-content-length")
+        response = oip.decode_infer_response(
+            payload, int(raw_length) if raw_length else None, self._limits
+        )
+        return response.outputs
+
+    async def ready(self) -> bool:
+        return (await self.request("GET", "/v2/health/ready"))[0] == 200

@@ -366,3 +366,24 @@ def test_pipelined_requests_answered_in_order(served: RunningAgent) -> None:
     reply = raw_exchange(served.socket, requests)
     statuses = [int(code) for code in re.findall(rb"HTTP/1\.1 (\d{3}) ", reply)]
     assert statuses == [200, 404, 200, 200]
+
+
+def test_async_client_concurrent_calls(served: RunningAgent, matmul_onnx: Path) -> None:
+    import asyncio
+
+    from agent.serving.client import AsyncInferenceClient
+
+    session = ort.InferenceSession(str(matmul_onnx), providers=["CPUExecutionProvider"])
+    xs = [np.random.default_rng(i).standard_normal((1, 64)).astype(np.float32) for i in range(8)]
+    expected = [session.run(None, {"x": x})[0] for x in xs]
+
+    async def main() -> list[np.ndarray]:  # type: ignore[type-arg]
+        async with AsyncInferenceClient(str(served.socket)) as client:
+            assert await client.ready()
+            results = await asyncio.gather(*(client.infer("matmul", {"x": x}) for x in xs))
+            with pytest.raises(NotFoundError):
+                await client.infer("nope", {"x": xs[0]})
+            return [r["y"] for r in results]
+
+    for got, want in zip(asyncio.run(main()), expected, strict=True):
+        np.testing.assert_array_equal(got, want)
