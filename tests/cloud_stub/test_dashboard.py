@@ -15,8 +15,8 @@ import pytest
 from cloud_stub.dashboard.server import Dashboard
 from cloud_stub.dashboard.state import FleetState
 from cloud_stub.operator import generate
+from tests.telemetry.agents import agent_config, start_agent, wait_for
 from tests.telemetry.conftest import Broker
-from tests.telemetry.test_mqtt import agent_config, start_agent, wait_for
 
 
 def fleet(url: str) -> dict[str, Any]:

@@ -7,9 +7,7 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,15 +18,8 @@ from agent.errors import CommandError
 from agent.telemetry import commands
 from agent.telemetry.outbox import Outbox, plan_drops
 
+from .agents import agent_config, start_agent, wait_for
 from .conftest import Broker, Subscriber
-
-
-def wait_for(predicate: Callable[[], bool], timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.05)
-
 
 # -- pure parts --------------------------------------------------------------------------
 
@@ -104,31 +95,6 @@ def test_command_verification(operator: Ed25519PrivateKey) -> None:
 
 
 # -- against Mosquitto, with the real agent as a subprocess ------------------------------
-
-
-def agent_config(tmp_path: Path, broker: Broker, model: Path, operator_pub: Path | None) -> Path:
-    config = tmp_path / "agent.toml"
-    keys = f'operator_keys = ["{operator_pub}"]\n' if operator_pub else ""
-    config.write_text(
-        f'[agent]\ndevice_id = "dev-1"\nfleet = "test"\nstate_dir = "{tmp_path / "state"}"\n'
-        f'[serving]\nsocket = "{tmp_path / "infer.sock"}"\n'
-        f'[mqtt]\nhost = "127.0.0.1"\nport = {broker.port}\nkeepalive_s = 2\n'
-        f"health_interval_s = 0.5\nreconnect_max_s = 2\n{keys}"
-    )
-    # A model in the store, so the agent serves something and reports it.
-    from agent.models.store import ModelStore
-
-    ModelStore(tmp_path / "state" / "models").install_local("mm", 1, model)
-    return config
-
-
-def start_agent(config: Path, tmp_path: Path) -> subprocess.Popen[bytes]:
-    with (tmp_path / "agent.out").open("ab") as out:  # the child keeps its own descriptor
-        return subprocess.Popen(
-            [sys.executable, "-m", "agent", "run", "--config", str(config)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
 
 
 def payloads(sub: Subscriber, suffix: str) -> list[dict[str, Any]]:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 
+from .agents import start_agent, wait_for
 from .conftest import free_port
-from .test_mqtt import start_agent, wait_for
 
 
 def test_falls_back_to_mqtt_311(tmp_path: Path, matmul_onnx: Path) -> None:

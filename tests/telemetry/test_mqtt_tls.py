@@ -12,8 +12,8 @@ from pathlib import Path
 
 from cloud_stub.certs import make_pki
 
+from .agents import wait_for
 from .conftest import Broker
-from .test_mqtt import wait_for
 
 
 def test_tls_client_certificates_and_per_device_acl(tmp_path: Path, matmul_onnx: Path) -> None:
