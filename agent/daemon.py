@@ -139,6 +139,8 @@ class Agent:
         )
         self.handler.status_provider = self._status_extra
         self._floor_event_id = max((e.id for e in self.state.events(limit=1)), default=0)
+        for name in self.config.models.follow:
+            self.slots.ensure(name).deactivate("no verified version yet")
         await self.deployer.start()
         if self.config.repository.url and self.config.models.follow:
             self.updates = UpdateLoop(self.config, self.deploy_new_versions)
@@ -278,6 +280,11 @@ class Agent:
 
     async def load_local(self, models: Iterable[LocalModel]) -> None:
         """Serve local model files directly (development, benchmarks)."""
+        models = list(models)
+        for model in models:
+            # A request that arrives while the models load learns why it must wait (503), not
+            # that the model does not exist (404).
+            self.slots.ensure(model.name).deactivate("loading", retry_after_s=1.0)
         for model in models:
             runtime = RUNTIME_BY_SUFFIX.get(model.path.suffix)
             if runtime is None:

@@ -209,7 +209,10 @@ class Deployer:
 
     async def start(self) -> None:
         """Serve what was committed, then validate anything newer (resuming after a crash)."""
-        for name in self.store.names():
+        names = self.store.names()
+        for name in names:
+            self.slots.ensure(name).deactivate("loading", retry_after_s=1.0)
+        for name in names:
             await self._start_model(name)
 
     async def _start_model(self, name: str) -> None:
@@ -254,7 +257,7 @@ class Deployer:
             log.info("model %s version %d: serving (committed)", name, plan.serve)
         if plan.validate is not None:
             await self.deploy(name, plan.validate)
-        elif plan.serve is None:
+        if slot.active is None:
             slot.deactivate("no valid version in the store")
 
     # -- deploy -----------------------------------------------------------------------------

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+# Official ONNX Runtime wheels since 1.25 collect usage telemetry on Linux too: an uploader
+# thread, a device identifier and an SQLite cache under ~/.cache/Microsoft. A fleet device must
+# not phone home nor write outside its state directory, and the uploader costs ~2.6 MB of
+# resident memory. The switch is read once, when the library initialises, so it is set before
+# the import; an operator who wants telemetry sets ORT_DISABLE_TELEMETRY=0 explicitly.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
 import onnxruntime as ort
 
 from agent.errors import InferenceError, ModelError

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -186,3 +189,27 @@ def test_quantized_tflite_models(
     interpreter.invoke()
     out = interpreter.get_output_details()[0]
     np.testing.assert_array_equal(got[out["name"]], interpreter.get_tensor(out["index"]))
+
+
+def test_onnx_runtime_telemetry_is_off(tmp_path: Path, matmul_onnx: Path) -> None:
+    """Stock ONNX Runtime wheels write a device id and an event cache under ~/.cache and start
+    an uploader; the agent's ONNX backend must do neither, unless the operator asks."""
+    script = (
+        "import numpy as np, sys\n"
+        "from agent.models.runtime import RuntimeOptions, load_session\n"
+        "s = load_session(__import__('pathlib').Path(sys.argv[1]), 'onnx',"
+        " RuntimeOptions())\n"
+        "s.run({'x': np.ones((1, 64), np.float32)})\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"}
+    for home, extra in (("agent", {}), ("opted-in", {"ORT_DISABLE_TELEMETRY": "0"})):
+        (tmp_path / home).mkdir()
+        subprocess.run(
+            [sys.executable, "-c", script, str(matmul_onnx)],
+            env={**env, **extra, "HOME": str(tmp_path / home)},
+            check=True,
+            cwd=Path(__file__).resolve().parents[2],
+        )
+    assert list((tmp_path / "agent").iterdir()) == []
+    # The same run with telemetry allowed does write there: the check above can fail.
+    assert (tmp_path / "opted-in" / ".cache" / "Microsoft").is_dir()

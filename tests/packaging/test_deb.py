@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from agent.errors import UnavailableError
 from agent.serving.client import ClientError, InferenceClient
 
 TOP = Path(__file__).resolve().parents[2]
@@ -86,7 +87,7 @@ def test_install_serve_upgrade_purge(amd64_deb: Path, tmp_path: Path, matmul_onn
                 with InferenceClient(str(sock)) as client:
                     out = client.infer("mm", {"x": np.ones((1, 64), np.float32)})
                 break
-            except ClientError:
+            except (ClientError, UnavailableError):
                 assert time.monotonic() < deadline, "the installed agent did not serve"
                 time.sleep(0.2)
         assert out["y"].shape == (1, 64)

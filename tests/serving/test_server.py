@@ -387,3 +387,58 @@ def test_async_client_concurrent_calls(served: RunningAgent, matmul_onnx: Path) 
 
     for got, want in zip(asyncio.run(main()), expected, strict=True):
         np.testing.assert_array_equal(got, want)
+
+
+def test_model_still_loading_answers_503_not_404(
+    tmp_path: Path, matmul_onnx: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon listens before its models load (socket activation): a request that arrives in
+    between must learn that the model is coming, not that it does not exist."""
+    import asyncio
+
+    from agent import daemon
+    from agent.config import Config, ServingSection
+    from agent.daemon import Agent, LocalModel
+
+    gate = threading.Event()
+    real_load = daemon.load_version
+
+    def gated_load(*args: object, **kwargs: object) -> object:
+        assert gate.wait(30)
+        return real_load(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(daemon, "load_version", gated_load)
+    sock = tmp_path / "s.sock"
+    agent = Agent(Config(serving=ServingSection(socket=sock)))
+    loop = asyncio.new_event_loop()
+    listening = threading.Event()
+
+    async def run() -> None:
+        await agent.listen()
+        listening.set()
+        await agent.load_local([LocalModel("mm", matmul_onnx)])
+        await agent.wait_for_stop()
+        await agent.shutdown()
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(run(),), daemon=True)
+    thread.start()
+    try:
+        assert listening.wait(30)
+        with InferenceClient(str(sock)) as client:
+            with pytest.raises(UnavailableError, match="model 'mm' is not ready: loading"):
+                client.infer("mm", {"x": np.ones((1, 64), np.float32)})
+            assert client.model_ready("mm") is False
+            with pytest.raises(NotFoundError, match="unknown model 'other' \\(known: mm\\)"):
+                client.infer("other", {"x": np.ones((1, 64), np.float32)})
+            gate.set()
+            for _ in range(300):
+                if client.model_ready("mm"):
+                    break
+                threading.Event().wait(0.1)
+            out = client.infer("mm", {"x": np.ones((1, 64), np.float32)})
+            assert out["y"].shape == (1, 64)
+    finally:
+        gate.set()
+        loop.call_soon_threadsafe(agent.request_stop)
+        thread.join(30)
+        loop.close()
