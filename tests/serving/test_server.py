@@ -15,7 +15,7 @@ import onnxruntime as ort
 import pytest
 
 from agent.errors import NotFoundError, RequestError, UnavailableError
-from agent.serving.client import InferenceClient
+from agent.serving.client import ClientError, InferenceClient
 
 from .conftest import RunningAgent
 
@@ -442,3 +442,49 @@ def test_model_still_loading_answers_503_not_404(
         loop.call_soon_threadsafe(agent.request_stop)
         thread.join(30)
         loop.close()
+
+
+def test_spinning_client_results_and_fallback_to_blocking(
+    served: RunningAgent, matmul_onnx: Path, face_detector_tflite: Path
+) -> None:
+    """The spinning client returns the same bytes as a blocking one; replies that outlast the
+    budget (a 1 µs budget, a multi-chunk reply) fall back to a blocking recv and back off."""
+    session = ort.InferenceSession(str(matmul_onnx), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(3).standard_normal((1, 64)).astype(np.float32)
+    want = session.run(None, {"x": x})[0]
+    with InferenceClient(str(served.socket), spin_us=1_000_000) as patient:
+        patient.spin.cpus = 2  # the policy under test, whatever this machine's affinity
+        for _ in range(20):
+            np.testing.assert_array_equal(patient.infer("matmul", {"x": x})["y"], want)
+        assert patient.spin.spins == 20
+        assert patient.spin.hits == 20
+    with InferenceClient(str(served.socket), spin_us=1) as hasty:
+        hasty.spin.cpus = 2
+        for _ in range(40):
+            np.testing.assert_array_equal(hasty.infer("matmul", {"x": x})["y"], want)
+        assert hasty.spin.hits < hasty.spin.spins < 40  # missed, then backed off
+    image = np.random.default_rng(4).random((1, 128, 128, 3), dtype=np.float32)
+    with (
+        InferenceClient(str(served.socket), spin_us=0) as blocking,
+        InferenceClient(str(served.socket)) as spinning,
+    ):
+        spinning.spin.cpus = 2
+        a = blocking.infer("face", {"input": image})
+        b = spinning.infer("face", {"input": image})
+        assert a.keys() == b.keys()
+        for name in a:
+            np.testing.assert_array_equal(a[name], b[name])
+        assert blocking.spin.spins == 0
+
+
+def test_spinning_client_still_times_out(tmp_path: Path) -> None:
+    """A server that accepts and never answers: the spin ends, the blocking wait times out."""
+    path = tmp_path / "mute.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(str(path))
+        server.listen()
+        with InferenceClient(str(path), timeout_s=0.5) as client:
+            client.spin.cpus = 2
+            with pytest.raises(ClientError, match=r"no answer .* within 0\.5 s"):
+                client.request("GET", "/v2/health/ready")
+            assert (client.spin.spins, client.spin.hits) == (0, 0)
