@@ -254,14 +254,21 @@ def _from_json(
         return raw.astype(dtype, copy=False).reshape(shape)
 
 
-def _decode_tensor(
-    entry: Any,
-    kind: str,
-    reader: _Reader,
-    limits: Limits,
-    error: type[AgentError],
-    seen: set[str],
-) -> tuple[str, str, tuple[int, ...], np.ndarray[Any, Any]]:
+@dataclass(frozen=True, slots=True)
+class _TensorPlan:
+    """One tensor of a JSON header, checked: where its values come from and what they are."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    what: str
+    size: int | None  # binary_data_size, or None for JSON 'data'
+    data: Any = None
+
+
+def _describe_tensor(
+    entry: Any, kind: str, limits: Limits, error: type[AgentError], seen: set[str]
+) -> _TensorPlan:
     if not isinstance(entry, dict):
         raise error(f"each {kind} must be a JSON object, found {type(entry).__name__}")
     name = entry.get("name")
@@ -281,26 +288,45 @@ def _decode_tensor(
     if not isinstance(params, dict):
         raise error(f"{what}: 'parameters' must be an object")
     size = params.get("binary_data_size")
-    count = math.prod(shape)
     if size is not None:
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise error(f"{what}: binary_data_size must be a non-negative integer, found {size!r}")
-        chunk = reader.take(size, what, error)
-        if datatype == "BYTES":
-            array = _decode_bytes_elements(chunk, count, what, error).reshape(shape)
-        else:
-            dtype = OIP_TO_NUMPY[datatype]
-            expected = count * dtype.itemsize
+        if datatype != "BYTES":
+            expected = math.prod(shape) * OIP_TO_NUMPY[datatype].itemsize
             if size != expected:
                 raise error(
                     f"{what}: binary_data_size is {size} bytes, shape {list(shape)} of "
                     f"{datatype} needs {expected}"
                 )
-            array = np.frombuffer(chunk, dtype=dtype, count=count).reshape(shape)
-        return name, datatype, shape, array
+        return _TensorPlan(name, datatype, shape, what, size)
     if "data" not in entry:
         raise error(f"{what}: neither 'data' nor a binary_data_size parameter")
-    return name, datatype, shape, _from_json(entry["data"], datatype, shape, what, error)
+    return _TensorPlan(name, datatype, shape, what, None, entry["data"])
+
+
+def _materialize(
+    plan: _TensorPlan, reader: _Reader, error: type[AgentError]
+) -> np.ndarray[Any, Any]:
+    if plan.size is None:
+        return _from_json(plan.data, plan.datatype, plan.shape, plan.what, error)
+    chunk = reader.take(plan.size, plan.what, error)
+    count = math.prod(plan.shape)
+    if plan.datatype == "BYTES":
+        return _decode_bytes_elements(chunk, count, plan.what, error).reshape(plan.shape)
+    dtype = OIP_TO_NUMPY[plan.datatype]
+    return np.frombuffer(chunk, dtype=dtype, count=count).reshape(plan.shape)
+
+
+def _decode_tensor(
+    entry: Any,
+    kind: str,
+    reader: _Reader,
+    limits: Limits,
+    error: type[AgentError],
+    seen: set[str],
+) -> tuple[str, str, tuple[int, ...], np.ndarray[Any, Any]]:
+    plan = _describe_tensor(entry, kind, limits, error, seen)
+    return plan.name, plan.datatype, plan.shape, _materialize(plan, reader, error)
 
 
 def _split(
@@ -345,6 +371,54 @@ def _finish_reader(reader: _Reader, error: type[AgentError]) -> None:
 # -- server side ----------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class _RequestPlan:
+    """A checked request header; with the binary part it becomes an ``InferRequest``."""
+
+    id: str | None
+    inputs: tuple[_TensorPlan, ...]
+    outputs: tuple[RequestedOutput, ...] | None
+    binary_output: bool
+    parameters: Mapping[str, Any]
+
+    def bind(self, reader: _Reader) -> InferRequest:
+        inputs = tuple(
+            InferInput(t.name, t.datatype, t.shape, _materialize(t, reader, RequestError))
+            for t in self.inputs
+        )
+        _finish_reader(reader, RequestError)
+        return InferRequest(self.id, inputs, self.outputs, self.binary_output, self.parameters)
+
+
+class _PlanCache:
+    """Checked headers of recent binary requests, by their bytes.
+
+    A client calling a model sends the same JSON header every time (names, datatypes, shapes,
+    sizes): checking it once saves most of the decoding. Only headers without an ``id`` and
+    without JSON data are kept (those differ per request), bounded in count and size.
+    """
+
+    MAX_ENTRIES = 128
+    MAX_HEADER_BYTES = 4096
+
+    def __init__(self) -> None:
+        self._plans: dict[tuple[bytes, Limits], _RequestPlan] = {}
+
+    def get(self, key: tuple[bytes, Limits]) -> _RequestPlan | None:
+        return self._plans.get(key)
+
+    def put(self, key: tuple[bytes, Limits], plan: _RequestPlan) -> None:
+        if plan.id is not None or any(t.size is None for t in plan.inputs):
+            return
+        if len(self._plans) >= self.MAX_ENTRIES:
+            # Oldest first; another thread may have evicted it already (dicts keep order).
+            self._plans.pop(next(iter(self._plans), key), None)
+        self._plans[key] = plan
+
+
+_plans = _PlanCache()
+
+
 def decode_infer_request(
     body: bytes | bytearray | memoryview,
     header_length: int | None,
@@ -356,7 +430,23 @@ def decode_infer_request(
         RequestError: naming the field or tensor that is malformed.
         PayloadTooLargeError: a size bound is exceeded.
     """
+    key = None
+    if header_length is not None and 0 <= header_length <= _PlanCache.MAX_HEADER_BYTES:
+        view = memoryview(body)
+        if header_length <= len(view) <= limits.max_body_bytes:
+            key = (bytes(view[:header_length]), limits)
+            plan = _plans.get(key)
+            if plan is not None:
+                return plan.bind(_Reader(view[header_length:]))
     header, reader = _split(body, header_length, limits, RequestError)
+    plan = _plan_request(header, limits)
+    request = plan.bind(reader)
+    if key is not None:
+        _plans.put(key, plan)
+    return request
+
+
+def _plan_request(header: dict[str, Any], limits: Limits) -> _RequestPlan:
     request_id = header.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise RequestError(f"'id' must be a string, found {request_id!r}")
@@ -375,10 +465,8 @@ def decode_infer_request(
         )
     seen: set[str] = set()
     inputs = tuple(
-        InferInput(*_decode_tensor(entry, "input", reader, limits, RequestError, seen))
-        for entry in raw_inputs
+        _describe_tensor(entry, "input", limits, RequestError, seen) for entry in raw_inputs
     )
-    _finish_reader(reader, RequestError)
     outputs = None
     raw_outputs = header.get("outputs")
     if raw_outputs is not None:
@@ -400,7 +488,7 @@ def decode_infer_request(
                 raise RequestError(f"output {entry['name']!r}: binary_data must be true or false")
             parsed.append(RequestedOutput(entry["name"], binary))
         outputs = tuple(parsed)
-    return InferRequest(request_id, inputs, outputs, binary_output, parameters)
+    return _RequestPlan(request_id, inputs, outputs, binary_output, parameters)
 
 
 def check_inputs(

@@ -224,3 +224,43 @@ def test_our_responses_parse_in_tritonclient() -> None:
     np.testing.assert_array_equal(result.as_numpy("y"), y)
     np.testing.assert_array_equal(result.as_numpy("z"), z)
     assert list(result.as_numpy("s")) == list(s)
+
+
+@pytest.fixture
+def fresh_plans(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(oip, "_plans", oip._PlanCache())
+
+
+@pytest.mark.usefixtures("fresh_plans")
+def test_repeated_headers_are_checked_once_and_bind_fresh_data() -> None:
+    """The server keeps checked headers of binary requests: a repeat must still read its own
+    tensor bytes, and still fail precisely when those bytes are wrong."""
+    rng = np.random.default_rng(7)
+    first = rng.standard_normal((2, 8)).astype(np.float32)
+    second = rng.standard_normal((2, 8)).astype(np.float32)
+    body1, length = oip.encode_infer_request({"x": first}, ["y"])
+    body2, length2 = oip.encode_infer_request({"x": second}, ["y"])
+    assert length == length2 and body1[:length] == body2[:length]
+    np.testing.assert_array_equal(oip.decode_infer_request(body1, length).inputs[0].data, first)
+    assert len(oip._plans._plans) == 1
+    repeat = oip.decode_infer_request(body2, length)
+    np.testing.assert_array_equal(repeat.inputs[0].data, second)
+    assert repeat.outputs == (oip.RequestedOutput("y", True),)
+    with pytest.raises(RequestError, match="truncated binary part"):
+        oip.decode_infer_request(body2[:-4], length)
+    with pytest.raises(RequestError, match="4 bytes of binary data follow"):
+        oip.decode_infer_request(body2 + b"\0\0\0\0", length)
+    # Requests that differ every time (an id, JSON data) are not kept.
+    body, length = oip.encode_infer_request({"x": first}, request_id="req-1")
+    oip.decode_infer_request(body, length)
+    body, _ = oip.encode_infer_request({"x": first}, binary=False)
+    oip.decode_infer_request(body, len(body))
+    assert len(oip._plans._plans) == 1
+
+
+@pytest.mark.usefixtures("fresh_plans")
+def test_header_cache_is_bounded() -> None:
+    for rows in range(1, oip._PlanCache.MAX_ENTRIES + 20):
+        body, length = oip.encode_infer_request({"x": np.zeros((rows, 2), np.float32)})
+        assert oip.decode_infer_request(body, length).inputs[0].shape == (rows, 2)
+    assert len(oip._plans._plans) == oip._PlanCache.MAX_ENTRIES
