@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -305,10 +306,9 @@ class Agent:
             self.slots.ensure(model.name).add(loaded, activate=True)
             log.info("serving %s version %d from %s", model.name, model.version, model.path)
 
-    async def listen(self) -> None:
+    async def listen(self, activated: list[socket.socket] | None = None) -> None:
         serving = self.config.serving
         group = serving.socket_group or None
-        activated = systemd.listen_fds()
         if activated:
             # edge-agent.socket owns the socket: restarts of the service drop no client.
             for sock in activated:
@@ -352,12 +352,21 @@ class Agent:
             loop.add_signal_handler(sig, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         try:
-            await self.listen()
+            activated = systemd.listen_fds()
+            if not activated:
+                # Our own socket: listen at once, so status calls work during a long load and
+                # inference requests learn why they must wait (503 with Retry-After).
+                await self.listen()
             await self.prepare_reporting()
             if local is None:
                 await self.start_deployments()
             else:
                 await self.load_local(local)
+            if activated:
+                # systemd's socket outlives the agent: clients that connect while it restarts
+                # wait in the socket's backlog, and are accepted once the models have loaded,
+                # so a restart fails no request.
+                await self.listen(activated)
             if self.reporter is not None:
                 await self.reporter.start()
             if self.updates is not None:

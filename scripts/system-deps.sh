@@ -15,6 +15,12 @@ if [ "${1:-base}" = test ]; then
   [ -x /usr/bin/chromium ] || want+=(chromium)
   [ -x /usr/bin/chromedriver ] || want+=(chromium-driver)
   command -v systemd-analyze >/dev/null || want+=(systemd)
+  # The .deb's postinst builds its venv with the distribution's interpreter.
+  if [ -x /usr/bin/python3 ] && ! /usr/bin/python3 -c 'import venv, ensurepip' 2>/dev/null; then
+    want+=(python3-venv)
+  fi
+  # The unit runs under a real systemd (PID 1 in a container booted from this machine's root).
+  command -v systemd-nspawn >/dev/null || want+=(systemd-container)
   command -v gcc >/dev/null || want+=(gcc)
 fi
 [ ${#want[@]} -eq 0 ] && exit 0

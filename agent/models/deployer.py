@@ -311,7 +311,7 @@ class Deployer:
                 event="activated",
             )
             self._start_probation(name, version, before.version if before else None)
-            self.status_text = f"serving {name} version {version} (probation)"
+            self.status_text = f"{name} version {version} in probation"
             return True
 
     async def _validate(self, name: str, version: int, *, record: bool) -> LoadedVersion:
@@ -432,7 +432,7 @@ class Deployer:
                 self._record(name, other.version, Stage.RETIRED, f"superseded by version {version}")
         if previous is not None:
             slot.unload(previous)
-        self.status_text = f"serving {name} version {version}"
+        self.status_text = "idle"
         self.collect_garbage(name)
 
     async def _rollback_to_previous(

@@ -248,10 +248,14 @@ class ModelStore:
         runtime = RUNTIME_BY_SUFFIX.get(model_file.suffix)
         if runtime is None:
             raise StoreError(f"{model_file}: unknown model type, expected .onnx or .tflite")
-        staged = self.new_staging_dir() / f"model{model_file.suffix}"
-        shutil.copyfile(model_file, staged)
-        manifest = Manifest(name=name, version=version, runtime=runtime, model_file=staged.name)
-        return self.install(manifest, {staged.name: staged})
+        staging = self.new_staging_dir()
+        try:
+            staged = staging / f"model{model_file.suffix}"
+            shutil.copyfile(model_file, staged)
+            manifest = Manifest(name=name, version=version, runtime=runtime, model_file=staged.name)
+            return self.install(manifest, {staged.name: staged})
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
     def remove(self, name: str, version: int) -> None:
         """Delete a version: renamed into staging first so no half-deleted dir stays visible."""
