@@ -541,12 +541,28 @@ class Deployer:
         return doomed
 
     async def close(self) -> None:
+        """Stop, cleanly: a probation cut short starts over after the restart.
+
+        Only a probation cut short by a crash counts against its version (``plan_start``
+        rolls back after repeated crashes); an operator's restart must not.
+        """
+        names = list(self._probations)
         for task in self._probations.values():
             task.cancel()
         for task in list(self._probations.values()):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._probations.clear()
+        for name in names:
+            for row in self.state.deployments(name):
+                if Stage(row.stage) is Stage.ACTIVE:
+                    self._record(
+                        name,
+                        row.version,
+                        Stage.VERIFIED,
+                        "probation interrupted by a clean stop; it starts over on restart",
+                        event="recovered",
+                    )
 
     def probation_active(self, name: str) -> bool:
         return name in self._probations

@@ -226,28 +226,56 @@ def test_manual_rollback_and_restart_resume(tmp_path: Path) -> None:
     asyncio.run(main())
 
 
-def test_restart_during_probation_revalidates(tmp_path: Path) -> None:
+async def crash(h: Harness) -> None:
+    """What kill -9 leaves: probation tasks gone, nothing recorded about them."""
+    tasks = list(h.deployer._probations.values())
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    h.close()
+
+
+def test_crashes_during_probation_roll_back(tmp_path: Path) -> None:
     async def main() -> None:
         h = Harness(tmp_path, ProbationPolicy(window_s=3600))
         install(h.store, tmp_path, 1, 2.0)
         await h.deployer.start()
         assert h.stage(1) == "active"
-        await h.deployer.close()
-        h.close()  # "crash" during probation
+        await crash(h)
         h2 = Harness(tmp_path, ProbationPolicy(window_s=3600))
         await h2.deployer.start()
         assert h2.stage(1) == "active"
         row = h2.state.get("scale", 1)
         assert row is not None and row.crashes == 1
         assert "recovered" in [e.kind for e in h2.events]
-        await h2.deployer.close()
-        h2.close()
+        await crash(h2)
         h3 = Harness(tmp_path, ProbationPolicy(window_s=3600))
         await h3.deployer.start()  # second crash in probation: rolled back, nothing to serve
         assert h3.stage(1) == "rolled_back"
         assert h3.slots.get("scale").active is None
         await h3.deployer.close()
         h3.close()
+
+    asyncio.run(main())
+
+
+def test_clean_restarts_during_probation_start_it_over(tmp_path: Path) -> None:
+    """An operator restarting the service (systemctl restart) is not a crash: however often
+    it happens during probation, the version is revalidated, never rolled back."""
+
+    async def main() -> None:
+        for attempt in range(4):
+            h = Harness(tmp_path, ProbationPolicy(window_s=3600))
+            if attempt == 0:
+                install(h.store, tmp_path, 1, 2.0)
+            await h.deployer.start()
+            assert h.stage(1) == "active"
+            assert h.slots.get("scale").active is not None
+            await h.deployer.close()
+            row = h.state.get("scale", 1)
+            assert row is not None and (row.stage, row.crashes) == ("verified", 0)
+            assert "probation interrupted by a clean stop" in row.reason
+            h.close()
 
     asyncio.run(main())
 
