@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 import time
 import zipfile
 from pathlib import Path
@@ -16,20 +15,7 @@ import pytest
 from agent.errors import UnavailableError
 from agent.serving.client import ClientError, InferenceClient
 
-TOP = Path(__file__).resolve().parents[2]
-
-
-def build(arch: str, out: Path) -> Path:
-    result = subprocess.run(
-        ["bash", str(TOP / "packaging" / "build-deb.sh"), arch, str(out)],
-        env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin:/usr/sbin:/sbin"},
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return Path(result.stdout.strip().splitlines()[-1])
+from .debs import build
 
 
 @pytest.fixture(scope="module")
