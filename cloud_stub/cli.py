@@ -50,9 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     delegate.add_argument("repo", type=Path)
     delegate.add_argument("name")
 
-    rotate = sub.add_parser("rotate-key", help="replace a top-level role's key")
+    rotate = sub.add_parser(
+        "rotate-key", help="replace a role's key (top-level, or a model's delegated role)"
+    )
     rotate.add_argument("repo", type=Path)
-    rotate.add_argument("role", choices=["root", "targets", "snapshot", "timestamp"])
+    rotate.add_argument(
+        "role", help="root, targets, snapshot, timestamp, or model-NAME (see `delegate`)"
+    )
 
     refresh = sub.add_parser("refresh", help="re-sign snapshot and timestamp before they expire")
     refresh.add_argument("repo", type=Path)

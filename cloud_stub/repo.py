@@ -324,10 +324,12 @@ class Repository:
         """Replace ``role``'s keys with a new one; returns the new key's id.
 
         A new root version is signed by the old root keys and the new set, so clients holding
-        the previous root can follow the rotation.
+        the previous root can follow the rotation. A model's delegated role (``model-NAME``)
+        is rotated in the top-level targets metadata instead, which the targets key signs:
+        the model team's old key stops counting with the next snapshot.
         """
         if role not in TOP_LEVEL:
-            raise RepositoryError(f"rotate-key handles top-level roles, not {role!r}")
+            return self._rotate_delegated_key(role)
         root = self.load("root")
         old_root_keyids = list(root.signed.roles["root"].keyids)
         old_root_signers = self._signers("root", old_root_keyids)
@@ -349,6 +351,21 @@ class Repository:
             self._publish({"targets": self.load("targets")})
         elif role in ("snapshot", "timestamp"):
             self._publish({})
+        return str(signer.public_key.keyid)
+
+    def _rotate_delegated_key(self, role: str) -> str:
+        top = self.load("targets")
+        delegations = top.signed.delegations
+        if delegations is None or delegations.roles is None or role not in delegations.roles:
+            delegated = list(delegations.roles) if delegations and delegations.roles else []
+            known = ", ".join([*TOP_LEVEL, *delegated])
+            raise RepositoryError(f"unknown role {role!r} (roles: {known})")
+        for keyid in list(delegations.roles[role].keyids):
+            top.signed.revoke_key(keyid, role)
+        signer = _new_signer(self.keys_dir, role)
+        top.signed.add_key(signer.public_key, role)
+        # Top-level targets first: the delegated role is then signed with the key it now names.
+        self._publish({"targets": top, role: self.load(role)})
         return str(signer.public_key.keyid)
 
     def refresh(self) -> None:

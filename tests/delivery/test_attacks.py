@@ -9,10 +9,11 @@ from __future__ import annotations
 import datetime as dt
 import json
 
+import pytest
 from securesystemslib.signer import CryptoSigner
 from tuf.api.metadata import TargetFile
 
-from cloud_stub.repo import Expiry, Repository
+from cloud_stub.repo import Expiry, Repository, RepositoryError
 
 from .conftest import World
 
@@ -155,6 +156,31 @@ def test_revoked_key_after_rotation(world: World) -> None:
     assert report.installed == []
     assert "UnsignedMetadataError" in report.error
     assert_untouched(world, [1])
+
+
+def test_delegated_key_rotation(world: World) -> None:
+    """A model team's key leaks: the fleet owner rotates it; devices follow, and the leaked key
+    signs nothing they accept any more."""
+    from cloud_stub.repo import _load_signer
+
+    world.repo.delegate("mm")
+    leaked = _load_signer(next(world.repo.keys_dir.glob("model-mm.*.pem")))
+    assert world.updater().check_once().installed == [("mm", 1)]
+    keyid = world.repo.rotate_key("model-mm")
+    assert keyid != leaked.public_key.keyid
+    world.publish(2)  # signed with the team's new key
+    assert world.updater().check_once().installed == [("mm", 2)]
+    world.publish(3)
+    role = world.repo.load("model-mm")
+    role.signatures.clear()
+    role.sign(leaked)
+    world.fetcher.overrides[f"metadata/{role.signed.version}.model-mm.json"] = role.to_bytes()
+    report = world.updater().check_once()
+    assert report.installed == []
+    assert "model-mm was signed by 0/1 keys" in report.error
+    assert_untouched(world, [1, 2])
+    with pytest.raises(RepositoryError, match="unknown role 'model-nope'"):
+        world.repo.rotate_key("model-nope")
 
 
 def test_oversized_metadata(world: World) -> None:
