@@ -29,15 +29,10 @@ from agent.delivery.fetcher import FetchConfig, HttpxFetcher  # noqa: E402
 from agent.delivery.updater import ModelUpdater, UpdaterConfig  # noqa: E402
 from agent.models.store import ModelStore  # noqa: E402
 from cloud_stub.certs import make_pki  # noqa: E402
+from cloud_stub.ports import free_port  # noqa: E402
 from cloud_stub.publish import publish  # noqa: E402
 from cloud_stub.repo import Repository  # noqa: E402
 from cloud_stub.samples import matmul_model  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def start_nginx(

@@ -25,13 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from agent.models.store import ModelStore  # noqa: E402
+from cloud_stub.ports import free_port  # noqa: E402
 from cloud_stub.samples import matmul_model  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def packaged(distribution: str, member: str) -> Path:

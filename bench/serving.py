@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from agent.serving.client import InferenceClient  # noqa: E402
 from agent.serving.oip import encode_infer_request  # noqa: E402
+from cloud_stub.ports import free_port  # noqa: E402
 from cloud_stub.samples import matmul_model  # noqa: E402
 
 
@@ -148,12 +149,6 @@ def per_call(fns: dict[str, Any], n: int, rounds: int = 6) -> dict[str, dict[str
             "cpu_us": cpu[name] / count * 1e6,
         }
     return result
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def start(argv: list[str], sock: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,15 +27,10 @@ from agent.serving.client import ClientError, InferenceClient  # noqa: E402
 from agent.serving.oip import encode_infer_request  # noqa: E402
 from cloud_stub.certs import make_pki  # noqa: E402
 from cloud_stub.https import RepositoryServer  # noqa: E402
+from cloud_stub.ports import free_port  # noqa: E402
 from cloud_stub.publish import publish  # noqa: E402
 from cloud_stub.repo import Repository  # noqa: E402
 from cloud_stub.samples import mlp_model  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def main() -> int:

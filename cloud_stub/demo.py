@@ -25,18 +25,14 @@ from typing import Any
 
 import numpy as np
 
+from cloud_stub.ports import free_port
+
 BOLD = "\033[1m" if sys.stdout.isatty() else ""
 RESET = "\033[0m" if sys.stdout.isatty() else ""
 
 
 def step(text: str) -> None:
     print(f"\n{BOLD}==> {text}{RESET}", flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def port_open(port: int) -> bool:

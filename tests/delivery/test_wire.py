@@ -18,14 +18,9 @@ from agent.delivery.fetcher import FetchConfig, HttpxFetcher
 from agent.models.store import ModelStore
 from cloud_stub.certs import Pki, make_pki
 from cloud_stub.https import RepositoryServer
+from cloud_stub.ports import free_port
 
 from .conftest import World
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_update_over_https(https_world: tuple[World, RepositoryServer]) -> None:
