@@ -86,6 +86,7 @@ class Agent:
             self.slots,
             self.metrics,
             Limits(max_body_bytes=serving.max_body_bytes),
+            inline_threshold_us=serving.inline_threshold_us,
         )
         self.server = InferenceServer(
             self.handler,

@@ -6,6 +6,11 @@ run. For such a model, running the inference where the request was decoded is fa
 blocks the loop for less time than the hand-off itself would. A model qualifies when the p90
 of a few timed runs on its warm-up input stays under the threshold; only requests no larger
 (in input elements) than that input take the fast path. Everything else goes to the pool.
+
+The decision is checked while serving, too: a model whose inline runs become slow (a hot,
+throttled CPU; inputs that cost more than the warm-up input) would hold the event loop, so
+when the smoothed duration of its inline runs passes ``DEMOTE_FACTOR`` times the threshold it
+moves to the pool for good (``demote``).
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from agent.models.runtime import Session
 
 DEFAULT_THRESHOLD_US = 100.0
 RUNS = 50
+DEMOTE_FACTOR = 3.0
+SMOOTHING = 0.05  # weight of the newest inline run in the moving average
 
 
 def inline_budget(
@@ -54,3 +61,13 @@ def inline_budget(
     if p90_us > threshold_us:
         return 0
     return int(sum(np.asarray(v).size for v in feeds.values()))
+
+
+def demote(average_s: float, run_s: float, threshold_us: float) -> tuple[float, bool]:
+    """Fold one inline run into the moving average; True when the model must leave the loop.
+
+    The average starts at the first run, and one slow run moves it by ``SMOOTHING`` only, so a
+    single hiccup never demotes a model; a sustained slow-down does within a few dozen runs.
+    """
+    average_s = run_s if average_s == 0.0 else average_s + SMOOTHING * (run_s - average_s)
+    return average_s, threshold_us > 0 and average_s * 1e6 > DEMOTE_FACTOR * threshold_us

@@ -34,6 +34,8 @@ class LoadedVersion:
     # Requests with at most this many input elements run on the event loop thread: measured
     # at load, the model answers them faster than a hand-off to a worker thread costs.
     inline_elements: int = 0
+    # Moving average of its inline runs' durations (seconds), watched by ``fastpath.demote``.
+    inline_average_s: float = 0.0
     # A known-good input (the signed smoke input, or zeros that ran at load) for the
     # watchdog's synthetic inference; None when there is none.
     probe: dict[str, Any] | None = None

@@ -25,6 +25,7 @@ from agent.errors import (
     RequestError,
     UnavailableError,
 )
+from agent.models import fastpath
 from agent.models.slots import LoadedVersion, Slot, Slots
 from agent.serving import oip
 from agent.telemetry.metrics import Registry, render_prometheus
@@ -94,10 +95,12 @@ class OipHandler:
         metrics: Registry,
         limits: oip.Limits | None = None,
         status: StatusProvider | None = None,
+        inline_threshold_us: float = fastpath.DEFAULT_THRESHOLD_US,
     ) -> None:
         self.slots = slots
         self.metrics = metrics
         self.limits = limits or oip.Limits()
+        self.inline_threshold_us = inline_threshold_us
         self.status_provider = status
         self._server_metadata = oip.server_metadata(__version__)
         self.started = time.time()
@@ -240,6 +243,20 @@ class OipHandler:
             results = prepared.run()
         except BaseException as exc:  # the response names the failure; nothing is lost
             return self.finish_infer(prepared, None, exc)
+        loaded = prepared.loaded
+        loaded.inline_average_s, slow = fastpath.demote(
+            loaded.inline_average_s, prepared.run_s, self.inline_threshold_us
+        )
+        if slow and loaded.inline_elements:
+            loaded.inline_elements = 0
+            log.warning(
+                "model %s version %d: inline runs now average %.0f µs, over %.0f µs; "
+                "it runs in the inference pool from now on",
+                loaded.name,
+                loaded.version,
+                loaded.inline_average_s * 1e6,
+                fastpath.DEMOTE_FACTOR * self.inline_threshold_us,
+            )
         return self.finish_infer(prepared, results, None)
 
     def infer_blocking(

@@ -1,0 +1,75 @@
+"""The fast path: which models run on the event loop thread, and when they must leave it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent.daemon import load_version
+from agent.models import fastpath
+from agent.models.runtime import RuntimeOptions, load_session
+from agent.models.slots import Slots
+from agent.models.store import Manifest
+from agent.serving import oip
+from agent.serving.handler import OipHandler
+from agent.telemetry.metrics import Registry
+
+
+def test_budget_is_the_warmup_input_size_for_a_fast_model(matmul_onnx: Path) -> None:
+    session = load_session(matmul_onnx, "onnx", RuntimeOptions())
+    feeds = {"x": np.zeros((1, 64), np.float32)}
+    assert fastpath.inline_budget(session, feeds, threshold_us=50_000) == 64
+    assert fastpath.inline_budget(session, feeds, threshold_us=0.001) == 0
+    assert fastpath.inline_budget(session, feeds, threshold_us=0) == 0
+    # A warm-up input the model cannot run: no fast path, no exception.
+    assert fastpath.inline_budget(session, {"x": np.zeros((1, 3), np.float32)}, 50_000) == 0
+
+
+def test_one_slow_run_never_demotes_a_sustained_slowdown_does() -> None:
+    average, slow = fastpath.demote(0.0, 20e-6, threshold_us=100)
+    assert (average, slow) == (20e-6, False)
+    average, slow = fastpath.demote(average, 5e-3, threshold_us=100)  # one 5 ms hiccup
+    assert not slow
+    for _ in range(200):
+        average, slow = fastpath.demote(average, 20e-6, threshold_us=100)
+    assert not slow
+    runs = 0
+    while not slow:
+        average, slow = fastpath.demote(average, 400e-6, threshold_us=100)  # 4x the threshold
+        runs += 1
+    assert 10 < runs < 60
+    assert fastpath.demote(1.0, 1.0, threshold_us=0) == (1.0, False)  # fast path off
+
+
+@pytest.mark.parametrize("threshold_us", [100.0, 0.0001])
+def test_handler_moves_a_model_that_became_slow_to_the_pool(
+    matmul_onnx: Path, threshold_us: float
+) -> None:
+    """Loaded with a generous budget, then served under a tiny one (what a throttled CPU does
+    to the same model): it leaves the loop thread and still answers correctly."""
+    manifest = Manifest(name="mm", version=1, runtime="onnx", model_file=matmul_onnx.name)
+    loaded = load_version(manifest, matmul_onnx, RuntimeOptions(), 50_000)
+    assert loaded.inline_elements == 64
+    slots = Slots()
+    slots.ensure("mm").add(loaded, activate=True)
+    handler = OipHandler(slots, Registry(), inline_threshold_us=threshold_us)
+    x = np.random.default_rng(1).standard_normal((1, 64)).astype(np.float32)
+    body, length = oip.encode_infer_request({"x": x})
+    inline = []
+    for _ in range(100):
+        prepared = handler.prepare_infer("/v2/models/mm/infer", body, length)
+        inline.append(prepared.inline)
+        response = handler.run_inline(prepared)
+        assert response.status == 200
+    if threshold_us == 100.0:  # the matmul takes a few µs: it stays
+        assert all(inline) and loaded.inline_elements == 64
+    else:
+        assert inline[0] and not inline[-1]
+        assert loaded.inline_elements == 0
+        prepared = handler.prepare_infer("/v2/models/mm/infer", body, length)
+        assert not prepared.inline
+        results = prepared.run()
+        np.testing.assert_array_equal(results["y"], loaded.session.run({"x": x})["y"])
+        prepared.slot.release(prepared.loaded)
