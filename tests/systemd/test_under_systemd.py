@@ -239,6 +239,7 @@ def test_the_package_under_systemd(container: Container, tmp_path: Path, matmul_
     c.put(f"{SCRIPTS}/mm.onnx", matmul_onnx.read_bytes())
     c.sh("dpkg -i /root/edge-agent.deb", timeout=300)
     assert c.sh("systemctl is-enabled edge-agent.service") == "enabled"
+    assert c.sh("systemctl is-enabled edge-agent.socket") == "enabled"
     c.sh(f"runuser -u edge-agent -- {VENV_PYTHON} {SCRIPTS}/install_model.py {SCRIPTS}/mm.onnx")
     c.sh("useradd --no-create-home --groups edge-infer app")
     # A short probation, so the test sees a version through it.
@@ -284,6 +285,25 @@ def test_the_package_under_systemd(container: Container, tmp_path: Path, matmul_
     journal = c.sh("journalctl -u edge-agent.service --no-pager -o cat")
     assert "probation interrupted by a clean stop" in journal
     assert "rolled_back" not in journal
+
+    # A package upgrade under load: the agent moves to the new virtualenv, the old one is
+    # removed, and no request fails.
+    venv = c.sh("readlink /opt/edge-agent/venv")
+    load = c.popen(f"runuser -u app -- {VENV_PYTHON} {SCRIPTS}/client.py 25")
+    time.sleep(1)
+    c.sh("dpkg -i /root/edge-agent.deb", timeout=300)
+    out, err = load.communicate(timeout=120)
+    assert load.returncode == 0, err
+    during = json.loads(out.splitlines()[-1])
+    assert during["failed"] == 0, during["failures"]
+    upgraded = c.sh("readlink /opt/edge-agent/venv")
+    assert upgraded != venv
+    assert c.sh(f"test -e /opt/edge-agent/{venv} || echo gone") == "gone"
+    pid = c.show("edge-agent.service", "MainPID")
+    assert c.sh(f"readlink /proc/{pid}/exe").startswith("/usr/bin/python3")
+    assert c.sh(f"tr '\\0' ' ' < /proc/{pid}/cmdline").startswith(
+        f"/opt/edge-agent/{upgraded}/bin/python"
+    )
 
     # Reload re-reads the configuration without a restart.
     pid = c.show("edge-agent.service", "MainPID")
