@@ -113,6 +113,11 @@ class StateDB:
                 self._db.execute("BEGIN IMMEDIATE")
                 yield self._db
                 self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                # Nothing of the transaction was written: the state stays what it was.
+                raise StoreError(f"state database {self.path}: {exc}; nothing recorded") from exc
             except BaseException:
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")

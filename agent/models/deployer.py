@@ -554,15 +554,23 @@ class Deployer:
                 await task
         self._probations.clear()
         for name in names:
-            for row in self.state.deployments(name):
-                if Stage(row.stage) is Stage.ACTIVE:
-                    self._record(
-                        name,
-                        row.version,
-                        Stage.VERIFIED,
-                        "probation interrupted by a clean stop; it starts over on restart",
-                        event="recovered",
-                    )
+            try:
+                for row in self.state.deployments(name):
+                    if Stage(row.stage) is Stage.ACTIVE:
+                        self._record(
+                            name,
+                            row.version,
+                            Stage.VERIFIED,
+                            "probation interrupted by a clean stop; it starts over on restart",
+                            event="recovered",
+                        )
+            except AgentError as exc:
+                log.error(
+                    "model %s: cannot record the end of its probation (%s); after the restart "
+                    "it counts as interrupted by a crash",
+                    name,
+                    exc,
+                )
 
     def probation_active(self, name: str) -> bool:
         return name in self._probations

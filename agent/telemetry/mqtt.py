@@ -13,16 +13,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sqlite3
 import ssl
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import paho.mqtt.client as mqtt
 
-from agent.errors import AgentError, CommandError, ConfigError
+from agent.errors import AgentError, CommandError, ConfigError, StoreError
 from agent.telemetry import commands, messages
 from agent.telemetry.outbox import Outbox
 
@@ -32,6 +35,21 @@ if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 CommandHandler = Callable[[commands.Command], Awaitable[str]]
+
+
+# Events held in memory while the outbox refuses writes (a full disk); beyond, the oldest go.
+MAX_HELD = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class _Held:
+    """A message waiting for the outbox: numbered and stored when the outbox takes it."""
+
+    topic: str
+    body: dict[str, Any]
+    kind: str
+    retain: bool
+    created: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,22 +126,83 @@ class Reporter:
         self._protocol = mqtt.MQTTv5
         self._ever_connected = False
         self.sent = 0
+        # Messages the outbox could not take yet (full disk), and what that cost.
+        self._held: deque[_Held] = deque()
+        self._unstored_health = 0
+        self._store_error: str | None = None
 
     # -- building messages ------------------------------------------------------------------
 
     def _put(self, topic: str, body: Mapping[str, Any], kind: str, retain: bool = False) -> None:
-        payload = messages.envelope(self.device_id, self.outbox.next_seq(), time.time(), body)
-        self.outbox.put(topic, payload, kind, qos=1, retain=retain)
+        self._held.append(_Held(topic, dict(body), kind, retain, time.time()))
+        self._store_held()
         self._wake.set()
+
+    def _store_held(self) -> None:
+        """Move messages into the outbox, oldest first.
+
+        When the outbox cannot take them (a full disk), events wait here in memory, in order,
+        to be stored once it can; health messages are dropped and counted in the next health
+        message that is stored.
+        """
+        while self._held:
+            held = self._held[0]
+            try:
+                self.outbox.put_message(
+                    held.topic, held.kind, partial(self._payload, held), retain=held.retain
+                )
+            except (sqlite3.Error, StoreError) as exc:
+                self._hold(exc)
+                return
+            self._held.popleft()
+            if held.kind == "health":
+                self._unstored_health = 0
+        if self._store_error is not None:
+            log.info(
+                "mqtt: the outbox stores messages again (it failed with: %s)", self._store_error
+            )
+            self._store_error = None
+
+    def _payload(self, held: _Held, seq: int, dropped: int) -> bytes:
+        body = held.body
+        if held.kind == "health":
+            body = {**body, "dropped_health": dropped + self._unstored_health}
+        return messages.envelope(self.device_id, seq, held.created, body)
+
+    def _hold(self, exc: Exception) -> None:
+        health = sum(1 for h in self._held if h.kind == "health")
+        self._unstored_health += health
+        kept = deque(h for h in self._held if h.kind != "health")
+        lost = max(0, len(kept) - MAX_HELD)
+        for _ in range(lost):
+            kept.popleft()
+        self._held = kept
+        if lost:
+            log.error(
+                "mqtt: %d events lost: the outbox refuses writes (%s) and %d are held in memory",
+                lost,
+                exc,
+                MAX_HELD,
+            )
+        if self._store_error is None:
+            log.error(
+                "mqtt: cannot store messages in the outbox: %s; holding events in memory "
+                "(%d now), dropping health messages (counted); serving continues",
+                exc,
+                len(kept),
+            )
+            self._store_error = str(exc)
 
     def publish_event(self, kind: str, model: str, version: int | None, reason: str) -> None:
         self._put(self.topics.events, messages.event(kind, model, version, reason), "event")
 
     def publish_health(self) -> None:
         body = self._health()
-        body["dropped_health"] = self.outbox.take_dropped()
-        waiting, size = self.outbox.size()
-        body["outbox"] = {"messages": waiting, "bytes": size}
+        try:
+            waiting, size = self.outbox.size()
+        except sqlite3.Error:
+            waiting, size = -1, -1
+        body["outbox"] = {"messages": waiting, "bytes": size, "held_in_memory": len(self._held)}
         self._put(self.topics.health, body, "health")
 
     # -- connection -------------------------------------------------------------------------

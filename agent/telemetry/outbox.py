@@ -15,7 +15,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,11 +97,6 @@ class Outbox:
         row = self._db.execute("SELECT value FROM counters WHERE key=?", (key,)).fetchone()
         return int(row[0])
 
-    def next_seq(self) -> int:
-        """The device's message sequence number: persisted, strictly increasing."""
-        with self._lock:
-            return self._bump("seq", 1)
-
     def counter(self, key: str) -> int:
         with self._lock:
             row = self._db.execute("SELECT value FROM counters WHERE key=?", (key,)).fetchone()
@@ -115,11 +110,37 @@ class Outbox:
                 (key, value),
             )
 
-    def put(self, topic: str, payload: bytes, kind: str, qos: int = 1, retain: bool = False) -> int:
+    def put_message(
+        self,
+        topic: str,
+        kind: str,
+        build: Callable[[int, int], bytes],
+        qos: int = 1,
+        retain: bool = False,
+    ) -> int:
+        """Number, build and store one message in a single transaction.
+
+        ``build(seq, dropped)`` makes the payload from the next sequence number and, for a
+        health message, the count of health messages dropped since the last one (reset here).
+        Either all of it is stored or nothing is: a full disk leaves no gap in the sequence
+        and loses no drop count.
+
+        Raises:
+            sqlite3.Error: the database refused (``database or disk is full``).
+        """
         now = time.time()
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
+                seq = self._bump("seq", 1)
+                dropped = 0
+                if kind == "health":
+                    row = self._db.execute(
+                        "SELECT value FROM counters WHERE key='dropped_health'"
+                    ).fetchone()
+                    dropped = int(row[0]) if row else 0
+                    self._db.execute("DELETE FROM counters WHERE key='dropped_health'")
+                payload = build(seq, dropped)
                 cursor = self._db.execute(
                     "INSERT INTO messages (topic, payload, qos, retain, kind, created, size) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -132,7 +153,10 @@ class Outbox:
                     self._bump("dropped_health", len(drops))
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                # SQLite ends the transaction itself on some errors (SQLITE_FULL): a ROLLBACK
+                # then would fail and hide the real error.
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
                 raise
         assert cursor.lastrowid is not None
         return cursor.lastrowid
@@ -157,12 +181,3 @@ class Outbox:
                 "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM messages"
             ).fetchone()
         return int(row[0]), int(row[1])
-
-    def take_dropped(self) -> int:
-        """Health messages dropped since the last call (and reset the count)."""
-        with self._lock:
-            row = self._db.execute(
-                "SELECT value FROM counters WHERE key='dropped_health'"
-            ).fetchone()
-            self._db.execute("DELETE FROM counters WHERE key='dropped_health'")
-        return int(row[0]) if row else 0

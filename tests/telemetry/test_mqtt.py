@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -39,16 +40,39 @@ def test_plan_drops_oldest_health_first_never_events() -> None:
 
 def test_outbox_counts_drops_and_keeps_order(tmp_path: Path) -> None:
     box = Outbox(tmp_path / "outbox.db", max_bytes=2000)
+    reported = []
+
+    def health(seq: int, dropped: int) -> bytes:
+        reported.append(dropped)
+        return b"h" * 90
+
     for i in range(30):
-        box.put("edge/f/d/health", b"h" * 90, "health")
-        box.put("edge/f/d/events", json.dumps({"n": i}).encode(), "event")
-    events = [m for m in box.pending(1000) if m.kind == "event"]
-    assert [json.loads(m.payload)["n"] for m in events] == list(range(30))
-    assert box.take_dropped() > 0
-    assert box.take_dropped() == 0
-    seqs = [box.next_seq() for _ in range(3)]
-    assert seqs == sorted(seqs)
-    assert len(set(seqs)) == 3
+        box.put_message("edge/f/d/health", "health", health)
+        box.put_message(
+            "edge/f/d/events", "event", lambda seq, _, i=i: json.dumps([i, seq]).encode()
+        )
+    events = [json.loads(m.payload) for m in box.pending(1000) if m.kind == "event"]
+    assert [n for n, _ in events] == list(range(30))  # never dropped, in order
+    assert [seq for _, seq in events] == list(range(2, 61, 2))  # one sequence for all
+    assert sum(reported) > 0  # health messages dropped to fit, counted in later ones
+    box.close()
+
+
+def test_outbox_message_is_stored_whole_or_not_at_all(tmp_path: Path) -> None:
+    """A refused write (here the payload builder fails) consumes no sequence number and
+    keeps the drop count for the next health message."""
+    box = Outbox(tmp_path / "outbox.db", max_bytes=150)
+    box.put_message("t/health", "health", lambda seq, dropped: b"h" * 90)
+    box.put_message("t/health", "health", lambda seq, dropped: b"h" * 90)  # drops the first
+
+    def refuse(seq: int, dropped: int) -> bytes:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    with pytest.raises(sqlite3.OperationalError):
+        box.put_message("t/health", "health", refuse)
+    seen: list[tuple[int, int]] = []
+    box.put_message("t/health", "health", lambda seq, dropped: seen.append((seq, dropped)) or b"")
+    assert seen == [(3, 1)]
     box.close()
 
 

@@ -1,0 +1,135 @@
+"""The agent on a disk that fills up: it keeps serving, says so, loses no event, and recovers."""
+
+from __future__ import annotations
+
+import errno
+import json
+import sqlite3
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from agent.serving.client import InferenceClient
+from tests.telemetry.agents import agent_config, start_agent, wait_for
+from tests.telemetry.conftest import Broker, Subscriber
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs for the agent's state directory."""
+    state = tmp_path / "state"
+    state.mkdir()
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(state)],
+        capture_output=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
+    try:
+        yield state
+    finally:
+        subprocess.run(["umount", "-l", str(state)], check=False)
+
+
+def _write_until_refused(path: Path, chunk: int) -> int:
+    with path.open("ab", buffering=0) as fh:
+        while True:
+            try:
+                fh.write(b"\0" * chunk)
+            except OSError as exc:
+                return exc.errno or 0
+
+
+def fill(directory: Path) -> Path:
+    """Write until the filesystem refuses; returns the file to delete to free it again."""
+    filler = directory / "filler"
+    assert _write_until_refused(filler, 65536) == errno.ENOSPC
+    for size in (4096, 512, 1):  # the last partial blocks too
+        _write_until_refused(filler, size)
+    return filler
+
+
+def send(broker: Broker, doc: dict[str, Any]) -> None:
+    subprocess.run(
+        [
+            "mosquitto_pub",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(broker.port),
+            "-q",
+            "1",
+            "-t",
+            "edge/test/dev-1/commands",
+            "-m",
+            json.dumps(doc),
+        ],
+        check=True,
+    )
+
+
+def payloads(sub: Subscriber, suffix: str) -> list[dict[str, Any]]:
+    return [json.loads(p) for t, p in sub.lines() if t.endswith(suffix)]
+
+
+def test_full_disk_keeps_serving_and_recovers(
+    tmp_path: Path, small_disk: Path, matmul_onnx: Path
+) -> None:
+    (tmp_path / "broker").mkdir()
+    broker = Broker(tmp_path / "broker")
+    broker.start()
+    sub = Subscriber(broker, "edge/test/dev-1/#", tmp_path / "sub.txt")
+    config = agent_config(tmp_path, broker, matmul_onnx, None)
+    agent = start_agent(config, tmp_path)
+    x = np.ones((1, 64), np.float32)
+    try:
+        wait_for(lambda: len(payloads(sub, "/health")) >= 2, timeout_s=30)
+        with InferenceClient(str(tmp_path / "infer.sock")) as client:
+            expected = client.infer("mm", {"x": x})["y"]
+            filler = fill(small_disk)
+            time.sleep(1)  # whatever was in flight before the disk filled goes out
+            seen = len(payloads(sub, "/health"))
+            # A command arrives while nothing can be written: its acknowledgement waits.
+            send(broker, {"command": "check-update", "device": "dev-1", "seq": 1})
+            # Several health periods on a full disk: every inference still answers.
+            for _ in range(30):
+                np.testing.assert_array_equal(client.infer("mm", {"x": x})["y"], expected)
+                time.sleep(0.1)
+            assert agent.poll() is None, "the agent died on a full disk"
+            assert len(payloads(sub, "/health")) == seen
+            assert payloads(sub, "/ack") == []
+            log = (tmp_path / "agent.out").read_text()
+            assert (
+                "mqtt: cannot store messages in the outbox: database or disk is full; "
+                "holding events in memory" in log
+            )
+            assert "Traceback" not in log
+            # Space comes back: the held acknowledgement goes out, then health again, with the
+            # health messages that could not be stored counted.
+            filler.unlink()
+            wait_for(lambda: len(payloads(sub, "/health")) >= seen + 2, timeout_s=30)
+            np.testing.assert_array_equal(client.infer("mm", {"x": x})["y"], expected)
+        acks = payloads(sub, "/ack")
+        assert [a["command"] for a in acks] == ["check-update"]
+        after = payloads(sub, "/health")[seen:]
+        assert after[0]["dropped_health"] >= 4  # health every 0.5 s, 3 s of full disk
+        # Everything the agent sent is numbered without gaps or repeats: nothing refused was
+        # half-written, nothing held was numbered twice.
+        seqs = [json.loads(p)["seq"] for t, p in sub.lines() if not t.endswith("/commands")]
+        assert seqs == list(range(1, len(seqs) + 1))
+        assert "the outbox stores messages again" in (tmp_path / "agent.out").read_text()
+        with sqlite3.connect(small_disk / "state.db") as db:
+            assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        with sqlite3.connect(small_disk / "outbox.db") as db:
+            assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    finally:
+        agent.terminate()
+        agent.wait(20)
+        sub.close()
+        broker.stop()
