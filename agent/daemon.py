@@ -336,7 +336,9 @@ class Agent:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         if self.deployer is not None:
-            await self.deployer.close()
+            # Only a requested stop (SIGTERM, SIGINT) ends a probation cleanly; leaving through
+            # an error counts against the version in probation, like a crash.
+            await self.deployer.close(clean=self._stop.is_set())
         if self.reporter is not None:
             await self.reporter.stop()
             self.outbox.close()

@@ -540,13 +540,14 @@ class Deployer:
                 log.warning("model %s version %d: cannot remove: %s", name, version, exc)
         return doomed
 
-    async def close(self) -> None:
-        """Stop, cleanly: a probation cut short starts over after the restart.
+    async def close(self, *, clean: bool = True) -> None:
+        """Stop the probations. After a ``clean`` stop, one cut short starts over on restart.
 
         Only a probation cut short by a crash counts against its version (``plan_start``
-        rolls back after repeated crashes); an operator's restart must not.
+        rolls back after repeated crashes); an operator's restart must not. A stop that is not
+        clean (the agent leaving through an error) records nothing and so counts as a crash.
         """
-        names = list(self._probations)
+        names = list(self._probations) if clean else []
         for task in self._probations.values():
             task.cancel()
         for task in list(self._probations.values()):
