@@ -19,6 +19,7 @@ from agent.models.store import ModelStore
 from cloud_stub.certs import Pki, make_pki
 from cloud_stub.https import RepositoryServer
 from cloud_stub.ports import free_port
+from tests.disks import small_tmpfs
 
 from .conftest import World
 
@@ -252,16 +253,7 @@ def test_disk_full_during_download(
     https_world: tuple[World, RepositoryServer], tmp_path: Path
 ) -> None:
     world, _ = https_world
-    mount = tmp_path / "small"
-    mount.mkdir()
-    result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(mount)],
-        capture_output=True,
-        check=False,
-    )
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {result.stderr.decode().strip()}")
-    try:
+    with small_tmpfs(tmp_path / "small", "16k") as mount:
         world.publish(2, name="mm")  # model bytes + the store's metadata exceed 16 KiB
         big = world.root / "big.onnx"
         from cloud_stub.samples import matmul_model
@@ -276,8 +268,6 @@ def test_disk_full_during_download(
         assert "No space left on device (disk full)" in report.error
         assert world.store.versions("mm") == []
         assert not any(world.store.staging.iterdir())
-    finally:
-        subprocess.run(["umount", str(mount)], check=False)
 
 
 def test_nginx_serves_the_repository(

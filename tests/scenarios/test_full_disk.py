@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import json
 import sqlite3
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,26 +14,16 @@ import numpy as np
 import pytest
 
 from agent.serving.client import InferenceClient
-from tests.telemetry.agents import agent_config, start_agent, wait_for
+from tests.disks import small_tmpfs
+from tests.telemetry.agents import agent_config, send_command, start_agent, wait_for
 from tests.telemetry.conftest import Broker, Subscriber
 
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 4 MiB tmpfs for the agent's state directory."""
-    state = tmp_path / "state"
-    state.mkdir()
-    result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(state)],
-        capture_output=True,
-        check=False,
-    )
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
-    try:
+    with small_tmpfs(tmp_path / "state", "4m") as state:
         yield state
-    finally:
-        subprocess.run(["umount", "-l", str(state)], check=False)
 
 
 def _write_until_refused(path: Path, chunk: int) -> int:
@@ -53,25 +42,6 @@ def fill(directory: Path) -> Path:
     for size in (4096, 512, 1):  # the last partial blocks too
         _write_until_refused(filler, size)
     return filler
-
-
-def send(broker: Broker, doc: dict[str, Any]) -> None:
-    subprocess.run(
-        [
-            "mosquitto_pub",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(broker.port),
-            "-q",
-            "1",
-            "-t",
-            "edge/test/dev-1/commands",
-            "-m",
-            json.dumps(doc),
-        ],
-        check=True,
-    )
 
 
 def payloads(sub: Subscriber, suffix: str) -> list[dict[str, Any]]:
@@ -96,7 +66,7 @@ def test_full_disk_keeps_serving_and_recovers(
             time.sleep(1)  # whatever was in flight before the disk filled goes out
             seen = len(payloads(sub, "/health"))
             # A command arrives while nothing can be written: its acknowledgement waits.
-            send(broker, {"command": "check-update", "device": "dev-1", "seq": 1})
+            send_command(broker, {"command": "check-update", "device": "dev-1", "seq": 1})
             # Several health periods on a full disk: every inference still answers.
             for _ in range(30):
                 np.testing.assert_array_equal(client.infer("mm", {"x": x})["y"], expected)

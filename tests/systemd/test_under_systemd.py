@@ -98,6 +98,16 @@ class Container:
         out = self.sh(f"runuser -u {user} -- {VENV_PYTHON} {SCRIPTS}/client.py {seconds}")
         return dict(json.loads(out.splitlines()[-1]))
 
+    def wait_replaced(self, what: str, pid: str) -> None:
+        """Until systemd runs the agent again under another PID than ``pid``."""
+        self.wait_for(
+            what,
+            lambda: (
+                self.show("edge-agent.service", "MainPID") not in ("0", pid)
+                and self.show("edge-agent.service", "ActiveState") == "active"
+            ),
+        )
+
     def wait_for(self, what: str, predicate: object, timeout_s: float = 60) -> None:
         deadline = time.monotonic() + timeout_s
         while not predicate():  # type: ignore[operator]
@@ -322,13 +332,7 @@ def test_the_package_under_systemd(container: Container, tmp_path: Path, matmul_
 
     # kill -9: systemd restarts the agent (Restart=on-failure), which serves again.
     c.sh(f"kill -9 {pid}")
-    c.wait_for(
-        "the restart after kill -9",
-        lambda: (
-            c.show("edge-agent.service", "MainPID") not in ("0", pid)
-            and c.show("edge-agent.service", "ActiveState") == "active"
-        ),
-    )
+    c.wait_replaced("the restart after kill -9", pid)
     assert int(c.show("edge-agent.service", "NRestarts")) >= 1
     assert (result := c.infer_as("app"))["failed"] == 0, result
 
@@ -341,13 +345,7 @@ def test_the_package_under_systemd(container: Container, tmp_path: Path, matmul_
     assert (result := c.infer_as("app"))["failed"] == 0, result
     frozen = c.show("edge-agent.service", "MainPID")
     c.sh(f"kill -STOP {frozen}")
-    c.wait_for(
-        "the watchdog",
-        lambda: (
-            c.show("edge-agent.service", "MainPID") not in ("0", frozen)
-            and c.show("edge-agent.service", "ActiveState") == "active"
-        ),
-    )
+    c.wait_replaced("the watchdog", frozen)
     assert "Watchdog timeout" in c.sh("journalctl -u edge-agent.service --no-pager -o cat")
     assert (result := c.infer_as("app"))["failed"] == 0, result
 

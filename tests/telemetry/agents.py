@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from tests.telemetry.conftest import Broker
 
@@ -41,3 +44,33 @@ def start_agent(config: Path, tmp_path: Path) -> subprocess.Popen[bytes]:
             stdout=out,
             stderr=subprocess.STDOUT,
         )
+
+
+def mosquitto_pub(
+    port: int, topic: str, message: str, *extra: str, check: bool = True
+) -> subprocess.CompletedProcess[bytes]:
+    """Publish one QoS 1 message with Mosquitto's own client (``extra``: TLS options …)."""
+    return subprocess.run(
+        [
+            shutil.which("mosquitto_pub") or "mosquitto_pub",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-q",
+            "1",
+            "-t",
+            topic,
+            "-m",
+            message,
+            *extra,
+        ],
+        check=check,
+        capture_output=True,
+        timeout=20,
+    )
+
+
+def send_command(broker: Broker, doc: dict[str, Any], device: str = "dev-1") -> None:
+    """Publish one command document to the device's command topic, as an operator would."""
+    mosquitto_pub(broker.port, f"edge/test/{device}/commands", json.dumps(doc))

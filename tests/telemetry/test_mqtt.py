@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import sqlite3
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from agent.errors import CommandError
 from agent.telemetry import commands
 from agent.telemetry.outbox import Outbox, plan_drops
 
-from .agents import agent_config, start_agent, wait_for
+from .agents import agent_config, send_command, start_agent, wait_for
 from .conftest import Broker, Subscriber
 
 # -- pure parts --------------------------------------------------------------------------
@@ -215,22 +214,7 @@ def test_signed_commands(
         time.sleep(0.5)
 
         def send(doc: dict[str, Any]) -> None:
-            subprocess.run(
-                [
-                    "mosquitto_pub",
-                    "-h",
-                    "127.0.0.1",
-                    "-p",
-                    str(broker.port),
-                    "-q",
-                    "1",
-                    "-t",
-                    "edge/test/dev-1/commands",
-                    "-m",
-                    json.dumps(doc),
-                ],
-                check=True,
-            )
+            send_command(broker, doc)
 
         base = {
             "command": "set-log-level",

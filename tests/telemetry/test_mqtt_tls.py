@@ -12,7 +12,7 @@ from pathlib import Path
 
 from cloud_stub.certs import make_pki
 
-from .agents import wait_for
+from .agents import mosquitto_pub, wait_for
 from .conftest import Broker
 
 
@@ -77,47 +77,21 @@ def test_tls_client_certificates_and_per_device_acl(tmp_path: Path, matmul_onnx:
         # dev-2 holds a valid certificate but may not speak for dev-1.
         other_cert, other_key = pki.devices["dev-2"]
         forged = json.dumps({"online": False, "device": "dev-1"})
-        subprocess.run(
-            [
-                shutil.which("mosquitto_pub") or "mosquitto_pub",
-                "-h",
-                "127.0.0.1",
-                "-p",
-                str(broker.port),
-                "-t",
-                "edge/test/dev-1/status",
-                "-m",
-                forged,
-                "-q",
-                "1",
-                "--cafile",
-                str(pki.ca_cert),
-                "--cert",
-                str(other_cert),
-                "--key",
-                str(other_key),
-            ],
+        mosquitto_pub(
+            broker.port,
+            "edge/test/dev-1/status",
+            forged,
+            "--cafile",
+            str(pki.ca_cert),
+            "--cert",
+            str(other_cert),
+            "--key",
+            str(other_key),
             check=False,
-            capture_output=True,
         )
         # ... and a client without a certificate is not let in at all.
-        result = subprocess.run(
-            [
-                shutil.which("mosquitto_pub") or "mosquitto_pub",
-                "-h",
-                "127.0.0.1",
-                "-p",
-                str(broker.port),
-                "-t",
-                "edge/test/dev-1/status",
-                "-m",
-                forged,
-                "--cafile",
-                str(pki.ca_cert),
-            ],
-            check=False,
-            capture_output=True,
-            timeout=20,
+        result = mosquitto_pub(
+            broker.port, "edge/test/dev-1/status", forged, "--cafile", str(pki.ca_cert), check=False
         )
         assert result.returncode != 0
         time.sleep(1.0)
