@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -109,7 +110,62 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = sub.add_parser("models", help="list the models the agent knows")
     _socket_arg(models)
+
+    imp = sub.add_parser(
+        "import",
+        help="put a local model file into the store (unsigned; run as the agent's user), "
+        "then `systemctl reload edge-agent` deploys it",
+    )
+    imp.add_argument("name")
+    imp.add_argument("version", type=int)
+    imp.add_argument("model_file", type=Path)
+    imp.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     return parser
+
+
+def _cmd_import(args: argparse.Namespace) -> int:
+    """Install an unsigned local file as a verified version: it then goes through the same
+    validation, probation and rollback as a signed one. Whoever may write the store may run
+    anything as the agent already, so this grants nothing new; the owner check keeps root
+    from leaving files the agent cannot manage."""
+    from agent.models.store import ModelStore
+    from agent.state import StateDB
+
+    config = load_config(args.config)
+    state_dir = config.agent.state_dir
+    owner = state_dir.stat().st_uid if state_dir.exists() else os.geteuid()
+    if owner != os.geteuid():
+        raise AgentError(
+            f"{state_dir} belongs to uid {owner}: import as that user "
+            f"(sudo -u {_user_name(owner)} edge-agent import …)"
+        )
+    if not args.model_file.is_file():
+        raise AgentError(f"{args.model_file}: no such model file")
+    store = ModelStore(config.store_dir)
+    stored = store.install_local(args.name, args.version, args.model_file)
+    state = StateDB(config.state_db)
+    try:
+        state.record(
+            args.name,
+            args.version,
+            "verified",
+            f"imported from {args.model_file} (unsigned)",
+            event="verified",
+        )
+    finally:
+        state.close()
+    print(f"stored {args.name} version {args.version} in {stored.directory}")
+    print("a running agent deploys it on `systemctl reload edge-agent` (or SIGHUP)")
+    return 0
+
+
+def _user_name(uid: int) -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
 
 
 def _cmd_run(args: argparse.Namespace, level: str | None) -> int:
@@ -296,6 +352,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_status(args)
         if args.command == "models":
             return _cmd_models(args)
+        if args.command == "import":
+            return _cmd_import(args)
         if args.command == "update":
             return _cmd_update(args, args.log_level)
         if args.command in ("rollback", "pin"):

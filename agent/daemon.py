@@ -160,6 +160,7 @@ class Agent:
             if event.id > self._floor_event_id and event.id not in self._forwarded:
                 self._on_event(event)
         names = set(self.config.models.follow) | set(self.slots.names())
+        names |= set(self.deployer.store.names())
         for name in sorted(names):
             if self.deployer.pinned(name) is not None:
                 continue
@@ -448,5 +449,13 @@ class Agent:
             if self.updates is not None:
                 self.updates.config = fresh
                 self.updates.trigger()
+            elif self.deployer is not None:
+                # No repository: versions imported into the store (`edge-agent import`) are
+                # deployed now, through the same validation and probation.
+                self._tasks.append(
+                    asyncio.get_running_loop().create_task(
+                        self.deploy_new_versions(), name="deploy-imported"
+                    )
+                )
             log.info("reload: configuration re-read from %s", source)
         self.notifier.ready(self.status_line())

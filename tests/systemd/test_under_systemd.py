@@ -49,14 +49,6 @@ with InferenceClient("/run/edge-agent/infer.sock", timeout_s=60) as client:
 print(json.dumps({"ok": ok, "failures": failures[:5], "failed": len(failures)}))
 """
 
-INSTALL_MODEL = """
-import sys
-from pathlib import Path
-from agent.models.store import ModelStore
-ModelStore(Path("/var/lib/edge-agent/models")).install_local("mm", 1, Path(sys.argv[1]))
-"""
-
-
 class Container:
     """A booted systemd container; commands run in all its namespaces."""
 
@@ -245,12 +237,12 @@ def test_the_package_under_systemd(container: Container, tmp_path: Path, matmul_
     deb = build("amd64", tmp_path)
     c.put("/root/edge-agent.deb", deb.read_bytes())
     c.put(f"{SCRIPTS}/client.py", CLIENT.encode())
-    c.put(f"{SCRIPTS}/install_model.py", INSTALL_MODEL.encode())
     c.put(f"{SCRIPTS}/mm.onnx", matmul_onnx.read_bytes())
     c.sh("dpkg -i /root/edge-agent.deb", timeout=300)
     assert c.sh("systemctl is-enabled edge-agent.service") == "enabled"
     assert c.sh("systemctl is-enabled edge-agent.socket") == "enabled"
-    c.sh(f"runuser -u edge-agent -- {VENV_PYTHON} {SCRIPTS}/install_model.py {SCRIPTS}/mm.onnx")
+    # The device has no repository: the model comes in with `edge-agent import`.
+    c.sh(f"runuser -u edge-agent -- /opt/edge-agent/bin/edge-agent import mm 1 {SCRIPTS}/mm.onnx")
     c.sh("useradd --no-create-home --groups edge-infer app")
     # A short probation, so the test sees a version through it.
     c.sh(
