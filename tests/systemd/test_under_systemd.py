@@ -49,6 +49,7 @@ with InferenceClient("/run/edge-agent/infer.sock", timeout_s=60) as client:
 print(json.dumps({"ok": ok, "failures": failures[:5], "failed": len(failures)}))
 """
 
+
 class Container:
     """A booted systemd container; commands run in all its namespaces."""
 
