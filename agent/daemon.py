@@ -452,6 +452,7 @@ class Agent:
             elif self.deployer is not None:
                 # No repository: versions imported into the store (`edge-agent import`) are
                 # deployed now, through the same validation and probation.
+                self._tasks = [task for task in self._tasks if not task.done()]
                 self._tasks.append(
                     asyncio.get_running_loop().create_task(
                         self.deploy_new_versions(), name="deploy-imported"

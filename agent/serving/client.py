@@ -58,8 +58,8 @@ class InferenceClient:
     """Synchronous client. ``address`` is a Unix socket path or ``http://host:port``.
 
     While it waits for a reply the client polls its socket for up to ``spin_us`` microseconds
-    before it blocks (``agent.serving.spin``): a small model then answers in about half the
-    time on a VM, at the price of that much CPU per call. The policy stops spinning by itself
+    before it blocks (``agent.serving.spin``): a small model then answers in about a third
+    less time on a VM, at the price of that much CPU per call. The policy stops spinning by itself
     for replies that take longer and on single-CPU machines; ``spin_us=0`` turns it off.
     """
 
