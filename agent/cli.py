@@ -281,6 +281,16 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if update:
         outcome = "ok" if update.get("ok") else f"FAILED: {update.get('error')}"
         print(f"  last update: {outcome}")
+    mqtt = status.get("mqtt")
+    if mqtt:
+        link = "connected" if mqtt["connected"] else "DISCONNECTED (buffering)"
+        line = f"  mqtt: {link}, {mqtt['outbox_messages']} messages waiting"
+        if mqtt.get("outbox_error"):
+            line += (
+                f"; the outbox refuses writes ({mqtt['outbox_error']}): "
+                f"{mqtt['held_in_memory']} events held in memory, health messages dropped"
+            )
+        print(line)
     for name, version in (status.get("pinned") or {}).items():
         if version is not None:
             print(f"  pinned: {name} at version {version}")

@@ -180,6 +180,7 @@ class Agent:
             else {},
             "recent_events": [e.to_dict() for e in self.state.events(limit=10)],
             "activity": self.deployer.status_text if self.deployer else "serving",
+            "mqtt": self.reporter.state() if self.reporter is not None else None,
         }
 
     async def prepare_reporting(self) -> None:
@@ -420,7 +421,8 @@ class Agent:
         while True:
             started = time.monotonic()
             try:
-                await asyncio.wait_for(asyncio.to_thread(self.probe), timeout=interval)
+                async with asyncio.timeout(interval):
+                    await asyncio.to_thread(self.probe)
             except (AgentError, TimeoutError) as exc:
                 log.error("watchdog: synthetic inference failed (%s); not pinging systemd", exc)
             else:

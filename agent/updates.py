@@ -158,7 +158,8 @@ class UpdateLoop:
         except OSError as exc:
             return CycleResult(False, (), (), f"cannot start the update child: {exc}", time.time())
         try:
-            stdout, _ = await asyncio.wait_for(process.communicate(), self._timeout_s)
+            async with asyncio.timeout(self._timeout_s):
+                stdout, _ = await process.communicate()
         except TimeoutError:
             process.kill()
             await process.wait()
@@ -182,8 +183,10 @@ class UpdateLoop:
             await self.run_once()
             # Jitter spreads a fleet's polls so a repository is not hit by every device at once.
             delay = interval * random.uniform(0.8, 1.2)  # noqa: S311 - not security relevant
+            # asyncio.timeout: wait_for can lose a cancellation (see telemetry/mqtt.py).
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), delay)
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
             self._wake.clear()
 
 

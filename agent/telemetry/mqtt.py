@@ -193,6 +193,20 @@ class Reporter:
             )
             self._store_error = str(exc)
 
+    def state(self) -> dict[str, Any]:
+        """For `edge-agent status`: the broker connection and what waits to be sent."""
+        try:
+            waiting, size = self.outbox.size()
+        except sqlite3.Error:
+            waiting, size = -1, -1
+        return {
+            "connected": self._connected.is_set(),
+            "outbox_messages": waiting,
+            "outbox_bytes": size,
+            "held_in_memory": len(self._held),
+            "outbox_error": self._store_error,
+        }
+
     def publish_event(self, kind: str, model: str, version: int | None, reason: str) -> None:
         self._put(self.topics.events, messages.event(kind, model, version, reason), "event")
 
@@ -385,8 +399,11 @@ class Reporter:
             batch = self.outbox.pending(room, after=self._last_sent) if room > 0 else []
             if not batch:
                 self._wake.clear()
+                # asyncio.timeout, not wait_for: in 3.11 wait_for loses a cancellation that
+                # arrives as the event is set, and stop() then waits for this task forever.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), 1.0)
+                    async with asyncio.timeout(1.0):
+                        await self._wake.wait()
                 continue
             assert self._client is not None
             for message in batch:

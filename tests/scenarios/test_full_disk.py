@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import errno
 import json
+import signal
 import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -80,6 +83,17 @@ def test_full_disk_keeps_serving_and_recovers(
                 "holding events in memory" in log
             )
             assert "Traceback" not in log
+            # The operator sees it in `edge-agent status`.
+            shown = subprocess.run(
+                [sys.executable, "-m", "agent", "status", "--socket", str(tmp_path / "infer.sock")],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+            assert (
+                "the outbox refuses writes (database or disk is full): 1 events held in memory"
+                in shown
+            ), shown
             # Space comes back: the held acknowledgement goes out, then health again, with the
             # health messages that could not be stored counted.
             filler.unlink()
@@ -94,6 +108,12 @@ def test_full_disk_keeps_serving_and_recovers(
         seqs = [json.loads(p)["seq"] for t, p in sub.lines() if not t.endswith("/commands")]
         assert seqs == list(range(1, len(seqs) + 1))
         assert "the outbox stores messages again" in (tmp_path / "agent.out").read_text()
+        # Stopped while the disk is full (its goodbye cannot be stored): it still exits at once.
+        fill(small_disk)
+        time.sleep(1)
+        agent.send_signal(signal.SIGTERM)
+        assert agent.wait(15) == 0
+        (small_disk / "filler").unlink()
         with sqlite3.connect(small_disk / "state.db") as db:
             assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         with sqlite3.connect(small_disk / "outbox.db") as db:

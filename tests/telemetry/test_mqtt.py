@@ -151,6 +151,29 @@ def test_birth_health_and_will_on_kill_9(broker: Broker, tmp_path: Path, matmul_
         sub.close()
 
 
+def test_stops_on_sigterm_while_the_broker_is_away(
+    broker: Broker, tmp_path: Path, matmul_onnx: Path
+) -> None:
+    """The goodbye message cannot be sent: the agent still stops at once, not when systemd
+    loses patience and kills it (a lost cancellation used to keep it waiting forever)."""
+    agent = start_agent(agent_config(tmp_path, broker, matmul_onnx, None), tmp_path)
+    try:
+        wait_for(lambda: "mqtt: connected" in (tmp_path / "agent.out").read_text())
+        broker.stop()
+        wait_for(lambda: "mqtt: disconnected" in (tmp_path / "agent.out").read_text())
+        for _ in range(5):  # stops at different points of the reporter's wait
+            time.sleep(0.3)
+        agent.send_signal(signal.SIGTERM)
+        assert agent.wait(15) == 0
+        log = (tmp_path / "agent.out").read_text()
+        assert "stopping: draining in-flight requests" in log
+        assert "Traceback" not in log
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
+
+
 def test_broker_outage_loses_no_event(tmp_path: Path, matmul_onnx: Path) -> None:
     from agent.serving.client import InferenceClient
 
