@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from agent.errors import AgentError, CommandError, ConfigError, StoreError
 from agent.telemetry import commands, messages
@@ -36,6 +38,9 @@ if TYPE_CHECKING:
 
 CommandHandler = Callable[[commands.Command], Awaitable[str]]
 
+
+# The largest MQTT packet the agent accepts: a command and its topic, with room to spare.
+MAX_PACKET_BYTES = commands.MAX_COMMAND_BYTES + 4096
 
 # Events held in memory while the outbox refuses writes (a full disk); beyond, the oldest go.
 MAX_HELD = 10_000
@@ -221,6 +226,15 @@ class Reporter:
 
     # -- connection -------------------------------------------------------------------------
 
+    def _connect_properties(self) -> Properties | None:
+        """MQTT 5: tell the broker the largest packet we accept, so it never sends us more
+        than a command may be (it drops bigger ones); 3.1.1 has no way to say so."""
+        if self._protocol != mqtt.MQTTv5:
+            return None
+        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        properties.MaximumPacketSize = MAX_PACKET_BYTES
+        return properties
+
     def _make_client(self) -> mqtt.Client:
         client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2,
@@ -245,7 +259,12 @@ class Reporter:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._client = self._make_client()
-        self._client.connect_async(self.config.host, self.config.port, self.config.keepalive_s)
+        self._client.connect_async(
+            self.config.host,
+            self.config.port,
+            self.config.keepalive_s,
+            properties=self._connect_properties(),
+        )
         self._client.loop_start()
         self._tasks = [
             self._loop.create_task(self._drain(), name="mqtt-drain"),
@@ -336,7 +355,12 @@ class Reporter:
         old = self._client
         self._client = self._make_client()
         old.loop_stop()
-        self._client.connect_async(self.config.host, self.config.port, self.config.keepalive_s)
+        self._client.connect_async(
+            self.config.host,
+            self.config.port,
+            self.config.keepalive_s,
+            properties=self._connect_properties(),
+        )
         self._client.loop_start()
 
     def _on_disconnect(self, reason: str) -> None:

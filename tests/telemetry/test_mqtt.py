@@ -266,6 +266,14 @@ def test_signed_commands(
             "must be signed",
         ):
             assert needle in reasons
+        # An oversized command never reaches the agent: it told the broker (MQTT 5 Maximum
+        # Packet Size) what it accepts. The next one is handled as usual.
+        send({"command": "check-update", "device": "dev-1", "seq": 20, "pad": "x" * 100_000})
+        send({"command": "check-update", "device": "dev-1", "seq": 21})
+        wait_for(lambda: any(a["command_seq"] == 21 for a in payloads(sub, "/ack")))
+        # Had it arrived, the agent would have refused it itself ("... bytes exceeds 16384").
+        assert all("exceeds" not in a["reason"] for a in payloads(sub, "/ack"))
+        assert agent.poll() is None
     finally:
         agent.terminate()
         agent.wait(20)
