@@ -345,7 +345,8 @@ class AsyncInferenceClient:
                 connect = asyncio.open_connection(host, int(port), limit=_MAX_HEAD)
             else:
                 connect = asyncio.open_unix_connection(self.address, limit=_MAX_HEAD)
-            self._reader, self._writer = await asyncio.wait_for(connect, self.timeout_s)
+            async with asyncio.timeout(self.timeout_s):
+                self._reader, self._writer = await connect
         except (OSError, TimeoutError) as exc:
             raise ClientError(f"cannot connect to the agent at {self.address}: {exc}") from exc
 
@@ -381,7 +382,8 @@ class AsyncInferenceClient:
                 assert self._writer is not None
                 try:
                     self._writer.write(payload)
-                    return await asyncio.wait_for(self._read(self._reader), self.timeout_s)
+                    async with asyncio.timeout(self.timeout_s):
+                        return await self._read(self._reader)
                 except (ConnectionError, asyncio.IncompleteReadError) as exc:
                     await self.close()
                     if fresh or attempt:

@@ -470,7 +470,8 @@ class InferenceServer:
             connection.close()
         for server in self._servers:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(server.wait_closed(), timeout=1.0)
+                async with asyncio.timeout(1.0):
+                    await server.wait_closed()
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
