@@ -198,12 +198,16 @@ class Reporter:
             )
             self._store_error = str(exc)
 
+    def _outbox_size(self) -> tuple[int, int]:
+        """(messages, bytes) in the outbox; (-1, -1) when it cannot even be read."""
+        try:
+            return self.outbox.size()
+        except sqlite3.Error:
+            return -1, -1
+
     def state(self) -> dict[str, Any]:
         """For `edge-agent status`: the broker connection and what waits to be sent."""
-        try:
-            waiting, size = self.outbox.size()
-        except sqlite3.Error:
-            waiting, size = -1, -1
+        waiting, size = self._outbox_size()
         return {
             "connected": self._connected.is_set(),
             "outbox_messages": waiting,
@@ -217,14 +221,22 @@ class Reporter:
 
     def publish_health(self) -> None:
         body = self._health()
-        try:
-            waiting, size = self.outbox.size()
-        except sqlite3.Error:
-            waiting, size = -1, -1
+        waiting, size = self._outbox_size()
         body["outbox"] = {"messages": waiting, "bytes": size, "held_in_memory": len(self._held)}
         self._put(self.topics.health, body, "health")
 
     # -- connection -------------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        """Start connecting (and reconnecting) in paho's thread."""
+        assert self._client is not None
+        self._client.connect_async(
+            self.config.host,
+            self.config.port,
+            self.config.keepalive_s,
+            properties=self._connect_properties(),
+        )
+        self._client.loop_start()
 
     def _connect_properties(self) -> Properties | None:
         """MQTT 5: tell the broker the largest packet we accept, so it never sends us more
@@ -259,13 +271,7 @@ class Reporter:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._client = self._make_client()
-        self._client.connect_async(
-            self.config.host,
-            self.config.port,
-            self.config.keepalive_s,
-            properties=self._connect_properties(),
-        )
-        self._client.loop_start()
+        self._connect()
         self._tasks = [
             self._loop.create_task(self._drain(), name="mqtt-drain"),
             self._loop.create_task(self._health_loop(), name="mqtt-health"),
@@ -355,13 +361,7 @@ class Reporter:
         old = self._client
         self._client = self._make_client()
         old.loop_stop()
-        self._client.connect_async(
-            self.config.host,
-            self.config.port,
-            self.config.keepalive_s,
-            properties=self._connect_properties(),
-        )
-        self._client.loop_start()
+        self._connect()
 
     def _on_disconnect(self, reason: str) -> None:
         if not self._ever_connected and not self._connected.is_set():
@@ -378,7 +378,16 @@ class Reporter:
     def _on_puback(self, mid: int) -> None:
         message_id = self._inflight.pop(mid, None)
         if message_id is not None:
-            self.outbox.delete(message_id)
+            try:
+                self.outbox.delete(message_id)
+            except sqlite3.Error as exc:
+                # It stays in the outbox and goes again after a reconnect: a duplicate, which
+                # QoS 1 allows, rather than a loss.
+                log.warning(
+                    "mqtt: cannot delete acknowledged message %d from the outbox (%s)",
+                    message_id,
+                    exc,
+                )
             self.sent += 1
             self._wake.set()
 
@@ -401,7 +410,12 @@ class Reporter:
             )
             if command.seq is not None:
                 # Recorded before running it: a crash mid-command must not allow a replay.
-                self.outbox.set_counter("command_seq", command.seq)
+                try:
+                    self.outbox.set_counter("command_seq", command.seq)
+                except sqlite3.Error as exc:
+                    raise CommandError(
+                        f"cannot record its sequence number ({exc}), so it is not run"
+                    ) from exc
         except CommandError as exc:
             log.warning("mqtt: command %s rejected: %s", name, exc)
             self._put(self.topics.acks, messages.ack(name, seq, "rejected", str(exc)), "ack")
