@@ -128,6 +128,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
     validation, probation and rollback as a signed one. Whoever may write the store may run
     anything as the agent already, so this grants nothing new; the owner check keeps root
     from leaving files the agent cannot manage."""
+    from agent.models.lifecycle import Stage
     from agent.models.store import ModelStore
     from agent.state import StateDB
 
@@ -148,7 +149,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
         state.record(
             args.name,
             args.version,
-            "verified",
+            Stage.VERIFIED.value,
             f"imported from {args.model_file} (unsigned)",
             event="verified",
         )

@@ -47,6 +47,12 @@ def fill(directory: Path) -> Path:
     return filler
 
 
+def stored_errors(tmp_path: Path) -> int:
+    """How many times the agent has found its outbox refusing writes."""
+    log = (tmp_path / "agent.out").read_text()
+    return log.count("mqtt: cannot store messages in the outbox")
+
+
 def payloads(sub: Subscriber, suffix: str) -> list[dict[str, Any]]:
     return [json.loads(p) for t, p in sub.lines() if t.endswith(suffix)]
 
@@ -66,7 +72,8 @@ def test_full_disk_keeps_serving_and_recovers(
         with InferenceClient(str(tmp_path / "infer.sock")) as client:
             expected = client.infer("mm", {"x": x})["y"]
             filler = fill(small_disk)
-            time.sleep(1)  # whatever was in flight before the disk filled goes out
+            # Once a write has failed, whatever was stored before the disk filled has gone out.
+            wait_for(lambda: stored_errors(tmp_path) == 1)
             seen = len(payloads(sub, "/health"))
             # A command arrives while nothing can be written: its acknowledgement waits.
             send_command(broker, {"command": "check-update", "device": "dev-1", "seq": 1})
@@ -110,7 +117,7 @@ def test_full_disk_keeps_serving_and_recovers(
         assert "the outbox stores messages again" in (tmp_path / "agent.out").read_text()
         # Stopped while the disk is full (its goodbye cannot be stored): it still exits at once.
         fill(small_disk)
-        time.sleep(1)
+        wait_for(lambda: stored_errors(tmp_path) == 2)
         agent.send_signal(signal.SIGTERM)
         assert agent.wait(15) == 0
         (small_disk / "filler").unlink()

@@ -16,6 +16,7 @@ import pytest
 
 from agent.errors import NotFoundError, RequestError, UnavailableError
 from agent.serving.client import ClientError, InferenceClient
+from tests.telemetry.agents import wait_for
 
 from .conftest import RunningAgent
 
@@ -431,10 +432,7 @@ def test_model_still_loading_answers_503_not_404(
             with pytest.raises(NotFoundError, match="unknown model 'other' \\(known: mm\\)"):
                 client.infer("other", {"x": np.ones((1, 64), np.float32)})
             gate.set()
-            for _ in range(300):
-                if client.model_ready("mm"):
-                    break
-                threading.Event().wait(0.1)
+            wait_for(lambda: client.model_ready("mm"), timeout_s=30)
             out = client.infer("mm", {"x": np.ones((1, 64), np.float32)})
             assert out["y"].shape == (1, 64)
     finally:
