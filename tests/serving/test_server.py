@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import socket
 import stat
 import subprocess
 import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -442,8 +445,34 @@ def test_model_still_loading_answers_503_not_404(
         loop.close()
 
 
+@contextlib.contextmanager
+def slow_server(path: Path, delay_s: float) -> Iterator[Path]:
+    """A keep-alive HTTP server on ``path`` that answers every request ``delay_s`` late."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen()
+
+    def serve() -> None:
+        with contextlib.suppress(OSError), listener.accept()[0] as conn:
+            pending = b""
+            while chunk := conn.recv(65536):
+                pending += chunk
+                while b"\r\n\r\n" in pending:  # requests without a body
+                    _, _, pending = pending.partition(b"\r\n\r\n")
+                    time.sleep(delay_s)
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield path
+    finally:
+        listener.close()
+        thread.join(10)
+
+
 def test_spinning_client_results_and_fallback_to_blocking(
-    served: RunningAgent, matmul_onnx: Path, face_detector_tflite: Path
+    served: RunningAgent, matmul_onnx: Path, face_detector_tflite: Path, tmp_path: Path
 ) -> None:
     """The spinning client returns the same bytes as a blocking one; replies that outlast the
     budget (a 1 µs budget, a multi-chunk reply) fall back to a blocking recv and back off."""
@@ -456,10 +485,16 @@ def test_spinning_client_results_and_fallback_to_blocking(
             np.testing.assert_array_equal(patient.infer("matmul", {"x": x})["y"], want)
         assert patient.spin.spins == 20
         assert patient.spin.hits == 20
-    with InferenceClient(str(served.socket), spin_us=1) as hasty:
+    # Replies that outlast the budget. The agent above shares this process's GIL: its reply
+    # can be sent before this thread polls at all, however short the budget, so the misses
+    # come from a server that answers 20 ms late.
+    with (
+        slow_server(tmp_path / "slow.sock", delay_s=0.02) as slow,
+        InferenceClient(str(slow), spin_us=1) as hasty,
+    ):
         hasty.spin.cpus = 2
         for _ in range(40):
-            np.testing.assert_array_equal(hasty.infer("matmul", {"x": x})["y"], want)
+            assert hasty.request("GET", "/v2/health/ready")[0] == 200
         assert hasty.spin.hits < hasty.spin.spins < 40  # missed, then backed off
     image = np.random.default_rng(4).random((1, 128, 128, 3), dtype=np.float32)
     with (
