@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from agent import __version__
-from agent.config import DEFAULT_CONFIG, Config, ServingSection
+from agent.config import DEFAULT_CONFIG, BadKeysError, Config, ServingSection
 from agent.config import load as load_config
 from agent.errors import EXIT_CONFIG, AgentError, ConfigError
 
@@ -32,21 +32,27 @@ def _setup_logging(level: str) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
-def _socket_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--socket",
-        default=None,
-        help="Unix socket path or http://HOST:PORT (default: from --config, else "
-        "/run/edge-agent/infer.sock)",
-    )
+# serve, infer, status and the other socket commands find the socket the same way.
+SOCKET_ENV = "EDGE_AGENT_SOCKET"
+_SOCKET_DEFAULT = (
+    f"${SOCKET_ENV} when set, else serving.socket from --config (or from {DEFAULT_CONFIG} "
+    f"when it exists), else {ServingSection().socket}"
+)
+
+
+def _socket_arg(parser: argparse.ArgumentParser, what: str = "Unix socket path") -> None:
+    parser.add_argument("--socket", default=None, help=f"{what} (default: {_SOCKET_DEFAULT})")
     parser.add_argument(
         "--config", type=Path, default=None, help="agent.toml to read the socket from"
     )
 
 
 def _address(args: argparse.Namespace) -> str:
+    """The socket a command uses: --socket, $EDGE_AGENT_SOCKET, the config's, the default."""
     if args.socket:
         return str(args.socket)
+    if os.environ.get(SOCKET_ENV):
+        return os.environ[SOCKET_ENV]
     path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
     if path is not None:
         return str(load_config(path).serving.socket)
@@ -70,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", help="serve local model files (no updates; for development and benchmarks)"
     )
     serve.add_argument("models", nargs="+", metavar="[NAME=]MODEL_FILE")
-    serve.add_argument("--socket", type=Path, default=Path("./edge-agent.sock"))
+    _socket_arg(serve, "Unix socket to listen on")
     serve.add_argument("--http", default="", help="also listen on loopback TCP, 127.0.0.1:PORT")
     serve.add_argument("--workers", type=int, default=0, help="inference threads (0: cores)")
     serve.add_argument("--intra-op-threads", type=int, default=1)
@@ -88,10 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--version", dest="model_version", type=int, default=None)
     infer.add_argument("--json", action="store_true", help="send and print JSON tensors")
     infer.add_argument("--save", type=Path, default=None, help="write outputs to FILE.npz")
-    _socket_arg(infer)
+    _socket_arg(infer, "Unix socket path or http://HOST:PORT")
 
     status = sub.add_parser("status", help="show what the agent serves and its health")
-    _socket_arg(status)
+    _socket_arg(status, "Unix socket path or http://HOST:PORT")
     status.add_argument("--json", action="store_true")
 
     update = sub.add_parser("update", help="run one update cycle against the repository")
@@ -109,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         _socket_arg(admin)
 
     models = sub.add_parser("models", help="list the models the agent knows")
-    _socket_arg(models)
+    _socket_arg(models, "Unix socket path or http://HOST:PORT")
 
     imp = sub.add_parser(
         "import",
@@ -195,12 +201,23 @@ def _cmd_serve(args: argparse.Namespace, level: str | None) -> int:
     from agent.daemon import Agent, LocalModel
 
     _setup_logging(level or "info")
-    serving = ServingSection(
-        socket=args.socket.absolute(),
-        http=args.http,
-        workers=args.workers,
-        intra_op_threads=args.intra_op_threads,
-    )
+    address = _address(args)
+    if "://" in address:
+        raise AgentError(
+            f"serve listens on a Unix socket, found --socket {address}",
+            remedy="use --http 127.0.0.1:PORT for a TCP listener",
+        )
+    try:
+        serving = ServingSection(
+            socket=Path(address).absolute(),
+            http=args.http,
+            workers=args.workers,
+            intra_op_threads=args.intra_op_threads,
+        )
+    except BadKeysError as exc:
+        raise ConfigError(
+            "; ".join(f"--{key.replace('_', '-')}: {why}" for key, why in exc.problems)
+        ) from None
     agent = Agent(Config(serving=serving))
     asyncio.run(agent.run([LocalModel.parse(spec) for spec in args.models]))
     return 0

@@ -2,7 +2,10 @@
 
 Every section is a dataclass whose defaults are the production paths and bounds (units in the
 names). Parsing collects every problem before failing, so ``edge-agent check-config`` reports
-each bad key with its file and dotted name in one run.
+each bad key in one run, as ``FILE: [section] key: expected …, found …``.
+
+A section checks its values in ``__post_init__`` with ``_Checks``: each failed check names its
+key, and all of them are raised together (``BadKeysError``), so one bad key never hides the next.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import socket
 import tomllib
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,16 +26,51 @@ from agent.errors import ConfigError
 DEFAULT_CONFIG = Path("/etc/edge-agent/agent.toml")
 
 
+class BadKeysError(ValueError):
+    """Every bad key of one section, each as ``(key, why)``; raised by ``_Checks.done``."""
+
+    def __init__(self, problems: Sequence[tuple[str, str]]) -> None:
+        self.problems = tuple(problems)
+        super().__init__("; ".join(f"{key}: {why}" for key, why in self.problems))
+
+
+class _Checks:
+    """Collects a section's failed checks so that all of them are reported, not the first."""
+
+    def __init__(self) -> None:
+        self.problems: list[tuple[str, str]] = []
+
+    def expect(self, ok: bool, key: str, expected: str, found: object) -> None:
+        """Unless ``ok``: ``key: expected EXPECTED, found repr(FOUND)``."""
+        if not ok:
+            self.problems.append((key, f"expected {expected}, found {found!r}"))
+
+    def problem(self, key: str, why: str) -> None:
+        self.problems.append((key, why))
+
+    def done(self) -> None:
+        if self.problems:
+            raise BadKeysError(self.problems)
+
+
 @dataclass(frozen=True, slots=True)
 class AgentSection:
     device_id: str = ""  # empty: /etc/machine-id, else the host name
     fleet: str = "default"
     state_dir: Path = Path("/var/lib/edge-agent")
     log_level: str = "info"
+    # Page out start-up-only library pages after READY and model swaps (agent/memory.py).
+    trim_memory: bool = True
 
     def __post_init__(self) -> None:
-        if self.log_level.lower() not in ("debug", "info", "warning", "error"):
-            raise ValueError(f"must be debug, info, warning or error, found {self.log_level!r}")
+        checks = _Checks()
+        checks.expect(
+            self.log_level.lower() in ("debug", "info", "warning", "error"),
+            "log_level",
+            "debug, info, warning or error",
+            self.log_level,
+        )
+        checks.done()
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,23 +89,36 @@ class ServingSection:
     inline_threshold_us: float = 100.0
 
     def __post_init__(self) -> None:
+        checks = _Checks()
         try:
-            mode = int(self.socket_mode, 8)
+            mode: int | None = int(self.socket_mode, 8)
         except ValueError:
-            raise ValueError(
-                f'socket_mode must be octal like "0660", found {self.socket_mode!r}'
-            ) from None
-        if mode & 0o007:
-            raise ValueError(f"socket_mode {self.socket_mode} gives access to every user; use 0660")
+            mode = None
+        checks.expect(
+            mode is not None, "socket_mode", 'an octal mode like "0660"', self.socket_mode
+        )
+        if mode is not None:
+            checks.expect(
+                0 <= mode <= 0o777 and not mode & 0o007,
+                "socket_mode",
+                'a mode that gives other users no access, like "0660"',
+                self.socket_mode,
+            )
         if self.http:
             host, _, port = self.http.rpartition(":")
-            if host not in ("127.0.0.1", "localhost", "::1", "[::1]") or not port.isdigit():
-                raise ValueError(f"http must be a loopback host:port, found {self.http!r}")
+            checks.expect(
+                host in ("127.0.0.1", "localhost", "::1", "[::1]")
+                and port.isdigit()
+                and int(port) < 65536,
+                "http",
+                'a loopback host:port like "127.0.0.1:8000"',
+                self.http,
+            )
         for name in ("workers", "intra_op_threads", "max_connections"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must not be negative")
-        if self.max_body_bytes <= 0 or self.max_header_bytes <= 0:
-            raise ValueError("size bounds must be positive")
+            checks.expect(getattr(self, name) >= 0, name, "0 or more", getattr(self, name))
+        for name in ("max_body_bytes", "max_header_bytes"):
+            checks.expect(getattr(self, name) > 0, name, "a positive size", getattr(self, name))
+        checks.done()
 
     @property
     def mode(self) -> int:
@@ -84,13 +136,42 @@ class ModelsSection:
     probation_window_s: float = 60.0  # a new version is committed after this long
     probation_min_requests: int = 20  # error rates are judged past this many requests
     max_error_rate_increase: float = 0.05  # over the previous version: roll back past it
+    # … and after this many requests (0: the time window alone decides).
+    probation_window_requests: int = 0
+    # Too few requests by then (a quiet device): committed anyway, saying so (0: keep waiting).
+    probation_max_window_s: float = 600.0
+    max_p99_ratio: float = 3.0  # new p99 over the previous version's: roll back past it
+    drain_timeout_s: float = 10.0  # a drain waits this long for requests in flight
 
     def __post_init__(self) -> None:
+        checks = _Checks()
         for name in self.follow:
-            if not name or "/" in name or name.startswith("."):
-                raise ValueError(f"invalid model name {name!r} in follow")
-        if self.keep_versions < 0:
-            raise ValueError("keep_versions must not be negative")
+            checks.expect(
+                bool(name) and "/" not in name and not name.startswith("."),
+                "follow",
+                "model names without '/' or a leading '.'",
+                name,
+            )
+        checks.expect(self.keep_versions >= 0, "keep_versions", "0 or more", self.keep_versions)
+        checks.expect(
+            self.probation_window_requests >= 0,
+            "probation_window_requests",
+            "0 or more",
+            self.probation_window_requests,
+        )
+        checks.expect(
+            self.probation_window_requests == 0
+            or self.probation_max_window_s == 0
+            or self.probation_max_window_s >= self.probation_window_s,
+            "probation_max_window_s",
+            f"0 or at least probation_window_s ({self.probation_window_s:g})",
+            self.probation_max_window_s,
+        )
+        checks.expect(self.max_p99_ratio >= 1, "max_p99_ratio", "1 or more", self.max_p99_ratio)
+        checks.expect(
+            self.drain_timeout_s >= 0, "drain_timeout_s", "0 or more", self.drain_timeout_s
+        )
+        checks.done()
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,12 +190,15 @@ class RepositorySection:
     max_metadata_bytes: int = 4 * 1024 * 1024
 
     def __post_init__(self) -> None:
-        if self.url and not self.url.startswith("https://"):
-            raise ValueError(f"url must start with https://, found {self.url!r}")
-        if (self.client_cert is None) != (self.client_key is None):
-            raise ValueError("client_cert and client_key go together")
-        if self.poll_interval_s <= 0:
-            raise ValueError("poll_interval_s must be positive")
+        checks = _Checks()
+        checks.expect(
+            not self.url or self.url.startswith("https://"), "url", "an https:// URL", self.url
+        )
+        _check_pair(checks, self.client_cert, self.client_key)
+        checks.expect(
+            self.poll_interval_s > 0, "poll_interval_s", "a positive number", self.poll_interval_s
+        )
+        checks.done()
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,18 +210,31 @@ class MqttSection:
     client_cert: Path | None = None
     client_key: Path | None = None
     health_interval_s: float = 60.0
-    reconnect_max_s: int = 60  # jittered exponential backoff from 1 s up to this
+    # Waits between connection attempts double from 1 s up to this cap; each is drawn from
+    # [half, all] of its step (jitter), so a fleet does not reconnect in lockstep.
+    reconnect_max_s: int = 60
     operator_keys: tuple[Path, ...] = ()  # Ed25519 public keys (PEM) allowed to sign commands
     outbox_max_bytes: int = 8 * 1024 * 1024
     outbox_max_age_s: float = 7 * 86400.0
+    max_inflight: int = 20  # messages sent and not yet acknowledged by the broker, at most
+    drain_per_s: float = 200.0  # backlog messages sent a second after a reconnect, at most
 
     def __post_init__(self) -> None:
-        if not 0 < self.port < 65536:
-            raise ValueError(f"port must be 1..65535, found {self.port}")
-        if (self.client_cert is None) != (self.client_key is None):
-            raise ValueError("client_cert and client_key go together")
-        if self.health_interval_s <= 0:
-            raise ValueError("health_interval_s must be positive")
+        checks = _Checks()
+        checks.expect(0 < self.port < 65536, "port", "1..65535", self.port)
+        _check_pair(checks, self.client_cert, self.client_key)
+        checks.expect(
+            self.health_interval_s > 0,
+            "health_interval_s",
+            "a positive number",
+            self.health_interval_s,
+        )
+        checks.expect(
+            self.reconnect_max_s >= 1, "reconnect_max_s", "1 or more", self.reconnect_max_s
+        )
+        checks.expect(self.max_inflight >= 1, "max_inflight", "1 or more", self.max_inflight)
+        checks.expect(self.drain_per_s > 0, "drain_per_s", "a positive number", self.drain_per_s)
+        checks.done()
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +257,18 @@ class Config:
     @property
     def state_db(self) -> Path:
         return self.agent.state_dir / "state.db"
+
+
+def _check_pair(checks: _Checks, cert: Path | None, key: Path | None) -> None:
+    """A client certificate and its key go together."""
+    if cert is not None and key is None:
+        checks.problem(
+            "client_key", f"expected a key file to go with client_cert {str(cert)!r}, found none"
+        )
+    if key is not None and cert is None:
+        checks.problem(
+            "client_cert", f"expected a certificate to go with client_key {str(key)!r}, found none"
+        )
 
 
 def default_device_id() -> str:
@@ -220,19 +329,30 @@ def parse(raw: dict[str, Any], source: Path | None = None) -> Config:
     """Build a Config from parsed TOML; relative paths are relative to the file's directory.
 
     Raises:
-        ConfigError: listing every unknown or invalid key, each as ``file: section.key: why``.
+        ConfigError: listing every unknown or invalid key, each as
+            ``file: [section] key: expected …, found …``.
     """
     where = str(source) if source else "<config>"
     base = source.parent if source else Path.cwd()
     problems: list[str] = []
     sections: dict[str, Any] = {}
-    for key in raw:
-        if key not in _SECTIONS:
-            problems.append(f"{where}: [{key}]: unknown section (known: {', '.join(_SECTIONS)})")
+    known_sections = ", ".join(_SECTIONS)
+    for key, value in raw.items():
+        if key in _SECTIONS:
+            continue
+        if isinstance(value, dict):
+            problems.append(f"{where}: [{key}]: unknown section (known: {known_sections})")
+        else:
+            problems.append(
+                f"{where}: {key}: expected a key inside a section ({known_sections}), "
+                "found it outside any"
+            )
     for section, cls in _SECTIONS.items():
         table = raw.get(section, {})
         if not isinstance(table, dict):
-            problems.append(f"{where}: {section}: expected a table")
+            problems.append(
+                f"{where}: [{section}]: expected a table, found {type(table).__name__} {table!r}"
+            )
             continue
         hints = typing.get_type_hints(cls)
         names = {f.name for f in dataclasses.fields(cls)}
@@ -240,23 +360,33 @@ def parse(raw: dict[str, Any], source: Path | None = None) -> Config:
         for key, value in table.items():
             if key not in names:
                 problems.append(
-                    f"{where}: {section}.{key}: unknown key (known: {', '.join(sorted(names))})"
+                    f"{where}: [{section}] {key}: unknown key (known: {', '.join(sorted(names))})"
                 )
                 continue
             try:
                 values[key] = _convert(value, hints[key], base)
             except ValueError as exc:
-                problems.append(f"{where}: {section}.{key}: {exc}")
+                problems.append(f"{where}: [{section}] {key}: {exc}")
         try:
             sections[section] = cls(**values)
+        except BadKeysError as exc:
+            problems.extend(f"{where}: [{section}] {key}: {why}" for key, why in exc.problems)
         except ValueError as exc:
-            problems.append(f"{where}: [{section}]: {exc}")
+            problems.append(f"{where}: [{section}]{_plain_problem(str(exc), names)}")
     if problems:
         raise ConfigError(
             "invalid configuration:\n  " + "\n  ".join(problems),
             remedy="fix the keys above; `edge-agent check-config` re-checks",
         )
     return Config(source=source, **sections)
+
+
+def _plain_problem(message: str, names: set[str]) -> str:
+    """A plain ValueError from a section's checks as `` key: why`` when its message starts with
+    one of the section's keys (``"window_s must be positive"``), else ``: message``."""
+    first, _, rest = message.partition(" ")
+    key = first.rstrip(":,")
+    return f" {key}: {rest}" if key in names and rest else f": {message}"
 
 
 def load(path: Path) -> Config:

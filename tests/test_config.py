@@ -41,35 +41,88 @@ def test_relative_paths_are_relative_to_the_file(tmp_path: Path) -> None:
     assert isinstance(config, Config)
 
 
-def test_every_bad_key_is_reported_with_file_and_name(tmp_path: Path) -> None:
+def test_every_bad_key_is_reported_with_file_and_name(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Several bad keys in one section are all reported (a section's checks used to stop at
+    its first problem), each line naming the file, the section and the key, what was expected
+    and what was found; check-config exits with 78."""
     path = tmp_path / "agent.toml"
     path.write_text(
-        '[agent]\nlog_level = "loud"\ncolour = "blue"\n'
-        '[serving]\nworkers = "two"\nsocket_mode = "0666"\n'
-        '[repository]\nurl = "http://plain"\n'
+        'stray = 1\n[agent]\nlog_level = "loud"\ncolour = "blue"\n'
+        '[serving]\nsocket_mode = "0666"\nhttp = "0.0.0.0:80"\nmax_header_bytes = 0\n'
+        'workers = -2\nmax_connections = "many"\n'
+        '[repository]\nurl = "http://plain"\nclient_cert = "c.pem"\npoll_interval_s = 0\n'
+        "[mqtt]\nport = 0\n"
         "[extra]\nx = 1\n"
     )
+    expected = [
+        f"{path}: stray: expected a key inside a section",
+        f"{path}: [extra]: unknown section (known: agent, serving, models, repository, mqtt",
+        f"{path}: [agent] colour: unknown key (known: device_id, fleet, log_level, state_dir",
+        f"{path}: [agent] log_level: expected debug, info, warning or error, found 'loud'",
+        f"{path}: [serving] socket_mode: expected a mode that gives other users no access, "
+        f"like \"0660\", found '0666'",
+        f'{path}: [serving] http: expected a loopback host:port like "127.0.0.1:8000", '
+        f"found '0.0.0.0:80'",
+        f"{path}: [serving] max_header_bytes: expected a positive size, found 0",
+        f"{path}: [serving] workers: expected 0 or more, found -2",
+        f"{path}: [serving] max_connections: expected an integer, found 'many'",
+        f"{path}: [repository] url: expected an https:// URL, found 'http://plain'",
+        f"{path}: [repository] client_key: expected a key file to go with client_cert "
+        f"'{tmp_path / 'c.pem'}', found none",
+        f"{path}: [repository] poll_interval_s: expected a positive number, found 0.0",
+        f"{path}: [mqtt] port: expected 1..65535, found 0",
+    ]
     with pytest.raises(ConfigError) as info:
         load(path)
+    lines = str(info.value).splitlines()[1:]
+    assert len(lines) == len(expected), lines
+    for needle in expected:
+        assert any(line.strip().startswith(needle) for line in lines), (needle, lines)
+
+    assert main(["check-config", str(path)]) == EXIT_CONFIG
+    err = capsys.readouterr().err
+    for needle in expected:
+        assert needle in err
+
+
+def test_one_check_per_key_in_each_section() -> None:
+    """Every section reports all of its bad keys at once, without the file when parsed from a
+    dict."""
+    with pytest.raises(ConfigError) as info:
+        parse(
+            {
+                "models": {"follow": ["ok", "a/b", ".hidden"], "keep_versions": -1},
+                "mqtt": {"client_key": "k.pem", "health_interval_s": 0},
+                "serving": {"socket_mode": "rw", "max_body_bytes": -5, "intra_op_threads": -1},
+            }
+        )
     message = str(info.value)
     for needle in (
-        f"{path}: agent.colour: unknown key",
-        f"{path}: [agent]: must be debug",
-        f"{path}: serving.workers: expected an integer, found 'two'",
-        f"{path}: [repository]: url must start with https://",
-        f"{path}: [extra]: unknown section",
+        "<config>: [models] follow: expected model names without '/' or a leading '.', found 'a/b'",
+        "<config>: [models] follow: expected model names without '/' or a leading '.', "
+        "found '.hidden'",
+        "<config>: [models] keep_versions: expected 0 or more, found -1",
+        "<config>: [mqtt] client_cert: expected a certificate to go with client_key",
+        "<config>: [mqtt] health_interval_s: expected a positive number, found 0.0",
+        "<config>: [serving] socket_mode: expected an octal mode like \"0660\", found 'rw'",
+        "<config>: [serving] max_body_bytes: expected a positive size, found -5",
+        "<config>: [serving] intra_op_threads: expected 0 or more, found -1",
     ):
-        assert needle in message
+        assert needle in message, (needle, message)
 
 
 def test_socket_mode_open_to_all_is_refused() -> None:
-    with pytest.raises(ConfigError, match="gives access to every user"):
+    with pytest.raises(ConfigError, match="gives other users no access"):
         parse({"serving": {"socket_mode": "0666"}})
 
 
 def test_http_must_be_loopback() -> None:
     with pytest.raises(ConfigError, match="loopback"):
         parse({"serving": {"http": "0.0.0.0:8000"}})
+    with pytest.raises(ConfigError, match="loopback"):
+        parse({"serving": {"http": "127.0.0.1:99999"}})
 
 
 def test_not_toml_and_missing_file(tmp_path: Path) -> None:
@@ -89,4 +142,33 @@ def test_check_config_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     bad = tmp_path / "bad.toml"
     bad.write_text("[serving]\nworkers = -1\n")
     assert main(["check-config", "--config", str(bad)]) == EXIT_CONFIG
-    assert "workers must not be negative" in capsys.readouterr().err
+    assert "[serving] workers: expected 0 or more, found -1" in capsys.readouterr().err
+
+
+def test_a_plain_value_error_from_a_section_still_names_its_key(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A section whose ``__post_init__`` raises a plain ValueError (not through ``_Checks``) is
+    still reported with its key when the message starts with it, else at section level."""
+    from dataclasses import dataclass
+
+    from agent import config
+
+    @dataclass(frozen=True)
+    class Probe:
+        window_s: float = 1.0
+        label: str = ""
+
+        def __post_init__(self) -> None:
+            if self.window_s <= 0:
+                raise ValueError(f"window_s must be positive, found {self.window_s}")
+            if self.label == "x":
+                raise ValueError("labels and windows disagree")
+
+    monkeypatch.setitem(config._SECTIONS, "probe", Probe)
+    with pytest.raises(ConfigError) as info:
+        parse({"probe": {"window_s": 0}})
+    assert "<config>: [probe] window_s: must be positive, found 0.0" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        parse({"probe": {"label": "x"}})
+    assert "<config>: [probe]: labels and windows disagree" in str(info.value)

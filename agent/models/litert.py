@@ -9,9 +9,10 @@ values, as they would to the interpreter itself.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import queue
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,18 +25,30 @@ from agent.tensors import TensorSpec, oip_datatype
 log = logging.getLogger(__name__)
 
 
-def _interpreter_class() -> Any:
-    try:
-        from ai_edge_litert.interpreter import Interpreter
-    except ImportError:
+# Tried in order: LiteRT, then the older tflite_runtime (on boards where only it is built).
+INTERPRETER_MODULES = ("ai_edge_litert.interpreter", "tflite_runtime.interpreter")
+
+
+def select_interpreter(
+    import_module: Callable[[str], Any] = importlib.import_module,
+    modules: Sequence[str] = INTERPRETER_MODULES,
+) -> Any:
+    """The ``Interpreter`` class of the first of ``modules`` that imports.
+
+    Raises:
+        ModelError: none imports; the message names each module and why it failed (a
+            tflite_runtime built for numpy 1 fails to import under numpy 2, for one).
+    """
+    failures = []
+    for name in modules:
         try:
-            from tflite_runtime.interpreter import Interpreter
-        except ImportError:
-            raise ModelError(
-                "no TFLite runtime installed",
-                remedy="pip install ai-edge-litert (or tflite-runtime with numpy<2 on old boards)",
-            ) from None
-    return Interpreter
+            return import_module(name).Interpreter
+        except ImportError as exc:
+            failures.append(f"{name}: {exc}")
+    raise ModelError(
+        "no TFLite runtime can be imported (" + "; ".join(failures) + ")",
+        remedy="pip install ai-edge-litert (or tflite-runtime with numpy<2 on old boards)",
+    )
 
 
 def _spec(detail: Mapping[str, Any]) -> TensorSpec:
@@ -80,7 +93,7 @@ class LiteRTSession:
 
     def __init__(self, path: Path, options: RuntimeOptions) -> None:
         self.path = path
-        cls = _interpreter_class()
+        cls = select_interpreter()
         self._pool: queue.SimpleQueue[_Interp] = queue.SimpleQueue()
         try:
             first = _Interp(cls, path, options.intra_op_threads)

@@ -73,6 +73,20 @@ def error_response(exc: AgentError) -> Response:
     return Response(exc.status, oip.encode_error(exc.message), retry_after_s=retry)
 
 
+def _named_failure(loaded: LoadedVersion, error: BaseException) -> AgentError:
+    """The error a failed run answers with, naming the model and version that failed.
+
+    The runtimes name only the model file (``model.onnx: ONNX Runtime failed: …``), which does
+    not tell a client which model or version answered. Other agent errors pass unchanged.
+    """
+    prefix = f"model {loaded.name} version {loaded.version}: "
+    if not isinstance(error, AgentError):
+        return InferenceError(f"{prefix}runtime failed: {error}")
+    if isinstance(error, InferenceError) and not error.message.startswith(prefix):
+        return InferenceError(prefix + error.message, remedy=error.remedy)
+    return error
+
+
 def _json(value: Any, status: int = 200) -> Response:
     return Response(status, json.dumps(value, separators=(",", ":")).encode())
 
@@ -215,12 +229,7 @@ class OipHandler:
         loaded = prepared.loaded
         try:
             if error is not None:
-                if isinstance(error, AgentError):
-                    exc = error
-                else:
-                    exc = InferenceError(
-                        f"model {loaded.name} version {loaded.version}: runtime failed: {error}"
-                    )
+                exc = _named_failure(loaded, error)
                 log.warning("infer %s version %d failed: %s", loaded.name, loaded.version, exc)
                 self._observe(loaded, prepared.started, failed=True, seconds=prepared.run_s)
                 return error_response(exc)

@@ -339,13 +339,18 @@ def bind_unix_socket(path: Path, mode: int = 0o660, group: str | None = None) ->
             gid = grp.getgrnam(group).gr_gid
         except KeyError:
             raise ConfigError(
-                f"socket group {group!r} does not exist",
+                f"[serving] socket_group: expected a group that exists on this host for "
+                f"socket {path}, found {group!r} (no such group)",
                 remedy='create it (systemd-sysusers) or set serving.socket_group = ""',
             ) from None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ConfigError(f"cannot create socket directory {path.parent}: {exc.strerror}") from exc
+        raise ConfigError(
+            f"cannot create socket directory {path.parent}: {exc.strerror}",
+            remedy="choose another socket (serving.socket; for edge-agent serve, --socket or "
+            "EDGE_AGENT_SOCKET)",
+        ) from exc
     if path.exists() or path.is_symlink():
         if not stat.S_ISSOCK(path.lstat().st_mode):
             raise ConfigError(f"{path} exists and is not a socket; refusing to replace it")

@@ -100,13 +100,49 @@ def test_silero_half_variant_runs(silero_vad_half_onnx: Path) -> None:
         np.testing.assert_array_equal(got[name], value)
 
 
+# What each quantization must leave in the graph: ops that only a quantized graph has, and the
+# float ops it must no longer run (a "quantized" file still doing float MatMul/Gemm is not).
+_QUANTIZED_OPS = {
+    "mlp_int8_qdq_onnx": {"QuantizeLinear", "DequantizeLinear"},
+    "mlp_int8_qoperator_onnx": {"QuantizeLinear"},
+    "mlp_int8_dynamic_onnx": {"DynamicQuantizeLinear", "MatMulInteger"},
+}
+# QOperator replaces the float op itself by its integer form; which one depends on the fusions
+# ORT's pre-processing made (MatMul+Add becomes Gemm, so QGemm here).
+_QOPERATOR_INTEGER_OPS = {"QLinearMatMul", "QLinearConv", "QGemm", "MatMulInteger"}
+
+
 @pytest.mark.parametrize(
     "fixture", ["mlp_int8_qdq_onnx", "mlp_int8_qoperator_onnx", "mlp_int8_dynamic_onnx"]
 )
 def test_int8_models_close_to_float(
     fixture: str, mlp_onnx: Path, request: pytest.FixtureRequest
 ) -> None:
+    import onnx
+
     quantized: Path = request.getfixturevalue(fixture)
+    graph = onnx.load(quantized).graph
+    ops = {node.op_type for node in graph.node}
+    weight_types = {init.data_type for init in graph.initializer}
+    assert _QUANTIZED_OPS[fixture] <= ops, ops
+    assert onnx.TensorProto.INT8 in weight_types  # the weights are stored as int8
+    if fixture == "mlp_int8_qoperator_onnx":
+        assert ops & _QOPERATOR_INTEGER_OPS, ops
+        assert not ops & {"MatMul", "Gemm"}, ops
+    if fixture == "mlp_int8_dynamic_onnx":
+        assert "MatMul" not in ops, ops
+    if fixture == "mlp_int8_qdq_onnx":
+        # Each matrix product reads dequantized int8 values: its activation from a
+        # Quantize/DequantizeLinear pair, its weights from an int8 initializer.
+        producer = {out: node for node in graph.node for out in node.output}
+        initializers = {init.name: init for init in graph.initializer}
+        products = [node for node in graph.node if node.op_type in ("MatMul", "Gemm")]
+        assert products
+        for node in products:
+            activation, weights = (producer[name] for name in node.input[:2])
+            assert activation.op_type == weights.op_type == "DequantizeLinear", node
+            assert producer[activation.input[0]].op_type == "QuantizeLinear", node
+            assert initializers[weights.input[0]].data_type == onnx.TensorProto.INT8, node
     x = np.random.default_rng(3).standard_normal((4, 16)).astype(np.float32)
     float_out = load_session(mlp_onnx, None, RuntimeOptions()).run({"x": x})["probs"]
     session = load_session(quantized, None, RuntimeOptions())
@@ -175,6 +211,12 @@ def test_quantized_tflite_models(
     from ai_edge_litert.interpreter import Interpreter
 
     path: Path = request.getfixturevalue(fixture)
+    stored = {np.dtype(t["dtype"]) for t in Interpreter(model_path=str(path)).get_tensor_details()}
+    if datatype == "FP32":  # the fp16 model: float32 at its edges, float16 weights inside
+        assert np.dtype(np.float16) in stored, stored
+    else:
+        assert np.dtype(np.int8) in stored, stored
+        assert not stored & {np.dtype(np.float32), np.dtype(np.float16)}, stored
     session = load_session(path, None, RuntimeOptions(interpreters=2))
     (spec,) = session.inputs
     assert spec.datatype == datatype

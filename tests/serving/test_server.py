@@ -521,3 +521,213 @@ def test_spinning_client_still_times_out(tmp_path: Path) -> None:
             with pytest.raises(ClientError, match=r"no answer .* within 0\.5 s"):
                 client.request("GET", "/v2/health/ready")
             assert (client.spin.spins, client.spin.hits) == (0, 0)
+
+
+def test_request_level_binary_data_output(served: RunningAgent, matmul_onnx: Path) -> None:
+    """Triton's request-level ``binary_data_output`` parameter, without an outputs list: true
+    gives every output as binary (Inference-Header-Content-Length, binary_data_size), false
+    gives JSON data."""
+    x = np.random.default_rng(11).standard_normal((1, 64)).astype(np.float32)
+    session = ort.InferenceSession(str(matmul_onnx), providers=["CPUExecutionProvider"])
+    (want,) = session.run(None, {"x": x})
+    with InferenceClient(str(served.socket)) as client:
+        for flag in (True, False):
+            body = json.dumps(
+                {
+                    "inputs": [
+                        {"name": "x", "shape": [1, 64], "datatype": "FP32", "data": x.tolist()}
+                    ],
+                    "parameters": {"binary_data_output": flag},
+                }
+            ).encode()
+            status, headers, payload = client.request("POST", "/v2/models/matmul/infer", body)
+            assert status == 200, payload
+            if flag:
+                assert headers["content-type"] == "application/octet-stream"
+                length = int(headers["inference-header-content-length"])
+                header = json.loads(payload[:length])
+                (output,) = header["outputs"]
+                assert output["name"] == "y"
+                assert output["datatype"] == "FP32"
+                assert output["shape"] == [1, 64]
+                assert output["parameters"] == {"binary_data_size": want.nbytes}
+                assert "data" not in output
+                assert len(payload) == length + want.nbytes
+                got = np.frombuffer(payload[length:], np.float32).reshape(1, 64)
+            else:
+                assert "inference-header-content-length" not in headers
+                assert headers["content-type"] == "application/json"
+                (output,) = json.loads(payload)["outputs"]
+                assert "binary_data_size" not in (output.get("parameters") or {})
+                got = np.array(output["data"], np.float32).reshape(output["shape"])
+            np.testing.assert_array_equal(got, want)
+
+
+def test_model_config_route(served: RunningAgent) -> None:
+    """``GET /v2/models/{m}[/versions/{v}]/config``: the minimal Triton-style configuration."""
+    with InferenceClient(str(served.socket)) as client:
+        status, _, body = client.request("GET", "/v2/models/matmul/config")
+        assert status == 200
+        assert json.loads(body) == {
+            "name": "matmul",
+            "platform": "onnxruntime_onnx",
+            "backend": "onnxruntime",
+            "max_batch_size": 0,
+            "input": [{"name": "x", "data_type": "TYPE_FP32", "dims": [-1, 64]}],
+            "output": [{"name": "y", "data_type": "TYPE_FP32", "dims": [-1, 64]}],
+        }
+        status, _, body = client.request("GET", "/v2/models/matmul/versions/1/config")
+        assert status == 200
+        assert json.loads(body)["name"] == "matmul"
+        status, _, body = client.request("GET", "/v2/models/int8/config")
+        config = json.loads(body)
+        assert (config["platform"], config["backend"]) == ("tensorflow_lite", "tflite")
+        assert config["input"][0]["data_type"] == "TYPE_INT8"
+        assert config["input"][0]["dims"] == [1, 8, 8, 1]
+        status, _, body = client.request("GET", "/v2/models/matmul/versions/9/config")
+        assert status == 404
+        assert "no loaded version 9" in json.loads(body)["error"]
+        status, _, body = client.request("GET", "/v2/models/nope/config")
+        assert status == 404
+        assert "unknown model 'nope'" in json.loads(body)["error"]
+        status, _, _ = client.request("POST", "/v2/models/matmul/config")
+        assert status == 405
+
+
+# -- bodies over the bound, really sent ----------------------------------------------------
+
+SMALL_BODY_LIMIT = 64 * 1024
+
+
+@pytest.fixture
+def small_bodies(tmp_path: Path, matmul_onnx: Path) -> Iterator[RunningAgent]:
+    """An agent whose body bound is small enough to stream past it quickly."""
+    from agent.daemon import LocalModel
+
+    from .conftest import start_agent
+
+    yield from start_agent(
+        [LocalModel("matmul", matmul_onnx)],
+        tmp_path / "small.sock",
+        max_body_bytes=SMALL_BODY_LIMIT,
+    )
+
+
+def stream_exchange(path: Path, head: bytes, body: bytes) -> tuple[int, bytes]:
+    """Send ``head``, then stream ``body`` until the server stops reading; returns how many body
+    bytes the kernel took and the server's reply."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(str(path))
+        sock.sendall(head)
+        view = memoryview(body)
+        sent = 0
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            while sent < len(body):
+                sent += sock.send(view[sent : sent + 8192])
+        chunks = []
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:  # the server closed with our bytes unread
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    return sent, b"".join(chunks)
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+def test_streamed_oversized_body_gets_413(small_bodies: RunningAgent, framing: str) -> None:
+    """A body bigger than the bound is really streamed (not only declared): the server answers
+    413 and closes, and a new connection is served. Chunked bodies have no length to refuse up
+    front, so they are cut once the bytes received pass the bound."""
+    size = 16 * SMALL_BODY_LIMIT
+    if framing == "content-length":
+        head = b"POST /v2/models/matmul/infer HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % size
+        body = b"\x00" * size
+        needle = b"request body of %d bytes exceeds the limit of %d bytes" % (
+            size,
+            SMALL_BODY_LIMIT,
+        )
+    else:
+        head = b"POST /v2/models/matmul/infer HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+        chunk = 16 * 1024
+        body = b"".join(b"%x\r\n" % chunk + b"\x00" * chunk + b"\r\n" for _ in range(size // chunk))
+        body += b"0\r\n\r\n"
+        needle = b"request body exceeds the limit of %d bytes" % SMALL_BODY_LIMIT
+    sent, reply = stream_exchange(small_bodies.socket, head, body)
+    assert status_of(reply) == 413, reply[:300]
+    assert b"Connection: close" in reply
+    assert needle in body_of(reply)
+    if framing == "chunked":
+        assert sent > SMALL_BODY_LIMIT  # the server read past the bound before refusing
+    assert sent < len(body)  # and then stopped reading
+    assert_still_serving(small_bodies)
+    # A body just under the bound still goes through to the request checks (here: not JSON).
+    reply = raw_exchange(
+        small_bodies.socket,
+        b"POST /v2/models/matmul/infer HTTP/1.1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n"
+        % SMALL_BODY_LIMIT
+        + b"x" * SMALL_BODY_LIMIT,
+    )
+    assert status_of(reply) == 400, reply[:300]
+
+
+# -- the socket's group --------------------------------------------------------------------
+
+
+def _system_group() -> tuple[str, int]:
+    import grp
+
+    for name in ("daemon", "nogroup"):
+        try:
+            return name, grp.getgrnam(name).gr_gid
+        except KeyError:
+            continue
+    pytest.fail("neither group daemon nor nogroup exists in /etc/group")
+
+
+def _listen_with_group(path: Path, group: str) -> tuple[int, int]:
+    """Start an Agent's listener from a config with ``socket_group``; (gid, mode) of the socket."""
+    import asyncio
+
+    from agent.config import Config, ServingSection
+    from agent.daemon import Agent
+
+    async def main() -> tuple[int, int]:
+        agent = Agent(Config(serving=ServingSection(socket=path, socket_group=group)))
+        try:
+            await agent.listen()
+            info = path.stat()
+            return info.st_gid, stat.S_IMODE(info.st_mode)
+        finally:
+            await agent.shutdown()
+
+    return asyncio.run(main())
+
+
+def test_socket_gets_the_configured_group(tmp_path: Path) -> None:
+    import os
+
+    if os.geteuid() != 0:
+        pytest.skip("giving a socket to another group needs root (the tests run as root)")
+    name, gid = _system_group()
+    assert gid != os.getegid()  # so the group really comes from the config
+    path = tmp_path / "grouped.sock"
+    assert _listen_with_group(path, name) == (gid, 0o660)
+    assert not path.exists()  # removed at shutdown
+
+
+def test_unknown_socket_group_is_a_precise_config_error(tmp_path: Path) -> None:
+    from agent.errors import ConfigError
+
+    path = tmp_path / "nogroup.sock"
+    with pytest.raises(ConfigError) as info:
+        _listen_with_group(path, "no-such-group-xyz")
+    assert str(info.value) == (
+        f"[serving] socket_group: expected a group that exists on this host for socket {path}, "
+        "found 'no-such-group-xyz' (no such group)"
+    )
+    assert info.value.remedy is not None and "socket_group" in info.value.remedy
+    assert not path.exists()  # refused before anything was bound
