@@ -2,16 +2,21 @@
 
 Any static HTTPS server (nginx, S3, a CDN) serves a repository equally well; this one exists
 so the demo needs nothing else. GET and HEAD only, byte ranges (206) for resumed downloads,
-no directory listings, nothing outside the root, one write per response header.
+no directory listings, nothing outside the root, one write per response header. With
+``client_ca`` a client certificate signed by that CA is required (mutual TLS, as a fleet's
+repository would). The last requests are kept with their headers (``requests``) so tests can
+check what a client sent.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import socket
 import ssl
 import threading
+from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -20,6 +25,16 @@ from types import TracebackType
 log = logging.getLogger(__name__)
 
 CHUNK = 256 * 1024
+KEPT_REQUESTS = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One request as the server received it (header names lower-cased)."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
 
 
 def server_context(cert: Path, key: Path, client_ca: Path | None = None) -> ssl.SSLContext:
@@ -55,6 +70,7 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "edge-cloud"
     protocol_version = "HTTP/1.1"
     root: Path
+    seen: collections.deque[Request]
 
     def log_message(self, format: str, *args: object) -> None:
         log.debug("https: %s %s", self.address_string(), format % args)
@@ -89,6 +105,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.do_GET()
 
     def do_GET(self) -> None:
+        self.seen.append(
+            Request(self.command, self.path, {k.lower(): v for k, v in self.headers.items()})
+        )
         path = self._resolve()
         if path is None:
             self._error(404)
@@ -132,7 +151,8 @@ class _Server(ThreadingHTTPServer):
     allow_reuse_address = True
 
     def __init__(self, address: tuple[str, int], context: ssl.SSLContext, root: Path) -> None:
-        handler = type("Handler", (_Handler,), {"root": root})
+        self.seen: collections.deque[Request] = collections.deque(maxlen=KEPT_REQUESTS)
+        handler = type("Handler", (_Handler,), {"root": root, "seen": self.seen})
         super().__init__(address, handler)
         self._context = context
 
@@ -172,6 +192,11 @@ class RepositoryServer:
     def url(self) -> str:
         return f"https://{self.host}:{self.port}"
 
+    @property
+    def requests(self) -> list[Request]:
+        """The last requests received (at most ``KEPT_REQUESTS``), oldest first."""
+        return list(self._server.seen)
+
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
@@ -189,11 +214,14 @@ class RepositoryServer:
         self.stop()
 
 
-def serve_forever(root: Path, host: str, port: int, cert: Path, key: Path) -> None:
-    """Blocking server for ``edge-cloud serve``."""
-    server = _Server((host, port), server_context(cert, key), root)
-    log.info("serving %s on https://%s:%d", root, host, port)
-    print(f"serving {root} on https://{host}:{port} (Ctrl-C to stop)", flush=True)
+def serve_forever(
+    root: Path, host: str, port: int, cert: Path, key: Path, client_ca: Path | None = None
+) -> None:
+    """Blocking server for ``edge-cloud serve``; ``client_ca`` requires client certificates."""
+    server = _Server((host, port), server_context(cert, key, client_ca), root)
+    mode = f", client certificates from {client_ca} required" if client_ca else ""
+    log.info("serving %s on https://%s:%d%s", root, host, port, mode)
+    print(f"serving {root} on https://{host}:{port}{mode} (Ctrl-C to stop)", flush=True)
     try:
         server.serve_forever()
     finally:

@@ -74,7 +74,22 @@ def _run_cycle_locked(config: Config) -> CycleResult:
             row = state.get(name, version)
             return row is not None and Stage(row.stage) in QUARANTINED
 
-        fetcher = HttpxFetcher(fetch_config(config))
+        try:
+            fetcher = HttpxFetcher(fetch_config(config))
+        except OSError as exc:  # ssl.SSLError too: a file missing, unreadable or not PEM
+            result = CycleResult(
+                ok=False,
+                installed=(),
+                rejected=(),
+                error=(
+                    "cannot use the repository's TLS files (repository.ca_file, client_cert, "
+                    f"client_key): {exc}; nothing fetched"
+                ),
+                finished=time.time(),
+            )
+            log.error("update cycle: %s", result.error)
+            state.set_setting("last_update", result.to_dict())
+            return result
         try:
             report = ModelUpdater(updater_config(config), store, fetcher, quarantined).check_once()
         finally:

@@ -10,13 +10,19 @@ arrive (or fail) within bounds:
   drips one byte a second never trips them);
 - a dropped connection resumes with ``Range`` from the byte reached (bounded number of times);
 - connection failures and 5xx answers are retried with jittered exponential backoff;
-  certificate failures are not (the answer will not change).
+  certificate failures and TLS handshakes the server refuses are not (the answer will not
+  change);
+- every failure is a python-tuf ``DownloadError`` whose message names the URL and says what
+  happened; ``TransferInterruptedError`` marks the ones a later resume can get past (connection
+  refused, dropped or timed out), so the caller knows whether the bytes received are worth
+  keeping.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import socket
 import ssl
 import time
 from collections.abc import Callable, Iterator
@@ -24,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-from tuf.api.exceptions import DownloadError, DownloadHTTPError
+from tuf.api.exceptions import DownloadError, DownloadHTTPError, SlowRetrievalError
 from tuf.ngclient import FetcherInterface
 
 from agent import __version__
@@ -56,17 +62,86 @@ def ssl_context(config: FetchConfig) -> ssl.SSLContext:
     return context
 
 
-_RETRYABLE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError)
-_RESUMABLE = (httpx.ReadTimeout, httpx.ReadError, httpx.RemoteProtocolError)
+class TransferInterruptedError(DownloadError):
+    """The transfer stopped for a reason that may pass (connection refused, dropped or timed
+    out, after the retries): the bytes received so far are worth keeping for a resume."""
+
+
+# A tuple, for isinstance and except clauses (``tuple | type`` is a TypeError).
+_RETRYABLE: tuple[type[httpx.HTTPError], ...] = (
+    httpx.ConnectError,
+    httpx.ReadError,
+    httpx.WriteError,
+    httpx.RemoteProtocolError,
+    httpx.TimeoutException,
+)
+_RESUMABLE: tuple[type[httpx.HTTPError], ...] = (
+    httpx.ReadTimeout,
+    httpx.ReadError,
+    httpx.RemoteProtocolError,
+)
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    cause: BaseException | None = exc
+    seen = 0
+    while cause is not None and seen < 20:
+        yield cause
+        cause = cause.__cause__ or cause.__context__
+        seen += 1
 
 
 def _is_tls_verification(exc: BaseException) -> bool:
-    cause: BaseException | None = exc
-    while cause is not None:
-        if isinstance(cause, ssl.SSLCertVerificationError):
-            return True
-        cause = cause.__cause__ or cause.__context__
-    return False
+    return any(isinstance(c, ssl.SSLCertVerificationError) for c in _causes(exc))
+
+
+def _tls_refusal(exc: BaseException) -> str | None:
+    """Why the server refused the TLS handshake (it sent an alert), or None.
+
+    A connection that merely ends (``SSLEOFError`` and friends) is not a refusal: that is a
+    dropped connection, retried and resumed like any other.
+    """
+    for cause in _causes(exc):
+        if not isinstance(cause, ssl.SSLError) or isinstance(
+            cause, ssl.SSLEOFError | ssl.SSLZeroReturnError | ssl.SSLSyscallError
+        ):
+            continue
+        reason = str(getattr(cause, "reason", "") or "")
+        if "ALERT" not in reason:
+            continue
+        if "CERTIFICATE_REQUIRED" in reason:
+            return (
+                "the server refused the TLS handshake: it requires a client certificate and "
+                "none was sent (set repository.client_cert and client_key)"
+            )
+        if "CERTIFICATE" in reason or "UNKNOWN_CA" in reason:
+            return (
+                f"the server refused the TLS handshake: client certificate not accepted ({reason})"
+            )
+        return f"the server refused the TLS handshake ({reason})"
+    return None
+
+
+def _what_happened(exc: httpx.HTTPError, config: FetchConfig) -> str:
+    """A person's account of a transport failure."""
+    if isinstance(exc, httpx.ConnectTimeout):
+        return f"no connection within {config.connect_timeout_s:g} s"
+    if isinstance(exc, httpx.ReadTimeout):
+        return f"no data for {config.read_timeout_s:g} s"
+    if isinstance(exc, httpx.TimeoutException):
+        return "timed out"
+    if isinstance(exc, httpx.ConnectError):
+        for cause in _causes(exc):
+            if isinstance(cause, ConnectionRefusedError):
+                return "connection refused"
+            if isinstance(cause, socket.gaierror):
+                return "host name not found"
+        return "cannot connect"
+    if isinstance(exc, httpx.RemoteProtocolError):
+        return "the server closed the connection"
+    if isinstance(exc, httpx.ReadError | httpx.WriteError):
+        return "connection lost"
+    return type(exc).__name__
 
 
 class HttpxFetcher(FetcherInterface):
@@ -97,8 +172,11 @@ class HttpxFetcher(FetcherInterface):
         self._client.close()
 
     def _backoff(self, attempt: int) -> float:
-        ceiling = min(self.config.backoff_max_s, self.config.backoff_base_s * 2**attempt)
-        return random.uniform(0, ceiling)  # noqa: S311 - jitter, not security
+        """Attempt ``n`` waits between half and all of ``min(max, base * 2**n)``: the waits
+        grow, and the jitter keeps a fleet that lost its repository together from coming back
+        in step."""
+        ceiling = min(self.config.backoff_max_s, self.config.backoff_base_s * 2.0**attempt)
+        return ceiling * random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not security
 
     def _open(self, url: str, start: int, deadline: float) -> httpx.Response:
         headers = {"Range": f"bytes={start}-"} if start else {}
@@ -111,14 +189,20 @@ class HttpxFetcher(FetcherInterface):
             except httpx.HTTPError as exc:
                 if _is_tls_verification(exc):
                     raise DownloadError(f"{url}: TLS verification failed: {exc}") from exc
-                if not isinstance(exc, _RETRYABLE | httpx.TimeoutException):
+                refusal = _tls_refusal(exc)
+                if refusal is not None:
+                    raise DownloadError(f"{url}: {refusal}: {exc}") from exc
+                if not isinstance(exc, _RETRYABLE):
                     raise DownloadError(f"{url}: {type(exc).__name__}: {exc}") from exc
+                what = _what_happened(exc, self.config)
                 if attempt >= self.config.retries or time.monotonic() >= deadline:
-                    raise DownloadError(
-                        f"{url}: {type(exc).__name__}: {exc} (after {attempt + 1} attempts)"
+                    attempts = "attempt" if attempt == 0 else "attempts"
+                    raise TransferInterruptedError(
+                        f"{url}: {what} ({type(exc).__name__}: {exc}); gave up after "
+                        f"{attempt + 1} {attempts}"
                     ) from exc
                 delay = self._backoff(attempt)
-                log.info("fetch %s failed (%s); retrying in %.1f s", url, exc, delay)
+                log.info("fetch %s: %s (%s); retrying in %.2f s", url, what, exc, delay)
                 self._sleep(delay)
                 attempt += 1
                 continue
@@ -170,7 +254,7 @@ class HttpxFetcher(FetcherInterface):
                 try:
                     for chunk in response.iter_raw():
                         if time.monotonic() > deadline:
-                            raise DownloadError(
+                            raise SlowRetrievalError(
                                 f"{url}: not complete within {self.config.file_deadline_s:g} s "
                                 f"({received} bytes received): slow retrieval"
                             )
@@ -186,12 +270,18 @@ class HttpxFetcher(FetcherInterface):
                     return
                 except _RESUMABLE as exc:
                     response.close()
+                    what = _what_happened(exc, self.config)
                     if resumes >= self.config.max_resumes or time.monotonic() >= deadline:
-                        raise DownloadError(
-                            f"{url}: connection lost at byte {received}: {exc}"
+                        why = (
+                            f"gave up after {resumes} resumes"
+                            if resumes >= self.config.max_resumes
+                            else f"the {self.config.file_deadline_s:g} s deadline has passed"
+                        )
+                        raise TransferInterruptedError(
+                            f"{url}: {what} at byte {received} ({type(exc).__name__}: {exc}); {why}"
                         ) from exc
                     resumes += 1
-                    log.info("fetch %s: connection lost at byte %d; resuming", url, received)
+                    log.info("fetch %s: %s at byte %d; resuming", url, what, received)
                     response = self._open(url, received, deadline)
                     if response.status_code == 200:
                         skip = received

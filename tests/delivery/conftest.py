@@ -126,6 +126,12 @@ def https_world(tmp_path: Path, pki: Pki) -> Iterator[tuple[World, RepositorySer
         server.stop()
 
 
+def partials(world: World) -> list[str]:
+    """The partial downloads in the device's store (``.partial/<sha256>``)."""
+    directory = world.store.root / ".partial"
+    return sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
+
+
 def copy_public(world: World, name: str) -> Path:
     """Snapshot the served files (an attacker's copy of older metadata)."""
     dest = world.root / name

@@ -15,7 +15,7 @@ from tuf.api.metadata import TargetFile
 
 from cloud_stub.repo import Expiry, Repository, RepositoryError
 
-from .conftest import World
+from .conftest import World, copy_public, partials
 
 
 def installed(world: World) -> list[int]:
@@ -25,6 +25,7 @@ def installed(world: World) -> list[int]:
 def assert_untouched(world: World, versions: list[int]) -> None:
     assert installed(world) == versions
     assert world.staging_empty(), "a partial file was left in the store"
+    assert partials(world) == [], "a partial download was left in the store"
 
 
 def test_clean_update_installs_verified_version(world: World) -> None:
@@ -61,22 +62,44 @@ def test_endless_data(world: World) -> None:
     assert_untouched(world, [])
 
 
-def test_rollback_of_timestamp_snapshot_targets(world: World) -> None:
-    old = world.root / "old-public"
-    import shutil
-
-    shutil.copytree(world.repo.public, old)
+@pytest.mark.parametrize("role", ["timestamp", "snapshot", "targets"])
+def test_rollback_of_timestamp_snapshot_targets(world: World, role: str) -> None:
+    old = copy_public(world, "old-public")
+    old_timestamp = json.loads((old / "metadata" / "timestamp.json").read_bytes())
+    old_snapshot_version = old_timestamp["signed"]["meta"]["snapshot.json"]["version"]
+    old_snapshot_file = old / "metadata" / f"{old_snapshot_version}.snapshot.json"
+    old_targets_version = json.loads(old_snapshot_file.read_bytes())["signed"]["meta"][
+        "targets.json"
+    ]["version"]
     world.publish(2)
     assert world.updater().check_once().installed == [("mm", 2)]
-    # The attacker replays the older timestamp (and everything it points to).
-    world.fetcher.overrides["metadata/timestamp.json"] = (
-        old / "metadata" / "timestamp.json"
-    ).read_bytes()
     world.publish(3)
+    # The attacker replays an older, validly signed file where the newer one is expected.
+    if role == "timestamp":
+        world.fetcher.overrides["metadata/timestamp.json"] = (
+            old / "metadata" / "timestamp.json"
+        ).read_bytes()
+    elif role == "snapshot":
+        version = world.repo.load("timestamp").signed.snapshot_meta.version
+        assert version > old_snapshot_version
+        replayed = old_snapshot_file.read_bytes()
+        world.fetcher.overrides[f"metadata/{version}.snapshot.json"] = replayed
+    else:
+        version = world.repo.load("snapshot").signed.meta["targets.json"].version
+        assert version > old_targets_version
+        world.fetcher.overrides[f"metadata/{version}.targets.json"] = (
+            old / "metadata" / f"{old_targets_version}.targets.json"
+        ).read_bytes()
     report = world.updater().check_once()
     assert report.installed == []
-    assert "BadVersionNumberError" in report.error
+    assert report.error.startswith("repository metadata rejected: BadVersionNumberError"), (
+        report.error
+    )
+    assert "(rollback or mix-and-match)" in report.error
     assert_untouched(world, [2])
+    # When the replay stops, version 3 installs.
+    world.fetcher.overrides.clear()
+    assert world.updater().check_once().installed == [("mm", 3)]
 
 
 def test_expired_timestamp_freeze(world: World) -> None:
@@ -103,7 +126,9 @@ def test_mix_and_match(world: World) -> None:
     assert_untouched(world, [])
 
 
-def test_delegated_key_cannot_sign_other_models(world: World) -> None:
+@pytest.mark.parametrize("follows", [("mm",), ("mm", "other")])
+def test_delegated_key_cannot_sign_other_models(world: World, follows: tuple[str, ...]) -> None:
+    world.models = follows
     world.repo.delegate("mm")
     world.repo.delegate("other")
     # The team owning "other" signs a target for "mm" in its own role.
@@ -120,6 +145,20 @@ def test_delegated_key_cannot_sign_other_models(world: World) -> None:
     report = world.updater().check_once()
     assert report.installed == [("mm", 1)], "the forged version 99 must not be chosen"
     assert 99 not in installed(world)
+    assert report.rejected == [], "version 99 of mm must not be quarantined for the forgery"
+    forged_events = [e for e in report.events if e.version == 99]
+    if "other" in follows:
+        # The device loaded model-other's metadata (it follows that model) and saw it sign a
+        # path of mm: that is recorded.
+        assert [(e.kind, e.name) for e in forged_events] == [("rejected", "mm")]
+        assert forged_events[0].reason == (
+            "target models/mm/99/model.onnx is not signed by a role trusted for it: role "
+            "model-other signed it but may only sign models/other/*/*; ignored"
+        )
+    else:
+        # ngclient never fetches the role of a model the device does not follow, so the
+        # forgery is invisible to it (and harmless): nothing can be recorded.
+        assert forged_events == []
 
 
 def test_too_few_root_signatures(world: World) -> None:
@@ -183,11 +222,25 @@ def test_delegated_key_rotation(world: World) -> None:
         world.repo.rotate_key("model-nope")
 
 
-def test_oversized_metadata(world: World) -> None:
-    world.fetcher.overrides["metadata/timestamp.json"] = b"{" + b" " * 100_000 + b"}"
-    report = world.updater().check_once()
+@pytest.mark.parametrize("role", ["timestamp", "targets"])
+def test_oversized_metadata(world: World, role: str) -> None:
+    if role == "timestamp":
+        url = "metadata/timestamp.json"
+        bound = 16384  # the default max_timestamp_bytes
+        updater = world.updater()
+    else:
+        version = world.repo.load("snapshot").signed.meta["targets.json"].version
+        url = f"metadata/{version}.targets.json"
+        bound = 50_000
+        updater = world.updater(max_metadata_bytes=bound)
+    world.fetcher.overrides[url] = b"{" + b" " * 100_000 + b"}"
+    report = updater.check_once()
     assert report.installed == []
-    assert "repository unreachable" in report.error or "length" in report.error.lower()
+    assert report.error == (
+        f"metadata too large: the {role} metadata ({world.base}/{url}) is over the bound of "
+        f"{bound} bytes; refused"
+    )
+    assert "unreachable" not in report.error
     assert_untouched(world, [])
 
 
