@@ -4,8 +4,10 @@ Every step is recorded in the state database before the next one starts, so a re
 point resumes from what is recorded (``lifecycle.plan_start``). One deployment per model at a
 time (a lock per model). The active version keeps serving until the candidate has loaded,
 matched its signed signature, warmed up and passed its smoke test; then one reference swap
-makes it active. The replaced version stays loaded until probation ends, so a rollback is
-another reference swap.
+makes it active. The last committed version stays loaded until probation ends, so a rollback
+is another reference swap; when memory was too short to hold both (a drain), the rollback loads
+it again from disk. Rollbacks and pins by hand take the same per-model lock and are checked
+(in the store, not quarantined, signed unless asked locally) before the slot is touched.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.errors import AgentError, ModelError, NotFoundError, StoreError
+from agent.errors import AgentError, CommandError, ModelError, NotFoundError, StoreError
 from agent.models import lifecycle
 from agent.models.fastpath import inline_budget
 from agent.models.lifecycle import Figures, ProbationPolicy, Stage, Verdict, VersionState
@@ -95,6 +97,19 @@ def validate_version(
 
     manifest = stored.manifest
     where = f"model {manifest.name} version {manifest.version}"
+    if manifest.signed:
+        # The signed metadata is the contract: a signed version without a signature (or a
+        # smoke test) would pass the checks below by skipping them, so it is refused. An
+        # unsigned version (`edge-agent import`) has no metadata to hold it to: its signature is
+        # whatever the file says, and it is warmed up on zeros.
+        for what, specs in (("input", manifest.inputs), ("output", manifest.outputs)):
+            if not specs:
+                raise ModelError(
+                    f"{where}: the signed metadata declares no {what} signature; "
+                    "a signed version must declare its inputs and outputs"
+                )
+        if not manifest.custom.get("smoke"):
+            raise ModelError(f"{where}: the signed metadata has no smoke test")
     session = load_session(stored.model_path, manifest.runtime, options)
     try:
         if manifest.inputs:
@@ -262,8 +277,27 @@ class Deployer:
 
     # -- deploy -----------------------------------------------------------------------------
 
+    def _committed(self, name: str, exclude: int | None = None) -> int | None:
+        """The newest version the database holds as committed and the store still has: what a
+        failed probation rolls back to."""
+        stored = set(self.store.versions(name))
+        committed = [
+            d.version
+            for d in self.state.deployments(name)
+            if Stage(d.stage) is Stage.COMMITTED and d.version != exclude and d.version in stored
+        ]
+        return max(committed, default=None)
+
+    def _held_by_pin(self, name: str) -> int | None:
+        """The pinned version, while it can still be served (in the store, not quarantined)."""
+        pinned = self.pinned(name)
+        if pinned is None or pinned not in self.store.versions(name):
+            return None
+        return None if self._stage(name, pinned) in lifecycle.QUARANTINED else pinned
+
     async def deploy(self, name: str, version: int) -> bool:
-        """Validate ``version``, swap it in and start its probation. False if it was rejected."""
+        """Validate ``version``, swap it in and start its probation. False if it was rejected
+        (or is quarantined, or the model is pinned to another version)."""
         async with self._lock(name):
             stage = self._stage(name, version)
             if stage in lifecycle.QUARANTINED:
@@ -274,6 +308,14 @@ class Deployer:
                     stage.value if stage else "",
                 )
                 return False
+            pinned = self._held_by_pin(name)
+            if pinned is not None and pinned != version:
+                # Checked here, under the model's lock: a pin set while this call waited for
+                # the lock holds.
+                log.info(
+                    "model %s is pinned to version %d; not deploying %d", name, pinned, version
+                )
+                return False
             slot = self.slots.ensure(name)
             active = slot.active
             if active is not None and active.version == version:
@@ -281,36 +323,41 @@ class Deployer:
             if stage is None:
                 self._record(name, version, Stage.VERIFIED, "found in the store")
             self.status_text = f"validating {name} version {version}"
-            drain = self._must_drain(name, version)
-            previous = active
-            if drain and previous is not None:
-                await self._drain(name, previous.version, f"making room for version {version}")
+            replaced = active.version if active is not None else None
+            # What a failed probation goes back to: the last committed version; with none
+            # (a first version superseded during its own probation), the version that served.
+            fallback = self._committed(name, exclude=version)
+            if fallback is None:
+                fallback = replaced
+            drained = False
+            if active is not None and self._must_drain(name, version):
+                await self._drain(name, active.version, f"making room for version {version}")
+                drained = True
+                self.status_text = f"validating {name} version {version} (drained)"
             try:
                 loaded = await self._validate(name, version, record=True)
             except AgentError as exc:
                 self._record(name, version, Stage.REJECTED, str(exc))
-                if drain and previous is not None:
-                    await self._restore(name, previous.version)
+                if drained and replaced is not None:
+                    await self._restore(name, replaced, f"version {version} was rejected")
                 self.status_text = "idle"
                 return False
-            before = slot.add(loaded, activate=True)
-            # Keep two versions loaded at most: the new one and the one it replaced (warm for
-            # a rollback). A version still in probation when it is replaced is retired.
+            slot.add(loaded, activate=True)
+            # Loaded from now on: the new version and the fallback (warm for a rollback). A
+            # version still in probation when it is replaced is retired and unloaded.
             for other in slot.versions():
-                if other not in (version, before.version if before else None):
+                if other not in (version, fallback):
                     slot.unload(other)
-            if before is not None and self._stage(name, before.version) is Stage.ACTIVE:
-                self._record(
-                    name, before.version, Stage.RETIRED, f"superseded by version {version}"
-                )
-            self._record(
-                name,
-                version,
-                Stage.ACTIVE,
-                f"replaced version {before.version}" if before else "first version",
-                event="activated",
-            )
-            self._start_probation(name, version, before.version if before else None)
+            if replaced is not None and self._stage(name, replaced) is Stage.ACTIVE:
+                self._record(name, replaced, Stage.RETIRED, f"superseded by version {version}")
+            if replaced is not None:
+                why = f"replaced version {replaced}"
+            elif fallback is not None:
+                why = f"no version was serving; version {fallback} is the fallback"
+            else:
+                why = "first version"
+            self._record(name, version, Stage.ACTIVE, why, event="activated")
+            self._start_probation(name, version, fallback)
             self.status_text = f"{name} version {version} in probation"
             return True
 
@@ -338,6 +385,7 @@ class Deployer:
         return loaded
 
     def _must_drain(self, name: str, version: int) -> bool:
+        """True when the device cannot hold ``version`` beside what is loaded now."""
         available = self._available_memory()
         if available is None:
             return False
@@ -359,28 +407,47 @@ class Deployer:
         return False
 
     async def _drain(self, name: str, version: int, reason: str) -> None:
+        """Make room: stop answering (503 with Retry-After for the gap), release every loaded
+        session of ``name``, and wait (at most ``drain_timeout_s``) for the requests in flight
+        on them to end, so that their memory is free before the next version loads."""
         slot = self.slots.get(name)
         self.status_text = f"draining {name} version {version}: {reason}"
         slot.deactivate(reason, retry_after_s=max(1.0, self.config.drain_timeout_s / 2))
         self._event(name, version, "drained", reason)
-        slot.unload(version)
+        # Unloaded first, so no request can lease them any more (not even by version); each
+        # session closes when its last lease ends, which is what is waited for.
+        unloaded = [loaded for v in slot.versions() if (loaded := slot.unload(v)) is not None]
+        deadline = time.monotonic() + self.config.drain_timeout_s
+        while any(not loaded.closed for loaded in unloaded):
+            if time.monotonic() >= deadline:
+                busy = sum(loaded.leases for loaded in unloaded if not loaded.closed)
+                log.warning(
+                    "model %s: %d request(s) still in flight after %.1f s of draining; "
+                    "loading anyway (their session closes when they end)",
+                    name,
+                    busy,
+                    self.config.drain_timeout_s,
+                )
+                break
+            await asyncio.sleep(0.005)
 
-    async def _restore(self, name: str, version: int) -> None:
+    async def _restore(self, name: str, version: int, why: str) -> bool:
+        """Load ``version`` again from disk and make it active; False if it does not load."""
+        slot = self.slots.get(name)
         try:
             loaded = await self._validate(name, version, record=False)
         except AgentError as exc:
-            log.error(
-                "model %s version %d: cannot be restored after a drain: %s", name, version, exc
-            )
-            return
-        self.slots.get(name).add(loaded, activate=True)
+            log.error("model %s version %d: cannot be reloaded (%s): %s", name, version, why, exc)
+            slot.deactivate(f"version {version} could not be reloaded: {exc}")
+            return False
+        slot.add(loaded, activate=True)
+        self._event(name, version, "restored", f"loaded again from disk: {why}")
+        return True
 
     # -- probation --------------------------------------------------------------------------
 
     def _start_probation(self, name: str, version: int, previous: int | None) -> None:
-        old = self._probations.pop(name, None)
-        if old is not None:
-            old.cancel()
+        self._cancel_probation(name)
         # Figures are taken now, at the swap: requests served before the task first runs count.
         baseline = self._figures(name, previous) if previous is not None else None
         start = self._figures(name, version)
@@ -389,6 +456,11 @@ class Deployer:
             name=f"probation-{name}-{version}",
         )
         self._probations[name] = task
+
+    def _cancel_probation(self, name: str) -> None:
+        task = self._probations.pop(name, None)
+        if task is not None:
+            task.cancel()
 
     def _figures(self, name: str, version: int) -> Figures:
         summary = self.metrics.model(name, str(version)).summary()
@@ -417,85 +489,210 @@ class Deployer:
             if verdict is Verdict.CONTINUE:
                 continue
             async with self._lock(name):
+                if self._probations.get(name) is not asyncio.current_task():
+                    return  # superseded or rolled back by hand while waiting for the lock
                 if verdict is Verdict.COMMIT:
-                    self._commit(name, version, previous, reason)
+                    self._commit(name, version, reason)
                 else:
                     await self._rollback_to_previous(name, version, previous, reason)
-            self._probations.pop(name, None)
+                self._probations.pop(name, None)
             return
 
-    def _commit(self, name: str, version: int, previous: int | None, reason: str) -> None:
+    def _commit(self, name: str, version: int, reason: str) -> None:
         self._record(name, version, Stage.COMMITTED, reason)
         slot = self.slots.get(name)
         for other in self.state.deployments(name):
             if other.version != version and Stage(other.stage) is Stage.COMMITTED:
                 self._record(name, other.version, Stage.RETIRED, f"superseded by version {version}")
-        if previous is not None:
-            slot.unload(previous)
+        for loaded in slot.versions():
+            if loaded != version:
+                slot.unload(loaded)
         self.status_text = "idle"
         self.collect_garbage(name)
 
     async def _rollback_to_previous(
         self, name: str, version: int, previous: int | None, reason: str
     ) -> None:
+        """A failed probation: serve ``previous`` again (warm, or reloaded from disk)."""
         slot = self.slots.get(name)
+        restored = False
         if previous is not None and previous in slot.versions():
             slot.activate(previous)
+            restored = True
         elif previous is not None:
-            await self._restore(name, previous)
-        else:
-            slot.deactivate(f"version {version} was rolled back and no earlier version exists")
+            why = f"rolling back from version {version}"
+            if self._must_drain(name, previous):
+                await self._drain(name, version, f"making room to roll back to version {previous}")
+            restored = await self._restore(name, previous, why)
         self._record(name, version, Stage.ROLLED_BACK, reason, event="rolled_back")
         slot.unload(version)
-        self.status_text = f"rolled back {name} to version {previous}"
+        if previous is None:
+            slot.deactivate(f"version {version} was rolled back and no earlier version exists")
+            self.status_text = f"rolled back {name} version {version}; nothing to serve"
+            return
+        if restored:
+            self._make_committed(name, previous, f"rollback target after version {version}")
+            self.status_text = f"rolled back {name} to version {previous}"
+        else:
+            self.status_text = f"rolled back {name} version {version}; version {previous} failed"
+
+    def _make_committed(self, name: str, version: int, reason: str) -> None:
+        """Record ``version`` (now serving) as the one committed version of ``name``."""
+        stage = self._stage(name, version)
+        if stage is None:
+            self._record(name, version, Stage.VERIFIED, "found in the store")
+            stage = Stage.VERIFIED
+        path = (Stage.VERIFIED, Stage.LOADING, Stage.WARMING, Stage.VALIDATED, Stage.ACTIVE)
+        if stage in path:  # validated for this: record the steps not recorded yet
+            for step in path[path.index(stage) + 1 :]:
+                event = "activated" if step is Stage.ACTIVE else None
+                self._record(name, version, step, reason, event=event)
+            stage = Stage.ACTIVE
+        if stage is not Stage.COMMITTED:
+            self._record(name, version, Stage.COMMITTED, reason)
+        for other in self.state.deployments(name):
+            if other.version != version and Stage(other.stage) in (Stage.COMMITTED, Stage.ACTIVE):
+                self._record(
+                    name, other.version, Stage.RETIRED, f"superseded: {name} serves {version}"
+                )
 
     # -- operator actions -------------------------------------------------------------------
 
-    async def rollback(self, name: str, to: int | None = None, reason: str = "operator") -> int:
-        """Roll back by hand to ``to`` (default: the newest earlier good version).
+    def _check_target(self, name: str, version: int, *, allow_unsigned: bool) -> None:
+        """Raise unless ``version`` may be rolled back or pinned to; changes nothing.
 
         Raises:
-            NotFoundError: no such model, or no version to roll back to.
+            NotFoundError: not in the store.
+            CommandError: quarantined, or unsigned and ``allow_unsigned`` is false.
+        """
+        if version not in self.store.versions(name):
+            raise NotFoundError(f"model {name!r} version {version} is not in the store")
+        row = self.state.get(name, version)
+        if row is not None and Stage(row.stage) in lifecycle.QUARANTINED:
+            raise CommandError(
+                f"model {name!r} version {version} is {row.stage} ({row.reason}); quarantined "
+                "versions are never served again"
+            )
+        if not allow_unsigned and not self.store.get(name, version).manifest.signed:
+            raise CommandError(
+                f"model {name!r} version {version} was not signed by the repository (put in by "
+                "`edge-agent import`); only a local admin call on the agent's socket may "
+                "roll back or pin to it"
+            )
+
+    def _eligible(self, name: str, version: int, *, allow_unsigned: bool) -> bool:
+        try:
+            self._check_target(name, version, allow_unsigned=allow_unsigned)
+        except (CommandError, NotFoundError, StoreError):
+            return False
+        return True
+
+    def _default_target(self, name: str, active: int | None, *, allow_unsigned: bool) -> int:
+        """The last committed version when another version serves (one in probation), else the
+        newest earlier version that may be served."""
+        committed = self._committed(name, exclude=active)
+        if committed is not None and self._eligible(name, committed, allow_unsigned=allow_unsigned):
+            return committed
+        stored = self.store.versions(name)
+        floor = active if active is not None else max(stored, default=0) + 1
+        earlier = [
+            v
+            for v in stored
+            if v < floor and self._eligible(name, v, allow_unsigned=allow_unsigned)
+        ]
+        if not earlier:
+            signed = "" if allow_unsigned else " signed by the repository"
+            raise NotFoundError(f"model {name!r} has no earlier version{signed} to roll back to")
+        return earlier[-1]
+
+    async def rollback(
+        self,
+        name: str,
+        to: int | None = None,
+        reason: str = "operator",
+        *,
+        allow_unsigned: bool = False,
+    ) -> int:
+        """Roll back by hand to ``to`` (default: the last committed version if another one is
+        in probation, else the newest earlier version). The version that served is rolled
+        back (quarantined).
+
+        ``allow_unsigned`` lets the target be a version that was not signed by the repository
+        (``edge-agent import``): for local admin calls only, never for remote commands.
+
+        Raises:
+            NotFoundError: no such model or version, or no version to roll back to.
+            CommandError: the target is quarantined, or unsigned without ``allow_unsigned``.
+            ModelError: the target does not load or fails its validation.
+        """
+        self.slots.get(name)  # NotFoundError for an unknown model
+        async with self._lock(name):
+            return await self._switch(
+                name, to, reason, allow_unsigned=allow_unsigned, rollback=True
+            )
+
+    async def _switch(
+        self, name: str, to: int | None, reason: str, *, allow_unsigned: bool, rollback: bool
+    ) -> int:
+        """Serve ``to`` now, committed, no probation (the model's lock is held). Every check
+        comes before the slot is touched.
+
+        With ``rollback`` the version replaced is rolled back (quarantined) and a pin moves to
+        ``to`` (the operator chose what to hold the model at); otherwise (a pin) it is retired.
         """
         slot = self.slots.get(name)
         active = slot.active
-        stages = {d.version: Stage(d.stage) for d in self.state.deployments(name)}
-        stored = self.store.versions(name)
+        current = active.version if active is not None else None
         if to is None:
-            floor = active.version if active is not None else max(stored, default=0) + 1
-            earlier = [
-                v for v in stored if v < floor and stages.get(v) not in lifecycle.QUARANTINED
-            ]
-            if not earlier:
-                raise NotFoundError(f"model {name!r} has no earlier version to roll back to")
-            to = earlier[-1]
-        if to not in stored:
-            raise NotFoundError(f"model {name!r} version {to} is not in the store")
-        task = self._probations.pop(name, None)
-        if task is not None:
-            task.cancel()
-        async with self._lock(name):
-            loaded = None if to in slot.versions() else await self._validate(name, to, record=False)
-            if loaded is not None:
-                slot.add(loaded, activate=True)
-            else:
-                slot.activate(to)
-            if active is not None and active.version != to:
+            to = self._default_target(name, current, allow_unsigned=allow_unsigned)
+        else:
+            self._check_target(name, to, allow_unsigned=allow_unsigned)
+        if to == current:
+            return to
+        target_stage = self._stage(name, to)
+        self._cancel_probation(name)
+        self.status_text = f"switching {name} to version {to}: {reason}"
+        if to in slot.versions():
+            slot.activate(to)
+        else:
+            # Never validated here: its validation is recorded, and a failure rejects it.
+            fresh = target_stage in (None, Stage.DOWNLOADED, Stage.VERIFIED)
+            if target_stage in (None, Stage.DOWNLOADED):
+                self._record(name, to, Stage.VERIFIED, "found in the store")
+            drained = False
+            if current is not None and self._must_drain(name, to):
+                await self._drain(name, current, f"making room for version {to}: {reason}")
+                drained = True
+            try:
+                loaded = await self._validate(name, to, record=fresh)
+            except AgentError as exc:
+                if fresh:
+                    self._record(name, to, Stage.REJECTED, str(exc))
+                if drained and current is not None:
+                    await self._restore(name, current, f"version {to} did not load")
+                self.status_text = "idle"
+                raise
+            slot.add(loaded, activate=True)
+        if current is not None and self._stage(name, current) in (Stage.ACTIVE, Stage.COMMITTED):
+            if rollback:
                 self._record(
                     name,
-                    active.version,
+                    current,
                     Stage.ROLLED_BACK,
                     f"{reason}: rolled back to version {to}",
                     event="rolled_back",
                 )
-                slot.unload(active.version)
-            target_stage = stages.get(to)
-            if target_stage is Stage.VERIFIED:  # never ran here: record its validation
-                for stage in (Stage.LOADING, Stage.WARMING, Stage.VALIDATED):
-                    self._record(name, to, stage, "validated for a rollback")
-                self._record(name, to, Stage.ACTIVE, "rollback target", event="activated")
-            if target_stage is not Stage.COMMITTED:
-                self._record(name, to, Stage.COMMITTED, f"{reason}: rollback target")
+            else:
+                self._record(name, current, Stage.RETIRED, f"{reason}: replaced by version {to}")
+        self._make_committed(name, to, f"{reason}: rollback target" if rollback else reason)
+        for other in slot.versions():
+            if other != to:
+                slot.unload(other)
+        pinned = self.pinned(name)
+        if rollback and pinned is not None and pinned != to:
+            self.state.set_setting(f"pin:{name}", to)
+            self._event(name, to, "pinned", f"held at version {to} (was {pinned}): {reason}")
+        self.status_text = "idle"
         return to
 
     def _event(self, name: str, version: int | None, kind: str, reason: str) -> None:
@@ -505,18 +702,35 @@ class Deployer:
         if self._on_event is not None:
             self._on_event(event)
 
-    async def pin(self, name: str, version: int | None) -> None:
-        """Keep ``name`` at ``version`` (None: unpin and follow the repository again)."""
+    async def pin(self, name: str, version: int | None, *, allow_unsigned: bool = False) -> None:
+        """Keep ``name`` at ``version`` (None: unpin and follow the repository again).
+
+        The version is checked (in the store, not quarantined, signed unless
+        ``allow_unsigned``) and brought in if it does not serve yet; only then is the pin
+        saved and announced, so a pin that fails leaves nothing pinned. The version it
+        replaces is retired, not quarantined.
+
+        Raises:
+            NotFoundError, CommandError, ModelError: as for ``rollback``; nothing was pinned.
+        """
         self.slots.get(name)  # NotFoundError for an unknown model, before anything changes
-        self.state.set_setting(f"pin:{name}", version)
-        if version is None:
-            self._event(name, None, "unpinned", "follows the repository again")
-        else:
-            self._event(name, version, "pinned", f"held at version {version}")
-        if version is not None:
+        async with self._lock(name):
+            if version is None:
+                self.state.set_setting(f"pin:{name}", None)
+                self._event(name, None, "unpinned", "follows the repository again")
+                return
+            self._check_target(name, version, allow_unsigned=allow_unsigned)
             active = self.slots.get(name).active
             if active is None or active.version != version:
-                await self.rollback(name, version, reason=f"pinned to version {version}")
+                await self._switch(
+                    name,
+                    version,
+                    f"pinned to version {version}",
+                    allow_unsigned=allow_unsigned,
+                    rollback=False,
+                )
+            self.state.set_setting(f"pin:{name}", version)
+            self._event(name, version, "pinned", f"held at version {version}")
 
     def pinned(self, name: str) -> int | None:
         value = self.state.setting(f"pin:{name}")

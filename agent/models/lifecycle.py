@@ -146,9 +146,24 @@ def plan_start(
 
 @dataclass(frozen=True, slots=True)
 class ProbationPolicy:
-    """When a freshly activated version is committed or rolled back."""
+    """When a freshly activated version is committed or rolled back.
+
+    The window is a time (``window_s``) and a count of requests (``window_requests``, 0: none);
+    the version is committed once both are reached without a verdict against it. Either can be
+    turned off (``window_s=0``: requests only; ``window_requests=0``: time only, the default).
+
+    A device that sees little or no traffic never reaches ``window_requests``: past
+    ``max_window_s`` the version is committed anyway, with a reason that says how few requests
+    it was judged on ("no traffic during probation" for none). That is what an edge operator
+    expects: the version passed validation and its signed smoke test, nothing counts against
+    it, and staying in probation forever keeps the previous version loaded (twice the memory)
+    and leaves the device without a committed version to restart on. ``max_window_s=0``
+    keeps the version in probation until the requests have come.
+    """
 
     window_s: float = 60.0  # commit after this long without a verdict against it
+    window_requests: int = 0  # … and after this many requests (0: the time alone decides)
+    max_window_s: float = 600.0  # too few requests by then: commit anyway (0: keep waiting)
     min_requests: int = 20  # judge error rates only past this many requests
     max_error_rate_increase: float = 0.05  # absolute: new rate may exceed the old by this much
     max_p99_ratio: float = 3.0  # new p99 / old p99
@@ -199,11 +214,21 @@ def judge_probation(
                 f"p99 latency {candidate.p99_ms:.2f} ms, previous version {baseline.p99_ms:.2f} ms "
                 f"(allowed ×{policy.max_p99_ratio:g})"
             )
-    if elapsed_s >= policy.window_s:
+    if elapsed_s >= policy.window_s and candidate.requests >= policy.window_requests:
         return Verdict.COMMIT, (
             f"probation passed: {candidate.requests} requests, {candidate.errors} errors "
             f"in {elapsed_s:.0f} s"
         )
+    cap_s = max(policy.max_window_s, policy.window_s) if policy.max_window_s else None
+    if policy.window_requests and cap_s is not None and elapsed_s >= cap_s:
+        if candidate.requests == 0:
+            why = "no traffic during probation"
+        else:
+            why = (
+                f"only {candidate.requests} of {policy.window_requests} requests during "
+                f"probation ({candidate.errors} errors)"
+            )
+        return Verdict.COMMIT, f"{why}; committed after {elapsed_s:.0f} s"
     return Verdict.CONTINUE, ""
 
 

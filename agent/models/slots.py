@@ -151,18 +151,23 @@ class Slot:
             self.unavailable_reason = reason
             self.retry_after_s = retry_after_s
 
-    def unload(self, version: int) -> None:
-        """Forget a version; its session closes when its last lease ends."""
+    def unload(self, version: int) -> LoadedVersion | None:
+        """Forget a version; its session closes when its last lease ends.
+
+        Returns the version unloaded (None if it was not loaded): ``closed`` turns true once
+        its last in-flight request has ended, which is what a drain waits for.
+        """
         with self._lock:
             loaded = self._versions.pop(version, None)
             if loaded is None:
-                return
+                return None
             if self._active is loaded:
                 self._active = None
                 self.unavailable_reason = "the active version was unloaded"
             close = self._retire_locked(loaded)
         if close:
             self._close(loaded)
+        return loaded
 
     def _retire_locked(self, loaded: LoadedVersion) -> bool:
         loaded.retired = True

@@ -45,6 +45,14 @@ class Manifest:
     outputs: tuple[TensorSpec, ...] = ()
     custom: Mapping[str, Any] = field(default_factory=dict)
 
+    @property
+    def signed(self) -> bool:
+        """True for a version the repository signed: the update cycle writes the signed hash
+        and the signed ``custom`` block, which always carries the ``edge_agent`` schema marker
+        (``delivery.targets``). Versions put in by ``edge-agent import`` (``install_local``)
+        have neither: they are unsigned."""
+        return bool(self.sha256) and "edge_agent" in self.custom
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,

@@ -2,6 +2,10 @@
 
 The caller is identified by the kernel (SO_PEERCRED on the Unix socket), never by anything in
 the request; over TCP there is no such identity, so admin routes are refused there.
+
+A local admin may roll back or pin to a version put in by ``edge-agent import`` (unsigned):
+whoever is root or the agent's user can write the store and run anything as the agent already.
+Remote (MQTT) commands go through ``Agent.run_command`` and may only target signed versions.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import os
 import socket
 import struct
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 from agent.errors import AgentError, CommandError, NotFoundError, RequestError
 from agent.serving.handler import Response, error_response
@@ -34,8 +38,16 @@ def peer_uid(sock: socket.socket | None) -> int | None:
     return int(uid)
 
 
-Rollback = Callable[[str, int | None], Awaitable[int]]
-Pin = Callable[[str, int | None], Awaitable[None]]
+class Rollback(Protocol):
+    def __call__(self, name: str, to: int | None, *, allow_unsigned: bool) -> Awaitable[int]: ...
+
+
+class Pin(Protocol):
+    def __call__(
+        self, name: str, version: int | None, *, allow_unsigned: bool
+    ) -> Awaitable[None]: ...
+
+
 UpdateNow = Callable[[], Awaitable[dict[str, Any]]]
 
 
@@ -106,14 +118,14 @@ class AdminApi:
         if len(parts) == 4 and parts[:2] == ["agent", "models"]:
             name, action = parts[2], parts[3]
             if action == "rollback":
-                version = await self._rollback(name, self._version(raw, "to"))
+                version = await self._rollback(name, self._version(raw, "to"), allow_unsigned=True)
                 log.info("admin: model %s rolled back to version %d", name, version)
                 return Response(
                     200, json.dumps({"model": name, "active_version": version}).encode()
                 )
             if action == "pin":
                 pinned = self._version(raw, "version")
-                await self._pin(name, pinned)
+                await self._pin(name, pinned, allow_unsigned=True)
                 log.info("admin: model %s pinned to %s", name, pinned)
                 return Response(200, json.dumps({"model": name, "pinned": pinned}).encode())
         raise NotFoundError(f"no admin route {path}")

@@ -9,24 +9,114 @@ from typing import Any
 import psutil
 
 CGROUP = Path("/sys/fs/cgroup")
+PROC_SELF_CGROUP = Path("/proc/self/cgroup")
+# cgroup v1 says "no limit" with a huge number (PAGE_COUNTER_MAX pages), not with "max".
+V1_UNLIMITED = 1 << 60
 
 
-def _cgroup_value(name: str) -> int | None:
+def parse_proc_cgroup(text: str) -> tuple[str | None, str | None]:
+    """The process's cgroup paths from ``/proc/<pid>/cgroup``: (v2 path, v1 memory path).
+
+    Lines are ``hierarchy-id:controllers:path``; v2 is the ``0::`` line, v1's memory
+    controller the line whose controllers include ``memory``. Either may be absent.
+    """
+    v2: str | None = None
+    v1: str | None = None
+    for line in text.splitlines():
+        parts = line.strip().split(":", 2)
+        if len(parts) != 3:
+            continue
+        hierarchy, controllers, path = parts
+        if hierarchy == "0" and controllers == "":
+            v2 = path
+        elif "memory" in controllers.split(","):
+            v1 = path
+    return v2, v1
+
+
+def _levels(mount: Path, path: str) -> list[Path]:
+    """``mount/path`` and each of its parents up to ``mount`` itself, innermost first.
+
+    A path that climbs out of the mount (``/../..``: the process sits outside the cgroup
+    namespace it looks at) yields only the mount."""
+    parts = [p for p in path.split("/") if p and p != "."]
+    if ".." in parts:
+        parts = []
+    return [mount.joinpath(*parts[:depth]) for depth in range(len(parts), -1, -1)]
+
+
+def _read_number(path: Path) -> int | None:
     try:
-        raw = (CGROUP / name).read_text().strip()
+        raw = path.read_text().strip()
     except OSError:
         return None
-    return None if raw == "max" else int(raw)
+    if raw == "max":
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        return None
+
+
+def _stat_value(path: Path, key: str) -> int:
+    try:
+        text = path.read_text()
+    except OSError:
+        return 0
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name == key and value.strip().isdigit():
+            return int(value)
+    return 0
+
+
+def _headroom(level: Path, limits: tuple[str, ...], usage: str, inactive: str) -> int | None:
+    """Limit minus usage at one cgroup level (None: no limit there). Inactive page cache is
+    not counted as used: the kernel reclaims it before it fails an allocation."""
+    found = [v for name in limits if (v := _read_number(level / name)) is not None]
+    found = [v for v in found if v < V1_UNLIMITED]
+    if not found:
+        return None
+    used = _read_number(level / usage)
+    if used is None:
+        return None
+    used = max(0, used - _stat_value(level / "memory.stat", inactive))
+    return max(0, min(found) - used)
+
+
+def cgroup_headroom(proc_cgroup: str, root: Path = CGROUP) -> int | None:
+    """The tightest memory headroom of the process's cgroup and its ancestors, in bytes.
+
+    ``proc_cgroup`` is the text of ``/proc/self/cgroup``; ``root`` where the cgroup file
+    systems are mounted. cgroup v2 (``root/<path>/memory.max``, ``memory.high`` and
+    ``memory.current``) and v1 (``root/memory/<path>/memory.limit_in_bytes`` and
+    ``memory.usage_in_bytes``) are both read; a hybrid host has both. None: no limit anywhere.
+    """
+    v2, v1 = parse_proc_cgroup(proc_cgroup)
+    levels: list[tuple[Path, tuple[str, ...], str, str]] = []
+    if v2 is not None:
+        v2_limits = ("memory.max", "memory.high")
+        levels += [(d, v2_limits, "memory.current", "inactive_file") for d in _levels(root, v2)]
+    if v1 is not None:
+        v1_limits = ("memory.limit_in_bytes",)
+        levels += [
+            (d, v1_limits, "memory.usage_in_bytes", "total_inactive_file")
+            for d in _levels(root / "memory", v1)
+        ]
+    room = [r for level in levels if (r := _headroom(*level)) is not None]
+    return min(room) if room else None
 
 
 def available_memory_bytes() -> int | None:
-    """What a new model may still use: the cgroup's headroom when limited, else the system's."""
+    """What a new model may still use: the tightest headroom of this process's cgroup and its
+    ancestors when one is limited (never more than the system has), else the system's."""
     system = int(psutil.virtual_memory().available)
-    limit = _cgroup_value("memory.max")
-    current = _cgroup_value("memory.current")
-    if limit is not None and current is not None:
-        return min(system, max(0, limit - current))
-    return system
+    try:
+        proc_cgroup = PROC_SELF_CGROUP.read_text()
+    except OSError:
+        proc_cgroup = ""
+    headroom = cgroup_headroom(proc_cgroup, CGROUP)
+    return system if headroom is None else min(system, headroom)
 
 
 def readings(state_dir: Path) -> dict[str, Any]:

@@ -3,136 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper
 
 from agent.errors import NotFoundError
-from agent.models.deployer import DeployConfig, Deployer
 from agent.models.lifecycle import ProbationPolicy
-from agent.models.runtime import RuntimeOptions
-from agent.models.slots import Slots
-from agent.models.store import Manifest, ModelStore
-from agent.serving.handler import OipHandler
-from agent.serving.oip import encode_infer_request
-from agent.state import Event, StateDB
-from agent.telemetry.metrics import Registry
-from agent.tensors import TensorSpec
-
-
-def scale_model(path: Path, factor: float, batch: int | str = "N") -> Path:
-    """y = x * factor over x: FP32 [batch, 4]; a fixed batch rejects other batch sizes."""
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 4])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 4])
-    k = helper.make_tensor("k", TensorProto.FLOAT, [1], [factor])
-    graph = helper.make_graph([helper.make_node("Mul", ["x", "k"], ["y"])], "scale", [x], [y], [k])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    onnx.save(model, path)
-    return path
-
-
-def tensor(array: np.ndarray[Any, Any], datatype: str) -> dict[str, Any]:
-    return {
-        "datatype": datatype,
-        "shape": list(array.shape),
-        "b64": base64.b64encode(np.ascontiguousarray(array).tobytes()).decode(),
-    }
-
-
-def smoke_for(factor: float, claimed: float | None = None) -> dict[str, Any]:
-    x = np.arange(4, dtype=np.float32).reshape(1, 4)
-    y = (x * np.float32(claimed if claimed is not None else factor)).astype(np.float32)
-    return {
-        "inputs": {"x": tensor(x, "FP32")},
-        "outputs": {"y": tensor(y, "FP32")},
-        "atol": "1e-6",
-        "rtol": "1e-5",
-    }
-
-
-def install(
-    store: ModelStore,
-    tmp: Path,
-    version: int,
-    factor: float,
-    *,
-    claimed: float | None = None,
-    batch: int | str = "N",
-) -> None:
-    src = scale_model(tmp / f"scale-{version}.onnx", factor, batch)
-    staged = store.new_staging_dir() / "model.onnx"
-    staged.write_bytes(src.read_bytes())
-    dim = -1 if isinstance(batch, str) else batch
-    manifest = Manifest(
-        name="scale",
-        version=version,
-        runtime="onnx",
-        model_file="model.onnx",
-        inputs=(TensorSpec("x", "FP32", (dim, 4)),),
-        outputs=(TensorSpec("y", "FP32", (dim, 4)),),
-        custom={"smoke": {"inline": smoke_for(factor, claimed)}},
-    )
-    store.install(manifest, {"model.onnx": staged})
-
-
-class Harness:
-    def __init__(
-        self, root: Path, policy: ProbationPolicy | None = None, memory: int | None = None
-    ) -> None:
-        self.root = root
-        self.store = ModelStore(root / "models")
-        self.state = StateDB(root / "state.db")
-        self.slots = Slots()
-        self.metrics = Registry()
-        self.events: list[Event] = []
-        self.deployer = Deployer(
-            self.store,
-            self.slots,
-            self.state,
-            self.metrics,
-            RuntimeOptions(),
-            DeployConfig(
-                warmup_runs=2,
-                probation=policy or ProbationPolicy(window_s=0.2),
-                probation_check_s=0.05,
-            ),
-            on_event=self.events.append,
-            available_memory=lambda: memory,
-        )
-        self.handler = OipHandler(self.slots, self.metrics)
-
-    def infer(self, batch: int = 1) -> tuple[int, bytes]:
-        x = np.ones((batch, 4), np.float32)
-        body, length = encode_infer_request({"x": x})
-        response = self.handler.infer_blocking("/v2/models/scale/infer", body, length)
-        return response.status, response.body
-
-    def stage(self, version: int) -> str:
-        row = self.state.get("scale", version)
-        assert row is not None
-        return row.stage
-
-    def kinds(self) -> list[tuple[int | None, str]]:
-        return [(e.version, e.kind) for e in self.events]
-
-    def close(self) -> None:
-        self.slots.close()
-        self.state.close()
-
-
-async def wait_for(predicate: Any, timeout_s: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not predicate():
-        assert loop.time() < deadline, "condition not reached"
-        await asyncio.sleep(0.02)
+from tests.models.harness import Harness, install, wait_for
 
 
 def test_first_version_validates_activates_and_commits(tmp_path: Path) -> None:
