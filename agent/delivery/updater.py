@@ -16,12 +16,15 @@ retrieval, and at the start of a cycle when its hash is not one the cycle is abo
 from __future__ import annotations
 
 import contextlib
+import datetime
 import errno
 import hashlib
+import json
 import logging
 import os
 import re
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,6 +121,27 @@ _MEANING: tuple[tuple[type[tuf_errors.RepositoryError], str], ...] = (
 )
 
 
+def stale_metadata_note(metadata_dir: Path, now: float) -> str:
+    """What to add to "repository unreachable" when the last verified timestamp has expired.
+
+    An offline device cannot tell a quiet repository from a freeze attack once its timestamp
+    is past its expiry: it accepts nothing new until it reaches the repository again, and
+    keeps serving what it has. The cache holds only metadata ngclient verified.
+    """
+    try:
+        signed = json.loads((metadata_dir / "timestamp.json").read_bytes())["signed"]
+        expires = datetime.datetime.strptime(signed["expires"], "%Y-%m-%dT%H:%M:%SZ")
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+    expiry = expires.replace(tzinfo=datetime.UTC).timestamp()
+    if expiry > now:
+        return ""
+    return (
+        f"; the last verified timestamp expired at {signed['expires']}: no new model is "
+        "accepted until the repository is reached again, the installed models keep serving"
+    )
+
+
 def _explain(exc: tuf_errors.RepositoryError) -> str:
     """python-tuf's error, with what it means for a person reading the device's events."""
     text = f"{type(exc).__name__}: {exc}"
@@ -180,11 +204,13 @@ class ModelUpdater:
         store: ModelStore,
         fetcher: FetcherInterface,
         quarantined: Callable[[str, int], bool] = lambda _n, _v: False,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self.store = store
         self.fetcher = fetcher
         self.quarantined = quarantined
+        self.clock = clock  # for what the agent says about expiry; ngclient keeps its own
         self._metadata_fetcher = _MetadataFetcher(fetcher)
 
     def _updater(self) -> Updater:
@@ -229,6 +255,7 @@ class ModelUpdater:
             return report
         except (tuf_errors.DownloadError, DownloadError) as exc:
             report.error = f"repository unreachable: {exc}"
+            report.error += stale_metadata_note(self.config.metadata_dir, self.clock())
             report.events.append(DeliveryEvent("failed", "*", None, report.error))
             log.warning("update: %s; will retry", report.error)
             return report

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,7 +71,7 @@ class World:
         model = matmul_model(self.root / f"{name}-{version}.onnx", k=8, n=4, seed=seed or version)
         publish(self.repo, model, name, version, log=lambda *_: None, **kw)  # type: ignore[arg-type]
 
-    def updater(self, **config: object) -> ModelUpdater:
+    def updater(self, clock: Callable[[], float] = time.time, **config: object) -> ModelUpdater:
         settings = {
             "metadata_url": f"{self.base}/metadata/",
             "targets_url": f"{self.base}/targets/",
@@ -87,6 +88,7 @@ class World:
             self.store,
             self.fetcher,
             lambda name, version: (name, version) in self.quarantined,
+            clock,
         )
 
     def staging_empty(self) -> bool:

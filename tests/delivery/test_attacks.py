@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import time
 
 import pytest
 from securesystemslib.signer import CryptoSigner
 from tuf.api.metadata import TargetFile
 
+from agent.delivery.updater import stale_metadata_note
 from cloud_stub.repo import Expiry, Repository, RepositoryError
 
 from .conftest import World, copy_public, partials
@@ -310,3 +312,25 @@ def test_metadata_files_are_canonical_json_without_floats(world: World) -> None:
     assert custom["rollout_bp"] == 10000
     expires = dt.datetime.fromisoformat(raw["signed"]["expires"].replace("Z", "+00:00"))
     assert expires > dt.datetime.now(dt.UTC)
+
+
+def test_offline_past_expiry_says_why(world: World) -> None:
+    """Unreachable, with a cached timestamp past its expiry: the report says no new model is
+    accepted until the repository is back; while the timestamp is fresh it says nothing more."""
+    assert world.updater().check_once().installed == [("mm", 1)]
+    metadata_dir = world.root / "device" / "tuf"
+    expires = json.loads((metadata_dir / "timestamp.json").read_bytes())["signed"]["expires"]
+    world.fetcher.down = True
+    fresh = world.updater().check_once()
+    assert fresh.error.startswith("repository unreachable")
+    assert "expired" not in fresh.error
+    later = time.time() + 2 * 86400  # past the one-day timestamp expiry
+    stale = world.updater(clock=lambda: later).check_once()
+    assert stale.error.startswith("repository unreachable")
+    assert stale.error.endswith(
+        f"; the last verified timestamp expired at {expires}: no new model is accepted until"
+        " the repository is reached again, the installed models keep serving"
+    )
+    assert stale_metadata_note(metadata_dir, time.time()) == ""
+    assert stale_metadata_note(world.root / "nowhere", later) == ""
+    assert_untouched(world, [1])
