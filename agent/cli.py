@@ -80,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--http", default="", help="also listen on loopback TCP, 127.0.0.1:PORT")
     serve.add_argument("--workers", type=int, default=0, help="inference threads (0: cores)")
     serve.add_argument("--intra-op-threads", type=int, default=1)
+    serve.add_argument(
+        "--inline-threshold-us",
+        type=float,
+        default=ServingSection.inline_threshold_us,
+        help="models faster than this run on the event loop thread (0: always the pool)",
+    )
 
     infer = sub.add_parser("infer", help="run one inference through the agent's socket")
     infer.add_argument("model")
@@ -213,6 +219,7 @@ def _cmd_serve(args: argparse.Namespace, level: str | None) -> int:
             http=args.http,
             workers=args.workers,
             intra_op_threads=args.intra_op_threads,
+            inline_threshold_us=args.inline_threshold_us,
         )
     except BadKeysError as exc:
         raise ConfigError(

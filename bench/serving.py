@@ -6,7 +6,9 @@ One run, one model (the 1x64 · 64x64 FP32 MatMul built with onnx.helper), one l
 (bench/loadgen.c: closed loop, epoll, C) for every server, all over a Unix socket:
 
 - in-process ONNX Runtime ``session.run`` (the floor),
-- ``edge-agent serve`` with the binary and the JSON tensor encodings,
+- ``edge-agent serve`` with the binary and the JSON tensor encodings, and with its fast path
+  for tiny models off (``--inline-threshold-us 0``: every inference through the thread pool,
+  like the uvicorn and FastAPI apps),
 - the same OIP handler behind a bare uvicorn ASGI app, and behind FastAPI + uvicorn,
 - per-call round trip at concurrency 1: edge-agent's Python client over the Unix socket (as
   shipped, and with its adaptive spin turned off)
@@ -228,6 +230,24 @@ def main() -> int:
         finally:
             stop(agent)
 
+        # The same server with the fast path off: every inference goes through the thread
+        # pool, as it does in the uvicorn and FastAPI apps (run_in_executor).
+        sock = work / "edge-pool.sock"
+        agent = start(
+            [
+                *(python, "-m", "agent", "--log-level", "warning", "serve", f"matmul={model}"),
+                *("--socket", str(sock), "--inline-threshold-us", "0"),
+            ],
+            sock,
+            env,
+        )
+        try:
+            results["edge-agent binary, pool"] = {
+                c: loadgen(gen, str(sock), binary_req, c, args.seconds) for c in (1, 16)
+            }
+        finally:
+            stop(agent)
+
         for label, target in (("uvicorn bare ASGI", "bare"), ("FastAPI + uvicorn", "fastapi")):
             sock = work / f"{target}.sock"
             server = start(
@@ -257,11 +277,11 @@ def main() -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    print(f"\n{'server':<22} {'conc':>4} {'req/s':>9} {'p50 us':>8} {'p99 us':>8} {'errors':>6}")
+    print(f"\n{'server':<24} {'conc':>4} {'req/s':>9} {'p50 us':>8} {'p99 us':>8} {'errors':>6}")
     for label, by_conc in results.items():
         for conc, r in by_conc.items():
             print(
-                f"{label:<22} {conc:>4} {r['rps']:>9.0f} {r['p50_us']:>8.0f} "
+                f"{label:<24} {conc:>4} {r['rps']:>9.0f} {r['p50_us']:>8.0f} "
                 f"{r['p99_us']:>8.0f} {r['errors']:>6}"
             )
     ours16 = results["edge-agent binary"][16]["rps"]
@@ -269,6 +289,10 @@ def main() -> int:
         "edge-agent binary / uvicorn bare (c=16)": ours16 / results["uvicorn bare ASGI"][16]["rps"],
         "edge-agent binary / FastAPI (c=16)": ours16 / results["FastAPI + uvicorn"][16]["rps"],
         "edge-agent binary / JSON (c=16)": ours16 / results["edge-agent JSON"][16]["rps"],
+        "edge-agent pool only / uvicorn bare (c=16)": results["edge-agent binary, pool"][16]["rps"]
+        / results["uvicorn bare ASGI"][16]["rps"],
+        "edge-agent pool only / FastAPI (c=16)": results["edge-agent binary, pool"][16]["rps"]
+        / results["FastAPI + uvicorn"][16]["rps"],
         "tritonclient / edge-agent client per call": clients["tritonclient.http"]["mean_us"]
         / clients["edge-agent client"]["mean_us"],
         "tritonclient / edge-agent client (spin_us=0) per call": clients["tritonclient.http"][
