@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--inline-threshold-us",
         type=float,
-        default=ServingSection.inline_threshold_us,
+        default=ServingSection().inline_threshold_us,
         help="models faster than this run on the event loop thread (0: always the pool)",
     )
 

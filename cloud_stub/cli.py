@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import json
 import logging
+import ssl
 import sys
 import threading
 from collections.abc import Sequence
@@ -70,12 +71,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--https", default="127.0.0.1:8443", metavar="HOST:PORT")
     serve.add_argument("--cert", type=Path, required=True)
     serve.add_argument("--key", type=Path, required=True)
+    serve.add_argument(
+        "--client-ca",
+        type=Path,
+        default=None,
+        help="require client certificates signed by this CA (mutual TLS)",
+    )
 
     dash = sub.add_parser("dashboard", help="the live fleet dashboard")
     dash.add_argument("--mqtt", default="127.0.0.1:1883", metavar="HOST:PORT")
     dash.add_argument("--http", default="127.0.0.1:8080", metavar="HOST:PORT")
     dash.add_argument("--db", type=Path, default=Path("fleet.db"))
     dash.add_argument("--operator-key", type=Path, default=None, help="signs commands")
+    _mqtt_tls_arguments(dash)
 
     opkey = sub.add_parser("operator-key", help="make an operator key pair for signed commands")
     opkey.add_argument("directory", type=Path)
@@ -84,20 +92,63 @@ def build_parser() -> argparse.ArgumentParser:
     cmd = sub.add_parser("command", help="send a signed command to a device")
     cmd.add_argument("device")
     cmd.add_argument(
-        "action", choices=["rollback", "pin", "unpin", "check-update", "set-log-level"]
+        "action",
+        choices=["rollback", "pin", "unpin", "check-update", "set-log-level", "set-config"],
     )
     cmd.add_argument("model", nargs="?", default=None)
     cmd.add_argument("--to", type=int, default=None, help="rollback target / pinned version")
     cmd.add_argument("--level", default=None)
+    cmd.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set-config: a setting (e.g. mqtt.health_interval_s=30; VALUE is JSON or a "
+        "string; null restores the device's agent.toml value); repeat for more",
+    )
     cmd.add_argument("--fleet", default="default")
     cmd.add_argument("--mqtt", default="127.0.0.1:1883", metavar="HOST:PORT")
     cmd.add_argument("--operator-key", type=Path, required=True)
+    cmd.add_argument(
+        "--wait",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="wait this long for the device's acknowledgement (0: do not wait)",
+    )
+    _mqtt_tls_arguments(cmd)
 
     certs = sub.add_parser("certs", help="make a throwaway CA, server and device certificates")
     certs.add_argument("directory", type=Path)
     certs.add_argument("--host", action="append", default=None, help="server name or IP")
     certs.add_argument("--device", action="append", default=[], help="device id (repeat)")
     return parser
+
+
+def _mqtt_tls_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ca-file", type=Path, default=None, help="MQTT over TLS: the fleet CA")
+    parser.add_argument("--client-cert", type=Path, default=None, help="client certificate")
+    parser.add_argument("--client-key", type=Path, default=None, help="its private key")
+
+
+def _mqtt_tls(args: argparse.Namespace) -> ssl.SSLContext | None:
+    from cloud_stub.operator import tls_context
+
+    try:
+        return tls_context(args.ca_file, args.client_cert, args.client_key)
+    except ValueError as exc:
+        raise AgentError(str(exc)) from None
+
+
+def _setting(text: str) -> tuple[str, object]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise AgentError(f"--set expects KEY=VALUE, found {text!r}")
+    try:
+        value: object = json.loads(raw)
+    except ValueError:
+        value = raw
+    return key, value
 
 
 def _cmd(args: argparse.Namespace) -> int:
@@ -176,7 +227,7 @@ def _cmd(args: argparse.Namespace) -> int:
         host, _, port = args.https.rpartition(":")
         repo = Repository(args.repo)
         with contextlib.suppress(KeyboardInterrupt):
-            serve_forever(repo.public, host, int(port), args.cert, args.key)
+            serve_forever(repo.public, host, int(port), args.cert, args.key, args.client_ca)
         return 0
     if args.command == "dashboard":
         from cloud_stub.dashboard.server import Dashboard
@@ -184,7 +235,9 @@ def _cmd(args: argparse.Namespace) -> int:
         mqtt_host, _, mqtt_port = args.mqtt.rpartition(":")
         http_host, _, http_port = args.http.rpartition(":")
         key_id = args.operator_key.stem if args.operator_key else "operator"
-        dashboard = Dashboard(mqtt_host, int(mqtt_port), args.db, args.operator_key, key_id)
+        dashboard = Dashboard(
+            mqtt_host, int(mqtt_port), args.db, args.operator_key, key_id, tls=_mqtt_tls(args)
+        )
         server = dashboard.start(http_host, int(http_port))
         print(f"fleet dashboard on http://{http_host}:{server.server_address[1]}/", flush=True)
         with contextlib.suppress(KeyboardInterrupt):
@@ -199,9 +252,7 @@ def _cmd(args: argparse.Namespace) -> int:
         print(f"public key  {public} (list it in [mqtt] operator_keys on devices)")
         return 0
     if args.command == "command":
-        import paho.mqtt.client as mqtt
-
-        from cloud_stub.operator import command, load_private
+        from cloud_stub.operator import command, load_private, send
 
         command_args: dict[str, object] = {}
         if args.model:
@@ -212,6 +263,8 @@ def _cmd(args: argparse.Namespace) -> int:
             command_args["version"] = args.to
         if args.level:
             command_args["level"] = args.level
+        if args.action == "set-config":
+            command_args = dict(_setting(text) for text in args.set)
         payload = command(
             load_private(args.operator_key),
             args.operator_key.stem,
@@ -220,15 +273,20 @@ def _cmd(args: argparse.Namespace) -> int:
             command_args,
         )
         host, _, port = args.mqtt.rpartition(":")
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
-        client.connect(host, int(port), 30)
-        client.loop_start()
-        info = client.publish(f"edge/{args.fleet}/{args.device}/commands", payload, qos=1)
-        info.wait_for_publish(10)
-        client.disconnect()
-        client.loop_stop()
-        print(f"sent {args.action} to {args.device}")
-        return 0
+        topic = f"edge/{args.fleet}/{args.device}/commands"
+        ack = send(host, int(port), _mqtt_tls(args), topic, payload, wait_ack_s=args.wait)
+        print(f"sent {args.action} to {args.device}", flush=True)
+        if args.wait <= 0:
+            return 0
+        if ack is None:
+            print(
+                f"edge-cloud: no acknowledgement from {args.device} within {args.wait:g} s "
+                "(is it online, and in this --fleet?)",
+                file=sys.stderr,
+            )
+            return 1
+        print(f"{args.device}: {ack.get('outcome')}: {ack.get('reason')}")
+        return 0 if ack.get("outcome") == "accepted" else 1
     if args.command == "certs":
         from cloud_stub.certs import make_pki
 

@@ -4,7 +4,12 @@ Fleet side: make a throwaway PKI, create a TUF repository, quantize a model to i
 publish it signed, serve the repository over HTTPS. Device side: start ``edge-agent run``,
 wait until it serves the model, run inferences through the CLI, the Python client and curl,
 then publish version 2 and watch the agent validate and hot-swap it. With Mosquitto installed,
-the agent's health and events are shown as they arrive over MQTT.
+the agent reports to a local broker: its health, events and command acknowledgements are
+printed as they arrive over MQTT, a fleet dashboard shows them in a browser, and the update
+check for version 2 is a signed command sent with ``edge-cloud command``.
+
+The demo ends by itself (``make demo``); ``--serve`` keeps the device, the repository, the
+broker and the dashboard running until Ctrl-C, to look around.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -125,15 +131,85 @@ def start_mosquitto(procs: Processes, work: Path) -> int | None:
     return port
 
 
-def _has_mqtt_config() -> bool:
-    from agent import config
+def describe(topic: str, doc: dict[str, Any]) -> str:
+    """One line for an MQTT message of the device, as the fleet sees it."""
+    kind = topic.rsplit("/", 2)[-1] if not topic.endswith("/commands/ack") else "ack"
+    if kind == "status":
+        if doc.get("online"):
+            models = ", ".join(
+                f"{k} v{v}" if v is not None else f"{k} (no version yet)"
+                for k, v in (doc.get("models") or {}).items()
+            )
+            return f"status  online (agent {doc.get('agent')}; {models or 'no models'})"
+        return f"status  offline ({doc.get('reason')})"
+    if kind == "health":
+        memory = doc.get("memory") or {}
+        models = "; ".join(
+            f"{name} v{m.get('active_version')}: {m.get('requests')} requests, p99 "
+            + (f"{m['p99_ms']:.2f} ms" if m.get("p99_ms") is not None else "-")
+            for name, m in (doc.get("models") or {}).items()
+        )
+        return (
+            f"health  cpu {doc.get('cpu_percent')}%, memory {memory.get('percent')}%, agent "
+            f"{(doc.get('agent_rss_bytes') or 0) / 1048576:.0f} MB; {models}; "
+            f"dropped {doc.get('dropped_health')}"
+        )
+    if kind == "events":
+        version = f" v{doc['version']}" if doc.get("version") is not None else ""
+        reason = f": {doc['reason']}" if doc.get("reason") else ""
+        return f"event   {doc.get('kind')} {doc.get('model')}{version}{reason}"
+    if kind == "ack":
+        return f"ack     {doc.get('command')} {doc.get('outcome')}: {doc.get('reason')}"
+    return f"{kind}  {json.dumps(doc)[:120]}"
 
-    return hasattr(config, "MqttSection")
+
+class MqttWatch:
+    """Prints the device's MQTT messages as they arrive (from mosquitto_sub's output)."""
+
+    def __init__(self, log: Path) -> None:
+        self.log = log
+        self.seen: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._follow, name="mqtt-watch", daemon=True)
+        self._thread.start()
+
+    def _follow(self) -> None:
+        position = 0
+        pending = ""
+        while not self._stop.wait(0.2):
+            try:
+                with self.log.open() as handle:
+                    handle.seek(position)
+                    pending += handle.read()
+                    position = handle.tell()
+            except OSError:
+                continue
+            *lines, pending = pending.split("\n")
+            for line in lines:
+                topic, _, payload = line.partition(" ")
+                if topic.endswith("/commands"):
+                    continue  # the command itself; its acknowledgement follows
+                try:
+                    doc = json.loads(payload)
+                except ValueError:
+                    continue
+                kind = topic.rsplit("/", 1)[-1]
+                self.seen[kind] = self.seen.get(kind, 0) + 1
+                print(f"  mqtt │ {describe(topic, doc)}", flush=True)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="edge-agent end-to-end demo")
     parser.add_argument("--keep", action="store_true", help="keep the working directory")
+    parser.add_argument(
+        "--serve",
+        action="store_true",
+        help="at the end, keep everything running (dashboard, agent, broker) until Ctrl-C",
+    )
     args = parser.parse_args(argv)
 
     from agent.serving.client import InferenceClient
@@ -191,14 +267,18 @@ def main(argv: list[str] | None = None) -> int:
             )
             wait_until("the HTTPS server", lambda: port_open(https_port))
 
-            # MQTT reporting lands with the telemetry issue; until then the demo skips it.
-            mqtt_port = start_mosquitto(procs, work) if _has_mqtt_config() else None
+            mqtt_port = start_mosquitto(procs, work)
+            operator_key = work / "ops" / "ops.key"
+            if mqtt_port:
+                step("An operator key: the device obeys commands signed with it")
+                run([edge_cloud, "operator-key", str(work / "ops"), "--id", "ops"])
 
-            step("Device side: configure and start edge-agent")
+            step("Device side: configure edge-agent")
             sock = work / "run" / "infer.sock"
             config = work / "agent.toml"
             mqtt = (
                 f'\n[mqtt]\nhost = "127.0.0.1"\nport = {mqtt_port}\nhealth_interval_s = 2\n'
+                f'operator_keys = ["{work / "ops" / "ops.pem"}"]\n'
                 if mqtt_port
                 else ""
             )
@@ -214,7 +294,9 @@ def main(argv: list[str] | None = None) -> int:
             print(config.read_text())
             run([edge_agent, "check-config", "--config", str(config)])
             dashboard_port = free_port()
+            watch: MqttWatch | None = None
             if mqtt_port:
+                step("Fleet side: the dashboard, and what the broker receives, as it arrives")
                 procs.start(
                     "dashboard",
                     [
@@ -226,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"127.0.0.1:{dashboard_port}",
                         "--db",
                         str(work / "fleet.db"),
+                        "--operator-key",
+                        str(operator_key),
                     ],
                 )
                 procs.start(
@@ -241,6 +325,14 @@ def main(argv: list[str] | None = None) -> int:
                         "-v",
                     ],
                 )
+                wait_until("the dashboard", lambda: port_open(dashboard_port))
+                print(
+                    f"fleet dashboard: http://127.0.0.1:{dashboard_port}/ (up while the demo "
+                    "runs; `python -m cloud_stub.demo --serve` keeps it up until Ctrl-C)",
+                    flush=True,
+                )
+                watch = MqttWatch(logs / "mqtt-watch.log")
+            step("Device side: start edge-agent (MQTT messages appear as  mqtt │ …)")
             procs.start("edge-agent", [edge_agent, "run", "--config", str(config)])
 
             def serving(version: int) -> bool:
@@ -299,8 +391,25 @@ def main(argv: list[str] | None = None) -> int:
                     str(calibration),
                 ]
             )
-            with InferenceClient(str(sock)) as client:
-                client.request("POST", "/agent/update")
+            if mqtt_port:
+                # The fleet asks for the update check with a signed command over MQTT.
+                run(
+                    [
+                        edge_cloud,
+                        "command",
+                        "demo-device-1",
+                        "check-update",
+                        "--fleet",
+                        "demo",
+                        "--mqtt",
+                        f"127.0.0.1:{mqtt_port}",
+                        "--operator-key",
+                        str(operator_key),
+                    ]
+                )
+            else:
+                with InferenceClient(str(sock)) as client:
+                    client.request("POST", "/agent/update")
             wait_until("version 2 to become active", lambda: serving(2), 120)
             run(
                 [
@@ -315,21 +424,25 @@ def main(argv: list[str] | None = None) -> int:
             )
             run([edge_agent, "status", "--socket", str(sock)])
 
-            if mqtt_port:
-                step("What the fleet saw over MQTT")
-                time.sleep(2.5)
-                lines = (logs / "mqtt-watch.log").read_text().splitlines()
-                for line in lines[-12:]:
-                    topic, _, payload = line.partition(" ")
-                    with contextlib.suppress(ValueError):
-                        payload = json.dumps(json.loads(payload))[:160]
-                    print(f"  {topic}  {payload}")
-                print(
-                    f"\nfleet dashboard: http://127.0.0.1:{dashboard_port}/ (live while the "
-                    "demo runs; run `python -m cloud_stub.demo --keep` to keep the files)"
-                )
+            if watch is not None:
+                time.sleep(2.5)  # one more health message
+                counts = ", ".join(f"{n} {kind}" for kind, n in sorted(watch.seen.items()))
+                print(f"\nthe fleet received over MQTT: {counts}")
+            if args.serve:
+                step("Serving until Ctrl-C")
+                if mqtt_port:
+                    print(f"fleet dashboard: http://127.0.0.1:{dashboard_port}/")
+                print(f"agent socket:    {sock}   (edge-agent status --socket {sock})")
+                print(f"working files:   {work}")
+                with contextlib.suppress(KeyboardInterrupt):
+                    threading.Event().wait()
+                print()
             step("Done")
+            if mqtt_port and not args.serve:
+                print("(the dashboard stopped with the demo; --serve keeps it up)")
         finally:
+            if watch is not None:
+                watch.stop()
             procs.stop_all()
     return 0
 

@@ -10,6 +10,10 @@ white space, UTF-8). ``check-update`` grants no authority and may come unsigned;
 command must be signed by an operator key the device trusts (separate from the broker's
 credentials), name this device, carry a sequence number above the last one accepted, and not
 be expired. Verification returns the command or raises; it never returns a bool.
+
+``set-config`` carries its changes as ``args`` (``{"mqtt.health_interval_s": 10}``); they are
+checked against the whitelist of ``remote_config`` here, after the signature, so a change to
+anything else is refused with a precise acknowledgement and changes nothing.
 """
 
 from __future__ import annotations
@@ -22,12 +26,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from agent.errors import CommandError
+from agent.telemetry import remote_config
 
 if TYPE_CHECKING:  # cryptography costs ~6 MB resident: imported when a signature is checked
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 UNSIGNED_ALLOWED = frozenset({"check-update"})
-KNOWN = frozenset({"check-update", "rollback", "pin", "unpin", "set-log-level"})
+KNOWN = frozenset({"check-update", "rollback", "pin", "unpin", "set-log-level", "set-config"})
 MAX_COMMAND_BYTES = 16 * 1024
 
 
@@ -104,6 +109,8 @@ def verify(
         raise CommandError("signed command without a numeric 'expires'")
     if expires < now:
         raise CommandError(f"command expired at {expires:.0f}, now {now:.0f}")
+    if name == "set-config":
+        args = remote_config.check(args)
     return Command(name, args, seq, signed=True)
 
 

@@ -1,18 +1,36 @@
 """The MQTT reporter: birth and last will, periodic health, events, signed commands.
 
-paho-mqtt runs its own network thread; its callbacks are handed to the event loop with
-``call_soon_threadsafe`` and everything else happens on the loop. Every message goes through
-the outbox: written first, sent when connected, deleted on PUBACK. On reconnect the backlog
-drains in order, at most ``max_inflight`` unacknowledged at a time and ``drain_per_s`` a
-second, so live messages are not starved behind a long outage. Delivery is at least once;
-receivers deduplicate on (device, seq).
+paho-mqtt runs the network thread of each connection; its callbacks are handed to the event
+loop with ``call_soon_threadsafe`` and everything else happens on the loop. Every message goes
+through the outbox: written first, sent when connected, deleted on PUBACK. Delivery is at least
+once; receivers deduplicate on (device, seq).
+
+Connections: the reporter dials the broker itself, with a fresh paho client for every
+connection (paho's own reconnect is off). A connection that fails or ends waits
+``reconnect_delay`` (exponential, with jitter, so a fleet that lost its broker does not come
+back in lockstep) before the next. An MQTT 5 CONNECT refused as an unsupported protocol, closed
+before any CONNACK or left unanswered is followed at once by an MQTT 3.1.1 one. Since paho keeps
+nothing from one connection to the next, the outbox is the only queue.
+
+Sending order after a connect (``_send_ready``; docs/mqtt.md, "Ordering"):
+
+1. status messages, in order, before anything else: the retained status ends on the newest;
+2. acknowledgements and health messages queued since the connection came up, at once;
+3. the backlog (what was waiting when it came up, status aside), in order, at most
+   ``drain_per_s`` a second;
+4. events queued since the connection came up, once the backlog holds no event any more: events
+   always leave in the order of their sequence numbers.
+
+At most ``max_inflight`` messages are unacknowledged at a time.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import random
 import sqlite3
 import ssl
 import time
@@ -29,7 +47,7 @@ from paho.mqtt.properties import Properties
 
 from agent.errors import AgentError, CommandError, ConfigError, StoreError
 from agent.telemetry import commands, messages
-from agent.telemetry.outbox import Outbox
+from agent.telemetry.outbox import Message, Outbox
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +62,64 @@ MAX_PACKET_BYTES = commands.MAX_COMMAND_BYTES + 4096
 
 # Events held in memory while the outbox refuses writes (a full disk); beyond, the oldest go.
 MAX_HELD = 10_000
+
+# CONNACK codes of a broker that does not speak MQTT 5: 3.1.1's "unacceptable protocol
+# version" (1), which paho reports as MQTT 5's "unsupported protocol version" (132).
+UNSUPPORTED_PROTOCOL = frozenset({1, 132})
+
+# The backlog's kinds: status messages always go first, whatever their age.
+BACKLOG_KINDS = ("event", "health", "ack")
+
+
+def reconnect_delay(
+    failures: int,
+    min_s: float,
+    max_s: float,
+    rng: Callable[[], float] = random.random,
+) -> float:
+    """Seconds to wait before the next connection attempt, after ``failures`` in a row.
+
+    Exponential from ``min_s``, doubling per failure, capped at ``max_s``, with "equal
+    jitter": uniform in [cap / 2, cap]. It still backs off, and the devices of a fleet whose
+    broker came back spread their reconnects over half the cap instead of arriving together.
+    ``rng`` returns floats in [0, 1).
+    """
+    cap = min(max_s, min_s * 2.0 ** min(failures, 32))
+    return cap / 2 + rng() * cap / 2
+
+
+@dataclass(slots=True)
+class RateLimit:
+    """A token bucket: ``rate`` sends a second on average, at most ``burst`` at once."""
+
+    rate: float
+    burst: float
+    tokens: float = 0.0
+    stamp: float = 0.0
+
+    def reset(self, now: float) -> None:
+        self.tokens = self.burst
+        self.stamp = now
+
+    def take(self, now: float, most: int) -> int:
+        """How many may go now (at most ``most``); they are taken from the bucket."""
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        granted = min(most, int(self.tokens))
+        self.tokens -= granted
+        return max(0, granted)
+
+    def give_back(self, count: int) -> None:
+        self.tokens = min(self.burst, self.tokens + count)
+
+    def wait_s(self) -> float:
+        """Until the next send is allowed."""
+        return max(0.0, (1.0 - self.tokens) / self.rate)
+
+
+def drain_burst(drain_per_s: float, max_inflight: int) -> float:
+    """A tenth of a second's worth of backlog at once, at least one, at most ``max_inflight``."""
+    return max(1.0, min(float(max_inflight), drain_per_s / 10))
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,8 +144,26 @@ class ReporterConfig:
     health_interval_s: float = 60.0
     max_inflight: int = 20
     drain_per_s: float = 200.0
-    reconnect_min_s: int = 1
-    reconnect_max_s: int = 60
+    reconnect_min_s: float = 1.0
+    reconnect_max_s: float = 60.0
+
+    @property
+    def connack_timeout_s(self) -> float:
+        """How long a CONNACK may take: a broker that says nothing to an MQTT 5 CONNECT gets
+        an MQTT 3.1.1 one after this, not after a whole keep-alive interval."""
+        return min(float(self.keepalive_s), 5.0)
+
+
+class _Link:
+    """One connection: its paho client and what became of it (the loop's view)."""
+
+    def __init__(self, client: mqtt.Client) -> None:
+        self.client = client
+        self.answered = asyncio.Event()  # a CONNACK came, or the connection ended
+        self.ended = asyncio.Event()
+        self.connack: int | None = None
+        self.connack_reason = ""
+        self.reason = ""
 
 
 def load_operator_keys(paths: tuple[Path, ...]) -> dict[str, Ed25519PublicKey]:
@@ -122,11 +216,22 @@ class Reporter:
         self._on_command = on_command
         self._keys = operator_keys
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._client: mqtt.Client | None = None
+        self._link: _Link | None = None
         self._connected = asyncio.Event()
         self._wake = asyncio.Event()
-        self._inflight: dict[int, int] = {}  # paho mid -> outbox id
-        self._last_sent = 0  # highest outbox id handed to paho in this connection
+        self._health_wake = asyncio.Event()
+        self._stopping = False
+        self._inflight: dict[int, int] = {}  # paho mid -> outbox id, this connection
+        # Outbox ids handed to a connection and not acknowledged: they may have reached the
+        # broker, so the outbox bound never drops them (a drop count stays exact).
+        self._unacked: set[int] = set()
+        # The backlog of this connection: what waited when it came up (see the docstring).
+        self._backlog_end = 0
+        self._backlog_cursor = 0  # the highest backlog id handed over
+        self._backlog_last_event = 0
+        self._rate = RateLimit(
+            config.drain_per_s, drain_burst(config.drain_per_s, config.max_inflight)
+        )
         self._tasks: list[asyncio.Task[None]] = []
         self._protocol = mqtt.MQTTv5
         self._ever_connected = False
@@ -135,6 +240,17 @@ class Reporter:
         self._held: deque[_Held] = deque()
         self._unstored_health = 0
         self._store_error: str | None = None
+
+    def reconfigure(self, **changes: Any) -> None:
+        """Apply new settings (``health_interval_s``, ``drain_per_s``) without reconnecting; a
+        new health interval starts with a health message now."""
+        old = self.config
+        self.config = dataclasses.replace(self.config, **changes)
+        self._rate.rate = self.config.drain_per_s
+        self._rate.burst = drain_burst(self.config.drain_per_s, self.config.max_inflight)
+        if self.config.health_interval_s != old.health_interval_s:
+            self._health_wake.set()
+        self._wake.set()
 
     # -- building messages ------------------------------------------------------------------
 
@@ -154,7 +270,12 @@ class Reporter:
             held = self._held[0]
             try:
                 self.outbox.put_message(
-                    held.topic, held.kind, partial(self._payload, held), retain=held.retain
+                    held.topic,
+                    held.kind,
+                    partial(self._payload, held),
+                    retain=held.retain,
+                    unstored_health=self._unstored_health if held.kind == "health" else 0,
+                    keep=self._unacked,
                 )
             except (sqlite3.Error, StoreError) as exc:
                 self._hold(exc)
@@ -171,7 +292,7 @@ class Reporter:
     def _payload(self, held: _Held, seq: int, dropped: int) -> bytes:
         body = held.body
         if held.kind == "health":
-            body = {**body, "dropped_health": dropped + self._unstored_health}
+            body = {**body, "dropped_health": dropped}
         return messages.envelope(self.device_id, seq, held.created, body)
 
     def _hold(self, exc: Exception) -> None:
@@ -227,17 +348,6 @@ class Reporter:
 
     # -- connection -------------------------------------------------------------------------
 
-    def _connect(self) -> None:
-        """Start connecting (and reconnecting) in paho's thread."""
-        assert self._client is not None
-        self._client.connect_async(
-            self.config.host,
-            self.config.port,
-            self.config.keepalive_s,
-            properties=self._connect_properties(),
-        )
-        self._client.loop_start()
-
     def _connect_properties(self) -> Properties | None:
         """MQTT 5: tell the broker the largest packet we accept, so it never sends us more
         than a command may be (it drops bigger ones); 3.1.1 has no way to say so."""
@@ -247,12 +357,17 @@ class Reporter:
         properties.MaximumPacketSize = MAX_PACKET_BYTES
         return properties
 
-    def _make_client(self) -> mqtt.Client:
+    def _make_link(self) -> _Link:
         client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2,
             client_id=f"edge-agent-{self.device_id}",
             protocol=self._protocol,
+            reconnect_on_failure=False,  # reconnecting is ours (_connection)
         )
+        link = _Link(client)
+        client.user_data_set(link)
+        # The broker publishes the will, not the device: it carries seq 0, outside the device's
+        # sequence, and the time this connection was made.
         will = messages.envelope(self.device_id, 0, time.time(), messages.will(self.agent_version))
         client.will_set(self.topics.status, will, qos=1, retain=True)
         if self.config.ca_file is not None:
@@ -260,19 +375,85 @@ class Reporter:
             if self.config.client_cert is not None:
                 context.load_cert_chain(self.config.client_cert, self.config.client_key)
             client.tls_set_context(context)
-        client.reconnect_delay_set(self.config.reconnect_min_s, self.config.reconnect_max_s)
         client.max_inflight_messages_set(self.config.max_inflight)
         client.on_connect = self._paho_connect
         client.on_disconnect = self._paho_disconnect
         client.on_publish = self._paho_publish
         client.on_message = self._paho_message
-        return client
+        return link
+
+    async def _connection(self) -> None:
+        """Connect, wait for the connection to end, wait the backoff, again, until stopped."""
+        failures = 0
+        while not self._stopping:
+            link = self._make_link()
+            self._link = link
+            why = await self._run_link(link)
+            if self._stopping:
+                return
+            if why is None:
+                continue  # falling back to MQTT 3.1.1: at once
+            if link.connack == 0:
+                failures = 0  # it was connected: its loss is logged already
+                say = log.info
+            else:
+                say = log.warning if failures == 0 else log.debug  # once per outage
+            delay = reconnect_delay(
+                failures, self.config.reconnect_min_s, self.config.reconnect_max_s
+            )
+            say("mqtt: %s; connecting again in %.1f s (messages wait in the outbox)", why, delay)
+            failures += 1
+            await asyncio.sleep(delay)
+
+    async def _run_link(self, link: _Link) -> str | None:
+        """One connection from dialing to its end: why it ended, or None to retry at once."""
+        config = self.config
+        try:
+            await asyncio.to_thread(
+                link.client.connect,
+                config.host,
+                config.port,
+                config.keepalive_s,
+                properties=self._connect_properties(),
+            )
+        except (OSError, ValueError) as exc:
+            return f"cannot connect to {config.host}:{config.port} ({exc})"
+        link.client.loop_start()
+        try:
+            try:
+                async with asyncio.timeout(config.connack_timeout_s):
+                    await link.answered.wait()
+            except TimeoutError:
+                link.reason = f"no CONNACK within {config.connack_timeout_s:g} s"
+                link.client.disconnect()
+            # Until paho reports the end (a lost connection, a missed keep-alive, a refusal);
+            # or its thread is gone without a word, which would otherwise wait forever.
+            while not link.ended.is_set() and getattr(link.client, "_thread", None) is not None:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(5.0):
+                        await link.ended.wait()
+        finally:
+            await asyncio.to_thread(link.client.loop_stop)
+        self._link_ended(link, link.reason or "the connection ended")
+        if self._protocol == mqtt.MQTTv5 and not self._ever_connected:
+            if link.connack in UNSUPPORTED_PROTOCOL:
+                self._fall_back(f"the broker answered {link.connack_reason!r} to MQTT 5")
+                return None
+            if link.connack is None:
+                # Some 3.1.1-only brokers do not parse an MQTT 5 CONNECT at all: they close,
+                # or say nothing.
+                self._fall_back(f"no CONNACK to MQTT 5 ({link.reason})")
+                return None
+        return link.reason or "the connection ended"
+
+    def _fall_back(self, why: str) -> None:
+        log.info("mqtt: %s; falling back to MQTT 3.1.1", why)
+        self._protocol = mqtt.MQTTv311
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._client = self._make_client()
-        self._connect()
         self._tasks = [
+            self._loop.create_task(self._connection(), name="mqtt-connection"),
             self._loop.create_task(self._drain(), name="mqtt-drain"),
             self._loop.create_task(self._health_loop(), name="mqtt-health"),
         ]
@@ -287,17 +468,24 @@ class Reporter:
         )
         deadline = time.monotonic() + timeout_s
         while self._connected.is_set() and time.monotonic() < deadline:
-            if self.outbox.size()[0] == 0:
+            if self._outbox_size()[0] == 0:
                 break
             await asyncio.sleep(0.05)
+        self._stopping = True
+        link = self._link
+        if link is not None and self._connected.is_set():
+            # A DISCONNECT: the broker discards the will, the retained status stays "stopped".
+            link.client.disconnect()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2.0):
+                    await link.ended.wait()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        if self._client is not None:
-            self._client.disconnect()
-            self._client.loop_stop()
+        if link is not None:
+            await asyncio.to_thread(link.client.loop_stop)
 
     # -- paho callbacks (paho's thread) -> the loop -----------------------------------------
 
@@ -307,42 +495,54 @@ class Reporter:
                 self._loop.call_soon_threadsafe(fn, *args)
 
     def _paho_connect(
-        self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any = None
+        self, client: mqtt.Client, link: _Link, flags: Any, reason: Any, properties: Any = None
     ) -> None:
-        self._call(self._on_connect, int(getattr(reason, "value", reason)), str(reason))
+        self._call(self._on_connect, link, int(getattr(reason, "value", reason)), str(reason))
 
     def _paho_disconnect(
-        self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any = None
+        self, client: mqtt.Client, link: _Link, flags: Any, reason: Any, properties: Any = None
     ) -> None:
-        self._call(self._on_disconnect, str(reason))
+        self._call(self._on_disconnect, link, str(reason))
 
     def _paho_publish(
         self,
         client: mqtt.Client,
-        userdata: Any,
+        link: _Link,
         mid: int,
         reason: Any = None,
         properties: Any = None,
     ) -> None:
-        self._call(self._on_puback, mid)
+        self._call(self._on_puback, link, mid)
 
-    def _paho_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+    def _paho_message(self, client: mqtt.Client, link: _Link, message: mqtt.MQTTMessage) -> None:
         self._call(self._on_message, bytes(message.payload))
 
     # -- the loop side ----------------------------------------------------------------------
 
-    def _on_connect(self, code: int, reason: str) -> None:
-        if code != 0:
-            log.warning("mqtt: broker refused the connection: %s", reason)
-            if code in (1, 132):  # unsupported protocol version
-                self._fall_back(f"the broker answered {reason!r} to MQTT 5")
+    def _on_connect(self, link: _Link, code: int, reason: str) -> None:
+        if link is not self._link or link.ended.is_set():
             return
+        link.connack = code
+        link.connack_reason = reason
+        link.answered.set()
+        if code != 0:
+            link.reason = f"the broker refused the connection: {reason}"
+            log.warning("mqtt: %s", link.reason)
+            return  # paho closes the connection and reports its end
         self._ever_connected = True
-        log.info("mqtt: connected to %s:%d", self.config.host, self.config.port)
-        assert self._client is not None
-        self._client.subscribe(self.topics.commands, qos=1)
+        protocol = "MQTT 5" if self._protocol == mqtt.MQTTv5 else "MQTT 3.1.1"
+        log.info("mqtt: connected to %s:%d (%s)", self.config.host, self.config.port, protocol)
+        link.client.subscribe(self.topics.commands, qos=1)
         self._inflight.clear()
-        self._last_sent = 0
+        try:
+            last = self.outbox.last_ids()
+        except sqlite3.Error as exc:
+            log.warning("mqtt: cannot read the outbox (%s); sending what it holds unordered", exc)
+            last = {}
+        self._backlog_end = max(last.values(), default=0)
+        self._backlog_cursor = 0
+        self._backlog_last_event = last.get("event", 0)
+        self._rate.reset(time.monotonic())
         self._put(
             self.topics.status,
             messages.birth(self.agent_version, self._models()),
@@ -352,32 +552,30 @@ class Reporter:
         self._connected.set()
         self._wake.set()
 
-    def _fall_back(self, why: str) -> None:
-        if self._protocol != mqtt.MQTTv5:
+    def _on_disconnect(self, link: _Link, reason: str) -> None:
+        if link is not self._link:
             return
-        log.info("mqtt: %s; falling back to MQTT 3.1.1", why)
-        self._protocol = mqtt.MQTTv311
-        assert self._client is not None
-        old = self._client
-        self._client = self._make_client()
-        old.loop_stop()
-        self._connect()
+        if not link.reason:
+            link.reason = f"disconnected ({reason})"
+        link.answered.set()
+        link.ended.set()
+        self._link_ended(link, link.reason)
 
-    def _on_disconnect(self, reason: str) -> None:
-        if not self._ever_connected and not self._connected.is_set():
-            # Some 3.1.1-only brokers do not parse an MQTT 5 CONNECT at all and just close.
-            self._fall_back(f"the connection closed before any CONNACK ({reason})")
+    def _link_ended(self, link: _Link, why: str) -> None:
+        if link is not self._link or not self._connected.is_set():
             return
-        if self._connected.is_set():
-            log.warning("mqtt: disconnected (%s); buffering in the outbox", reason)
+        if not self._stopping:
+            log.warning("mqtt: disconnected (%s); buffering in the outbox", why)
         self._connected.clear()
         # Unacknowledged messages stay in the outbox and go again after the reconnect.
         self._inflight.clear()
-        self._last_sent = 0
 
-    def _on_puback(self, mid: int) -> None:
+    def _on_puback(self, link: _Link, mid: int) -> None:
+        if link is not self._link:
+            return
         message_id = self._inflight.pop(mid, None)
         if message_id is not None:
+            self._unacked.discard(message_id)
             try:
                 self.outbox.delete(message_id)
             except sqlite3.Error as exc:
@@ -429,32 +627,72 @@ class Reporter:
         log.info("mqtt: command %s accepted: %s", name, result)
         self._put(self.topics.acks, messages.ack(name, seq, "accepted", result), "ack")
 
+    # -- sending ----------------------------------------------------------------------------
+
     async def _drain(self) -> None:
-        interval = 1.0 / self.config.drain_per_s
         while True:
             await self._connected.wait()
-            room = self.config.max_inflight - len(self._inflight)
-            batch = self.outbox.pending(room, after=self._last_sent) if room > 0 else []
-            if not batch:
-                self._wake.clear()
-                # asyncio.timeout, not wait_for: in 3.11 wait_for loses a cancellation that
-                # arrives as the event is set, and stop() then waits for this task forever.
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(1.0):
-                        await self._wake.wait()
-                continue
-            assert self._client is not None
+            self._wake.clear()
+            try:
+                wait_s = self._send_ready()
+            except sqlite3.Error as exc:
+                log.warning("mqtt: cannot read the outbox (%s); trying again", exc)
+                wait_s = 1.0
+            # asyncio.timeout, not wait_for: in 3.11 wait_for loses a cancellation that
+            # arrives as the event is set, and stop() then waits for this task forever.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(wait_s, 1.0)):
+                    await self._wake.wait()
+
+    def _send_ready(self) -> float:
+        """Hand the broker what may go now (the order is the module docstring's); returns
+        how long to wait at most before looking again."""
+        link = self._link
+        room = self.config.max_inflight - len(self._inflight)
+        if link is None or not self._connected.is_set() or room <= 0:
+            return 1.0
+        handed = set(self._inflight.values())
+        look = room + len(handed)
+        live_kinds = ["ack", "health"]
+        if self._backlog_cursor >= self._backlog_last_event:
+            live_kinds.append("event")
+        urgent = self.outbox.pending(look, kinds=("status",))
+        urgent += self.outbox.pending(look, after=self._backlog_end, kinds=live_kinds)
+        for message in [m for m in urgent if m.id not in handed][:room]:
+            if not self._publish(link, message):
+                return 1.0
+            room -= 1
+        if self._backlog_cursor >= self._backlog_end:
+            return 1.0
+        granted = self._rate.take(time.monotonic(), room)
+        if granted:
+            batch = self.outbox.pending(
+                granted, after=self._backlog_cursor, upto=self._backlog_end, kinds=BACKLOG_KINDS
+            )
+            sent = 0
             for message in batch:
-                if not self._connected.is_set():
+                if not self._publish(link, message):
                     break
-                info = self._client.publish(
-                    message.topic, message.payload, message.qos, message.retain
-                )
-                if info.rc != mqtt.MQTT_ERR_SUCCESS:
-                    break
-                self._inflight[info.mid] = message.id
-                self._last_sent = message.id
-                await asyncio.sleep(interval)
+                self._backlog_cursor = message.id
+                sent += 1
+            if sent == len(batch) < granted:
+                self._backlog_cursor = self._backlog_end  # the backlog is all handed over
+            self._rate.give_back(granted - sent)
+            room -= sent
+        if self._backlog_cursor >= self._backlog_end:
+            self._wake.set()  # events queued since the connect may go now
+            return 1.0
+        return self._rate.wait_s() if room > 0 else 1.0
+
+    def _publish(self, link: _Link, message: Message) -> bool:
+        if not self._connected.is_set():
+            return False
+        info = link.client.publish(message.topic, message.payload, message.qos, message.retain)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            return False
+        self._inflight[info.mid] = message.id
+        self._unacked.add(message.id)
+        return True
 
     async def _health_loop(self) -> None:
         while True:
@@ -462,4 +700,7 @@ class Reporter:
                 self.publish_health()
             except Exception:
                 log.exception("mqtt: building the health message failed")
-            await asyncio.sleep(self.config.health_interval_s)
+            self._health_wake.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.config.health_interval_s):
+                    await self._health_wake.wait()

@@ -2,8 +2,12 @@
 PUBACK, so a broker outage loses nothing within the bound.
 
 Bound (``plan_drops``, pure): past ``max_bytes`` or ``max_age_s`` the oldest *health* messages
-go first; events, acknowledgements and status are never dropped. Drops are counted (persisted)
-and reported in the next health message.
+go first; events, acknowledgements and status are never dropped, nor is a message the reporter
+has handed to the broker and not yet seen acknowledged (it may have arrived). Drops are counted
+(persisted) and reported in the next health message that is stored. Every stored health message
+remembers the count it reports (``carried``): when it is dropped in turn, that count moves on to
+the next one with its own drop, so the counts that reach the broker always add up to exactly the
+health messages that never did.
 
 SQLite in WAL mode with ``synchronous=NORMAL``: a crash of the agent loses nothing; a power cut
 may lose the last few messages written, which for telemetry beats an fsync per message on an
@@ -15,7 +19,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,18 +44,22 @@ def plan_drops(
     max_bytes: int,
     max_age_s: float,
     now: float,
+    keep: Collection[int] = (),
 ) -> list[int]:
     """Ids to drop from ``rows`` = (id, kind, size, created), oldest first: expired health
-    messages, then the oldest health messages until the total fits ``max_bytes``."""
+    messages, then the oldest health messages until the total fits ``max_bytes``. Ids in
+    ``keep`` (handed to the broker, not acknowledged yet) are never dropped."""
     drops = [
-        rid for rid, kind, _, created in rows if kind == "health" and now - created > max_age_s
+        rid
+        for rid, kind, _, created in rows
+        if kind == "health" and now - created > max_age_s and rid not in keep
     ]
     dropped = set(drops)
     total = sum(size for rid, _, size, _ in rows if rid not in dropped)
     for rid, kind, size, _ in sorted(rows):
         if total <= max_bytes:
             break
-        if kind in NEVER_DROPPED or rid in dropped:
+        if kind in NEVER_DROPPED or rid in dropped or rid in keep:
             continue
         drops.append(rid)
         dropped.add(rid)
@@ -81,6 +89,13 @@ class Outbox:
             self._db.execute(
                 "CREATE TABLE IF NOT EXISTS counters (key TEXT PRIMARY KEY, value INTEGER NOT NULL)"
             )
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(messages)")}
+            if "carried" not in columns:  # outboxes written before drop counts were carried
+                self._db.execute(
+                    "ALTER TABLE messages ADD COLUMN carried INTEGER NOT NULL DEFAULT 0"
+                )
+            # The reporter asks for one kind at a time (status first, events in order).
+            self._db.execute("CREATE INDEX IF NOT EXISTS messages_kind ON messages (kind, id)")
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open the MQTT outbox {path}: {exc}") from exc
 
@@ -117,11 +132,19 @@ class Outbox:
         build: Callable[[int, int], bytes],
         qos: int = 1,
         retain: bool = False,
+        *,
+        unstored_health: int = 0,
+        keep: Collection[int] = (),
     ) -> int:
         """Number, build and store one message in a single transaction.
 
         ``build(seq, dropped)`` makes the payload from the next sequence number and, for a
-        health message, the count of health messages dropped since the last one (reset here).
+        health message, the count of health messages dropped and not reported by a stored
+        health message yet: the persisted counter (reset here) plus ``unstored_health``, those
+        the caller could not even store. The message remembers that count; should the bound
+        drop it later, the count goes back to the counter with the drop itself. Ids in ``keep``
+        are never dropped (handed to the broker, not acknowledged yet).
+
         Either all of it is stored or nothing is: a full disk leaves no gap in the sequence
         and loses no drop count.
 
@@ -138,19 +161,34 @@ class Outbox:
                     row = self._db.execute(
                         "SELECT value FROM counters WHERE key='dropped_health'"
                     ).fetchone()
-                    dropped = int(row[0]) if row else 0
+                    dropped = (int(row[0]) if row else 0) + unstored_health
                     self._db.execute("DELETE FROM counters WHERE key='dropped_health'")
                 payload = build(seq, dropped)
                 cursor = self._db.execute(
-                    "INSERT INTO messages (topic, payload, qos, retain, kind, created, size) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (topic, payload, qos, int(retain), kind, now, len(payload) + len(topic)),
+                    "INSERT INTO messages (topic, payload, qos, retain, kind, created, size, "
+                    "carried) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        topic,
+                        payload,
+                        qos,
+                        int(retain),
+                        kind,
+                        now,
+                        len(payload) + len(topic),
+                        dropped,
+                    ),
                 )
                 rows = self._db.execute("SELECT id, kind, size, created FROM messages").fetchall()
-                drops = plan_drops(rows, self.max_bytes, self.max_age_s, now)
+                drops = plan_drops(rows, self.max_bytes, self.max_age_s, now, keep)
                 if drops:
+                    marks = ",".join("?" * len(drops))
+                    (carried,) = self._db.execute(
+                        f"SELECT COALESCE(SUM(carried), 0) FROM messages WHERE id IN ({marks})",  # noqa: S608 - placeholders only
+                        drops,
+                    ).fetchone()
                     self._db.executemany("DELETE FROM messages WHERE id=?", [(d,) for d in drops])
-                    self._bump("dropped_health", len(drops))
+                    # Each dropped message counts itself and passes on what it would have told.
+                    self._bump("dropped_health", len(drops) + int(carried))
                 self._db.execute("COMMIT")
             except BaseException:
                 # SQLite ends the transaction itself on some errors (SQLITE_FULL): a ROLLBACK
@@ -161,14 +199,34 @@ class Outbox:
         assert cursor.lastrowid is not None
         return cursor.lastrowid
 
-    def pending(self, limit: int, after: int = 0) -> list[Message]:
+    def pending(
+        self,
+        limit: int,
+        after: int = 0,
+        *,
+        upto: int | None = None,
+        kinds: Collection[str] | None = None,
+    ) -> list[Message]:
+        """Up to ``limit`` messages with ``after < id <= upto``, of ``kinds``, oldest first."""
+        query = "SELECT id, topic, payload, qos, retain, kind, created FROM messages WHERE id > ?"
+        args: list[object] = [after]
+        if upto is not None:
+            query += " AND id <= ?"
+            args.append(upto)
+        if kinds is not None:
+            if not kinds:
+                return []
+            query += f" AND kind IN ({','.join('?' * len(kinds))})"
+            args.extend(kinds)
         with self._lock:
-            rows = self._db.execute(
-                "SELECT id, topic, payload, qos, retain, kind, created FROM messages "
-                "WHERE id > ? ORDER BY id LIMIT ?",
-                (after, limit),
-            ).fetchall()
+            rows = self._db.execute(query + " ORDER BY id LIMIT ?", (*args, limit)).fetchall()
         return [Message(r[0], r[1], bytes(r[2]), r[3], bool(r[4]), r[5], r[6]) for r in rows]
+
+    def last_ids(self) -> dict[str, int]:
+        """The newest id of each kind waiting (the reporter's backlog at a connect)."""
+        with self._lock:
+            rows = self._db.execute("SELECT kind, MAX(id) FROM messages GROUP BY kind").fetchall()
+        return {str(kind): int(last) for kind, last in rows}
 
     def delete(self, message_id: int) -> None:
         with self._lock:

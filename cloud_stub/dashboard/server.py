@@ -1,13 +1,15 @@
 """The dashboard process: subscribe to the fleet, keep its state, serve the live page.
 
 The page updates by server-sent events (``/events``); commands are signed here with the
-operator key and published to the device's ``commands`` topic.
+operator key and published to the device's ``commands`` topic. With ``tls`` the broker is
+reached over TLS (the fleet CA, and a client certificate when the broker asks for one).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import ssl
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
@@ -31,11 +33,14 @@ class Dashboard:
         db: Path,
         operator_key: Path | None = None,
         key_id: str = "operator",
+        tls: ssl.SSLContext | None = None,
     ) -> None:
+        from cloud_stub.operator import mqtt_client
+
         self.state = FleetState(db)
         self.operator_key = operator_key
         self.key_id = key_id
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="edge-dashboard")
+        self.client = mqtt_client(tls, client_id="edge-dashboard")
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.client.connect_async(mqtt_host, mqtt_port, 30)

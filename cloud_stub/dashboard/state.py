@@ -1,4 +1,11 @@
-"""Fleet state from device messages, in SQLite; ``apply`` is the whole ingestion logic."""
+"""Fleet state from device messages, in SQLite; ``apply`` is the whole ingestion logic.
+
+A device is online or offline only by its ``status`` topic: the birth, its clean goodbye, or
+the will the broker publishes for it. Health messages say nothing about it (one may arrive
+late, from the outbox of a device that is gone again). ``status_since`` is when the dashboard
+received the status it shows; the latest health is the one with the newest ``ts``, whatever
+the order they arrive in (a reconnected device sends new ones before its backlog).
+"""
 
 from __future__ import annotations
 
@@ -33,6 +40,10 @@ class FleetState:
                 device TEXT, ts REAL, command TEXT, outcome TEXT, reason TEXT);
             """
         )
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(devices)")}
+        for column in ("status_since REAL", "health_ts REAL"):
+            if column.split()[0] not in columns:  # a database of an older dashboard
+                self._db.execute(f"ALTER TABLE devices ADD COLUMN {column}")
         self.version = 0  # bumped on every change: the page's SSE stream follows it
         self.changed = threading.Condition()
 
@@ -61,9 +72,9 @@ class FleetState:
             if kind == "status":
                 online = bool(doc.get("online"))
                 self._db.execute(
-                    "UPDATE devices SET online=?, agent=COALESCE(?, agent), last_seen=? "
-                    "WHERE device=?",
-                    (int(online), doc.get("agent"), now, device),
+                    "UPDATE devices SET online=?, agent=COALESCE(?, agent), last_seen=?, "
+                    "status_since=? WHERE device=?",
+                    (int(online), doc.get("agent"), now, now, device),
                 )
                 if online and isinstance(doc.get("models"), dict):
                     self._db.execute(
@@ -74,10 +85,13 @@ class FleetState:
                 models = doc.get("models", {})
                 active = {name: m.get("active_version") for name, m in models.items()}
                 p99s = [m.get("p99_ms") for m in models.values() if m.get("p99_ms") is not None]
+                ts = doc.get("ts", now)
                 self._db.execute(
-                    "UPDATE devices SET online=1, health=?, models=?, last_seen=? WHERE device=?",
-                    (json.dumps(doc), json.dumps(active), now, device),
+                    "UPDATE devices SET health=?, models=?, health_ts=? "
+                    "WHERE device=? AND COALESCE(health_ts, 0) <= ?",
+                    (json.dumps(doc), json.dumps(active), ts, device, ts),
                 )
+                self._db.execute("UPDATE devices SET last_seen=? WHERE device=?", (now, device))
                 memory = doc.get("memory", {})
                 self._db.execute(
                     "INSERT INTO health VALUES (?, ?, ?, ?, ?, ?)",
@@ -143,11 +157,12 @@ class FleetState:
                     "agent": a,
                     "models": json.loads(m or "{}"),
                     "last_seen": s,
+                    "status_since": since,
                     "health": json.loads(h) if h else None,
                 }
-                for d, f, o, a, m, s, h in self._db.execute(
-                    "SELECT device, fleet, online, agent, models, last_seen, health FROM devices "
-                    "ORDER BY device"
+                for d, f, o, a, m, s, since, h in self._db.execute(
+                    "SELECT device, fleet, online, agent, models, last_seen, status_since, health "
+                    "FROM devices ORDER BY device"
                 )
             ]
             events = [

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,35 @@ def test_state_ingests_device_messages(tmp_path: Path) -> None:
     assert len(snap["events"]) == 1, "at-least-once delivery must not show an event twice"
     state.apply("edge/f/dev-9/status", json.dumps({"online": False}).encode())
     assert state.snapshot()["devices"][0]["online"] is False
+    state.close()
+
+
+def test_online_comes_only_from_birth_and_will(tmp_path: Path) -> None:
+    """A health message says nothing about online: one can arrive from the outbox of a
+    device whose will the broker has just published. The newest health (by ts) is shown."""
+    state = FleetState(tmp_path / "fleet.db")
+
+    def health(ts: float, version: int) -> bytes:
+        models = {"vad": {"active_version": version, "p99_ms": 1.0}}
+        return json.dumps({"seq": int(ts), "ts": ts, "cpu_percent": ts, "models": models}).encode()
+
+    assert state.apply("edge/f/dev-9/health", health(10.0, 3))
+    assert state.snapshot()["devices"][0]["online"] is False  # never born: not online
+    state.apply("edge/f/dev-9/status", json.dumps({"online": True, "models": {"vad": 3}}).encode())
+    device = state.snapshot()["devices"][0]
+    assert device["online"] is True
+    assert device["status_since"] is not None
+    will = {"online": False, "reason": "connection lost", "seq": 0}
+    state.apply("edge/f/dev-9/status", json.dumps(will).encode())
+    state.apply("edge/f/dev-9/health", health(20.0, 4))  # late, from the backlog
+    device = state.snapshot()["devices"][0]
+    assert device["online"] is False
+    assert device["health"]["cpu_percent"] == 20.0
+    state.apply("edge/f/dev-9/health", health(15.0, 3))  # older than the one shown
+    device = state.snapshot()["devices"][0]
+    assert device["health"]["cpu_percent"] == 20.0
+    assert device["models"] == {"vad": 4}
+    assert len(state.snapshot()["trend"]["dev-9"]) == 3  # the trend keeps every reading
     state.close()
 
 
@@ -104,13 +134,40 @@ def test_dashboard_shows_the_fleet_live(tmp_path: Path, matmul_onnx: Path) -> No
             shot = tmp_path / "dashboard.png"
             driver.save_screenshot(str(shot))
             assert shot.stat().st_size > 10_000
-            # Live: the page turns the device offline when the broker publishes its will.
+            # A person clicks "roll back mm": the signed command reaches the device, which
+            # verifies it and answers; the answer appears on the page (there is no earlier
+            # version to roll back to, so it failed, with the device's reason).
+            from selenium.common.exceptions import StaleElementReferenceException
+
+            def click_rollback(d: Any) -> bool:
+                # The live page re-renders its rows on every update (a health message each
+                # 0.5 s here): a button found just before one is gone; find it again.
+                try:
+                    d.find_element(By.CSS_SELECTOR, 'button[data-model="mm"]').click()
+                except StaleElementReferenceException:
+                    return False
+                return True
+
+            WebDriverWait(driver, 10).until(click_rollback)
+            WebDriverWait(driver, 20).until(
+                lambda d: "no earlier version" in d.find_element(By.ID, "acks").text
+            )
+            acks = driver.find_element(By.ID, "acks").text
+            assert "rollback" in acks
+            assert "failed" in acks
+            driver.save_screenshot(str(tmp_path / "dashboard-ack.png"))
+            # Live: the page turns the device offline when the broker publishes its will,
+            # within the keep-alive bound (1.5 x keepalive_s = 2 s), measured from the kill.
+            killed_at = time.time()
             agent.send_signal(signal.SIGKILL)
             agent.wait(10)
             WebDriverWait(driver, 20).until(
                 lambda d: "offline" in d.find_element(By.ID, "devices").text
             )
             driver.save_screenshot(str(tmp_path / "dashboard-offline.png"))
+            device = fleet(url)["devices"][0]
+            assert device["online"] is False
+            assert device["status_since"] - killed_at <= 1.5 * 2, device["status_since"] - killed_at
         finally:
             driver.quit()
         artifacts = os.environ.get("EDGE_TEST_ARTIFACTS")
@@ -121,21 +178,6 @@ def test_dashboard_shows_the_fleet_live(tmp_path: Path, matmul_onnx: Path) -> No
         assert not fleet(url)["devices"][0]["online"]
         agent = start_agent(config, tmp_path)
         wait_for(lambda: fleet(url)["devices"][0]["online"])
-        # A signed command from the page's endpoint reaches the device and is acknowledged
-        # (verified, then refused: there is no earlier version to roll back to).
-        request = urllib.request.Request(
-            f"{url}/api/command",
-            data=json.dumps(
-                {"device": "dev-1", "command": "rollback", "args": {"model": "mm"}}
-            ).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=5) as response:
-            assert response.status == 200
-        wait_for(lambda: bool(fleet(url)["acks"]))
-        ack = fleet(url)["acks"][0]
-        assert ack["outcome"] == "failed"
-        assert "no earlier version" in ack["reason"]
         # The same from the shell: `edge-cloud command` signs and publishes.
         from cloud_stub.cli import main as edge_cloud
 

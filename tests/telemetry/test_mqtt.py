@@ -3,6 +3,7 @@ signed commands; plus the pure outbox bound and command verification."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -39,10 +40,10 @@ def test_plan_drops_oldest_health_first_never_events() -> None:
 
 def test_outbox_counts_drops_and_keeps_order(tmp_path: Path) -> None:
     box = Outbox(tmp_path / "outbox.db", max_bytes=2000)
-    reported = []
+    reported: dict[int, int] = {}  # seq -> dropped_health it carries
 
     def health(seq: int, dropped: int) -> bytes:
-        reported.append(dropped)
+        reported[seq] = dropped
         return b"h" * 90
 
     for i in range(30):
@@ -53,7 +54,13 @@ def test_outbox_counts_drops_and_keeps_order(tmp_path: Path) -> None:
     events = [json.loads(m.payload) for m in box.pending(1000) if m.kind == "event"]
     assert [n for n, _ in events] == list(range(30))  # never dropped, in order
     assert [seq for _, seq in events] == list(range(2, 61, 2))  # one sequence for all
-    assert sum(reported) > 0  # health messages dropped to fit, counted in later ones
+    # Health messages dropped to fit are counted exactly: what the remaining ones report, and
+    # what the next one will, add up to every health message that is gone (outbox ids and
+    # sequence numbers are the same here: every message was stored).
+    remaining = [m.id for m in box.pending(1000) if m.kind == "health"]
+    dropped = 30 - len(remaining)
+    assert dropped > 10
+    assert sum(reported[seq] for seq in remaining) + box.counter("dropped_health") == dropped
     box.close()
 
 
@@ -173,6 +180,10 @@ def test_stops_on_sigterm_while_the_broker_is_away(
 
 
 def test_broker_outage_loses_no_event(tmp_path: Path, matmul_onnx: Path) -> None:
+    """A 60 s outage while events and health flow, with an outbox bound small enough (3 kB,
+    a few health messages) that most health messages of the outage are dropped: every
+    event arrives, in order; the drops are counted exactly (the dropped_health the fleet
+    receives adds up to the sequence numbers it never sees)."""
     from agent.serving.client import InferenceClient
 
     # A persistent broker and a persistent subscriber session: whatever the agent publishes
@@ -180,10 +191,27 @@ def test_broker_outage_loses_no_event(tmp_path: Path, matmul_onnx: Path) -> None
     broker = Broker(tmp_path, persistent=True)
     broker.start()
     config = agent_config(tmp_path, broker, matmul_onnx, None)
+    config.write_text(config.read_text() + "outbox_max_bytes = 3000\n")
+    sub = Subscriber(broker, "edge/test/dev-1/#", tmp_path / "device.txt", session="fleet")
     agent = start_agent(config, tmp_path)
-    sub = Subscriber(broker, "edge/test/dev-1/events", tmp_path / "events.txt", session="fleet")
+
+    def received() -> list[dict[str, Any]]:
+        docs = [json.loads(p) for t, p in sub.lines() if not t.endswith("/commands")]
+        return [d for d in docs if d["seq"] != 0]  # the will is the broker's, not numbered
+
+    def missing() -> set[int]:
+        seqs = {d["seq"] for d in received()}
+        return set(range(1, max(seqs) + 1)) - seqs
+
+    def reported() -> int:
+        unique = {d["seq"]: d for d in received() if "dropped_health" in d}
+        return sum(d["dropped_health"] for d in unique.values())
+
     try:
         wait_for(lambda: any(e["kind"] == "activated" for e in payloads(sub, "/events")))
+        wait_for(lambda: len(payloads(sub, "/health")) >= 2)
+        assert missing() == set()
+        assert reported() == 0
         broker.stop()
         # A 60 s outage (the issue's bar), with events spread over it (pins through the admin
         # socket) while health keeps being written to the outbox every 0.5 s.
@@ -193,11 +221,20 @@ def test_broker_outage_loses_no_event(tmp_path: Path, matmul_onnx: Path) -> None
             time.sleep(OUTAGE_S / 5)
         broker.start()
         wait_for(lambda: len([e for e in payloads(sub, "/events") if e["kind"] == "pinned"]) >= 5)
+        wait_for(lambda: outbox_empty(tmp_path), timeout_s=20)
+        # Quiet again: a few more health messages carry whatever is still to be counted.
+        settled = len(payloads(sub, "/health"))
+        wait_for(lambda: len(payloads(sub, "/health")) >= settled + 3)
         pinned = [e for e in payloads(sub, "/events") if e["kind"] == "pinned"]
         assert len(pinned) == 5, "an event written during the outage was lost or duplicated"
-        seqs = [e["seq"] for e in pinned]
-        assert seqs == sorted(seqs), "events arrived out of order"
-        wait_for(lambda: outbox_empty(tmp_path), timeout_s=20)
+        first_seen: dict[int, None] = {}
+        for doc in payloads(sub, "/events"):
+            first_seen.setdefault(doc["seq"], None)
+        assert list(first_seen) == sorted(first_seen), "events arrived out of order"
+        lost = missing()
+        # 3 kB hold a few health messages: the rest of the outage's were dropped.
+        assert len(lost) >= min(OUTAGE_S, 5), f"too few health messages dropped: {lost}"
+        assert reported() == len(lost), (reported(), sorted(lost))
         assert "disconnected" in (tmp_path / "agent.out").read_text()
     finally:
         agent.terminate()
@@ -272,6 +309,101 @@ def test_signed_commands(
         # Had it arrived, the agent would have refused it itself ("... bytes exceeds 16384").
         assert all("exceeds" not in a["reason"] for a in payloads(sub, "/ack"))
         assert agent.poll() is None
+    finally:
+        agent.terminate()
+        agent.wait(20)
+        sub.close()
+
+
+def write_public_key(operator: Ed25519PrivateKey, path: Path) -> Path:
+    from cryptography.hazmat.primitives import serialization
+
+    path.write_bytes(
+        operator.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    return path
+
+
+def health_gaps(sub: Subscriber, after_seq: int) -> list[float]:
+    """Seconds between consecutive health messages numbered above ``after_seq`` (by ts)."""
+    stamps = sorted(h["ts"] for h in payloads(sub, "/health") if h["seq"] > after_seq)
+    return [b - a for a, b in itertools.pairwise(stamps)]
+
+
+def test_signed_set_config_applies_persists_and_refuses_other_keys(
+    broker: Broker, tmp_path: Path, matmul_onnx: Path, operator: Ed25519PrivateKey
+) -> None:
+    pub = write_public_key(operator, tmp_path / "ops.pem")
+    config = agent_config(tmp_path, broker, matmul_onnx, pub)  # health every 0.5 s
+    agent = start_agent(config, tmp_path)
+    sub = Subscriber(broker, "edge/test/dev-1/#", tmp_path / "sub.txt")
+
+    def ack_for(seq: int) -> dict[str, Any]:
+        wait_for(lambda: any(a["command_seq"] == seq for a in payloads(sub, "/ack")))
+        return next(a for a in payloads(sub, "/ack") if a["command_seq"] == seq)
+
+    def set_config(seq: int, **changes: Any) -> dict[str, Any]:
+        doc = {
+            "command": "set-config",
+            "args": changes,
+            "device": "dev-1",
+            "seq": seq,
+            "expires": int(time.time()) + 60,
+        }
+        send_command(broker, commands.sign(doc, operator, "ops"))
+        return ack_for(seq)
+
+    def last_seq() -> int:
+        return max(p["seq"] for p in payloads(sub, "/health"))
+
+    try:
+        wait_for(lambda: len(payloads(sub, "/health")) >= 3)
+        ack = set_config(10, **{"mqtt.health_interval_s": 2})
+        assert ack["outcome"] == "accepted", ack
+        assert "mqtt.health_interval_s=2.0" in ack["reason"]
+        assert "remote-config.json across restarts" in ack["reason"]
+        start = last_seq()
+        wait_for(lambda: len(health_gaps(sub, start)) >= 2, timeout_s=15)
+        assert all(gap > 1.8 for gap in health_gaps(sub, start)), health_gaps(sub, start)
+
+        # Anything off the whitelist, or out of range, is refused precisely and changes nothing.
+        ack = set_config(11, **{"mqtt.host": "evil.example", "mqtt.health_interval_s": 1})
+        assert ack["outcome"] == "rejected"
+        assert "'mqtt.host' cannot be set remotely (settable: agent.log_level" in ack["reason"]
+        assert "nothing was changed" in ack["reason"]
+        ack = set_config(12, **{"mqtt.health_interval_s": 0})
+        assert ack["outcome"] == "rejected"
+        assert "mqtt.health_interval_s: expected 1 to 86400, found 0" in ack["reason"]
+        unsigned = {"command": "set-config", "args": {"agent.log_level": "debug"}}
+        send_command(broker, {**unsigned, "device": "dev-1", "seq": 13})
+        ack = ack_for(13)
+        assert ack["outcome"] == "rejected"
+        assert "must be signed" in ack["reason"]
+        saved = json.loads((tmp_path / "state" / "remote-config.json").read_text())
+        assert saved == {"mqtt.health_interval_s": 2.0}
+
+        # It survives a restart.
+        agent.terminate()
+        assert agent.wait(20) == 0
+        agent = start_agent(config, tmp_path)
+        wait_for(
+            lambda: "mqtt: connected" in (tmp_path / "agent.out").read_text().split("stopping")[-1]
+        )
+        start = last_seq()
+        wait_for(lambda: len(health_gaps(sub, start)) >= 2, timeout_s=15)
+        assert all(gap > 1.8 for gap in health_gaps(sub, start)), health_gaps(sub, start)
+        assert "remote settings (set-config) over" in (tmp_path / "agent.out").read_text()
+
+        # null removes the override: agent.toml's 0.5 s applies again.
+        ack = set_config(14, **{"mqtt.health_interval_s": None})
+        assert ack["outcome"] == "accepted", ack
+        assert "mqtt.health_interval_s=0.5" in ack["reason"]
+        start = last_seq()
+        wait_for(lambda: len(health_gaps(sub, start)) >= 3)
+        assert all(gap < 1.0 for gap in health_gaps(sub, start)[1:]), health_gaps(sub, start)
+        assert json.loads((tmp_path / "state" / "remote-config.json").read_text()) == {}
     finally:
         agent.terminate()
         agent.wait(20)

@@ -1,5 +1,6 @@
 """The agent on a broker that takes only TLS with per-device client certificates, where each
-certificate's identity is the MQTT user and an ACL confines every device to its own topics."""
+certificate's identity is the MQTT user and an ACL confines every device to its own topics; the
+dashboard and `edge-cloud command` reach the same broker with their own certificate."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ import time
 from pathlib import Path
 
 from cloud_stub.certs import make_pki
+from cloud_stub.cli import main as edge_cloud
+from cloud_stub.dashboard.server import Dashboard
+from cloud_stub.operator import generate, tls_context
 
 from .agents import mosquitto_pub, wait_for
 from .conftest import Broker
@@ -19,7 +23,10 @@ from .conftest import Broker
 def test_tls_client_certificates_and_per_device_acl(tmp_path: Path, matmul_onnx: Path) -> None:
     pki = make_pki(tmp_path / "pki", devices=["dev-1", "dev-2", "dashboard"])
     acl = tmp_path / "acl"
-    acl.write_text("user dashboard\ntopic read edge/#\n\npattern readwrite edge/+/%u/#\n")
+    acl.write_text(
+        "user dashboard\ntopic read edge/#\ntopic write edge/+/+/commands\n\n"
+        "pattern readwrite edge/+/%u/#\n"
+    )
     broker = Broker(
         tmp_path,
         extra=(
@@ -49,12 +56,23 @@ def test_tls_client_certificates_and_per_device_acl(tmp_path: Path, matmul_onnx:
             stderr=subprocess.DEVNULL,
         )
     device_cert, device_key = pki.devices["dev-1"]
+    operator_key, operator_pub = generate(tmp_path / "ops", "ops")
+    dashboard = Dashboard(
+        "127.0.0.1",
+        broker.port,
+        tmp_path / "fleet.db",
+        operator_key,
+        "ops",
+        tls=tls_context(pki.ca_cert, cert, key),
+    )
+    server = dashboard.start("127.0.0.1", 0)
     config = tmp_path / "agent.toml"
     config.write_text(
         f'[agent]\ndevice_id = "dev-1"\nfleet = "test"\nstate_dir = "{tmp_path / "state"}"\n'
         f'[serving]\nsocket = "{tmp_path / "infer.sock"}"\n'
         f'[mqtt]\nhost = "127.0.0.1"\nport = {broker.port}\nca_file = "{pki.ca_cert}"\n'
         f'client_cert = "{device_cert}"\nclient_key = "{device_key}"\nhealth_interval_s = 0.5\n'
+        f'operator_keys = ["{operator_pub}"]\n'
     )
     from agent.models.store import ModelStore
 
@@ -97,7 +115,54 @@ def test_tls_client_certificates_and_per_device_acl(tmp_path: Path, matmul_onnx:
         time.sleep(1.0)
         statuses = [p for t, p in lines() if t == "edge/test/dev-1/status"]
         assert all('"online":true' in p for p in statuses), statuses
+
+        # The dashboard, over TLS with its own certificate, sees the device ...
+        wait_for(lambda: any(d["online"] for d in dashboard.state.snapshot()["devices"]))
+        # ... and `edge-cloud command` signs a command and sends it over TLS too.
+        tls_options = ["--ca-file", str(pki.ca_cert), "--client-cert", str(cert)]
+        tls_options += ["--client-key", str(key)]
+        code = edge_cloud(
+            [
+                "command",
+                "dev-1",
+                "set-log-level",
+                "--level",
+                "info",
+                "--fleet",
+                "test",
+                "--mqtt",
+                f"127.0.0.1:{broker.port}",
+                "--operator-key",
+                str(operator_key),
+                *tls_options,
+            ]
+        )
+        assert code == 0
+        wait_for(
+            lambda: any(
+                a["command"] == "set-log-level" and a["outcome"] == "accepted"
+                for a in dashboard.state.snapshot()["acks"]
+            )
+        )
+        # Without the client certificate the broker does not let it in.
+        code = edge_cloud(
+            [
+                "command",
+                "dev-1",
+                "check-update",
+                "--fleet",
+                "test",
+                "--mqtt",
+                f"127.0.0.1:{broker.port}",
+                "--operator-key",
+                str(operator_key),
+                "--ca-file",
+                str(pki.ca_cert),
+            ]
+        )
+        assert code == 2
     finally:
+        dashboard.stop(server)
         agent.terminate()
         agent.wait(20)
         subscriber.terminate()
