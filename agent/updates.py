@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent import faults
 from agent.config import Config
 from agent.models.lifecycle import QUARANTINED, Stage
 from agent.state import StateDB
@@ -114,13 +115,26 @@ class UpdateLoop:
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
         self.last: CycleResult | None = None
+        # What the loop does now ("" when idle), for systemd's STATUS=; the daemon's hook is
+        # called on each change.
+        self.activity = ""
+        self.on_activity: Callable[[], None] | None = None
 
     def trigger(self) -> None:
         self._wake.set()
 
+    def _set_activity(self, text: str, *, announce: bool = True) -> None:
+        self.activity = text
+        if announce and self.on_activity is not None:
+            self.on_activity()
+
     async def run_once(self) -> CycleResult:
         async with self._lock:
-            result = await self._child()
+            self._set_activity("checking for updates")
+            try:
+                result = await self._child()
+            finally:
+                self._set_activity("", announce=False)  # the deployer's status takes over
             self.last = result
             if result.ok:
                 log.info(
@@ -131,6 +145,7 @@ class UpdateLoop:
             else:
                 log.warning("update: cycle failed: %s; keeping the current models", result.error)
             await self._deploy()
+            self._set_activity("")
             return result
 
     async def _child(self) -> CycleResult:
@@ -154,6 +169,7 @@ class UpdateLoop:
                 stderr=None,
                 stdin=asyncio.subprocess.DEVNULL,
                 preexec_fn=_die_with_parent,
+                env=faults.child_environment(),  # None (inherit) unless a test crash point is set
             )
         except OSError as exc:
             return CycleResult(False, (), (), f"cannot start the update child: {exc}", time.time())
@@ -178,9 +194,9 @@ class UpdateLoop:
             )
 
     async def run_forever(self) -> None:
-        interval = self.config.repository.poll_interval_s
         while True:
             await self.run_once()
+            interval = self.config.repository.poll_interval_s  # a reload may change it
             # Jitter spreads a fleet's polls so a repository is not hit by every device at once.
             delay = interval * random.uniform(0.8, 1.2)  # noqa: S311 - not security relevant
             # asyncio.timeout: wait_for can lose a cancellation (see telemetry/mqtt.py).

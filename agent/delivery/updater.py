@@ -39,6 +39,7 @@ from agent.delivery import rollout
 from agent.delivery.fetcher import TransferInterruptedError
 from agent.delivery.targets import ModelTarget, parse_target
 from agent.errors import AgentError, DownloadError, StoreError, TrustError
+from agent.faults import crash_point
 from agent.models.store import Manifest, ModelStore
 
 log = logging.getLogger(__name__)
@@ -502,6 +503,7 @@ class ModelUpdater:
                     )
                 digest.update(chunk)
                 out.write(chunk)
+                crash_point("download", out)  # test hook: EDGE_AGENT_CRASH_AT (agent/faults.py)
             out.flush()
             os.fsync(out.fileno())
         if received != info.length or digest.hexdigest() != expected:

@@ -13,7 +13,7 @@ what is allowed and what to do next. Every function takes the facts (and ``now``
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -235,24 +235,53 @@ def judge_probation(
 # -- retention ------------------------------------------------------------------------------
 
 
+def previous_committed(
+    commits: Sequence[int],
+    stages: Mapping[int, Stage],
+    active: int | None,
+    stored: Collection[int],
+) -> int | None:
+    """The version a rollback from ``active`` goes to: the one committed most recently before
+    it that the store still holds and that is not quarantined.
+
+    ``commits`` lists versions in the order they were committed (oldest first; a version
+    committed again after a rollback to it appears again). While ``active`` is in probation
+    that is the version still recorded as committed; once ``active`` is committed, the one
+    committed before it (now retired). A version superseded during its probation was never
+    committed and is never the answer, although its stage (``retired``) is the same.
+    """
+    present = set(stored)
+
+    def usable(version: int) -> bool:
+        return version != active and version in present and stages.get(version) not in QUARANTINED
+
+    current = [v for v, stage in stages.items() if stage is Stage.COMMITTED and usable(v)]
+    if current:
+        return max(current)
+    return next((v for v in reversed(commits) if usable(v)), None)
+
+
 def versions_to_remove(
     stored: Sequence[int],
-    stages: dict[int, Stage],
+    stages: Mapping[int, Stage],
     active: int | None,
     keep_extra: int,
+    *,
+    commits: Sequence[int] = (),
+    in_use: Collection[int] = (),
 ) -> list[int]:
-    """Versions whose files can go: all but the active, the previous committed/retired one,
-    ``keep_extra`` more of the newest, and any version still being worked on."""
-    keep: set[int] = set()
+    """Versions whose files can go: all but the active one, the previous committed one (what a
+    rollback goes to, ``previous_committed``), ``keep_extra`` more of the newest that could
+    still serve, any version in use (``in_use``: loaded) and any newer one still being worked
+    on (verified, validating, in probation)."""
+    keep: set[int] = set(in_use)
     if active is not None:
         keep.add(active)
     busy = {v for v in stored if stages.get(v) in IN_FLIGHT | {Stage.ACTIVE, Stage.VERIFIED}}
     keep |= {v for v in busy if active is None or v > active}
-    fallbacks = sorted(
-        (v for v in stored if stages.get(v) in (Stage.COMMITTED, Stage.RETIRED) and v != active),
-        reverse=True,
-    )
-    keep |= set(fallbacks[:1])
+    previous = previous_committed(commits, stages, active, stored)
+    if previous is not None:
+        keep.add(previous)
     good_rest = sorted(
         (v for v in stored if v not in keep and stages.get(v) not in QUARANTINED), reverse=True
     )

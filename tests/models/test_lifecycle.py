@@ -16,6 +16,7 @@ from agent.models.lifecycle import (
     check_transition,
     judge_probation,
     plan_start,
+    previous_committed,
     versions_to_remove,
 )
 
@@ -132,8 +133,48 @@ def test_retention_keeps_active_previous_and_extra() -> None:
         5: Stage.RETIRED,
         6: Stage.COMMITTED,
     }
-    assert versions_to_remove([1, 2, 3, 4, 5, 6], stages, active=6, keep_extra=1) == [1, 2, 4]
-    assert versions_to_remove([1, 2, 3, 4, 5, 6], stages, active=6, keep_extra=0) == [1, 2, 3, 4]
+    commits = [1, 2, 3, 5, 6]
+    stored = [1, 2, 3, 4, 5, 6]
+    assert versions_to_remove(stored, stages, 6, 1, commits=commits) == [1, 2, 4]
+    assert versions_to_remove(stored, stages, 6, 0, commits=commits) == [1, 2, 3, 4]
     # A newer version waiting for validation is never removed.
     stages[7] = Stage.VERIFIED
-    assert 7 not in versions_to_remove([1, 2, 3, 4, 5, 6, 7], stages, active=6, keep_extra=0)
+    assert 7 not in versions_to_remove([*stored, 7], stages, 6, 0, commits=commits)
+
+
+def test_retention_keeps_the_previous_committed_not_the_newest_retired() -> None:
+    """1 and 2 committed in turn; 3 superseded during its probation by 4 (retired without ever
+    committing); 4 committed. A rollback from 4 goes to 2, so 2 stays, not 3."""
+    stages = {1: Stage.RETIRED, 2: Stage.RETIRED, 3: Stage.RETIRED, 4: Stage.COMMITTED}
+    commits = [1, 2, 4]
+    stored = [1, 2, 3, 4]
+    assert previous_committed(commits, stages, 4, stored) == 2
+    assert versions_to_remove(stored, stages, 4, 0, commits=commits) == [1, 3]
+    # K more: the newest of the rest that could still serve.
+    assert versions_to_remove(stored, stages, 4, 1, commits=commits) == [1]
+    assert versions_to_remove(stored, stages, 4, 2, commits=commits) == []
+    # While 4 is in probation, the version still recorded as committed is the previous one.
+    during = {1: Stage.RETIRED, 2: Stage.COMMITTED, 3: Stage.RETIRED, 4: Stage.ACTIVE}
+    assert previous_committed([1, 2], during, 4, stored) == 2
+    assert versions_to_remove(stored, during, 4, 0, commits=[1, 2]) == [1, 3]
+
+
+def test_previous_committed_skips_quarantined_missing_and_the_active() -> None:
+    # 1, 2, 3 committed in turn; 3 rolled back by hand to 1 (committed again).
+    stages = {1: Stage.COMMITTED, 2: Stage.RETIRED, 3: Stage.ROLLED_BACK}
+    commits = [1, 2, 3, 1]
+    assert previous_committed(commits, stages, 1, [1, 2, 3]) == 2
+    assert versions_to_remove([1, 2, 3], stages, 1, 0, commits=commits) == [3]
+    # 2's files are gone: the one committed before it (none here but the active one).
+    assert previous_committed(commits, stages, 1, [1, 3]) is None
+    # Nothing was ever committed (a first version superseded during its probation).
+    assert previous_committed([], {1: Stage.RETIRED, 2: Stage.ACTIVE}, 2, [1, 2]) is None
+
+
+def test_retention_never_removes_a_version_in_use() -> None:
+    stages = {1: Stage.RETIRED, 2: Stage.RETIRED, 3: Stage.RETIRED, 4: Stage.COMMITTED}
+    removed = versions_to_remove([1, 2, 3, 4], stages, 4, 0, commits=[1, 2, 4], in_use=[3, 4])
+    assert removed == [1]
+    # Nothing active (a drain, a failed reload): the loaded versions still stay.
+    retired = {1: Stage.RETIRED, 2: Stage.RETIRED}
+    assert versions_to_remove([1, 2], retired, None, 0, in_use=[1]) == [2]

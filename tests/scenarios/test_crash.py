@@ -1,14 +1,20 @@
-"""Whole-daemon stories: kill -9 at random points of an update, offline past expiry.
+"""Whole-daemon stories: kill -9 at each named stage and at random points of an update,
+offline past expiry.
 
 The agent runs as a real subprocess (`edge-agent run`) against a real HTTPS repository. Each
-crash trial publishes a new version, triggers an update, kills the agent with SIGKILL after a
-random delay (covering download, verification, install, load, warm-up, swap and probation),
-restarts it and checks that it serves a verified version whose files match the signed hash,
-and that the state database agrees with the store.
+crash trial publishes a new version, has the agent update, kills it with SIGKILL, restarts it
+and checks that it serves a verified version whose files match the signed hash, and that the
+state database agrees with the store.
+
+Random delays alone rarely land in the short stages (loading, warming, a partial download),
+so each stage is also hit deterministically: the test hook ``EDGE_AGENT_CRASH_AT=<point>``
+(agent/faults.py) makes the agent SIGKILL itself there. The random trials print the stage
+each kill hit, read from the store and the database at kill time (run with -rP to see it).
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import os
@@ -16,17 +22,20 @@ import random
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+import numpy as np
 import pytest
 
+from agent import faults
 from agent.serving.client import ClientError, InferenceClient
 from agent.state import StateDB
 from cloud_stub.certs import Pki, make_pki
@@ -48,13 +57,32 @@ class Device:
     process: subprocess.Popen[bytes] | None = None
     log: BinaryIO | None = None
 
-    def start(self) -> None:
+    def start(self, crash_at: str | None = None) -> None:
+        """Start `edge-agent run`; ``crash_at`` arms the test hook (it kills itself there)."""
         self.log = (self.root / "agent.log").open("ab")
+        env = {k: v for k, v in os.environ.items() if k != faults.ENV}
+        if crash_at is not None:
+            env[faults.ENV] = crash_at
         self.process = subprocess.Popen(
             [sys.executable, "-m", "agent", "run", "--config", str(self.config)],
             stdout=self.log,
             stderr=self.log,
+            env=env,
         )
+
+    def wait_killed(self, timeout_s: float = 90) -> None:
+        """Wait for the agent to have killed itself at its crash point."""
+        assert self.process is not None
+        try:
+            code = self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"crash point never reached: {self.log_tail()}")
+        if self.log is not None:
+            self.log.close()
+        assert code == -signal.SIGKILL, f"exited with {code}: {self.log_tail()}"
+
+    def log_tail(self) -> str:
+        return (self.root / "agent.log").read_text(errors="replace")[-3000:]
 
     def kill(self) -> None:
         assert self.process is not None
@@ -96,6 +124,22 @@ class Device:
     def publish(self, version: int) -> None:
         model = matmul_model(self.root / f"m{version}.onnx", k=256, n=256, seed=version)
         publish(self.repo, model, "mm", version, log=lambda *_: None)
+
+    def stages(self) -> dict[int, str]:
+        """What the state database says now (read only: the agent may be running)."""
+        path = self.root / "state" / "state.db"
+        if not path.exists():
+            return {}
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10) as db:
+            rows = db.execute("SELECT version, stage FROM deployments WHERE name='mm'").fetchall()
+        return {int(v): str(stage) for v, stage in rows}
+
+    def wait_for(self, what: Callable[[], bool], timeout_s: float = 60) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not what():
+            assert self.process is not None and self.process.poll() is None, self.log_tail()
+            assert time.monotonic() < deadline, f"timed out: {self.stages()} {self.log_tail()}"
+            time.sleep(0.05)
 
     def signed_sha256(self, version: int) -> str:
         for _, info in self.repo.targets():
@@ -152,10 +196,69 @@ def check_consistent(device: Device, serving: int) -> None:
         state.close()
 
 
+def infer_ok(device: Device) -> None:
+    with InferenceClient(str(device.socket)) as client:
+        out = client.infer("mm", {"x": np.ones((1, 256), np.float32)})
+        assert out["y"].shape == (1, 256)
+
+
+def stage_at_kill(device: Device, version: int) -> str:
+    """Where an update of ``version`` was when the agent died, from what it left behind."""
+    stage = device.stages().get(version)
+    if stage is not None:
+        return stage
+    store = device.root / "state" / "models"
+    partial = store / ".partial"
+    if partial.is_dir() and any(p.stat().st_size > 0 for p in partial.iterdir()):
+        return "downloading (partial file)"
+    staging = store / ".staging"
+    if staging.is_dir() and any(staging.iterdir()):
+        return "installing (staging)"
+    return "before the download (metadata)"
+
+
+# What the database (and the store) say when the agent dies at each crash point.
+AT_KILL = {
+    "download": "downloading (partial file)",
+    "after-verify": "verified",
+    "loading": "loading",
+    "warming": "warming",
+    "after-swap": "validated",  # the slot serves it; the database does not say active yet
+    "probation": "active",
+}
+
+
+@pytest.mark.parametrize("point", faults.POINTS)
+def test_kill_9_at_each_named_point_of_an_update(device: Device, point: str) -> None:
+    device.start()
+    assert device.wait_serving() == 1
+    device.wait_for(lambda: device.stages().get(1) == "committed")
+    device.stop()  # committed: the restart serves it without validating it again
+    device.publish(2)
+    device.start(crash_at=point)  # its first update cycle at start fetches version 2
+    device.wait_killed()
+    assert f"{faults.ENV}={point}: killing the agent" in device.log_tail()
+    assert stage_at_kill(device, 2) == AT_KILL[point], device.stages()
+    assert device.stages().get(1) == "committed"
+    if point == "download":
+        assert not (device.root / "state" / "models" / "mm" / "2").exists()
+    device.start()
+    serving = device.wait_serving()
+    check_consistent(device, serving)
+    infer_ok(device)
+    # Then it finishes the update it was killed in (a download resumes from its partial
+    # file, an interrupted validation or probation starts over) and commits version 2.
+    device.wait_for(lambda: device.stages().get(2) == "committed")
+    assert device.wait_serving() == 2
+    check_consistent(device, 2)
+    infer_ok(device)
+
+
 def test_kill_9_at_random_points_of_an_update(device: Device) -> None:
     rng = random.Random(int(os.environ.get("EDGE_CRASH_SEED", "7")))
     device.start()
     assert device.wait_serving() == 1
+    hit: collections.Counter[str] = collections.Counter()
     for trial in range(TRIALS):
         version = trial + 2
         device.publish(version)
@@ -166,14 +269,14 @@ def test_kill_9_at_random_points_of_an_update(device: Device) -> None:
             trigger.sendall(b"POST /agent/update HTTP/1.1\r\nContent-Length: 0\r\n\r\n")
             time.sleep(rng.uniform(0.0, 1.5))
         device.kill()
+        stage = stage_at_kill(device, version)
+        hit[stage] += 1
+        print(f"trial {trial + 1}: version {version} killed at: {stage}")
         device.start()
         serving = device.wait_serving()
         check_consistent(device, serving)
-        with InferenceClient(str(device.socket)) as client:
-            import numpy as np
-
-            out = client.infer("mm", {"x": np.ones((1, 256), np.float32)})
-            assert out["y"].shape == (1, 256)
+        infer_ok(device)
+    print(f"{TRIALS} trials; kills hit: {dict(hit.most_common())}")
 
 
 def test_offline_past_timestamp_expiry_keeps_serving_and_says_why(device: Device) -> None:

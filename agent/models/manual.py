@@ -1,0 +1,194 @@
+"""Rollbacks and pins by hand: the operator's side of the lifecycle driver.
+
+``edge-agent rollback`` and ``edge-agent pin`` (admin calls on the socket, allowed by
+SO_PEERCRED) and the signed remote commands land here. Each takes the model's lock, like a
+deployment, and checks its target (in the store, not quarantined, signed unless asked locally:
+``Selection.check_target``) before the slot is touched; the version it brings in serves at
+once, committed, without probation (the operator decided).
+
+A pin holds a model at a version: while it holds (``Selection.held_by_pin``), no other
+version is deployed, by the daemon's update or at start. It never names a quarantined
+version: a rollback by hand moves it to the version rolled back to, and a pinned version that
+is quarantined anyway (it no longer loads) loses its pin, with an ``unpinned`` event
+(``Journal.record``).
+
+``ManualActions`` is a part of ``agent.models.deployer.Deployer``, which provides the lifecycle
+steps it uses (validation, drain, restore, the per-model lock).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from agent.errors import AgentError
+from agent.models.journal import Journal
+from agent.models.lifecycle import Stage
+from agent.models.probation import Probations
+from agent.models.selection import Selection, pin_key
+from agent.models.slots import LoadedVersion, Slots
+from agent.state import StateDB
+
+
+class ManualActions:
+    """Rollback and pin (a mixin of ``Deployer``: it provides what is declared here)."""
+
+    slots: Slots
+    state: StateDB
+    selection: Selection
+    journal: Journal
+    probations: Probations
+    status_text: str
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        raise NotImplementedError
+
+    async def _validate(self, name: str, version: int, *, record: bool) -> LoadedVersion:
+        raise NotImplementedError
+
+    def _must_drain(self, name: str, version: int) -> bool:
+        raise NotImplementedError
+
+    async def _drain(self, name: str, version: int, reason: str) -> None:
+        raise NotImplementedError
+
+    async def _restore(self, name: str, version: int, why: str) -> bool:
+        raise NotImplementedError
+
+    async def rollback(
+        self,
+        name: str,
+        to: int | None = None,
+        reason: str = "operator",
+        *,
+        allow_unsigned: bool = False,
+    ) -> int:
+        """Roll back by hand to ``to`` (default: the previous committed version, the one
+        retention keeps for this: ``Selection.default_target``). The version that served is
+        rolled back (quarantined).
+
+        ``allow_unsigned`` lets the target be a version that was not signed by the repository
+        (``edge-agent import``): for local admin calls only, never for remote commands.
+
+        Raises:
+            NotFoundError: no such model or version, or no version to roll back to.
+            CommandError: the target is quarantined, or unsigned without ``allow_unsigned``.
+            ModelError: the target does not load or fails its validation.
+        """
+        self.slots.get(name)  # NotFoundError for an unknown model
+        async with self._lock(name):
+            return await self._switch(
+                name, to, reason, allow_unsigned=allow_unsigned, rollback=True
+            )
+
+    async def _switch(
+        self, name: str, to: int | None, reason: str, *, allow_unsigned: bool, rollback: bool
+    ) -> int:
+        """Serve ``to`` now, committed, no probation (the model's lock is held). Every check
+        comes before the slot is touched.
+
+        With ``rollback`` the version replaced is rolled back (quarantined) and a pin moves to
+        ``to`` (the operator chose what to hold the model at); otherwise (a pin) it is retired.
+        """
+        slot = self.slots.get(name)
+        active = slot.active
+        current = active.version if active is not None else None
+        if to is None:
+            to = self.selection.default_target(name, current, allow_unsigned=allow_unsigned)
+        else:
+            self.selection.check_target(name, to, allow_unsigned=allow_unsigned)
+        if to == current:
+            return to
+        target_stage = self.journal.stage(name, to)
+        self.probations.cancel(name)
+        self.status_text = f"switching {name} to version {to}: {reason}"
+        if to in slot.versions():
+            slot.activate(to)
+        else:
+            # Never validated here: its validation is recorded, and a failure rejects it.
+            fresh = target_stage in (None, Stage.DOWNLOADED, Stage.VERIFIED)
+            if target_stage in (None, Stage.DOWNLOADED):
+                self.journal.record(name, to, Stage.VERIFIED, "found in the store")
+            drained = False
+            if current is not None and self._must_drain(name, to):
+                await self._drain(name, current, f"making room for version {to}: {reason}")
+                drained = True
+            try:
+                loaded = await self._validate(name, to, record=fresh)
+            except AgentError as exc:
+                if fresh:
+                    self.journal.record(name, to, Stage.REJECTED, str(exc))
+                if drained and current is not None:
+                    await self._restore(name, current, f"version {to} did not load")
+                self.status_text = "idle"
+                raise
+            slot.add(loaded, activate=True)
+        pinned = self.pinned(name)
+        if rollback and pinned is not None and pinned != to:
+            # Moved before the version it named is quarantined: a pin never names one.
+            self.state.set_setting(pin_key(name), to)
+            self.journal.event(name, to, "pinned", f"held at version {to} (was {pinned}): {reason}")
+        if current is not None and self.journal.stage(name, current) in (
+            Stage.ACTIVE,
+            Stage.COMMITTED,
+        ):
+            if rollback:
+                self.journal.record(
+                    name,
+                    current,
+                    Stage.ROLLED_BACK,
+                    f"{reason}: rolled back to version {to}",
+                    event="rolled_back",
+                )
+            else:
+                self.journal.record(
+                    name, current, Stage.RETIRED, f"{reason}: replaced by version {to}"
+                )
+        self.journal.make_committed(name, to, f"{reason}: rollback target" if rollback else reason)
+        for other in slot.versions():
+            if other != to:
+                slot.unload(other)
+        self.status_text = "idle"
+        return to
+
+    async def pin(self, name: str, version: int | None, *, allow_unsigned: bool = False) -> None:
+        """Keep ``name`` at ``version`` (None: unpin and follow the repository again).
+
+        The version is checked (in the store, not quarantined, signed unless
+        ``allow_unsigned``) and brought in if it does not serve yet; only then is the pin
+        saved and announced, so a pin that fails leaves nothing pinned. The version it
+        replaces is retired, not quarantined. A pinned version is committed at once, without
+        probation (the operator decided), also when it is the version in probation.
+
+        Raises:
+            NotFoundError, CommandError, ModelError: as for ``rollback``; nothing was pinned.
+        """
+        self.slots.get(name)  # NotFoundError for an unknown model, before anything changes
+        async with self._lock(name):
+            if version is None:
+                self.state.set_setting(pin_key(name), None)
+                self.journal.event(name, None, "unpinned", "follows the repository again")
+                return
+            self.selection.check_target(name, version, allow_unsigned=allow_unsigned)
+            slot = self.slots.get(name)
+            why = f"pinned to version {version}"
+            if slot.active is None or slot.active.version != version:
+                await self._switch(
+                    name, version, why, allow_unsigned=allow_unsigned, rollback=False
+                )
+            elif self.journal.stage(name, version) is not Stage.COMMITTED:
+                # In probation: a failed probation would quarantine the pinned version.
+                self.probations.cancel(name)
+                self.journal.make_committed(name, version, why)
+                for other in slot.versions():
+                    if other != version:
+                        slot.unload(other)
+                self.status_text = "idle"
+            self.state.set_setting(pin_key(name), version)
+            self.journal.event(name, version, "pinned", f"held at version {version}")
+
+    def pinned(self, name: str) -> int | None:
+        return self.selection.pinned(name)
+
+    def held_by_pin(self, name: str) -> int | None:
+        """The pinned version while the pin holds (``Selection.held_by_pin``)."""
+        return self.selection.held_by_pin(name)

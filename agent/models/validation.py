@@ -1,0 +1,129 @@
+"""Validation of a candidate version: load, signature check, warm-up, smoke test, latency budget.
+
+Blocking code, run in a worker thread by the driver (``agent.models.deployer``), never on the
+event loop. ``validate_version`` either returns the loaded version, ready to swap in, or raises
+``ModelError`` naming what failed (the session is closed first). ``on_stage`` is told when the
+candidate moves from loading to warming, so that the driver can record it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from agent.errors import AgentError, ModelError
+from agent.models.fastpath import inline_budget
+from agent.models.lifecycle import Stage
+from agent.models.runtime import RuntimeOptions, load_session
+from agent.models.slots import LoadedVersion
+from agent.models.store import StoredModel
+from agent.tensors import check_signature, numpy_dtype
+
+log = logging.getLogger(__name__)
+
+SMOKE_FILE = "smoke.json"
+
+
+def zeros_for(session_inputs: Any) -> dict[str, np.ndarray[Any, Any]]:
+    feeds = {}
+    for spec in session_inputs:
+        shape = [1 if d == -1 else d for d in spec.shape]
+        dtype = numpy_dtype(spec.datatype)
+        feeds[spec.name] = np.zeros(shape, dtype=dtype if dtype.kind != "O" else np.object_)
+    return feeds
+
+
+def read_smoke(stored: StoredModel) -> dict[str, Any] | None:
+    """The signed smoke document of a stored version, inline or from its own file."""
+    smoke = stored.manifest.custom.get("smoke")
+    if not smoke:
+        return None
+    if isinstance(smoke, dict) and "inline" in smoke:
+        doc: dict[str, Any] = smoke["inline"]
+        return doc
+    path = stored.directory / SMOKE_FILE
+    try:
+        loaded: dict[str, Any] = json.loads(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ModelError(
+            f"model {stored.name} version {stored.version}: smoke test {path} unreadable: {exc}"
+        ) from exc
+    return loaded
+
+
+def validate_version(
+    stored: StoredModel,
+    options: RuntimeOptions,
+    warmup_runs: int,
+    on_stage: Callable[[Stage], None],
+    inline_threshold_us: float = 0.0,
+) -> LoadedVersion:
+    """Load, check the signature, warm up and smoke-test one version (blocking: off the loop).
+
+    Raises:
+        ModelError: naming what failed; the session is closed before raising.
+    """
+    from agent.delivery.smoke import check_smoke, decode_smoke
+
+    manifest = stored.manifest
+    where = f"model {manifest.name} version {manifest.version}"
+    if manifest.signed:
+        # The signed metadata is the contract: a signed version without a signature (or a
+        # smoke test) would pass the checks below by skipping them, so it is refused. An
+        # unsigned version (`edge-agent import`) has no metadata to hold it to: its signature is
+        # whatever the file says, and it is warmed up on zeros.
+        for what, specs in (("input", manifest.inputs), ("output", manifest.outputs)):
+            if not specs:
+                raise ModelError(
+                    f"{where}: the signed metadata declares no {what} signature; "
+                    "a signed version must declare its inputs and outputs"
+                )
+        if not manifest.custom.get("smoke"):
+            raise ModelError(f"{where}: the signed metadata has no smoke test")
+    session = load_session(stored.model_path, manifest.runtime, options)
+    try:
+        if manifest.inputs:
+            check_signature(manifest.inputs, session.inputs, f"{where}: input")
+        if manifest.outputs:
+            check_signature(manifest.outputs, session.outputs, f"{where}: output")
+        on_stage(Stage.WARMING)
+        smoke_doc = read_smoke(stored)
+        smoke = decode_smoke(smoke_doc) if smoke_doc is not None else None
+        feeds = smoke.inputs if smoke is not None else zeros_for(session.inputs)
+        latencies = []
+        for _ in range(max(1, warmup_runs)):
+            started = time.perf_counter()
+            try:
+                results = session.run(feeds)
+            except AgentError as exc:
+                if smoke is None:
+                    # An unsigned local model has no known-good input; zeros may be invalid.
+                    log.warning("%s: warm-up on zeros failed (%s); serving anyway", where, exc)
+                    break
+                raise ModelError(f"{where}: warm-up failed: {exc}") from exc
+            latencies.append(time.perf_counter() - started)
+        if smoke is not None:
+            check_smoke(smoke, results, where)
+        budget = manifest.custom.get("latency_budget_ms")
+        if isinstance(budget, int) and latencies:
+            p95_ms = float(np.percentile(latencies, 95)) * 1000.0
+            if p95_ms > budget:
+                raise ModelError(
+                    f"{where}: p95 latency over warm-up {p95_ms:.2f} ms exceeds the signed "
+                    f"budget of {budget} ms"
+                )
+        inline = inline_budget(session, feeds, inline_threshold_us) if latencies else 0
+    except BaseException:
+        session.close()
+        raise
+    return LoadedVersion(
+        manifest=manifest,
+        session=session,
+        inline_elements=inline,
+        probe=dict(feeds) if latencies else None,
+    )
