@@ -13,8 +13,8 @@ import pytest
 from agent.config import Config, MqttSection
 from agent.errors import CommandError
 from agent.telemetry import remote_config
-from agent.telemetry.mqtt import RateLimit, drain_burst, reconnect_delay
 from agent.telemetry.outbox import Outbox, plan_drops
+from agent.telemetry.pacing import RateLimit, drain_burst, reconnect_delay
 
 
 class Device:
