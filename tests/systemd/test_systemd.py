@@ -15,6 +15,7 @@ import pytest
 
 from agent import systemd
 from agent.config import load
+from agent.errors import EXIT_CONFIG
 
 UNITS = Path(__file__).resolve().parents[2] / "systemd"
 
@@ -118,9 +119,9 @@ def test_agent_sends_ready_with_status(tmp_path: Path, matmul_onnx: Path) -> Non
         stderr=subprocess.DEVNULL,
     )
     try:
-        message = notify.recv(4096)
-        assert message.startswith(b"READY=1\nSTATUS=")
-        assert b"mm v1" in message
+        assert notify.recv(4096) == b"STATUS=loading models"
+        # `serve` has no deployer: the status names the versions, nothing else.
+        assert notify.recv(4096) == b"READY=1\nSTATUS=serving mm v1"
         proc.terminate()
         assert notify.recv(4096) == b"STOPPING=1"
         assert proc.wait(20) == 0
@@ -129,6 +130,60 @@ def test_agent_sends_ready_with_status(tmp_path: Path, matmul_onnx: Path) -> Non
             proc.kill()
             proc.wait()
         notify.close()
+
+
+def unit_settings(path: Path, section: str) -> dict[str, list[str]]:
+    """``Key=value`` lines of one section of a unit file; a key may repeat."""
+    settings: dict[str, list[str]] = {}
+    current = None
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            current = line.strip("[]")
+            continue
+        key, _, value = line.partition("=")
+        if current == section:
+            settings.setdefault(key.strip(), []).append(value.strip())
+    return settings
+
+
+def test_a_config_error_exits_with_the_code_the_unit_does_not_restart_on(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[serving]\nworkers = -1\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "agent", "run", "--config", str(bad)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert result.returncode == EXIT_CONFIG, result.stderr
+    assert "serving" in result.stderr and "workers" in result.stderr
+    missing = subprocess.run(
+        [sys.executable, "-m", "agent", "run", "--config", str(tmp_path / "nope.toml")],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert missing.returncode == EXIT_CONFIG, missing.stderr
+    service = unit_settings(UNITS / "edge-agent.service", "Service")
+    prevented = {int(code) for line in service["RestartPreventExitStatus"] for code in line.split()}
+    assert EXIT_CONFIG in prevented
+    assert service["Restart"] == ["on-failure"]
+
+
+def test_time_sync_is_ordered_after_not_pulled_in() -> None:
+    """systemd.special(7): services that need an accurate clock order themselves after
+    time-sync.target but do not pull it in (only the NTP service does)."""
+    unit = unit_settings(UNITS / "edge-agent.service", "Unit")
+    after = " ".join(unit["After"]).split()
+    assert "time-sync.target" in after and "network-online.target" in after
+    for pulls in ("Wants", "Requires", "Requisite", "BindsTo"):
+        assert "time-sync.target" not in " ".join(unit.get(pulls, [])).split(), pulls
+    assert "network-online.target" in " ".join(unit["Wants"]).split()
 
 
 def _unit_copy(tmp_path: Path) -> Path:

@@ -1,0 +1,285 @@
+"""Footprint: the start-up trim (agent/memory.py) and what the daemon never imports."""
+
+from __future__ import annotations
+
+import errno
+import re
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent import memory
+from agent.models.store import ModelStore
+from agent.serving.client import InferenceClient
+from tests.telemetry.conftest import Broker
+
+SMAPS = """\
+7f0000000000-7f0000100000 r--p 00000000 fe:00 1001                       /v/lib/libonnxruntime.so.1
+Size:               1024 kB
+Rss:                 400 kB
+Private_Clean:       400 kB
+Private_Dirty:         0 kB
+Anonymous:             0 kB
+Locked:                0 kB
+THPeligible:           0
+VmFlags: rd mr mw me sd
+7f0000100000-7f0001000000 r-xp 00100000 fe:00 1001                       /v/lib/libonnxruntime.so.1
+Size:              15360 kB
+Rss:                9000 kB
+Shared_Clean:        100 kB
+Private_Clean:      8900 kB
+Private_Dirty:         0 kB
+Anonymous:             0 kB
+VmFlags: rd ex mr mw me sd
+7f0001000000-7f0001080000 r--p 01000000 fe:00 1001                       /v/lib/libonnxruntime.so.1
+Size:                512 kB
+Rss:                 512 kB
+Private_Dirty:       512 kB
+Anonymous:           512 kB
+VmFlags: rd mr mw me ac sd
+7f0001080000-7f0001090000 rw-p 01080000 fe:00 1001                       /v/lib/libonnxruntime.so.1
+Size:                 64 kB
+Rss:                  64 kB
+Private_Dirty:        64 kB
+Anonymous:            64 kB
+VmFlags: rd wr mr mw me ac sd
+7f0001090000-7f00010a0000 rw-p 00000000 00:00 0
+Size:                 64 kB
+Rss:                  64 kB
+Anonymous:            64 kB
+VmFlags: rd wr mr mw me ac sd
+7f00010a0000-7f00010b0000 r--s 00000000 00:01 4242                       /memfd:shm (deleted)
+Size:                 64 kB
+Rss:                  64 kB
+VmFlags: rd sh mr mw me ms sd
+7f00010b0000-7f00010c0000 r--p 00000000 fe:00 77                         /usr/lib/locale/C.utf8
+Size:                 64 kB
+Rss:                   0 kB
+VmFlags: rd mr mw me sd
+7f00010c0000-7f00010d0000 r-xp 00000000 fe:00 78                         /v/lib/locked.so
+Size:                 64 kB
+Rss:                  64 kB
+Locked:               64 kB
+VmFlags: rd ex mr mw me lo sd
+7f00010d0000-7f00010e0000 r-xp 00000000 fe:00 79                         /opt/my models/lib x.so
+Size:                 64 kB
+Rss:                  32 kB
+Private_Dirty:         0 kB
+VmFlags: rd ex mr mw me sd
+7f00010e0000-7f00010f0000 r-xp 00000000 fe:00 80                         /tmp/gone.so (deleted)
+Size:                 64 kB
+Rss:                  16 kB
+VmFlags: rd ex mr mw me sd
+7ffd00000000-7ffd00002000 r-xp 00000000 00:00 0                          [vdso]
+Size:                  8 kB
+Rss:                   4 kB
+VmFlags: rd ex mr mw me de sd
+"""
+
+
+def test_parse_smaps() -> None:
+    mappings = memory.parse_smaps(SMAPS.splitlines(keepends=True))
+    assert len(mappings) == 11
+    first = mappings[0]
+    assert (first.start, first.end, first.perms, first.inode) == (
+        0x7F0000000000,
+        0x7F0000100000,
+        "r--p",
+        1001,
+    )
+    assert first.path == "/v/lib/libonnxruntime.so.1" and first.rss_kb == 400
+    assert mappings[2].anonymous_kb == 512 and mappings[2].private_dirty_kb == 512
+    assert mappings[4].path == "" and mappings[4].inode == 0
+    assert mappings[7].locked
+    assert mappings[8].path == "/opt/my models/lib x.so"
+    assert mappings[10].path == "[vdso]"
+    assert memory.parse_smaps([]) == []
+
+
+def test_only_clean_read_only_file_pages_are_chosen() -> None:
+    chosen = memory.select_pageout(memory.parse_smaps(SMAPS.splitlines()))
+    assert [(m.path, m.perms) for m in chosen] == [
+        ("/v/lib/libonnxruntime.so.1", "r--p"),
+        ("/v/lib/libonnxruntime.so.1", "r-xp"),
+        ("/opt/my models/lib x.so", "r-xp"),
+    ]
+    # Not chosen: the relocated (copy-on-write) read-only segment, the writable data, the
+    # heap-like anonymous mapping, shared memory, nothing resident, locked, deleted, [vdso].
+
+
+def test_pageout_advises_each_range_and_notices_an_old_kernel() -> None:
+    chosen = memory.select_pageout(memory.parse_smaps(SMAPS.splitlines()))
+    calls: list[tuple[int, int, int]] = []
+
+    def ok(address: int, length: int, advice: int) -> int:
+        calls.append((address, length, advice))
+        return errno.ENOMEM if address == chosen[1].start else 0  # unmapped meanwhile
+
+    assert memory.pageout(chosen, ok) == (2, True)
+    assert calls == [(m.start, m.length, memory.MADV_PAGEOUT) for m in chosen]
+    assert memory.pageout(chosen, lambda *_: errno.EINVAL) == (0, False)  # Linux < 5.4
+    assert memory.trim(Path("/nonexistent/smaps")) is None
+
+
+def test_trim_pages_out_library_pages_and_the_session_still_runs(matmul_onnx: Path) -> None:
+    script = textwrap.dedent(
+        f"""
+        import numpy as np, onnxruntime as ort, sys
+        from agent import memory
+        def file_kb():  # clean file pages only this process maps (pytest maps ORT too)
+            with open("/proc/self/smaps_rollup") as f:
+                return sum(int(l.split()[1]) for l in f if l.startswith("Private_Clean:"))
+        session = ort.InferenceSession({str(matmul_onnx)!r}, providers=["CPUExecutionProvider"])
+        x = np.ones((1, 64), np.float32)
+        want = session.run(None, {{"x": x}})[0]
+        before = file_kb()
+        result = memory.trim()
+        if result is None:
+            sys.exit(77)
+        after = file_kb()
+        assert (session.run(None, {{"x": x}})[0] == want).all()
+        print(before, after, result.advised)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=False, timeout=120
+    )
+    if done.returncode == 77:
+        pytest.skip("no MADV_PAGEOUT on this kernel (Linux < 5.4)")
+    assert done.returncode == 0, done.stderr
+    before, after, advised = (int(v) for v in done.stdout.split())
+    assert advised > 10
+    assert after < before * 2 / 3, (before, after)
+
+
+# What only the update child, the publisher or a TFLite model needs.
+NEVER_IMPORTED = (
+    "ai_edge_litert",
+    "tflite_runtime",
+    "httpx",
+    "tuf",
+    "securesystemslib",
+    "onnxruntime.quantization",
+    "onnx",
+    "cryptography",
+)
+
+
+def imported_modules(importtime_log: str) -> set[str]:
+    """Module names from `python -X importtime` lines: "import time: self | cumulative | name"."""
+    names = set()
+    for line in importtime_log.splitlines():
+        if line.startswith("import time:") and "|" in line:
+            name = line.rsplit("|", 1)[1].strip()
+            if name != "package":
+                names.add(name)
+    return names
+
+
+def test_a_running_daemon_with_one_onnx_model_imports_no_heavy_extras(
+    tmp_path: Path, matmul_onnx: Path
+) -> None:
+    broker = Broker(tmp_path)
+    broker.start()
+    state = tmp_path / "state"
+    ModelStore(state / "models").install_local("mm", 1, matmul_onnx)
+    config = tmp_path / "agent.toml"
+    sock = tmp_path / "infer.sock"
+    config.write_text(
+        f'[agent]\nstate_dir = "{state}"\n[serving]\nsocket = "{sock}"\n'
+        f'[mqtt]\nhost = "127.0.0.1"\nport = {broker.port}\nhealth_interval_s = 0.3\n'
+    )
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(60)
+    stderr = tmp_path / "agent.err"
+    with stderr.open("wb") as err:
+        # -X importtime, not the environment variable: a child would not inherit it.
+        agent = subprocess.Popen(
+            [sys.executable, "-X", "importtime", "-m", "agent", "run", "--config", str(config)],
+            env={"NOTIFY_SOCKET": str(tmp_path / "notify"), "PATH": "/usr/bin:/bin"},
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+    try:
+        while not notify.recv(4096).startswith(b"READY=1"):
+            pass
+        with InferenceClient(str(sock)) as client:
+            assert client.infer("mm", {"x": np.ones((1, 64), np.float32)})["y"].shape == (1, 64)
+            deadline = time.monotonic() + 20
+            while not (client.status().get("mqtt") or {}).get("connected"):
+                assert time.monotonic() < deadline, "the agent did not connect to the broker"
+                time.sleep(0.1)
+        deadline = time.monotonic() + 20
+        while "memory: paged out" not in stderr.read_text():  # after READY, by default
+            assert time.monotonic() < deadline, stderr.read_text()[-3000:]
+            time.sleep(0.1)
+        time.sleep(1.0)  # a few health messages: psutil readings, the outbox, paho
+        maps = Path(f"/proc/{agent.pid}/maps").read_text()
+        log = stderr.read_text()
+    finally:
+        agent.terminate()
+        agent.wait(20)
+        notify.close()
+        broker.stop()
+    modules = imported_modules(log)
+    assert {"onnxruntime", "numpy", "paho.mqtt.client", "agent.daemon"} <= modules
+    heavy = sorted(
+        m for m in modules if any(m == h or m.startswith(h + ".") for h in NEVER_IMPORTED)
+    )
+    assert heavy == [], heavy
+    libraries = set(re.findall(r"(/\S+\.so[.\d]*)$", maps, re.M))
+    assert any("onnxruntime" in lib for lib in libraries)
+    for fragment in ("ai_edge_litert", "tflite_runtime", "onnx_cpp2py_export"):
+        assert [lib for lib in libraries if fragment in lib] == [], fragment
+
+
+def test_the_fast_path_pauses_while_the_trim_runs(
+    tmp_path: Path, matmul_onnx: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Requests go through the pool while pages fault back in (an inline run that faulted
+    would look slow and demote its model for good), and each model runs once right after
+    the trim, so that no request has to fault the inference path back in."""
+    import asyncio
+
+    from agent.config import AgentSection, Config, ServingSection
+    from agent.daemon import Agent, LocalModel
+
+    seen: list[int] = []
+
+    def fake_trim() -> memory.TrimResult:
+        seen.append(agent.slots.get("mm").active.inline_elements)  # type: ignore[union-attr]
+        return memory.TrimResult(1, 4, 8, 4, 0.001)
+
+    monkeypatch.setattr(memory, "trim", fake_trim)
+    agent = Agent(
+        Config(
+            agent=AgentSection(trim_memory=True),
+            serving=ServingSection(socket=tmp_path / "s.sock", inline_threshold_us=1e6),
+        )
+    )
+
+    async def main() -> tuple[int, int, int]:
+        await agent.load_local([LocalModel("mm", matmul_onnx)])
+        active = agent.slots.get("mm").active
+        assert active is not None
+        before = active.inline_elements
+        runs = []
+        original = active.session.run
+        active.session.run = lambda *a, **k: runs.append(1) or original(*a, **k)  # type: ignore[method-assign]
+        await agent._trim()
+        after = active.inline_elements
+        agent.slots.close()
+        await asyncio.to_thread(agent.pool.shutdown)
+        return before, after, len(runs)
+
+    before, after, runs = asyncio.run(main())
+    assert before == 64 and after == 64  # the fast path is back
+    assert seen == [0]  # paused during the trim
+    assert runs == 1  # the probe re-faulted the inference path
