@@ -11,107 +11,23 @@ database must say why, in words.
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import sys
-import tempfile
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 import pytest
 
-from agent.serving.client import ClientError, InferenceClient
+from agent.serving.client import InferenceClient
 from agent.state import StateDB
-from cloud_stub.certs import make_pki
-from cloud_stub.https import RepositoryServer
-from cloud_stub.publish import publish
-from cloud_stub.repo import Repository
-from cloud_stub.samples import matmul_model
+from tests.scenarios.device import Device, running_repository_device
 
 K, N = 8, 4
 
 
-@dataclass
-class Device:
-    root: Path
-    repo: Repository
-    config: Path
-    socket: Path
-    process: subprocess.Popen[bytes] | None = None
-    log: BinaryIO | None = None
-
-    def start(self) -> None:
-        self.log = (self.root / "agent.log").open("ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "agent", "run", "--config", str(self.config)],
-            stdout=self.log,
-            stderr=self.log,
-        )
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        if self.log is not None:
-            self.log.close()
-
-    def logs(self) -> str:
-        return (self.root / "agent.log").read_text(errors="replace")[-3000:]
-
-    def wait_serving(self, timeout_s: float = 60) -> int:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            assert self.process is not None
-            if self.process.poll() is not None:
-                pytest.fail(f"agent exited: {self.logs()}")
-            try:
-                with InferenceClient(str(self.socket), timeout_s=5) as client:
-                    model = client.status()["models"]["mm"]
-                if model["active_version"] is not None:
-                    return int(model["active_version"])
-            except (ClientError, KeyError, OSError):
-                pass
-            time.sleep(0.05)
-        pytest.fail(f"agent not serving: {self.logs()}")
-
-    def publish(self, version: int) -> Path:
-        """Publish version ``version``; returns the file the HTTPS server serves for it."""
-        model = matmul_model(self.root / f"m{version}.onnx", k=K, n=N, seed=version)
-        result = publish(self.repo, model, "mm", version, log=lambda *_: None)
-        return self.repo.targets_dir / f"models/mm/{version}" / f"{result.sha256}.model.onnx"
-
-
 @pytest.fixture
 def device(tmp_path: Path) -> Iterator[Device]:
-    pki = make_pki(tmp_path / "pki")
-    repo = Repository.init(tmp_path / "repo")
-    server = RepositoryServer(repo.public, pki.server_cert, pki.server_key)
-    # A short socket path (sun_path is limited to 108 bytes; pytest's tmp paths are long).
-    sock_dir = Path(tempfile.mkdtemp(prefix="edge-tamper-"))
-    config = tmp_path / "agent.toml"
-    config.write_text(
-        f'[agent]\ndevice_id = "tamper-1"\nstate_dir = "{tmp_path / "state"}"\n'
-        f'[serving]\nsocket = "{sock_dir / "infer.sock"}"\n'
-        '[models]\nfollow = ["mm"]\nprobation_window_s = 0.5\n'
-        f'[repository]\nurl = "{server.url}"\n'
-        f'trusted_root = "{repo.metadata_dir / "1.root.json"}"\n'
-        f'ca_file = "{pki.ca_cert}"\npoll_interval_s = 3600\n'
-    )
-    dev = Device(tmp_path, repo, config, sock_dir / "infer.sock")
-    try:
+    with running_repository_device(tmp_path, "tamper-1", k=K, n=N) as dev:
         yield dev
-    finally:
-        dev.stop()
-        server.stop()
-        shutil.rmtree(sock_dir, ignore_errors=True)
 
 
 def expected_output(version: int) -> np.ndarray:  # type: ignore[type-arg]
