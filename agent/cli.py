@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -110,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     update.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     update.add_argument("--once", action="store_true", required=True)
     update.add_argument("--json", action="store_true", help="print the summary as JSON")
+    # The daemon passes what it runs with: a reload does not move the state directory or
+    # change the device id of a running agent, so its child must not either.
+    update.add_argument("--state-dir", type=Path, default=None, help="override agent.state_dir")
+    update.add_argument("--device-id", default=None, help="override agent.device_id")
 
     for action in ("rollback", "pin"):
         admin = sub.add_parser(action, help=f"{action} a model on the running agent")
@@ -332,6 +337,13 @@ def _cmd_update(args: argparse.Namespace, level: str | None) -> int:
     from agent.updates import run_cycle_in_process, write_summary
 
     config = load_config(args.config)
+    overrides = {
+        key: value
+        for key, value in (("state_dir", args.state_dir), ("device_id", args.device_id))
+        if value is not None
+    }
+    if overrides:
+        config = dataclasses.replace(config, agent=dataclasses.replace(config.agent, **overrides))
     _setup_logging(level or config.agent.log_level)
     result = run_cycle_in_process(config)
     if args.json:

@@ -161,6 +161,8 @@ class UpdateLoop:
             "--json",
             "--config",
             str(source),
+            *("--state-dir", str(self.config.agent.state_dir)),
+            *("--device-id", self.config.device_id),
         ]
         try:
             process = await asyncio.create_subprocess_exec(

@@ -295,3 +295,18 @@ def test_serve_refuses_bad_arguments_with_exit_78(tmp_path: Path, matmul_onnx: P
     result = run_cli("serve", str(matmul_onnx), "--socket", "http://127.0.0.1:9")
     assert result.returncode == 1
     assert "serve listens on a Unix socket" in result.stderr
+
+
+def test_update_child_takes_the_daemons_state_dir(tmp_path: Path) -> None:
+    """`edge-agent update --once --state-dir DIR` works in DIR, not in the file's state_dir:
+    the daemon passes the directory it runs with, which a reload does not move."""
+    config = tmp_path / "agent.toml"
+    config.write_text(f'[agent]\nstate_dir = "{tmp_path / "from-file"}"\n')
+    done = run_cli(
+        *("update", "--once", "--config", str(config)),
+        *("--state-dir", str(tmp_path / "running"), "--device-id", "dev-9"),
+    )
+    assert done.returncode == 78, done.stderr  # no repository configured
+    assert "repository.url is not set" in done.stderr
+    assert (tmp_path / "running" / "state.db").is_file()
+    assert not (tmp_path / "from-file").exists()
