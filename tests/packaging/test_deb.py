@@ -45,6 +45,32 @@ def dpkg(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return result
 
 
+def newer_version(deb: Path, work: Path, version: str) -> Path:
+    """The same package under a newer version number: what an upgrade installs."""
+    tree = work / "tree"
+    subprocess.run(["dpkg-deb", "-R", str(deb), str(tree)], check=True)
+    control = tree / "DEBIAN" / "control"
+    control.write_text(
+        re.sub(r"^Version: .*$", f"Version: {version}", control.read_text(), flags=re.M)
+    )
+    out = work / f"edge-agent_{version}_amd64.deb"
+    subprocess.run(
+        ["dpkg-deb", "-Zzstd", "--root-owner-group", "-b", str(tree), str(out)],
+        check=True,
+        capture_output=True,
+    )
+    return out
+
+
+def installed_version(root: Path) -> str:
+    return subprocess.run(
+        ["dpkg-query", f"--admindir={root}/var/lib/dpkg", "-W", "-f", "${Version}", "edge-agent"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+
+
 def scratch_root(path: Path) -> Path:
     for sub in ("var/lib/dpkg/info", "var/lib/dpkg/updates", "etc"):
         (path / sub).mkdir(parents=True, exist_ok=True)
@@ -86,7 +112,8 @@ def test_install_serve_upgrade_purge(amd64_deb: Path, tmp_path: Path, matmul_onn
     config.write_text(config.read_text().replace('fleet = "default"', 'fleet = "site-7"'))
     (root / "var/lib/edge-agent/state.db").write_bytes(b"state")
     before = (root / "opt/edge-agent/venv").readlink()
-    dpkg(root, "-i", str(amd64_deb))
+    dpkg(root, "-i", str(newer_version(amd64_deb, tmp_path / "newer", "0.1.0+1")))
+    assert installed_version(root) == "0.1.0+1"  # a real upgrade, not a reinstall
     assert 'fleet = "site-7"' in config.read_text()
     assert (root / "var/lib/edge-agent/state.db").read_bytes() == b"state"
     assert (root / "opt/edge-agent/venv").readlink() != before
