@@ -47,6 +47,7 @@ def dpkg(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 def newer_version(deb: Path, work: Path, version: str) -> Path:
     """The same package under a newer version number: what an upgrade installs."""
+    work.mkdir()
     tree = work / "tree"
     subprocess.run(["dpkg-deb", "-R", str(deb), str(tree)], check=True)
     control = tree / "DEBIAN" / "control"
