@@ -127,6 +127,16 @@ def test_dashboard_shows_the_fleet_live(tmp_path: Path, matmul_onnx: Path) -> No
             row = driver.find_element(By.ID, "devices").text
             assert "online" in row
             assert "mm v1" in row
+            # Its health figures and their trend (read in one script: the rows re-render).
+            cells_js = (
+                "return [...document.querySelectorAll('#devices tr td')].map(c => c.textContent)"
+            )
+            bars_js = "return document.querySelectorAll('#devices span.bar').length"
+            WebDriverWait(driver, 20).until(lambda d: d.execute_script(bars_js) >= 2)
+            cells = driver.execute_script(cells_js)
+            assert 0 <= float(cells[3]) <= 100 * (os.cpu_count() or 1), cells  # cpu %
+            assert 0 < float(cells[4]) < 100, cells  # memory %
+            assert 10 < float(cells[5]) < 1024, cells  # the agent's RSS, MB
             WebDriverWait(driver, 20).until(
                 lambda d: "activated" in d.find_element(By.ID, "events").text
             )
