@@ -19,6 +19,7 @@ steps it uses (validation, drain, restore, the per-model lock).
 from __future__ import annotations
 
 import asyncio
+from typing import TYPE_CHECKING
 
 from agent.errors import AgentError
 from agent.models.journal import Journal
@@ -39,20 +40,17 @@ class ManualActions:
     probations: Probations
     status_text: str
 
-    def _lock(self, name: str) -> asyncio.Lock:
-        raise NotImplementedError
+    if TYPE_CHECKING:  # the lifecycle steps Deployer provides
 
-    async def _validate(self, name: str, version: int, *, record: bool) -> LoadedVersion:
-        raise NotImplementedError
+        def _lock(self, name: str) -> asyncio.Lock: ...
 
-    def _must_drain(self, name: str, version: int) -> bool:
-        raise NotImplementedError
+        async def _validate(self, name: str, version: int, *, record: bool) -> LoadedVersion: ...
 
-    async def _drain(self, name: str, version: int, reason: str) -> None:
-        raise NotImplementedError
+        def _must_drain(self, name: str, version: int) -> bool: ...
 
-    async def _restore(self, name: str, version: int, why: str) -> bool:
-        raise NotImplementedError
+        async def _drain(self, name: str, version: int, reason: str) -> None: ...
+
+        async def _restore(self, name: str, version: int, why: str) -> bool: ...
 
     async def rollback(
         self,
