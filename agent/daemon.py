@@ -325,6 +325,21 @@ class Agent:
             logging.getLogger().setLevel(config.agent.log_level.upper())
         return config
 
+    def _apply_live(self, config: Config, changed: Iterable[str]) -> None:
+        """Make ``config`` the running configuration and apply its ``changed`` live keys
+        (``section.key``) to the parts already running: SIGHUP and set-config both end here."""
+        changed = set(changed)
+        self.config = config
+        if "agent.log_level" in changed:
+            logging.getLogger().setLevel(config.agent.log_level.upper())
+        reporter_changes = {
+            key: getattr(config.mqtt, key) for key in LIVE_REPORTER_KEYS if f"mqtt.{key}" in changed
+        }
+        if reporter_changes and self.reporter is not None:
+            self.reporter.reconfigure(**reporter_changes)
+        if self.updates is not None:
+            self.updates.config = config
+
     def _set_config(self, changes: dict[str, Any]) -> str:
         """A verified set-config (keys checked by remote_config): persist, then apply."""
         from agent.telemetry import remote_config
@@ -336,15 +351,7 @@ class Agent:
         except ValueError as exc:
             raise AgentError(f"set-config: {exc}; nothing was changed") from None
         remote_config.save(path, remote_config.merge(remote_config.load(path), changes))
-        self.config = fresh
-        if "agent.log_level" in changes:
-            logging.getLogger().setLevel(fresh.agent.log_level.upper())
-        if self.reporter is not None:
-            self.reporter.reconfigure(
-                health_interval_s=fresh.mqtt.health_interval_s, drain_per_s=fresh.mqtt.drain_per_s
-            )
-        if self.updates is not None:
-            self.updates.config = fresh
+        self._apply_live(fresh, changes)
         shown = ", ".join(f"{key}={resolved[key]!r}" for key in sorted(changes))
         return f"set {shown}; kept in {path} across restarts"
 
@@ -717,16 +724,7 @@ class Agent:
             log.error("reload failed, keeping the running configuration: %s", exc)
         else:
             running, applied, pending = merge_reload(self.config, fresh, self._live_keys())
-            self.config = running
-            if "agent.log_level" in applied:
-                logging.getLogger().setLevel(running.agent.log_level.upper())
-            reporter_changes = {
-                key: getattr(running.mqtt, key)
-                for key in LIVE_REPORTER_KEYS
-                if f"mqtt.{key}" in applied
-            }
-            if reporter_changes and self.reporter is not None:
-                self.reporter.reconfigure(**reporter_changes)
+            self._apply_live(running, applied)
             log.info(
                 "reload: configuration re-read from %s; %s%s",
                 source,
@@ -736,7 +734,6 @@ class Agent:
                 else "",
             )
             if self.updates is not None:
-                self.updates.config = running
                 self.updates.trigger()
             elif self.deployer is not None:
                 # No repository: versions imported into the store (`edge-agent import`) are
