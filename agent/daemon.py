@@ -266,6 +266,7 @@ class Agent:
                 "active_version": active.version if active else None,
                 "requests": figures.requests if figures else 0,
                 "errors": figures.errors if figures else 0,
+                "client_errors": figures.client_errors if figures else 0,
                 "p50_ms": figures.p50_ms if figures else None,
                 "p95_ms": figures.p95_ms if figures else None,
                 "p99_ms": figures.p99_ms if figures else None,

@@ -211,7 +211,8 @@ class OipHandler:
             feeds = oip.check_inputs(request, loaded.session.inputs, name)
             outputs = oip.check_outputs(request, loaded.session.outputs, name)
         except AgentError:
-            self._observe(loaded, started, failed=True)
+            # The client's mistake, refused before the model ran: never the version's error.
+            self.metrics.model(loaded.name, str(loaded.version)).observe_client_error()
             slot.release(loaded)
             raise
         inline = loaded.inline_elements > 0 and (
@@ -387,6 +388,7 @@ class OipHandler:
                 versions[str(version)] = {
                     "requests": summary.requests,
                     "errors": summary.errors,
+                    "client_errors": summary.client_errors,
                     "p50_ms": summary.p50_ms,
                     "p95_ms": summary.p95_ms,
                     "p99_ms": summary.p99_ms,

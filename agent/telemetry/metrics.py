@@ -32,11 +32,12 @@ DEFAULT_BUCKETS_S: tuple[float, ...] = (
 class Summary:
     """A snapshot of one model version's figures (for health messages and status)."""
 
-    requests: int
-    errors: int
+    requests: int  # requests that reached the runtime
+    errors: int  # of those, the ones the model failed (5xx): never a client's mistake
     p50_ms: float | None
     p95_ms: float | None
     p99_ms: float | None
+    client_errors: int = 0  # requests refused as the client's mistake (4xx), apart from errors
 
 
 class Histogram:
@@ -80,13 +81,20 @@ class ModelMetrics:
     def __init__(self, buckets_s: Sequence[float] = DEFAULT_BUCKETS_S) -> None:
         self.latency = Histogram(buckets_s)
         self.errors = 0
+        self.client_errors = 0
         self._lock = threading.Lock()
 
     def observe(self, seconds: float, *, failed: bool) -> None:
+        """A request the runtime ran; ``failed``: the model failed it (not the client)."""
         self.latency.observe(seconds)
         if failed:
             with self._lock:
                 self.errors += 1
+
+    def observe_client_error(self) -> None:
+        """A request refused as the client's mistake: counted apart, never against the model."""
+        with self._lock:
+            self.client_errors += 1
 
     def summary(self) -> Summary:
         def ms(value: float | None) -> float | None:
@@ -98,6 +106,7 @@ class ModelMetrics:
             p50_ms=ms(self.latency.quantile(0.50)),
             p95_ms=ms(self.latency.quantile(0.95)),
             p99_ms=ms(self.latency.quantile(0.99)),
+            client_errors=self.client_errors,
         )
 
 
@@ -145,12 +154,19 @@ def render_prometheus(registry: Registry, extra: Iterable[tuple[str, str, float]
         labels = f'model="{_label(name)}",version="{_label(version)}"'
         lines.append(f"edge_agent_requests_total{{{labels}}} {metrics.latency.total}")
     lines += [
-        "# HELP edge_agent_request_errors_total Inference requests that failed, by model, version.",
+        "# HELP edge_agent_request_errors_total Inferences the model failed (5xx).",
         "# TYPE edge_agent_request_errors_total counter",
     ]
     for (name, version), metrics in items:
         labels = f'model="{_label(name)}",version="{_label(version)}"'
         lines.append(f"edge_agent_request_errors_total{{{labels}}} {metrics.errors}")
+    lines += [
+        "# HELP edge_agent_client_errors_total Requests refused as the client's mistake (4xx).",
+        "# TYPE edge_agent_client_errors_total counter",
+    ]
+    for (name, version), metrics in items:
+        labels = f'model="{_label(name)}",version="{_label(version)}"'
+        lines.append(f"edge_agent_client_errors_total{{{labels}}} {metrics.client_errors}")
     lines += [
         "# HELP edge_agent_request_duration_seconds Time in the runtime per inference.",
         "# TYPE edge_agent_request_duration_seconds histogram",
