@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import ssl
@@ -13,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from agent.errors import AgentError
-from cloud_stub.repo import Expiry, Repository, RepositoryError
+from cloud_stub.repo import TOP_LEVEL, Expiry, Repository, RepositoryError, positive_days
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,10 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     init = sub.add_parser("init", help="create keys and an empty signed repository")
     init.add_argument("repo", type=Path)
-    init.add_argument("--timestamp-days", type=float, default=1.0)
-    init.add_argument("--snapshot-days", type=float, default=7.0)
-    init.add_argument("--targets-days", type=float, default=90.0)
-    init.add_argument("--root-days", type=float, default=365.0)
+    _expiry_arguments(init, changes_policy=False)
 
     pub = sub.add_parser("publish", help="quantize (optional), sign and publish a model version")
     pub.add_argument("repo", type=Path)
@@ -41,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("--atol", type=float, default=1e-4)
     pub.add_argument("--rtol", type=float, default=1e-3)
     pub.add_argument("--latency-budget-ms", type=int, default=None)
+    _expiry_arguments(pub, changes_policy=True)
 
     unpub = sub.add_parser("unpublish", help="remove a model version from the repository")
     unpub.add_argument("repo", type=Path)
@@ -61,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     refresh = sub.add_parser("refresh", help="re-sign snapshot and timestamp before they expire")
     refresh.add_argument("repo", type=Path)
+    _expiry_arguments(refresh, changes_policy=True)
 
     status = sub.add_parser("status", help="what is published and when metadata expires")
     status.add_argument("repo", type=Path)
@@ -125,6 +125,55 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _days(text: str) -> float:
+    try:
+        return positive_days("days", float(text))
+    except (ValueError, RepositoryError):
+        raise argparse.ArgumentTypeError(
+            f"expected a positive number of days, found {text!r}"
+        ) from None
+
+
+def _expiry_arguments(parser: argparse.ArgumentParser, *, changes_policy: bool) -> None:
+    """--ROLE-days for every top-level role; those not given keep the repository's policy."""
+    for role in TOP_LEVEL:
+        parser.add_argument(
+            f"--{role}-days",
+            type=_days,
+            default=None,
+            metavar="DAYS",
+            help=f"change how long {role} metadata stays valid, for this and every later "
+            "signing (REPO/expiry.json)"
+            if changes_policy
+            else f"how long {role} metadata stays valid (default {Expiry().days(role):g}); "
+            "kept in REPO/expiry.json for every later signing",
+        )
+
+
+def _expiry_from(args: argparse.Namespace, base: Expiry) -> Expiry | None:
+    """``base`` with the --ROLE-days given; None when none was given."""
+    given = {
+        f"{role}_days": getattr(args, f"{role}_days")
+        for role in TOP_LEVEL
+        if getattr(args, f"{role}_days") is not None
+    }
+    return dataclasses.replace(base, **given) if given else None
+
+
+def _open_with_policy(args: argparse.Namespace) -> Repository:
+    """The repository; the --ROLE-days given become its kept policy before it signs."""
+    repo = Repository(args.repo)
+    policy = _expiry_from(args, repo.expiry)
+    if policy is not None:
+        repo.set_expiry(policy)
+        print(f"expiry policy: {_describe(policy)}")
+    return repo
+
+
+def _describe(policy: Expiry) -> str:
+    return ", ".join(f"{role} {policy.days(role):g} d" for role in TOP_LEVEL)
+
+
 def _mqtt_tls_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ca-file", type=Path, default=None, help="MQTT over TLS: the fleet CA")
     parser.add_argument("--client-cert", type=Path, default=None, help="client certificate")
@@ -153,11 +202,9 @@ def _setting(text: str) -> tuple[str, object]:
 
 def _cmd(args: argparse.Namespace) -> int:
     if args.command == "init":
-        repo = Repository.init(
-            args.repo,
-            Expiry(args.root_days, args.targets_days, args.snapshot_days, args.timestamp_days),
-        )
+        repo = Repository.init(args.repo, _expiry_from(args, Expiry()))
         print(f"created a TUF repository in {repo.root}")
+        print(f"  expiry policy: {_describe(repo.expiry)}  (kept in {repo.root / 'expiry.json'})")
         print(f"  private keys: {repo.keys_dir}  (keep them offline; never serve this directory)")
         print(f"  serve only:   {repo.public}")
         print(f"  trust anchor for devices: {repo.metadata_dir / '1.root.json'}")
@@ -166,7 +213,7 @@ def _cmd(args: argparse.Namespace) -> int:
         from cloud_stub.publish import publish
 
         result = publish(
-            Repository(args.repo),
+            _open_with_policy(args),
             args.model,
             args.name,
             args.version,
@@ -203,7 +250,7 @@ def _cmd(args: argparse.Namespace) -> int:
         print(f"role {args.role} now signs with key {keyid[:16]}…")
         return 0
     if args.command == "refresh":
-        repo = Repository(args.repo)
+        repo = _open_with_policy(args)
         repo.refresh()
         expires = repo.load("timestamp").signed.expires.isoformat()
         print(f"re-signed snapshot and timestamp; timestamp expires {expires}")

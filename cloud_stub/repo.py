@@ -3,6 +3,8 @@
 Layout::
 
     REPO/keys/                private keys, one PEM file per key (0600 in a 0700 directory)
+    REPO/expiry.json          the expiry policy: how long each role's metadata is valid when
+                              signed (not secret, never served); every signing reads it
     REPO/public/metadata/     N.root.json (every version kept), root.json (the newest, for
                               convenience), N.targets.json, N.snapshot.json, N.model-NAME.json,
                               timestamp.json
@@ -16,8 +18,11 @@ written.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
+import json
+import math
 import os
 import shutil
 from collections.abc import Iterator, Mapping
@@ -65,6 +70,79 @@ class Expiry:
         value: float = getattr(self, f"{role}_days")
         return value
 
+    def to_dict(self) -> dict[str, float]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: object, source: str) -> Expiry:
+        """The policy in ``raw`` (a JSON object of ``ROLE_days``); keys it lacks keep their
+        defaults.
+
+        Raises:
+            RepositoryError: not an object, an unknown key, or a value that is not a positive
+                number of days; the message names ``source`` and the key.
+        """
+        if not isinstance(raw, dict):
+            raise RepositoryError(f"{source}: expected a JSON object, found {raw!r}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        values: dict[str, float] = {}
+        for key, value in raw.items():
+            if key not in known:
+                raise RepositoryError(
+                    f"{source}: unknown key {key!r} (expected {', '.join(sorted(known))})"
+                )
+            values[key] = positive_days(f"{source}: {key}", value)
+        return cls(**values)
+
+
+def positive_days(what: str, value: object) -> float:
+    """``value`` as a positive, finite number of days.
+
+    Raises:
+        RepositoryError: anything else, naming ``what``.
+    """
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise RepositoryError(f"{what}: expected a positive number of days, found {value!r}")
+    return float(value)
+
+
+EXPIRY_FILE = "expiry.json"
+
+
+def _check(expiry: Expiry) -> None:
+    Expiry.from_dict(expiry.to_dict(), "expiry policy")
+
+
+def load_expiry(root: Path) -> Expiry:
+    """The repository's expiry policy; the defaults for a repository made before it had one.
+
+    Raises:
+        RepositoryError: the file is unreadable or not a valid policy.
+    """
+    path = root / EXPIRY_FILE
+    try:
+        raw = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return Expiry()
+    except (OSError, ValueError) as exc:
+        raise RepositoryError(f"{path}: cannot read the expiry policy ({exc})") from None
+    return Expiry.from_dict(raw, str(path))
+
+
+def save_expiry(root: Path, expiry: Expiry) -> None:
+    """Keep ``expiry`` as the repository's policy (written whole: temp, fsync, rename).
+
+    Raises:
+        RepositoryError: a period that is not a positive number of days (nothing is written).
+    """
+    _check(expiry)
+    _atomic_write(root / EXPIRY_FILE, (json.dumps(expiry.to_dict(), indent=2) + "\n").encode())
+
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC).replace(microsecond=0)
@@ -85,7 +163,12 @@ def target_path(name: str, version: int, file_name: str) -> str:
 
 
 class Repository:
-    """Open an existing repository with ``Repository(path)``, create one with ``init``."""
+    """Open an existing repository with ``Repository(path)``, create one with ``init``.
+
+    Every signing takes its expiry from the policy kept in ``REPO/expiry.json`` (set by
+    ``init``, changed by ``set_expiry``). An ``expiry`` given here applies to this object only
+    and is not kept (tests use it to sign metadata that has already expired).
+    """
 
     def __init__(self, root: Path, expiry: Expiry | None = None) -> None:
         self.root = root
@@ -93,22 +176,29 @@ class Repository:
         self.metadata_dir = self.public / "metadata"
         self.targets_dir = self.public / "targets"
         self.keys_dir = root / "keys"
-        self.expiry = expiry or Expiry()
         if not (self.metadata_dir / "timestamp.json").exists():
             raise RepositoryError(f"{root} is not a repository (run `edge-cloud init {root}`)")
+        self.expiry = expiry if expiry is not None else load_expiry(root)
         self._serializer = JSONSerializer(compact=False)
+
+    def set_expiry(self, expiry: Expiry) -> None:
+        """Make ``expiry`` the repository's policy, for this and every later signing."""
+        save_expiry(self.root, expiry)
+        self.expiry = expiry
 
     # -- creation ---------------------------------------------------------------------------
 
     @classmethod
     def init(cls, root: Path, expiry: Expiry | None = None) -> Repository:
         expiry = expiry or Expiry()
+        _check(expiry)
         if (root / "public" / "metadata").exists():
             raise RepositoryError(f"{root} already holds a repository")
         (root / "keys").mkdir(parents=True, exist_ok=True)
         os.chmod(root / "keys", 0o700)
         (root / "public" / "metadata").mkdir(parents=True, exist_ok=True)
         (root / "public" / "targets").mkdir(parents=True, exist_ok=True)
+        save_expiry(root, expiry)  # before the metadata: a repository never lacks its policy
         now = _now()
         signers = {role: _new_signer(root / "keys", role) for role in TOP_LEVEL}
         root_md = Metadata(Root(expires=now + dt.timedelta(days=expiry.root_days)))
