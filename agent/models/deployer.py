@@ -34,7 +34,7 @@ from agent.models.runtime import RuntimeOptions
 from agent.models.selection import Selection
 from agent.models.slots import LoadedVersion, Slots
 from agent.models.store import ModelStore
-from agent.models.validation import validate_version, zeros_for
+from agent.models.validation import validate_version, what_was_checked, zeros_for
 from agent.state import Event, StateDB
 from agent.telemetry.metrics import Registry
 
@@ -248,7 +248,7 @@ class Deployer(ManualActions):
             self.config.inline_threshold_us,
         )
         if record:
-            self._record(name, version, Stage.VALIDATED, "smoke test passed")
+            self._record(name, version, Stage.VALIDATED, what_was_checked(loaded))
         return loaded
 
     def _must_drain(self, name: str, version: int) -> bool:

@@ -56,6 +56,19 @@ def read_smoke(stored: StoredModel) -> dict[str, Any] | None:
     return loaded
 
 
+def what_was_checked(loaded: LoadedVersion) -> str:
+    """The reason recorded when ``loaded`` passed validation: what was checked, no more.
+
+    A signed version always has a smoke test (``validate_version`` refuses one without). An
+    imported (unsigned) version has none: it was loaded and warmed up on zeros, and its output
+    was compared with nothing.
+    """
+    if loaded.manifest.custom.get("smoke"):
+        return "smoke test passed"
+    done = "warmed up on zeros" if loaded.probe is not None else "warm-up on zeros failed"
+    return f"loaded, {done}; no smoke test: unsigned (imported)"
+
+
 def validate_version(
     stored: StoredModel,
     options: RuntimeOptions,

@@ -156,3 +156,22 @@ def test_a_signed_version_without_a_signature_is_rejected(tmp_path: Path) -> Non
         h.close()
 
     asyncio.run(main())
+
+
+def test_the_validated_reason_says_what_was_checked() -> None:
+    """A version without a smoke test (imported, unsigned) is not recorded as having passed
+    one: the reason says it was loaded and warmed up on zeros, or that the warm-up failed."""
+    from typing import Any, cast
+
+    from agent.models.slots import LoadedVersion
+    from agent.models.store import Manifest
+    from agent.models.validation import what_was_checked
+
+    def reason(custom: dict[str, Any], probe: dict[str, Any] | None) -> str:
+        manifest = Manifest("scale", 1, "onnx", "model.onnx", custom=custom)
+        return what_was_checked(LoadedVersion(manifest, cast(Any, None), probe=probe))
+
+    zeros = {"x": np.zeros((1, 4), np.float32)}
+    assert reason({"smoke": {"inline": {}}, "edge_agent": 1}, zeros) == "smoke test passed"
+    assert reason({}, zeros) == "loaded, warmed up on zeros; no smoke test: unsigned (imported)"
+    assert reason({}, None) == "loaded, warm-up on zeros failed; no smoke test: unsigned (imported)"

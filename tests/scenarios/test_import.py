@@ -60,6 +60,10 @@ def test_import_then_reload_deploys(tmp_path: Path) -> None:
         want = ort.InferenceSession(str(second)).run(None, {"x": x})[0]
         with InferenceClient(str(sock)) as client:
             np.testing.assert_array_equal(client.infer("mm", {"x": x})["y"], want)
+            events = client.status()["recent_events"]
+        # What was checked, not a smoke test it never had.
+        validated = [e["reason"] for e in events if e["kind"] == "validated"]
+        assert validated[-1] == "loaded, warmed up on zeros; no smoke test: unsigned (imported)"
         # The same version twice, or a file that is not there: refused, nothing changes.
         again = edge_agent("import", "mm", "2", str(second), "--config", str(config))
         assert again.returncode != 0 and "already stored" in again.stderr
