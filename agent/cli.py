@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="models faster than this run on the event loop thread (0: always the pool)",
     )
 
+    _serving_limit_args(serve)
+
     infer = sub.add_parser("infer", help="run one inference through the agent's socket")
     infer.add_argument("model")
     infer.add_argument(
@@ -124,6 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             admin.add_argument("version", help="a version, or 'none' to unpin")
         _socket_arg(admin)
+
+    release = sub.add_parser(
+        "release",
+        help="lift the quarantine of a rejected or rolled-back version on the running agent, "
+        "so that rollback --to or pin may name it again",
+    )
+    release.add_argument("model")
+    release.add_argument("version", type=int)
+    _socket_arg(release)
 
     models = sub.add_parser("models", help="list the models the agent knows")
     _socket_arg(models, "Unix socket path or http://HOST:PORT")
@@ -208,6 +219,30 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+# [serving] keys that edge-agent serve takes as options of the same name (--max-connections …).
+_SERVING_LIMITS = {
+    "max_connections": "connections per listener (Unix socket, TCP), 0: no limit",
+    "max_connections_per_peer": "connections per client uid on the Unix socket, 0: no limit",
+    "max_body_bytes": "largest request body, bytes",
+    "max_buffered_body_bytes": "request body bytes held across all clients",
+    "header_timeout_s": "seconds for a request head to arrive whole",
+    "body_timeout_s": "seconds for a request body to arrive whole",
+    "idle_timeout_s": "seconds a keep-alive connection may stay idle",
+}
+
+
+def _serving_limit_args(parser: argparse.ArgumentParser) -> None:
+    defaults = ServingSection()
+    for key, what in _SERVING_LIMITS.items():
+        default = getattr(defaults, key)
+        parser.add_argument(
+            f"--{key.replace('_', '-')}",
+            type=type(default),
+            default=default,
+            help=f"{what} (default {default}; [serving] {key} in agent.toml)",
+        )
+
+
 def _cmd_serve(args: argparse.Namespace, level: str | None) -> int:
     from agent.daemon import Agent, LocalModel
 
@@ -225,6 +260,7 @@ def _cmd_serve(args: argparse.Namespace, level: str | None) -> int:
             workers=args.workers,
             intra_op_threads=args.intra_op_threads,
             inline_threshold_us=args.inline_threshold_us,
+            **{key: getattr(args, key) for key in _SERVING_LIMITS},
         )
     except BadKeysError as exc:
         raise ConfigError(
@@ -364,6 +400,9 @@ def _cmd_admin(args: argparse.Namespace) -> int:
     if args.command == "rollback":
         path = f"/agent/models/{args.model}/rollback"
         body: dict[str, int | None] = {"to": args.to}
+    elif args.command == "release":
+        path = f"/agent/models/{args.model}/release"
+        body = {"version": args.version}
     else:
         path = f"/agent/models/{args.model}/pin"
         body = {"version": None if args.version == "none" else int(args.version)}
@@ -403,7 +442,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_import(args)
         if args.command == "update":
             return _cmd_update(args, args.log_level)
-        if args.command in ("rollback", "pin"):
+        if args.command in ("rollback", "pin", "release"):
             return _cmd_admin(args)
     except ConfigError as exc:
         print(f"edge-agent: {exc}", file=sys.stderr)

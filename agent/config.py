@@ -83,8 +83,12 @@ class ServingSection:
     intra_op_threads: int = 1
     max_body_bytes: int = 64 * 1024 * 1024
     max_header_bytes: int = 16 * 1024
-    max_connections: int = 256
-    idle_timeout_s: float = 120.0
+    max_connections: int = 512  # per listener (the Unix socket and TCP each have their own)
+    max_connections_per_peer: int = 256  # per uid on the Unix socket; 0: no per-peer limit
+    max_buffered_body_bytes: int = 96 * 1024 * 1024  # request bodies held across clients
+    header_timeout_s: float = 10.0  # a request head must arrive whole within this
+    body_timeout_s: float = 60.0  # a request body must arrive whole within this of its head
+    idle_timeout_s: float = 120.0  # a keep-alive connection is closed after this idle
     # Models whose p90 on their warm-up input is under this run on the event loop (0: never).
     inline_threshold_us: float = 100.0
 
@@ -116,8 +120,16 @@ class ServingSection:
             )
         for name in ("workers", "intra_op_threads", "max_connections"):
             checks.expect(getattr(self, name) >= 0, name, "0 or more", getattr(self, name))
-        for name in ("max_body_bytes", "max_header_bytes"):
+        for name in ("max_body_bytes", "max_header_bytes", "max_buffered_body_bytes"):
             checks.expect(getattr(self, name) > 0, name, "a positive size", getattr(self, name))
+        checks.expect(
+            self.max_connections_per_peer >= 0,
+            "max_connections_per_peer",
+            "0 or more",
+            self.max_connections_per_peer,
+        )
+        for name in ("header_timeout_s", "body_timeout_s", "idle_timeout_s"):
+            checks.expect(getattr(self, name) > 0, name, "a positive duration", getattr(self, name))
         checks.done()
 
     @property
@@ -134,13 +146,22 @@ class ModelsSection:
     follow: tuple[str, ...] = ()  # model names taken from the repository
     keep_versions: int = 1  # besides the active and the previous committed version
     probation_window_s: float = 60.0  # a new version is committed after this long
-    probation_min_requests: int = 20  # error rates are judged past this many requests
-    max_error_rate_increase: float = 0.05  # over the previous version: roll back past it
+    probation_min_requests: int = 20  # the judge needs this many requests on each side
+    # The probation judge (agent/models/judge.py): a regression must be significant (one-sided
+    # p under probation_alpha) and large: over both floors, relative and absolute.
+    max_error_rate_increase: float = 0.01  # absolute failure-rate floor over the previous
+    probation_error_ratio: float = 2.0  # relative failure-rate floor (new / previous)
+    probation_latency_ratio: float = 1.5  # relative latency floor (median new / previous)
+    probation_latency_min_ms: float = 0.1  # absolute latency floor (median new − previous)
+    probation_alpha: float = 0.001
+    probation_max_extensions: int = 3  # inconclusive windows extended at most this often
     # … and after this many requests (0: the time window alone decides).
     probation_window_requests: int = 0
     # Too few requests by then (a quiet device): committed anyway, saying so (0: keep waiting).
     probation_max_window_s: float = 600.0
-    max_p99_ratio: float = 3.0  # new p99 over the previous version's: roll back past it
+    # Deprecated and ignored (p99 ratios are replaced by the judge); accepted so that an older
+    # agent.toml still starts. The daemon logs a warning when it is set.
+    max_p99_ratio: float | None = None
     drain_timeout_s: float = 10.0  # a drain waits this long for requests in flight
 
     def __post_init__(self) -> None:
@@ -167,7 +188,32 @@ class ModelsSection:
             f"0 or at least probation_window_s ({self.probation_window_s:g})",
             self.probation_max_window_s,
         )
-        checks.expect(self.max_p99_ratio >= 1, "max_p99_ratio", "1 or more", self.max_p99_ratio)
+        checks.expect(
+            0 <= self.max_error_rate_increase <= 1,
+            "max_error_rate_increase",
+            "a rate from 0 to 1",
+            self.max_error_rate_increase,
+        )
+        for name in ("probation_error_ratio", "probation_latency_ratio"):
+            checks.expect(getattr(self, name) >= 1, name, "1 or more", getattr(self, name))
+        checks.expect(
+            self.probation_latency_min_ms >= 0,
+            "probation_latency_min_ms",
+            "0 or more",
+            self.probation_latency_min_ms,
+        )
+        checks.expect(
+            0 < self.probation_alpha < 0.5,
+            "probation_alpha",
+            "a significance level between 0 and 0.5, like 0.001",
+            self.probation_alpha,
+        )
+        checks.expect(
+            self.probation_max_extensions >= 0,
+            "probation_max_extensions",
+            "0 or more",
+            self.probation_max_extensions,
+        )
         checks.expect(
             self.drain_timeout_s >= 0, "drain_timeout_s", "0 or more", self.drain_timeout_s
         )

@@ -107,6 +107,11 @@ class InferenceError(AgentError):
     status = 500
 
 
+class RuntimeInputError(RequestError):
+    """The runtime refused the request's values as invalid arguments (HTTP 400): an index past
+    a table's end, sizes that disagree between inputs. The client's mistake, not the model's."""
+
+
 class CommandError(AgentError):
     """A remote or admin command was refused."""
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -80,6 +80,9 @@ class TensorSpec:
     name: str
     datatype: str
     shape: tuple[int, ...]
+    # Per dimension, the model's symbolic name for a dynamic one ("batch", "seq") or None;
+    # empty when the model names none. Not part of signatures: checked per request only.
+    symbols: tuple[str | None, ...] = field(default=(), compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}

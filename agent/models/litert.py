@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.errors import InferenceError, ModelError
+from agent.errors import InferenceError, ModelError, RuntimeInputError
 from agent.models.runtime import RuntimeOptions
 from agent.tensors import TensorSpec, oip_datatype
 
@@ -74,13 +74,19 @@ class _Interp:
         self, feeds: Mapping[str, np.ndarray[Any, Any]], names: Sequence[str]
     ) -> dict[str, np.ndarray[Any, Any]]:
         resized = False
+        try:
+            for name, value in feeds.items():
+                if tuple(value.shape) != self.shapes[name]:
+                    self.shapes[name] = ()  # unknown until allocate succeeds: redo next time
+                    self.interp.resize_tensor_input(self.inputs[name]["index"], list(value.shape))
+                    resized = True
+            if resized:
+                self.interp.allocate_tensors()
+        except (ValueError, RuntimeError) as exc:
+            # LiteRT refuses sizes its graph cannot take: the request's, not the model's.
+            raise RuntimeInputError(f"LiteRT refused the input shapes: {exc}") from exc
         for name, value in feeds.items():
-            if tuple(value.shape) != self.shapes[name]:
-                self.interp.resize_tensor_input(self.inputs[name]["index"], list(value.shape))
-                self.shapes[name] = tuple(value.shape)
-                resized = True
-        if resized:
-            self.interp.allocate_tensors()
+            self.shapes[name] = tuple(value.shape)
         for name, value in feeds.items():
             self.interp.set_tensor(self.inputs[name]["index"], value)
         self.interp.invoke()
@@ -123,6 +129,8 @@ class LiteRTSession:
         interp = self._pool.get()
         try:
             return interp.run(feeds, names)
+        except RuntimeInputError as exc:
+            raise RuntimeInputError(f"{self.path.name}: {exc.message}") from exc
         except Exception as exc:
             raise InferenceError(f"{self.path.name}: LiteRT failed: {exc}") from exc
         finally:

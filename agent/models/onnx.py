@@ -19,11 +19,14 @@ os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 import onnxruntime as ort
 
-from agent.errors import InferenceError, ModelError
+from agent.errors import InferenceError, ModelError, RuntimeInputError
 from agent.models.runtime import RuntimeOptions
 from agent.tensors import TensorSpec
 
 log = logging.getLogger(__name__)
+
+# The exception classes ORT raises for its INVALID_ARGUMENT status (pybind11 names them so).
+_INVALID_ARGUMENT = frozenset({"InvalidArgument"})
 
 # ONNX Runtime's type strings -> OIP datatypes.
 _ORT_TYPES = {
@@ -47,9 +50,17 @@ def _spec(arg: Any, path: Path) -> TensorSpec:
     datatype = _ORT_TYPES.get(arg.type)
     if datatype is None:
         raise ModelError(f"{path}: tensor {arg.name!r} has type {arg.type}, which OIP cannot carry")
-    # Symbolic ("batch") and unknown (None) dimensions are dynamic.
-    shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in (arg.shape or []))
-    return TensorSpec(name=arg.name, datatype=datatype, shape=shape)
+    # Symbolic ("batch") and unknown (None) dimensions are dynamic; a symbol's name is kept,
+    # since inputs that share one must agree on its size.
+    dims = tuple(arg.shape or [])
+    shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in dims)
+    symbols = tuple(d if isinstance(d, str) and d else None for d in dims)
+    return TensorSpec(
+        name=arg.name,
+        datatype=datatype,
+        shape=shape,
+        symbols=symbols if any(symbols) else (),
+    )
 
 
 class OnnxSession:
@@ -93,6 +104,12 @@ class OnnxSession:
         try:
             results = self._session.run(names, dict(feeds))
         except Exception as exc:
+            # ORT's INVALID_ARGUMENT: the values of a well-typed request are out of the model's
+            # domain (Gather past the table, mismatched sizes); anything else is the runtime's.
+            if type(exc).__name__ in _INVALID_ARGUMENT:
+                raise RuntimeInputError(
+                    f"{self.path.name}: ONNX Runtime refused the input: {exc}"
+                ) from exc
             raise InferenceError(f"{self.path.name}: ONNX Runtime failed: {exc}") from exc
         return dict(zip(names, results, strict=True))
 

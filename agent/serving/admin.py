@@ -1,11 +1,13 @@
-"""Admin routes on the local socket (rollback, pin, update now), for root and the agent's user.
+"""Admin routes on the local socket (rollback, pin, release, update now), for root and the
+agent's user; the commands and their checks are ``agent.operations``'s, shared with MQTT.
 
 The caller is identified by the kernel (SO_PEERCRED on the Unix socket), never by anything in
 the request; over TCP there is no such identity, so admin routes are refused there.
 
-A local admin may roll back or pin to a version put in by ``edge-agent import`` (unsigned):
-whoever is root or the agent's user can write the store and run anything as the agent already.
-Remote (MQTT) commands go through ``Agent.run_command`` and may only target signed versions.
+A local admin may roll back or pin to a version put in by ``edge-agent import`` (unsigned), and
+release a quarantine: whoever is root or the agent's user can write the store and run anything
+as the agent already. Remote (MQTT) commands go through the same layer and may only target
+signed versions.
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ import os
 import socket
 import struct
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import Any
 
+from agent import operations
 from agent.errors import AgentError, CommandError, NotFoundError, RequestError
+from agent.operations import Operation, Origin, Outcome
 from agent.serving.handler import Response, error_response
 
 log = logging.getLogger(__name__)
@@ -38,33 +42,17 @@ def peer_uid(sock: socket.socket | None) -> int | None:
     return int(uid)
 
 
-class Rollback(Protocol):
-    def __call__(self, name: str, to: int | None, *, allow_unsigned: bool) -> Awaitable[int]: ...
-
-
-class Pin(Protocol):
-    def __call__(
-        self, name: str, version: int | None, *, allow_unsigned: bool
-    ) -> Awaitable[None]: ...
-
-
-UpdateNow = Callable[[], Awaitable[dict[str, Any]]]
+Execute = Callable[[Operation, Origin], Awaitable[Outcome]]
 
 
 class AdminApi:
     """``POST /agent/models/{name}/rollback {"to": v?}``, ``…/pin {"version": v|null}``,
-    ``POST /agent/update``."""
+    ``…/unpin``, ``…/release {"version": v}``, ``POST /agent/update``: each route names a
+    command of ``agent.operations`` and its arguments, checked by the same schema as a remote
+    command's and run with the local policy."""
 
-    def __init__(
-        self,
-        rollback: Rollback,
-        pin: Pin,
-        update_now: UpdateNow | None = None,
-        allowed_uids: frozenset[int] | None = None,
-    ) -> None:
-        self._rollback = rollback
-        self._pin = pin
-        self._update_now = update_now
+    def __init__(self, execute: Execute, allowed_uids: frozenset[int] | None = None) -> None:
+        self._execute = execute
         self.allowed_uids = (
             allowed_uids if allowed_uids is not None else frozenset({0, os.getuid()})
         )
@@ -81,7 +69,14 @@ class AdminApi:
                     f"{path} is an admin call, allowed only to root and the agent's user; "
                     f"refused for {who}"
                 )
-            return await self._route(path, self._body(body))
+            name, args = route(path, self._body(body))
+            try:
+                operation = operations.parse(name, args)
+            except CommandError as exc:  # the request is malformed: 400, not a refusal
+                raise RequestError(str(exc)) from None
+            outcome = await self._execute(operation, Origin.LOCAL)
+            log.info("admin: %s", outcome.message)
+            return Response(200, json.dumps(outcome.data).encode())
         except AgentError as exc:
             log.warning("admin: %s refused: %s", path, exc)
             return error_response(exc)
@@ -98,34 +93,22 @@ class AdminApi:
             raise RequestError("admin request body must be a JSON object")
         return raw
 
-    @staticmethod
-    def _version(raw: dict[str, Any], key: str) -> int | None:
-        value = raw.get(key)
-        if value is None:
-            return None
-        if isinstance(value, str) and value.isdigit():
-            return int(value)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise RequestError(f"{key!r} must be a positive integer version, found {value!r}")
-        return value
 
-    async def _route(self, path: str, raw: dict[str, Any]) -> Response:
-        parts = path.split("?", 1)[0].strip("/").split("/")
-        if parts == ["agent", "update"]:
-            if self._update_now is None:
-                raise NotFoundError("this agent has no repository configured")
-            return Response(200, json.dumps(await self._update_now()).encode())
-        if len(parts) == 4 and parts[:2] == ["agent", "models"]:
-            name, action = parts[2], parts[3]
-            if action == "rollback":
-                version = await self._rollback(name, self._version(raw, "to"), allow_unsigned=True)
-                log.info("admin: model %s rolled back to version %d", name, version)
-                return Response(
-                    200, json.dumps({"model": name, "active_version": version}).encode()
-                )
-            if action == "pin":
-                pinned = self._version(raw, "version")
-                await self._pin(name, pinned, allow_unsigned=True)
-                log.info("admin: model %s pinned to %s", name, pinned)
-                return Response(200, json.dumps({"model": name, "pinned": pinned}).encode())
-        raise NotFoundError(f"no admin route {path}")
+def route(path: str, body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The command and arguments an admin path and body stand for (pure).
+
+    Raises:
+        NotFoundError: no such route.
+    """
+    parts = path.split("?", 1)[0].strip("/").split("/")
+    if parts == ["agent", "update"]:
+        return "check-update", {**body, "wait": True}
+    if len(parts) == 4 and parts[:2] == ["agent", "models"]:
+        model, action = parts[2], parts[3]
+        args = {**body, "model": model}
+        if action == "pin" and body.get("version") is None:
+            args.pop("version", None)
+            return "unpin", args  # {"version": null}: follow the repository again
+        if action in ("rollback", "pin", "unpin", "release"):
+            return action, args
+    raise NotFoundError(f"no admin route {path}")

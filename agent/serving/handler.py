@@ -13,7 +13,6 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote
 
 import numpy as np
 
@@ -23,11 +22,12 @@ from agent.errors import (
     InferenceError,
     NotFoundError,
     RequestError,
+    RuntimeInputError,
     UnavailableError,
 )
 from agent.models import fastpath
 from agent.models.slots import LoadedVersion, Slot, Slots
-from agent.serving import oip
+from agent.serving import oip, routes
 from agent.telemetry.metrics import Registry, render_prometheus
 
 log = logging.getLogger(__name__)
@@ -82,6 +82,8 @@ def _named_failure(loaded: LoadedVersion, error: BaseException) -> AgentError:
     prefix = f"model {loaded.name} version {loaded.version}: "
     if not isinstance(error, AgentError):
         return InferenceError(f"{prefix}runtime failed: {error}")
+    if isinstance(error, RuntimeInputError) and not error.message.startswith(prefix):
+        return RuntimeInputError(prefix + error.message, remedy=error.remedy)
     if isinstance(error, InferenceError) and not error.message.startswith(prefix):
         return InferenceError(prefix + error.message, remedy=error.remedy)
     return error
@@ -89,12 +91,6 @@ def _named_failure(loaded: LoadedVersion, error: BaseException) -> AgentError:
 
 def _json(value: Any, status: int = 200) -> Response:
     return Response(status, json.dumps(value, separators=(",", ":")).encode())
-
-
-def _parse_version(raw: str) -> int:
-    if not raw.isdigit():
-        raise NotFoundError(f"model version must be a positive integer, found {raw!r}")
-    return int(raw)
 
 
 StatusProvider = Callable[[], Mapping[str, Any]]
@@ -121,72 +117,57 @@ class OipHandler:
 
     # -- dispatch ---------------------------------------------------------------------------
 
-    def handle(self, method: str, path: str, body: bytes) -> Response:
-        """Every route but inference.
+    def handle(self, method: str, path: str, body: bytes | bytearray) -> Response:
+        """Every route but inference and admin calls, for a request target with or without a
+        query string.
 
         Inference requests (``POST …/infer``) go through ``prepare_infer`` instead; passed here
-        they are answered with an error.
+        they are answered with an error. Never raises: every failure becomes a response.
         """
         try:
-            return self._route(method, path, body)
+            return self._route(method, routes.match(path), body)
         except AgentError as exc:
             return error_response(exc)
+        except Exception as exc:  # a defect of ours: answer, name it, keep the connection
+            log.exception("server: %s %s failed", method, routes.path_of(path)[:200])
+            return Response(500, oip.encode_error(f"internal error: {type(exc).__name__}"))
 
-    def _route(self, method: str, path: str, body: bytes) -> Response:
-        path = path.split("?", 1)[0]
-        if path == "/v2/health/live":
-            return self._only(method, "GET") or _json({"live": True})
-        if path == "/v2/health/ready":
+    def _route(self, method: str, route: routes.Route, body: bytes | bytearray) -> Response:
+        if not route.allows(method):
+            wanted = routes.METHODS[route.kind]
+            if route.kind is routes.Kind.INFER:
+                return Response(405, oip.encode_error("inference must be sent with POST"))
+            return Response(405, oip.encode_error(f"method {method} not allowed; use {wanted}"))
+        kind = route.kind
+        if kind is routes.Kind.LIVE:
+            return _json({"live": True})
+        if kind is routes.Kind.READY:
             ready = self.ready()
-            return self._only(method, "GET") or _json({"ready": ready}, 200 if ready else 503)
-        if path == "/v2":
-            return self._only(method, "GET") or Response(200, self._server_metadata)
-        if path == "/metrics":
-            return self._only(method, "GET") or Response(
-                200, render_prometheus(self.metrics), b"text/plain; version=0.0.4"
-            )
-        if path == "/agent/status":
-            return self._only(method, "GET") or _json(self.status())
-        if path == "/v2/repository/index":
-            return self._only(method, "POST") or self._repository_index(body)
-        if path.startswith("/v2/models/"):
-            name, version, action = self._split_model_path(path)
-            if action == "infer":
-                raise RequestError("inference must be sent with POST")
-            if action == "":
-                return self._only(method, "GET") or self._model_metadata(name, version)
-            if action == "ready":
-                return self._only(method, "GET") or self._model_ready(name, version)
-            if action == "config":
-                return self._only(method, "GET") or self._model_config(name, version)
-            if action == "stats":
-                return self._only(method, "GET") or self._model_stats(name)
-        raise NotFoundError(f"no route for {method} {path}")
-
-    @staticmethod
-    def _only(method: str, allowed: str) -> Response | None:
-        if method == allowed:
-            return None
-        return Response(405, oip.encode_error(f"method {method} not allowed; use {allowed}"))
-
-    @staticmethod
-    def _split_model_path(path: str) -> tuple[str, int | None, str]:
-        """``/v2/models/{m}[/versions/{v}][/action]`` -> (m, v, action)."""
-        parts = path[len("/v2/models/") :].split("/")
-        name = unquote(parts[0])
-        if not name:
-            raise NotFoundError("model name missing in path")
-        rest = parts[1:]
-        version = None
-        if len(rest) >= 2 and rest[0] == "versions":
-            version = _parse_version(rest[1])
-            rest = rest[2:]
-        if len(rest) > 1 or (rest and rest[0] not in ("infer", "ready", "config", "stats")):
-            raise NotFoundError(f"no route for model path {path}")
-        return name, version, rest[0] if rest else ""
+            return _json({"ready": ready}, 200 if ready else 503)
+        if kind is routes.Kind.SERVER:
+            return Response(200, self._server_metadata)
+        if kind is routes.Kind.METRICS:
+            return Response(200, render_prometheus(self.metrics), b"text/plain; version=0.0.4")
+        if kind is routes.Kind.STATUS:
+            return _json(self.status())
+        if kind is routes.Kind.INDEX:
+            return self._repository_index(body)
+        if kind is routes.Kind.MODEL:
+            return self._model_metadata(route.model, route.version)
+        if kind is routes.Kind.MODEL_READY:
+            return self._model_ready(route.model, route.version)
+        if kind is routes.Kind.MODEL_CONFIG:
+            return self._model_config(route.model, route.version)
+        if kind is routes.Kind.MODEL_STATS:
+            return self._model_stats(route.model)
+        raise NotFoundError(f"no route for {method} {route.path}")
 
     def is_infer(self, method: str, path: str) -> bool:
-        return method == "POST" and path.startswith("/v2/models/") and path.endswith("/infer")
+        try:
+            route = routes.match(path)
+        except AgentError:
+            return False
+        return method == "POST" and route.kind is routes.Kind.INFER
 
     # -- inference --------------------------------------------------------------------------
 
@@ -199,7 +180,10 @@ class OipHandler:
             AgentError: a request, not-found or unavailable error, ready to become a response.
         """
         started = time.perf_counter()
-        name, version, _ = self._split_model_path(path.split("?", 1)[0])
+        route = routes.match(path)
+        if route.kind is not routes.Kind.INFER:
+            raise NotFoundError(f"no inference route {route.path}")
+        name, version = route.model, route.version
         try:
             slot = self.slots.get(name)
         except NotFoundError:
@@ -210,11 +194,19 @@ class OipHandler:
             request = oip.decode_infer_request(body, header_length, self.limits)
             feeds = oip.check_inputs(request, loaded.session.inputs, name)
             outputs = oip.check_outputs(request, loaded.session.outputs, name)
-        except AgentError:
+        except BaseException as exc:
             # The client's mistake, refused before the model ran: never the version's error.
             self.metrics.model(loaded.name, str(loaded.version)).observe_client_error()
             slot.release(loaded)
-            raise
+            if isinstance(exc, AgentError) or not isinstance(exc, Exception):
+                raise
+            # Decoding input that no check foresaw (a defect of ours, logged as one); the
+            # request is still the one that made it fail, so it is answered as a bad request.
+            log.exception("infer %s: decoding the request failed unexpectedly", name)
+            raise RequestError(
+                f"model {name!r}: the request could not be decoded ({type(exc).__name__}: "
+                f"{str(exc)[:200]})"
+            ) from exc
         inline = loaded.inline_elements > 0 and (
             sum(value.size for value in feeds.values()) <= loaded.inline_elements
         )
@@ -231,6 +223,11 @@ class OipHandler:
         try:
             if error is not None:
                 exc = _named_failure(loaded, error)
+                if isinstance(exc, RequestError):
+                    # The runtime refused the values (an index past a table …): the client's.
+                    log.info("infer %s version %d refused: %s", loaded.name, loaded.version, exc)
+                    self.metrics.model(loaded.name, str(loaded.version)).observe_client_error()
+                    return error_response(exc)
                 log.warning("infer %s version %d failed: %s", loaded.name, loaded.version, exc)
                 self._observe(loaded, prepared.started, failed=True, seconds=prepared.run_s)
                 return error_response(exc)
@@ -315,7 +312,16 @@ class OipHandler:
 
     def _model_ready(self, name: str, version: int | None) -> Response:
         slot = self.slots.get(name)
-        ready = slot.active is not None if version is None else version in slot.versions()
+        if version is None:
+            ready = slot.active is not None
+        elif version in slot.versions():
+            ready = True
+        else:
+            # As the metadata route answers: a version this agent has not loaded is unknown here.
+            raise NotFoundError(
+                f"model {name!r} has no loaded version {version} "
+                f"(loaded: {', '.join(map(str, slot.versions())) or 'none'})"
+            )
         return _json({"name": name, "ready": ready}, 200 if ready else 503)
 
     def _model_stats(self, name: str) -> Response:
@@ -338,12 +344,12 @@ class OipHandler:
             )
         return _json({"model_stats": stats})
 
-    def _repository_index(self, body: bytes) -> Response:
+    def _repository_index(self, body: bytes | bytearray) -> Response:
         only_ready = False
         if body.strip():
             try:
                 raw = json.loads(body)
-            except ValueError as exc:
+            except (ValueError, RecursionError) as exc:
                 raise RequestError(f"repository index body is not JSON: {exc}") from None
             if not isinstance(raw, dict):
                 raise RequestError("repository index body must be a JSON object")

@@ -136,17 +136,23 @@ class _Reader:
 
 def _shape(raw: Any, what: str, limits: Limits, error: type[AgentError]) -> tuple[int, ...]:
     if not isinstance(raw, list):
-        raise error(f"{what}: 'shape' must be a list of integers, found {raw!r}")
+        raise error(f"{what}: 'shape' must be a list of integers, found {_brief(raw)}")
     if len(raw) > limits.max_rank:
         raise error(f"{what}: rank {len(raw)} exceeds the limit of {limits.max_rank}")
     for dim in raw:
         if not isinstance(dim, int) or isinstance(dim, bool) or dim < 0:
-            raise error(f"{what}: 'shape' must hold non-negative integers, found {raw!r}")
+            raise error(f"{what}: 'shape' must hold non-negative integers, found {_brief(raw)}")
     shape = tuple(raw)
     if math.prod(shape) > limits.max_elements:
         raise PayloadTooLargeError(
             f"{what}: {math.prod(shape)} elements exceed the limit of {limits.max_elements}"
         )
+    for dim in shape:
+        if dim > limits.max_elements:
+            # With a zero elsewhere the product passes, but numpy cannot allocate such a shape.
+            raise PayloadTooLargeError(
+                f"{what}: dimension {_brief(dim)} exceeds the limit of {limits.max_elements}"
+            )
     return shape
 
 
@@ -178,13 +184,22 @@ def _decode_bytes_elements(
 
 
 def _flatten_strings(data: Any, what: str, error: type[AgentError], out: list[bytes]) -> None:
-    for item in data:
-        if isinstance(item, list):
-            _flatten_strings(item, what, error, out)
-        elif isinstance(item, str):
-            out.append(item.encode())
-        else:
+    for item in _leaves(data):  # iterative: nesting depth is the client's to choose
+        if not isinstance(item, str):
             raise error(f"{what}: BYTES data must be strings, found {type(item).__name__}")
+        try:
+            out.append(item.encode())
+        except UnicodeEncodeError:
+            raise error(f"{what}: BYTES data holds a lone surrogate, not valid text") from None
+
+
+def _brief(value: Any, limit: int = 80) -> str:
+    """``repr`` cut short: error messages quote the client's value, never all of it."""
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):  # ints past repr's digit limit, deep nesting
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _leaves(data: Any) -> list[Any]:
@@ -225,8 +240,8 @@ def _from_json(
         return array.reshape(shape)
     try:
         raw = np.array(data)
-    except (ValueError, TypeError) as exc:
-        raise error(f"{what}: 'data' is ragged or malformed: {exc}") from None
+    except (ValueError, TypeError, RecursionError, OverflowError) as exc:
+        raise error(f"{what}: 'data' is ragged or malformed: {str(exc)[:200]}") from None
     if raw.size == 0 and count == 0:
         return np.zeros(shape, dtype=OIP_TO_NUMPY[datatype])
     if datatype.startswith(("UINT", "INT")) and raw.dtype.kind in "fO":
@@ -273,15 +288,16 @@ def _describe_tensor(
         raise error(f"each {kind} must be a JSON object, found {type(entry).__name__}")
     name = entry.get("name")
     if not isinstance(name, str) or not name:
-        raise error(f"{kind} without a 'name' string: {json.dumps(entry)[:120]}")
-    what = f"{kind} {name!r}"
+        raise error(f"{kind} without a 'name' string: {_brief(entry, 120)}")
+    what = f"{kind} {_brief(name)}"
     if name in seen:
         raise error(f"{what} appears twice")
     seen.add(name)
     datatype = entry.get("datatype")
-    if datatype not in OIP_TO_NUMPY:
+    if not isinstance(datatype, str) or datatype not in OIP_TO_NUMPY:
         raise error(
-            f"{what}: unknown datatype {datatype!r}; expected one of {', '.join(OIP_TO_NUMPY)}"
+            f"{what}: unknown datatype {_brief(datatype)}; expected one of "
+            f"{', '.join(OIP_TO_NUMPY)}"
         )
     shape = _shape(entry.get("shape"), what, limits, error)
     params = entry.get("parameters") or {}
@@ -290,7 +306,9 @@ def _describe_tensor(
     size = params.get("binary_data_size")
     if size is not None:
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-            raise error(f"{what}: binary_data_size must be a non-negative integer, found {size!r}")
+            raise error(
+                f"{what}: binary_data_size must be a non-negative integer, found {_brief(size)}"
+            )
         if datatype != "BYTES":
             expected = math.prod(shape) * OIP_TO_NUMPY[datatype].itemsize
             if size != expected:
@@ -355,6 +373,8 @@ def _split(
         header = json.loads(bytes(view[:header_length]))
     except (ValueError, UnicodeDecodeError) as exc:
         raise error(f"the body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise error("the body is not valid JSON: nested deeper than the decoder allows") from None
     if not isinstance(header, dict):
         raise error(f"the JSON body must be an object, found {type(header).__name__}")
     return header, _Reader(view[header_length:])
@@ -449,13 +469,15 @@ def decode_infer_request(
 def _plan_request(header: dict[str, Any], limits: Limits) -> _RequestPlan:
     request_id = header.get("id")
     if request_id is not None and not isinstance(request_id, str):
-        raise RequestError(f"'id' must be a string, found {request_id!r}")
+        raise RequestError(f"'id' must be a string, found {_brief(request_id)}")
     parameters = header.get("parameters") or {}
     if not isinstance(parameters, dict):
         raise RequestError("'parameters' must be an object")
     binary_output = parameters.get("binary_data_output", False)
     if not isinstance(binary_output, bool):
-        raise RequestError(f"binary_data_output must be true or false, found {binary_output!r}")
+        raise RequestError(
+            f"binary_data_output must be true or false, found {_brief(binary_output)}"
+        )
     raw_inputs = header.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
         raise RequestError("'inputs' must be a non-empty list of tensors")
@@ -475,7 +497,9 @@ def _plan_request(header: dict[str, Any], limits: Limits) -> _RequestPlan:
         parsed = []
         for entry in raw_outputs:
             if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
-                raise RequestError(f"each output must be an object with a 'name', found {entry!r}")
+                raise RequestError(
+                    f"each output must be an object with a 'name', found {_brief(entry)}"
+                )
             params = entry.get("parameters") or {}
             if not isinstance(params, dict):
                 raise RequestError(f"output {entry['name']!r}: 'parameters' must be an object")
@@ -501,6 +525,7 @@ def check_inputs(
     """
     by_name = {tensor.name: tensor for tensor in request.inputs}
     feeds = {}
+    symbols: dict[str, tuple[int, str]] = {}
     for spec in specs:
         tensor = by_name.get(spec.name)
         if tensor is None:
@@ -519,6 +544,16 @@ def check_inputs(
                 f"expected {list(spec.shape)} (-1: any size)"
             )
         feeds[spec.name] = tensor.data
+        for symbol, size in zip(spec.symbols, tensor.shape, strict=False):
+            if symbol is None:
+                continue
+            first = symbols.setdefault(symbol, (size, spec.name))
+            if first[0] != size:
+                # Caught here rather than by the runtime, which would fail mid-graph (a 500).
+                raise RequestError(
+                    f"model {model!r}: inputs {first[1]!r} and {spec.name!r} share dimension "
+                    f"{symbol!r} but have sizes {first[0]} and {size}"
+                )
     if len(feeds) != len(by_name):
         unexpected = sorted(set(by_name) - set(feeds))
         raise RequestError(f"model {model!r} has no input named {', '.join(map(repr, unexpected))}")

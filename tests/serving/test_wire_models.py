@@ -19,7 +19,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from agent.daemon import LocalModel
-from agent.errors import InferenceError, NotFoundError
+from agent.errors import InferenceError, NotFoundError, RequestError
 from agent.serving import oip
 from agent.serving.client import InferenceClient
 from cloud_stub import samples
@@ -45,6 +45,27 @@ def gather_model(path: Path) -> Path:
     graph = helper.make_graph(
         [helper.make_node("Gather", ["table", "i"], ["y"], axis=0)], "gather", [i], [y], [table]
     )
+    return _save(graph, path)
+
+
+def reshape_model(path: Path) -> Path:
+    """``y = reshape(x, [4])``: x FP32 [-1] is any size by its signature, but the graph holds
+    only 4 values: another size is a well-formed request on which the model itself fails."""
+    shape = numpy_helper.from_array(np.array([4], np.int64), "shape")
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["y"])], "reshape", [x], [y], [shape]
+    )
+    return _save(graph, path)
+
+
+def pair_model(path: Path) -> Path:
+    """``y = ids + w``: both inputs are [batch, 8] with the same symbolic batch dimension."""
+    ids = helper.make_tensor_value_info("ids", TensorProto.FLOAT, ["batch", 8])
+    w = helper.make_tensor_value_info("w", TensorProto.FLOAT, ["batch", 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])
+    graph = helper.make_graph([helper.make_node("Add", ["ids", "w"], ["y"])], "pair", [ids, w], [y])
     return _save(graph, path)
 
 
@@ -80,6 +101,8 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "v1": samples.matmul_model(root / "m-v1.onnx", seed=1),
         "v2": samples.matmul_model(root / "m-v2.onnx", seed=2),
         "gather": gather_model(root / "gather.onnx"),
+        "reshape": reshape_model(root / "reshape.onnx"),
+        "pair": pair_model(root / "pair.onnx"),
         "slow": slow_model(root / "slow.onnx"),
     }
 
@@ -92,6 +115,8 @@ def two_versions(tmp_path: Path, built: dict[str, Path]) -> Iterator[RunningAgen
         LocalModel("m", built["v1"], version=1),
         LocalModel("m", built["v2"], version=2),
         LocalModel("g", built["gather"]),
+        LocalModel("r", built["reshape"]),
+        LocalModel("p", built["pair"]),
     ]
     yield from start_agent(models, tmp_path / "versions.sock")
 
@@ -101,7 +126,12 @@ def pooled(tmp_path: Path, built: dict[str, Path]) -> Iterator[RunningAgent]:
     """The slow and the gather model with the fast path off: every run goes to the pool.
     (The fast path would measure the slow model and leave it in the pool anyway, but that
     measurement runs it 55 times while loading.)"""
-    models = [LocalModel("slow", built["slow"]), LocalModel("g", built["gather"])]
+    models = [
+        LocalModel("slow", built["slow"]),
+        LocalModel("g", built["gather"]),
+        LocalModel("r", built["reshape"]),
+        LocalModel("p", built["pair"]),
+    ]
     yield from start_agent(models, tmp_path / "pooled.sock", inline_threshold_us=0.0, workers=2)
 
 
@@ -163,11 +193,13 @@ def test_version_in_path_selects_a_loaded_version_that_is_not_active(
 
 
 @pytest.mark.parametrize("where", ["fast path", "pool"])
-def test_runtime_failure_is_a_500_naming_model_and_version(
+def test_runtime_refusals_are_400_and_failures_500(
     where: str, request: pytest.FixtureRequest
 ) -> None:
-    """Indices outside the table pass every request check (right name, dtype and shape) and
-    fail inside ONNX Runtime: 500, ``{"error": ...}`` naming the model and version, and the
+    """Indices outside the table pass every request check (right name, dtype and shape) and are
+    refused by ONNX Runtime as INVALID_ARGUMENT: 400 naming the model, version and the runtime's
+    reason, counted as the client's error. A model that fails on a request its signature
+    accepts is the model's failure: 500 naming model and version, counted as its error. The
     same connection then serves the next good request. Both places a run happens are tried."""
     served: RunningAgent = request.getfixturevalue(
         "two_versions" if where == "fast path" else "pooled"
@@ -186,19 +218,63 @@ def test_runtime_failure_is_a_500_naming_model_and_version(
             body,
             [("Inference-Header-Content-Length", str(length))],
         )
-        assert status == 500
+        assert status == 400
         assert headers["content-type"] == "application/json"
         error = json.loads(payload)
         assert list(error) == ["error"]
         assert error["error"].startswith("model g version 1: ")
-        assert "Gather" in error["error"] or "indices" in error["error"]
-        with pytest.raises(InferenceError, match="model g version 1"):
+        assert "refused the input" in error["error"]
+        assert "indices" in error["error"] or "Gather" in error["error"]
+        with pytest.raises(RequestError, match="model g version 1"):
             client.infer("g", bad, binary=False)
         assert client.infer("g", good)["y"].tolist() == [40.0, 10.0, 20.0]
+
+        assert client.infer("r", {"x": np.arange(4, dtype=np.float32)})["y"].tolist() == [
+            0.0,
+            1.0,
+            2.0,
+            3.0,
+        ]
+        with pytest.raises(InferenceError, match=r"model r version 1: .*ONNX Runtime failed"):
+            client.infer("r", {"x": np.arange(3, dtype=np.float32)})
+        status, _, payload = client.request(
+            "POST", "/v2/models/r/infer", *_json_body({"x": np.arange(5, dtype=np.float32)})
+        )
+        assert status == 500
+        assert json.loads(payload)["error"].startswith("model r version 1: ")
         assert client.ready()
-        summary = client.status()["models"]["g"]["loaded_versions"]["1"]
-    assert summary["errors"] == 2
-    assert summary["requests"] == 4
+        status_doc = client.status()["models"]
+    gather = status_doc["g"]["loaded_versions"]["1"]
+    assert (gather["errors"], gather["client_errors"], gather["requests"]) == (0, 2, 2)
+    reshape = status_doc["r"]["loaded_versions"]["1"]
+    assert (reshape["errors"], reshape["client_errors"], reshape["requests"]) == (2, 0, 3)
+
+
+@pytest.mark.parametrize("where", ["fast path", "pool"])
+def test_inputs_sharing_a_symbolic_dimension_must_agree(
+    where: str, request: pytest.FixtureRequest
+) -> None:
+    """``ids`` [2, 8] and ``w`` [3, 8] on a model whose inputs share the symbol ``batch``: 400
+    naming both inputs and the dimension, before the runtime runs (it would fail mid-graph)."""
+    served: RunningAgent = request.getfixturevalue(
+        "two_versions" if where == "fast path" else "pooled"
+    )
+    with InferenceClient(str(served.socket)) as client:
+        with pytest.raises(RequestError, match=r"'ids' and 'w' share dimension 'batch'"):
+            client.infer(
+                "p", {"ids": np.zeros((2, 8), np.float32), "w": np.ones((3, 8), np.float32)}
+            )
+        out = client.infer(
+            "p", {"ids": np.zeros((3, 8), np.float32), "w": np.ones((3, 8), np.float32)}
+        )
+        assert out["y"].shape == (3, 8)
+        summary = client.status()["models"]["p"]["loaded_versions"]["1"]
+    assert (summary["errors"], summary["client_errors"], summary["requests"]) == (0, 1, 1)
+
+
+def _json_body(feeds: dict[str, np.ndarray[Any, Any]]) -> tuple[bytes]:
+    body, _ = oip.encode_infer_request(feeds, None, binary=False)
+    return (body,)
 
 
 # -- a slow model leaves the loop free --------------------------------------------------------

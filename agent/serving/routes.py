@@ -1,0 +1,132 @@
+"""One router for every route of the local socket: a request target in, a ``Route`` out.
+
+Pure: no sockets, no models. The query string and fragment are dropped before matching (no
+route of the protocol gives them a meaning, and stock clients add some, as tritonclient's
+``query_params`` do); percent-escapes are decoded in the model name only, after the path is
+split, so ``/`` inside a name stays part of the name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from urllib.parse import unquote
+
+from agent.errors import NotFoundError
+
+
+class Kind(Enum):
+    LIVE = "live"
+    READY = "ready"
+    SERVER = "server"
+    METRICS = "metrics"
+    STATUS = "status"
+    INDEX = "index"
+    MODEL = "model"  # model metadata
+    MODEL_READY = "model_ready"
+    MODEL_CONFIG = "model_config"
+    MODEL_STATS = "model_stats"
+    INFER = "infer"
+    ADMIN = "admin"
+
+
+# The method each route answers; HEAD is answered wherever GET is.
+METHODS: dict[Kind, str] = {
+    Kind.LIVE: "GET",
+    Kind.READY: "GET",
+    Kind.SERVER: "GET",
+    Kind.METRICS: "GET",
+    Kind.STATUS: "GET",
+    Kind.INDEX: "POST",
+    Kind.MODEL: "GET",
+    Kind.MODEL_READY: "GET",
+    Kind.MODEL_CONFIG: "GET",
+    Kind.MODEL_STATS: "GET",
+    Kind.INFER: "POST",
+    Kind.ADMIN: "POST",
+}
+
+_FIXED = {
+    "/v2/health/live": Kind.LIVE,
+    "/v2/health/ready": Kind.READY,
+    "/v2": Kind.SERVER,
+    "/metrics": Kind.METRICS,
+    "/agent/status": Kind.STATUS,
+    "/v2/repository/index": Kind.INDEX,
+}
+
+_ACTIONS = {
+    "": Kind.MODEL,
+    "ready": Kind.MODEL_READY,
+    "config": Kind.MODEL_CONFIG,
+    "stats": Kind.MODEL_STATS,
+    "infer": Kind.INFER,
+}
+
+_MODELS = "/v2/models/"
+ADMIN_PREFIX = "/agent/"
+MAX_VERSION = 2**63 - 1
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    kind: Kind
+    path: str  # without query string
+    model: str = ""
+    version: int | None = None
+
+    def allows(self, method: str) -> bool:
+        wanted = METHODS[self.kind]
+        return method == wanted or (method == "HEAD" and wanted == "GET")
+
+
+def path_of(target: str) -> str:
+    """The path of a request target: the query string and fragment dropped."""
+    for mark in ("?", "#"):
+        target = target.split(mark, 1)[0]
+    return target
+
+
+def match(target: str) -> Route:
+    """The route of a request target (path, optionally with a query string).
+
+    Raises:
+        NotFoundError: no route has this path, naming it.
+    """
+    path = path_of(target)
+    kind = _FIXED.get(path)
+    if kind is not None:
+        return Route(kind, path)
+    if path.startswith(_MODELS):
+        return _model_route(path)
+    if path.startswith(ADMIN_PREFIX):
+        return Route(Kind.ADMIN, path)
+    raise NotFoundError(f"no route for {path}")
+
+
+def _model_route(path: str) -> Route:
+    """``/v2/models/{m}[/versions/{v}][/action]``."""
+    parts = path[len(_MODELS) :].split("/")
+    name = unquote(parts[0], errors="replace")
+    if not name:
+        raise NotFoundError(f"model name missing in path {path}")
+    rest = parts[1:]
+    version = None
+    if len(rest) >= 2 and rest[0] == "versions":
+        version = parse_version(rest[1])
+        rest = rest[2:]
+    action = rest[0] if len(rest) == 1 else ""
+    if len(rest) > 1 or action not in _ACTIONS:
+        raise NotFoundError(f"no route for model path {path}")
+    return Route(_ACTIONS[action], path, name, version)
+
+
+def parse_version(raw: str) -> int:
+    """A version number from a path segment.
+
+    Raises:
+        NotFoundError: not a positive decimal integer that fits a version number.
+    """
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 19 or int(raw) > MAX_VERSION:
+        raise NotFoundError(f"model version must be a positive integer, found {raw[:40]!r}")
+    return int(raw)
