@@ -152,8 +152,12 @@ class UpdateLoop:
         source = self.config.source
         if source is None:
             return CycleResult(False, (), (), "no configuration file to give the update child", 0)
+        # -I (isolated): neither the working directory (an `agent/` there would shadow the
+        # installed package in the process that parses network input) nor PYTHON* variables
+        # nor the user's site-packages decide what the child imports.
         argv = [
             sys.executable,
+            "-I",
             "-m",
             "agent",
             "update",
