@@ -9,7 +9,6 @@ import json
 import logging
 import ssl
 import sys
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -83,6 +82,25 @@ def build_parser() -> argparse.ArgumentParser:
     dash.add_argument("--http", default="127.0.0.1:8080", metavar="HOST:PORT")
     dash.add_argument("--db", type=Path, default=Path("fleet.db"))
     dash.add_argument("--operator-key", type=Path, default=None, help="signs commands")
+    dash.add_argument(
+        "--token-file",
+        type=Path,
+        default=None,
+        help="keep the login secret in this file (0600; made when absent) so logins survive "
+        "a restart; without it each start makes a new secret",
+    )
+    dash.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="another name the dashboard is reached by (its Host header); repeat for more",
+    )
+    dash.add_argument(
+        "--client-id",
+        default=None,
+        help="MQTT client id of its persistent session (default: derived from host and --db)",
+    )
     _mqtt_tls_arguments(dash)
 
     opkey = sub.add_parser("operator-key", help="make an operator key pair for signed commands")
@@ -277,19 +295,25 @@ def _cmd(args: argparse.Namespace) -> int:
             serve_forever(repo.public, host, int(port), args.cert, args.key, args.client_ca)
         return 0
     if args.command == "dashboard":
+        from cloud_stub.dashboard import secretfile
+        from cloud_stub.dashboard.process import serve_until_signalled
         from cloud_stub.dashboard.server import Dashboard
 
         mqtt_host, _, mqtt_port = args.mqtt.rpartition(":")
         http_host, _, http_port = args.http.rpartition(":")
         key_id = args.operator_key.stem if args.operator_key else "operator"
         dashboard = Dashboard(
-            mqtt_host, int(mqtt_port), args.db, args.operator_key, key_id, tls=_mqtt_tls(args)
+            mqtt_host,
+            int(mqtt_port),
+            args.db,
+            args.operator_key,
+            key_id,
+            tls=_mqtt_tls(args),
+            secret=secretfile.load_or_create(args.token_file) if args.token_file else None,
+            client_id=args.client_id,
+            allow_hosts=args.allow_host,
         )
-        server = dashboard.start(http_host, int(http_port))
-        print(f"fleet dashboard on http://{http_host}:{server.server_address[1]}/", flush=True)
-        with contextlib.suppress(KeyboardInterrupt):
-            threading.Event().wait()
-        dashboard.stop(server)
+        serve_until_signalled(dashboard, http_host.strip("[]"), int(http_port))
         return 0
     if args.command == "operator-key":
         from cloud_stub.operator import generate

@@ -50,8 +50,11 @@ class FleetState:
     def close(self) -> None:
         self._db.close()
 
-    def apply(self, topic: str, payload: bytes) -> bool:
-        """Take one message from ``edge/{fleet}/{device}/…``; False when it was not ours."""
+    def apply(self, topic: str, payload: bytes, retained: bool = False) -> bool:
+        """Take one message from ``edge/{fleet}/{device}/…``; False when it was not ours.
+
+        ``retained``: the broker's stored copy, sent again at every subscribe; a status that
+        says what the state already says leaves ``status_since`` as it was."""
         parts = topic.split("/")
         if len(parts) < 4 or parts[0] != "edge":
             return False
@@ -73,8 +76,9 @@ class FleetState:
                 online = bool(doc.get("online"))
                 self._db.execute(
                     "UPDATE devices SET online=?, agent=COALESCE(?, agent), last_seen=?, "
-                    "status_since=? WHERE device=?",
-                    (int(online), doc.get("agent"), now, now, device),
+                    "status_since=CASE WHEN ? AND online=? AND status_since IS NOT NULL "
+                    "THEN status_since ELSE ? END WHERE device=?",
+                    (int(online), doc.get("agent"), now, retained, int(online), now, device),
                 )
                 if online and isinstance(doc.get("models"), dict):
                     self._db.execute(
@@ -145,6 +149,11 @@ class FleetState:
             self.version += 1
             self.changed.notify_all()
         return True
+
+    def device_count(self) -> int:
+        with self._lock:
+            (count,) = self._db.execute("SELECT COUNT(*) FROM devices").fetchone()
+        return int(count)
 
     def snapshot(self) -> dict[str, Any]:
         """Everything the page shows."""

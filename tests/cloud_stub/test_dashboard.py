@@ -7,7 +7,6 @@ import os
 import shutil
 import signal
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +15,9 @@ import pytest
 from cloud_stub.dashboard.server import Dashboard
 from cloud_stub.dashboard.state import FleetState
 from cloud_stub.operator import generate
+from tests.cloud_stub.dashboard_http import DashboardHttp
 from tests.telemetry.agents import agent_config, start_agent, wait_for
 from tests.telemetry.conftest import Broker
-
-
-def fleet(url: str) -> dict[str, Any]:
-    with urllib.request.urlopen(f"{url}/api/fleet", timeout=5) as response:
-        doc: dict[str, Any] = json.loads(response.read())
-    return doc
 
 
 def test_state_ingests_device_messages(tmp_path: Path) -> None:
@@ -104,13 +98,15 @@ def test_dashboard_shows_the_fleet_live(tmp_path: Path, matmul_onnx: Path) -> No
     key, _ = generate(tmp_path / "ops", "ops")
     dashboard = Dashboard("127.0.0.1", broker.port, tmp_path / "fleet.db", key, "ops")
     server = dashboard.start("127.0.0.1", 0)
-    url = f"http://127.0.0.1:{server.server_address[1]}"
+    operator = DashboardHttp(dashboard.url)
+    operator.login(dashboard.secret)
+    fleet = operator.fleet
     config = agent_config(tmp_path, broker, matmul_onnx, tmp_path / "ops" / "ops.pem")
     agent = start_agent(config, tmp_path)
     try:
-        wait_for(lambda: any(d["online"] for d in fleet(url)["devices"]))
-        wait_for(lambda: fleet(url)["devices"][0]["health"] is not None)
-        doc = fleet(url)
+        wait_for(lambda: any(d["online"] for d in fleet()["devices"]))
+        wait_for(lambda: fleet()["devices"][0]["health"] is not None)
+        doc = fleet()
         assert doc["devices"][0]["models"] == {"mm": 1}
         assert doc["rollout"] == {"mm": {"1": 1}}
 
@@ -120,7 +116,8 @@ def test_dashboard_shows_the_fleet_live(tmp_path: Path, matmul_onnx: Path) -> No
 
         driver = browser(tmp_path / "profile")
         try:
-            driver.get(url)
+            driver.get(dashboard.login_url())  # the URL `edge-cloud dashboard` prints
+            assert driver.current_url == f"{dashboard.url}/"  # the secret left the address bar
             WebDriverWait(driver, 20).until(
                 lambda d: "dev-1" in d.find_element(By.ID, "devices").text
             )
@@ -175,7 +172,7 @@ def test_dashboard_shows_the_fleet_live(tmp_path: Path, matmul_onnx: Path) -> No
                 lambda d: "offline" in d.find_element(By.ID, "devices").text
             )
             driver.save_screenshot(str(tmp_path / "dashboard-offline.png"))
-            device = fleet(url)["devices"][0]
+            device = fleet()["devices"][0]
             assert device["online"] is False
             assert device["status_since"] - killed_at <= 1.5 * 2, device["status_since"] - killed_at
         finally:
@@ -185,9 +182,9 @@ def test_dashboard_shows_the_fleet_live(tmp_path: Path, matmul_onnx: Path) -> No
             Path(artifacts).mkdir(parents=True, exist_ok=True)
             shutil.copy(shot, Path(artifacts) / "dashboard.png")
 
-        assert not fleet(url)["devices"][0]["online"]
+        assert not fleet()["devices"][0]["online"]
         agent = start_agent(config, tmp_path)
-        wait_for(lambda: fleet(url)["devices"][0]["online"])
+        wait_for(lambda: fleet()["devices"][0]["online"])
         # The same from the shell: `edge-cloud command` signs and publishes.
         from cloud_stub.cli import main as edge_cloud
 
@@ -212,7 +209,7 @@ def test_dashboard_shows_the_fleet_live(tmp_path: Path, matmul_onnx: Path) -> No
         wait_for(
             lambda: any(
                 a["command"] == "set-log-level" and a["outcome"] == "accepted"
-                for a in fleet(url)["acks"]
+                for a in fleet()["acks"]
             )
         )
     finally:
