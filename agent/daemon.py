@@ -160,8 +160,14 @@ class Agent:
         )
         self.handler.status_provider = self._status_extra
         self._floor_event_id = max((e.id for e in self.state.events(limit=1)), default=0)
+        stored = set(store.names())
         for name in self.config.models.follow:
-            self.slots.ensure(name).deactivate("no verified version yet")
+            if name not in stored:
+                # Its first version comes with an update cycle: a request waits, it is not
+                # refused as if the model were unknown.
+                self.slots.ensure(name).deactivate(
+                    "loading: no verified version yet", retry_after_s=5.0
+                )
         await self.deployer.start()
         if self.config.repository.url and self.config.models.follow:
             self.updates = UpdateLoop(self.config, self.deploy_new_versions)
@@ -391,6 +397,17 @@ class Agent:
             self.slots.ensure(model.name).add(loaded, activate=True)
             log.info("serving %s version %d from %s", model.name, model.version, model.path)
 
+    async def announce_models(self, local: list[LocalModel] | None) -> None:
+        """A ``loading`` slot for every model this agent will serve: the local files, or the
+        followed models and those in the store (imported ones included)."""
+        if local is not None:
+            names = {model.name for model in local}
+        else:
+            store = await asyncio.to_thread(ModelStore, self.config.store_dir)
+            names = set(self.config.models.follow) | set(store.names())
+        for name in sorted(names):
+            self.slots.ensure(name).deactivate("loading", retry_after_s=1.0)
+
     async def listen(self, activated: list[socket.socket] | None = None) -> None:
         serving = self.config.serving
         group = serving.socket_group or None
@@ -413,7 +430,13 @@ class Agent:
         await self._stop.wait()
 
     async def shutdown(self) -> None:
-        """Stop accepting, drain in-flight requests, release every session."""
+        """Stop accepting, answer every connection accepted, then release every session.
+
+        The server closes first: a connection that arrives from now on stays in the listening
+        socket's backlog (with socket activation systemd keeps the socket, and the next agent
+        accepts it), and every request already accepted is answered by models still loaded.
+        """
+        await self.server.close()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -426,7 +449,6 @@ class Agent:
         if self.reporter is not None:
             await self.reporter.stop()
             self.outbox.close()
-        await self.server.close()
         await asyncio.to_thread(self.pool.shutdown)
         self.slots.close()
         if self.state is not None:
@@ -438,18 +460,22 @@ class Agent:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
+        models = list(local) if local is not None else None
         try:
             self._send_status("loading models")
+            # Before the first connection is accepted (with socket activation or without):
+            # the agent is not ready, and no request meets an unknown model, until these load.
+            await self.announce_models(models)
             activated = systemd.listen_fds()
             if not activated:
                 # Our own socket: listen at once, so status calls work during a long load and
                 # inference requests learn why they must wait (503 with Retry-After).
                 await self.listen()
             await self.prepare_reporting()
-            if local is None:
+            if models is None:
                 await self.start_deployments()
             else:
-                await self.load_local(local)
+                await self.load_local(models)
             if activated:
                 # systemd's socket outlives the agent: clients that connect while it restarts
                 # wait in the socket's backlog, and are accepted once the models have loaded,
