@@ -84,9 +84,10 @@ class NotFoundError(RequestError):
 
 
 class UnsupportedError(RequestError):
-    """The request uses a protocol feature the agent does not offer (HTTP 501)."""
+    """The request asks for a protocol feature the agent does not offer (HTTP 400: the request
+    is what must change, and a 5xx would count as the server failing)."""
 
-    status = 501
+    status = 400
 
 
 class UnavailableError(AgentError):

@@ -11,6 +11,7 @@ reserves its bytes in a budget shared by every connection.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import socket
@@ -64,6 +65,7 @@ class Failure:
     status: int
     message: str
     retry_after_s: float | None = None
+    head_only: bool = False  # the failed request was a HEAD: its answer has no body
 
 
 class ParseAbortError(Exception):
@@ -271,7 +273,12 @@ class HttpConnection(asyncio.Protocol):
         self._server.body_budget.release(self._reserved)
         self._reserved = 0
         self._body = bytearray()
-        self._queue.append(Failure(status, message, retry_after_s))
+        head_only = False
+        if self._parser is not None:
+            # Unknown when the request line itself was malformed.
+            with contextlib.suppress(httptools.HttpParserError):
+                head_only = self._parser.get_method() == b"HEAD"
+        self._queue.append(Failure(status, message, retry_after_s, head_only))
         self._pause_reading()
 
     def _process(self) -> None:
@@ -281,7 +288,7 @@ class HttpConnection(asyncio.Protocol):
                 response = Response(
                     item.status, encode_error(item.message), retry_after_s=item.retry_after_s
                 )
-                self._write(response, False, False)
+                self._write(response, False, item.head_only)
                 return
             self._answer(item)
         if not self._queue and not self._writing_paused and not self._failed:

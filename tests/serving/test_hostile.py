@@ -1,0 +1,541 @@
+"""Hostile and buggy local clients: one of them never hangs, starves or confuses the others.
+
+Every test talks raw HTTP/1.1 to a real agent (real ONNX Runtime sessions) over its Unix socket
+and, where the listener matters, its loopback TCP port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import os
+import weakref
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from agent.daemon import LocalModel
+from agent.serving import oip
+from agent.serving.connection import HttpConnection
+
+from .conftest import RunningAgent, start_agent
+from .test_wire_models import slow_model
+from .wire import Wire, request, wait_until
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def slow_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # A few MatMuls of [256, 256]: long enough to still be in the pool when the next
+    # pipelined request is decoded, short enough for many runs.
+    return slow_model(tmp_path_factory.mktemp("hostile") / "slow.onnx", n=256, depth=64)
+
+
+def _agent(tmp_path: Path, matmul: Path, slow: Path, **serving: Any) -> Iterator[RunningAgent]:
+    models = [LocalModel("m", matmul), LocalModel("slow", slow)]
+    serving.setdefault("inline_threshold_us", 0.0)  # every run goes through the pool
+    serving.setdefault("workers", 2)
+    yield from start_agent(models, tmp_path / "agent.sock", **serving)
+
+
+@pytest.fixture
+def agent(tmp_path: Path, matmul_onnx: Path, slow_onnx: Path) -> Iterator[RunningAgent]:
+    yield from _agent(tmp_path, matmul_onnx, slow_onnx)
+
+
+def infer_json(model: str, feeds: dict[str, np.ndarray[Any, Any]], **headers: str) -> bytes:
+    body, _ = oip.encode_infer_request(feeds, None, binary=False)
+    return request("POST", f"/v2/models/{model}/infer", body, headers)
+
+
+def batch2() -> bytes:
+    return infer_json("m", {"x": np.ones((2, 64), np.float32)})
+
+
+def slow_request() -> bytes:
+    return infer_json("slow", {"x": np.ones((1, 256), np.float32)})
+
+
+def leases(served: RunningAgent, model: str) -> int:
+    active = served.agent.slots.get(model).active
+    assert active is not None
+    return active.leases
+
+
+def _deep(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+BAD_INFER = {
+    "datatype-object": (
+        b'{"inputs":[{"name":"x","datatype":{},"shape":[1,64],"data":[0]}]}',
+        400,
+        "unknown datatype {}",
+    ),
+    "datatype-list": (
+        b'{"inputs":[{"name":"x","datatype":[],"shape":[1,64],"data":[0]}]}',
+        400,
+        "unknown datatype []",
+    ),
+    "huge-dimension": (
+        b'{"inputs":[{"name":"x","datatype":"FP32","shape":[0,' + str(10**30).encode() + b"],"
+        b'"data":[]}]}',
+        413,
+        "dimension 1000000000000000000000000000000 exceeds",
+    ),
+    "deep-json": (
+        ('{"inputs":' + _deep(200_000) + "}").encode(),
+        400,
+        "nested deeper than the decoder allows",
+    ),
+    "deep-data": (
+        (
+            '{"inputs":[{"name":"x","datatype":"FP32","shape":[1,64],"data":' + _deep(900) + "}]}"
+        ).encode(),
+        400,
+        "'data' is ragged or malformed",
+    ),
+    "lone-surrogate": (
+        b'{"inputs":[{"name":"x","datatype":"BYTES","shape":[1],"data":["\\ud800"]}]}',
+        400,
+        "lone surrogate",
+    ),
+    "huge-integer": (
+        b'{"inputs":[{"name":"x","datatype":"FP32","shape":[1,64],"data":[' + b"9" * 5000 + b"]}]}",
+        400,
+        "",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INFER))
+def test_undecodable_request_behind_one_in_the_pool_is_answered_in_order(
+    agent: RunningAgent, case: str
+) -> None:
+    """The issue's repro: a valid request still running in the pool, then one whose decoding
+    raised something other than an agent error: 200, then a precise 4xx, then the connection
+    serves the next request; no lease is left behind."""
+    body, status, needle = BAD_INFER[case]
+    with Wire(agent.socket) as wire:
+        wire.send(slow_request() + request("POST", "/v2/models/m/infer", body) + batch2())
+        first = wire.read()
+        assert first.status == 200, first.body[:300]
+        assert first.json()["model_name"] == "slow"
+        bad = wire.read()
+        assert bad.status == status, bad.body[:300]
+        message = bad.json()["error"]
+        assert needle in message
+        assert "callback" not in message
+        after = wire.read()
+        assert after.status == 200
+        assert after.json()["outputs"][0]["shape"] == [2, 64]
+    wait_until(lambda: leases(agent, "m") == 0 and leases(agent, "slow") == 0)
+
+
+def test_deep_json_to_the_repository_index(agent: RunningAgent) -> None:
+    with Wire(agent.socket) as wire:
+        body = _deep(200_000).encode()
+        wire.send(
+            slow_request()
+            + request("POST", "/v2/repository/index", body)
+            + request("GET", "/v2/health/live")
+        )
+        assert wire.read().status == 200
+        index = wire.read()
+        assert index.status == 400
+        assert "repository index body is not JSON" in index.json()["error"]
+        assert wire.read().json() == {"live": True}
+
+
+def test_garbage_after_a_request_in_the_pool(agent: RunningAgent) -> None:
+    """Answers leave in request order, all of them, then the parser's 400, then the close."""
+    with Wire(agent.socket) as wire:
+        wire.send(slow_request() + batch2() + b"GARBAGE\r\n\r\n" + batch2())
+        assert wire.read().json()["model_name"] == "slow"
+        assert wire.read().json()["outputs"][0]["shape"] == [2, 64]
+        error = wire.read()
+        assert error.status == 400
+        assert error.headers["connection"] == "close"
+        assert "malformed HTTP request" in error.json()["error"]
+        assert wire.closed()
+
+
+def test_query_strings_are_ignored_on_every_route(agent: RunningAgent) -> None:
+    with Wire(agent.socket) as wire:
+        body, _ = oip.encode_infer_request({"x": np.ones((1, 64), np.float32)}, None, binary=False)
+        wire.send(request("POST", "/v2/models/m/infer?x=1&trace=1", body))
+        assert wire.read().status == 200
+        for path in (
+            "/v2/health/ready?verbose=1",
+            "/v2/health/live?",
+            "/v2?x",
+            "/v2/models/m?x=1",
+            "/v2/models/m/versions/1/ready?x=1",
+            "/v2/models/m/config?x=1",
+            "/agent/status?pretty=1",
+            "/metrics?name[]=x",
+        ):
+            wire.send(request("GET", path))
+            answer = wire.read()
+            assert answer.status == 200, (path, answer.body[:200])
+        wire.send(request("POST", "/v2/repository/index?ready=1", b"{}"))
+        assert wire.read().status == 200
+
+
+def test_tritonclient_with_query_params(agent: RunningAgent) -> None:
+    tritonclient = pytest.importorskip("tritonclient.http")
+    client = tritonclient.InferenceServerClient(agent.http.removeprefix("http://"))
+    x = np.ones((1, 64), np.float32)
+    inp = tritonclient.InferInput("x", [1, 64], "FP32")
+    inp.set_data_from_numpy(x)
+    result = client.infer("m", [inp], query_params={"trace": "1"})
+    assert result.as_numpy("y").shape == (1, 64)
+    assert client.is_server_ready(query_params={"verbose": "1"})
+    client.close()
+
+
+@pytest.mark.parametrize("listener", ["unix", "tcp"])
+def test_head_answers_have_no_body(agent: RunningAgent, listener: str) -> None:
+    """A HEAD answer carries GET's headers and no body, whatever its status, so a pipelining
+    client reads the next status line where it should be."""
+    address = agent.socket if listener == "unix" else agent.http
+    with Wire(address) as wire:
+        wire.send(
+            request("HEAD", "/v2/health/live")
+            + request("HEAD", "/v2/models/m/infer")
+            + request("HEAD", "/v2/no/such/route")
+            + request("HEAD", "/v2/models/m")
+            + request("GET", "/v2/health/live")
+        )
+        live = wire.read("HEAD")
+        assert live.status == 200
+        assert int(live.headers["content-length"]) == len(b'{"live":true}')
+        assert wire.read("HEAD").status == 405
+        assert wire.read("HEAD").status == 404
+        assert wire.read("HEAD").status == 200
+        assert wire.read().json() == {"live": True}
+
+
+def test_ready_of_an_unknown_version_is_404_like_its_metadata(agent: RunningAgent) -> None:
+    with Wire(agent.socket) as wire:
+        wire.send(request("GET", "/v2/models/m/versions/7/ready"))
+        ready = wire.read()
+        wire.send(request("GET", "/v2/models/m/versions/7"))
+        metadata = wire.read()
+        wire.send(request("GET", "/v2/models/m/versions/1/ready"))
+        known = wire.read()
+        wire.send(request("GET", f"/v2/models/m/versions/{2**64}/ready"))
+        huge = wire.read()
+    assert (ready.status, metadata.status, known.status, huge.status) == (404, 404, 200, 404)
+    assert "no loaded version 7" in ready.json()["error"]
+
+
+# -- deadlines -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def strict(tmp_path: Path, matmul_onnx: Path, slow_onnx: Path) -> Iterator[RunningAgent]:
+    yield from _agent(
+        tmp_path,
+        matmul_onnx,
+        slow_onnx,
+        header_timeout_s=0.5,
+        body_timeout_s=0.5,
+        idle_timeout_s=0.5,
+    )
+
+
+@pytest.mark.parametrize("listener", ["unix", "tcp"])
+def test_a_stalled_head_gets_408(strict: RunningAgent, listener: str) -> None:
+    address = strict.socket if listener == "unix" else strict.http
+    with Wire(address) as wire:
+        wire.send(b"GET /v2/health/ready HTTP/1.1\r\nX-Slow: ")
+        answer = wire.read()
+        assert answer.status == 408
+        assert "request head not received within 0.5 s" in answer.json()["error"]
+        assert wire.closed()
+
+
+def test_a_dripped_head_gets_408(strict: RunningAgent) -> None:
+    """Every byte used to restart the idle timer: a byte every 50 ms kept a slot for ever."""
+    payload = b"GET /v2/health/ready HTTP/1.1\r\nX-Slow: " + b"a" * 10_000
+    with Wire(strict.socket) as wire:
+        for byte in payload:
+            try:
+                wire.send(bytes([byte]))
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            wire.sock.settimeout(0.05)
+            try:
+                if wire._fill():
+                    break
+            except TimeoutError:
+                continue
+            break
+        wire.sock.settimeout(10)
+        answer = wire.read()
+        assert answer.status == 408
+
+
+def test_a_stalled_body_gets_408(strict: RunningAgent) -> None:
+    with Wire(strict.socket) as wire:
+        wire.send(b'POST /v2/models/m/infer HTTP/1.1\r\nContent-Length: 1000\r\n\r\n{"in')
+        answer = wire.read()
+        assert answer.status == 408
+        assert "request body not received" in answer.json()["error"]
+
+
+def test_idle_keep_alive_and_silent_connections_are_closed(strict: RunningAgent) -> None:
+    with Wire(strict.socket) as wire, Wire(strict.socket) as silent:
+        wire.send(request("GET", "/v2/health/live"))
+        assert wire.read().status == 200
+        assert wire.closed()
+        assert silent.closed()
+
+
+def test_a_slow_model_is_no_deadline(strict: RunningAgent) -> None:
+    """Deadlines are the client's: a request in hand is never cut, however long it runs."""
+    with Wire(strict.socket) as wire:
+        wire.send(b"".join(slow_request() for _ in range(12)))
+        for _ in range(12):
+            assert wire.read().status == 200
+
+
+# -- connection slots -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def crowded(tmp_path: Path, matmul_onnx: Path, slow_onnx: Path) -> Iterator[RunningAgent]:
+    yield from _agent(
+        tmp_path,
+        matmul_onnx,
+        slow_onnx,
+        max_connections=8,
+        max_connections_per_peer=6,
+        header_timeout_s=60.0,
+    )
+
+
+def _stall(address: str | Path, count: int) -> list[Wire]:
+    wires = []
+    for _ in range(count):
+        wire = Wire(address)
+        wire.send(b"GET /v2/health/ready HTTP/1.1\r\nX-Slow: ")
+        wires.append(wire)
+    return wires
+
+
+@pytest.mark.parametrize("listener", ["unix", "tcp"])
+def test_stalled_connections_give_way_to_new_clients(crowded: RunningAgent, listener: str) -> None:
+    """Many more stalled connections than slots: a client that opens a new connection per
+    request is always served, and the server never holds more than its budget."""
+    address = crowded.socket if listener == "unix" else crowded.http
+    stalled = _stall(address, 30)
+    try:
+        for _ in range(30):
+            with Wire(address) as wire:
+                wire.send(request("GET", "/v2/health/ready", headers={"Connection": "close"}))
+                assert wire.read().status == 200
+            stalled += _stall(address, 1)
+            assert crowded.agent.server.connection_count <= 8 + 8  # both listeners' budgets
+        evicted = [wire for wire in stalled if wire.closed(wait_s=0.2)]
+        assert len(evicted) >= len(stalled) - 8
+    finally:
+        for wire in stalled:
+            wire.sock.close()
+
+
+def test_tcp_clients_cannot_take_the_unix_sockets_slots(crowded: RunningAgent) -> None:
+    """TCP's slots full of requests in hand: a TCP newcomer is refused (503), while the Unix
+    socket's clients are served."""
+    busy = [Wire(crowded.http, timeout_s=60) for _ in range(8)]
+    try:
+        for wire in busy:
+            wire.send(b"".join(slow_request() for _ in range(4)))
+        server = crowded.agent.server
+        wait_until(
+            lambda: (
+                sum(1 for c in list(server._connections) if c.listener == "tcp" and not c.idle) == 8
+            )
+        )
+        with Wire(crowded.http) as newcomer:
+            refused = newcomer.read()
+        assert refused.status == 503
+        assert "requests in hand" in refused.json()["error"]
+        assert refused.headers["retry-after"] == "1"
+        with Wire(crowded.socket, timeout_s=60) as local:
+            local.send(request("GET", "/v2/health/live"))
+            assert local.read().status == 200
+        for wire in busy:
+            for _ in range(4):
+                assert wire.read().status == 200
+    finally:
+        for wire in busy:
+            wire.sock.close()
+
+
+def test_one_peer_cannot_take_every_unix_slot(crowded: RunningAgent) -> None:
+    """Six connections of one uid with requests in hand fill that uid's budget (6 of 8): its
+    seventh is refused naming the uid, though the listener still has room."""
+    busy = [Wire(crowded.socket, timeout_s=60) for _ in range(6)]
+    try:
+        for wire in busy:
+            wire.send(b"".join(slow_request() for _ in range(3)))
+        server = crowded.agent.server
+        wait_until(
+            lambda: (
+                sum(1 for c in list(server._connections) if c.listener == "unix" and not c.idle)
+                == 6
+            )
+        )
+        with Wire(crowded.socket) as seventh:
+            refused = seventh.read()
+        assert refused.status == 503
+        assert f"uid {os.getuid()} already has 6 connections" in refused.json()["error"]
+        for wire in busy:
+            for _ in range(3):
+                assert wire.read().status == 200
+    finally:
+        for wire in busy:
+            wire.sock.close()
+
+
+# -- buffered bodies ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def budgeted(tmp_path: Path, matmul_onnx: Path, slow_onnx: Path) -> Iterator[RunningAgent]:
+    yield from _agent(
+        tmp_path,
+        matmul_onnx,
+        slow_onnx,
+        max_body_bytes=4 * MiB,
+        max_buffered_body_bytes=4 * MiB,
+    )
+
+
+def _big_infer(rows: int) -> bytes:
+    body, length = oip.encode_infer_request({"x": np.ones((rows, 64), np.float32)}, None)
+    assert length is not None
+    return request(
+        "POST",
+        "/v2/models/m/infer",
+        body,
+        {"Inference-Header-Content-Length": str(length)},
+    )
+
+
+def test_parked_bodies_share_one_budget(budgeted: RunningAgent) -> None:
+    """One client parks 3 MiB of a declared 3 MiB body: the next large body is refused at
+    once with 503 and Retry-After (nothing of it buffered), small requests still pass, and the
+    budget comes back whole when the parker leaves."""
+    server = budgeted.agent.server
+    request_3mib = _big_infer(12_288)  # 12288 x 64 FP32 = 3 MiB
+    head, _, body = request_3mib.partition(b"\r\n\r\n")
+    parker = Wire(budgeted.socket)
+    parker.send(head + b"\r\n\r\n" + body[:MiB])
+    wait_until(lambda: server.body_budget.used >= 3 * MiB)
+    with Wire(budgeted.socket) as second:
+        second.send(head + b"\r\n\r\n")
+        refused = second.read()
+    assert refused.status == 503
+    assert refused.headers["retry-after"] == "1"
+    assert "buffering" in refused.json()["error"]
+    with Wire(budgeted.socket) as small:
+        small.send(batch2())
+        assert small.read().status == 200
+    parker.sock.close()
+    wait_until(lambda: server.body_budget.used == 0)
+    with Wire(budgeted.socket) as retry:
+        retry.send(request_3mib)
+        answer = retry.read()
+    assert answer.status == 200
+    assert answer.json()["outputs"][0]["shape"] == [12_288, 64]
+    assert server.body_budget.used == 0
+
+
+def test_a_parked_body_is_freed_when_its_client_leaves_without_a_collection(
+    budgeted: RunningAgent,
+) -> None:
+    """Connection and parser referred to each other: a parked body stayed resident until the
+    next full collection. With the collector off, the connection must still be freed."""
+    server = budgeted.agent.server
+    head, _, body = _big_infer(12_288).partition(b"\r\n\r\n")
+    gc.collect()
+    gc.disable()
+    try:
+        parker = Wire(budgeted.socket)
+        parker.send(head + b"\r\n\r\n" + body[: 2 * MiB])
+        wait_until(lambda: server.body_budget.used >= 3 * MiB)
+        (connection,) = list(server._connections)
+        ref: weakref.ref[HttpConnection] = weakref.ref(connection)
+        del connection
+        parker.sock.close()
+        wait_until(lambda: ref() is None)
+    finally:
+        gc.enable()
+
+
+# -- descriptors and stopping ---------------------------------------------------------------
+
+
+def test_no_descriptor_leak_after_an_attack(agent: RunningAgent) -> None:
+    def fds() -> int:
+        return len(list(Path("/proc/self/fd").iterdir()))
+
+    with Wire(agent.socket) as warm:  # the first connection creates lazily what later reuse
+        warm.send(batch2())
+        assert warm.read().status == 200
+    before = fds()
+    wires = _stall(agent.socket, 50) + _stall(agent.http, 50)
+    for address in (agent.socket, agent.http):
+        for _ in range(20):
+            with Wire(address) as wire:
+                wire.send(b"GARBAGE\r\n\r\n")
+                assert wire.read().status == 400
+    for wire in wires:
+        wire.sock.close()
+    wait_until(lambda: agent.agent.server.connection_count == 0)
+    wait_until(lambda: fds() <= before)
+
+
+def test_stopping_answers_a_connection_accepted_before_its_request(agent: RunningAgent) -> None:
+    """A client that opens a connection per request (curl, edge-agent infer) and whose request
+    arrives just after the stop began still gets its answer, with Connection: close; an idle
+    keep-alive connection is closed."""
+    server = agent.agent.server
+    with Wire(agent.socket) as early, Wire(agent.socket) as idle:
+        idle.send(request("GET", "/v2/health/live"))
+        assert idle.read().status == 200
+        wait_until(lambda: server.connection_count == 2)
+        stopping = asyncio.run_coroutine_threadsafe(server.close(drain_timeout_s=10), agent.loop)
+        wait_until(lambda: server.draining)
+        assert idle.closed()
+        early.send(batch2())
+        answer = early.read()
+        assert answer.status == 200
+        assert answer.headers["connection"] == "close"
+        stopping.result(timeout=20)
+    with pytest.raises(OSError):
+        Wire(agent.socket)
+
+
+def test_server_error_messages_are_json_everywhere(agent: RunningAgent) -> None:
+    with Wire(agent.socket) as wire:
+        wire.send(request("DELETE", "/v2/models/m/infer", b"{}"))
+        answer = wire.read()
+    assert answer.status == 405
+    assert json.loads(answer.body) == {"error": "inference must be sent with POST"}
+
+
+def test_unix_socket_peer_is_known(agent: RunningAgent) -> None:
+    with Wire(agent.socket) as wire:
+        wire.send(request("GET", "/v2/health/live"))
+        assert wire.read().status == 200
+        (connection,) = [c for c in list(agent.agent.server._connections) if c.listener == "unix"]
+        assert connection.peer == os.getuid()
