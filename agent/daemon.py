@@ -22,7 +22,7 @@ from agent.config import load as load_config
 from agent.errors import AgentError, UnavailableError
 from agent.models.deployer import DeployConfig, Deployer, zeros_for
 from agent.models.fastpath import inline_budget
-from agent.models.lifecycle import ProbationPolicy
+from agent.models.probation import policy_of
 from agent.models.runtime import RuntimeOptions, load_session
 from agent.models.slots import LoadedVersion, Slots
 from agent.models.store import RUNTIME_BY_SUFFIX, Manifest, ModelStore
@@ -138,14 +138,7 @@ class Agent:
             self.metrics,
             self.options,
             DeployConfig(
-                probation=ProbationPolicy(
-                    window_s=self.config.models.probation_window_s,
-                    window_requests=self.config.models.probation_window_requests,
-                    max_window_s=self.config.models.probation_max_window_s,
-                    min_requests=self.config.models.probation_min_requests,
-                    max_error_rate_increase=self.config.models.max_error_rate_increase,
-                    max_p99_ratio=self.config.models.max_p99_ratio,
-                ),
+                probation=policy_of(self.config.models),
                 drain_timeout_s=self.config.models.drain_timeout_s,
                 keep_versions=self.config.models.keep_versions,
                 inline_threshold_us=self.config.serving.inline_threshold_us,

@@ -91,6 +91,7 @@ class Deployer(ManualActions):
             lambda: self.config.probation_check_s,
             self._lock,
             self._settle,
+            self._event,
         )
         self.status_text = "idle"
 
@@ -213,7 +214,7 @@ class Deployer(ManualActions):
             # version still in probation when it is replaced is retired and unloaded.
             for other in slot.versions():
                 if other not in (version, fallback):
-                    slot.unload(other)
+                    self._unload(name, other)
             if replaced is not None and self._stage(name, replaced) is Stage.ACTIVE:
                 self._record(name, replaced, Stage.RETIRED, f"superseded by version {version}")
             if replaced is not None:
@@ -296,9 +297,26 @@ class Deployer(ManualActions):
     async def _settle(
         self, name: str, version: int, previous: int | None, verdict: Verdict, reason: str
     ) -> None:
-        """The end of a probation (called by ``Probations`` with the model's lock held)."""
+        """The end of a probation (called by ``Probations`` with the model's lock held).
+
+        A failed version with nothing to fall back to is never rolled back: that would leave
+        the device serving nothing on statistics alone. It keeps serving and is committed (so
+        a restart serves it too), and the failure is reported: a ``probation_failed`` event
+        (stored, sent over MQTT, in ``status``), a warning in the log and the status text.
+        """
         if verdict is Verdict.COMMIT:
             self._commit(name, version, reason)
+        elif previous is None:
+            self._event(name, version, "probation_failed", f"kept serving: {reason}")
+            log.warning(
+                "model %s version %d: failed its probation but no earlier version exists; "
+                "kept serving (%s)",
+                name,
+                version,
+                reason,
+            )
+            self._commit(name, version, f"no earlier version to fall back to; {reason}")
+            self.status_text = f"{name} version {version} failed its probation; kept serving"
         else:
             await self._rollback_to_previous(name, version, previous, reason)
 
@@ -310,7 +328,7 @@ class Deployer(ManualActions):
                 self._record(name, other.version, Stage.RETIRED, f"superseded by version {version}")
         for loaded in slot.versions():
             if loaded != version:
-                slot.unload(loaded)
+                self._unload(name, loaded)
         self.status_text = "idle"
         self.collect_garbage(name)
 
@@ -329,7 +347,7 @@ class Deployer(ManualActions):
                 await self._drain(name, version, f"making room to roll back to version {previous}")
             restored = await self._restore(name, previous, why)
         self._record(name, version, Stage.ROLLED_BACK, reason, event="rolled_back")
-        slot.unload(version)
+        self._unload(name, version)
         if previous is None:
             slot.deactivate(f"version {version} was rolled back and no earlier version exists")
             self.status_text = f"rolled back {name} version {version}; nothing to serve"
@@ -339,6 +357,12 @@ class Deployer(ManualActions):
             self.status_text = f"rolled back {name} to version {previous}"
         else:
             self.status_text = f"rolled back {name} version {version}; version {previous} failed"
+
+    def _unload(self, name: str, version: int) -> None:
+        """Unload a version and drop its latency samples (a probation's baseline is always a
+        loaded version: a reloaded one collects new ones)."""
+        self.slots.get(name).unload(version)
+        self.metrics.model(name, str(version)).samples.clear()
 
     # -- retention --------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@
          └──────────┴──────────┴─────────┴───────────┴──→ rejected (quarantined, never retried)
                                                     active ──→ rolled_back (quarantined)
                                                  committed ──→ retired (superseded) | rolled_back
+    rejected | rolled_back ──→ retired (released by a local admin: `edge-agent release`)
 
 No I/O here: the driver (``agent.models.deployer``) performs each step and asks this module
 what is allowed and what to do next. Every function takes the facts (and ``now``) as values.
@@ -18,6 +19,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from agent.errors import AgentError
+from agent.models import judge
+from agent.models.judge import Outcome
 
 
 class Stage(StrEnum):
@@ -47,8 +50,10 @@ _ALLOWED: dict[Stage, frozenset[Stage]] = {
     # brought back by a rollback to it (it is re-validated first).
     Stage.COMMITTED: frozenset({Stage.RETIRED, Stage.ROLLED_BACK, Stage.LOADING}),
     Stage.RETIRED: frozenset({Stage.LOADING, Stage.COMMITTED}),
-    Stage.REJECTED: frozenset(),
-    Stage.ROLLED_BACK: frozenset(),
+    # Quarantined: never taken again by the agent itself; only a local admin's release
+    # (`edge-agent release`) makes one retired, a target of a rollback or pin by hand again.
+    Stage.REJECTED: frozenset({Stage.RETIRED}),
+    Stage.ROLLED_BACK: frozenset({Stage.RETIRED}),
 }
 
 QUARANTINED = frozenset({Stage.REJECTED, Stage.ROLLED_BACK})
@@ -146,11 +151,21 @@ def plan_start(
 
 @dataclass(frozen=True, slots=True)
 class ProbationPolicy:
-    """When a freshly activated version is committed or rolled back.
+    """When a freshly activated version is committed, kept on probation, or rolled back.
 
     The window is a time (``window_s``) and a count of requests (``window_requests``, 0: none);
-    the version is committed once both are reached without a verdict against it. Either can be
-    turned off (``window_s=0``: requests only; ``window_requests=0``: time only, the default).
+    at its end the judge (``agent.models.judge``) compares the window with the previous
+    version: latencies by a one-sided Mann–Whitney U test, model failures by Fisher's exact
+    test, each with effect-size floors (``bounds``). Either window bound can be turned off
+    (``window_s=0``: requests only; ``window_requests=0``: time only, the default).
+
+    - Errors are judged at every check once ``min_requests`` have come: a version failing
+      significantly and substantially more than the previous one is rolled back at once.
+    - A latency failure alone is judged again over a fresh window (``latency_retries``) before
+      the version is rolled back: one slow moment right after a swap is not a regression.
+    - An inconclusive window (an effect over the floors, not significant yet) is extended by
+      one more window, up to ``max_extensions`` times; still inconclusive, the version is
+      committed, and the reason says so (nothing was shown against it).
 
     A device that sees little or no traffic never reaches ``window_requests``: past
     ``max_window_s`` the version is committed anyway, with a reason that says how few requests
@@ -164,19 +179,36 @@ class ProbationPolicy:
     window_s: float = 60.0  # commit after this long without a verdict against it
     window_requests: int = 0  # … and after this many requests (0: the time alone decides)
     max_window_s: float = 600.0  # too few requests by then: commit anyway (0: keep waiting)
-    min_requests: int = 20  # judge error rates only past this many requests
-    max_error_rate_increase: float = 0.05  # absolute: new rate may exceed the old by this much
-    max_p99_ratio: float = 3.0  # new p99 / old p99
-    min_p99_ms_for_ratio: float = 1.0  # below this, latency noise is not a regression
+    min_requests: int = 20  # judge only past this many requests (samples) on each side
+    max_error_rate_increase: float = 0.01  # absolute error floor: new rate − old rate
+    error_ratio: float = 2.0  # relative error floor: new rate / old rate
+    latency_ratio: float = 1.5  # relative latency floor: new median / old median
+    latency_min_ms: float = 0.1  # absolute latency floor: new median − old median
+    alpha: float = 0.001  # one-sided significance of both tests
+    max_extensions: int = 3  # inconclusive windows extended at most this many times
+    latency_retries: int = 1  # latency-only failures judged again before a rollback
+
+    @property
+    def bounds(self) -> judge.Bounds:
+        return judge.Bounds(
+            alpha=self.alpha,
+            min_samples=self.min_requests,
+            latency_ratio=self.latency_ratio,
+            latency_min_ms=self.latency_min_ms,
+            error_ratio=self.error_ratio,
+            error_min_increase=self.max_error_rate_increase,
+        )
 
 
 @dataclass(frozen=True, slots=True)
-class Figures:
-    """A version's request figures over the window that is judged."""
+class Window:
+    """What a version served over the span judged: requests the model ran, the ones it failed
+    (never a client's refused requests) and the latencies of the successful ones (the newest,
+    as many as ``agent.telemetry.metrics.Samples`` keeps)."""
 
     requests: int
     errors: int
-    p99_ms: float | None
+    latencies_s: Sequence[float] = ()
 
     @property
     def error_rate(self) -> float:
@@ -184,52 +216,134 @@ class Figures:
 
 
 class Verdict(StrEnum):
-    CONTINUE = "continue"
+    CONTINUE = "continue"  # the window is not over
+    EXTEND = "extend"  # inconclusive: one more window
+    RETRY = "retry"  # a latency-only failure: judged again over a fresh window
     COMMIT = "commit"
     ROLLBACK = "rollback"
 
 
 def judge_probation(
     policy: ProbationPolicy,
-    candidate: Figures,
-    baseline: Figures | None,
+    candidate: Window,
+    baseline: Window | None,
     elapsed_s: float,
+    *,
+    extensions: int = 0,
+    retries: int = 0,
 ) -> tuple[Verdict, str]:
-    """Compare a version in probation with the version it replaced."""
-    if candidate.requests >= policy.min_requests:
-        base_rate = baseline.error_rate if baseline is not None else 0.0
-        if candidate.error_rate > base_rate + policy.max_error_rate_increase:
-            return Verdict.ROLLBACK, (
-                f"error rate {candidate.error_rate:.1%} over {candidate.requests} requests, "
-                f"previous version {base_rate:.1%} (allowed +{policy.max_error_rate_increase:.1%})"
+    """Compare a version in probation with the version it replaced (None: there was none).
+
+    ``elapsed_s`` counts from the start of the current window (a retry starts a new one);
+    ``extensions`` and ``retries`` are those already granted (``ProbationRun`` keeps them).
+    """
+    bounds = policy.bounds
+    error_base = None
+    latency_base: Sequence[float] | None = None
+    if baseline is not None:
+        # A previous version that served too little to compare with: the candidate is judged
+        # on its own (errors against the absolute floor; latency not at all).
+        if baseline.requests >= policy.min_requests:
+            error_base = (baseline.errors, baseline.requests)
+        if len(baseline.latencies_s) >= policy.min_requests:
+            latency_base = baseline.latencies_s
+    base_latencies = baseline.latencies_s if baseline is not None else ()
+    errors = judge.judge_errors(
+        candidate.errors,
+        candidate.requests,
+        error_base,
+        bounds,
+        candidate.latencies_s,
+        base_latencies,
+    )
+    if errors.outcome is Outcome.FAIL:
+        return Verdict.ROLLBACK, errors.reason
+    span = extensions + 1
+    due = elapsed_s >= policy.window_s * span and candidate.requests >= (
+        policy.window_requests * span
+    )
+    cap_s = max(policy.max_window_s, policy.window_s) * span if policy.max_window_s else None
+    capped = bool(policy.window_requests) and cap_s is not None and elapsed_s >= cap_s
+    if not (due or capped):
+        return Verdict.CONTINUE, ""
+    latency = judge.judge_latency(candidate.latencies_s, latency_base, bounds)
+    if latency.outcome is Outcome.FAIL:
+        if retries < policy.latency_retries:
+            return (
+                Verdict.RETRY,
+                f"latency failed, judged again over a new window: {latency.reason}",
             )
-        if (
-            baseline is not None
-            and baseline.p99_ms is not None
-            and candidate.p99_ms is not None
-            and candidate.p99_ms > policy.min_p99_ms_for_ratio
-            and candidate.p99_ms > baseline.p99_ms * policy.max_p99_ratio
-        ):
-            return Verdict.ROLLBACK, (
-                f"p99 latency {candidate.p99_ms:.2f} ms, previous version {baseline.p99_ms:.2f} ms "
-                f"(allowed ×{policy.max_p99_ratio:g})"
-            )
-    if elapsed_s >= policy.window_s and candidate.requests >= policy.window_requests:
+        windows = retries + 1
+        return Verdict.ROLLBACK, f"latency failed in {windows} windows in a row: {latency.reason}"
+    unsure = [j for j in (latency, errors) if j.outcome is Outcome.INCONCLUSIVE and not j.too_few]
+    if unsure and extensions < policy.max_extensions:
+        return Verdict.EXTEND, "inconclusive, probation extended: " + "; ".join(
+            j.reason for j in unsure
+        )
+    evidence = f"{latency.reason}; {errors.reason}"
+    if unsure:
+        evidence = f"still inconclusive after {extensions} extensions; {evidence}"
+    if due:
         return Verdict.COMMIT, (
             f"probation passed: {candidate.requests} requests, {candidate.errors} errors "
-            f"in {elapsed_s:.0f} s"
+            f"in {elapsed_s:.0f} s; {evidence}"
         )
-    cap_s = max(policy.max_window_s, policy.window_s) if policy.max_window_s else None
-    if policy.window_requests and cap_s is not None and elapsed_s >= cap_s:
-        if candidate.requests == 0:
-            why = "no traffic during probation"
-        else:
-            why = (
-                f"only {candidate.requests} of {policy.window_requests} requests during "
-                f"probation ({candidate.errors} errors)"
-            )
-        return Verdict.COMMIT, f"{why}; committed after {elapsed_s:.0f} s"
-    return Verdict.CONTINUE, ""
+    if candidate.requests == 0:
+        why = "no traffic during probation"
+    else:
+        why = (
+            f"only {candidate.requests} of {policy.window_requests * span} requests during "
+            f"probation ({candidate.errors} errors)"
+        )
+    return Verdict.COMMIT, f"{why}; committed after {elapsed_s:.0f} s; {evidence}"
+
+
+@dataclass(frozen=True, slots=True)
+class Mark:
+    """A version's counters at one moment: where a probation window starts."""
+
+    requests: int
+    errors: int
+    samples: int  # latency samples ever recorded (``Samples.count``)
+    at_s: float  # monotonic seconds
+
+
+class ProbationRun:
+    """One version's probation over time: its current window, the extensions and retries
+    granted. Pure: the caller reads the counters (``Mark``) and the latencies since
+    ``start.samples``; the daemon's watcher and bench/probation.py drive it the same way."""
+
+    def __init__(self, start: Mark) -> None:
+        self.start = start
+        self.extensions = 0
+        self.retries = 0
+
+    def step(
+        self,
+        policy: ProbationPolicy,
+        now: Mark,
+        latencies_s: Sequence[float],
+        baseline: Window | None,
+    ) -> tuple[Verdict, str]:
+        """Judge the window up to ``now``; on EXTEND or RETRY the run moves on by itself."""
+        window = Window(
+            now.requests - self.start.requests, now.errors - self.start.errors, latencies_s
+        )
+        verdict, reason = judge_probation(
+            policy,
+            window,
+            baseline,
+            now.at_s - self.start.at_s,
+            extensions=self.extensions,
+            retries=self.retries,
+        )
+        if verdict is Verdict.EXTEND:
+            self.extensions += 1
+        elif verdict is Verdict.RETRY:
+            self.retries += 1
+            self.extensions = 0
+            self.start = now
+        return verdict, reason
 
 
 # -- retention ------------------------------------------------------------------------------

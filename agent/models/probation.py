@@ -1,33 +1,79 @@
 """Probation watching: one task per model compares a freshly activated version with the
 version it replaced, and hands the verdict to the driver.
 
-The figures of both versions are taken at the swap, so the window judged is what the new
-version served since then (``lifecycle.judge_probation`` decides). On a verdict the task takes
-the model's lock and, if it is still the model's probation (not superseded, cancelled or
-rolled back by hand while it waited for the lock), calls ``settle``: the driver commits or
-rolls back (``agent.models.deployer``).
+The previous version's figures (its request and failure counts, its most recent latencies)
+are taken at the swap; the window judged is what the new version served since then
+(``lifecycle.ProbationRun`` keeps the window, ``agent.models.judge`` decides). Extensions and
+latency retries are reported through ``note`` and the watch goes on. On a final verdict the
+task takes the model's lock and, if it is still the model's probation (not superseded,
+cancelled or rolled back by hand while it waited for the lock), calls ``settle``: the driver
+commits or rolls back (``agent.models.deployer``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Awaitable, Callable
 
+from agent.config import ModelsSection
 from agent.faults import crash_point
-from agent.models import lifecycle
-from agent.models.lifecycle import Figures, ProbationPolicy, Verdict
-from agent.telemetry.metrics import Registry
+from agent.models.lifecycle import Mark, ProbationPolicy, ProbationRun, Verdict, Window
+from agent.telemetry.metrics import ModelMetrics, Registry
 
 # settle(name, version, previous, verdict, reason): called with the model's lock held.
 Settle = Callable[[str, int, int | None, Verdict, str], Awaitable[None]]
+# note(name, version, kind, reason): a probation extended or retried (an event, no new stage).
+Note = Callable[[str, int, str, str], None]
+NOTE_KINDS = {Verdict.EXTEND: "probation_extended", Verdict.RETRY: "probation_retried"}
+
+log = logging.getLogger(__name__)
 
 
-def figures(metrics: Registry, name: str, version: int) -> Figures:
-    """A version's request figures so far."""
-    summary = metrics.model(name, str(version)).summary()
-    return Figures(summary.requests, summary.errors, summary.p99_ms)
+def policy_of(models: ModelsSection) -> ProbationPolicy:
+    """The probation policy the ``[models]`` section configures."""
+    if models.max_p99_ratio is not None:
+        log.warning(
+            "[models] max_p99_ratio is deprecated and ignored: latency is judged by a rank "
+            "test with the floors probation_latency_ratio and probation_latency_min_ms"
+        )
+    return ProbationPolicy(
+        window_s=models.probation_window_s,
+        window_requests=models.probation_window_requests,
+        max_window_s=models.probation_max_window_s,
+        min_requests=models.probation_min_requests,
+        max_error_rate_increase=models.max_error_rate_increase,
+        error_ratio=models.probation_error_ratio,
+        latency_ratio=models.probation_latency_ratio,
+        latency_min_ms=models.probation_latency_min_ms,
+        alpha=models.probation_alpha,
+        max_extensions=models.probation_max_extensions,
+    )
+
+
+def mark(model: ModelMetrics, at_s: float) -> Mark:
+    """A version's counters now: where a window starts."""
+    return Mark(model.latency.total, model.errors, model.samples.count, at_s)
+
+
+def baseline(model: ModelMetrics) -> Window:
+    """The previous version as judged against: all its requests and failures, and its most
+    recent latencies."""
+    return Window(model.latency.total, model.errors, tuple(model.samples.recent()))
+
+
+def check(
+    run: ProbationRun,
+    policy: ProbationPolicy,
+    model: ModelMetrics,
+    base: Window | None,
+    at_s: float,
+) -> tuple[Verdict, str]:
+    """One look at a probation: the candidate's window so far against ``base``."""
+    now = mark(model, at_s)
+    return run.step(policy, now, model.samples.since(run.start.samples), base)
 
 
 class Probations:
@@ -40,22 +86,24 @@ class Probations:
         check_s: Callable[[], float],
         lock: Callable[[str], asyncio.Lock],
         settle: Settle,
+        note: Note | None = None,
     ) -> None:
         self._metrics = metrics
         self._policy = policy  # read at every check: the driver's configuration may change
         self._check_s = check_s
         self._lock = lock
         self._settle = settle
+        self._note = note
         self._tasks: dict[str, asyncio.Task[None]] = {}
 
     def start(self, name: str, version: int, previous: int | None) -> None:
         """Watch ``version`` of ``name`` against ``previous`` (replacing any earlier watch)."""
         self.cancel(name)
         # Figures are taken now, at the swap: requests served before the task first runs count.
-        baseline = figures(self._metrics, name, previous) if previous is not None else None
-        start = figures(self._metrics, name, version)
+        base = baseline(self._metrics.model(name, str(previous))) if previous is not None else None
+        run = ProbationRun(mark(self._metrics.model(name, str(version)), time.monotonic()))
         task = asyncio.get_running_loop().create_task(
-            self._watch(name, version, previous, baseline, start),
+            self._watch(name, version, previous, base, run),
             name=f"probation-{name}-{version}",
         )
         self._tasks[name] = task
@@ -84,23 +132,19 @@ class Probations:
         name: str,
         version: int,
         previous: int | None,
-        baseline: Figures | None,
-        start_figures: Figures,
+        base: Window | None,
+        run: ProbationRun,
     ) -> None:
-        started = time.monotonic()
-        if baseline is not None and baseline.requests < self._policy().min_requests:
-            baseline = None
+        model = self._metrics.model(name, str(version))
         while True:
             await asyncio.sleep(self._check_s())
             crash_point("probation")
-            now = figures(self._metrics, name, version)
-            window = Figures(
-                now.requests - start_figures.requests, now.errors - start_figures.errors, now.p99_ms
-            )
-            verdict, reason = lifecycle.judge_probation(
-                self._policy(), window, baseline, time.monotonic() - started
-            )
+            verdict, reason = check(run, self._policy(), model, base, time.monotonic())
             if verdict is Verdict.CONTINUE:
+                continue
+            if verdict in NOTE_KINDS:
+                if self._note is not None:
+                    self._note(name, version, NOTE_KINDS[verdict], reason)
                 continue
             async with self._lock(name):
                 if self._tasks.get(name) is not asyncio.current_task():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import bisect
 import math
 import threading
+from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -75,11 +76,64 @@ class Histogram:
         return self.bounds[-1]
 
 
+# Raw latencies kept per version for the probation judge (agent/models/judge.py): enough for a
+# rank test; 16 kB per version while it holds samples (``clear`` gives them back at unload).
+RECENT_SAMPLES = 2000
+
+
+class Samples:
+    """The most recent raw latencies (seconds) in a bounded ring of doubles; thread-safe.
+
+    ``count`` numbers every sample ever added, so a reader can ask for those added since it
+    last looked (``since``), as far back as the ring reaches.
+    """
+
+    def __init__(self, capacity: int = RECENT_SAMPLES) -> None:
+        self.capacity = capacity
+        self._ring = array("d")  # grows to ``capacity``, then overwritten in turn
+        self._base = 0  # the ``count`` at which the ring (re)started
+        self.count = 0
+        self._lock = threading.Lock()
+
+    def add(self, seconds: float) -> None:
+        with self._lock:
+            if len(self._ring) < self.capacity:
+                self._ring.append(seconds)
+            else:
+                self._ring[(self.count - self._base) % self.capacity] = seconds
+            self.count += 1
+
+    def recent(self) -> list[float]:
+        """Every sample the ring holds, oldest first."""
+        return self.since(0)
+
+    def since(self, count: int) -> list[float]:
+        """The samples added after the ``count``-th (the newest ``capacity`` of them)."""
+        with self._lock:
+            held = len(self._ring)
+            wanted = min(self.count - count, held)
+            if wanted <= 0:
+                return []
+            end = (self.count - self._base) % self.capacity if held == self.capacity else held
+            first = end - wanted
+            if first >= 0:
+                return self._ring[first:end].tolist()
+            return self._ring[first:].tolist() + self._ring[:end].tolist()
+
+    def clear(self) -> None:
+        """Give the memory back (the version was unloaded); ``count`` goes on."""
+        with self._lock:
+            self._ring = array("d")
+            self._base = self.count
+
+
 class ModelMetrics:
     """Counters for one model version."""
 
     def __init__(self, buckets_s: Sequence[float] = DEFAULT_BUCKETS_S) -> None:
         self.latency = Histogram(buckets_s)
+        # Successful requests only: how fast a failure is says nothing of the model's speed.
+        self.samples = Samples()
         self.errors = 0
         self.client_errors = 0
         self._lock = threading.Lock()
@@ -90,6 +144,8 @@ class ModelMetrics:
         if failed:
             with self._lock:
                 self.errors += 1
+        else:
+            self.samples.add(seconds)
 
     def observe_client_error(self) -> None:
         """A request refused as the client's mistake: counted apart, never against the model."""

@@ -64,6 +64,33 @@ def slow_scale_model(path: Path, factor: float, links: int = 48, width: int = 10
     return _save(helper.make_graph(nodes, "slow_scale", [x], [y], inits), path)
 
 
+def faulty_scale_model(path: Path, factor: float) -> Path:
+    """y = x * factor like ``scale_model``, but ONNX Runtime fails (a Reshape to [-1, 3]) on a
+    request whose first value is -1: a model failure (500), not a refused input."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])
+    inits = [
+        helper.make_tensor("k", TensorProto.FLOAT, [1], [factor]),
+        helper.make_tensor("starts", TensorProto.INT64, [2], [0, 0]),
+        helper.make_tensor("ends", TensorProto.INT64, [2], [1, 1]),
+        helper.make_tensor("one", TensorProto.INT64, [1], [1]),
+        helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]),
+        helper.make_tensor("four", TensorProto.INT64, [1], [4]),
+        helper.make_tensor("minus", TensorProto.INT64, [1], [-1]),
+    ]
+    nodes = [
+        helper.make_node("Slice", ["x", "starts", "ends"], ["x00"]),
+        helper.make_node("Reshape", ["x00", "one"], ["first"]),
+        helper.make_node("Min", ["first", "zero"], ["negative"]),  # -1 for x00 = -1, 0 for x00 ≥ 0
+        helper.make_node("Cast", ["negative"], ["shift"], to=TensorProto.INT64),
+        helper.make_node("Add", ["shift", "four"], ["width"]),
+        helper.make_node("Concat", ["minus", "width"], ["shape"], axis=0),
+        helper.make_node("Mul", ["x", "k"], ["scaled"]),
+        helper.make_node("Reshape", ["scaled", "shape"], ["y"]),
+    ]
+    return _save(helper.make_graph(nodes, "faulty_scale", [x], [y], inits), path)
+
+
 def tensor(array: np.ndarray[Any, Any], datatype: str) -> dict[str, Any]:
     return {
         "datatype": datatype,

@@ -7,12 +7,12 @@ import itertools
 import pytest
 
 from agent.models.lifecycle import (
-    Figures,
     ProbationPolicy,
     Stage,
     TransitionError,
     Verdict,
     VersionState,
+    Window,
     check_transition,
     judge_probation,
     plan_start,
@@ -102,26 +102,36 @@ def test_plan_never_picks_quarantined_and_honours_pin() -> None:
 
 
 def test_probation_rolls_back_on_error_rate_jump() -> None:
-    policy = ProbationPolicy(window_s=60, min_requests=20, max_error_rate_increase=0.05)
-    baseline = Figures(requests=1000, errors=10, p99_ms=2.0)
-    verdict, reason = judge_probation(policy, Figures(40, 10, 2.0), baseline, elapsed_s=5)
+    policy = ProbationPolicy(window_s=60, min_requests=20)
+    baseline = Window(requests=1000, errors=10)
+    verdict, reason = judge_probation(policy, Window(40, 10), baseline, elapsed_s=5)
     assert verdict is Verdict.ROLLBACK
-    assert "error rate 25.0%" in reason
-    verdict, _ = judge_probation(policy, Figures(10, 10, 2.0), baseline, elapsed_s=5)
+    assert "failure rate 25.00% of 40 vs 1.00% of 1000, Fisher exact p=" in reason
+    verdict, _ = judge_probation(policy, Window(10, 10), baseline, elapsed_s=5)
     assert verdict is Verdict.CONTINUE, "too few requests to judge"
-    verdict, _ = judge_probation(policy, Figures(40, 1, 2.0), baseline, elapsed_s=5)
+    # 1 in 40 against 1 %: over the floors, far from significant: more data is needed.
+    verdict, _ = judge_probation(policy, Window(40, 1), baseline, elapsed_s=5)
     assert verdict is Verdict.CONTINUE
-    verdict, reason = judge_probation(policy, Figures(40, 1, 2.0), baseline, elapsed_s=61)
-    assert verdict is Verdict.COMMIT and "probation passed" in reason
+    verdict, reason = judge_probation(policy, Window(40, 1), baseline, elapsed_s=61)
+    assert verdict is Verdict.EXTEND and "errors inconclusive" in reason
+    verdict, reason = judge_probation(policy, Window(80, 2), baseline, 241, extensions=3)
+    assert verdict is Verdict.COMMIT and "still inconclusive after 3 extensions" in reason
 
 
-def test_probation_rolls_back_on_latency_regression() -> None:
-    policy = ProbationPolicy(max_p99_ratio=3.0, min_requests=20)
-    verdict, reason = judge_probation(policy, Figures(100, 0, 40.0), Figures(100, 0, 5.0), 1)
-    assert verdict is Verdict.ROLLBACK and "p99" in reason
-    # Sub-millisecond noise is not a regression.
-    verdict, _ = judge_probation(policy, Figures(100, 0, 0.9), Figures(100, 0, 0.1), 1)
-    assert verdict is Verdict.CONTINUE
+def test_probation_retries_a_latency_regression_then_rolls_back() -> None:
+    policy = ProbationPolicy(window_s=1, min_requests=20)
+    slow, fast = (
+        Window(100, 0, [0.040 + i * 1e-5 for i in range(100)]),
+        Window(100, 0, [0.005 + i * 1e-5 for i in range(100)]),
+    )
+    verdict, reason = judge_probation(policy, slow, fast, 2)
+    assert verdict is Verdict.RETRY and "latency fail" in reason
+    verdict, reason = judge_probation(policy, slow, fast, 2, retries=1)
+    assert verdict is Verdict.ROLLBACK and "latency failed in 2 windows in a row" in reason
+    # Half again as slow, but only 0.05 ms more: under the absolute floor, not a regression.
+    tiny = Window(100, 0, [0.00015 + i * 1e-8 for i in range(100)])
+    base = Window(100, 0, [0.0001 + i * 1e-8 for i in range(100)])
+    assert judge_probation(policy, tiny, base, 2)[0] is Verdict.COMMIT
 
 
 def test_retention_keeps_active_previous_and_extra() -> None:
