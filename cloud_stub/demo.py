@@ -310,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
                         str(work / "fleet.db"),
                         "--operator-key",
                         str(operator_key),
+                        "--token-file",
+                        str(work / "dashboard.token"),
                     ],
                 )
                 procs.start(
@@ -326,8 +328,11 @@ def main(argv: list[str] | None = None) -> int:
                     ],
                 )
                 wait_until("the dashboard", lambda: port_open(dashboard_port))
+                # The dashboard wrote its login secret there (0600) before it listened.
+                token = (work / "dashboard.token").read_text().strip()
+                dashboard_url = f"http://127.0.0.1:{dashboard_port}/login?token={token}"
                 print(
-                    f"fleet dashboard: http://127.0.0.1:{dashboard_port}/ (up while the demo "
+                    f"fleet dashboard: {dashboard_url} (up while the demo "
                     "runs; `python -m cloud_stub.demo --serve` keeps it up until Ctrl-C)",
                     flush=True,
                 )
@@ -431,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.serve:
                 step("Serving until Ctrl-C")
                 if mqtt_port:
-                    print(f"fleet dashboard: http://127.0.0.1:{dashboard_port}/")
+                    print(f"fleet dashboard: {dashboard_url}")
                 print(f"agent socket:    {sock}   (edge-agent status --socket {sock})")
                 print(f"working files:   {work}")
                 with contextlib.suppress(KeyboardInterrupt):
