@@ -35,7 +35,7 @@ class ForeignRequestError(AgentError):
 
 
 class NotJsonError(AgentError):
-    """A state-changing request whose body is not declared as JSON: 415."""
+    """A state-changing request whose body is not declared as JSON (a form, text/plain): 403."""
 
 
 @dataclass(frozen=True, slots=True)

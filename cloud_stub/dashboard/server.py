@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 MAX_BODY = 16 * 1024
 SESSION_EXPIRY_S = 24 * 3600  # how long the broker queues the fleet's messages for us
 RECONNECT_MAX_S = 10  # paho's default of 120 s would leave the page stale for two minutes
-STATUS_OF = {NotLoggedInError: 401, ForeignRequestError: 403, NotJsonError: 415}
+STATUS_OF = {NotLoggedInError: 401, ForeignRequestError: 403, NotJsonError: 403}
 
 
 def default_client_id(db: Path) -> str:

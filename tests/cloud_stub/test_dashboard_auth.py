@@ -174,7 +174,8 @@ def test_every_refusal_over_http(tmp_path: Path, dashboard: tuple[Dashboard, Bro
             ({"Host": "attacker.example"}, 403, "Host"),
             ({"Host": "rebound.example:80"}, 403, "Host"),
             ({"Sec-Fetch-Site": "same-site"}, 403, "another origin"),
-            ({"Content-Type": "text/plain"}, 415, "application/json"),
+            ({"Content-Type": "text/plain"}, 403, "application/json"),
+            ({"Content-Type": "application/x-www-form-urlencoded"}, 403, "application/json"),
         ]
         for headers, want, words in refusals:
             status, answer = operator.command(rollback, headers)
