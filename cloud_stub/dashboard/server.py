@@ -157,6 +157,7 @@ class Dashboard:
                 # Not readable by another page's <script>/<img>, not framed, no Referer out.
                 self.send_header("X-Content-Type-Options", "nosniff")
                 self.send_header("X-Frame-Options", "DENY")
+                self.send_header("Content-Security-Policy", "frame-ancestors 'none'")
                 self.send_header("Referrer-Policy", "no-referrer")
                 for name, value in headers:
                     self.send_header(name, value)

@@ -157,6 +157,12 @@ def test_every_refusal_over_http(tmp_path: Path, dashboard: tuple[Dashboard, Bro
             status, _, body = stranger.request("GET", path)
             assert status == 401, (path, status)
             assert "not logged in" in json.loads(body)["error"]
+        operator = DashboardHttp(board.url)
+        status, headers, _ = operator.request("GET", f"/login?token={board.secret}")
+        assert status == 303
+        assert headers["Location"] == "/"  # the secret leaves the address bar
+        assert "HttpOnly" in headers["Set-Cookie"] and "SameSite=Strict" in headers["Set-Cookie"]
+        assert headers["X-Frame-Options"] == "DENY"  # no page frames it (clickjacking)
         status, _, body = stranger.request("GET", "/login?token=guess")
         assert status == 401
         assert "wrong login token" in json.loads(body)["error"]
