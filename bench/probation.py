@@ -150,8 +150,9 @@ def trial(
     args: argparse.Namespace,
     inputs: dict[str, Any],
     noise: Noise,
-) -> tuple[Verdict, str, int, int]:
-    """One probation: previous serves its share, then the candidate until a verdict."""
+) -> tuple[Verdict, str, int, int, float]:
+    """One probation: previous serves its share, then the candidate until a verdict; the
+    verdict, its reason, extensions, retries and the last window's median ratio."""
     for _ in range(args.between):
         previous.request(inputs, noise)
     candidate.metrics = ModelMetrics()  # a version swapped in anew: counters from zero
@@ -164,7 +165,9 @@ def trial(
         served += args.check_every
         verdict, reason = check(run, policy, candidate.metrics, base, time.monotonic())
         if verdict in (Verdict.COMMIT, Verdict.ROLLBACK):
-            return verdict, reason, run.extensions, run.retries
+            window = candidate.metrics.samples.since(run.start.samples)
+            ratio = float(np.median(window) / np.median(base.latencies_s)) if window else 0.0
+            return verdict, reason, run.extensions, run.retries, ratio
         if served > args.window * 40:
             raise AssertionError(f"{kind}: no verdict after {served} requests")
 
@@ -200,8 +203,8 @@ def main() -> int:
         ["identical"] * args.identical + ["2x slower"] * args.slower + ["5% failing"] * args.failing
     )
     rng.shuffle(kinds)
-    print(f"policy: {policy}")
-    results: dict[str, list[tuple[Verdict, str, int, int]]] = {k: [] for k in candidates}
+    print(f"policy: {policy}", flush=True)
+    results: dict[str, list[tuple[Verdict, str, int, int, float]]] = {k: [] for k in candidates}
     started = time.monotonic()
     with Noise(args.seed, args.burners, args.pause_p) as noise:
         for _ in range(200):  # warm both sessions and the baseline's ring
@@ -210,9 +213,9 @@ def main() -> int:
             outcome = trial(kind, previous, candidates[kind], policy, args, inputs, noise)
             results[kind].append(outcome)
             if outcome[0] is Verdict.ROLLBACK and kind == "identical":
-                print(f"  false rollback in trial {k}: {outcome[1]}")
+                print(f"  false rollback in trial {k}: {outcome[1]}", flush=True)
             if k % 100 == 0:
-                print(f"  {k}/{len(kinds)} trials, {time.monotonic() - started:.0f} s")
+                print(f"  {k}/{len(kinds)} trials, {time.monotonic() - started:.0f} s", flush=True)
         pauses = noise.pauses
     elapsed = time.monotonic() - started
     print(f"trials: {len(kinds)} in {elapsed:.0f} s; hiccups injected: {pauses}")
@@ -223,7 +226,7 @@ def main() -> int:
     print("last latency medians (ms): " + ", ".join(f"{k} {v:.3f}" for k, v in medians.items()))
     print(
         f"{'candidate':<12} {'trials':>6} {'rolled back':>11} {'rate':>8} {'retried':>8} "
-        f"{'extended':>8}"
+        f"{'extended':>8}  median ratio to previous, last window: min / p50 / max"
     )
     rates: dict[str, float] = {}
     for kind, outcomes in results.items():
@@ -231,9 +234,10 @@ def main() -> int:
         retried = sum(1 for o in outcomes if o[3])
         extended = sum(1 for o in outcomes if o[2])
         rates[kind] = rolled / len(outcomes) if outcomes else float("nan")
+        ratios = sorted(o[4] for o in outcomes) or [float("nan")]
         print(
             f"{kind:<12} {len(outcomes):>6} {rolled:>11} {rates[kind]:>8.2%} {retried:>8} "
-            f"{extended:>8}"
+            f"{extended:>8}  {ratios[0]:.2f} / {ratios[len(ratios) // 2]:.2f} / {ratios[-1]:.2f}"
         )
     for kind in ("identical", "2x slower", "5% failing"):
         if results[kind]:

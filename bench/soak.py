@@ -4,8 +4,12 @@ hot-swapped through the real pipeline every minute, MQTT flowing.
     .venv/bin/python bench/soak.py [--minutes 10] [--concurrency 32]
 
 Reports per minute: requests, failed requests, p99 latency, the agent's RSS; and the RSS
-growth from the first minute to the last. Exits 1, naming the bar, when RSS grows more than
-5 %, a request fails, or the last version published is not the one served at the end.
+growth from the first minute to the last. Every version's probation is decided by the agent's
+own judge (agent/models/judge.py): the verdicts are counted from its state database (committed,
+extended, retried, rolled back, failed with nothing to fall back to) and the evidence of any
+that did not simply commit is printed. Exits 1, naming the bar, when RSS grows more than 5 %, a
+request fails, a version was rolled back (every version publishes the same graph), or the last
+version published is not the one served at the end.
 
 Versions are published by a short child process: this one then never maps ONNX Runtime, whose
 pages the agent's memory trim (MADV_PAGEOUT) would otherwise have to leave resident.
@@ -29,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from agent.serving.client import ClientError, InferenceClient  # noqa: E402
 from agent.serving.oip import encode_infer_request  # noqa: E402
+from agent.state import StateDB  # noqa: E402
 from cloud_stub.certs import make_pki  # noqa: E402
 from cloud_stub.https import RepositoryServer  # noqa: E402
 from cloud_stub.ports import free_port  # noqa: E402
@@ -152,6 +157,19 @@ def main() -> int:
         print(f"  event: v{event['version']} {event['kind']} {event['reason']}")
     agent.terminate()
     agent.wait(30)
+    state = StateDB(work / "state" / "state.db")
+    verdicts: dict[str, list[str]] = {
+        kind: [] for kind in ("committed", "probation_extended", "probation_retried")
+    }
+    verdicts |= {"rolled_back": [], "probation_failed": []}
+    for event in state.events("clf", limit=100_000):
+        if event.kind in verdicts:
+            verdicts[event.kind].append(f"v{event.version} {event.kind}: {event.reason}")
+    state.close()
+    print("probation verdicts (judge): " + ", ".join(f"{k} {len(v)}" for k, v in verdicts.items()))
+    for kind in ("probation_extended", "probation_retried", "rolled_back", "probation_failed"):
+        for line in verdicts[kind]:
+            print(f"  {line}")
     server.stop()
     broker.terminate()
     broker.wait(10)
@@ -190,6 +208,8 @@ def main() -> int:
         missed.append(f"{failures} failed requests (bar 0)")
     if final != version:
         missed.append(f"version {final} active at the end, {version} published")
+    if verdicts["rolled_back"]:
+        missed.append(f"{len(verdicts['rolled_back'])} versions rolled back (bar 0)")
     for bar in missed:
         print(f"BAR MISSED: {bar}")
     return 1 if missed else 0

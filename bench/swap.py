@@ -5,15 +5,21 @@
 Two real models with one signature (a float MLP and its int8 QDQ quantization) alternate as
 versions 1..N of one model, each injected through the store with its smoke test and taken
 through the full lifecycle: load in a worker, signature check, warm-up, smoke test, swap, a
-real probation (the new version's error rate and p99 compared with the previous version's,
-the agent's default bounds, over a short window) and commit, which retires the previous
-version, unloads it and removes the files retention lets go. Each version commits before the
+real probation (the daemon's own judge, agent/models/judge.py: the new version's latencies
+and model failures against the previous version's, with the agent's default floors, over a
+short window) and commit, which retires the previous version, unloads it and removes the
+files retention lets go. Each version commits before the
 next swap starts. The load comes from bench/loadgen.c over the Unix socket; every request's
 latency and status is recorded.
 
 Every request is classified by the time it was in flight: "during swaps" if that overlaps
 lifecycle work (from the start of a deployment until its commit, the unload of the old version
 and the file cleanup are done, or a memory trim the swap scheduled), "steady" otherwise.
+
+The probation verdicts are printed with their evidence (statistic, p-value, both medians):
+how many versions were committed, extended, retried or rolled back. The same judge also
+compares the latencies of requests during swaps with the steady ones (for information; the
+bar is the p99.9 ratio).
 
 Exit status 1 when a bar is missed: a failed request, p99.9 during swaps over 2x steady, a
 version rejected or rolled back (or not committed), or load that ended before the swaps did.
@@ -42,6 +48,7 @@ sys.path.insert(0, str(ROOT))
 from agent import memory  # noqa: E402
 from agent.config import AgentSection, Config, ModelsSection, ServingSection  # noqa: E402
 from agent.daemon import Agent  # noqa: E402
+from agent.models.judge import Bounds, judge_latency  # noqa: E402
 from agent.models.runtime import RuntimeOptions, load_session  # noqa: E402
 from agent.models.store import Manifest, ModelStore  # noqa: E402
 from agent.serving.oip import encode_infer_request  # noqa: E402
@@ -240,9 +247,12 @@ def main() -> int:
     summary = load.communicate()[0]
     assert agent.state is not None
     stages = {d.version: d.stage for d in agent.state.deployments("clf")}
-    committed_reasons = [
-        e.reason for e in agent.state.events("clf", limit=10_000) if e.kind == "committed"
-    ]
+    events = agent.state.events("clf", limit=10_000)
+    committed_reasons = [e.reason for e in events if e.kind == "committed"]
+    verdicts = {
+        kind: [e for e in events if e.kind == kind and e.version and e.version > 1]
+        for kind in ("committed", "probation_extended", "probation_retried", "rolled_back")
+    }
     active = agent.slots.get("clf").active
     final_version = active.version if active else None
     loop.call_soon_threadsafe(agent.request_stop)
@@ -288,8 +298,15 @@ def main() -> int:
         f"{percentile(settle_s, 0.5) * 1000:.0f} ms, max {max(settle_s) * 1000:.0f} ms; "
         f"memory trims {len(trims)}; final active version {final_version}"
     )
+    print(
+        "probation verdicts (judge): "
+        + ", ".join(f"{kind} {len(found)}" for kind, found in verdicts.items())
+    )
+    for kind in ("probation_extended", "probation_retried", "rolled_back"):
+        for event in verdicts[kind]:
+            print(f"  v{event.version} {kind}: {event.reason}")
     if committed_reasons:
-        print(f"probation verdicts (last): {committed_reasons[-1]}")
+        print(f"  last commit: {committed_reasons[-1]}")
     print(f"requests: {total}, failed: {failed}")
     print(f"{'':<14} {'n':>7} {'p50 us':>8} {'p99 us':>8} {'p99.9 us':>9}")
     buckets = (("steady", steady), ("during swaps", during), (" of which trim", in_trim))
@@ -298,6 +315,8 @@ def main() -> int:
             f"{label:<14} {len(values):>7} {percentile(values, 0.5):>8.0f} "
             f"{percentile(values, 0.99):>8.0f} {percentile(values, 0.999):>9.0f}"
         )
+    disruption = judge_latency([v / 1e6 for v in during], [v / 1e6 for v in steady], Bounds())
+    print(f"judge, during swaps against steady: {disruption.reason}")
     ratio = percentile(during, 0.999) / percentile(steady, 0.999)
     print(
         f"p99.9 during swaps / steady: {ratio:.2f}x (bar: <= 2x); failed requests: {failed} "

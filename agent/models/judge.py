@@ -1,6 +1,7 @@
 """The probation judge: is a candidate version slower, or failing more, than the one before?
 
-Pure statistics, standard library only (no scipy on a device). Latency is judged the way
+Pure statistics on numpy (already the serving path's; no scipy on a device): a check of
+2,000 against 2,000 samples takes about a millisecond on the event loop. Latency is judged the way
 automated canary analysis does it (Kayenta, Spinnaker's judge): a one-sided Mann–Whitney U
 test of the candidate's latencies against the previous version's recent ones. Errors (model
 failures only, never a client's refused requests) by Fisher's exact test on the two failure
@@ -22,6 +23,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+
+import numpy as np
 
 
 class Outcome(StrEnum):
@@ -91,11 +94,7 @@ def _ms(value: float | None) -> str:
 
 
 def median(values: Sequence[float]) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2.0
+    return float(np.median(np.asarray(values, dtype=np.float64))) if len(values) else None
 
 
 # -- tests ----------------------------------------------------------------------------------
@@ -112,20 +111,17 @@ def mann_whitney_greater(
     n1, n2 = len(candidate), len(baseline)
     if n1 == 0 or n2 == 0:
         return 0.0, 1.0
-    pooled = sorted([(v, 0) for v in candidate] + [(v, 1) for v in baseline])
+    pooled = np.concatenate(
+        [np.asarray(candidate, dtype=np.float64), np.asarray(baseline, dtype=np.float64)]
+    )
     total = n1 + n2
-    rank_sum = 0.0
-    tie_term = 0.0
-    i = 0
-    while i < total:
-        j = i
-        while j + 1 < total and pooled[j + 1][0] == pooled[i][0]:
-            j += 1
-        ties = j - i + 1
-        midrank = (i + j) / 2.0 + 1.0
-        rank_sum += midrank * sum(1 for k in range(i, j + 1) if pooled[k][1] == 0)
-        tie_term += ties**3 - ties
-        i = j + 1
+    order = np.argsort(pooled, kind="mergesort")
+    # Sorted, equal values form runs: each run shares its midrank (1-based).
+    _, first, counts = np.unique(pooled[order], return_index=True, return_counts=True)
+    ranks = np.empty(total, dtype=np.float64)
+    ranks[order] = np.repeat(first + (counts + 1) / 2.0, counts)
+    rank_sum = float(ranks[:n1].sum())
+    tie_term = float((counts.astype(np.float64) ** 3 - counts).sum())
     u = rank_sum - n1 * (n1 + 1) / 2.0
     mean = n1 * n2 / 2.0
     variance = n1 * n2 / 12.0 * ((total + 1) - tie_term / (total * (total - 1)))

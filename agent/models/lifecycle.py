@@ -248,16 +248,21 @@ def judge_probation(
         if len(baseline.latencies_s) >= policy.min_requests:
             latency_base = baseline.latencies_s
     base_latencies = baseline.latencies_s if baseline is not None else ()
-    errors = judge.judge_errors(
-        candidate.errors,
-        candidate.requests,
-        error_base,
-        bounds,
-        candidate.latencies_s,
-        base_latencies,
-    )
+
+    def errors_with_medians() -> judge.Judgement:
+        return judge.judge_errors(
+            candidate.errors,
+            candidate.requests,
+            error_base,
+            bounds,
+            candidate.latencies_s,
+            base_latencies,
+        )
+
+    # At every check: the failure counts alone (cheap); the medians only for a verdict.
+    errors = judge.judge_errors(candidate.errors, candidate.requests, error_base, bounds)
     if errors.outcome is Outcome.FAIL:
-        return Verdict.ROLLBACK, errors.reason
+        return Verdict.ROLLBACK, errors_with_medians().reason
     span = extensions + 1
     due = elapsed_s >= policy.window_s * span and candidate.requests >= (
         policy.window_requests * span
@@ -266,6 +271,7 @@ def judge_probation(
     capped = bool(policy.window_requests) and cap_s is not None and elapsed_s >= cap_s
     if not (due or capped):
         return Verdict.CONTINUE, ""
+    errors = errors_with_medians()
     latency = judge.judge_latency(candidate.latencies_s, latency_base, bounds)
     if latency.outcome is Outcome.FAIL:
         if retries < policy.latency_retries:
