@@ -10,7 +10,6 @@ import os
 import signal
 import socket
 import time
-from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from agent.models.probation import policy_of
 from agent.models.runtime import RuntimeOptions, load_session
 from agent.models.slots import LoadedVersion, Slots
 from agent.models.store import RUNTIME_BY_SUFFIX, Manifest, ModelStore
+from agent.operations import Operation, Operations, Origin, Outcome
 from agent.serving.admin import AdminApi
 from agent.serving.handler import OipHandler
 from agent.serving.oip import Limits
@@ -114,10 +114,6 @@ class Agent:
         self.reporter: Any = None
         self.outbox: Any = None
         self._tasks: list[asyncio.Task[None]] = []
-        # Events already passed to the listeners: the deployer's arrive directly, the update
-        # child's are picked up from the state database after each cycle.
-        self._forwarded: deque[int] = deque(maxlen=4096)
-        self._floor_event_id = 0
         # systemd: the last STATUS= sent, the watchdog's failed checks, the memory trim.
         self._last_status = ""
         self._update_note = ""
@@ -146,13 +142,8 @@ class Agent:
             on_event=self._on_event,
             available_memory=available_memory_bytes,
         )
-        self.server.admin = AdminApi(
-            self.deployer.rollback,
-            self.deployer.pin,
-            self._update_now if self.config.repository.url else None,
-        )
+        self.server.admin = AdminApi(self._admin_operation)
         self.handler.status_provider = self._status_extra
-        self._floor_event_id = max((e.id for e in self.state.events(limit=1)), default=0)
         stored = set(store.names())
         for name in self.config.models.follow:
             if name not in stored:
@@ -172,12 +163,12 @@ class Agent:
         return result.to_dict()
 
     async def deploy_new_versions(self) -> None:
-        """After an update cycle: pass its events on, deploy the newest verified versions."""
+        """After an update cycle or a reload: forward the events other processes wrote (the
+        update child, `edge-agent import`), deploy the newest verified versions."""
         assert self.state is not None
         assert self.deployer is not None
-        for event in self.state.events(limit=200):
-            if event.id > self._floor_event_id and event.id not in self._forwarded:
-                self._on_event(event)
+        if self.reporter is not None:
+            self.reporter.forward_events()
         names = set(self.config.models.follow) | set(self.slots.names())
         names |= set(self.deployer.store.names())
         for name in sorted(names):
@@ -243,11 +234,15 @@ class Agent:
             health=self.health,
             on_command=self.run_command,
             operator_keys=keys,
+            events_after=self._events_after,
         )
+        # The events table is the queue: the reporter forwards every row above its cursor,
+        # whoever wrote it; a row written here only makes it look now.
         reporter = self.reporter
-        self.event_listeners.append(
-            lambda e: reporter.publish_event(e.kind, e.name, e.version, e.reason)
-        )
+        self.event_listeners.append(lambda _event: reporter.notify_events())
+
+    def _events_after(self, after_id: int, limit: int) -> list[Event]:
+        return self.state.events_after(after_id, limit) if self.state is not None else []
 
     def active_versions(self) -> dict[str, int | None]:
         return {slot.name: slot.active.version if slot.active else None for slot in self.slots}
@@ -272,40 +267,24 @@ class Agent:
             }
         return {**readings(self.config.agent.state_dir), "models": models}
 
+    def operations(self) -> Operations:
+        """The one operations layer (agent.operations) over the parts this agent has now."""
+        return Operations(
+            self.deployer,
+            trigger_update=self.updates.trigger if self.updates is not None else None,
+            update_now=self._update_now if self.updates is not None else None,
+            set_config=self._set_config,
+            set_log_level=lambda level: logging.getLogger().setLevel(level.upper()),
+        )
+
     async def run_command(self, command: Any) -> str:
-        """A verified remote command (agent.telemetry.commands.Command)."""
-        args = command.args
-        if command.name == "set-config":
-            return self._set_config(args)
-        if command.name == "check-update":
-            if self.updates is None:
-                raise AgentError("no repository configured")
-            self.updates.trigger()
-            return "update check started"
-        if self.deployer is None:
-            raise AgentError("this agent serves local files; it takes no deployment commands")
-        model = str(args.get("model", ""))
-        # Remote commands only ever target versions the repository signed; versions put in by
-        # `edge-agent import` are for local admin calls (agent.serving.admin).
-        if command.name == "rollback":
-            to = args.get("to")
-            version = await self.deployer.rollback(
-                model, int(to) if to else None, "remote command", allow_unsigned=False
-            )
-            return f"{model} rolled back to version {version}"
-        if command.name == "pin":
-            await self.deployer.pin(model, int(args["version"]), allow_unsigned=False)
-            return f"{model} pinned to version {args['version']}"
-        if command.name == "unpin":
-            await self.deployer.pin(model, None)
-            return f"{model} follows the repository again"
-        if command.name == "set-log-level":
-            level = str(args.get("level", "")).upper()
-            if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-                raise AgentError(f"unknown log level {level!r}")
-            logging.getLogger().setLevel(level)
-            return f"log level {level}"
-        raise AgentError(f"command {command.name} is not handled")
+        """A verified remote command (agent.telemetry.commands.Command): its typed operation,
+        under the remote policy (only signed versions, no release of a quarantine)."""
+        outcome = await self.operations().execute(command.operation, Origin.REMOTE)
+        return outcome.message
+
+    async def _admin_operation(self, operation: Operation, origin: Origin) -> Outcome:
+        return await self.operations().execute(operation, origin)
 
     def _with_remote_config(self, file_config: Config) -> Config:
         """``file_config`` with the settings of accepted set-config commands laid over it."""
@@ -356,10 +335,7 @@ class Agent:
         return f"set {shown}; kept in {path} across restarts"
 
     def _on_event(self, event: Event) -> None:
-        """Deployment events go to every listener (MQTT reporter, status), once each."""
-        if event.id in self._forwarded:
-            return
-        self._forwarded.append(event.id)
+        """A deployment event this process recorded: to every listener (MQTT, status)."""
         for listener in self.event_listeners:
             listener(event)
 

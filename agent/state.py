@@ -206,6 +206,18 @@ class StateDB:
             rows = self._db.execute(query + " ORDER BY id DESC LIMIT ?", (*args, limit)).fetchall()
         return [Event(*row) for row in reversed(rows)]
 
+    def events_after(self, after_id: int, limit: int = 500) -> list[Event]:
+        """Up to ``limit`` events with an id above ``after_id``, oldest first: the events table
+        read as a queue (the MQTT outbox keeps its cursor). Ids grow in commit order, since
+        SQLite has one writer at a time, so a reader never sees a later id before an earlier."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, ts, name, version, kind, reason FROM events WHERE id > ? "
+                "ORDER BY id LIMIT ?",
+                (after_id, limit),
+            ).fetchall()
+        return [Event(*row) for row in rows]
+
     def forget(self, name: str, version: int) -> None:
         with self._tx() as db:
             db.execute("DELETE FROM deployments WHERE name=? AND version=?", (name, version))

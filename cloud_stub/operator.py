@@ -58,7 +58,9 @@ def command(
     seq: int | None = None,
 ) -> bytes:
     """A signed command payload. ``seq`` defaults to milliseconds since the epoch: it only
-    has to grow for each device."""
+    has to grow for each device. What is signed is the RFC 8785 (JCS) form of the command
+    (``agent.telemetry.commands.canonical``; docs/mqtt.md), so a non-ASCII model name is
+    signed as UTF-8 and integers must stay within ±(2^53 − 1)."""
     doc = {
         "command": name,
         "args": args,

@@ -12,6 +12,10 @@ version: a rollback by hand moves it to the version rolled back to, and a pinned
 is quarantined anyway (it no longer loads) loses its pin, with an ``unpinned`` event
 (``Journal.record``).
 
+A rollback quarantines the version it leaves for good; ``edge-agent release`` (local admins
+only, ``agent.operations``) lifts a quarantine: the version becomes retired, which a rollback
+or pin by hand may name again.
+
 ``ManualActions`` is a part of ``agent.models.deployer.Deployer``, which provides the lifecycle
 steps it uses (validation, drain, restore, the per-model lock).
 """
@@ -21,9 +25,9 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
-from agent.errors import AgentError
+from agent.errors import AgentError, CommandError, NotFoundError
 from agent.models.journal import Journal
-from agent.models.lifecycle import Stage
+from agent.models.lifecycle import QUARANTINED, Stage
 from agent.models.probation import Probations
 from agent.models.selection import Selection, pin_key
 from agent.models.slots import LoadedVersion, Slots
@@ -183,6 +187,31 @@ class ManualActions:
                 self.status_text = "idle"
             self.state.set_setting(pin_key(name), version)
             self.journal.event(name, version, "pinned", f"held at version {version}")
+
+    async def release(self, name: str, version: int, reason: str = "local admin") -> None:
+        """Lift the quarantine of ``version`` (rejected or rolled back): it becomes retired, a
+        version a rollback or pin by hand may name again. Nothing is deployed by itself.
+
+        Raises:
+            NotFoundError: the agent has no record of that version.
+            CommandError: the version is not quarantined.
+        """
+        async with self._lock(name):
+            stage = self.journal.stage(name, version)
+            if stage is None:
+                raise NotFoundError(f"model {name!r} version {version} is not known to this agent")
+            if stage not in QUARANTINED:
+                raise CommandError(
+                    f"model {name!r} version {version} is {stage.value}, not quarantined; "
+                    "nothing to release"
+                )
+            self.journal.record(
+                name,
+                version,
+                Stage.RETIRED,
+                f"quarantine ({stage.value}) released by {reason}",
+                event="released",
+            )
 
     def pinned(self, name: str) -> int | None:
         return self.selection.pinned(name)

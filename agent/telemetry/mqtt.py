@@ -5,6 +5,12 @@ loop with ``call_soon_threadsafe`` and everything else happens on the loop. Ever
 through the outbox: written first, sent when connected, deleted on PUBACK. Delivery is at least
 once; receivers deduplicate on (device, seq).
 
+Events: the state database's events table is the queue. ``forward_events`` makes every row
+above the outbox's cursor into a message (``outbox.forward_events``: exactly once, across
+restarts and kill -9); it runs at start, when the daemon says a row was written
+(``notify_events``, from any thread), every ``EVENT_POLL_S`` for rows written by other processes
+(``edge-agent import``), and before the goodbye at a stop.
+
 Connections: the reporter dials the broker itself, with a fresh paho client for every
 connection (paho's own reconnect is off). A connection that fails or ends waits
 ``reconnect_delay`` (exponential, with jitter, so a fleet that lost its broker does not come
@@ -44,9 +50,10 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from agent import operations
 from agent.errors import AgentError, CommandError, ConfigError, StoreError
 from agent.telemetry import commands, messages
-from agent.telemetry.outbox import Message, Outbox
+from agent.telemetry.outbox import EventsAfter, Message, Outbox, forward_events
 from agent.telemetry.pacing import RateLimit, drain_burst, reconnect_delay
 
 log = logging.getLogger(__name__)
@@ -54,7 +61,13 @@ log = logging.getLogger(__name__)
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+    from agent.state import Event
+
 CommandHandler = Callable[[commands.Command], Awaitable[str]]
+
+# How often the events table is read for rows written by another process (`edge-agent import`,
+# the update child); the daemon's own rows are forwarded as they are written.
+EVENT_POLL_S = 2.0
 
 
 # The largest MQTT packet the agent accepts: a command and its topic, with room to spare.
@@ -154,6 +167,7 @@ class Reporter:
         health: Callable[[], dict[str, Any]],
         on_command: CommandHandler,
         operator_keys: Mapping[str, Ed25519PublicKey],
+        events_after: EventsAfter | None = None,
     ) -> None:
         self.config = config
         self.outbox = outbox
@@ -164,6 +178,8 @@ class Reporter:
         self._health = health
         self._on_command = on_command
         self._keys = operator_keys
+        self._events_after = events_after
+        self._event_error: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._link: _Link | None = None
         self._connected = asyncio.Event()
@@ -211,9 +227,10 @@ class Reporter:
     def _store_held(self) -> None:
         """Move messages into the outbox, oldest first.
 
-        When the outbox cannot take them (a full disk), events wait here in memory, in order,
-        to be stored once it can; health messages are dropped and counted in the next health
-        message that is stored.
+        When the outbox cannot take them (a full disk), acks and status messages (and events
+        that are no row of the events table) wait here in memory, in order, to be stored once it
+        can; health messages are dropped and counted in the next health message that is stored.
+        Rows of the events table wait in the state database (``forward_events``).
         """
         while self._held:
             held = self._held[0]
@@ -283,11 +300,53 @@ class Reporter:
             "outbox_messages": waiting,
             "outbox_bytes": size,
             "held_in_memory": len(self._held),
-            "outbox_error": self._store_error,
+            "outbox_error": self._store_error or self._event_error,
         }
 
     def publish_event(self, kind: str, model: str, version: int | None, reason: str) -> None:
+        """An event that is no row of the events table (tests, ad hoc notices)."""
         self._put(self.topics.events, messages.event(kind, model, version, reason), "event")
+
+    def notify_events(self) -> None:
+        """Rows were added to the events table (any thread): forward them soon, on the loop."""
+        self._call(self.forward_events)
+
+    def forward_events(self) -> None:
+        """Make every event above the outbox's cursor into a message (on the loop). When the
+        outbox refuses writes, the events wait in the state database for the next try."""
+        if self._events_after is None:
+            return
+        try:
+            count = forward_events(
+                self.outbox,
+                self._events_after,
+                self._event_payload,
+                self.topics.events,
+                keep=self._unacked,
+            )
+        except (sqlite3.Error, StoreError) as exc:
+            if self._event_error is None:
+                log.error(
+                    "mqtt: cannot store events in the outbox: %s; they wait in the state "
+                    "database and are forwarded once it can be written",
+                    exc,
+                )
+            self._event_error = str(exc)
+            return
+        if self._event_error is not None:
+            log.info("mqtt: events are forwarded again (it failed with: %s)", self._event_error)
+            self._event_error = None
+        if count:
+            self._wake.set()
+
+    def _event_payload(self, event: Event, seq: int) -> bytes:
+        body = messages.event(event.kind, event.name, event.version, event.reason)
+        return messages.envelope(self.device_id, seq, event.ts, body)
+
+    async def _event_poll(self) -> None:
+        while True:
+            self.forward_events()
+            await asyncio.sleep(EVENT_POLL_S)
 
     def publish_health(self) -> None:
         body = self._health()
@@ -405,10 +464,12 @@ class Reporter:
             self._loop.create_task(self._connection(), name="mqtt-connection"),
             self._loop.create_task(self._drain(), name="mqtt-drain"),
             self._loop.create_task(self._health_loop(), name="mqtt-health"),
+            self._loop.create_task(self._event_poll(), name="mqtt-events"),
         ]
 
     async def stop(self, timeout_s: float = 3.0) -> None:
         """Say goodbye (retained offline status), flush what fits in ``timeout_s``, disconnect."""
+        self.forward_events()  # the last events first (those of a clean stop)
         self._put(
             self.topics.status,
             messages.offline(self.agent_version, "stopped"),
@@ -543,11 +604,17 @@ class Reporter:
         self._loop.create_task(self._handle_command(payload))
 
     async def _handle_command(self, payload: bytes) -> None:
+        """Answer every delivered command with exactly one acknowledgement: rejected (it was
+        not run: bad JSON, signature, sequence, arguments …), failed (it ran and could not be
+        done) or accepted; an unexpected exception is a failure with its reason, never
+        silence."""
         name, seq = "?", None
         try:
             doc = commands.parse(payload)
-            name = str(doc.get("command", "?"))
-            seq = doc.get("seq") if isinstance(doc.get("seq"), int) else None
+            raw_name = doc.get("command", "?")
+            name = raw_name if isinstance(raw_name, str) else operations.shown(raw_name)
+            name = name[:64]
+            seq = commands.ack_seq(doc)
             command = commands.verify(
                 doc,
                 device_id=self.device_id,
@@ -564,17 +631,27 @@ class Reporter:
                         f"cannot record its sequence number ({exc}), so it is not run"
                     ) from exc
         except CommandError as exc:
-            log.warning("mqtt: command %s rejected: %s", name, exc)
-            self._put(self.topics.acks, messages.ack(name, seq, "rejected", str(exc)), "ack")
+            self._ack(name, seq, "rejected", str(exc))
+            return
+        except Exception as exc:  # a bug must still be answered, and not stop the reporter
+            log.exception("mqtt: command %s could not be checked", name)
+            self._ack(name, seq, "rejected", f"internal error ({type(exc).__name__}: {exc})")
             return
         try:
             result = await self._on_command(command)
         except AgentError as exc:
-            log.warning("mqtt: command %s failed: %s", name, exc)
-            self._put(self.topics.acks, messages.ack(name, seq, "failed", str(exc)), "ack")
+            self._ack(name, seq, "failed", str(exc))
             return
-        log.info("mqtt: command %s accepted: %s", name, result)
-        self._put(self.topics.acks, messages.ack(name, seq, "accepted", result), "ack")
+        except Exception as exc:
+            log.exception("mqtt: command %s failed unexpectedly", name)
+            self._ack(name, seq, "failed", f"internal error ({type(exc).__name__}: {exc})")
+            return
+        self._ack(name, seq, "accepted", result)
+
+    def _ack(self, name: str, seq: int | None, outcome: str, reason: str) -> None:
+        say = log.info if outcome == "accepted" else log.warning
+        say("mqtt: command %s (seq %s) %s: %s", name, seq, outcome, reason)
+        self._put(self.topics.acks, messages.ack(name, seq, outcome, reason), "ack")
 
     # -- sending ----------------------------------------------------------------------------
 

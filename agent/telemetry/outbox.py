@@ -9,6 +9,12 @@ remembers the count it reports (``carried``): when it is dropped in turn, that c
 the next one with its own drop, so the counts that reach the broker always add up to exactly the
 health messages that never did.
 
+Events come from the state database's events table, read as a queue (``forward_events``): the
+outbox remembers the id of the last event it took (the ``event_cursor`` counter) in the same
+transaction as the message it made of it, so every event row becomes exactly one message,
+whoever wrote it (the daemon, the update child, ``edge-agent import``) and whenever, across
+restarts and kill -9. An outbox without a cursor (a new one) starts at the first event.
+
 SQLite in WAL mode with ``synchronous=NORMAL``: a crash of the agent loses nothing; a power cut
 may lose the last few messages written, which for telemetry beats an fsync per message on an
 SD card.
@@ -24,8 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.errors import StoreError
+from agent.state import Event
 
 NEVER_DROPPED = frozenset({"event", "ack", "status"})
+EVENT_CURSOR = "event_cursor"
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,8 +143,13 @@ class Outbox:
         *,
         unstored_health: int = 0,
         keep: Collection[int] = (),
-    ) -> int:
+        event_id: int | None = None,
+    ) -> int | None:
         """Number, build and store one message in a single transaction.
+
+        With ``event_id`` (a row of the state database's events table) the message is made
+        only if the event cursor is below that id, and the cursor moves to it in the same
+        transaction; returns None, storing nothing, for an event taken already.
 
         ``build(seq, dropped)`` makes the payload from the next sequence number and, for a
         health message, the count of health messages dropped and not reported by a stored
@@ -155,6 +168,18 @@ class Outbox:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
+                if event_id is not None:
+                    row = self._db.execute(
+                        "SELECT value FROM counters WHERE key=?", (EVENT_CURSOR,)
+                    ).fetchone()
+                    if row is not None and int(row[0]) >= event_id:
+                        self._db.execute("ROLLBACK")
+                        return None
+                    self._db.execute(
+                        "INSERT INTO counters (key, value) VALUES (?, ?) "
+                        "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                        (EVENT_CURSOR, event_id),
+                    )
                 seq = self._bump("seq", 1)
                 dropped = 0
                 if kind == "health":
@@ -199,6 +224,10 @@ class Outbox:
         assert cursor.lastrowid is not None
         return cursor.lastrowid
 
+    def event_cursor(self) -> int:
+        """The id of the last event made into a message (0: none yet)."""
+        return self.counter(EVENT_CURSOR)
+
     def pending(
         self,
         limit: int,
@@ -239,3 +268,47 @@ class Outbox:
                 "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM messages"
             ).fetchone()
         return int(row[0]), int(row[1])
+
+
+EventsAfter = Callable[[int, int], Sequence[Event]]
+
+
+def forward_events(
+    outbox: Outbox,
+    events_after: EventsAfter,
+    build: Callable[[Event, int], bytes],
+    topic: str,
+    *,
+    batch: int = 500,
+    keep: Collection[int] = (),
+) -> int:
+    """Make every event above the outbox's cursor into a message, oldest first; returns how
+    many. ``events_after(after_id, limit)`` reads the events table, ``build(event, seq)`` makes
+    a payload. Each event and the cursor move are one transaction: a crash between two events
+    loses and repeats nothing.
+
+    Raises:
+        sqlite3.Error: the outbox refused a write (the events wait in the state database).
+    """
+    forwarded = 0
+    while True:
+        events = events_after(outbox.event_cursor(), batch)
+        for event in events:
+            stored = outbox.put_message(
+                topic, "event", _EventPayload(build, event), keep=keep, event_id=event.id
+            )
+            if stored is not None:
+                forwarded += 1
+        if len(events) < batch:
+            return forwarded
+
+
+@dataclass(frozen=True, slots=True)
+class _EventPayload:
+    """``put_message``'s payload builder for one event."""
+
+    build: Callable[[Event, int], bytes]
+    event: Event
+
+    def __call__(self, seq: int, _dropped: int) -> bytes:
+        return self.build(self.event, seq)

@@ -178,3 +178,49 @@ def test_admin_calls_over_tcp_are_refused(agent: Running) -> None:
     assert agent.active() == 2
     assert agent.stages() == {1: "verified", 2: "committed"}
     assert agent.status()["pinned"] == {"mm": None}
+
+
+def test_release_lifts_a_quarantine_for_a_local_admin(agent: Running) -> None:
+    done = agent.cli("rollback", "mm")
+    assert done.returncode == 0, done.stderr
+    assert agent.stages() == {1: "committed", 2: "rolled_back"}
+    # Quarantined for good: a rollback to it is refused …
+    done = agent.cli("rollback", "mm", "--to", "2")
+    assert done.returncode == 1 and "quarantined" in done.stderr
+    # … until a local admin releases it: retired, a target by hand again, not redeployed.
+    done = agent.cli("release", "mm", "2")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"model": "mm", "version": 2, "stage": "retired"}
+    assert agent.stages() == {1: "committed", 2: "retired"}
+    assert agent.active() == 1
+    recent = agent.status()["recent_events"]
+    assert any(
+        e["kind"] == "released" and e["version"] == 2 and "rolled_back" in e["reason"]
+        for e in recent  # type: ignore[attr-defined]
+    )
+    done = agent.cli("rollback", "mm", "--to", "2")
+    assert done.returncode == 0, done.stderr
+    assert agent.active() == 2
+    # Only a quarantined version is released; an unknown one is not found.
+    done = agent.cli("release", "mm", "2")
+    assert done.returncode == 1 and "is committed, not quarantined" in done.stderr
+    done = agent.cli("release", "mm", "9")
+    assert done.returncode == 1 and "version 9 is not known" in done.stderr
+
+
+def test_admin_arguments_are_checked_by_the_command_schema(agent: Running) -> None:
+    """The same schema as a remote command's: a precise 400, nothing changes."""
+    with InferenceClient(str(agent.socket)) as client:
+        for path, body, needle in (
+            ("/agent/models/mm/pin", b'{"version": "two"}', "'version' must be an integer"),
+            ("/agent/models/mm/rollback", b'{"to": 0}', "'to' must be an integer version"),
+            ("/agent/models/mm/rollback", b'{"too": 1}', "unexpected argument 'too'"),
+            ("/agent/models/mm/release", b"{}", "release: missing argument 'version'"),
+        ):
+            status, _, payload = client.request("POST", path, body)
+            assert status == 400, (path, payload)
+            assert needle in payload.decode(), payload
+        status, _, payload = client.request("POST", "/agent/models/mm/reboot", b"{}")
+        assert status == 404
+    assert agent.active() == 2
+    assert agent.stages() == {1: "verified", 2: "committed"}

@@ -93,7 +93,7 @@ def signed(key: Ed25519PrivateKey, **fields: Any) -> dict[str, Any]:
         "args": {"model": "m"},
         "device": "dev-1",
         "seq": 5,
-        "expires": time.time() + 60,
+        "expires": int(time.time()) + 60,
         **fields,
     }
     return commands.sign(doc, key, "ops")
@@ -111,7 +111,7 @@ def test_command_verification(operator: Ed25519PrivateKey) -> None:
         "unknown key": commands.sign(signed(operator), Ed25519PrivateKey.generate(), "ops2"),
         "is for device": signed(operator, device="dev-2"),
         "replayed": signed(operator, seq=4),
-        "expired": signed(operator, expires=time.time() - 1),
+        "expired": signed(operator, expires=int(time.time()) - 1),
         "must be signed": {"command": "rollback", "args": {}},
         "unknown command": {"command": "format-disk"},
     }
