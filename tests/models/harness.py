@@ -185,13 +185,14 @@ class Harness:
         )
         self.handler = OipHandler(self.slots, self.metrics)
 
-    def respond(self, batch: int = 1) -> Response:
-        x = np.ones((batch, 4), np.float32)
+    def respond(self, batch: int = 1, value: float = 1.0) -> Response:
+        x = np.full((batch, 4), value, np.float32)
         body, length = encode_infer_request({"x": x})
         return self.handler.infer_blocking("/v2/models/scale/infer", body, length)
 
-    def infer(self, batch: int = 1) -> tuple[int, bytes]:
-        response = self.respond(batch)
+    def infer(self, batch: int = 1, value: float = 1.0) -> tuple[int, bytes]:
+        """One request of ones (``value=-1``: one that ``faulty_scale_model`` fails)."""
+        response = self.respond(batch, value)
         return response.status, response.body
 
     def stage(self, version: int) -> str:

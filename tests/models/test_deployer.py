@@ -10,7 +10,7 @@ import pytest
 
 from agent.errors import NotFoundError
 from agent.models.lifecycle import ProbationPolicy
-from tests.models.harness import Harness, install, wait_for
+from tests.models.harness import Harness, faulty_scale_model, install, wait_for
 
 
 def test_first_version_validates_activates_and_commits(tmp_path: Path) -> None:
@@ -61,16 +61,17 @@ def test_error_rate_jump_rolls_back(tmp_path: Path) -> None:
             assert h.infer(batch=2)[0] == 200
         h.state.record("scale", 1, "committed", "test: committed")  # skip v1's own probation
         await h.deployer.close()
-        install(h.store, tmp_path, 2, 2.0, batch=1)  # passes its smoke test, refuses batch 2
+        # Passes its smoke test, fails requests whose first value is -1 (500: the model's).
+        install(h.store, tmp_path, 2, 2.0, model=faulty_scale_model(tmp_path / "f.onnx", 2.0))
         assert await h.deployer.deploy("scale", 2)
-        statuses = [h.infer(batch=2)[0] for _ in range(12)]
-        assert 400 in statuses
+        statuses = [h.infer(batch=2, value=-1.0)[0] for _ in range(12)]
+        assert 500 in statuses
         await wait_for(lambda: h.stage(2) == "rolled_back")
         active = h.slots.get("scale").active
         assert active is not None and active.version == 1
         assert h.infer(batch=2)[0] == 200
         reason = next(e.reason for e in h.events if e.kind == "rolled_back")
-        assert "error rate" in reason
+        assert "errors fail: failure rate" in reason
         await h.deployer.close()
         h.close()
 

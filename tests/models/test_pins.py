@@ -11,7 +11,7 @@ from agent.config import AgentSection, Config, ModelsSection, ServingSection
 from agent.daemon import Agent
 from agent.models.lifecycle import ProbationPolicy
 from agent.models.store import ModelStore
-from tests.models.harness import Harness, committed_first, install, wait_for
+from tests.models.harness import Harness, committed_first, faulty_scale_model, install, wait_for
 
 WATCH = ProbationPolicy(window_s=30, min_requests=10, max_error_rate_increase=0.05)
 
@@ -24,7 +24,8 @@ def test_pinning_the_version_in_probation_commits_it(tmp_path: Path) -> None:
         h = Harness(tmp_path)
         install(h.store, tmp_path, 1, 2.0)
         await committed_first(h, WATCH)
-        install(h.store, tmp_path, 2, 2.0, batch=1)  # passes its smoke test, refuses batch 2
+        # Passes its smoke test, fails requests whose first value is -1.
+        install(h.store, tmp_path, 2, 2.0, model=faulty_scale_model(tmp_path / "f.onnx", 2.0))
         assert await h.deployer.deploy("scale", 2)
         assert h.deployer.probation_active("scale")
         await h.deployer.pin("scale", 2)
@@ -32,7 +33,7 @@ def test_pinning_the_version_in_probation_commits_it(tmp_path: Path) -> None:
         assert not h.deployer.probation_active("scale")
         assert h.slots.get("scale").versions() == [2]
         for _ in range(12):
-            h.infer(batch=2)  # errors that a probation would have rolled back for
+            h.infer(batch=2, value=-1.0)  # failures a probation would have rolled back for
         await asyncio.sleep(0.3)
         assert h.stage(2) == "committed" and h.deployer.pinned("scale") == 2
         h.assert_consistent()

@@ -7,7 +7,7 @@ import asyncio
 from pathlib import Path
 
 from agent.models.lifecycle import ProbationPolicy
-from tests.models.harness import Harness, install, wait_for
+from tests.models.harness import Harness, faulty_scale_model, install, wait_for
 
 SHORT = ProbationPolicy(window_s=0.2)  # commits as soon as the window has passed
 LONG = ProbationPolicy(window_s=60)  # stays in probation for the test's length
@@ -82,7 +82,8 @@ def test_versions_in_use_never_lose_their_files(tmp_path: Path) -> None:
         h = Harness(tmp_path, LONG, keep_versions=0)
         install(h.store, tmp_path, 1, 2.0)
         await h.deployer.start()
-        install(h.store, tmp_path, 2, 2.0, batch=1)  # passes its smoke test, refuses batch 2
+        # Passes its smoke test, fails requests whose first value is -1.
+        install(h.store, tmp_path, 2, 2.0, model=faulty_scale_model(tmp_path / "f.onnx", 2.0))
         assert await h.deployer.deploy("scale", 2)
         assert h.stages() == {1: "retired", 2: "active"}
         assert h.slots.get("scale").versions() == [1, 2]
@@ -93,7 +94,7 @@ def test_versions_in_use_never_lose_their_files(tmp_path: Path) -> None:
         # The version in use is what the failed probation goes back to, from its files too.
         h.set_policy(ProbationPolicy(window_s=30, min_requests=10))
         for _ in range(12):
-            h.infer(batch=2)
+            h.infer(batch=2, value=-1.0)
         await wait_for(lambda: h.stage(2) == "rolled_back")
         assert h.serving() == 1 and h.stage(1) == "committed"
         assert (h.store.get("scale", 1).model_path).is_file()

@@ -12,15 +12,15 @@ import pytest
 from agent.errors import CommandError, ModelError, NotFoundError
 from agent.models import deployer as deployer_module
 from agent.models.lifecycle import ProbationPolicy
-from tests.models.harness import Harness, committed_first, install, wait_for
+from tests.models.harness import Harness, committed_first, faulty_scale_model, install, wait_for
 
 WATCH = ProbationPolicy(window_s=30, min_requests=10, max_error_rate_increase=0.05)
 
 
 async def fail_probation(h: Harness, version: int) -> None:
-    """Requests of batch 2, which a version installed with ``batch=1`` refuses (400)."""
-    statuses = [h.infer(batch=2)[0] for _ in range(12)]
-    assert 400 in statuses
+    """Requests a version installed with ``faulty_scale_model`` fails (500: the model's)."""
+    statuses = [h.infer(batch=2, value=-1.0)[0] for _ in range(12)]
+    assert 500 in statuses
     await wait_for(lambda: h.stage(version) == "rolled_back")
 
 
@@ -34,7 +34,8 @@ def test_rollback_after_a_drain_reloads_the_committed_version(tmp_path: Path) ->
         await committed_first(h, WATCH)
         for _ in range(30):
             assert h.infer(batch=2)[0] == 200
-        install(h.store, tmp_path, 2, 2.0, batch=1)  # passes its smoke test, refuses batch 2
+        # Passes its smoke test, fails requests whose first value is -1.
+        install(h.store, tmp_path, 2, 2.0, model=faulty_scale_model(tmp_path / "f.onnx", 2.0))
         assert await h.deployer.deploy("scale", 2)
         assert h.reasons("drained", 1)
         assert h.slots.get("scale").versions() == [2]  # version 1 was unloaded for room
@@ -62,7 +63,7 @@ def test_rollback_goes_to_the_last_committed_version(tmp_path: Path) -> None:
             assert h.infer(batch=2)[0] == 200
         install(h.store, tmp_path, 2, 3.0)
         assert await h.deployer.deploy("scale", 2)
-        install(h.store, tmp_path, 3, 2.0, batch=1)
+        install(h.store, tmp_path, 3, 2.0, model=faulty_scale_model(tmp_path / "f.onnx", 2.0))
         assert await h.deployer.deploy("scale", 3)
         assert h.stages() == {1: "committed", 2: "retired", 3: "active"}
         # The committed version stays warm for the rollback, the superseded one is unloaded.
@@ -89,7 +90,7 @@ def test_rollback_with_nothing_committed_keeps_serving_what_served(tmp_path: Pat
         await h.deployer.start()
         for _ in range(30):
             assert h.infer(batch=2)[0] == 200
-        install(h.store, tmp_path, 2, 2.0, batch=1)
+        install(h.store, tmp_path, 2, 2.0, model=faulty_scale_model(tmp_path / "f.onnx", 2.0))
         assert await h.deployer.deploy("scale", 2)
         assert h.stages() == {1: "retired", 2: "active"}
         await fail_probation(h, 2)
@@ -116,7 +117,7 @@ def test_rollback_to_a_quarantined_version_is_refused_before_the_swap(tmp_path: 
         assert h.slots.get("scale").versions() == [1]
         assert h.stages() == {1: "committed", 2: "rejected"}
         # A rolled-back version is refused the same way.
-        install(h.store, tmp_path, 3, 2.0, batch=1)
+        install(h.store, tmp_path, 3, 2.0, model=faulty_scale_model(tmp_path / "f.onnx", 2.0))
         for _ in range(30):
             h.infer(batch=2)
         assert await h.deployer.deploy("scale", 3)
