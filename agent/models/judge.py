@@ -178,8 +178,8 @@ def binomial_greater(failed: int, total: int, rate: float) -> float:
 def judge_latency(
     candidate_s: Sequence[float], baseline_s: Sequence[float] | None, bounds: Bounds
 ) -> Judgement:
-    """Is the candidate slower? ``baseline_s`` None or empty: no previous version to compare,
-    which passes (there is nothing to be slower than)."""
+    """Is the candidate slower? ``baseline_s`` None: no previous version to compare, which
+    passes (there is nothing to be slower than)."""
     cand_ms = median(candidate_s)
     base = baseline_s or ()
     base_ms = median(base)
@@ -191,7 +191,7 @@ def judge_latency(
             "latency", outcome, u, p, len(candidate_s), len(base), c_ms, b_ms, note=note
         )
 
-    if not base:
+    if baseline_s is None:
         return verdict(Outcome.PASS, 0.0, 1.0, "no previous version to compare")
     if len(candidate_s) < bounds.min_samples or len(base) < bounds.min_samples:
         return verdict(Outcome.INCONCLUSIVE, 0.0, 1.0, f"too few samples (< {bounds.min_samples})")

@@ -241,12 +241,12 @@ def judge_probation(
     error_base = None
     latency_base: Sequence[float] | None = None
     if baseline is not None:
-        # A previous version that served too little to compare with: the candidate is judged
-        # on its own (errors against the absolute floor; latency not at all).
+        # A previous version that served too little to compare failure rates with: the
+        # candidate's failures are judged against the absolute floor. Its latencies are then
+        # too few to judge with (inconclusive for want of samples: the window rules decide).
         if baseline.requests >= policy.min_requests:
             error_base = (baseline.errors, baseline.requests)
-        if len(baseline.latencies_s) >= policy.min_requests:
-            latency_base = baseline.latencies_s
+        latency_base = baseline.latencies_s
     base_latencies = baseline.latencies_s if baseline is not None else ()
 
     def errors_with_medians() -> judge.Judgement:

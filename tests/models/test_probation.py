@@ -113,6 +113,18 @@ def test_one_slow_request_after_the_swap_is_not_a_regression() -> None:
     assert "latency pass" in reason and "Mann-Whitney U=" in reason and "p=" in reason
 
 
+def test_a_previous_version_with_few_samples_is_said_so() -> None:
+    """After a restart the committed version has served only a moment before the candidate
+    replaced it: too few samples to compare, and the reason says that, not "no previous"."""
+    policy = ProbationPolicy(window_s=0, window_requests=30)
+    candidate = Window(30, 0, [0.001] * 30)
+    verdict, reason = judge_probation(policy, candidate, Window(5, 0, [0.001] * 5), 1)
+    assert verdict is Verdict.COMMIT and "latency inconclusive" in reason
+    assert "too few samples (< 20)" in reason
+    verdict, reason = judge_probation(policy, candidate, None, 1)
+    assert verdict is Verdict.COMMIT and "no previous version to compare" in reason
+
+
 def test_an_inconclusive_window_is_extended_up_to_the_bound() -> None:
     policy = ProbationPolicy(window_s=0, window_requests=40, max_extensions=2)
     previous = Window(1000, 10)
