@@ -83,8 +83,8 @@ class ServingSection:
     intra_op_threads: int = 1
     max_body_bytes: int = 64 * 1024 * 1024
     max_header_bytes: int = 16 * 1024
-    max_connections: int = 512  # per listener (the Unix socket and TCP each have their own)
-    max_connections_per_peer: int = 256  # per uid on the Unix socket; 0: no per-peer limit
+    max_connections: int = 4096  # per listener (the Unix socket and TCP each have their own)
+    max_connections_per_peer: int = 2048  # per uid on the Unix socket; 0: no per-peer limit
     max_buffered_body_bytes: int = 96 * 1024 * 1024  # request bodies held across clients
     header_timeout_s: float = 10.0  # a request head must arrive whole within this
     body_timeout_s: float = 60.0  # a request body must arrive whole within this of its head

@@ -3,10 +3,12 @@
 Pure bookkeeping (no sockets), used by the HTTP server on the event loop thread. Connections
 are counted per listener (the Unix socket's clients keep their slots whatever TCP clients do)
 and, on the Unix socket, per peer uid (SO_PEERCRED): one local application cannot take every
-slot. A full budget does not lock newcomers out: the connection that waited longest without a
-request being answered gives way (a client that connects and stalls, or drips its head, loses
-its slot to one that sends a whole request), and only when every holder is working on a request
-is the newcomer refused.
+slot. A full budget does not lock newcomers out. Nothing tells a stalled client from a good one
+at the moment it connects (neither has been read yet), so a newcomer over the budget is taken in
+and, a moment later, once what the clients sent has been read, the connections that waited
+longest without a request in hand give way (``excess``): a client that connects and stalls, or
+drips its head, loses its slot to one that sent a whole request. Only at twice the budget does
+a newcomer make room at once, and only when every holder is working on a request is it refused.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ class Holder(Protocol):
 @dataclass(frozen=True, slots=True)
 class Decision:
     admitted: bool
-    evict: tuple[Holder, ...] = ()
+    evict: tuple[Holder, ...] = ()  # must give way now
+    rebalance: bool = False  # over the budget: call ``excess`` once what arrived has been read
     reason: str = ""
 
 
@@ -55,9 +58,11 @@ class Admission:
     def decide(self, holder: Holder) -> Decision:
         """Whether ``holder`` may take a slot, and which holders must give way first."""
         evict: list[Holder] = []
+        over = False
         if holder.peer is not None and self.per_peer > 0:
             mine = self._by_peer.get((holder.listener, holder.peer), set())
-            if len(mine) >= self.per_peer:
+            over = len(mine) >= self.per_peer
+            if len(mine) >= 2 * self.per_peer:
                 victim = _weakest(mine, [])
                 if victim is None:
                     return Decision(
@@ -68,7 +73,8 @@ class Admission:
                 evict.append(victim)
         if self.per_listener > 0:
             everyone = self._by_listener.get(holder.listener, set())
-            if len(everyone) - len(evict) >= self.per_listener:
+            over = over or len(everyone) >= self.per_listener
+            if len(everyone) - len(evict) >= 2 * self.per_listener:
                 victim = _weakest(everyone, evict)
                 if victim is None:
                     return Decision(
@@ -77,7 +83,31 @@ class Admission:
                         "requests in hand",
                     )
                 evict.append(victim)
-        return Decision(True, tuple(evict))
+        return Decision(True, tuple(evict), rebalance=over)
+
+    def excess(self) -> list[Holder]:
+        """The holders that must give way to bring every peer and listener back within its
+        budget: per group, the weakest first; holders with a request in hand never."""
+        chosen: list[Holder] = []
+        taken: set[int] = set()
+        groups: list[tuple[set[Holder], int]] = []
+        if self.per_peer > 0:
+            groups += [(group, self.per_peer) for group in self._by_peer.values()]
+        if self.per_listener > 0:
+            groups += [(group, self.per_listener) for group in self._by_listener.values()]
+        for group, budget in groups:
+            remaining = [h for h in group if id(h) not in taken]
+            over = len(remaining) - budget
+            if over <= 0:
+                continue
+            ranked = sorted(
+                ((rank, id(h), h) for h in remaining if (rank := h.eviction_rank()) is not None),
+                key=lambda item: (item[0], item[1]),
+            )
+            for _, key, holder in ranked[:over]:
+                taken.add(key)
+                chosen.append(holder)
+        return chosen
 
     def add(self, holder: Holder) -> None:
         self._by_listener[holder.listener].add(holder)

@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 SMALL_BODY_BYTES = 64 * 1024
 _GROW_BYTES = 1024 * 1024  # chunked bodies reserve budget in steps of this
 
+# A connection younger than this that has sent nothing may simply not have been read yet.
+FRESH_S = 0.5
+
 _REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
 
 
@@ -415,13 +418,24 @@ class HttpConnection(asyncio.Protocol):
         return not self._busy and not self._queue and self.phase is Phase.IDLE
 
     def eviction_rank(self) -> tuple[int, float] | None:
+        """Who gives way first when the server is full (lower first; ``None``: never).
+
+        A head that arrived in part and stopped is the surest sign of a stalled client; then a
+        connection silent since it was opened; then an idle keep-alive one (its client just
+        reconnects); then a body on its way. A connection opened a moment ago whose request
+        may not have been read yet gives way last: that is what a good client looks like.
+        """
         if self._busy or self._queue or self._closing:
             return None if not self._closing else (-1, 0.0)
+        if self.phase is Phase.HEAD:
+            return (0, self.phase_since)
         if self.phase is Phase.BODY:
+            return (3, self.phase_since)
+        if self.answered:
             return (2, self.phase_since)
-        if self.phase is Phase.IDLE and self.answered:
+        if time.monotonic() - self.phase_since > FRESH_S:
             return (1, self.phase_since)
-        return (0, self.phase_since)  # never answered, or a head that has not arrived whole
+        return (4, self.phase_since)  # the oldest first, the newest last
 
     def expire(self, now: float) -> None:
         """Close the connection when its current phase is past its deadline."""

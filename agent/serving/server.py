@@ -23,19 +23,23 @@ import resource
 import socket
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from agent.config import ServingSection
 from agent.errors import ConfigError
 from agent.serving.admin import AdminApi
-from agent.serving.admission import Admission, ByteBudget
+from agent.serving.admission import Admission, ByteBudget, Holder
 from agent.serving.connection import HttpConnection
 from agent.serving.handler import OipHandler
 from agent.serving.pool import InferencePool
 
 log = logging.getLogger(__name__)
+
+# How long after a newcomer over the budget the weakest connections give way: enough for the
+# loop to read what the newcomers sent.
+REBALANCE_DELAY_S = 0.02
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,8 +48,8 @@ class ServerLimits:
 
     max_header_bytes: int = 16 * 1024  # request line + headers
     max_body_bytes: int = 64 * 1024 * 1024
-    max_connections: int = 512  # per listener: TCP clients cannot take the Unix socket's
-    max_connections_per_peer: int = 256  # per uid on the Unix socket (SO_PEERCRED)
+    max_connections: int = 4096  # per listener: TCP clients cannot take the Unix socket's
+    max_connections_per_peer: int = 2048  # per uid on the Unix socket (SO_PEERCRED)
     max_pipelined: int = 32  # requests parsed ahead of the one being answered
     idle_timeout_s: float = 120.0  # between requests, after an answer
     header_timeout_s: float = 10.0  # a request head must arrive whole within this
@@ -128,7 +132,7 @@ def bind_unix_socket(path: Path, mode: int = 0o660, group: str | None = None) ->
                 f"cannot give {path} to group {group!r}: {exc.strerror}",
                 remedy="run the agent as a member of that group",
             ) from exc
-    sock.listen(512)
+    sock.listen(socket.SOMAXCONN)
     sock.setblocking(False)
     return sock
 
@@ -157,6 +161,7 @@ class InferenceServer:
         self._connections: set[HttpConnection] = set()
         self._unix_paths: list[Path] = []
         self._sweeper: asyncio.Task[None] | None = None
+        self._rebalance: asyncio.TimerHandle | None = None
         self._closed_event = asyncio.Event()
         self.addresses: list[str] = []
 
@@ -170,14 +175,27 @@ class InferenceServer:
         if not decision.admitted:
             log.warning("server: refused a %s connection: %s", connection.listener, decision.reason)
             return f"too many connections ({decision.reason}); retry later"
-        for victim in decision.evict:
+        self._evict(decision.evict)
+        self.admission.add(connection)
+        self._connections.add(connection)
+        if decision.rebalance and self._rebalance is None:
+            # Decide who gives way once what the clients sent has been read: a newcomer's
+            # request is then in hand, a stalled client's half head is not.
+            self._rebalance = asyncio.get_running_loop().call_later(
+                REBALANCE_DELAY_S, self._give_way
+            )
+        return None
+
+    def _give_way(self) -> None:
+        self._rebalance = None
+        self._evict(self.admission.excess())
+
+    def _evict(self, victims: Sequence[Holder]) -> None:
+        for victim in victims:
             assert isinstance(victim, HttpConnection)
             self.evicted += 1
             self.unregister(victim)
             victim.close()
-        self.admission.add(connection)
-        self._connections.add(connection)
-        return None
 
     def unregister(self, connection: HttpConnection) -> None:
         if connection in self._connections:
@@ -207,7 +225,9 @@ class InferenceServer:
         loop = asyncio.get_running_loop()
         _raise_fd_limit(self._fd_need(1))
         try:
-            server = await loop.create_server(self._factory("tcp"), host, port, backlog=512)
+            server = await loop.create_server(
+                self._factory("tcp"), host, port, backlog=socket.SOMAXCONN
+            )
         except OSError as exc:
             raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
         self._servers.append(server)
@@ -221,10 +241,16 @@ class InferenceServer:
         loop = asyncio.get_running_loop()
         sock.setblocking(False)
         _raise_fd_limit(self._fd_need(1))
+        # asyncio calls listen() again with this backlog (its default is 100): a burst of
+        # connections (a reconnecting attacker) must not fill it before clients get in.
         if sock.family == socket.AF_UNIX:
-            server = await loop.create_unix_server(self._factory("unix"), sock=sock)
+            server = await loop.create_unix_server(
+                self._factory("unix"), sock=sock, backlog=socket.SOMAXCONN
+            )
         else:
-            server = await loop.create_server(self._factory("tcp"), sock=sock)
+            server = await loop.create_server(
+                self._factory("tcp"), sock=sock, backlog=socket.SOMAXCONN
+            )
         self._servers.append(server)
         self._start_sweeper()
 
@@ -232,7 +258,7 @@ class InferenceServer:
         # Every slot of every listener, plus the newcomers being accepted before others give
         # way, plus the agent's own files (models, state database, MQTT, the update child).
         listeners = len(self._servers) + more_listeners
-        return listeners * (self.limits.max_connections + 64) + 256
+        return listeners * (2 * self.limits.max_connections + 64) + 256
 
     def _start_sweeper(self) -> None:
         if self._sweeper is None:
@@ -275,6 +301,8 @@ class InferenceServer:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(1.0):
                     await server.wait_closed()
+        if self._rebalance is not None:
+            self._rebalance.cancel()
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
