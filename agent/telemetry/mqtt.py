@@ -68,6 +68,9 @@ CommandHandler = Callable[[commands.Command], Awaitable[str]]
 # How often the events table is read for rows written by another process (`edge-agent import`,
 # the update child); the daemon's own rows are forwarded as they are written.
 EVENT_POLL_S = 2.0
+# Events made into messages per turn of the loop: a long history (a device that ran without
+# MQTT) is forwarded in slices, so requests and the watchdog are not held up meanwhile.
+EVENT_SLICE = 200
 
 
 # The largest MQTT packet the agent accepts: a command and its topic, with room to spare.
@@ -322,6 +325,7 @@ class Reporter:
                 self._events_after,
                 self._event_payload,
                 self.topics.events,
+                limit=EVENT_SLICE,
                 keep=self._unacked,
             )
         except (sqlite3.Error, StoreError) as exc:
@@ -338,6 +342,8 @@ class Reporter:
             self._event_error = None
         if count:
             self._wake.set()
+        if count == EVENT_SLICE:
+            self._call(self.forward_events)  # more may wait: the next slice after a turn
 
     def _event_payload(self, event: Event, seq: int) -> bytes:
         body = messages.event(event.kind, event.name, event.version, event.reason)

@@ -280,27 +280,30 @@ def forward_events(
     topic: str,
     *,
     batch: int = 500,
+    limit: int | None = None,
     keep: Collection[int] = (),
 ) -> int:
-    """Make every event above the outbox's cursor into a message, oldest first; returns how
-    many. ``events_after(after_id, limit)`` reads the events table, ``build(event, seq)`` makes
-    a payload. Each event and the cursor move are one transaction: a crash between two events
-    loses and repeats nothing.
+    """Make every event above the outbox's cursor into a message, oldest first (at most
+    ``limit``, None: all); returns how many. ``events_after(after_id, limit)`` reads the events
+    table, ``build(event, seq)`` makes a payload. Each event and the cursor move are one
+    transaction: a crash between two events loses and repeats nothing.
 
     Raises:
         sqlite3.Error: the outbox refused a write (the events wait in the state database).
     """
     forwarded = 0
-    while True:
-        events = events_after(outbox.event_cursor(), batch)
+    while limit is None or forwarded < limit:
+        take = batch if limit is None else min(batch, limit - forwarded)
+        events = events_after(outbox.event_cursor(), take)
         for event in events:
             stored = outbox.put_message(
                 topic, "event", _EventPayload(build, event), keep=keep, event_id=event.id
             )
             if stored is not None:
                 forwarded += 1
-        if len(events) < batch:
-            return forwarded
+        if len(events) < take:
+            break
+    return forwarded
 
 
 @dataclass(frozen=True, slots=True)

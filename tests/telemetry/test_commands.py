@@ -179,6 +179,8 @@ def test_every_delivered_command_gets_exactly_one_ack(
         (signed("set-log-level", {"level": "info"}, 1.5), "rejected: signed command without an"),
         (signed("release", {"model": "mm", "version": 1}, 105), "rejected: release is for a"),
         (signed("pin", {"model": "nope", "version": 1}, 106), "failed: "),
+        # Version 1 was put in unsigned: a remote pin never targets it.
+        (signed("pin", {"model": "mm", "version": 1}, 107), "failed: model 'mm' version 1 was"),
         ("this is not JSON", "rejected: command is not JSON"),
         ("[1, 2]", "rejected: command must be a JSON object"),
     ]
