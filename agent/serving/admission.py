@@ -67,8 +67,8 @@ class Admission:
                 if victim is None:
                     return Decision(
                         False,
-                        reason=f"uid {holder.peer} already has {len(mine)} connections "
-                        f"with requests in hand (limit {self.per_peer} per client)",
+                        reason=f"uid {holder.peer} already has {len(mine)} connections, none "
+                        f"of which can give way yet (limit {self.per_peer} per client)",
                     )
                 evict.append(victim)
         if self.per_listener > 0:
@@ -79,11 +79,21 @@ class Admission:
                 if victim is None:
                     return Decision(
                         False,
-                        reason=f"all {len(everyone)} connections of {holder.listener} have "
-                        "requests in hand",
+                        reason=f"none of the {len(everyone)} connections of "
+                        f"{holder.listener} can give way yet",
                     )
                 evict.append(victim)
         return Decision(True, tuple(evict), rebalance=over)
+
+    def over_budget(self) -> bool:
+        """True while some peer or listener holds more than its budget."""
+        peers = self.per_peer > 0 and any(
+            len(group) > self.per_peer for group in self._by_peer.values()
+        )
+        return peers or (
+            self.per_listener > 0
+            and any(len(group) > self.per_listener for group in self._by_listener.values())
+        )
 
     def excess(self) -> list[Holder]:
         """The holders that must give way to bring every peer and listener back within its

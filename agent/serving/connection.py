@@ -422,11 +422,14 @@ class HttpConnection(asyncio.Protocol):
 
         A head that arrived in part and stopped is the surest sign of a stalled client; then a
         connection silent since it was opened; then an idle keep-alive one (its client just
-        reconnects); then a body on its way. A connection opened a moment ago whose request
-        may not have been read yet gives way last: that is what a good client looks like.
+        reconnects); then a body on its way. A connection opened a moment ago that has sent
+        nothing may not have been read yet: that is what a good client looks like, and it
+        never gives way (at twice the budget the newcomer is refused instead).
         """
-        if self._busy or self._queue or self._closing:
-            return None if not self._closing else (-1, 0.0)
+        if self._closing:
+            return (-1, 0.0)
+        if self._busy or self._queue:
+            return None
         if self.phase is Phase.HEAD:
             return (0, self.phase_since)
         if self.phase is Phase.BODY:
@@ -435,7 +438,7 @@ class HttpConnection(asyncio.Protocol):
             return (2, self.phase_since)
         if time.monotonic() - self.phase_since > FRESH_S:
             return (1, self.phase_since)
-        return (4, self.phase_since)  # the oldest first, the newest last
+        return None
 
     def expire(self, now: float) -> None:
         """Close the connection when its current phase is past its deadline."""

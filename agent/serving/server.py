@@ -31,7 +31,7 @@ from agent.config import ServingSection
 from agent.errors import ConfigError
 from agent.serving.admin import AdminApi
 from agent.serving.admission import Admission, ByteBudget, Holder
-from agent.serving.connection import HttpConnection
+from agent.serving.connection import FRESH_S, HttpConnection
 from agent.serving.handler import OipHandler
 from agent.serving.pool import InferencePool
 
@@ -156,6 +156,7 @@ class InferenceServer:
         )
         self.body_budget = ByteBudget(self.limits.max_buffered_body_bytes)
         self.draining = False
+        self.accepted = 0  # connections accepted, taken in or refused
         self.evicted = 0  # connections closed to make room for a newcomer
         self._servers: list[asyncio.Server] = []
         self._connections: set[HttpConnection] = set()
@@ -169,6 +170,7 @@ class InferenceServer:
 
     def admit(self, connection: HttpConnection) -> str | None:
         """Take ``connection`` in (closing those that must give way); why not, if refused."""
+        self.accepted += 1
         if self.draining:
             return "the agent is stopping; retry in a moment"
         decision = self.admission.decide(connection)
@@ -189,6 +191,10 @@ class InferenceServer:
     def _give_way(self) -> None:
         self._rebalance = None
         self._evict(self.admission.excess())
+        if self.admission.over_budget() and not self.draining:
+            # Those that could not give way yet (just opened, requests in hand) are judged
+            # again once they have had the time to say something.
+            self._rebalance = asyncio.get_running_loop().call_later(FRESH_S, self._give_way)
 
     def _evict(self, victims: Sequence[Holder]) -> None:
         for victim in victims:

@@ -87,6 +87,20 @@ class Wire:
         body, self._buffer = self._buffer[:length], self._buffer[length:]
         return Answer(int(code), headers, body)
 
+    def ended(self, wait_s: float) -> bool:
+        """True when the server has closed within ``wait_s``, whatever it sent before."""
+        self.sock.settimeout(wait_s)
+        try:
+            while self._fill():
+                pass
+        except (ConnectionResetError, BrokenPipeError):
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            self.sock.settimeout(self.timeout_s)
+        return True
+
     def closed(self, wait_s: float | None = None) -> bool:
         """True when the server has closed (within ``wait_s``) and sent nothing more."""
         self.sock.settimeout(self.timeout_s if wait_s is None else wait_s)
