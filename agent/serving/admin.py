@@ -87,7 +87,7 @@ class AdminApi:
             return {}
         try:
             raw = json.loads(body)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise RequestError(f"admin request body is not JSON: {exc}") from None
         if not isinstance(raw, dict):
             raise RequestError("admin request body must be a JSON object")

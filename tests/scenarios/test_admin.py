@@ -216,6 +216,8 @@ def test_admin_arguments_are_checked_by_the_command_schema(agent: Running) -> No
             ("/agent/models/mm/rollback", b'{"to": 0}', "'to' must be an integer version"),
             ("/agent/models/mm/rollback", b'{"too": 1}', "unexpected argument 'too'"),
             ("/agent/models/mm/release", b"{}", "release: missing argument 'version'"),
+            ("/agent/models/mm/pin", b"[" * 100_000 + b"]" * 100_000, "is not JSON"),
+            ("/agent/models/mm/pin?x=1", b'{"version": {}}', "'version' must be an integer"),
         ):
             status, _, payload = client.request("POST", path, body)
             assert status == 400, (path, payload)
