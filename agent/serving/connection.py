@@ -112,6 +112,7 @@ class HttpConnection(asyncio.Protocol):
         self._header_bytes = 0
         self._header_length: int | None = None
         self._content_length: int | None = None
+        self._expect_continue = False
         self._body = bytearray()
         self._reserved = 0
 
@@ -206,12 +207,15 @@ class HttpConnection(asyncio.Protocol):
             self._header_length = _length(value, "Inference-Header-Content-Length")
         elif lowered == b"content-length":
             self._content_length = _length(value, "Content-Length")
+        elif lowered == b"expect" and value.strip().lower() == b"100-continue":
+            self._expect_continue = True
 
     def on_headers_complete(self) -> None:
         self.phase = Phase.BODY
         self.phase_since = time.monotonic()
         length = self._content_length
         if length is None:
+            self._continue()  # chunked: the budget is taken as the chunks come
             return
         if length > self._limits.max_body_bytes:
             raise ParseAbortError(
@@ -221,6 +225,21 @@ class HttpConnection(asyncio.Protocol):
             )
         if length > SMALL_BODY_BYTES:
             self._reserve(length)
+        self._continue()
+
+    def _continue(self) -> None:
+        """Tell a client that waits for it (curl, for large bodies) to send its body now,
+        instead of after its own timeout: only when this request is the one being answered,
+        so that the interim answer cannot overtake an earlier request's."""
+        transport = self._transport
+        if (
+            self._expect_continue
+            and not self._busy
+            and not self._queue
+            and transport is not None
+            and not self._closing
+        ):
+            transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
         size = len(self._body) + len(body)

@@ -541,6 +541,40 @@ def test_stopping_answers_a_connection_accepted_before_its_request(agent: Runnin
         Wire(agent.socket)
 
 
+@pytest.mark.parametrize("listener", ["unix", "tcp"])
+def test_expect_100_continue(agent: RunningAgent, listener: str) -> None:
+    """curl asks before it sends a large body: the interim answer comes at once (curl would
+    otherwise wait a second), and never ahead of an earlier request's answer; a body over the
+    limit is refused instead, before it is sent."""
+    body, _ = oip.encode_infer_request({"x": np.ones((2, 64), np.float32)}, None, binary=False)
+    head = (
+        b"POST /v2/models/m/infer HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body)
+    )
+    address = agent.socket if listener == "unix" else agent.http
+    with Wire(address) as wire:
+        wire.send(head)
+        interim = wire.sock.recv(100)
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+        wire.send(body)
+        answer = wire.read()
+        assert answer.status == 200
+        # Behind a request still running, no interim answer may overtake its answer.
+        wire.send(slow_request() + head + body)
+        first = wire.read()
+        assert first.json()["model_name"] == "slow"
+        # A 100 sent ahead of the slow request's answer would have failed the read above.
+        assert wire.read().status == 200
+    huge = (
+        b"POST /v2/models/m/infer HTTP/1.1\r\nExpect: 100-continue\r\n"
+        b"Content-Length: %d\r\n\r\n" % (10 * 1024**3)
+    )
+    with Wire(address) as other:
+        other.send(huge)
+        refused = other.read()
+        assert refused.status == 413
+
+
 def test_server_error_messages_are_json_everywhere(agent: RunningAgent) -> None:
     with Wire(agent.socket) as wire:
         wire.send(request("DELETE", "/v2/models/m/infer", b"{}"))
