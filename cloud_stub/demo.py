@@ -9,13 +9,17 @@ printed as they arrive over MQTT, a fleet dashboard shows them in a browser, and
 check for version 2 is a signed command sent with ``edge-cloud command``.
 
 The demo ends by itself (``make demo``); ``--serve`` keeps the device, the repository, the
-broker and the dashboard running until Ctrl-C, to look around.
+broker and the dashboard running until Ctrl-C, to look around. SIGINT (Ctrl-C, which the
+terminal sends to the whole foreground group) or SIGTERM stops the demo at any step, and every
+process it started with it; a process it started never outlives it, even a ``kill -9``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import getpass
 import json
 import shutil
 import signal
@@ -27,6 +31,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import numpy as np
@@ -62,6 +67,48 @@ def run(argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
     return result
 
 
+class Stop:
+    """SIGINT and SIGTERM stop the demo: the first raises KeyboardInterrupt in the main thread
+    (wherever the demo is); once the demo is cleaning up, further signals are only noted.
+
+    Installed even when SIGINT came ignored (a script's background job inherits it so); the
+    processes the demo starts then get the default handling back, since exec resets handled
+    signals.
+    """
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self.cleaning = False
+
+    def __call__(self, signum: int, _frame: FrameType | None) -> None:
+        first = self.received is None
+        self.received = self.received or signal.Signals(signum).name
+        if first and not self.cleaning:
+            raise KeyboardInterrupt
+
+    def install(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self)
+
+
+def _die_with_demo() -> None:
+    """In a started process, before exec: the kernel sends it SIGTERM when the demo dies, so
+    that nothing is left running when the demo is killed without a chance to clean up."""
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _prctl() -> Any:
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux: stopping on a signal still works
+        return None
+
+
+# Looked up here, not in the forked child, which should only call it.
+_PRCTL = _prctl()
+
+
 class Processes:
     """Background processes of the demo, stopped in reverse order."""
 
@@ -72,7 +119,14 @@ class Processes:
     def start(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
         log = (self.logs / f"{name}.log").open("wb")
         print(f"$ {' '.join(argv)} &   (log: {self.logs / f'{name}.log'})", flush=True)
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        # The child only calls prctl, looked up before the fork: no lock another thread of
+        # the demo might hold is taken there.
+        proc = subprocess.Popen(
+            argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_demo,  # noqa: PLW1509
+        )
         self.procs.append((name, proc))
         return proc
 
@@ -80,11 +134,13 @@ class Processes:
         for _name, proc in reversed(self.procs):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-        for _name, proc in reversed(self.procs):
+        for name, proc in reversed(self.procs):
             try:
                 proc.wait(10)
             except subprocess.TimeoutExpired:
+                print(f"demo: {name} did not stop on SIGTERM; killed", file=sys.stderr)
                 proc.kill()
+                proc.wait()
 
 
 def wait_until(what: str, check: Any, timeout_s: float = 60.0) -> Any:
@@ -114,21 +170,55 @@ def workdir(keep: bool) -> Iterator[Path]:
 
 
 def start_mosquitto(procs: Processes, work: Path) -> int | None:
+    """A local MQTT broker's port; None, saying why loudly, when there is none."""
     binary = shutil.which("mosquitto") or (
         "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
     )
-    if binary is None:
+    if binary is None or shutil.which("mosquitto_sub") is None:
+        missing = "mosquitto" if binary is None else "mosquitto_sub (mosquitto-clients)"
         print(
-            "Mosquitto is not installed: skipping MQTT "
-            "(sudo apt-get install mosquitto mosquitto-clients)"
+            f"{BOLD}demo: {missing} is not installed: no MQTT, so no health, events or "
+            f"dashboard in this run.{RESET} `make demo` installs it "
+            "(scripts/system-deps.sh base), or: sudo apt-get install mosquitto mosquitto-clients",
+            flush=True,
         )
         return None
+    step("Fleet side: an MQTT broker (Mosquitto) for the devices' reports")
     port = free_port()
     conf = work / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
-    procs.start("mosquitto", [binary, "-c", str(conf)])
-    wait_until("mosquitto", lambda: port_open(port))
+    # As root, Mosquitto would switch to its own user, and a change of user clears the
+    # parent-death signal that stops it when the demo is killed: it stays the demo's user.
+    conf.write_text(
+        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+        f"user {getpass.getuser()}\n"
+    )
+    proc = procs.start("mosquitto", [binary, "-c", str(conf)])
+
+    def up_or_exited() -> bool:
+        return proc.poll() is not None or port_open(port)
+
+    with contextlib.suppress(SystemExit):
+        wait_until("mosquitto", up_or_exited, 15)
+    if proc.poll() is not None or not port_open_now(port):
+        log = procs.logs / "mosquitto.log"
+        tail = log.read_text(errors="replace").strip().splitlines()[-3:] if log.exists() else []
+        print(
+            f"{BOLD}demo: the MQTT broker could not start "
+            f"({'exit code ' + str(proc.returncode) if proc.poll() is not None else 'no answer'}"
+            f"; log: {log}): no health, events or dashboard in this run.{RESET}",
+            *("  " + line for line in tail),
+            sep="\n",
+            flush=True,
+        )
+        return None
     return port
+
+
+def port_open_now(port: int) -> bool:
+    try:
+        return port_open(port)
+    except OSError:
+        return False
 
 
 def describe(topic: str, doc: dict[str, Any]) -> str:
@@ -211,7 +301,17 @@ def main(argv: list[str] | None = None) -> int:
         help="at the end, keep everything running (dashboard, agent, broker) until Ctrl-C",
     )
     args = parser.parse_args(argv)
+    stop = Stop()
+    stop.install()
+    try:
+        return _demo(args, stop)
+    except KeyboardInterrupt:
+        received = stop.received or "SIGINT"
+        print(f"\ndemo: stopped ({received}); everything it started has stopped", file=sys.stderr)
+        return 128 + signal.Signals[received].value
 
+
+def _demo(args: argparse.Namespace, stop: Stop) -> int:
     from agent.serving.client import InferenceClient
     from cloud_stub.samples import mlp_model
 
@@ -220,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         logs = work / "logs"
         logs.mkdir()
         procs = Processes(logs)
+        watch: MqttWatch | None = None
         try:
             step("Fleet side: a throwaway PKI and a signed TUF repository")
             run([edge_cloud, "certs", str(work / "pki"), "--device", "demo-device-1"])
@@ -294,7 +395,6 @@ def main(argv: list[str] | None = None) -> int:
             print(config.read_text())
             run([edge_agent, "check-config", "--config", str(config)])
             dashboard_port = free_port()
-            watch: MqttWatch | None = None
             if mqtt_port:
                 step("Fleet side: the dashboard, and what the broker receives, as it arrives")
                 procs.start(
@@ -440,12 +540,15 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"agent socket:    {sock}   (edge-agent status --socket {sock})")
                 print(f"working files:   {work}")
                 with contextlib.suppress(KeyboardInterrupt):
-                    threading.Event().wait()
-                print()
+                    # A timed wait: the handler runs between two waits, never inside one.
+                    while True:
+                        time.sleep(0.5)
+                print(f"\n(stopping on {stop.received})")
             step("Done")
             if mqtt_port and not args.serve:
                 print("(the dashboard stopped with the demo; --serve keeps it up)")
         finally:
+            stop.cleaning = True  # a second Ctrl-C must not cut the clean-up short
             if watch is not None:
                 watch.stop()
             procs.stop_all()

@@ -13,14 +13,17 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import signal
 import socket
 import ssl
+import sys
 import threading
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from types import TracebackType
+from types import FrameType, TracebackType
+from typing import TextIO
 
 log = logging.getLogger(__name__)
 
@@ -215,14 +218,41 @@ class RepositoryServer:
 
 
 def serve_forever(
-    root: Path, host: str, port: int, cert: Path, key: Path, client_ca: Path | None = None
-) -> None:
-    """Blocking server for ``edge-cloud serve``; ``client_ca`` requires client certificates."""
-    server = _Server((host, port), server_context(cert, key, client_ca), root)
-    mode = f", client certificates from {client_ca} required" if client_ca else ""
-    log.info("serving %s on https://%s:%d%s", root, host, port, mode)
-    print(f"serving {root} on https://{host}:{port}{mode} (Ctrl-C to stop)", flush=True)
+    root: Path,
+    host: str,
+    port: int,
+    cert: Path,
+    key: Path,
+    client_ca: Path | None = None,
+    out: TextIO = sys.stdout,
+) -> str:
+    """Blocking server for ``edge-cloud serve`` until SIGINT or SIGTERM, whose name it returns;
+    ``client_ca`` requires client certificates.
+
+    The handlers are installed even when SIGINT came ignored (a script's background job
+    inherits it so): Ctrl-C to the terminal's group, or a kill, always stops the server.
+    """
+    stop = threading.Event()
+    received: list[str] = []
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        received.append(signal.Signals(signum).name)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        server.serve_forever()
+        server = RepositoryServer(root, cert, key, host, port, client_ca)
+        try:
+            mode = f", client certificates from {client_ca} required" if client_ca else ""
+            log.info("serving %s on https://%s:%d%s", root, host, server.port, mode)
+            print(f"serving {root} on {server.url}{mode} (Ctrl-C to stop)", file=out, flush=True)
+            # A timed wait: the handler runs in this thread between two waits, never inside one.
+            while not stop.wait(0.5):
+                pass
+        finally:
+            server.stop()
+        print(f"stopped serving {root} ({received[0]})", file=out, flush=True)
+        return received[0]
     finally:
-        server.server_close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

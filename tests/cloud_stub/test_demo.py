@@ -1,0 +1,89 @@
+"""The demo (`python -m cloud_stub.demo --serve`) ends cleanly, and everything it started with
+it: Ctrl-C in a terminal (SIGINT to the whole group), Ctrl-C to a script that started it with
+`&` (SIGINT came ignored), SIGTERM, and kill -9 of the demo alone."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.cloud_stub import terminal
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        shutil.which("mosquitto_sub") is None, reason="needs Mosquitto (make system-deps)"
+    ),
+]
+
+DEMO_BOUND_S = 240.0  # the whole mission, on a loaded machine
+
+
+def process_logs(tmp_path: Path) -> str:
+    """The end of each log of the processes the demo started."""
+    return "".join(
+        f"\n--- {path.name}:\n{terminal.tail(path, 10)}"
+        for path in sorted(tmp_path.glob("edge-demo-*/logs/*.log"))
+    )
+
+
+def group(sig: signal.Signals) -> Callable[[int], None]:
+    return lambda pgid: os.killpg(pgid, sig)
+
+
+def demo_alone(sig: signal.Signals) -> Callable[[int], None]:
+    return lambda pid: os.kill(pid, sig)
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A temporary directory with a short path: the agent's Unix socket goes under it, and
+    a socket's path may not exceed 107 bytes (pytest's tmp_path under xdist comes close)."""
+    path = Path(tempfile.mkdtemp(prefix="demo-test-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.mark.parametrize(
+    ("send", "sigint_ignored", "exit_code"),
+    [
+        (group(signal.SIGINT), False, 0),
+        (group(signal.SIGINT), True, 0),
+        (demo_alone(signal.SIGTERM), False, 0),
+        (demo_alone(signal.SIGKILL), False, -signal.SIGKILL),
+    ],
+    ids=["terminal-ctrl-c", "background-ctrl-c", "sigterm-to-the-demo", "kill-9-the-demo"],
+)
+def test_the_serving_demo_stops_with_everything_it_started(
+    short_tmp: Path, send: Callable[[int], None], sigint_ignored: bool, exit_code: int
+) -> None:
+    tmp_path = short_tmp
+    log = tmp_path / "demo.log"
+    # The demo's working directory (kept) goes under tmp_path: its logs explain a failure.
+    proc = terminal.start(
+        [sys.executable, "-m", "cloud_stub.demo", "--serve", "--keep"],
+        log,
+        sigint_ignored=sigint_ignored,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+    )
+    terminal.wait_for_output(
+        proc, log, "==> Serving until Ctrl-C", DEMO_BOUND_S, lambda: process_logs(tmp_path)
+    )
+    started = terminal.alive_in_group(proc.pid)
+    # The repository server, the broker, the dashboard, the MQTT watch and the agent.
+    for name in ("edge-cloud serve", "mosquitto", "edge-cloud dashboard", "edge-agent run"):
+        assert any(name in line for line in started), (name, started)
+    code, left = terminal.stop(proc, send)
+    assert left == [], terminal.tail(log) + process_logs(tmp_path)
+    assert code == exit_code, terminal.tail(log) + process_logs(tmp_path)
+    text = log.read_text()
+    assert "Traceback" not in text, terminal.tail(log)
+    if exit_code == 0:
+        assert "==> Done" in text
