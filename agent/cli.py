@@ -67,31 +67,42 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the agent daemon")
-    run.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    run.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=_CONFIG_HELP)
 
     check = sub.add_parser("check-config", help="validate a configuration file")
-    check.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    check.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=_CONFIG_HELP)
     check.add_argument("config_file", nargs="?", type=Path, help="same as --config")
 
     serve = sub.add_parser(
         "serve", help="serve local model files (no updates; for development and benchmarks)"
     )
-    serve.add_argument("models", nargs="+", metavar="[NAME=]MODEL_FILE")
+    serve.add_argument(
+        "models",
+        nargs="+",
+        metavar="[NAME=]MODEL_FILE",
+        help="a model file (.onnx or .tflite) to serve, as NAME (default: the file's stem)",
+    )
     _socket_arg(serve, "Unix socket to listen on")
     serve.add_argument("--http", default="", help="also listen on loopback TCP, 127.0.0.1:PORT")
     serve.add_argument("--workers", type=int, default=0, help="inference threads (0: cores)")
-    serve.add_argument("--intra-op-threads", type=int, default=1)
+    serve.add_argument(
+        "--intra-op-threads",
+        type=int,
+        default=1,
+        help="threads each inference may use inside the runtime (default: 1)",
+    )
     serve.add_argument(
         "--inline-threshold-us",
         type=float,
         default=ServingSection().inline_threshold_us,
-        help="models faster than this run on the event loop thread (0: always the pool)",
+        help="models faster than this many microseconds run on the event loop thread "
+        "(0: always the pool; default: %(default)s)",
     )
 
     _serving_limit_args(serve)
 
     infer = sub.add_parser("infer", help="run one inference through the agent's socket")
-    infer.add_argument("model")
+    infer.add_argument("model", help="the model's name")
     infer.add_argument(
         "--input",
         action="append",
@@ -100,18 +111,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="an input tensor from a .npy file (repeat per input)",
     )
     infer.add_argument("--output", action="append", default=None, help="output to return")
-    infer.add_argument("--version", dest="model_version", type=int, default=None)
+    infer.add_argument(
+        "--version",
+        dest="model_version",
+        type=int,
+        default=None,
+        help="a loaded version to ask (default: the active one)",
+    )
     infer.add_argument("--json", action="store_true", help="send and print JSON tensors")
     infer.add_argument("--save", type=Path, default=None, help="write outputs to FILE.npz")
     _socket_arg(infer, "Unix socket path or http://HOST:PORT")
 
     status = sub.add_parser("status", help="show what the agent serves and its health")
     _socket_arg(status, "Unix socket path or http://HOST:PORT")
-    status.add_argument("--json", action="store_true")
+    status.add_argument("--json", action="store_true", help="print the agent's answer as JSON")
 
     update = sub.add_parser("update", help="run one update cycle against the repository")
-    update.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
-    update.add_argument("--once", action="store_true", required=True)
+    update.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=_CONFIG_HELP)
+    update.add_argument(
+        "--once", action="store_true", required=True, help="one cycle, then exit (required)"
+    )
     update.add_argument("--json", action="store_true", help="print the summary as JSON")
     # The daemon passes what it runs with: a reload does not move the state directory or
     # change the device id of a running agent, so its child must not either.
@@ -120,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for action in ("rollback", "pin"):
         admin = sub.add_parser(action, help=f"{action} a model on the running agent")
-        admin.add_argument("model")
+        admin.add_argument("model", help="the model's name")
         if action == "rollback":
             admin.add_argument("--to", type=int, default=None, help="version (default: previous)")
         else:
@@ -132,8 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="lift the quarantine of a rejected or rolled-back version on the running agent, "
         "so that rollback --to or pin may name it again",
     )
-    release.add_argument("model")
-    release.add_argument("version", type=int)
+    release.add_argument("model", help="the model's name")
+    release.add_argument("version", type=int, help="the quarantined version")
     _socket_arg(release)
 
     models = sub.add_parser("models", help="list the models the agent knows")
@@ -144,11 +163,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="put a local model file into the store (unsigned; run as the agent's user), "
         "then `systemctl reload edge-agent` deploys it",
     )
-    imp.add_argument("name")
-    imp.add_argument("version", type=int)
-    imp.add_argument("model_file", type=Path)
-    imp.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    imp.add_argument("name", help="the model's name")
+    imp.add_argument("version", type=int, help="its version: a positive integer not stored yet")
+    imp.add_argument("model_file", type=Path, help="the model file (.onnx or .tflite)")
+    imp.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=_CONFIG_HELP)
     return parser
+
+
+_CONFIG_HELP = f"the agent's configuration file (default: {DEFAULT_CONFIG})"
 
 
 def _cmd_import(args: argparse.Namespace) -> int:

@@ -24,6 +24,7 @@ from agent.cli import SOCKET_ENV, _address, build_parser
 from agent.config import ServingSection
 from agent.serving.client import ClientError, InferenceClient
 from cloud_stub.ports import free_port
+from tests.cli_help import help_problems
 
 
 def edge_agent() -> list[str]:
@@ -310,3 +311,8 @@ def test_update_child_takes_the_daemons_state_dir(tmp_path: Path) -> None:
     assert "repository.url is not set" in done.stderr
     assert (tmp_path / "running" / "state.db").is_file()
     assert not (tmp_path / "from-file").exists()
+
+
+def test_every_option_says_what_it_is_and_its_default() -> None:
+    """edge-agent's subcommands: every option and positional has help showing its default."""
+    assert help_problems(build_parser()) == []

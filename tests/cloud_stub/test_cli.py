@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
+import signal
 import stat
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from cloud_stub.cli import main
+from cloud_stub.cli import build_parser, main
 from cloud_stub.repo import Repository
+from tests.cli_help import help_problems
+from tests.cloud_stub import terminal
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -139,3 +145,58 @@ def test_rotate_delegate_refresh_certs_and_operator_key(
     code, out, _ = run(capsys, "operator-key", str(tmp_path / "ops"), "--id", "ops")
     assert stat.S_IMODE((tmp_path / "ops" / "ops.key").stat().st_mode) == 0o600
     assert "operator_keys" in out
+
+
+@pytest.mark.parametrize(
+    ("sig", "sigint_ignored"),
+    [
+        (signal.SIGINT, False),  # Ctrl-C in a terminal
+        (signal.SIGINT, True),  # Ctrl-C to a script that started it with `&`
+        (signal.SIGTERM, False),
+    ],
+    ids=["terminal-ctrl-c", "background-ctrl-c", "sigterm"],
+)
+def test_serve_stops_cleanly_on_a_signal_to_its_group(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], sig: signal.Signals, sigint_ignored: bool
+) -> None:
+    """`edge-cloud serve` stops on SIGINT and SIGTERM sent to its process group, as a terminal
+    sends Ctrl-C, also when it was started with SIGINT ignored; it exits 0 saying so."""
+    repo, pki = tmp_path / "repo", tmp_path / "pki"
+    run(capsys, "init", str(repo))
+    run(capsys, "certs", str(pki))
+    log = tmp_path / "serve.log"
+    proc = terminal.start(
+        [
+            sys.executable,
+            "-m",
+            "cloud_stub.cli",
+            "serve",
+            str(repo),
+            "--https",
+            "127.0.0.1:0",
+            *("--cert", str(pki / "server.pem"), "--key", str(pki / "server.key")),
+        ],
+        log,
+        sigint_ignored=sigint_ignored,
+    )
+    terminal.wait_for_output(proc, log, "(Ctrl-C to stop)", terminal.BOUND_S)
+    code, left = terminal.stop(proc, lambda pgid: os.killpg(pgid, sig))
+    assert (code, left) == (0, []), terminal.tail(log)
+    assert f"stopped serving {repo / 'public'} ({sig.name})" in log.read_text()
+    assert "Traceback" not in log.read_text()
+
+
+def test_every_option_says_what_it_is_and_its_default() -> None:
+    """Each subcommand's options and positionals have help, and help shows each default."""
+    assert help_problems(build_parser()) == []
+
+
+def test_the_help_check_catches_a_bare_option() -> None:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    sub.choices["serve"].add_argument("--bare", default=3)
+    sub.choices["serve"].add_argument("--quiet", default=3, help="a default not shown")
+    assert help_problems(parser) == [
+        "edge-cloud serve --bare: no help",
+        "edge-cloud serve --quiet: its default 3 is not said",
+    ]
