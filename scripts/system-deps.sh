@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Installs the Debian packages edge-agent needs, only when missing.
-#   base: what building the virtualenv needs (venv module)
-#   test: base + the real servers and tools the tests use (mosquitto, nginx, chromium …)
+#   base: what building the virtualenv and `make demo` need (venv module, Mosquitto: the demo
+#         shows the agent's health and events over MQTT and the dashboard)
+#   test: base + the real servers and tools the tests use (nginx, chromium …)
 set -euo pipefail
 want=()
 python=$(command -v python3.11 || command -v python3)
 if ! "$python" -c 'import venv, ensurepip' 2>/dev/null; then want+=(python3-venv); fi
+command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || want+=(mosquitto)
+command -v mosquitto_sub >/dev/null || want+=(mosquitto-clients)
 if [ "${1:-base}" = test ]; then
-  command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || want+=(mosquitto)
-  command -v mosquitto_sub >/dev/null || want+=(mosquitto-clients)
   command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || want+=(nginx)
   command -v curl >/dev/null || want+=(curl)
   # The dashboard test drives Debian's browser; no browser is ever downloaded.
