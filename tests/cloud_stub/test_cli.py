@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import stat
 import sys
@@ -200,3 +201,15 @@ def test_the_help_check_catches_a_bare_option() -> None:
         "edge-cloud serve --bare: no help",
         "edge-cloud serve --quiet: its default 3 is not said",
     ]
+
+
+def test_the_docs_name_the_key_files_operator_key_writes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """docs/mqtt.md's `--operator-key DIR/…` examples name a file `operator-key DIR` writes."""
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "mqtt.md").read_text()
+    named = set(re.findall(r"--operator-key DIR/(\S+?)[`\s]", docs))
+    assert named, "no --operator-key DIR/… example in docs/mqtt.md"
+    run(capsys, "operator-key", str(tmp_path))
+    written = {path.name for path in tmp_path.iterdir()}
+    assert named <= written, (named, written)
