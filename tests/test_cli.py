@@ -316,3 +316,39 @@ def test_update_child_takes_the_daemons_state_dir(tmp_path: Path) -> None:
 def test_every_option_says_what_it_is_and_its_default() -> None:
     """edge-agent's subcommands: every option and positional has help showing its default."""
     assert help_problems(build_parser()) == []
+
+
+@pytest.mark.parametrize(
+    ("command", "sigint_ignored"),
+    [("serve", False), ("serve", True), ("run", True)],
+    ids=["serve-terminal-ctrl-c", "serve-background-ctrl-c", "run-background-ctrl-c"],
+)
+def test_the_agent_stops_cleanly_on_ctrl_c_to_its_group(
+    tmp_path: Path, matmul_onnx: Path, command: str, sigint_ignored: bool
+) -> None:
+    """`edge-agent serve` and `edge-agent run` stop on SIGINT to their process group (a
+    terminal's Ctrl-C), also when started with SIGINT ignored (a script's `&`), exit 0."""
+    from tests.cloud_stub import terminal
+
+    sock = tmp_path / "infer.sock"
+    if command == "serve":
+        argv = ["serve", f"mm={matmul_onnx}", "--socket", str(sock)]
+    else:
+        config = tmp_path / "agent.toml"
+        config.write_text(
+            f'[agent]\nstate_dir = "{tmp_path / "state"}"\n[serving]\nsocket = "{sock}"\n'
+        )
+        argv = ["run", "--config", str(config)]
+    log = tmp_path / "agent.log"
+    proc = terminal.start(
+        [sys.executable, "-m", "agent", *argv], log, sigint_ignored=sigint_ignored
+    )
+    deadline = time.monotonic() + terminal.BOUND_S
+    while not sock.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, terminal.tail(log)
+        time.sleep(0.1)
+    with InferenceClient(str(sock)) as client:
+        assert client.status()
+    code, left = terminal.stop(proc, lambda pgid: os.killpg(pgid, signal.SIGINT))
+    assert (code, left) == (0, []), terminal.tail(log)
+    assert "Traceback" not in log.read_text()
