@@ -22,6 +22,10 @@ if [ "${1:-base}" = test ]; then
   fi
   # The unit runs under a real systemd (PID 1 in a container booted from this machine's root).
   command -v systemd-nspawn >/dev/null || want+=(systemd-container)
+  # The package is also tested on a minimal Debian 12 (debootstrap --variant=minbase, cached
+  # in ~/.cache/edge-agent-tests) and checked with Debian's lintian.
+  command -v debootstrap >/dev/null || [ -x /usr/sbin/debootstrap ] || want+=(debootstrap)
+  command -v lintian >/dev/null || want+=(lintian)
   command -v gcc >/dev/null || want+=(gcc)
 fi
 [ ${#want[@]} -eq 0 ] && exit 0

@@ -56,7 +56,7 @@ def newer_version(deb: Path, work: Path, version: str) -> Path:
     )
     out = work / f"edge-agent_{version}_amd64.deb"
     subprocess.run(
-        ["dpkg-deb", "-Zzstd", "--root-owner-group", "-b", str(tree), str(out)],
+        ["dpkg-deb", "-Zgzip", "--root-owner-group", "-b", str(tree), str(out)],
         check=True,
         capture_output=True,
     )
@@ -124,7 +124,12 @@ def test_install_serve_upgrade_purge(amd64_deb: Path, tmp_path: Path, matmul_onn
         ).stdout.strip()
         == "edge-agent 0.1.0"
     )
-    # Purge removes state and configuration.
+    # Remove takes the package and its virtualenvs, leaving nothing in /opt; purge also
+    # removes state and configuration.
+    dpkg(root, "-r", "edge-agent")
+    assert not (root / "opt/edge-agent").exists()
+    assert (root / "var/lib/edge-agent/state.db").exists()
+    assert config.exists()
     dpkg(root, "--purge", "edge-agent")
     assert not (root / "var/lib/edge-agent").exists()
     assert not (root / "etc/edge-agent").exists()

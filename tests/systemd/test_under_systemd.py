@@ -11,19 +11,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import stat
-import subprocess
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.packaging.debs import build
+from tests.systemd import nspawn
 
-PATH = "PATH=/usr/sbin:/usr/bin:/sbin:/bin"
 VENV_PYTHON = "/opt/edge-agent/venv/bin/python"
 SCRIPTS = "/usr/local/share/edge-agent-test"
 
@@ -50,116 +46,12 @@ print(json.dumps({"ok": ok, "failures": failures[:5], "failed": len(failures)}))
 """
 
 
-class Container:
-    """A booted systemd container; commands run in all its namespaces."""
-
-    def __init__(self, root: Path, leader: int) -> None:
-        self.root = root
-        self.leader = leader
-
-    def sh(self, command: str, *, check: bool = True, timeout: float = 120) -> str:
-        result = subprocess.run(
-            ["nsenter", "-t", str(self.leader), "-a", "env", "-i", PATH, "sh", "-c", command],
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=timeout,
-        )
-        if check:
-            assert result.returncode == 0, f"{command}\n{result.stdout}\n{result.stderr}"
-        return result.stdout.strip()
-
-    def popen(self, command: str) -> subprocess.Popen[str]:
-        return subprocess.Popen(
-            ["nsenter", "-t", str(self.leader), "-a", "env", "-i", PATH, "sh", "-c", command],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-
-    def put(self, path: str, content: bytes, mode: int = 0o644) -> None:
-        """Write a file into the container's root (the overlay's upper layer)."""
-        target = self.root / path.lstrip("/")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(content)
-        target.chmod(mode)
-
-    def show(self, unit: str, prop: str) -> str:
-        return self.sh(f"systemctl show -p {prop} --value {unit}")
+class Container(nspawn.Container):
+    """The booted host image, with the test's client script."""
 
     def infer_as(self, user: str, seconds: float = 0.0) -> dict[str, object]:
         out = self.sh(f"runuser -u {user} -- {VENV_PYTHON} {SCRIPTS}/client.py {seconds}")
         return dict(json.loads(out.splitlines()[-1]))
-
-    def wait_replaced(self, what: str, pid: str) -> None:
-        """Until systemd runs the agent again under another PID than ``pid``."""
-        self.wait_for(
-            what,
-            lambda: (
-                self.show("edge-agent.service", "MainPID") not in ("0", pid)
-                and self.show("edge-agent.service", "ActiveState") == "active"
-            ),
-        )
-
-    def wait_for(self, what: str, predicate: object, timeout_s: float = 60) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not predicate():  # type: ignore[operator]
-            assert time.monotonic() < deadline, f"timed out waiting for {what}"
-            time.sleep(0.3)
-
-
-def _mounted(path: Path) -> str | None:
-    """The filesystem type mounted exactly at ``path``, if any."""
-    for line in Path("/proc/self/mounts").read_text().splitlines():
-        fields = line.split()
-        if fields[1] == str(path):
-            return fields[2]
-    return None
-
-
-def _prepare_host() -> list[Path]:
-    """What systemd as PID 1 would have set up on the host for nspawn; returns tmpfs mounts
-    to undo. A no-op on a host that runs systemd."""
-    undo: list[Path] = []
-    if Path("/run/systemd/system").is_dir():
-        return undo
-    inaccessible = Path("/run/systemd/inaccessible")
-    inaccessible.mkdir(parents=True, exist_ok=True)
-    nodes = {
-        "reg": lambda p: p.touch(),
-        "dir": lambda p: p.mkdir(),
-        "fifo": os.mkfifo,
-        "chr": lambda p: os.mknod(p, stat.S_IFCHR, os.makedev(0, 0)),
-        "blk": lambda p: os.mknod(p, stat.S_IFBLK, os.makedev(0, 0)),
-    }
-    for name, make in nodes.items():
-        node = inaccessible / name
-        if not os.path.lexists(node):
-            make(node)
-        os.chmod(node, 0)
-    # nspawn refuses to clean up its propagation directory on a disk filesystem.
-    propagate = Path("/run/systemd/nspawn")
-    propagate.mkdir(parents=True, exist_ok=True)
-    if _mounted(Path("/run")) != "tmpfs" and _mounted(propagate) is None:
-        subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(propagate)], check=True)
-        undo.append(propagate)
-    return undo
-
-
-def _leader(nspawn: subprocess.Popen[bytes], timeout_s: float = 30) -> int:
-    """The container's PID 1 (systemd), seen from the host."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert nspawn.poll() is None, "systemd-nspawn exited while booting"
-        children = Path(f"/proc/{nspawn.pid}/task/{nspawn.pid}/children")
-        for pid in children.read_text().split() if children.exists() else []:
-            try:
-                if Path(f"/proc/{pid}/comm").read_text().strip() == "systemd":
-                    return int(pid)
-            except FileNotFoundError:
-                continue
-        time.sleep(0.1)
-    raise AssertionError("no systemd in the container")
 
 
 @pytest.fixture(scope="module")
@@ -168,69 +60,14 @@ def container(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container]:
         pytest.skip("booting a container needs root")
     assert shutil.which("systemd-nspawn"), "systemd-nspawn missing: make system-deps"
     work = tmp_path_factory.mktemp("nspawn")
-    upper, scratch, root = work / "upper", work / "work", work / "root"
-    for d in (upper, scratch, root):
-        d.mkdir()
-    undo = _prepare_host()
-    subprocess.run(
-        [
-            "mount",
-            "-t",
-            "overlay",
-            "overlay",
-            "-o",
-            f"lowerdir=/,upperdir={upper},workdir={scratch}",
-            str(root),
-        ],
-        check=True,
-    )
-    # Services of the host image that have no business in this test.
-    for unit in ("mosquitto", "nginx", "postgresql", "postgresql@15-main"):
-        link = root / "etc/systemd/system" / f"{unit}.service"
-        link.unlink(missing_ok=True)
-        link.symlink_to("/dev/null")
-    log = (work / "boot.log").open("wb")
-    nspawn = subprocess.Popen(
-        [
-            "systemd-nspawn",
-            "-D",
-            str(root),
-            "--boot",
-            f"--machine=edge-{uuid.uuid4().hex[:8]}",
-            "--register=no",
-            "--keep-unit",
-            "--link-journal=no",
-            "--private-network",
-            f"--uuid={uuid.uuid4().hex}",
-            "--console=pipe",
-            "-q",
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        box = Container(root, _leader(nspawn))
-        deadline = time.monotonic() + 120
-        while (state := box.sh("systemctl is-system-running", check=False)) not in (
-            "running",
-            "degraded",
-        ):
-            assert nspawn.poll() is None, (work / "boot.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, f"the container did not boot: {state!r}"
-            time.sleep(0.5)
-        yield box
-    finally:
-        nspawn.send_signal(signal.SIGTERM)  # asks the container's systemd to power off
-        try:
-            nspawn.wait(60)
-        except subprocess.TimeoutExpired:
-            nspawn.kill()
-            nspawn.wait(10)
-        log.close()
-        subprocess.run(["umount", "-l", str(root)], check=False)
-        for mount in undo:
-            subprocess.run(["umount", "-l", str(mount)], check=False)
+    with nspawn.overlay(Path("/"), work) as root:
+        # Services of the host image that have no business in this test.
+        for unit in ("mosquitto", "nginx", "postgresql", "postgresql@15-main"):
+            link = root / "etc/systemd/system" / f"{unit}.service"
+            link.unlink(missing_ok=True)
+            link.symlink_to("/dev/null")
+        with nspawn.booted(root, work / "boot.log") as box:
+            yield Container(box.root, box.leader)
 
 
 def test_the_package_under_systemd(container: Container, tmp_path: Path, matmul_onnx: Path) -> None:
