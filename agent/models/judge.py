@@ -43,6 +43,9 @@ class Bounds:
     latency_min_ms: float = 0.1  # … and higher by at least this much
     error_ratio: float = 2.0  # candidate failure rate over the previous one's, at least
     error_min_increase: float = 0.01  # … and higher by at least this much (absolute)
+    # Fewer failures than this never fail a version, however significant: against a long clean
+    # record one failure in the first 25 requests is (p ≈ 1e-4), and may be a transient one.
+    min_failures: int = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,6 +260,10 @@ def judge_errors(
         p = fisher_greater(failed_c, total_c, failed_b, total_b)
     if not large:
         return verdict(Outcome.PASS, p, f"under the {floors}")
+    if failed_c < bounds.min_failures:
+        return verdict(
+            Outcome.INCONCLUSIVE, p, f"over the {floors}, fewer than {bounds.min_failures} failures"
+        )
     if p < bounds.alpha:
         return verdict(Outcome.FAIL, p, f"over the {floors}, p < {bounds.alpha:g}")
     return verdict(Outcome.INCONCLUSIVE, p, f"over the {floors}, not significant yet")

@@ -164,6 +164,17 @@ def test_error_proportions() -> None:
     assert judge_errors(1, 200, None, BOUNDS).outcome is Outcome.PASS
 
 
+def test_one_or_two_failures_never_fail_a_version() -> None:
+    """Against a long clean record one failure early in a window is significant, and may be
+    a transient one: a version fails on failures only from the third."""
+    one = judge_errors(1, 25, (0, 270_000), BOUNDS)
+    assert one.p_value < BOUNDS.alpha
+    assert one.outcome is Outcome.INCONCLUSIVE and not one.too_few
+    assert "fewer than 3 failures" in one.reason
+    assert judge_errors(2, 25, (0, 270_000), BOUNDS).outcome is Outcome.INCONCLUSIVE
+    assert judge_errors(3, 25, (0, 270_000), BOUNDS).outcome is Outcome.FAIL
+
+
 def test_no_previous_version_passes_latency() -> None:
     judgement = judge_latency([0.5] * 100, None, BOUNDS)
     assert judgement.outcome is Outcome.PASS and "no previous version" in judgement.reason
