@@ -117,16 +117,17 @@ class Processes:
         self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
 
     def start(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
-        log = (self.logs / f"{name}.log").open("wb")
         print(f"$ {' '.join(argv)} &   (log: {self.logs / f'{name}.log'})", flush=True)
-        # The child only calls prctl, looked up before the fork: no lock another thread of
-        # the demo might hold is taken there.
-        proc = subprocess.Popen(
-            argv,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_demo,  # noqa: PLW1509
-        )
+        # The child keeps its own descriptor of the log; the demo's is closed.
+        with (self.logs / f"{name}.log").open("wb") as log:
+            # The child only calls prctl, looked up before the fork: no lock another thread
+            # of the demo might hold is taken there.
+            proc = subprocess.Popen(
+                argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_demo,  # noqa: PLW1509
+            )
         self.procs.append((name, proc))
         return proc
 
@@ -169,12 +170,18 @@ def workdir(keep: bool) -> Iterator[Path]:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def start_mosquitto(procs: Processes, work: Path) -> int | None:
-    """A local MQTT broker's port; None, saying why loudly, when there is none."""
-    binary = shutil.which("mosquitto") or (
+def mosquitto_binaries() -> tuple[str | None, str | None]:
+    """The broker and its subscriber client, where installed (Debian puts the broker in sbin)."""
+    broker = shutil.which("mosquitto") or (
         "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
     )
-    if binary is None or shutil.which("mosquitto_sub") is None:
+    return broker, shutil.which("mosquitto_sub")
+
+
+def start_mosquitto(procs: Processes, work: Path) -> int | None:
+    """A local MQTT broker's port; None, saying why loudly, when there is none."""
+    binary, client = mosquitto_binaries()
+    if binary is None or client is None:
         missing = "mosquitto" if binary is None else "mosquitto_sub (mosquitto-clients)"
         print(
             f"{BOLD}demo: {missing} is not installed: no MQTT, so no health, events or "
@@ -193,19 +200,20 @@ def start_mosquitto(procs: Processes, work: Path) -> int | None:
         f"user {getpass.getuser()}\n"
     )
     proc = procs.start("mosquitto", [binary, "-c", str(conf)])
+    log = procs.logs / "mosquitto.log"
 
-    def up_or_exited() -> bool:
-        return proc.poll() is not None or port_open(port)
+    def running_or_exited() -> bool:
+        # Its own word, not an open port: another process may have taken the port since.
+        return proc.poll() is not None or " running" in log.read_text(errors="replace")
 
     with contextlib.suppress(SystemExit):
-        wait_until("mosquitto", up_or_exited, 15)
+        wait_until("mosquitto", running_or_exited, 15)
     if proc.poll() is not None or not port_open_now(port):
-        log = procs.logs / "mosquitto.log"
-        tail = log.read_text(errors="replace").strip().splitlines()[-3:] if log.exists() else []
+        why = f"exit code {proc.returncode}" if proc.poll() is not None else "no answer"
+        tail = log.read_text(errors="replace").strip().splitlines()[-3:]
         print(
-            f"{BOLD}demo: the MQTT broker could not start "
-            f"({'exit code ' + str(proc.returncode) if proc.poll() is not None else 'no answer'}"
-            f"; log: {log}): no health, events or dashboard in this run.{RESET}",
+            f"{BOLD}demo: the MQTT broker could not start ({why}; log: {log}): no health, "
+            f"events or dashboard in this run.{RESET}",
             *("  " + line for line in tail),
             sep="\n",
             flush=True,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from cloud_stub import demo
 from tests.cloud_stub import terminal
 
 pytestmark = [
@@ -87,3 +89,34 @@ def test_the_serving_demo_stops_with_everything_it_started(
     assert "Traceback" not in text, terminal.tail(log)
     if exit_code == 0:
         assert "==> Done" in text
+
+
+def test_a_missing_broker_is_said_loudly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(demo, "mosquitto_binaries", lambda: (None, None))
+    procs = demo.Processes(tmp_path)
+    assert demo.start_mosquitto(procs, tmp_path) is None
+    out = capsys.readouterr().out
+    assert "mosquitto is not installed: no MQTT, so no health, events or dashboard" in out
+    assert "`make demo` installs it" in out
+    assert procs.procs == []
+
+
+def test_a_broker_that_cannot_start_is_said_loudly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The real Mosquitto, on a port another process holds: the demo says it could not
+    start and why, instead of waiting for it or reporting that port as the broker."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        monkeypatch.setattr(demo, "free_port", lambda: taken.getsockname()[1])
+        procs = demo.Processes(tmp_path)
+        try:
+            assert demo.start_mosquitto(procs, tmp_path) is None
+        finally:
+            procs.stop_all()
+    out = capsys.readouterr().out
+    assert "the MQTT broker could not start (exit code" in out
+    assert "Address already in use" in out
