@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from agent.telemetry.metrics import Histogram, Registry, render_prometheus
+from agent.telemetry.metrics import Histogram, ModelMetrics, Registry, Samples, render_prometheus
 
 
 def test_quantiles_fall_in_the_right_bucket() -> None:
@@ -50,3 +50,29 @@ def test_prometheus_text_is_cumulative_and_escaped() -> None:
     assert f'edge_agent_request_duration_seconds_bucket{{{labels},le="0.1"}} 1' in text
     assert f'edge_agent_request_duration_seconds_bucket{{{labels},le="+Inf"}} 2' in text
     assert text.endswith("\n")
+
+
+def test_the_sample_ring_keeps_the_newest_and_answers_since_a_count() -> None:
+    ring = Samples(capacity=5)
+    for i in range(12):
+        ring.add(float(i))
+    assert ring.count == 12
+    assert ring.recent() == [7.0, 8.0, 9.0, 10.0, 11.0]  # oldest first, across the wrap
+    assert ring.since(9) == [9.0, 10.0, 11.0]
+    assert ring.since(2) == ring.recent(), "older than the ring reaches: what it holds"
+    assert ring.since(12) == []
+    ring.clear()  # the memory goes back, the count goes on
+    assert ring.recent() == [] and ring.count == 12
+    for i in range(12, 19):
+        ring.add(float(i))
+    assert ring.recent() == [14.0, 15.0, 16.0, 17.0, 18.0]
+    assert ring.since(16) == [16.0, 17.0, 18.0]
+
+
+def test_only_successful_requests_are_sampled() -> None:
+    metrics = ModelMetrics()
+    metrics.observe(0.002, failed=False)
+    metrics.observe(0.000001, failed=True)  # how fast a failure is says nothing of speed
+    metrics.observe_client_error()
+    assert metrics.samples.recent() == [0.002]
+    assert (metrics.latency.total, metrics.errors, metrics.client_errors) == (2, 1, 1)
