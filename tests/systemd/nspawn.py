@@ -7,6 +7,7 @@ anything outside.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import stat
@@ -90,6 +91,13 @@ def prepare_host() -> None:
     runs systemd). It stays: containers of parallel tests share it."""
     if Path("/run/systemd/system").is_dir():
         return
+    Path("/run/systemd").mkdir(parents=True, exist_ok=True)
+    with Path("/run/systemd/.edge-agent-tests.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # test workers booting at the same time
+        _prepare_host_locked()
+
+
+def _prepare_host_locked() -> None:
     inaccessible = Path("/run/systemd/inaccessible")
     inaccessible.mkdir(parents=True, exist_ok=True)
     nodes: dict[str, Callable[[Path], None]] = {
@@ -108,7 +116,6 @@ def prepare_host() -> None:
     propagate = Path("/run/systemd/nspawn")
     propagate.mkdir(parents=True, exist_ok=True)
     if _mounted(Path("/run")) != "tmpfs" and _mounted(propagate) is None:
-        # Two tests may race here; a second tmpfs over the first is as good.
         subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(propagate)], check=True)
 
 
