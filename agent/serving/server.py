@@ -40,6 +40,10 @@ log = logging.getLogger(__name__)
 # How long after a newcomer over the budget the weakest connections give way: enough for the
 # loop to read what the newcomers sent.
 REBALANCE_DELAY_S = 0.02
+# After the listeners close, how long connections the kernel handed over may still take to
+# become protocols (loop turns, then time).
+SETTLE_TURNS = 8
+SETTLE_S = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,8 +175,8 @@ class InferenceServer:
     def admit(self, connection: HttpConnection) -> str | None:
         """Take ``connection`` in (closing those that must give way); why not, if refused."""
         self.accepted += 1
-        if self.draining:
-            return "the agent is stopping; retry in a moment"
+        # While stopping, a connection still arriving was accepted before the listeners
+        # closed (asyncio makes its protocol a few loop turns later): it is answered too.
         decision = self.admission.decide(connection)
         if not decision.admitted:
             log.warning("server: refused a %s connection: %s", connection.listener, decision.reason)
@@ -292,6 +296,11 @@ class InferenceServer:
         self.draining = True
         for server in self._servers:
             server.close()
+        # Connections accepted just before the close get their protocol a few loop turns
+        # later (asyncio's accept task): let them arrive so that they are drained, not cut.
+        for _ in range(SETTLE_TURNS):
+            await asyncio.sleep(0)
+        await asyncio.sleep(SETTLE_S)
         deadline = time.monotonic() + drain_timeout_s
         while self._connections and time.monotonic() < deadline:
             now = time.monotonic()

@@ -13,9 +13,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from agent.errors import InferenceError, ModelError
+from agent.errors import InferenceError, ModelError, RuntimeInputError
 from agent.models.runtime import RuntimeOptions, load_session
 from agent.tensors import TensorSpec
+from tests.serving.test_wire_models import reshape_model as samples_reshape
 
 
 def reference_onnx(path: Path, feeds: dict[str, Any]) -> dict[str, Any]:
@@ -196,10 +197,19 @@ def test_unknown_runtime(tmp_path: Path) -> None:
         load_session(tmp_path / "model.bin", None, RuntimeOptions())
 
 
-def test_runtime_failure_is_an_inference_error(matmul_onnx: Path) -> None:
+def test_runtime_refusal_is_the_clients_and_failure_the_models(
+    matmul_onnx: Path, tmp_path: Path
+) -> None:
+    """ONNX Runtime's INVALID_ARGUMENT (values it refuses) is the client's mistake; any other
+    failure is the runtime's. Both name the model file."""
     session = load_session(matmul_onnx, None, RuntimeOptions())
-    with pytest.raises(InferenceError, match=r"matmul\.onnx"):
+    with pytest.raises(RuntimeInputError, match=r"matmul\.onnx: ONNX Runtime refused the input"):
         session.run({"x": np.zeros((1, 7), np.float32)})
+    reshape = samples_reshape(tmp_path / "reshape.onnx")
+    session = load_session(reshape, None, RuntimeOptions())
+    with pytest.raises(InferenceError, match=r"reshape\.onnx: ONNX Runtime failed") as failed:
+        session.run({"x": np.zeros(3, np.float32)})
+    assert not isinstance(failed.value, RuntimeInputError)
 
 
 @pytest.mark.parametrize(
