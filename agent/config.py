@@ -128,6 +128,12 @@ class ServingSection:
             "0 or more",
             self.max_connections_per_peer,
         )
+        checks.expect(
+            self.max_buffered_body_bytes >= self.max_body_bytes,
+            "max_buffered_body_bytes",
+            f"at least max_body_bytes ({self.max_body_bytes}), or no body that large could pass",
+            self.max_buffered_body_bytes,
+        )
         for name in ("header_timeout_s", "body_timeout_s", "idle_timeout_s"):
             checks.expect(getattr(self, name) > 0, name, "a positive duration", getattr(self, name))
         checks.done()

@@ -118,6 +118,23 @@ def test_socket_mode_open_to_all_is_refused() -> None:
         parse({"serving": {"socket_mode": "0666"}})
 
 
+def test_serving_limits_are_checked() -> None:
+    """The hostile-client bounds: positive durations and sizes, and a body budget that lets
+    the largest allowed body through."""
+    for key, value, needle in (
+        ("header_timeout_s", 0, "header_timeout_s: expected a positive duration, found 0"),
+        ("body_timeout_s", -1.0, "body_timeout_s: expected a positive duration"),
+        ("idle_timeout_s", 0, "idle_timeout_s: expected a positive duration"),
+        ("max_connections_per_peer", -1, "max_connections_per_peer: expected 0 or more"),
+        ("max_buffered_body_bytes", 1024, "max_buffered_body_bytes: expected at least"),
+    ):
+        with pytest.raises(ConfigError, match=needle):
+            parse({"serving": {key: value}})
+    config = parse({"serving": {"max_connections": 64, "header_timeout_s": 2.5}})
+    assert config.serving.max_connections == 64
+    assert config.serving.header_timeout_s == 2.5
+
+
 def test_http_must_be_loopback() -> None:
     with pytest.raises(ConfigError, match="loopback"):
         parse({"serving": {"http": "0.0.0.0:8000"}})
