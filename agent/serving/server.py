@@ -294,13 +294,20 @@ class InferenceServer:
         ``drain_timeout_s`` whatever its state.
         """
         self.draining = True
+        loop = asyncio.get_running_loop()
+        # Stop accepting, but keep the servers open for now: asyncio makes the protocol of a
+        # connection it has accepted a few loop turns later, in a task, and that task drops
+        # the connection unanswered if its server is closed by then (``Server._attach``
+        # asserts); the process exit then resets it. So the listeners are closed only once the
+        # connections already accepted have arrived.
         for server in self._servers:
-            server.close()
-        # Connections accepted just before the close get their protocol a few loop turns
-        # later (asyncio's accept task): let them arrive so that they are drained, not cut.
+            for sock in server.sockets:
+                loop.remove_reader(sock.fileno())
         for _ in range(SETTLE_TURNS):
             await asyncio.sleep(0)
         await asyncio.sleep(SETTLE_S)
+        for server in self._servers:
+            server.close()
         deadline = time.monotonic() + drain_timeout_s
         while self._connections and time.monotonic() < deadline:
             now = time.monotonic()

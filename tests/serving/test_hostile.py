@@ -10,6 +10,8 @@ import asyncio
 import gc
 import json
 import os
+import socket
+import threading
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -539,6 +541,70 @@ def test_stopping_answers_a_connection_accepted_before_its_request(agent: Runnin
         stopping.result(timeout=20)
     with pytest.raises(OSError):
         Wire(agent.socket)
+
+
+def test_a_stop_during_a_burst_resets_no_client(agent: RunningAgent, tmp_path: Path) -> None:
+    """As under systemd's socket activation: a listening socket that another holder (here the
+    test, playing systemd and the next agent) keeps open. Clients opening a connection per
+    request hammer it while the agent stops: every one is answered, by the stopping agent or,
+    from the backlog, by the next one; none is reset. (asyncio drops a connection it accepted
+    but had not yet made a protocol for when its server closes: the exit then reset it.)"""
+    path = tmp_path / "activated.sock"
+    held = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    held.bind(str(path))
+    held.listen(socket.SOMAXCONN)
+    server = agent.agent.server
+    asyncio.run_coroutine_threadsafe(server.listen_socket(held.dup()), agent.loop).result(10)
+    payload = request("GET", "/v2/health/live", headers={"Connection": "close"})
+    outcomes: dict[str, int] = {}
+    running = threading.Event()
+    running.set()
+    lock = threading.Lock()
+
+    def client() -> None:
+        while running.is_set():
+            try:
+                with Wire(path, timeout_s=20) as wire:
+                    wire.send(payload)
+                    outcome = f"HTTP {wire.read().status}"
+            except OSError as exc:
+                outcome = type(exc).__name__
+            with lock:
+                outcomes[outcome] = outcomes.get(outcome, 0) + 1
+
+    succeeding = threading.Event()
+    succeeding.set()
+
+    def next_agent() -> None:
+        held.settimeout(0.2)
+        while succeeding.is_set():
+            try:
+                conn, _ = held.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(5)
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += conn.recv(4096)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
+
+    clients = [threading.Thread(target=client) for _ in range(8)]
+    for thread in clients:
+        thread.start()
+    wait_until(lambda: sum(outcomes.values()) >= 200)
+    asyncio.run_coroutine_threadsafe(server.close(), agent.loop).result(30)
+    successor = threading.Thread(target=next_agent)
+    successor.start()
+    served_before = sum(outcomes.values())
+    wait_until(lambda: sum(outcomes.values()) >= served_before + 100)
+    running.clear()
+    for thread in clients:  # their last requests are answered by the successor
+        thread.join(30)
+    succeeding.clear()
+    successor.join(30)
+    held.close()
+    assert set(outcomes) == {"HTTP 200"}, outcomes
 
 
 @pytest.mark.parametrize("listener", ["unix", "tcp"])
