@@ -30,7 +30,7 @@ from agent.serving.admin import AdminApi
 from agent.serving.handler import OipHandler
 from agent.serving.oip import Limits
 from agent.serving.pool import InferencePool
-from agent.serving.server import InferenceServer, ServerLimits
+from agent.serving.server import InferenceServer, server_limits
 from agent.state import Event, StateDB
 from agent.telemetry.metrics import Registry
 from agent.telemetry.system import available_memory_bytes
@@ -98,12 +98,7 @@ class Agent:
         self.server = InferenceServer(
             self.handler,
             self.pool,
-            ServerLimits(
-                max_header_bytes=serving.max_header_bytes,
-                max_body_bytes=serving.max_body_bytes,
-                max_connections=serving.max_connections,
-                idle_timeout_s=serving.idle_timeout_s,
-            ),
+            server_limits(serving),
         )
         self._stop = asyncio.Event()
         self.state: StateDB | None = None
