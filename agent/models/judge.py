@@ -196,10 +196,11 @@ def judge_latency(
 
     if baseline_s is None:
         return verdict(Outcome.PASS, 0.0, 1.0, "no previous version to compare")
-    if len(candidate_s) < bounds.min_samples or len(base) < bounds.min_samples:
-        return verdict(Outcome.INCONCLUSIVE, 0.0, 1.0, f"too few samples (< {bounds.min_samples})")
-    assert c_ms is not None
-    assert b_ms is not None
+    # At least one sample a side whatever the configuration (probation_min_requests = 0):
+    # without any there is no median to compare.
+    needed = max(1, bounds.min_samples)
+    if c_ms is None or b_ms is None or len(candidate_s) < needed or len(base) < needed:
+        return verdict(Outcome.INCONCLUSIVE, 0.0, 1.0, f"too few samples (< {needed})")
     u, p = mann_whitney_greater(candidate_s, base)
     ratio = c_ms / b_ms if b_ms > 0 else math.inf
     large = ratio >= bounds.latency_ratio and c_ms - b_ms >= bounds.latency_min_ms

@@ -124,6 +124,14 @@ def test_tiny_samples_are_inconclusive() -> None:
     assert few_errors.outcome is Outcome.INCONCLUSIVE and few_errors.too_few
 
 
+def test_no_samples_are_inconclusive_even_with_no_minimum() -> None:
+    """probation_min_requests = 0 and no traffic since the swap: nothing to compare, which
+    must not crash the judge (it killed the agent) nor decide."""
+    for candidate, baseline in (([], [0.001] * 50), ([0.001] * 50, []), ([], [])):
+        judged = judge_latency(candidate, baseline, Bounds(min_samples=0))
+        assert judged.outcome is Outcome.INCONCLUSIVE
+
+
 def test_a_large_effect_not_yet_significant_is_inconclusive_not_a_pass() -> None:
     baseline = [1e-4 * i for i in range(1, 21)]  # 0.1 to 2 ms, widely spread
     judgement = judge_latency([2 * v for v in baseline], baseline, BOUNDS)
