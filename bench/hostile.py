@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import resource
 import socket
@@ -374,7 +375,9 @@ def main() -> int:
         port = free_port()
         process = subprocess.Popen(
             [
-                str(ROOT / ".venv" / "bin" / "edge-agent"),
+                sys.executable,
+                "-m",
+                "agent",
                 "--log-level",
                 "warning",
                 "serve",
@@ -385,6 +388,7 @@ def main() -> int:
                 f"127.0.0.1:{port}",
             ],
             stderr=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
         )
         try:
             deadline = time.monotonic() + 60

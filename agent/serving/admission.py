@@ -56,33 +56,37 @@ class Admission:
         return len(self._by_peer.get((listener, peer), ()))
 
     def decide(self, holder: Holder) -> Decision:
-        """Whether ``holder`` may take a slot, and which holders must give way first."""
+        """Whether ``holder`` may take a slot, and which holders must give way first.
+
+        At twice a budget the weakest give way at once, down to the budget: a batch, so that
+        under a flood of connections the ranking is paid once per budget's worth of newcomers,
+        not once per newcomer.
+        """
         evict: list[Holder] = []
         over = False
         if holder.peer is not None and self.per_peer > 0:
             mine = self._by_peer.get((holder.listener, holder.peer), set())
             over = len(mine) >= self.per_peer
             if len(mine) >= 2 * self.per_peer:
-                victim = _weakest(mine, [])
-                if victim is None:
+                evict = _weakest(mine, len(mine) - self.per_peer + 1, [])
+                if not evict:
                     return Decision(
                         False,
                         reason=f"uid {holder.peer} already has {len(mine)} connections, none "
                         f"of which can give way yet (limit {self.per_peer} per client)",
                     )
-                evict.append(victim)
         if self.per_listener > 0:
             everyone = self._by_listener.get(holder.listener, set())
             over = over or len(everyone) >= self.per_listener
             if len(everyone) - len(evict) >= 2 * self.per_listener:
-                victim = _weakest(everyone, evict)
-                if victim is None:
+                more = _weakest(everyone, len(everyone) - len(evict) - self.per_listener + 1, evict)
+                if not more:
                     return Decision(
                         False,
                         reason=f"none of the {len(everyone)} connections of "
                         f"{holder.listener} can give way yet",
                     )
-                evict.append(victim)
+                evict += more
         return Decision(True, tuple(evict), rebalance=over)
 
     def over_budget(self) -> bool:
@@ -99,24 +103,15 @@ class Admission:
         """The holders that must give way to bring every peer and listener back within its
         budget: per group, the weakest first; holders with a request in hand never."""
         chosen: list[Holder] = []
-        taken: set[int] = set()
         groups: list[tuple[set[Holder], int]] = []
         if self.per_peer > 0:
             groups += [(group, self.per_peer) for group in self._by_peer.values()]
         if self.per_listener > 0:
             groups += [(group, self.per_listener) for group in self._by_listener.values()]
         for group, budget in groups:
-            remaining = [h for h in group if id(h) not in taken]
-            over = len(remaining) - budget
-            if over <= 0:
-                continue
-            ranked = sorted(
-                ((rank, id(h), h) for h in remaining if (rank := h.eviction_rank()) is not None),
-                key=lambda item: (item[0], item[1]),
-            )
-            for _, key, holder in ranked[:over]:
-                taken.add(key)
-                chosen.append(holder)
+            over = len(group) - budget - sum(1 for h in chosen if h in group)
+            if over > 0:
+                chosen += _weakest(group, over, chosen)
         return chosen
 
     def add(self, holder: Holder) -> None:
@@ -139,16 +134,18 @@ class Admission:
                     del self._by_peer[key]
 
 
-def _weakest(holders: set[Holder], exclude: list[Holder]) -> Holder | None:
-    best: Holder | None = None
-    best_rank: tuple[int, float] | None = None
-    for holder in holders:
-        rank = holder.eviction_rank()
-        if rank is None or holder in exclude:
-            continue
-        if best_rank is None or rank < best_rank:
-            best, best_rank = holder, rank
-    return best
+def _weakest(holders: set[Holder], count: int, exclude: list[Holder]) -> list[Holder]:
+    """Up to ``count`` holders that give way first (lowest rank), none of ``exclude``."""
+    excluded = {id(h) for h in exclude}
+    ranked = sorted(
+        (
+            (rank, id(h), h)
+            for h in holders
+            if id(h) not in excluded and (rank := h.eviction_rank()) is not None
+        ),
+        key=lambda item: (item[0], item[1]),
+    )
+    return [holder for _, _, holder in ranked[:count]]
 
 
 class ByteBudget:
