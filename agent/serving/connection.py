@@ -12,20 +12,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import socket
 import time
 from collections import deque
-from dataclasses import dataclass
 from functools import partial
-from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, cast
 
 import httptools
 
 from agent.errors import AgentError
 from agent.serving.admin import AdminApi, peer_uid
+from agent.serving.framing import Failure, ParseAbortError, Phase, Request, frame, length
 from agent.serving.handler import PreparedInfer, Response, error_response
 from agent.serving.oip import encode_error
 from agent.serving.routes import path_of
@@ -41,44 +39,6 @@ _GROW_BYTES = 1024 * 1024  # chunked bodies reserve budget in steps of this
 
 # A connection younger than this that has sent nothing may simply not have been read yet.
 FRESH_S = 0.5
-
-_REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
-
-
-class Phase(enum.Enum):
-    IDLE = 0  # between requests: nothing of the next one has arrived
-    HEAD = 1  # request line and headers arriving
-    BODY = 2  # body arriving
-
-
-@dataclass(slots=True)
-class Request:
-    method: str
-    path: str  # without query string
-    body: bytes | bytearray
-    header_length: int | None
-    keep_alive: bool
-    reserved: int = 0  # bytes of the shared body budget this request holds
-
-
-@dataclass(slots=True)
-class Failure:
-    """An error answer queued in order behind earlier requests; the connection then closes."""
-
-    status: int
-    message: str
-    retry_after_s: float | None = None
-    head_only: bool = False  # the failed request was a HEAD: its answer has no body
-
-
-class ParseAbortError(Exception):
-    """Raised inside an httptools callback to stop parsing with an HTTP error."""
-
-    def __init__(self, status: int, message: str, retry_after_s: float | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.retry_after_s = retry_after_s
 
 
 class HttpConnection(asyncio.Protocol):
@@ -204,9 +164,9 @@ class HttpConnection(asyncio.Protocol):
             )
         lowered = name.lower()
         if lowered == b"inference-header-content-length":
-            self._header_length = _length(value, "Inference-Header-Content-Length")
+            self._header_length = length(value, "Inference-Header-Content-Length")
         elif lowered == b"content-length":
-            self._content_length = _length(value, "Content-Length")
+            self._content_length = length(value, "Content-Length")
         elif lowered == b"expect" and value.strip().lower() == b"100-continue":
             self._expect_continue = True
 
@@ -399,20 +359,7 @@ class HttpConnection(asyncio.Protocol):
         transport = self._transport
         if transport is None or self._closing:
             return
-        head = [
-            b"HTTP/1.1 %d %s\r\n" % (response.status, _REASONS.get(response.status, b"Unknown")),
-            b"Content-Type: %s\r\nContent-Length: %d\r\n"
-            % (response.content_type, len(response.body)),
-        ]
-        if response.header_length is not None:
-            head.append(b"Inference-Header-Content-Length: %d\r\n" % response.header_length)
-        if response.retry_after_s is not None:
-            head.append(b"Retry-After: %d\r\n" % max(1, round(response.retry_after_s)))
-        if not keep_alive:
-            head.append(b"Connection: close\r\n")
-        head.append(b"\r\n")
-        # A HEAD answer has the headers GET would have, and no body (RFC 9110 §9.3.2).
-        transport.write(b"".join(head) if head_only else b"".join(head) + response.body)
+        transport.write(frame(response, keep_alive, head_only))
         self.answered += 1
         self.last_answer = time.monotonic()
         if not keep_alive:
@@ -503,13 +450,3 @@ class HttpConnection(asyncio.Protocol):
         if self._transport is not None:
             self._closing = True
             self._transport.close()
-
-
-def _length(value: bytes, header: str) -> int:
-    try:
-        length = int(value)
-    except ValueError:
-        raise ParseAbortError(400, f"{header} must be an integer, found {value[:40]!r}") from None
-    if length < 0:
-        raise ParseAbortError(400, f"{header} must not be negative")
-    return length

@@ -1,0 +1,79 @@
+"""HTTP/1.1 records of the inference server and the framing of its answers (no I/O)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from http import HTTPStatus
+
+from agent.serving.handler import Response
+
+_REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
+
+
+class Phase(enum.Enum):
+    IDLE = 0  # between requests: nothing of the next one has arrived
+    HEAD = 1  # request line and headers arriving
+    BODY = 2  # body arriving
+
+
+@dataclass(slots=True)
+class Request:
+    method: str
+    path: str  # without query string
+    body: bytes | bytearray
+    header_length: int | None
+    keep_alive: bool
+    reserved: int = 0  # bytes of the shared body budget this request holds
+
+
+@dataclass(slots=True)
+class Failure:
+    """An error answer queued in order behind earlier requests; the connection then closes."""
+
+    status: int
+    message: str
+    retry_after_s: float | None = None
+    head_only: bool = False  # the failed request was a HEAD: its answer has no body
+
+
+class ParseAbortError(Exception):
+    """Raised inside an httptools callback to stop parsing with an HTTP error."""
+
+    def __init__(self, status: int, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.retry_after_s = retry_after_s
+
+
+def frame(response: Response, keep_alive: bool, head_only: bool) -> bytes:
+    """The bytes of one answer: status line, headers, and the body unless ``head_only``."""
+    head = [
+        b"HTTP/1.1 %d %s\r\n" % (response.status, _REASONS.get(response.status, b"Unknown")),
+        b"Content-Type: %s\r\nContent-Length: %d\r\n" % (response.content_type, len(response.body)),
+    ]
+    if response.header_length is not None:
+        head.append(b"Inference-Header-Content-Length: %d\r\n" % response.header_length)
+    if response.retry_after_s is not None:
+        head.append(b"Retry-After: %d\r\n" % max(1, round(response.retry_after_s)))
+    if not keep_alive:
+        head.append(b"Connection: close\r\n")
+    head.append(b"\r\n")
+    # A HEAD answer has the headers GET would have, and no body (RFC 9110 §9.3.2).
+    return b"".join(head) if head_only else b"".join(head) + response.body
+
+
+def length(value: bytes, header: str) -> int:
+    """A length header's value.
+
+    Raises:
+        ParseAbortError: 400, not a non-negative integer.
+    """
+    try:
+        size = int(value)
+    except ValueError:
+        raise ParseAbortError(400, f"{header} must be an integer, found {value[:40]!r}") from None
+    if size < 0:
+        raise ParseAbortError(400, f"{header} must not be negative")
+    return size
