@@ -1,0 +1,83 @@
+"""What one update cycle did, as values: delivery events and the cycle's report.
+
+A leaf module: the update child builds the report and prints it as its summary; the daemon
+(``agent.updates``) reads it back. Neither side imports the other.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryEvent:
+    kind: str  # downloaded | installed | rejected | failed | up_to_date
+    name: str
+    version: int | None
+    reason: str = ""
+
+
+@dataclass(slots=True)
+class CycleReport:
+    """One update cycle: built by the child as it goes, its summary read by the daemon.
+
+    ``events`` stay in the child (recorded in the state database); the summary carries the
+    rest. ``finished`` is the wall-clock time the cycle ended (0: it never started).
+    """
+
+    installed: list[tuple[str, int]] = field(default_factory=list)
+    rejected: list[tuple[str, int | None, str]] = field(default_factory=list)
+    events: list[DeliveryEvent] = field(default_factory=list)
+    error: str = ""
+    finished: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.error
+
+    @classmethod
+    def failed(cls, error: str, finished: float | None = None) -> CycleReport:
+        """A cycle that ended on ``error`` before it found anything."""
+        return cls(error=error, finished=time.time() if finished is None else finished)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "installed": [{"model": n, "version": v} for n, v in self.installed],
+            "rejected": [{"model": n, "version": v, "reason": r} for n, v, r in self.rejected],
+            "error": self.error,
+            "finished": self.finished,
+        }
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> CycleReport:
+        """The summary the child printed.
+
+        Raises:
+            TypeError, KeyError, ValueError: not a summary.
+        """
+        if not isinstance(raw, dict):
+            raise TypeError("summary is not an object")
+        error = str(raw.get("error", ""))
+        if not raw.get("ok") and not error:
+            error = "the update child reported a failure without a reason"
+        return cls(
+            installed=[(str(i["model"]), int(i["version"])) for i in raw.get("installed", [])],
+            rejected=[
+                (
+                    str(r["model"]),
+                    None if r.get("version") is None else int(r["version"]),
+                    str(r.get("reason", "")),
+                )
+                for r in raw.get("rejected", [])
+            ],
+            error=error,
+            finished=float(raw.get("finished", time.time())),
+        )
+
+    def fail(self, name: str, version: int | None, error: str) -> None:
+        """Record a failure that ends ``name``'s step (or, with ``"*"``, the cycle)."""
+        self.error = error
+        self.events.append(DeliveryEvent("failed", name, version, error))
