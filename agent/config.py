@@ -25,6 +25,10 @@ from agent.errors import ConfigError
 
 DEFAULT_CONFIG = Path("/etc/edge-agent/agent.toml")
 
+# Defaults the code outside this module shares (defined here once; the others refer to them).
+INLINE_THRESHOLD_US = 100.0  # agent.models.fastpath: models faster than this run on the loop
+PROBATION_WINDOW_S = 60.0  # agent.models.lifecycle.ProbationPolicy.window_s
+
 
 class BadKeysError(ValueError):
     """Every bad key of one section, each as ``(key, why)``; raised by ``_Checks.done``."""
@@ -90,7 +94,7 @@ class ServingSection:
     body_timeout_s: float = 60.0  # a request body must arrive whole within this of its head
     idle_timeout_s: float = 120.0  # a keep-alive connection is closed after this idle
     # Models whose p90 on their warm-up input is under this run on the event loop (0: never).
-    inline_threshold_us: float = 100.0
+    inline_threshold_us: float = INLINE_THRESHOLD_US
 
     def __post_init__(self) -> None:
         checks = _Checks()
@@ -151,7 +155,7 @@ class ServingSection:
 class ModelsSection:
     follow: tuple[str, ...] = ()  # model names taken from the repository
     keep_versions: int = 1  # besides the active and the previous committed version
-    probation_window_s: float = 60.0  # a new version is committed after this long
+    probation_window_s: float = PROBATION_WINDOW_S  # a new version is committed after this long
     probation_min_requests: int = 20  # the judge needs this many requests on each side
     # The probation judge (agent/models/judge.py): a regression must be significant (one-sided
     # p under probation_alpha) and large: over both floors, relative and absolute.

@@ -23,6 +23,7 @@ from agent.models.deployer import DeployConfig, Deployer, zeros_for
 from agent.models.fastpath import inline_budget
 from agent.models.probation import policy_of
 from agent.models.runtime import RuntimeOptions, load_session
+from agent.models.selection import newest_deployable
 from agent.models.slots import LoadedVersion, Slots
 from agent.models.store import RUNTIME_BY_SUFFIX, Manifest, ModelStore
 from agent.operations import Operation, Operations, Origin, Outcome
@@ -34,7 +35,7 @@ from agent.serving.server import InferenceServer, server_limits
 from agent.state import Event, StateDB
 from agent.telemetry.metrics import Registry
 from agent.telemetry.system import available_memory_bytes
-from agent.updates import UpdateLoop, newest_deployable
+from agent.updates import UpdateLoop
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ class Agent:
             store,
             self.slots,
             self.state,
-            self.metrics,
+            lambda name, version: self.metrics.model(name, str(version)),
             self.options,
             DeployConfig(
                 probation=policy_of(self.config.models),

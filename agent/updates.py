@@ -16,59 +16,17 @@ import logging
 import random
 import signal
 import sys
-import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from agent import faults
 from agent.config import Config
-from agent.models.lifecycle import QUARANTINED, Stage
-from agent.state import StateDB
+from agent.delivery.report import CycleReport
 
 log = logging.getLogger(__name__)
 
 MAX_SUMMARY_BYTES = 1024 * 1024
-
-
-@dataclass(frozen=True, slots=True)
-class CycleResult:
-    """What one update cycle reported."""
-
-    ok: bool
-    installed: tuple[tuple[str, int], ...]
-    rejected: tuple[tuple[str, int | None, str], ...]
-    error: str
-    finished: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "ok": self.ok,
-            "installed": [{"model": n, "version": v} for n, v in self.installed],
-            "rejected": [{"model": n, "version": v, "reason": r} for n, v, r in self.rejected],
-            "error": self.error,
-            "finished": self.finished,
-        }
-
-    @classmethod
-    def from_dict(cls, raw: Any) -> CycleResult:
-        if not isinstance(raw, dict):
-            raise TypeError("summary is not an object")
-        return cls(
-            ok=bool(raw.get("ok")),
-            installed=tuple((str(i["model"]), int(i["version"])) for i in raw.get("installed", [])),
-            rejected=tuple(
-                (
-                    str(r["model"]),
-                    None if r.get("version") is None else int(r["version"]),
-                    str(r.get("reason", "")),
-                )
-                for r in raw.get("rejected", [])
-            ),
-            error=str(raw.get("error", "")),
-            finished=float(raw.get("finished", time.time())),
-        )
 
 
 def _die_with_parent() -> None:
@@ -81,23 +39,11 @@ def _die_with_parent() -> None:
         pass
 
 
-def run_cycle_in_process(config: Config) -> CycleResult:
+def run_cycle_in_process(config: Config) -> CycleReport:
     """One update cycle (this is what the child runs)."""
     from agent.delivery.cycle import run_cycle
 
-    result: CycleResult = run_cycle(config)
-    return result
-
-
-def newest_deployable(state: StateDB, name: str, active: int | None) -> int | None:
-    """The newest verified version newer than the active one, never a quarantined one."""
-    best = None
-    for row in state.deployments(name):
-        if Stage(row.stage) in QUARANTINED:
-            continue
-        if row.stage == Stage.VERIFIED and (active is None or row.version > active):
-            best = row.version if best is None else max(best, row.version)
-    return best
+    return run_cycle(config)
 
 
 class UpdateLoop:
@@ -114,7 +60,7 @@ class UpdateLoop:
         self._timeout_s = timeout_s
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
-        self.last: CycleResult | None = None
+        self.last: CycleReport | None = None
         # What the loop does now ("" when idle), for systemd's STATUS=; the daemon's hook is
         # called on each change.
         self.activity = ""
@@ -128,7 +74,7 @@ class UpdateLoop:
         if announce and self.on_activity is not None:
             self.on_activity()
 
-    async def run_once(self) -> CycleResult:
+    async def run_once(self) -> CycleReport:
         async with self._lock:
             self._set_activity("checking for updates")
             try:
@@ -148,10 +94,10 @@ class UpdateLoop:
             self._set_activity("")
             return result
 
-    async def _child(self) -> CycleResult:
+    async def _child(self) -> CycleReport:
         source = self.config.source
         if source is None:
-            return CycleResult(False, (), (), "no configuration file to give the update child", 0)
+            return CycleReport.failed("no configuration file to give the update child", 0.0)
         # -I (isolated): neither the working directory (an `agent/` there would shadow the
         # installed package in the process that parses network input) nor PYTHON* variables
         # nor the user's site-packages decide what the child imports.
@@ -178,25 +124,19 @@ class UpdateLoop:
                 env=faults.child_environment(),  # None (inherit) unless a test crash point is set
             )
         except OSError as exc:
-            return CycleResult(False, (), (), f"cannot start the update child: {exc}", time.time())
+            return CycleReport.failed(f"cannot start the update child: {exc}")
         try:
             async with asyncio.timeout(self._timeout_s):
                 stdout, _ = await process.communicate()
         except TimeoutError:
             process.kill()
             await process.wait()
-            return CycleResult(
-                False, (), (), f"update child killed after {self._timeout_s:.0f} s", time.time()
-            )
+            return CycleReport.failed(f"update child killed after {self._timeout_s:.0f} s")
         try:
-            return CycleResult.from_dict(json.loads(stdout[:MAX_SUMMARY_BYTES]))
+            return CycleReport.from_dict(json.loads(stdout[:MAX_SUMMARY_BYTES]))
         except (ValueError, KeyError, TypeError) as exc:
-            return CycleResult(
-                False,
-                (),
-                (),
-                f"update child exited with {process.returncode} and no valid summary ({exc})",
-                time.time(),
+            return CycleReport.failed(
+                f"update child exited with {process.returncode} and no valid summary ({exc})"
             )
 
     async def run_forever(self) -> None:
@@ -212,7 +152,7 @@ class UpdateLoop:
             self._wake.clear()
 
 
-def write_summary(result: CycleResult, stream: Any = None) -> None:
+def write_summary(result: CycleReport, stream: Any = None) -> None:
     out = stream or sys.stdout
     out.write(json.dumps(result.to_dict()) + "\n")
     out.flush()

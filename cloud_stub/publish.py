@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 
 from agent import __version__ as agent_version
-from agent.delivery.smoke import encode_tensor
 from agent.models.runtime import RuntimeOptions, load_session
+from agent.models.smoke import encode_tensor
 from agent.models.store import RUNTIME_BY_SUFFIX
 from agent.tensors import OIP_TO_NUMPY, TensorSpec
 from cloud_stub.repo import Repository, RepositoryError

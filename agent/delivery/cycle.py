@@ -9,12 +9,12 @@ import time
 from agent import __version__
 from agent.config import Config
 from agent.delivery.fetcher import FetchConfig, HttpxFetcher
+from agent.delivery.report import CycleReport
 from agent.delivery.updater import ModelUpdater, UpdaterConfig
 from agent.errors import ConfigError
 from agent.models.lifecycle import QUARANTINED, Stage
 from agent.models.store import ModelStore
 from agent.state import StateDB
-from agent.updates import CycleResult
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def fetch_config(config: Config) -> FetchConfig:
     )
 
 
-def run_cycle(config: Config) -> CycleResult:
+def run_cycle(config: Config) -> CycleReport:
     """Run one cycle and record what it found in the state database.
 
     One cycle at a time per device: an exclusive lock on ``update.lock`` in the state
@@ -61,11 +61,11 @@ def run_cycle(config: Config) -> CycleResult:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            return CycleResult(False, (), (), "another update cycle is running", time.time())
+            return CycleReport.failed("another update cycle is running")
         return _run_cycle_locked(config)
 
 
-def _run_cycle_locked(config: Config) -> CycleResult:
+def _run_cycle_locked(config: Config) -> CycleReport:
     state = StateDB(config.state_db)
     try:
         store = ModelStore(config.store_dir)
@@ -77,15 +77,9 @@ def _run_cycle_locked(config: Config) -> CycleResult:
         try:
             fetcher = HttpxFetcher(fetch_config(config))
         except OSError as exc:  # ssl.SSLError too: a file missing, unreadable or not PEM
-            result = CycleResult(
-                ok=False,
-                installed=(),
-                rejected=(),
-                error=(
-                    "cannot use the repository's TLS files (repository.ca_file, client_cert, "
-                    f"client_key): {exc}; nothing fetched"
-                ),
-                finished=time.time(),
+            result = CycleReport.failed(
+                "cannot use the repository's TLS files (repository.ca_file, client_cert, "
+                f"client_key): {exc}; nothing fetched"
             )
             log.error("update cycle: %s", result.error)
             state.set_setting("last_update", result.to_dict())
@@ -109,14 +103,8 @@ def _run_cycle_locked(config: Config) -> CycleResult:
                 )
             else:
                 state.add_event(event.name, event.version, event.kind, event.reason)
-        result = CycleResult(
-            ok=not report.error,
-            installed=tuple(report.installed),
-            rejected=tuple(report.rejected),
-            error=report.error,
-            finished=time.time(),
-        )
-        state.set_setting("last_update", result.to_dict())
-        return result
+        report.finished = time.time()
+        state.set_setting("last_update", report.to_dict())
+        return report
     finally:
         state.close()

@@ -26,17 +26,17 @@ from dataclasses import dataclass, field
 from agent.errors import AgentError, StoreError
 from agent.faults import crash_point
 from agent.models import drain, lifecycle
+from agent.models.fastpath import DEFAULT_THRESHOLD_US
 from agent.models.journal import Journal
 from agent.models.lifecycle import ProbationPolicy, Stage, Verdict, VersionState
 from agent.models.manual import ManualActions
-from agent.models.probation import Probations
+from agent.models.probation import Probations, Statistics
 from agent.models.runtime import RuntimeOptions
 from agent.models.selection import Selection
 from agent.models.slots import LoadedVersion, Slots
 from agent.models.store import ModelStore
 from agent.models.validation import validate_version, what_was_checked, zeros_for
 from agent.state import Event, StateDB
-from agent.telemetry.metrics import Registry
 
 __all__ = ["DeployConfig", "Deployer", "zeros_for"]  # zeros_for: for the daemon's probes
 
@@ -55,7 +55,7 @@ class DeployConfig:
     drain_timeout_s: float = 10.0
     max_probation_crashes: int = 2
     keep_versions: int = 1
-    inline_threshold_us: float = 100.0
+    inline_threshold_us: float = DEFAULT_THRESHOLD_US
 
 
 class Deployer(ManualActions):
@@ -66,7 +66,7 @@ class Deployer(ManualActions):
         store: ModelStore,
         slots: Slots,
         state: StateDB,
-        metrics: Registry,
+        statistics: Statistics,
         options: RuntimeOptions,
         config: DeployConfig | None = None,
         on_event: Callable[[Event], None] | None = None,
@@ -75,7 +75,7 @@ class Deployer(ManualActions):
         self.store = store
         self.slots = slots
         self.state = state
-        self.metrics = metrics
+        self.statistics = statistics  # figures per version: probation reads them
         self.options = options
         self.config = config or DeployConfig()
         self._available_memory = available_memory or (lambda: None)
@@ -86,7 +86,7 @@ class Deployer(ManualActions):
         self._stage = self.journal.stage
         self._event = self.journal.event
         self.probations = Probations(
-            metrics,
+            statistics,
             lambda: self.config.probation,
             lambda: self.config.probation_check_s,
             self._lock,
@@ -362,7 +362,7 @@ class Deployer(ManualActions):
         """Unload a version and drop its latency samples (a probation's baseline is always a
         loaded version: a reloaded one collects new ones)."""
         self.slots.get(name).unload(version)
-        self.metrics.model(name, str(version)).samples.clear()
+        self.statistics(name, version).samples.clear()
 
     # -- retention --------------------------------------------------------------------------
 

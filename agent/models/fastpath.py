@@ -21,9 +21,10 @@ from typing import Any
 
 import numpy as np
 
+from agent.config import INLINE_THRESHOLD_US
 from agent.models.runtime import Session
 
-DEFAULT_THRESHOLD_US = 100.0
+DEFAULT_THRESHOLD_US = INLINE_THRESHOLD_US  # [serving] inline_threshold_us's default
 RUNS = 50
 DEMOTE_FACTOR = 3.0
 SMOOTHING = 0.05  # weight of the newest inline run in the moving average

@@ -18,6 +18,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
+from agent.config import PROBATION_WINDOW_S
 from agent.errors import AgentError
 from agent.models import judge
 from agent.models.judge import Outcome
@@ -176,7 +177,7 @@ class ProbationPolicy:
     keeps the version in probation until the requests have come.
     """
 
-    window_s: float = 60.0  # commit after this long without a verdict against it
+    window_s: float = PROBATION_WINDOW_S  # commit after this long without a verdict against it
     window_requests: int = 0  # … and after this many requests (0: the time alone decides)
     max_window_s: float = 600.0  # too few requests by then: commit anyway (0: keep waiting)
     min_requests: int = 20  # judge only past this many requests (samples) on each side

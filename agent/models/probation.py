@@ -17,11 +17,11 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 from agent.config import ModelsSection
 from agent.faults import crash_point
 from agent.models.lifecycle import Mark, ProbationPolicy, ProbationRun, Verdict, Window
-from agent.telemetry.metrics import ModelMetrics, Registry
 
 # settle(name, version, previous, verdict, reason): called with the model's lock held.
 Settle = Callable[[str, int, int | None, Verdict, str], Awaitable[None]]
@@ -30,6 +30,48 @@ Note = Callable[[str, int, str, str], None]
 NOTE_KINDS = {Verdict.EXTEND: "probation_extended", Verdict.RETRY: "probation_retried"}
 
 log = logging.getLogger(__name__)
+
+
+class Requests(Protocol):
+    """How many requests a version's runtime ran."""
+
+    @property
+    def total(self) -> int: ...
+
+
+class Latencies(Protocol):
+    """The newest raw latencies (seconds) of a version's successful requests; ``count``
+    numbers every one ever added."""
+
+    @property
+    def count(self) -> int: ...
+
+    def since(self, count: int) -> list[float]: ...
+
+    def recent(self) -> list[float]: ...
+
+    def clear(self) -> None: ...
+
+
+class VersionStatistics(Protocol):
+    """What probation reads of one version: requests, model failures, latencies since a mark.
+
+    ``agent.telemetry.metrics.ModelMetrics`` is one; the composition root hands the driver a
+    ``Statistics`` that finds it, so the models never import telemetry.
+    """
+
+    @property
+    def latency(self) -> Requests: ...
+
+    @property
+    def errors(self) -> int: ...
+
+    @property
+    def samples(self) -> Latencies: ...
+
+
+# statistics(name, version): the figures of that version (created empty on first use).
+Statistics = Callable[[str, int], VersionStatistics]
 
 
 def policy_of(models: ModelsSection) -> ProbationPolicy:
@@ -53,12 +95,12 @@ def policy_of(models: ModelsSection) -> ProbationPolicy:
     )
 
 
-def mark(model: ModelMetrics, at_s: float) -> Mark:
+def mark(model: VersionStatistics, at_s: float) -> Mark:
     """A version's counters now: where a window starts."""
     return Mark(model.latency.total, model.errors, model.samples.count, at_s)
 
 
-def baseline(model: ModelMetrics) -> Window:
+def baseline(model: VersionStatistics) -> Window:
     """The previous version as judged against: all its requests and failures, and its most
     recent latencies."""
     return Window(model.latency.total, model.errors, tuple(model.samples.recent()))
@@ -67,7 +109,7 @@ def baseline(model: ModelMetrics) -> Window:
 def check(
     run: ProbationRun,
     policy: ProbationPolicy,
-    model: ModelMetrics,
+    model: VersionStatistics,
     base: Window | None,
     at_s: float,
 ) -> tuple[Verdict, str]:
@@ -81,14 +123,14 @@ class Probations:
 
     def __init__(
         self,
-        metrics: Registry,
+        statistics: Statistics,
         policy: Callable[[], ProbationPolicy],
         check_s: Callable[[], float],
         lock: Callable[[str], asyncio.Lock],
         settle: Settle,
         note: Note | None = None,
     ) -> None:
-        self._metrics = metrics
+        self._statistics = statistics
         self._policy = policy  # read at every check: the driver's configuration may change
         self._check_s = check_s
         self._lock = lock
@@ -100,8 +142,8 @@ class Probations:
         """Watch ``version`` of ``name`` against ``previous`` (replacing any earlier watch)."""
         self.cancel(name)
         # Figures are taken now, at the swap: requests served before the task first runs count.
-        base = baseline(self._metrics.model(name, str(previous))) if previous is not None else None
-        run = ProbationRun(mark(self._metrics.model(name, str(version)), time.monotonic()))
+        base = baseline(self._statistics(name, previous)) if previous is not None else None
+        run = ProbationRun(mark(self._statistics(name, version), time.monotonic()))
         task = asyncio.get_running_loop().create_task(
             self._watch(name, version, previous, base, run),
             name=f"probation-{name}-{version}",
@@ -135,7 +177,7 @@ class Probations:
         base: Window | None,
         run: ProbationRun,
     ) -> None:
-        model = self._metrics.model(name, str(version))
+        model = self._statistics(name, version)
         while True:
             await asyncio.sleep(self._check_s())
             crash_point("probation")

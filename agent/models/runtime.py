@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import importlib
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -67,22 +68,40 @@ class Backend(Protocol):
         ...
 
 
+# The backends, by the name a target's signed ``runtime`` field gives: "module:class", imported
+# on first use (LiteRT costs memory a device with only ONNX models should not pay). The
+# backends import this module for ``RuntimeOptions``; it names them only here, so the
+# dependency runs one way.
+BACKENDS: dict[str, str] = {
+    "onnx": "agent.models.onnx:OnnxBackend",
+    "tflite": "agent.models.litert:LiteRTBackend",
+}
+SUFFIXES: dict[str, str] = {".onnx": "onnx", ".tflite": "tflite"}
+
+
+def backend(name: str) -> Backend:
+    """The backend registered as ``name``, imported now if it was not yet.
+
+    Raises:
+        ModelError: no backend has that name.
+    """
+    where = BACKENDS.get(name)
+    if where is None:
+        expected = " or ".join(repr(known) for known in BACKENDS)
+        raise ModelError(f"unknown runtime {name!r}; expected {expected}")
+    module, _, attribute = where.partition(":")
+    factory: Callable[[], Backend] = getattr(importlib.import_module(module), attribute)
+    return factory()
+
+
 def load_session(path: Path, runtime: str | None, options: RuntimeOptions) -> Session:
     """Load ``path`` with the backend named by ``runtime`` ("onnx" | "tflite"), or by suffix.
-
-    Backends are imported here, on first use: LiteRT costs memory a device with only ONNX
-    models should not pay.
 
     Raises:
         ModelError: unknown runtime, missing runtime package, or a file it cannot load.
     """
-    kind = runtime or {".onnx": "onnx", ".tflite": "tflite"}.get(path.suffix)
-    if kind == "onnx":
-        from agent.models.onnx import OnnxBackend
-
-        return OnnxBackend().load(path, options)
-    if kind == "tflite":
-        from agent.models.litert import LiteRTBackend
-
-        return LiteRTBackend().load(path, options)
-    raise ModelError(f"{path}: unknown runtime {runtime!r}; expected 'onnx' or 'tflite'")
+    kind = runtime or SUFFIXES.get(path.suffix)
+    if kind is None or kind not in BACKENDS:
+        expected = " or ".join(repr(known) for known in BACKENDS)
+        raise ModelError(f"{path}: unknown runtime {runtime!r}; expected {expected}")
+    return backend(kind).load(path, options)

@@ -23,6 +23,17 @@ def pin_key(name: str) -> str:
     return f"pin:{name}"
 
 
+def newest_deployable(state: StateDB, name: str, active: int | None) -> int | None:
+    """The newest verified version newer than the active one, never a quarantined one."""
+    best = None
+    for row in state.deployments(name):
+        if Stage(row.stage) in lifecycle.QUARANTINED:
+            continue
+        if row.stage == Stage.VERIFIED and (active is None or row.version > active):
+            best = row.version if best is None else max(best, row.version)
+    return best
+
+
 class Selection:
     def __init__(self, store: ModelStore, state: StateDB) -> None:
         self.store = store

@@ -21,6 +21,7 @@ from agent.models.fastpath import inline_budget
 from agent.models.lifecycle import Stage
 from agent.models.runtime import RuntimeOptions, load_session
 from agent.models.slots import LoadedVersion
+from agent.models.smoke import check_smoke, decode_smoke
 from agent.models.store import StoredModel
 from agent.tensors import check_signature, numpy_dtype
 
@@ -81,8 +82,6 @@ def validate_version(
     Raises:
         ModelError: naming what failed; the session is closed before raising.
     """
-    from agent.delivery.smoke import check_smoke, decode_smoke
-
     manifest = stored.manifest
     where = f"model {manifest.name} version {manifest.version}"
     if manifest.signed:

@@ -170,7 +170,7 @@ class Harness:
             self.store,
             self.slots,
             self.state,
-            self.metrics,
+            lambda name, version: self.metrics.model(name, str(version)),
             RuntimeOptions(),
             DeployConfig(
                 **{

@@ -197,6 +197,22 @@ def test_unknown_runtime(tmp_path: Path) -> None:
         load_session(tmp_path / "model.bin", None, RuntimeOptions())
 
 
+def test_backends_are_imported_by_name_on_first_use(matmul_onnx: Path) -> None:
+    """The registry names its backends: an ONNX-only device never imports the LiteRT one."""
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from agent.models.runtime import RuntimeOptions, load_session\n"
+        "assert 'agent.models.onnx' not in sys.modules\n"
+        f"session = load_session(Path({str(matmul_onnx)!r}), None, RuntimeOptions())\n"
+        "assert session.platform == 'onnxruntime_onnx'\n"
+        "assert 'agent.models.onnx' in sys.modules\n"
+        "assert 'agent.models.litert' not in sys.modules, 'LiteRT imported for ONNX'\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120, cwd=root)
+
+
 def test_runtime_refusal_is_the_clients_and_failure_the_models(
     matmul_onnx: Path, tmp_path: Path
 ) -> None:
