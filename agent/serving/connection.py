@@ -1,55 +1,78 @@
-"""One HTTP/1.1 client connection: parse with httptools, answer every request in order.
+"""One HTTP/1.1 client connection: answer every request in order.
 
-The parser's callbacks only record what arrived; requests are handled after ``feed_data``
-returns, so nothing a handler raises can surface as a parser error. Answers leave in request
-order, all of them: a request that cannot be parsed queues its error behind the requests before
-it, then the connection closes. Every phase has a deadline (the request head, the body, the
-idle wait between requests), read by the server's sweeper; a body larger than a small one
-reserves its bytes in a budget shared by every connection.
+Reading is ``agent.serving.reader``'s: it hands over whole requests and never handles them,
+so nothing a handler raises can surface as a parser error. Answers leave in request order, all
+of them: a request that cannot be parsed queues its error behind the requests before it, then
+the connection closes. Every phase has a deadline (the request head, the body, the idle wait
+between requests), read by the server's sweeper.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import socket
 import time
 from collections import deque
 from functools import partial
-from typing import TYPE_CHECKING, Any, cast
-
-import httptools
+from typing import Any, Protocol, cast
 
 from agent.errors import AgentError
 from agent.serving.admin import AdminApi, peer_uid
-from agent.serving.framing import Failure, ParseAbortError, Phase, Request, frame, length
-from agent.serving.handler import PreparedInfer, Response, error_response
+from agent.serving.admission import ByteBudget
+from agent.serving.framing import Failure, Phase, Request, frame
+from agent.serving.handler import OipHandler, PreparedInfer, Response, error_response
 from agent.serving.oip import encode_error
-from agent.serving.routes import path_of
-
-if TYPE_CHECKING:
-    from agent.serving.server import InferenceServer
+from agent.serving.pool import InferencePool
+from agent.serving.reader import RequestReader
 
 log = logging.getLogger(__name__)
-
-# Bodies up to this size are not counted in the shared budget: connections x this is bounded.
-SMALL_BODY_BYTES = 64 * 1024
-_GROW_BYTES = 1024 * 1024  # chunked bodies reserve budget in steps of this
 
 # A connection younger than this that has sent nothing may simply not have been read yet.
 FRESH_S = 0.5
 
 
+class Limits(Protocol):
+    """The bounds a connection reads (``agent.serving.server.ServerLimits``)."""
+
+    @property
+    def max_header_bytes(self) -> int: ...
+    @property
+    def max_body_bytes(self) -> int: ...
+    @property
+    def max_pipelined(self) -> int: ...
+    @property
+    def idle_timeout_s(self) -> float: ...
+    @property
+    def header_timeout_s(self) -> float: ...
+    @property
+    def body_timeout_s(self) -> float: ...
+
+
+class Server(Protocol):
+    """What a connection needs of its server (``agent.serving.server.InferenceServer``)."""
+
+    handler: OipHandler
+    pool: InferencePool
+    admin: AdminApi | None
+    body_budget: ByteBudget
+    draining: bool
+
+    @property
+    def limits(self) -> Limits: ...
+    def admit(self, connection: HttpConnection) -> str | None: ...
+    def unregister(self, connection: HttpConnection) -> None: ...
+    def connection_closed(self) -> None: ...
+
+
 class HttpConnection(asyncio.Protocol):
     """One client connection of ``listener`` ("unix" or "tcp")."""
 
-    def __init__(self, server: InferenceServer, listener: str) -> None:
+    def __init__(self, server: Server, listener: str) -> None:
         self._server = server
         self._handler = server.handler
         self._limits = server.limits
         self._loop = asyncio.get_running_loop()
-        self._parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
         self._transport: asyncio.Transport | None = None
         self._queue: deque[Request | Failure] = deque()
         self._inflight: Request | None = None
@@ -61,27 +84,31 @@ class HttpConnection(asyncio.Protocol):
         self._registered = False
         self.listener = listener
         self.peer: int | None = None
-        self.phase = Phase.IDLE
-        self.phase_since = time.monotonic()
         self.answered = 0  # responses written
         self.last_answer = 0.0
-        self._reset()
+        self._reader = RequestReader(
+            self._limits.max_header_bytes,
+            self._limits.max_body_bytes,
+            server.body_budget,
+            self._enqueue,
+            lambda: not self._busy and not self._queue and not self._closing,
+            self._send_continue,
+        )
 
-    def _reset(self) -> None:
-        self._url = b""
-        self._header_bytes = 0
-        self._header_length: int | None = None
-        self._content_length: int | None = None
-        self._expect_continue = False
-        self._body = bytearray()
-        self._reserved = 0
+    @property
+    def phase(self) -> Phase:
+        return self._reader.phase
+
+    @property
+    def phase_since(self) -> float:
+        return self._reader.phase_since
 
     # -- asyncio.Protocol -------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement the interface without subclassing asyncio.Transport.
         self._transport = cast(asyncio.Transport, transport)
-        self.phase_since = time.monotonic()
+        self._reader.phase_since = time.monotonic()
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -96,16 +123,11 @@ class HttpConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:  # noqa: ARG002
         self._closing = True
         self._transport = None
-        budget = self._server.body_budget
-        budget.release(self._reserved)
+        self._reader.close()
         for item in self._queue:
             if isinstance(item, Request):
-                budget.release(item.reserved)
+                self._server.body_budget.release(item.reserved)
         self._queue.clear()
-        # Drop the buffers and the parser now: parser and connection refer to each other, and
-        # a cycle would keep a parked body resident until the next full collection.
-        self._body = bytearray()
-        self._parser = None
         if self._registered:
             self._registered = False
             self._server.unregister(self)
@@ -121,147 +143,27 @@ class HttpConnection(asyncio.Protocol):
             self._resume_reading()
 
     def data_received(self, data: bytes) -> None:
-        parser = self._parser
-        if self._closing or self._failed or parser is None:
+        if self._closing or self._failed:
             return
-        if self.phase is Phase.IDLE:
-            self.phase = Phase.HEAD
-            self.phase_since = time.monotonic()
-        try:
-            parser.feed_data(data)
-        except ParseAbortError as exc:
-            self._fail(exc.status, exc.message, exc.retry_after_s)
-        except httptools.HttpParserUpgrade:
-            self._fail(400, "protocol upgrades are not supported")
-        except httptools.HttpParserError as exc:
-            # Callbacks raising ParseAbortError arrive wrapped as HttpParserCallbackError.
-            cause = exc.__context__
-            if isinstance(cause, ParseAbortError):
-                self._fail(cause.status, cause.message, cause.retry_after_s)
-            else:
-                self._fail(400, f"malformed HTTP request: {exc}")
+        failure = self._reader.feed(data)
+        if failure is not None:
+            # Stop reading; answer everything before, then this error, then close.
+            log.info("server: rejected a request with %d: %s", failure.status, failure.message)
+            self._failed = True
+            self._queue.append(failure)
+            self._pause_reading()
         self._process()
 
-    # -- httptools callbacks: record only, never handle ------------------------------------
-
-    def on_message_begin(self) -> None:
-        self._reset()
-        if self.phase is Phase.IDLE:
-            self.phase = Phase.HEAD
-            self.phase_since = time.monotonic()
-
-    def on_url(self, url: bytes) -> None:
-        self._url += url
-        self._header_bytes += len(url)
-        if self._header_bytes > self._limits.max_header_bytes:
-            raise ParseAbortError(414, f"URL longer than {self._limits.max_header_bytes} bytes")
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._header_bytes += len(name) + len(value) + 4
-        if self._header_bytes > self._limits.max_header_bytes:
-            raise ParseAbortError(
-                431, f"request headers larger than {self._limits.max_header_bytes} bytes"
-            )
-        lowered = name.lower()
-        if lowered == b"inference-header-content-length":
-            self._header_length = length(value, "Inference-Header-Content-Length")
-        elif lowered == b"content-length":
-            self._content_length = length(value, "Content-Length")
-        elif lowered == b"expect" and value.strip().lower() == b"100-continue":
-            self._expect_continue = True
-
-    def on_headers_complete(self) -> None:
-        self.phase = Phase.BODY
-        self.phase_since = time.monotonic()
-        length = self._content_length
-        if length is None:
-            self._continue()  # chunked: the budget is taken as the chunks come
-            return
-        if length > self._limits.max_body_bytes:
-            raise ParseAbortError(
-                413,
-                f"request body of {length} bytes exceeds the limit of "
-                f"{self._limits.max_body_bytes} bytes",
-            )
-        if length > SMALL_BODY_BYTES:
-            self._reserve(length)
-        self._continue()
-
-    def _continue(self) -> None:
-        """Tell a client that waits for it (curl, for large bodies) to send its body now,
-        instead of after its own timeout: only when this request is the one being answered,
-        so that the interim answer cannot overtake an earlier request's."""
-        transport = self._transport
-        if (
-            self._expect_continue
-            and not self._busy
-            and not self._queue
-            and transport is not None
-            and not self._closing
-        ):
-            transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-
-    def on_body(self, body: bytes) -> None:
-        size = len(self._body) + len(body)
-        if size > self._limits.max_body_bytes:
-            raise ParseAbortError(
-                413, f"request body exceeds the limit of {self._limits.max_body_bytes} bytes"
-            )
-        if size > SMALL_BODY_BYTES and size > self._reserved:
-            # Chunked, or longer than declared (the parser stops at Content-Length anyway).
-            self._reserve(max(size, self._reserved + _GROW_BYTES) - self._reserved)
-        self._body += body
-
-    def on_message_complete(self) -> None:
-        parser = self._parser
-        assert parser is not None
-        method = parser.get_method().decode("ascii", "replace")
-        try:
-            target = self._url.decode("ascii")
-        except UnicodeDecodeError:
-            raise ParseAbortError(400, "request URL is not ASCII") from None
-        request = Request(
-            method=method,
-            path=path_of(target),
-            body=self._body,  # handed over, not copied: the next message gets a new buffer
-            header_length=self._header_length,
-            keep_alive=parser.should_keep_alive(),
-            reserved=self._reserved,
-        )
-        self._body = bytearray()
-        self._reserved = 0
+    def _enqueue(self, request: Request) -> None:
         self._queue.append(request)
-        self.phase = Phase.IDLE
-        self.phase_since = time.monotonic()
         if len(self._queue) >= self._limits.max_pipelined:
             self._pause_reading()
 
-    def _reserve(self, size: int) -> None:
-        if not self._server.body_budget.reserve(size):
-            raise ParseAbortError(
-                503,
-                f"the server is buffering {self._server.body_budget.used} bytes of request "
-                f"bodies (limit {self._server.body_budget.total}); retry later",
-                retry_after_s=1.0,
-            )
-        self._reserved += size
+    def _send_continue(self) -> None:
+        if self._transport is not None:
+            self._transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     # -- request processing -----------------------------------------------------------------
-
-    def _fail(self, status: int, message: str, retry_after_s: float | None = None) -> None:
-        """Stop reading; answer everything before, then this error, then close."""
-        log.info("server: rejected a request with %d: %s", status, message)
-        self._failed = True
-        self._server.body_budget.release(self._reserved)
-        self._reserved = 0
-        self._body = bytearray()
-        head_only = False
-        if self._parser is not None:
-            # Unknown when the request line itself was malformed.
-            with contextlib.suppress(httptools.HttpParserError):
-                head_only = self._parser.get_method() == b"HEAD"
-        self._queue.append(Failure(status, message, retry_after_s, head_only))
-        self._pause_reading()
 
     def _process(self) -> None:
         while self._queue and not self._busy and not self._closing:

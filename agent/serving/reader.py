@@ -1,0 +1,202 @@
+"""The reading half of a connection: httptools' callbacks record a request, bounded, and hand it
+over whole; they never handle it.
+
+Sizes are checked as the bytes arrive (URL and headers, the body from its Content-Length before
+any of it is read), a body larger than a small one reserves its bytes in the budget shared by
+every connection, and the phase (idle, head, body) with its start time is kept for the deadlines
+and for who gives way when the server is full.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+
+import httptools
+
+from agent.serving.admission import ByteBudget
+from agent.serving.framing import Failure, ParseAbortError, Phase, Request, length
+from agent.serving.routes import path_of
+
+# Bodies up to this size are not counted in the shared budget: connections x this is bounded.
+SMALL_BODY_BYTES = 64 * 1024
+_GROW_BYTES = 1024 * 1024  # chunked bodies reserve budget in steps of this
+
+
+class RequestReader:
+    """Feeds one connection's bytes to httptools; ``deliver`` gets each whole request."""
+
+    def __init__(
+        self,
+        max_header_bytes: int,
+        max_body_bytes: int,
+        budget: ByteBudget,
+        deliver: Callable[[Request], None],
+        may_continue: Callable[[], bool],
+        send_continue: Callable[[], None],
+    ) -> None:
+        self._max_header_bytes = max_header_bytes
+        self._max_body_bytes = max_body_bytes
+        self._budget = budget
+        self._deliver = deliver
+        self._may_continue = may_continue  # no earlier answer is still owed
+        self._send_continue = send_continue
+        self._parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
+        self.phase = Phase.IDLE
+        self.phase_since = time.monotonic()
+        self._reset()
+
+    def _reset(self) -> None:
+        self._url = b""
+        self._header_bytes = 0
+        self._header_length: int | None = None
+        self._content_length: int | None = None
+        self._expect_continue = False
+        self._body = bytearray()
+        self._reserved = 0
+
+    def feed(self, data: bytes) -> Failure | None:
+        """Parse ``data``; the failure that stops this connection's parsing, if any."""
+        parser = self._parser
+        if parser is None:
+            return None
+        if self.phase is Phase.IDLE:
+            self.phase = Phase.HEAD
+            self.phase_since = time.monotonic()
+        try:
+            parser.feed_data(data)
+        except ParseAbortError as exc:
+            return self._abort(exc.status, exc.message, exc.retry_after_s)
+        except httptools.HttpParserUpgrade:
+            return self._abort(400, "protocol upgrades are not supported")
+        except httptools.HttpParserError as exc:
+            # Callbacks raising ParseAbortError arrive wrapped as HttpParserCallbackError.
+            cause = exc.__context__
+            if isinstance(cause, ParseAbortError):
+                return self._abort(cause.status, cause.message, cause.retry_after_s)
+            return self._abort(400, f"malformed HTTP request: {exc}")
+        return None
+
+    def _abort(self, status: int, message: str, retry_after_s: float | None = None) -> Failure:
+        head_only = False
+        if self._parser is not None:
+            # Unknown when the request line itself was malformed.
+            with contextlib.suppress(httptools.HttpParserError):
+                head_only = self._parser.get_method() == b"HEAD"
+        self.close()
+        return Failure(status, message, retry_after_s, head_only)
+
+    def close(self) -> None:
+        """Give back the budget and drop the buffer and the parser (they refer to each other
+        through the callbacks: a cycle would keep a parked body until a full collection)."""
+        self._budget.release(self._reserved)
+        self._reserved = 0
+        self._body = bytearray()
+        self._parser = None
+        # The callbacks are the connection's bound methods: the same kind of cycle.
+        self._deliver = _ignore
+        self._may_continue = _never
+        self._send_continue = _nothing
+
+    # -- httptools callbacks ----------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._reset()
+        if self.phase is Phase.IDLE:
+            self.phase = Phase.HEAD
+            self.phase_since = time.monotonic()
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._header_bytes += len(url)
+        if self._header_bytes > self._max_header_bytes:
+            raise ParseAbortError(414, f"URL longer than {self._max_header_bytes} bytes")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_bytes += len(name) + len(value) + 4
+        if self._header_bytes > self._max_header_bytes:
+            raise ParseAbortError(
+                431, f"request headers larger than {self._max_header_bytes} bytes"
+            )
+        lowered = name.lower()
+        if lowered == b"inference-header-content-length":
+            self._header_length = length(value, "Inference-Header-Content-Length")
+        elif lowered == b"content-length":
+            self._content_length = length(value, "Content-Length")
+        elif lowered == b"expect" and value.strip().lower() == b"100-continue":
+            self._expect_continue = True
+
+    def on_headers_complete(self) -> None:
+        self.phase = Phase.BODY
+        self.phase_since = time.monotonic()
+        size = self._content_length
+        if size is not None:
+            if size > self._max_body_bytes:
+                raise ParseAbortError(
+                    413,
+                    f"request body of {size} bytes exceeds the limit of "
+                    f"{self._max_body_bytes} bytes",
+                )
+            if size > SMALL_BODY_BYTES:
+                self._reserve(size)
+        # Chunked bodies take their budget as the chunks come. A client that waits for it
+        # (curl, for large bodies) is told to send now rather than after its own timeout, but
+        # only when no earlier answer is owed: an interim answer must not overtake one.
+        if self._expect_continue and self._may_continue():
+            self._send_continue()
+
+    def on_body(self, body: bytes) -> None:
+        size = len(self._body) + len(body)
+        if size > self._max_body_bytes:
+            raise ParseAbortError(
+                413, f"request body exceeds the limit of {self._max_body_bytes} bytes"
+            )
+        if size > SMALL_BODY_BYTES and size > self._reserved:
+            # Chunked, or longer than declared (the parser stops at Content-Length anyway).
+            self._reserve(max(size, self._reserved + _GROW_BYTES) - self._reserved)
+        self._body += body
+
+    def on_message_complete(self) -> None:
+        parser = self._parser
+        assert parser is not None
+        method = parser.get_method().decode("ascii", "replace")
+        try:
+            target = self._url.decode("ascii")
+        except UnicodeDecodeError:
+            raise ParseAbortError(400, "request URL is not ASCII") from None
+        request = Request(
+            method=method,
+            path=path_of(target),
+            body=self._body,  # handed over, not copied: the next message gets a new buffer
+            header_length=self._header_length,
+            keep_alive=parser.should_keep_alive(),
+            reserved=self._reserved,
+        )
+        self._body = bytearray()
+        self._reserved = 0
+        self.phase = Phase.IDLE
+        self.phase_since = time.monotonic()
+        self._deliver(request)
+
+    def _reserve(self, size: int) -> None:
+        if not self._budget.reserve(size):
+            raise ParseAbortError(
+                503,
+                f"the server is buffering {self._budget.used} bytes of request bodies "
+                f"(limit {self._budget.total}); retry later",
+                retry_after_s=1.0,
+            )
+        self._reserved += size
+
+
+def _ignore(request: Request) -> None:
+    """Deliver nowhere: the connection is gone."""
+
+
+def _never() -> bool:
+    return False
+
+
+def _nothing() -> None:
+    """Send nothing: the connection is gone."""
