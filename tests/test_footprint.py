@@ -295,7 +295,7 @@ def test_the_fast_path_pauses_while_the_trim_runs(
         runs = []
         original = active.session.run
         active.session.run = lambda *a, **k: runs.append(1) or original(*a, **k)  # type: ignore[method-assign]
-        await agent._trim()
+        await agent.trim.run()
         after = active.inline_elements
         agent.slots.close()
         await asyncio.to_thread(agent.pool.shutdown)

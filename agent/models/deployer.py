@@ -23,6 +23,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from agent.activity import IDLE, Activity
 from agent.errors import AgentError, StoreError
 from agent.faults import crash_point
 from agent.models import drain, lifecycle
@@ -93,7 +94,7 @@ class Deployer(ManualActions):
             self._settle,
             self._event,
         )
-        self.status_text = "idle"
+        self.activity: Activity = IDLE  # what the status board shows for deployments
 
     def _lock(self, name: str) -> asyncio.Lock:
         return self._locks.setdefault(name, asyncio.Lock())
@@ -188,7 +189,7 @@ class Deployer(ManualActions):
                 return True
             if stage is None:
                 self._record(name, version, Stage.VERIFIED, "found in the store")
-            self.status_text = f"validating {name} version {version}"
+            self.activity = Activity("validating", name, version)
             replaced = active.version if active is not None else None
             # What a failed probation goes back to: the last committed version; with none
             # (a first version superseded during its own probation), the version that served.
@@ -199,14 +200,14 @@ class Deployer(ManualActions):
             if active is not None and self._must_drain(name, version):
                 await self._drain(name, active.version, f"making room for version {version}")
                 drained = True
-                self.status_text = f"validating {name} version {version} (drained)"
+                self.activity = Activity("validating drained", name, version)
             try:
                 loaded = await self._validate(name, version, record=True)
             except AgentError as exc:
                 self._record(name, version, Stage.REJECTED, str(exc))
                 if drained and replaced is not None:
                     await self._restore(name, replaced, f"version {version} was rejected")
-                self.status_text = "idle"
+                self.activity = IDLE
                 return False
             slot.add(loaded, activate=True)
             crash_point("after-swap")  # serving it; the database does not say active yet
@@ -225,7 +226,7 @@ class Deployer(ManualActions):
                 why = "first version"
             self._record(name, version, Stage.ACTIVE, why, event="activated")
             self.probations.start(name, version, fallback)
-            self.status_text = f"{name} version {version} in probation"
+            self.activity = Activity("probation", name, version)
             return True
 
     async def _validate(self, name: str, version: int, *, record: bool) -> LoadedVersion:
@@ -271,7 +272,7 @@ class Deployer(ManualActions):
 
     async def _drain(self, name: str, version: int, reason: str) -> None:
         """Make room for another version of ``name`` (``drain.drain``), recorded as drained."""
-        self.status_text = f"draining {name} version {version}: {reason}"
+        self.activity = Activity("draining", name, version, reason)
         await drain.drain(
             self.slots.get(name),
             reason,
@@ -316,7 +317,7 @@ class Deployer(ManualActions):
                 reason,
             )
             self._commit(name, version, f"no earlier version to fall back to; {reason}")
-            self.status_text = f"{name} version {version} failed its probation; kept serving"
+            self.activity = Activity("probation failed", name, version)
         else:
             await self._rollback_to_previous(name, version, previous, reason)
 
@@ -329,7 +330,7 @@ class Deployer(ManualActions):
         for loaded in slot.versions():
             if loaded != version:
                 self._unload(name, loaded)
-        self.status_text = "idle"
+        self.activity = IDLE
         self.collect_garbage(name)
 
     async def _rollback_to_previous(
@@ -350,13 +351,13 @@ class Deployer(ManualActions):
         self._unload(name, version)
         if previous is None:
             slot.deactivate(f"version {version} was rolled back and no earlier version exists")
-            self.status_text = f"rolled back {name} version {version}; nothing to serve"
+            self.activity = Activity("rolled back, none left", name, version)
             return
         if restored:
             self.journal.make_committed(name, previous, f"rollback target after version {version}")
-            self.status_text = f"rolled back {name} to version {previous}"
+            self.activity = Activity("rolled back to", name, previous)
         else:
-            self.status_text = f"rolled back {name} version {version}; version {previous} failed"
+            self.activity = Activity("rolled back, previous failed", name, version, str(previous))
 
     def _unload(self, name: str, version: int) -> None:
         """Unload a version and drop its latency samples (a probation's baseline is always a

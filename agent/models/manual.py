@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
+from agent.activity import IDLE, Activity
 from agent.errors import AgentError, CommandError, NotFoundError
 from agent.models.journal import Journal
 from agent.models.lifecycle import QUARANTINED, Stage
@@ -42,7 +43,7 @@ class ManualActions:
     selection: Selection
     journal: Journal
     probations: Probations
-    status_text: str
+    activity: Activity
 
     if TYPE_CHECKING:  # the lifecycle steps Deployer provides
 
@@ -102,7 +103,7 @@ class ManualActions:
             return to
         target_stage = self.journal.stage(name, to)
         self.probations.cancel(name)
-        self.status_text = f"switching {name} to version {to}: {reason}"
+        self.activity = Activity("switching", name, to, reason)
         if to in slot.versions():
             slot.activate(to)
         else:
@@ -121,7 +122,7 @@ class ManualActions:
                     self.journal.record(name, to, Stage.REJECTED, str(exc))
                 if drained and current is not None:
                     await self._restore(name, current, f"version {to} did not load")
-                self.status_text = "idle"
+                self.activity = IDLE
                 raise
             slot.add(loaded, activate=True)
         pinned = self.pinned(name)
@@ -149,7 +150,7 @@ class ManualActions:
         for other in slot.versions():
             if other != to:
                 slot.unload(other)
-        self.status_text = "idle"
+        self.activity = IDLE
         return to
 
     async def pin(self, name: str, version: int | None, *, allow_unsigned: bool = False) -> None:
@@ -184,7 +185,7 @@ class ManualActions:
                 for other in slot.versions():
                     if other != version:
                         slot.unload(other)
-                self.status_text = "idle"
+                self.activity = IDLE
             self.state.set_setting(pin_key(name), version)
             self.journal.event(name, version, "pinned", f"held at version {version}")
 

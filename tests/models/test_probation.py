@@ -344,7 +344,7 @@ def test_a_first_version_that_fails_keeps_serving_and_says_so(
         assert "binomial p=" in failed
         assert h.reasons("committed", 1)[0].startswith("no earlier version to fall back to")
         assert not h.reasons("rolled_back")
-        assert h.deployer.status_text == "scale version 1 failed its probation; kept serving"
+        assert h.deployer.activity.text == "scale version 1 failed its probation; kept serving"
         assert send(h, GOOD) == 200
         h.assert_consistent()
         await h.deployer.close()

@@ -72,7 +72,7 @@ def test_rollback_goes_to_the_last_committed_version(tmp_path: Path) -> None:
         assert h.serving() == 1
         assert h.stages() == {1: "committed", 2: "retired", 3: "rolled_back"}
         assert h.slots.get("scale").versions() == [1]
-        assert "rolled back scale to version 1" in h.deployer.status_text
+        assert "rolled back scale to version 1" in h.deployer.activity.text
         h.assert_consistent()
         await h.deployer.close()
         h.close()

@@ -193,7 +193,7 @@ def test_sighup_applies_changes_and_a_broken_file_keeps_the_running_config(
         "applied agent.log_level, repository.poll_interval_s; needs a restart to apply "
         "(systemctl restart edge-agent): serving.max_connections" in log
     )
-    assert "DEBUG agent.daemon: status: checking for updates" in log  # debug is on
+    assert "DEBUG agent.parts.status: status: checking for updates" in log  # debug is on
 
     # A broken file: the running configuration stays, the agent keeps serving.
     text = device.config.read_text()
@@ -224,6 +224,7 @@ def test_status_says_downloading_while_the_update_child_writes(tmp_path: Path) -
     """The child streams a download into ``.partial/<sha256>``; the daemon, polling while the
     child runs, says so (a real model downloads too fast for the end-to-end test to see)."""
     from agent import systemd
+    from agent.activity import Activity
     from agent.config import AgentSection, Config
     from agent.daemon import Agent
 
@@ -242,17 +243,28 @@ def test_status_says_downloading_while_the_update_child_writes(tmp_path: Path) -
         agent = Agent(Config(agent=AgentSection(state_dir=tmp_path / "state", trim_memory=False)))
         agent.notifier = systemd.Notifier({"NOTIFY_SOCKET": str(tmp_path / "notify")})
         updates = Updates()
-        agent.updates = updates  # type: ignore[assignment]
-        watcher = asyncio.get_running_loop().create_task(agent._watch_downloads())
+        agent.status.updates = updates  # type: ignore[assignment]
+        publish = agent.status.publish
+        records: list[Activity] = []
+
+        def recording() -> None:  # what the board held at each STATUS= it sent
+            records.extend(agent.status.activities())
+            publish()
+
+        agent.status.publish = recording  # type: ignore[method-assign]
+        watcher = asyncio.get_running_loop().create_task(agent.status.watch_downloads())
         await asyncio.sleep(0.8)
         download.write_bytes(b"x" * 3 * 2**20)
         await asyncio.sleep(0.6)
         await asyncio.sleep(0.6)  # no longer growing
         updates.activity = ""
-        agent._on_update_activity()  # as the update loop calls it
+        agent.status.on_update_activity()  # as the update loop calls it
         await asyncio.wait_for(watcher, 2)
         agent.notifier.close()
         agent.pool.shutdown()
+        # The board's record of the download: what, and the bytes so far (the size is not known).
+        assert [r.bytes_done for r in records if r.what == "downloading"] == [3 * 2**20]
+        assert all(r.bytes_total is None for r in records)
         got = []
         while True:
             try:

@@ -59,7 +59,7 @@ def pings(messages: list[bytes]) -> int:
 def test_pings_stop_while_a_probe_fails_or_hangs_and_resume_after(
     tmp_path: Path, matmul_onnx: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="agent.daemon")
+    caplog.set_level(logging.INFO, logger="agent.parts.watchdog")
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(tmp_path / "notify"))
     notify.setblocking(False)
@@ -84,7 +84,8 @@ def test_pings_stop_while_a_probe_fails_or_hangs_and_resume_after(
         assert active is not None
         flaky = Flaky(active.session)
         active.session = flaky  # type: ignore[assignment]
-        watchdog = next(t for t in agent._tasks if t.get_name() == "watchdog")
+        watchdog = agent.watchdog.task
+        assert watchdog is not None
 
         async def phase(mode: str, seconds: float = 1.5) -> int:
             flaky.mode = mode
@@ -99,7 +100,7 @@ def test_pings_stop_while_a_probe_fails_or_hangs_and_resume_after(
         seen["hang"] = await phase("hang", 2.0)
         flaky.release.set()
         seen["after hang"] = await phase("ok")
-        seen["failed checks"] = agent.watchdog_failures
+        seen["failed checks"] = agent.watchdog.failures
         assert not watchdog.done(), "the watchdog task ended"
         agent.request_stop()
         await running

@@ -1,0 +1,1 @@
+"""The parts the composition root (agent.daemon) builds, runs and shuts down, one concern each."""

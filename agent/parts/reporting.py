@@ -1,0 +1,146 @@
+"""Fleet reporting: the MQTT reporter, its outbox, and the events forwarded to it."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import Any
+
+from agent import __version__
+from agent.config import Config
+from agent.models.slots import Slots
+from agent.state import Event, StateDB
+from agent.telemetry.metrics import Registry
+
+log = logging.getLogger(__name__)
+
+# What the MQTT reporter takes without reconnecting (Reporter.reconfigure).
+LIVE_REPORTER_KEYS = ("health_interval_s", "drain_per_s")
+
+
+class Reporting:
+    """Builds the reporter and its outbox when a broker is configured (``open``); the events
+    table is its queue: the reporter forwards every row above its durable cursor, whoever
+    wrote it, and a row this process writes (``on_event``) only makes it look now."""
+
+    def __init__(
+        self,
+        slots: Slots,
+        metrics: Registry,
+        state: Callable[[], StateDB | None],
+        on_command: Callable[[Any], Awaitable[str]],
+    ) -> None:
+        self.slots = slots
+        self.metrics = metrics
+        self._state = state
+        self._on_command = on_command
+        self.reporter: Any = None
+        self.outbox: Any = None
+        self._state_dir: Any = None
+
+    def open(self, config: Config) -> None:
+        """Set up the reporter (events queue from now on); the connection (and the birth
+        message) waits for ``start``, once the models are loaded."""
+        from agent.telemetry.mqtt import Reporter, ReporterConfig, load_operator_keys
+        from agent.telemetry.outbox import Outbox
+
+        mqtt_config = config.mqtt
+        self._state_dir = config.agent.state_dir
+        keys = load_operator_keys(mqtt_config.operator_keys)
+        self.outbox = Outbox(
+            config.agent.state_dir / "outbox.db",
+            mqtt_config.outbox_max_bytes,
+            mqtt_config.outbox_max_age_s,
+        )
+        self.reporter = Reporter(
+            ReporterConfig(
+                host=mqtt_config.host,
+                port=mqtt_config.port,
+                keepalive_s=mqtt_config.keepalive_s,
+                ca_file=mqtt_config.ca_file,
+                client_cert=mqtt_config.client_cert,
+                client_key=mqtt_config.client_key,
+                health_interval_s=mqtt_config.health_interval_s,
+                reconnect_max_s=mqtt_config.reconnect_max_s,
+                max_inflight=mqtt_config.max_inflight,
+                drain_per_s=mqtt_config.drain_per_s,
+            ),
+            self.outbox,
+            device_id=config.device_id,
+            fleet=config.agent.fleet,
+            agent_version=__version__,
+            models=self.active_versions,
+            health=self.health,
+            on_command=self._on_command,
+            operator_keys=keys,
+            events_after=self._events_after,
+        )
+
+    @property
+    def live_keys(self) -> set[str]:
+        return {f"mqtt.{key}" for key in LIVE_REPORTER_KEYS} if self.reporter is not None else set()
+
+    def apply(self, config: Config, changed: set[str]) -> None:
+        """The live settings' listener: the reporter's keys that changed."""
+        changes = {
+            key: getattr(config.mqtt, key) for key in LIVE_REPORTER_KEYS if f"mqtt.{key}" in changed
+        }
+        if changes and self.reporter is not None:
+            self.reporter.reconfigure(**changes)
+
+    def on_event(self, _event: Event) -> None:
+        if self.reporter is not None:
+            self.reporter.notify_events()
+
+    def forward_events(self) -> None:
+        """Forward the events other processes wrote (the update child, `edge-agent import`)."""
+        if self.reporter is not None:
+            self.reporter.forward_events()
+
+    def mqtt_state(self) -> dict[str, Any] | None:
+        return self.reporter.state() if self.reporter is not None else None
+
+    def _events_after(self, after_id: int, limit: int) -> list[Event]:
+        state = self._state()
+        return state.events_after(after_id, limit) if state is not None else []
+
+    def active_versions(self) -> dict[str, int | None]:
+        return {slot.name: slot.active.version if slot.active else None for slot in self.slots}
+
+    def health(self) -> dict[str, Any]:
+        from agent.telemetry.system import readings
+
+        models = {}
+        for slot in self.slots:
+            active = slot.active
+            figures = (
+                self.metrics.model(slot.name, str(active.version)).summary() if active else None
+            )
+            models[slot.name] = {
+                "active_version": active.version if active else None,
+                "requests": figures.requests if figures else 0,
+                "errors": figures.errors if figures else 0,
+                "client_errors": figures.client_errors if figures else 0,
+                "p50_ms": figures.p50_ms if figures else None,
+                "p95_ms": figures.p95_ms if figures else None,
+                "p99_ms": figures.p99_ms if figures else None,
+            }
+        return {**readings(self._state_dir), "models": models}
+
+    async def start(self) -> None:
+        if self.reporter is not None:
+            await self.reporter.start()
+
+    async def __aenter__(self) -> Reporting:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.reporter is not None:
+            await self.reporter.stop()
+            self.outbox.close()

@@ -1,0 +1,111 @@
+"""The memory trim: page out start-up-only library pages after READY and after swaps."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
+
+from agent import memory
+from agent.models.slots import Slots
+from agent.state import Event
+
+log = logging.getLogger(__name__)
+
+# A trim waits this long after READY or a swap, so that the work around them is over.
+TRIM_DELAY_S = 2.0
+
+
+class MemoryTrim:
+    """Schedules ``memory.trim`` (agent/memory.py) and faults back in what inference needs
+    with ``rewarm`` (the watchdog's probes) before a request has to."""
+
+    def __init__(
+        self, slots: Slots, enabled: Callable[[], bool], rewarm: Callable[[], Any]
+    ) -> None:
+        self.slots = slots
+        self._enabled = enabled  # read at each schedule: a reload may turn it off
+        self._rewarm = rewarm
+        self._handle: asyncio.TimerHandle | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def on_event(self, event: Event) -> None:
+        """A swap: trim soon after."""
+        if event.kind not in ("activated", "rolled_back"):
+            return
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self.schedule()
+
+    def schedule(self, delay_s: float = TRIM_DELAY_S) -> None:
+        """Trim in ``delay_s``; a later call postpones the pending trim, so a burst of swaps
+        costs one."""
+        if not self._enabled():
+            return
+        if self._handle is not None:
+            self._handle.cancel()
+        loop = asyncio.get_running_loop()
+        self._handle = loop.call_later(delay_s, self._start)
+
+    def _start(self) -> None:
+        self._tasks = [task for task in self._tasks if not task.done()]
+        self._tasks.append(asyncio.get_running_loop().create_task(self.run(), name="memory-trim"))
+
+    async def run(self) -> None:
+        """Trim, then fault back in what inference needs, before a request has to.
+
+        While it runs, the models on the fast path go through the pool: an inline run that
+        faulted its pages back in would look slow and demote its model for good
+        (``fastpath.demote``). This runs on the loop, so no inline run is under way when
+        the fast path is paused or resumed.
+        """
+        self._handle = None
+        paused = [
+            (active, active.inline_elements)
+            for slot in self.slots
+            if (active := slot.active) is not None and active.inline_elements
+        ]
+        for loaded, _ in paused:
+            loaded.inline_elements = 0
+        try:
+            result = await asyncio.to_thread(self._trim_and_rewarm)
+        except Exception:  # never worth more than a log line
+            log.exception("memory: trim failed")
+            return
+        finally:
+            for loaded, elements in paused:
+                loaded.inline_elements = elements
+        if result is not None:
+            log.info("memory: %s", result.describe())
+
+    def _trim_and_rewarm(self) -> memory.TrimResult | None:
+        result = memory.trim()
+        if result is not None:
+            self._rewarm()  # its failures are the watchdog's to report
+        return result
+
+    def cancel_pending(self) -> None:
+        """No trim starts from now on (the agent stops)."""
+        if self._handle is not None:
+            self._handle.cancel()
+
+    async def __aenter__(self) -> MemoryTrim:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.cancel_pending()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
