@@ -49,7 +49,7 @@ import importlib.metadata, json, sys
 from pathlib import Path
 import numpy as np
 from agent.models.store import ModelStore
-from agent.serving.oip import encode_infer_request
+from agent.serving.oip.client import encode_infer_request
 from cloud_stub.samples import matmul_model
 work = Path(sys.argv[1])
 face = next(

@@ -40,7 +40,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from agent.serving.oip import encode_infer_request  # noqa: E402
+from agent.serving.oip.client import encode_infer_request  # noqa: E402
 from cloud_stub.ports import free_port  # noqa: E402
 from cloud_stub.samples import matmul_model  # noqa: E402
 from tests.serving.wire import Wire, request  # noqa: E402

@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from agent.serving.client import InferenceClient  # noqa: E402
-from agent.serving.oip import encode_infer_request  # noqa: E402
+from agent.serving.oip.client import encode_infer_request  # noqa: E402
 from cloud_stub.ports import free_port  # noqa: E402
 from cloud_stub.samples import matmul_model  # noqa: E402
 

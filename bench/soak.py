@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from agent.serving.client import ClientError, InferenceClient  # noqa: E402
-from agent.serving.oip import encode_infer_request  # noqa: E402
+from agent.serving.oip.client import encode_infer_request  # noqa: E402
 from agent.state import StateDB  # noqa: E402
 from cloud_stub.certs import make_pki  # noqa: E402
 from cloud_stub.https import RepositoryServer  # noqa: E402

@@ -51,7 +51,7 @@ from agent.daemon import Agent  # noqa: E402
 from agent.models.judge import Bounds, judge_latency  # noqa: E402
 from agent.models.runtime import RuntimeOptions, load_session  # noqa: E402
 from agent.models.store import Manifest, ModelStore  # noqa: E402
-from agent.serving.oip import encode_infer_request  # noqa: E402
+from agent.serving.oip.client import encode_infer_request  # noqa: E402
 from cloud_stub.samples import mlp_model, quantize_int8  # noqa: E402
 
 PROBATION_CHECK_S = 1.0  # the daemon's (DeployConfig.probation_check_s): a commit waits for it

@@ -1,7 +1,8 @@
 """Python client for the agent's inference socket: numpy in, numpy out, binary by default.
 
 One persistent HTTP/1.1 connection per client, framed by hand (the server always answers with
-Content-Length), so a call costs one ``sendall`` and as few ``recv`` calls as the reply needs.
+Content-Length; ``response_reader`` reads the answers for both clients), so a call costs one
+``sendall`` and as few ``recv`` calls as the reply needs.
 Not thread-safe: use one client per thread. ``AsyncInferenceClient`` is the asyncio version.
 
     with InferenceClient("/run/edge-agent/infer.sock") as client:
@@ -32,15 +33,15 @@ from agent.errors import (
     UnavailableError,
     UnsupportedError,
 )
-from agent.serving import oip
+from agent.serving.oip import client as oip
+from agent.serving.oip.codec import Limits
+from agent.serving.response_reader import MAX_HEAD, ClientError, Reply, ResponseReader
 from agent.serving.spin import DEFAULT_SPIN_US, SpinPolicy
 
+__all__ = ["DEFAULT_SOCKET", "AsyncInferenceClient", "ClientError", "InferenceClient"]
+
 DEFAULT_SOCKET = "/run/edge-agent/infer.sock"
-_MAX_HEAD = 64 * 1024
-
-
-class ClientError(AgentError):
-    """The client could not talk to the agent (socket missing, connection broken)."""
+_CHUNK = 256 * 1024
 
 
 def _error_for(status: int, message: str) -> AgentError:
@@ -78,10 +79,10 @@ class InferenceClient:
         self._spin_until = 0.0
         self._blocked = False
         self._sock: socket.socket | None = None
-        self._buffer = bytearray()
-        self._chunk = bytearray(256 * 1024)
+        self._replies = ResponseReader(max_response_bytes)
+        self._chunk = bytearray(_CHUNK)
         self._chunk_view = memoryview(self._chunk)
-        self._limits = oip.Limits(max_body_bytes=max_response_bytes)
+        self._limits = Limits(max_body_bytes=max_response_bytes)
 
     # -- connection -------------------------------------------------------------------------
 
@@ -110,7 +111,7 @@ class InferenceClient:
                 f"cannot connect to the agent at {address}: {exc.strerror or exc}",
                 remedy="is edge-agent running, and are you in its socket group?",
             ) from exc
-        self._buffer.clear()
+        self._replies.clear()
         return sock
 
     def close(self) -> None:
@@ -137,7 +138,7 @@ class InferenceClient:
         path: str,
         body: bytes = b"",
         extra_headers: Sequence[tuple[str, str]] = (),
-    ) -> tuple[int, dict[str, str], bytes]:
+    ) -> Reply:
         """Send one request on the persistent connection; reconnect once if it went stale."""
         head = [f"{method} {path} HTTP/1.1", "Host: localhost", f"Content-Length: {len(body)}"]
         head += [f"{name}: {value}" for name, value in extra_headers]
@@ -185,37 +186,15 @@ class InferenceClient:
             count = sock.recv_into(self._chunk)
         if not count:
             raise _StaleConnectionError("the agent closed the connection")
-        self._buffer += self._chunk_view[:count]
+        self._replies.feed(self._chunk_view[:count])
 
-    def _read_response(self) -> tuple[int, dict[str, str], bytes]:
-        buffer = self._buffer
-        while (end := buffer.find(b"\r\n\r\n")) < 0:
-            if len(buffer) > _MAX_HEAD:
-                raise ClientError("response headers too large")
+    def _read_response(self) -> Reply:
+        replies = self._replies
+        while (reply := replies.next_response()) is None:
             self._recv_more()
-        head = bytes(buffer[:end]).decode("latin-1").split("\r\n")
-        del buffer[: end + 4]
-        try:
-            status = int(head[0].split(" ", 2)[1])
-        except (IndexError, ValueError):
-            raise ClientError(f"malformed status line {head[0]!r}") from None
-        headers = {}
-        for line in head[1:]:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
-        try:
-            length = int(headers["content-length"])
-        except (KeyError, ValueError):
-            raise ClientError("response without a valid Content-Length") from None
-        if length > self.max_response_bytes:
-            raise ClientError(f"response of {length} bytes exceeds {self.max_response_bytes}")
-        while len(buffer) < length:
-            self._recv_more()
-        body = bytes(buffer[:length])
-        del buffer[:length]
-        if headers.get("connection", "").lower() == "close":
+        if reply[1].get("connection", "").lower() == "close":
             self.close()
-        return status, headers, body
+        return reply
 
     def _json(self, method: str, path: str, body: bytes = b"") -> Any:
         status, _, payload = self.request(method, path, body)
@@ -335,20 +314,22 @@ class AsyncInferenceClient:
         self.max_response_bytes = max_response_bytes
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
+        self._replies = ResponseReader(max_response_bytes)
         self._lock = asyncio.Lock()
-        self._limits = oip.Limits(max_body_bytes=max_response_bytes)
+        self._limits = Limits(max_body_bytes=max_response_bytes)
 
     async def _connect(self) -> None:
         try:
             if self.address.startswith("http://"):
                 host, _, port = self.address[len("http://") :].rstrip("/").rpartition(":")
-                connect = asyncio.open_connection(host, int(port), limit=_MAX_HEAD)
+                connect = asyncio.open_connection(host, int(port), limit=MAX_HEAD)
             else:
-                connect = asyncio.open_unix_connection(self.address, limit=_MAX_HEAD)
+                connect = asyncio.open_unix_connection(self.address, limit=MAX_HEAD)
             async with asyncio.timeout(self.timeout_s):
                 self._reader, self._writer = await connect
         except (OSError, TimeoutError) as exc:
             raise ClientError(f"cannot connect to the agent at {self.address}: {exc}") from exc
+        self._replies.clear()
 
     async def close(self) -> None:
         if self._writer is not None:
@@ -369,7 +350,7 @@ class AsyncInferenceClient:
         path: str,
         body: bytes = b"",
         extra_headers: Sequence[tuple[str, str]] = (),
-    ) -> tuple[int, dict[str, str], bytes]:
+    ) -> Reply:
         head = [f"{method} {path} HTTP/1.1", "Host: localhost", f"Content-Length: {len(body)}"]
         head += [f"{name}: {value}" for name, value in extra_headers]
         payload = ("\r\n".join(head) + "\r\n\r\n").encode() + body
@@ -384,7 +365,7 @@ class AsyncInferenceClient:
                     self._writer.write(payload)
                     async with asyncio.timeout(self.timeout_s):
                         return await self._read(self._reader)
-                except (ConnectionError, asyncio.IncompleteReadError) as exc:
+                except (ConnectionError, _StaleConnectionError) as exc:
                     await self.close()
                     if fresh or attempt:
                         raise ClientError(f"connection to {self.address} broke: {exc}") from exc
@@ -395,31 +376,16 @@ class AsyncInferenceClient:
                     ) from exc
         raise AssertionError("unreachable")
 
-    async def _read(self, reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
-        try:
-            raw = await reader.readuntil(b"\r\n\r\n")
-        except asyncio.LimitOverrunError:
-            raise ClientError("response headers too large") from None
-        lines = raw.decode("latin-1").split("\r\n")
-        try:
-            status = int(lines[0].split(" ", 2)[1])
-        except (IndexError, ValueError):
-            raise ClientError(f"malformed status line {lines[0]!r}") from None
-        headers = {}
-        for line in lines[1:]:
-            if line:
-                name, _, value = line.partition(":")
-                headers[name.strip().lower()] = value.strip()
-        try:
-            length = int(headers["content-length"])
-        except (KeyError, ValueError):
-            raise ClientError("response without a valid Content-Length") from None
-        if length > self.max_response_bytes:
-            raise ClientError(f"response of {length} bytes exceeds {self.max_response_bytes}")
-        body = await reader.readexactly(length)
-        if headers.get("connection", "").lower() == "close":
+    async def _read(self, reader: asyncio.StreamReader) -> Reply:
+        replies = self._replies
+        while (reply := replies.next_response()) is None:
+            data = await reader.read(_CHUNK)
+            if not data:
+                raise _StaleConnectionError("the agent closed the connection")
+            replies.feed(data)
+        if reply[1].get("connection", "").lower() == "close":
             await self.close()
-        return status, headers, body
+        return reply
 
     async def infer(
         self,

@@ -27,7 +27,9 @@ from agent.errors import (
 )
 from agent.models import fastpath
 from agent.models.slots import LoadedVersion, Slot, Slots
-from agent.serving import oip, routes
+from agent.serving import routes
+from agent.serving.oip import server as oip
+from agent.serving.oip.codec import Limits
 from agent.telemetry.metrics import Registry, render_prometheus
 
 log = logging.getLogger(__name__)
@@ -103,16 +105,17 @@ class OipHandler:
         self,
         slots: Slots,
         metrics: Registry,
-        limits: oip.Limits | None = None,
+        limits: Limits | None = None,
         status: StatusProvider | None = None,
         inline_threshold_us: float = fastpath.DEFAULT_THRESHOLD_US,
     ) -> None:
         self.slots = slots
         self.metrics = metrics
-        self.limits = limits or oip.Limits()
+        self.limits = limits or Limits()
         self.inline_threshold_us = inline_threshold_us
         self.status_provider = status
         self._server_metadata = oip.server_metadata(__version__)
+        self._plans = oip.PlanCache()  # checked headers of this handler's repeat requests
         self.started = time.time()
 
     # -- dispatch ---------------------------------------------------------------------------
@@ -191,7 +194,7 @@ class OipHandler:
             raise
         loaded = slot.acquire(version)
         try:
-            request = oip.decode_infer_request(body, header_length, self.limits)
+            request = oip.decode_infer_request(body, header_length, self.limits, self._plans)
             feeds = oip.check_inputs(request, loaded.session.inputs, name)
             outputs = oip.check_outputs(request, loaded.session.outputs, name)
         except BaseException as exc:

@@ -12,8 +12,8 @@ from agent.models import fastpath
 from agent.models.runtime import RuntimeOptions, load_session
 from agent.models.slots import Slots
 from agent.models.store import Manifest
-from agent.serving import oip
 from agent.serving.handler import OipHandler
+from agent.serving.oip import client as oip_client
 from agent.telemetry.metrics import Registry
 
 
@@ -56,7 +56,7 @@ def test_handler_moves_a_model_that_became_slow_to_the_pool(
     slots.ensure("mm").add(loaded, activate=True)
     handler = OipHandler(slots, Registry(), inline_threshold_us=threshold_us)
     x = np.random.default_rng(1).standard_normal((1, 64)).astype(np.float32)
-    body, length = oip.encode_infer_request({"x": x})
+    body, length = oip_client.encode_infer_request({"x": x})
     inline = []
     for _ in range(100):
         prepared = handler.prepare_infer("/v2/models/mm/infer", body, length)

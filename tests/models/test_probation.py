@@ -24,7 +24,7 @@ from agent.models.lifecycle import (
     judge_probation,
 )
 from agent.models.probation import policy_of
-from agent.serving.oip import encode_infer_request
+from agent.serving.oip.client import encode_infer_request
 from tests.models.harness import (
     Harness,
     committed_first,

@@ -18,7 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.errors import AgentError
-from agent.serving import oip
+from agent.serving.oip import client as oip_client
+from agent.serving.oip import server as oip_server
 from agent.tensors import TensorSpec
 
 from .conftest import RunningAgent, start_agent
@@ -228,7 +229,9 @@ def test_any_requests_are_answered_in_order_never_5xx(
 def test_raw_bytes_after_a_good_request(fuzzed: RunningAgent, head: bytes, listener: str) -> None:
     """A good request, then arbitrary bytes: the good one is answered first, then whatever the
     bytes make (a 4xx and a close, more answers, or nothing while they are incomplete)."""
-    body, _ = oip.encode_infer_request({"x": np.ones((1, 64), np.float32)}, None, binary=False)
+    body, _ = oip_client.encode_infer_request(
+        {"x": np.ones((1, 64), np.float32)}, None, binary=False
+    )
     with Wire(fuzzed.socket if listener == "unix" else fuzzed.http, timeout_s=15) as wire:
         wire.send(request("POST", "/v2/models/m/infer", body) + head + b"\r\n\r\n")
         first = wire.read()
@@ -259,9 +262,9 @@ def test_codec_raises_only_client_errors(body: bytes, binary: bool) -> None:
         header_length = len(body) // 2
     error: AgentError | None = None
     try:
-        request_ = oip.decode_infer_request(body, header_length)
-        feeds = oip.check_inputs(request_, MODEL_INPUTS, "m")
-        oip.check_outputs(request_, MODEL_OUTPUTS, "m")
+        request_ = oip_server.decode_infer_request(body, header_length)
+        feeds = oip_server.check_inputs(request_, MODEL_INPUTS, "m")
+        oip_server.check_outputs(request_, MODEL_OUTPUTS, "m")
     except AgentError as exc:
         error = exc
     if error is not None:

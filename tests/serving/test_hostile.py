@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 
 from agent.daemon import LocalModel
-from agent.serving import oip
 from agent.serving.connection import HttpConnection, Phase
+from agent.serving.oip import client as oip_client
 
 from .conftest import RunningAgent, start_agent
 from .test_wire_models import slow_model
@@ -51,7 +51,7 @@ def agent(tmp_path: Path, matmul_onnx: Path, slow_onnx: Path) -> Iterator[Runnin
 
 
 def infer_json(model: str, feeds: dict[str, np.ndarray[Any, Any]], **headers: str) -> bytes:
-    body, _ = oip.encode_infer_request(feeds, None, binary=False)
+    body, _ = oip_client.encode_infer_request(feeds, None, binary=False)
     return request("POST", f"/v2/models/{model}/infer", body, headers)
 
 
@@ -169,7 +169,9 @@ def test_garbage_after_a_request_in_the_pool(agent: RunningAgent) -> None:
 
 def test_query_strings_are_ignored_on_every_route(agent: RunningAgent) -> None:
     with Wire(agent.socket) as wire:
-        body, _ = oip.encode_infer_request({"x": np.ones((1, 64), np.float32)}, None, binary=False)
+        body, _ = oip_client.encode_infer_request(
+            {"x": np.ones((1, 64), np.float32)}, None, binary=False
+        )
         wire.send(request("POST", "/v2/models/m/infer?x=1&trace=1", body))
         assert wire.read().status == 200
         for path in (
@@ -438,7 +440,7 @@ def budgeted(tmp_path: Path, matmul_onnx: Path, slow_onnx: Path) -> Iterator[Run
 
 
 def _big_infer(rows: int) -> bytes:
-    body, length = oip.encode_infer_request({"x": np.ones((rows, 64), np.float32)}, None)
+    body, length = oip_client.encode_infer_request({"x": np.ones((rows, 64), np.float32)}, None)
     assert length is not None
     return request(
         "POST",
@@ -612,7 +614,9 @@ def test_expect_100_continue(agent: RunningAgent, listener: str) -> None:
     """curl asks before it sends a large body: the interim answer comes at once (curl would
     otherwise wait a second), and never ahead of an earlier request's answer; a body over the
     limit is refused instead, before it is sent."""
-    body, _ = oip.encode_infer_request({"x": np.ones((2, 64), np.float32)}, None, binary=False)
+    body, _ = oip_client.encode_infer_request(
+        {"x": np.ones((2, 64), np.float32)}, None, binary=False
+    )
     head = (
         b"POST /v2/models/m/infer HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
         b"Content-Length: %d\r\n\r\n" % len(body)

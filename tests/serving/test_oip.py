@@ -13,9 +13,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from agent.errors import PayloadTooLargeError, RequestError, UnsupportedError
-from agent.serving import oip
-from agent.tensors import TensorSpec
+from agent.errors import InferenceError, PayloadTooLargeError, RequestError, UnsupportedError
+from agent.serving.oip import client as oip_client
+from agent.serving.oip import codec as oip_codec
+from agent.serving.oip import server as oip_server
+from agent.tensors import OIP_TO_NUMPY, TensorSpec
+
+LIMITS = oip_codec.Limits()
 
 NUMERIC = [
     "BOOL",
@@ -43,7 +47,7 @@ def tensors(draw: st.DrawFn, json_safe: bool = False) -> np.ndarray[Any, Any]:
         array = np.empty(len(items), dtype=np.object_)
         array[:] = [i.encode() if isinstance(i, str) else i for i in items]
         return array.reshape(shape)
-    dtype = oip.OIP_TO_NUMPY[datatype]
+    dtype = OIP_TO_NUMPY[datatype]
     elements = None
     if dtype.kind == "f":
         elements = hnp.from_dtype(dtype, allow_nan=not json_safe, allow_infinity=not json_safe)
@@ -63,8 +67,8 @@ def assert_same(a: np.ndarray[Any, Any], b: np.ndarray[Any, Any]) -> None:
 @given(st.lists(tensors(), min_size=1, max_size=3))
 def test_binary_request_round_trip(arrays: list[np.ndarray[Any, Any]]) -> None:
     inputs = {f"t{i}": a for i, a in enumerate(arrays)}
-    body, length = oip.encode_infer_request(inputs, binary=True)
-    request = oip.decode_infer_request(body, length)
+    body, length = oip_client.encode_infer_request(inputs, binary=True)
+    request = oip_server.decode_infer_request(body, length)
     assert [t.name for t in request.inputs] == list(inputs)
     for tensor in request.inputs:
         assert_same(tensor.data, inputs[tensor.name])
@@ -74,9 +78,9 @@ def test_binary_request_round_trip(arrays: list[np.ndarray[Any, Any]]) -> None:
 @given(st.lists(tensors(json_safe=True), min_size=1, max_size=3))
 def test_json_request_round_trip(arrays: list[np.ndarray[Any, Any]]) -> None:
     inputs = {f"t{i}": a for i, a in enumerate(arrays)}
-    body, length = oip.encode_infer_request(inputs, binary=False, binary_output=False)
+    body, length = oip_client.encode_infer_request(inputs, binary=False, binary_output=False)
     assert length is None
-    request = oip.decode_infer_request(body, None)
+    request = oip_server.decode_infer_request(body, None)
     for tensor in request.inputs:
         expected = inputs[tensor.name]
         if expected.dtype == np.float16:
@@ -89,8 +93,8 @@ def test_json_request_round_trip(arrays: list[np.ndarray[Any, Any]]) -> None:
 @given(st.lists(tensors(), min_size=1, max_size=3), st.booleans())
 def test_response_round_trip(arrays: list[np.ndarray[Any, Any]], binary: bool) -> None:
     outputs = [(f"o{i}", a, binary or a.dtype.kind in "fO") for i, a in enumerate(arrays)]
-    body, length = oip.encode_infer_response("m", "3", "req-1", outputs)
-    response = oip.decode_infer_response(body, length)
+    body, length = oip_server.encode_infer_response("m", "3", "req-1", outputs)
+    response = oip_client.decode_infer_response(body, length)
     assert response.model_version == "3"
     assert response.id == "req-1"
     for name, array, _ in outputs:
@@ -101,20 +105,44 @@ def test_response_round_trip(arrays: list[np.ndarray[Any, Any]], binary: bool) -
 @given(st.binary(max_size=400), st.one_of(st.none(), st.integers(min_value=0, max_value=500)))
 def test_garbage_only_raises_request_errors(body: bytes, length: int | None) -> None:
     with contextlib.suppress(RequestError, PayloadTooLargeError):
-        oip.decode_infer_request(body, length)
+        oip_server.decode_infer_request(body, length)
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.data())
 def test_mutated_valid_bodies_only_raise_request_errors(data: st.DataObject) -> None:
     x = np.arange(6, dtype=np.float32).reshape(2, 3)
-    body, length = oip.encode_infer_request({"x": x, "s": np.array([b"ab", b"c"], dtype=object)})
+    body, length = oip_client.encode_infer_request(
+        {"x": x, "s": np.array([b"ab", b"c"], dtype=object)}
+    )
     raw = bytearray(body)
     for _ in range(data.draw(st.integers(1, 5))):
         position = data.draw(st.integers(0, len(raw) - 1))
         raw[position] = data.draw(st.integers(0, 255))
     with contextlib.suppress(RequestError, PayloadTooLargeError):
-        oip.decode_infer_request(bytes(raw), length)
+        oip_server.decode_infer_request(bytes(raw), length)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=400), st.one_of(st.none(), st.integers(min_value=0, max_value=500)))
+def test_client_reads_garbage_responses_as_inference_errors(
+    body: bytes, length: int | None
+) -> None:
+    """The codec's internal error never leaves the package: on the client it is the server's
+    failure (InferenceError), never a RequestError meant for the server's own answers."""
+    with contextlib.suppress(InferenceError):
+        oip_client.decode_infer_response(body, length)
+
+
+def test_client_bounds_give_inference_errors_naming_the_bound() -> None:
+    y = np.zeros(100, np.float32)
+    body, length = oip_server.encode_infer_response("m", "1", None, [("y", y, True)])
+    with pytest.raises(InferenceError, match="elements exceed the limit of 10"):
+        oip_client.decode_infer_response(body, length, oip_codec.Limits(max_elements=10))
+    with pytest.raises(InferenceError, match="exceeds the limit of 100 bytes"):
+        oip_client.decode_infer_response(body, length, oip_codec.Limits(max_body_bytes=100))
+    with pytest.raises(InferenceError, match="output 'y': binary_data_size is 400 bytes but"):
+        oip_client.decode_infer_response(body[:-4], length)
 
 
 def request(**tensor: Any) -> bytes:
@@ -153,30 +181,30 @@ def request(**tensor: Any) -> bytes:
 )
 def test_errors_name_the_field(body: bytes, length: int | None, needle: str) -> None:
     with pytest.raises(RequestError) as info:
-        oip.decode_infer_request(body, length)
+        oip_server.decode_infer_request(body, length)
     assert needle in str(info.value)
     if b'"name": "x"' in body and length != 500:
         assert "input 'x'" in str(info.value), "the message must name the tensor"
 
 
 def test_limits_give_413() -> None:
-    body, length = oip.encode_infer_request({"x": np.zeros(100, np.float32)})
+    body, length = oip_client.encode_infer_request({"x": np.zeros(100, np.float32)})
     with pytest.raises(PayloadTooLargeError):
-        oip.decode_infer_request(body, length, oip.Limits(max_body_bytes=100))
+        oip_server.decode_infer_request(body, length, oip_codec.Limits(max_body_bytes=100))
     with pytest.raises(PayloadTooLargeError, match="elements exceed"):
-        oip.decode_infer_request(body, length, oip.Limits(max_elements=10))
+        oip_server.decode_infer_request(body, length, oip_codec.Limits(max_elements=10))
 
 
 def test_check_inputs_and_outputs() -> None:
     specs = (TensorSpec("x", "FP32", (-1, 3)),)
     outs = (TensorSpec("y", "FP32", (-1,)), TensorSpec("z", "INT64", (1,)))
-    body, length = oip.encode_infer_request({"x": np.zeros((2, 3), np.float32)}, ["z"])
-    req = oip.decode_infer_request(body, length)
-    assert set(oip.check_inputs(req, specs, "m")) == {"x"}
-    assert oip.check_outputs(req, outs, "m") == [("z", True)]
-    body, length = oip.encode_infer_request({"x": np.zeros((2, 4), np.float32)})
+    body, length = oip_client.encode_infer_request({"x": np.zeros((2, 3), np.float32)}, ["z"])
+    req = oip_server.decode_infer_request(body, length)
+    assert set(oip_server.check_inputs(req, specs, "m")) == {"x"}
+    assert oip_server.check_outputs(req, outs, "m") == [("z", True)]
+    body, length = oip_client.encode_infer_request({"x": np.zeros((2, 4), np.float32)})
     with pytest.raises(RequestError, match=r"input 'x' has shape \[2, 4\], expected \[-1, 3\]"):
-        oip.check_inputs(oip.decode_infer_request(body, length), specs, "m")
+        oip_server.check_inputs(oip_server.decode_infer_request(body, length), specs, "m")
     body = json.dumps(
         {
             "inputs": [{"name": "x", "shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3]}],
@@ -184,7 +212,7 @@ def test_check_inputs_and_outputs() -> None:
         }
     ).encode()
     with pytest.raises(UnsupportedError, match="classification"):
-        oip.decode_infer_request(body, None)
+        oip_server.decode_infer_request(body, None)
 
 
 def test_tritonclient_bodies_decode() -> None:
@@ -201,14 +229,14 @@ def test_tritonclient_bodies_decode() -> None:
             body, length = httpclient.InferenceServerClient.generate_request_body(
                 [a, b], outputs=outputs
             )
-            request = oip.decode_infer_request(body, length)
+            request = oip_server.decode_infer_request(body, length)
             got = {t.name: t.data for t in request.inputs}
             np.testing.assert_array_equal(got["x"], x)
             assert list(got["s"]) == list(s)
             if outputs is None:
                 assert request.binary_output is True
             else:
-                assert request.outputs == (oip.RequestedOutput("y", binary),)
+                assert request.outputs == (oip_server.RequestedOutput("y", binary),)
 
 
 def test_our_responses_parse_in_tritonclient() -> None:
@@ -217,7 +245,7 @@ def test_our_responses_parse_in_tritonclient() -> None:
     y = np.linspace(0, 1, 6, dtype=np.float32).reshape(2, 3)
     z = np.array([1, 2], dtype=np.int64)
     s = np.array([b"a", b"bc"], dtype=np.object_)
-    body, length = oip.encode_infer_response(
+    body, length = oip_server.encode_infer_response(
         "m", "1", None, [("y", y, True), ("z", z, False), ("s", s, True)]
     )
     result = httpclient.InferenceServerClient.parse_response_body(body, header_length=length)
@@ -226,41 +254,46 @@ def test_our_responses_parse_in_tritonclient() -> None:
     assert list(result.as_numpy("s")) == list(s)
 
 
-@pytest.fixture
-def fresh_plans(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(oip, "_plans", oip._PlanCache())
-
-
-@pytest.mark.usefixtures("fresh_plans")
 def test_repeated_headers_are_checked_once_and_bind_fresh_data() -> None:
     """The server keeps checked headers of binary requests: a repeat must still read its own
     tensor bytes, and still fail precisely when those bytes are wrong."""
+    plans = oip_server.PlanCache()
     rng = np.random.default_rng(7)
     first = rng.standard_normal((2, 8)).astype(np.float32)
     second = rng.standard_normal((2, 8)).astype(np.float32)
-    body1, length = oip.encode_infer_request({"x": first}, ["y"])
-    body2, length2 = oip.encode_infer_request({"x": second}, ["y"])
-    assert length == length2 and body1[:length] == body2[:length]
-    np.testing.assert_array_equal(oip.decode_infer_request(body1, length).inputs[0].data, first)
-    assert len(oip._plans._plans) == 1
-    repeat = oip.decode_infer_request(body2, length)
+    body1, length1 = oip_client.encode_infer_request({"x": first}, ["y"])
+    body2, length = oip_client.encode_infer_request({"x": second}, ["y"])
+    assert length1 == length and body1[:length] == body2[:length]
+    first_request = oip_server.decode_infer_request(body1, length1, LIMITS, plans)
+    np.testing.assert_array_equal(first_request.inputs[0].data, first)
+    assert len(plans) == 1
+    repeat = oip_server.decode_infer_request(body2, length, LIMITS, plans)
     np.testing.assert_array_equal(repeat.inputs[0].data, second)
-    assert repeat.outputs == (oip.RequestedOutput("y", True),)
+    assert repeat.outputs == (oip_server.RequestedOutput("y", True),)
     with pytest.raises(RequestError, match="truncated binary part"):
-        oip.decode_infer_request(body2[:-4], length)
+        oip_server.decode_infer_request(body2[:-4], length, LIMITS, plans)
     with pytest.raises(RequestError, match="4 bytes of binary data follow"):
-        oip.decode_infer_request(body2 + b"\0\0\0\0", length)
+        oip_server.decode_infer_request(body2 + b"\0\0\0\0", length, LIMITS, plans)
     # Requests that differ every time (an id, JSON data) are not kept.
-    body, length = oip.encode_infer_request({"x": first}, request_id="req-1")
-    oip.decode_infer_request(body, length)
-    body, _ = oip.encode_infer_request({"x": first}, binary=False)
-    oip.decode_infer_request(body, len(body))
-    assert len(oip._plans._plans) == 1
+    body, length = oip_client.encode_infer_request({"x": first}, request_id="req-1")
+    oip_server.decode_infer_request(body, length, LIMITS, plans)
+    body, _ = oip_client.encode_infer_request({"x": first}, binary=False)
+    oip_server.decode_infer_request(body, len(body), LIMITS, plans)
+    assert len(plans) == 1
+    # Without a cache nothing is kept, and each cache is its own (one per handler).
+    other = oip_server.PlanCache()
+    oip_server.decode_infer_request(body1, length1, LIMITS)
+    assert len(other) == 0
+    oip_server.decode_infer_request(body1, length1, LIMITS, other)
+    assert len(other) == 1
 
 
-@pytest.mark.usefixtures("fresh_plans")
 def test_header_cache_is_bounded() -> None:
-    for rows in range(1, oip._PlanCache.MAX_ENTRIES + 20):
-        body, length = oip.encode_infer_request({"x": np.zeros((rows, 2), np.float32)})
-        assert oip.decode_infer_request(body, length).inputs[0].shape == (rows, 2)
-    assert len(oip._plans._plans) == oip._PlanCache.MAX_ENTRIES
+    plans = oip_server.PlanCache()
+    for rows in range(1, oip_server.PlanCache.MAX_ENTRIES + 20):
+        body, length = oip_client.encode_infer_request({"x": np.zeros((rows, 2), np.float32)})
+        assert oip_server.decode_infer_request(body, length, LIMITS, plans).inputs[0].shape == (
+            rows,
+            2,
+        )
+    assert len(plans) == oip_server.PlanCache.MAX_ENTRIES

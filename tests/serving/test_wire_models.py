@@ -20,8 +20,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from agent.daemon import LocalModel
 from agent.errors import InferenceError, NotFoundError, RequestError
-from agent.serving import oip
 from agent.serving.client import InferenceClient
+from agent.serving.oip import client as oip_client
 from cloud_stub import samples
 from tests.telemetry.agents import wait_for
 
@@ -160,7 +160,7 @@ def test_version_in_path_selects_a_loaded_version_that_is_not_active(
             explicit = client.infer_full("m", {"x": x}, version=2, binary=binary)
             np.testing.assert_array_equal(explicit.outputs["y"], want_v2)
         # The raw path, as any OIP client writes it.
-        body, _ = oip.encode_infer_request({"x": x}, None, binary=False, binary_output=False)
+        body, _ = oip_client.encode_infer_request({"x": x}, None, binary=False, binary_output=False)
         status, _, payload = client.request("POST", "/v2/models/m/versions/1/infer", body)
         assert status == 200
         reply = json.loads(payload)
@@ -211,7 +211,7 @@ def test_runtime_refusals_are_400_and_failures_500(
     bad = {"i": np.array([0, 10], np.int64)}
     with InferenceClient(str(served.socket)) as client:
         assert client.infer("g", good)["y"].tolist() == [40.0, 10.0, 20.0]
-        body, length = oip.encode_infer_request(bad, None, binary=True)
+        body, length = oip_client.encode_infer_request(bad, None, binary=True)
         status, headers, payload = client.request(
             "POST",
             "/v2/models/g/infer",
@@ -273,7 +273,7 @@ def test_inputs_sharing_a_symbolic_dimension_must_agree(
 
 
 def _json_body(feeds: dict[str, np.ndarray[Any, Any]]) -> tuple[bytes]:
-    body, _ = oip.encode_infer_request(feeds, None, binary=False)
+    body, _ = oip_client.encode_infer_request(feeds, None, binary=False)
     return (body,)
 
 
@@ -281,7 +281,7 @@ def _json_body(feeds: dict[str, np.ndarray[Any, Any]]) -> tuple[bytes]:
 
 
 def _raw_infer_request(model: str, feeds: dict[str, np.ndarray[Any, Any]]) -> bytes:
-    body, length = oip.encode_infer_request(feeds, None, binary=True, binary_output=True)
+    body, length = oip_client.encode_infer_request(feeds, None, binary=True, binary_output=True)
     assert length is not None  # binary inputs: the JSON header's length goes in a header
     return (
         b"POST /v2/models/%s/infer HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
@@ -338,7 +338,9 @@ def test_slow_inference_leaves_the_event_loop_free(
     headers = dict(
         line.lower().split(b": ", 1) for line in head.split(b"\r\n")[1:] if b": " in line
     )
-    response = oip.decode_infer_response(payload, int(headers[b"inference-header-content-length"]))
+    response = oip_client.decode_infer_response(
+        payload, int(headers[b"inference-header-content-length"])
+    )
     assert response.model_name == "slow"
     np.testing.assert_array_equal(response.outputs["y"], want)
     wait_for(lambda: loaded.leases == 0, timeout_s=10)

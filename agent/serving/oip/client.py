@@ -1,0 +1,107 @@
+"""OIP documents of the client: inference requests out, responses and errors in.
+
+Sans-I/O. The codec's ``Malformed`` is turned into ``InferenceError`` once, in
+``decode_infer_response``: a response the client cannot read is the server's failure.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from agent.errors import InferenceError
+from agent.serving.oip.codec import (
+    DEFAULT_LIMITS,
+    Limits,
+    Malformed,
+    decode_tensor,
+    encode_tensors,
+    finish_binary,
+    join,
+    split_body,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class InferResponse:
+    model_name: str
+    model_version: str | None
+    id: str | None
+    outputs: dict[str, np.ndarray[Any, Any]]
+
+
+def encode_infer_request(
+    inputs: Mapping[str, np.ndarray[Any, Any]],
+    outputs: Sequence[str] | None = None,
+    *,
+    binary: bool = True,
+    binary_output: bool = True,
+    request_id: str | None = None,
+) -> tuple[bytes, int | None]:
+    """Encode a request as tritonclient does; returns (body, header length or None).
+
+    Raises:
+        InferenceError: a BYTES input to be sent as JSON is not UTF-8.
+    """
+    entries, blobs = encode_tensors(
+        [(name, np.asarray(array), binary) for name, array in inputs.items()]
+    )
+    header: dict[str, Any] = {}
+    if request_id is not None:
+        header["id"] = request_id
+    header["inputs"] = entries
+    if outputs:
+        header["outputs"] = [
+            {"name": name, "parameters": {"binary_data": binary_output}} for name in outputs
+        ]
+    elif binary_output:
+        header["parameters"] = {"binary_data_output": True}
+    return join(header, blobs)
+
+
+def decode_infer_response(
+    body: bytes | bytearray | memoryview,
+    header_length: int | None,
+    limits: Limits = DEFAULT_LIMITS,
+) -> InferResponse:
+    """Decode a response body.
+
+    Raises:
+        InferenceError: the response is malformed or exceeds ``limits``.
+    """
+    try:
+        header, reader = split_body(body, header_length, limits)
+        raw_outputs = header.get("outputs", [])
+        if not isinstance(raw_outputs, list):
+            raise Malformed("response 'outputs' is not a list")
+        seen: set[str] = set()
+        outputs = {}
+        for entry in raw_outputs:
+            name, _, _, array = decode_tensor(entry, "output", reader, limits, seen)
+            outputs[name] = array
+        finish_binary(reader)
+    except Malformed as exc:
+        raise InferenceError(exc.message) from None
+    version = header.get("model_version")
+    request_id = header.get("id")
+    return InferResponse(
+        model_name=str(header.get("model_name", "")),
+        model_version=None if version is None else str(version),
+        id=None if request_id is None else str(request_id),
+        outputs=outputs,
+    )
+
+
+def decode_error(body: bytes) -> str:
+    """The message of an error body, or the start of the body when it is not ours."""
+    try:
+        raw = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return body[:200].decode("utf-8", "replace") or "empty response"
+    if isinstance(raw, dict) and isinstance(raw.get("error"), str):
+        return str(raw["error"])
+    return body[:200].decode("utf-8", "replace")
