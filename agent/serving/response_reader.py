@@ -49,34 +49,36 @@ class ResponseReader:
                 if len(buffer) > MAX_HEAD:
                     raise ClientError("response headers too large")
                 return None
-            head = self._head = self._parse_head(bytes(buffer[:end]))
+            head = _parse_head(bytes(buffer[:end]), self.max_body_bytes)
             del buffer[: end + 4]
         status, headers, length = head
         if len(buffer) < length:
+            self._head = head  # parsed once, however many feeds the body takes
             return None
+        self._head = None
         body = bytes(buffer[:length])
         del buffer[:length]
-        self._head = None
         return status, headers, body
 
-    def _parse_head(self, raw: bytes) -> tuple[int, dict[str, str], int]:
-        if len(raw) > MAX_HEAD:
-            raise ClientError("response headers too large")
-        lines = raw.decode("latin-1").split("\r\n")
-        try:
-            status = int(lines[0].split(" ", 2)[1])
-        except (IndexError, ValueError):
-            raise ClientError(f"malformed status line {lines[0]!r}") from None
-        headers = {}
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
-        try:
-            length = int(headers["content-length"])
-        except (KeyError, ValueError):
-            length = -1
-        if length < 0:
-            raise ClientError("response without a valid Content-Length")
-        if length > self.max_body_bytes:
-            raise ClientError(f"response of {length} bytes exceeds {self.max_body_bytes}")
-        return status, headers, length
+
+def _parse_head(raw: bytes, max_body_bytes: int) -> tuple[int, dict[str, str], int]:
+    if len(raw) > MAX_HEAD:
+        raise ClientError("response headers too large")
+    lines = raw.decode("latin-1").split("\r\n")
+    try:
+        status = int(lines[0].split(" ", 2)[1])
+    except (IndexError, ValueError):
+        raise ClientError(f"malformed status line {lines[0]!r}") from None
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    try:
+        length = int(headers["content-length"])
+    except (KeyError, ValueError):
+        length = -1
+    if length < 0:
+        raise ClientError("response without a valid Content-Length")
+    if length > max_body_bytes:
+        raise ClientError(f"response of {length} bytes exceeds {max_body_bytes}")
+    return status, headers, length
