@@ -37,6 +37,10 @@ class RateLimit:
         self.tokens = self.burst
         self.stamp = now
 
+    def available(self, now: float) -> int:
+        """How many may go at ``now``, without taking them."""
+        return max(0, int(min(self.burst, self.tokens + (now - self.stamp) * self.rate)))
+
     def take(self, now: float, most: int) -> int:
         """How many may go now (at most ``most``); they are taken from the bucket."""
         self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)

@@ -19,7 +19,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from agent.telemetry import commands
-from agent.telemetry import mqtt as reporter_module
+from agent.telemetry import link as link_module
 from agent.telemetry.mqtt import Reporter, ReporterConfig
 from agent.telemetry.outbox import Outbox
 from cloud_stub.ports import free_port
@@ -145,7 +145,7 @@ def test_reconnects_wait_the_jittered_backoff(
         calls.append((failures, min_s, max_s))
         return 0.05
 
-    monkeypatch.setattr(reporter_module, "reconnect_delay", delay)
+    monkeypatch.setattr(link_module, "reconnect_delay", delay)
     outbox = Outbox(tmp_path / "outbox.db")
     closed = free_port()  # nothing listens here
 
@@ -259,7 +259,7 @@ def test_falls_back_to_mqtt_311_without_waiting_a_keepalive(
 ) -> None:
     """Refused (CONNACK 0x84) or ignored, the MQTT 5 CONNECT is followed by an MQTT 3.1.1 one
     at once, or after the CONNACK timeout (5 s): not after the keep-alive interval (30 s)."""
-    caplog.set_level(logging.INFO, logger="agent.telemetry.mqtt")
+    caplog.set_level(logging.INFO, logger="agent.telemetry.link")
     outbox = Outbox(tmp_path / "outbox.db")
     recorder = Recorder(broker.port)
 
