@@ -377,7 +377,10 @@ class Reporter:
                 log.warning("mqtt: cannot read the outbox (%s); trying again", exc)
                 wait_s = IDLE_S
             if wait_s <= 0:
-                continue  # the plan wants another turn at once
+                # Another turn at once, but after what else is ready: a connection that refuses
+                # every publish must not hold the loop (its end is a callback waiting there).
+                await asyncio.sleep(0)
+                continue
             # asyncio.timeout, not wait_for: in 3.11 wait_for loses a cancellation that
             # arrives as the event is set, and stop() then waits for this task forever.
             with contextlib.suppress(TimeoutError):
