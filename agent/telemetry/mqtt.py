@@ -7,7 +7,7 @@ outbox (``intake.Intake``): written first, sent when connected, deleted on PUBAC
 at least once; receivers deduplicate on (device, seq). What to publish and when is the pure
 ``sendplan.SendPlan``: status first, acknowledgements and health ahead of the backlog, the
 backlog in order at ``drain_per_s``, at most ``max_inflight`` in flight (docs/mqtt.md,
-"Ordering and the drain").
+"Ordering and the drain"). Commands arrive through ``inbox.Inbox``: one acknowledgement each.
 
 Events: the state database's events table is the queue. ``forward_events`` makes every row
 above the outbox's cursor into a message (``outbox.forward_events``: exactly once, across
@@ -24,15 +24,14 @@ import dataclasses
 import logging
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from pathlib import Path
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import paho.mqtt.client as mqtt
 
-from agent import operations
-from agent.errors import AgentError, CommandError, ConfigError, StoreError
-from agent.telemetry import commands, messages
+from agent.errors import StoreError
+from agent.telemetry import messages
+from agent.telemetry.inbox import CommandHandler, Inbox, load_operator_keys
 from agent.telemetry.intake import Intake
 from agent.telemetry.link import Dialer, Link, ReporterConfig, call_soon
 from agent.telemetry.outbox import EventsAfter, Message, Outbox, forward_events
@@ -47,38 +46,12 @@ if TYPE_CHECKING:
 
     from agent.state import Event
 
-CommandHandler = Callable[[commands.Command], Awaitable[str]]
-
 # How often the events table is read for rows written by another process (`edge-agent import`,
 # the update child); the daemon's own rows are forwarded as they are written.
 EVENT_POLL_S = 2.0
 # Events made into messages per turn of the loop: a long history (a device that ran without
 # MQTT) is forwarded in slices, so requests and the watchdog are not held up meanwhile.
 EVENT_SLICE = 200
-
-
-def load_operator_keys(paths: tuple[Path, ...]) -> dict[str, Ed25519PublicKey]:
-    """Operator public keys by id (the file's stem).
-
-    Raises:
-        ConfigError: a file is missing or is not an Ed25519 public key.
-    """
-    if not paths:
-        return {}
-    # Imported only when keys are configured: ~6 MB resident on a device.
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-    from cryptography.hazmat.primitives.serialization import load_pem_public_key
-
-    keys = {}
-    for path in paths:
-        try:
-            key = load_pem_public_key(path.read_bytes())
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"operator key {path}: {exc}") from exc
-        if not isinstance(key, Ed25519PublicKey):
-            raise ConfigError(f"operator key {path} is not an Ed25519 public key")
-        keys[path.stem] = key
-    return keys
 
 
 class Reporter:
@@ -105,8 +78,6 @@ class Reporter:
         self.agent_version = agent_version
         self._models = models
         self._health = health
-        self._on_command = on_command
-        self._keys = operator_keys
         self._events_after = events_after
         self._event_error: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -120,6 +91,13 @@ class Reporter:
         self._plan = SendPlan(config.max_inflight, config.drain_per_s)
         # Messages the outbox could not take yet (full disk) wait in the intake.
         self._intake = Intake(outbox, device_id, keep=self._plan.unacked)
+        self._inbox = Inbox(
+            outbox,
+            device_id=device_id,
+            keys=operator_keys,
+            on_command=on_command,
+            acknowledge=lambda body: self._put(self.topics.acks, body, "ack"),
+        )
         self._connected = asyncio.Event()
         self._wake = asyncio.Event()
         self._health_wake = asyncio.Event()
@@ -311,59 +289,7 @@ class Reporter:
 
     def message(self, payload: bytes) -> None:
         assert self._loop is not None
-        self._loop.create_task(self._handle_command(payload))
-
-    # -- commands ---------------------------------------------------------------------------
-
-    async def _handle_command(self, payload: bytes) -> None:
-        """Answer every delivered command with exactly one acknowledgement: rejected (it was
-        not run: bad JSON, signature, sequence, arguments …), failed (it ran and could not be
-        done) or accepted; an unexpected exception is a failure with its reason, never
-        silence."""
-        name, seq = "?", None
-        try:
-            doc = commands.parse(payload)
-            raw_name = doc.get("command", "?")
-            name = raw_name if isinstance(raw_name, str) else operations.shown(raw_name)
-            name = name[:64]
-            seq = commands.ack_seq(doc)
-            command = commands.verify(
-                doc,
-                device_id=self.device_id,
-                keys=self._keys,
-                last_seq=self.outbox.counter("command_seq"),
-                now=time.time(),
-            )
-            if command.seq is not None:
-                # Recorded before running it: a crash mid-command must not allow a replay.
-                try:
-                    self.outbox.set_counter("command_seq", command.seq)
-                except sqlite3.Error as exc:
-                    raise CommandError(
-                        f"cannot record its sequence number ({exc}), so it is not run"
-                    ) from exc
-        except CommandError as exc:
-            self._ack(name, seq, "rejected", str(exc))
-            return
-        except Exception as exc:  # a bug must still be answered, and not stop the reporter
-            log.exception("mqtt: command %s could not be checked", name)
-            self._ack(name, seq, "rejected", f"internal error ({type(exc).__name__}: {exc})")
-            return
-        try:
-            result = await self._on_command(command)
-        except AgentError as exc:
-            self._ack(name, seq, "failed", str(exc))
-            return
-        except Exception as exc:
-            log.exception("mqtt: command %s failed unexpectedly", name)
-            self._ack(name, seq, "failed", f"internal error ({type(exc).__name__}: {exc})")
-            return
-        self._ack(name, seq, "accepted", result)
-
-    def _ack(self, name: str, seq: int | None, outcome: str, reason: str) -> None:
-        say = log.info if outcome == "accepted" else log.warning
-        say("mqtt: command %s (seq %s) %s: %s", name, seq, outcome, reason)
-        self._put(self.topics.acks, messages.ack(name, seq, outcome, reason), "ack")
+        self._loop.create_task(self._inbox.handle(payload))
 
     # -- sending ----------------------------------------------------------------------------
 
