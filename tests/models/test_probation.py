@@ -306,13 +306,15 @@ def test_a_failing_version_is_rolled_back_at_once(tmp_path: Path) -> None:
     async def main() -> None:
         h = Harness(tmp_path)
         install(h.store, tmp_path, 1, 2.0)
-        await committed_first(h, ProbationPolicy(window_s=0, window_requests=400))
+        # A window far longer than the failures need (~150 requests at p < 0.001), so that
+        # the verdict comes from the failure test during the window, however the checks fall.
+        await committed_first(h, ProbationPolicy(window_s=0, window_requests=4000))
         for _ in range(100):
             assert send(h, FAILING) == 200  # version 1 has no such fault
         install(h.store, tmp_path, 2, 2.0, model=faulty_scale_model(tmp_path / "f.onnx", 2.0))
         assert await h.deployer.deploy("scale", 2)
         statuses = await serve_until(h, lambda: h.stage(2) != "active", [GOOD] * 9 + [FAILING])
-        assert 500 in statuses and len(statuses) < 400, "rolled back before its window ended"
+        assert 500 in statuses and len(statuses) < 4000, "rolled back before its window ended"
         assert h.stage(2) == "rolled_back"
         assert not h.reasons("probation_retried", 2)
         (reason,) = h.reasons("rolled_back", 2)
