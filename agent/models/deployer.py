@@ -13,7 +13,8 @@ The parts, one concern each: ``validation`` (load, signature, warm-up, smoke tes
 budget: blocking, in a worker thread), ``probation`` (watching the window, the verdict),
 ``drain`` (memory-aware swaps), ``journal`` (recording transitions and events),
 ``selection`` (what may serve: rollback targets, pins, the previous committed version),
-``manual`` (rollback and pin by hand) and, pure, ``lifecycle``.
+``manual`` (rollback and pin by hand), ``retention`` (which files go) and, pure,
+``lifecycle``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from agent.models.journal import Journal
 from agent.models.lifecycle import ProbationPolicy, Stage, Verdict, VersionState
 from agent.models.manual import ManualActions
 from agent.models.probation import Probations, Statistics
+from agent.models.retention import Retention
 from agent.models.runtime import RuntimeOptions
 from agent.models.selection import Selection
 from agent.models.slots import LoadedVersion, Slots
@@ -59,8 +61,10 @@ class DeployConfig:
     inline_threshold_us: float = DEFAULT_THRESHOLD_US
 
 
-class Deployer(ManualActions):
+class Deployer(ManualActions, Retention):
     """Drives each model through the lifecycle; owns the slots' contents."""
+
+    config: DeployConfig
 
     def __init__(
         self,
@@ -364,35 +368,6 @@ class Deployer(ManualActions):
         loaded version: a reloaded one collects new ones)."""
         self.slots.get(name).unload(version)
         self.statistics(name, version).samples.clear()
-
-    # -- retention --------------------------------------------------------------------------
-
-    def collect_garbage(self, name: str) -> list[int]:
-        """Remove the files retention lets go (``lifecycle.versions_to_remove``: it keeps the
-        active version, the previous committed one, ``keep_versions`` more and every version
-        loaded or still being worked on); returns the versions removed."""
-        slot = self.slots.get(name)
-        active = slot.active.version if slot.active else None
-        stages = self.selection.stages(name)
-        doomed = lifecycle.versions_to_remove(
-            self.store.versions(name),
-            stages,
-            active,
-            self.config.keep_versions,
-            commits=self.selection.commits(name),
-            in_use=slot.versions(),
-        )
-        removed = []
-        for version in doomed:
-            try:
-                self.store.remove(name, version)
-            except OSError as exc:
-                log.warning("model %s version %d: cannot remove: %s", name, version, exc)
-                continue
-            removed.append(version)
-            if stages.get(version) is Stage.VERIFIED:  # superseded before it was deployed
-                self._record(name, version, Stage.RETIRED, "not deployed; files removed")
-        return removed
 
     async def close(self, *, clean: bool = True) -> None:
         """Stop the probations. After a ``clean`` stop, one cut short starts over on restart.

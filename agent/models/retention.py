@@ -1,0 +1,57 @@
+"""Retention: the files of versions no longer needed go (a mixin of ``Deployer``)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+from agent.models import lifecycle
+from agent.models.journal import Journal
+from agent.models.lifecycle import Stage
+from agent.models.selection import Selection
+from agent.models.slots import Slots
+from agent.models.store import ModelStore
+
+log = logging.getLogger(__name__)
+
+
+class _KeepPolicy(Protocol):
+    @property
+    def keep_versions(self) -> int: ...
+
+
+class Retention:
+    """``collect_garbage`` (``Deployer`` provides what is declared here)."""
+
+    slots: Slots
+    selection: Selection
+    store: ModelStore
+    journal: Journal
+    config: _KeepPolicy
+
+    def collect_garbage(self, name: str) -> list[int]:
+        """Remove the files retention lets go (``lifecycle.versions_to_remove``: it keeps the
+        active version, the previous committed one, ``keep_versions`` more and every version
+        loaded or still being worked on); returns the versions removed."""
+        slot = self.slots.get(name)
+        active = slot.active.version if slot.active else None
+        stages = self.selection.stages(name)
+        doomed = lifecycle.versions_to_remove(
+            self.store.versions(name),
+            stages,
+            active,
+            self.config.keep_versions,
+            commits=self.selection.commits(name),
+            in_use=slot.versions(),
+        )
+        removed = []
+        for version in doomed:
+            try:
+                self.store.remove(name, version)
+            except OSError as exc:
+                log.warning("model %s version %d: cannot remove: %s", name, version, exc)
+                continue
+            removed.append(version)
+            if stages.get(version) is Stage.VERIFIED:  # superseded before it was deployed
+                self.journal.record(name, version, Stage.RETIRED, "not deployed; files removed")
+        return removed
