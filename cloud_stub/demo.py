@@ -18,156 +18,30 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import getpass
-import json
 import shutil
 import signal
-import socket
-import subprocess
 import sys
-import tempfile
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from types import FrameType
-from typing import Any
 
 import numpy as np
 
+from cloud_stub.demo_mqtt import MqttWatch
+from cloud_stub.demo_procs import (
+    BOLD,
+    RESET,
+    Processes,
+    Stop,
+    bin_path,
+    port_open,
+    port_open_now,
+    run,
+    step,
+    wait_until,
+    workdir,
+)
 from cloud_stub.ports import free_port
-
-BOLD = "\033[1m" if sys.stdout.isatty() else ""
-RESET = "\033[0m" if sys.stdout.isatty() else ""
-
-
-def step(text: str) -> None:
-    print(f"\n{BOLD}==> {text}{RESET}", flush=True)
-
-
-def port_open(port: int) -> bool:
-    with socket.create_connection(("127.0.0.1", port), 1):
-        return True
-
-
-def bin_path(name: str) -> str:
-    candidate = Path(sys.executable).parent / name
-    return str(candidate) if candidate.exists() else name
-
-
-def run(argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
-    print("$ " + " ".join(argv), flush=True)
-    result = subprocess.run(argv, text=True, capture_output=True, check=False, **kwargs)
-    if result.stdout.strip():
-        print(result.stdout.rstrip())
-    if result.returncode != 0:
-        print(result.stderr.rstrip(), file=sys.stderr)
-        raise SystemExit(f"demo: command failed with exit code {result.returncode}")
-    return result
-
-
-class Stop:
-    """SIGINT and SIGTERM stop the demo: the first raises KeyboardInterrupt in the main thread
-    (wherever the demo is); once the demo is cleaning up, further signals are only noted.
-
-    Installed even when SIGINT came ignored (a script's background job inherits it so); the
-    processes the demo starts then get the default handling back, since exec resets handled
-    signals.
-    """
-
-    def __init__(self) -> None:
-        self.received: str | None = None
-        self.cleaning = False
-
-    def __call__(self, signum: int, _frame: FrameType | None) -> None:
-        first = self.received is None
-        self.received = self.received or signal.Signals(signum).name
-        if first and not self.cleaning:
-            raise KeyboardInterrupt
-
-    def install(self) -> None:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self)
-
-
-def _die_with_demo() -> None:
-    """In a started process, before exec: the kernel sends it SIGTERM when the demo dies, so
-    that nothing is left running when the demo is killed without a chance to clean up."""
-    if _PRCTL is not None:
-        _PRCTL(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def _prctl() -> Any:
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):  # not Linux: stopping on a signal still works
-        return None
-
-
-# Looked up here, not in the forked child, which should only call it.
-_PRCTL = _prctl()
-
-
-class Processes:
-    """Background processes of the demo, stopped in reverse order."""
-
-    def __init__(self, logs: Path) -> None:
-        self.logs = logs
-        self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
-
-    def start(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
-        print(f"$ {' '.join(argv)} &   (log: {self.logs / f'{name}.log'})", flush=True)
-        # The child keeps its own descriptor of the log; the demo's is closed.
-        with (self.logs / f"{name}.log").open("wb") as log:
-            # The child only calls prctl, looked up before the fork: no lock another thread
-            # of the demo might hold is taken there.
-            proc = subprocess.Popen(
-                argv,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_demo,  # noqa: PLW1509
-            )
-        self.procs.append((name, proc))
-        return proc
-
-    def stop_all(self) -> None:
-        for _name, proc in reversed(self.procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for name, proc in reversed(self.procs):
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                print(f"demo: {name} did not stop on SIGTERM; killed", file=sys.stderr)
-                proc.kill()
-                proc.wait()
-
-
-def wait_until(what: str, check: Any, timeout_s: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout_s
-    last_error: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            value = check()
-            if value:
-                return value
-        except Exception as exc:  # keep polling; report the last error on timeout
-            last_error = exc
-        time.sleep(0.2)
-    raise SystemExit(f"demo: timed out waiting for {what} ({last_error})")
-
-
-@contextlib.contextmanager
-def workdir(keep: bool) -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="edge-demo-"))
-    try:
-        yield path
-    finally:
-        if keep:
-            print(f"\n(kept {path})")
-        else:
-            shutil.rmtree(path, ignore_errors=True)
 
 
 def mosquitto_binaries() -> tuple[str | None, str | None]:
@@ -220,84 +94,6 @@ def start_mosquitto(procs: Processes, work: Path) -> int | None:
         )
         return None
     return port
-
-
-def port_open_now(port: int) -> bool:
-    try:
-        return port_open(port)
-    except OSError:
-        return False
-
-
-def describe(topic: str, doc: dict[str, Any]) -> str:
-    """One line for an MQTT message of the device, as the fleet sees it."""
-    kind = topic.rsplit("/", 2)[-1] if not topic.endswith("/commands/ack") else "ack"
-    if kind == "status":
-        if doc.get("online"):
-            models = ", ".join(
-                f"{k} v{v}" if v is not None else f"{k} (no version yet)"
-                for k, v in (doc.get("models") or {}).items()
-            )
-            return f"status  online (agent {doc.get('agent')}; {models or 'no models'})"
-        return f"status  offline ({doc.get('reason')})"
-    if kind == "health":
-        memory = doc.get("memory") or {}
-        models = "; ".join(
-            f"{name} v{m.get('active_version')}: {m.get('requests')} requests, p99 "
-            + (f"{m['p99_ms']:.2f} ms" if m.get("p99_ms") is not None else "-")
-            for name, m in (doc.get("models") or {}).items()
-        )
-        return (
-            f"health  cpu {doc.get('cpu_percent')}%, memory {memory.get('percent')}%, agent "
-            f"{(doc.get('agent_rss_bytes') or 0) / 1048576:.0f} MB; {models}; "
-            f"dropped {doc.get('dropped_health')}"
-        )
-    if kind == "events":
-        version = f" v{doc['version']}" if doc.get("version") is not None else ""
-        reason = f": {doc['reason']}" if doc.get("reason") else ""
-        return f"event   {doc.get('kind')} {doc.get('model')}{version}{reason}"
-    if kind == "ack":
-        return f"ack     {doc.get('command')} {doc.get('outcome')}: {doc.get('reason')}"
-    return f"{kind}  {json.dumps(doc)[:120]}"
-
-
-class MqttWatch:
-    """Prints the device's MQTT messages as they arrive (from mosquitto_sub's output)."""
-
-    def __init__(self, log: Path) -> None:
-        self.log = log
-        self.seen: dict[str, int] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._follow, name="mqtt-watch", daemon=True)
-        self._thread.start()
-
-    def _follow(self) -> None:
-        position = 0
-        pending = ""
-        while not self._stop.wait(0.2):
-            try:
-                with self.log.open() as handle:
-                    handle.seek(position)
-                    pending += handle.read()
-                    position = handle.tell()
-            except OSError:
-                continue
-            *lines, pending = pending.split("\n")
-            for line in lines:
-                topic, _, payload = line.partition(" ")
-                if topic.endswith("/commands"):
-                    continue  # the command itself; its acknowledgement follows
-                try:
-                    doc = json.loads(payload)
-                except ValueError:
-                    continue
-                kind = topic.rsplit("/", 1)[-1]
-                self.seen[kind] = self.seen.get(kind, 0) + 1
-                print(f"  mqtt │ {describe(topic, doc)}", flush=True)
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(2)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,21 +18,15 @@ written.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import hashlib
-import json
-import math
 import os
 import shutil
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from securesystemslib.signer import CryptoSigner, SSlibKey
+from securesystemslib.signer import CryptoSigner
 from tuf.api.metadata import (
     DelegatedRole,
     Delegations,
@@ -46,112 +40,39 @@ from tuf.api.metadata import (
 )
 from tuf.api.serialization.json import JSONSerializer
 
-from agent.models.store import atomic_write
+from cloud_stub.expiry import (
+    EXPIRY_FILE,
+    Expiry,
+    RepositoryError,
+    load_expiry,
+    positive_days,
+    save_expiry,
+)
+from cloud_stub.expiry import atomic_write_file as _atomic_write
+from cloud_stub.expiry import check as _check
+from cloud_stub.repo_keys import load_signer as _load_signer
+from cloud_stub.repo_keys import new_signer as _new_signer
+
+# Names other modules and tests import from here.
+__all__ = [
+    "EXPIRY_FILE",
+    "TOP_LEVEL",
+    "Expiry",
+    "Repository",
+    "RepositoryError",
+    "copy_public",
+    "load_expiry",
+    "model_role",
+    "positive_days",
+    "save_expiry",
+    "target_path",
+]
 
 TOP_LEVEL = ("root", "targets", "snapshot", "timestamp")
 
 
-class RepositoryError(Exception):
-    """The repository cannot do what was asked (missing, exists, bad version …)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Expiry:
-    """How long each role's metadata stays valid after it is signed."""
-
-    root_days: float = 365
-    targets_days: float = 90
-    snapshot_days: float = 7
-    timestamp_days: float = 1
-
-    def days(self, role: str) -> float:
-        if role.startswith("model-"):
-            return self.targets_days
-        value: float = getattr(self, f"{role}_days")
-        return value
-
-    def to_dict(self) -> dict[str, float]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, raw: object, source: str) -> Expiry:
-        """The policy in ``raw`` (a JSON object of ``ROLE_days``); keys it lacks keep their
-        defaults.
-
-        Raises:
-            RepositoryError: not an object, an unknown key, or a value that is not a positive
-                number of days; the message names ``source`` and the key.
-        """
-        if not isinstance(raw, dict):
-            raise RepositoryError(f"{source}: expected a JSON object, found {raw!r}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        values: dict[str, float] = {}
-        for key, value in raw.items():
-            if key not in known:
-                raise RepositoryError(
-                    f"{source}: unknown key {key!r} (expected {', '.join(sorted(known))})"
-                )
-            values[key] = positive_days(f"{source}: {key}", value)
-        return cls(**values)
-
-
-def positive_days(what: str, value: object) -> float:
-    """``value`` as a positive, finite number of days.
-
-    Raises:
-        RepositoryError: anything else, naming ``what``.
-    """
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise RepositoryError(f"{what}: expected a positive number of days, found {value!r}")
-    return float(value)
-
-
-EXPIRY_FILE = "expiry.json"
-
-
-def _check(expiry: Expiry) -> None:
-    Expiry.from_dict(expiry.to_dict(), "expiry policy")
-
-
-def load_expiry(root: Path) -> Expiry:
-    """The repository's expiry policy; the defaults for a repository made before it had one.
-
-    Raises:
-        RepositoryError: the file is unreadable or not a valid policy.
-    """
-    path = root / EXPIRY_FILE
-    try:
-        raw = json.loads(path.read_bytes())
-    except FileNotFoundError:
-        return Expiry()
-    except (OSError, ValueError) as exc:
-        raise RepositoryError(f"{path}: cannot read the expiry policy ({exc})") from None
-    return Expiry.from_dict(raw, str(path))
-
-
-def save_expiry(root: Path, expiry: Expiry) -> None:
-    """Keep ``expiry`` as the repository's policy (written whole: temp, fsync, rename).
-
-    Raises:
-        RepositoryError: a period that is not a positive number of days (nothing is written).
-    """
-    _check(expiry)
-    _atomic_write(root / EXPIRY_FILE, (json.dumps(expiry.to_dict(), indent=2) + "\n").encode())
-
-
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC).replace(microsecond=0)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """A server reading the directory sees the old file or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, data)
 
 
 def model_role(name: str) -> str:
@@ -492,28 +413,6 @@ class Repository:
             for role, info in self.targets()
         ]
         return {"roles": roles, "targets": targets}
-
-
-def _new_signer(keys_dir: Path, role: str) -> CryptoSigner:
-    private = Ed25519PrivateKey.generate()
-    public = SSlibKey.from_crypto(private.public_key())
-    signer = CryptoSigner(private, public)
-    pem = private.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    path = keys_dir / f"{role}.{public.keyid}.pem"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(pem)
-    return signer
-
-
-def _load_signer(path: Path) -> CryptoSigner:
-    private = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    assert isinstance(private, Ed25519PrivateKey)
-    return CryptoSigner(private, SSlibKey.from_crypto(private.public_key()))
 
 
 def copy_public(repo: Path, dest: Path) -> None:
