@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from types import TracebackType
 from typing import Any
 
 from agent import __version__
 from agent.config import Config
 from agent.models.slots import Slots
+from agent.parts.base import Part
 from agent.state import Event, StateDB
 from agent.telemetry.metrics import Registry
 
@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 LIVE_REPORTER_KEYS = ("health_interval_s", "drain_per_s")
 
 
-class Reporting:
+class Reporting(Part):
     """Builds the reporter and its outbox when a broker is configured (``open``); the events
     table is its queue: the reporter forwards every row above its durable cursor, whoever
     wrote it, and a row this process writes (``on_event``) only makes it look now."""
@@ -132,15 +132,7 @@ class Reporting:
         if self.reporter is not None:
             await self.reporter.start()
 
-    async def __aenter__(self) -> Reporting:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def close(self) -> None:
         if self.reporter is not None:
             await self.reporter.stop()
             self.outbox.close()

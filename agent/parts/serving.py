@@ -9,7 +9,6 @@ import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from agent.config import Config
@@ -19,6 +18,7 @@ from agent.models.runtime import RuntimeOptions, load_session
 from agent.models.slots import LoadedVersion, Slots
 from agent.models.store import RUNTIME_BY_SUFFIX, Manifest, ModelStore
 from agent.models.validation import zeros_for
+from agent.parts.base import Part
 from agent.serving.handler import OipHandler
 from agent.serving.oip import Limits
 from agent.serving.pool import InferencePool
@@ -61,7 +61,7 @@ def load_version(
     return LoadedVersion(manifest=manifest, session=session, inline_elements=inline, probe=probe)
 
 
-class Serving:
+class Serving(Part):
     """The inference server over the slots, with its executor; a part whose exit closes the
     server (stop accepting, answer every connection accepted)."""
 
@@ -134,15 +134,7 @@ class Serving:
             await self.server.listen_tcp(host.strip("[]"), int(port))
         log.info("listening on %s", ", ".join(self.server.addresses))
 
-    async def __aenter__(self) -> Serving:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def close(self) -> None:
         # A connection that arrives from now on stays in the listening socket's backlog (with
         # socket activation systemd keeps the socket, and the next agent accepts it).
         await self.server.close()

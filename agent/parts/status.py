@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
-from types import TracebackType
 from typing import TYPE_CHECKING
 
 from agent import systemd
 from agent.activity import IDLE, Activity
 from agent.models.slots import Slots
+from agent.parts.base import Part, cancel
 from agent.state import Event
 
 if TYPE_CHECKING:
@@ -25,7 +24,7 @@ log = logging.getLogger(__name__)
 DOWNLOAD_POLL_S = 0.5
 
 
-class StatusBoard:
+class StatusBoard(Part):
     """Collects the activities (the update loop's, its download's, the deployer's) and the
     served versions into one line, sent as STATUS= when it changes.
 
@@ -123,19 +122,8 @@ class StatusBoard:
 
     # -- part -------------------------------------------------------------------------------
 
-    async def __aenter__(self) -> StatusBoard:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
+    async def close(self) -> None:
+        await cancel(self._watcher)
 
 
 def _file_sizes(directory: Path) -> dict[str, int]:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
-from types import TracebackType
 from typing import Any
 
 from agent import memory
 from agent.models.slots import Slots
+from agent.parts.base import Part, cancel
 from agent.state import Event
 
 log = logging.getLogger(__name__)
@@ -19,7 +18,7 @@ log = logging.getLogger(__name__)
 TRIM_DELAY_S = 2.0
 
 
-class MemoryTrim:
+class MemoryTrim(Part):
     """Schedules ``memory.trim`` (agent/memory.py) and faults back in what inference needs
     with ``rewarm`` (the watchdog's probes) before a request has to."""
 
@@ -94,18 +93,6 @@ class MemoryTrim:
         if self._handle is not None:
             self._handle.cancel()
 
-    async def __aenter__(self) -> MemoryTrim:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def close(self) -> None:
         self.cancel_pending()
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel(*self._tasks)

@@ -7,15 +7,15 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from types import TracebackType
 
 from agent.errors import AgentError, UnavailableError
 from agent.models.slots import Slots
+from agent.parts.base import Part, cancel
 
 log = logging.getLogger(__name__)
 
 
-class Watchdog:
+class Watchdog(Part):
     """Probes every active model with one synthetic inference per check; counts and names the
     checks that fail. ``ping`` tells systemd all is well, ``after_check`` runs after each check
     (the status board's publish)."""
@@ -138,16 +138,5 @@ class Watchdog:
             self._after_check()
             await asyncio.sleep(interval)
 
-    async def __aenter__(self) -> Watchdog:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self.task is not None:
-            self.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.task
+    async def close(self) -> None:
+        await cancel(self.task)
