@@ -400,18 +400,20 @@ def test_model_still_loading_answers_503_not_404(
     between must learn that the model is coming, not that it does not exist."""
     import asyncio
 
-    from agent import daemon
     from agent.config import Config, ServingSection
     from agent.daemon import Agent, LocalModel
+    from agent.parts import serving
 
     gate = threading.Event()
-    real_load = daemon.load_version
+    real_load = serving.load_version
 
     def gated_load(*args: object, **kwargs: object) -> object:
         assert gate.wait(30)
         return real_load(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(daemon, "load_version", gated_load)
+    # Where the serving part looks it up (patching agent.daemon's name gated nothing: the
+    # model could load before the first request, and the test then raced).
+    monkeypatch.setattr(serving, "load_version", gated_load)
     sock = tmp_path / "s.sock"
     agent = Agent(Config(serving=ServingSection(socket=sock)))
     loop = asyncio.new_event_loop()
