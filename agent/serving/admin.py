@@ -27,8 +27,6 @@ from agent.serving.handler import Response, error_response
 
 log = logging.getLogger(__name__)
 
-ADMIN_PREFIX = "/agent/"
-
 
 def peer_uid(sock: socket.socket | None) -> int | None:
     """The uid of the process at the other end of a Unix socket, or None (TCP, unknown)."""
@@ -56,10 +54,6 @@ class AdminApi:
         self.allowed_uids = (
             allowed_uids if allowed_uids is not None else frozenset({0, os.getuid()})
         )
-
-    @staticmethod
-    def is_admin(method: str, path: str) -> bool:
-        return method == "POST" and path.startswith(ADMIN_PREFIX)
 
     async def handle(self, path: str, body: bytes, uid: int | None) -> Response:
         try:

@@ -18,6 +18,7 @@ from functools import partial
 from typing import Any, Protocol, cast
 
 from agent.errors import AgentError
+from agent.serving import routes
 from agent.serving.admin import AdminApi, peer_uid
 from agent.serving.admission import ByteBudget
 from agent.serving.framing import Failure, Phase, Request, frame
@@ -183,11 +184,15 @@ class HttpConnection(asyncio.Protocol):
         handler = self._handler
         admin = self._server.admin
         try:
-            if handler.is_infer(request.method, request.path):
+            try:
+                route = routes.match(request.path)  # once: the handler takes it as matched
+            except AgentError as exc:
+                self._respond(request, error_response(exc))
+                return
+            post = request.method == "POST"
+            if post and route.kind is routes.Kind.INFER:
                 try:
-                    prepared = handler.prepare_infer(
-                        request.path, request.body, request.header_length
-                    )
+                    prepared = handler.prepare_infer(route, request.body, request.header_length)
                 except AgentError as exc:
                     self._respond(request, error_response(exc))
                     return
@@ -197,7 +202,7 @@ class HttpConnection(asyncio.Protocol):
                 self._busy = True
                 self._inflight = request
                 self._server.pool.submit(prepared.run, partial(self._infer_done, prepared))
-            elif admin is not None and AdminApi.is_admin(request.method, request.path):
+            elif post and admin is not None and route.kind is routes.Kind.ADMIN:
                 self._busy = True
                 self._inflight = request
                 task = self._loop.create_task(
@@ -205,7 +210,7 @@ class HttpConnection(asyncio.Protocol):
                 )
                 task.add_done_callback(self._admin_done)
             else:
-                self._respond(request, handler.handle(request.method, request.path, request.body))
+                self._respond(request, handler.handle(request.method, route, request.body))
         except Exception as exc:  # a defect of ours: the client still gets its answer
             log.exception("server: %s %s failed", request.method, request.path[:200])
             self._busy = False

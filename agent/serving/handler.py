@@ -91,6 +91,11 @@ def _named_failure(loaded: LoadedVersion, error: BaseException) -> AgentError:
     return error
 
 
+def _matched(target: str | routes.Route) -> routes.Route:
+    """The route of a target, matched here unless the caller (the server) already has."""
+    return target if isinstance(target, routes.Route) else routes.match(target)
+
+
 def _json(value: Any, status: int = 200) -> Response:
     return Response(status, json.dumps(value, separators=(",", ":")).encode())
 
@@ -120,19 +125,20 @@ class OipHandler:
 
     # -- dispatch ---------------------------------------------------------------------------
 
-    def handle(self, method: str, path: str, body: bytes | bytearray) -> Response:
+    def handle(self, method: str, path: str | routes.Route, body: bytes | bytearray) -> Response:
         """Every route but inference and admin calls, for a request target with or without a
-        query string.
+        query string, or a route the caller has matched already.
 
         Inference requests (``POST …/infer``) go through ``prepare_infer`` instead; passed here
         they are answered with an error. Never raises: every failure becomes a response.
         """
         try:
-            return self._route(method, routes.match(path), body)
+            return self._route(method, _matched(path), body)
         except AgentError as exc:
             return error_response(exc)
         except Exception as exc:  # a defect of ours: answer, name it, keep the connection
-            log.exception("server: %s %s failed", method, routes.path_of(path)[:200])
+            where = path.path if isinstance(path, routes.Route) else routes.path_of(path)
+            log.exception("server: %s %s failed", method, where[:200])
             return Response(500, oip.encode_error(f"internal error: {type(exc).__name__}"))
 
     def _route(self, method: str, route: routes.Route, body: bytes | bytearray) -> Response:
@@ -175,7 +181,10 @@ class OipHandler:
     # -- inference --------------------------------------------------------------------------
 
     def prepare_infer(
-        self, path: str, body: bytes | bytearray | memoryview, header_length: int | None
+        self,
+        path: str | routes.Route,
+        body: bytes | bytearray | memoryview,
+        header_length: int | None,
     ) -> PreparedInfer:
         """Decode and check an inference request and lease the version that will run it.
 
@@ -183,7 +192,7 @@ class OipHandler:
             AgentError: a request, not-found or unavailable error, ready to become a response.
         """
         started = time.perf_counter()
-        route = routes.match(path)
+        route = _matched(path)
         if route.kind is not routes.Kind.INFER:
             raise NotFoundError(f"no inference route {route.path}")
         name, version = route.model, route.version

@@ -6,7 +6,7 @@ import bisect
 import math
 import threading
 from array import array
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 # Seconds. Edge inference spans from tens of microseconds (tiny MLPs) to seconds (big CNNs on a Pi).
@@ -202,27 +202,28 @@ def render_prometheus(registry: Registry, extra: Iterable[tuple[str, str, float]
     """Prometheus text exposition format 0.0.4; ``extra`` adds (name, help, value) gauges."""
     lines: list[str] = []
     items = registry.items()
-    lines += [
-        "# HELP edge_agent_requests_total Inference requests answered, by model and version.",
-        "# TYPE edge_agent_requests_total counter",
-    ]
-    for (name, version), metrics in items:
-        labels = f'model="{_label(name)}",version="{_label(version)}"'
-        lines.append(f"edge_agent_requests_total{{{labels}}} {metrics.latency.total}")
-    lines += [
-        "# HELP edge_agent_request_errors_total Inferences the model failed (5xx).",
-        "# TYPE edge_agent_request_errors_total counter",
-    ]
-    for (name, version), metrics in items:
-        labels = f'model="{_label(name)}",version="{_label(version)}"'
-        lines.append(f"edge_agent_request_errors_total{{{labels}}} {metrics.errors}")
-    lines += [
-        "# HELP edge_agent_client_errors_total Requests refused as the client's mistake (4xx).",
-        "# TYPE edge_agent_client_errors_total counter",
-    ]
-    for (name, version), metrics in items:
-        labels = f'model="{_label(name)}",version="{_label(version)}"'
-        lines.append(f"edge_agent_client_errors_total{{{labels}}} {metrics.client_errors}")
+    counters: tuple[tuple[str, str, Callable[[ModelMetrics], int]], ...] = (
+        (
+            "edge_agent_requests_total",
+            "Inference requests answered, by model and version.",
+            lambda m: m.latency.total,
+        ),
+        (
+            "edge_agent_request_errors_total",
+            "Inferences the model failed (5xx).",
+            lambda m: m.errors,
+        ),
+        (
+            "edge_agent_client_errors_total",
+            "Requests refused as the client's mistake (4xx).",
+            lambda m: m.client_errors,
+        ),
+    )
+    for metric, help_text, read in counters:
+        lines += [f"# HELP {metric} {help_text}", f"# TYPE {metric} counter"]
+        for (name, version), metrics in items:
+            labels = f'model="{_label(name)}",version="{_label(version)}"'
+            lines.append(f"{metric}{{{labels}}} {read(metrics)}")
     lines += [
         "# HELP edge_agent_request_duration_seconds Time in the runtime per inference.",
         "# TYPE edge_agent_request_duration_seconds histogram",

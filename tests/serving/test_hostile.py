@@ -369,20 +369,28 @@ def test_stalled_connections_give_way_to_new_clients(crowded: RunningAgent, list
             wire.sock.close()
 
 
+def _busy(served: RunningAgent, listener: str, count: int) -> list[Wire]:
+    """``count`` connections of ``listener``, each with five slow requests in hand, once the
+    server holds them all as working."""
+    address = served.socket if listener == "unix" else served.http
+    busy = [Wire(address, timeout_s=60) for _ in range(count)]
+    for wire in busy:
+        wire.send(b"".join(slow_request() for _ in range(5)))
+    server = served.agent.server
+    wait_until(
+        lambda: (
+            sum(1 for c in list(server._connections) if c.listener == listener and not c.idle)
+            == count
+        )
+    )
+    return busy
+
+
 def test_tcp_clients_cannot_take_the_unix_sockets_slots(crowded: RunningAgent) -> None:
     """TCP's slots (twice its budget of 8) full of requests in hand: a TCP newcomer is refused
     (503), while the Unix socket's clients are served."""
-    busy = [Wire(crowded.http, timeout_s=60) for _ in range(16)]
+    busy = _busy(crowded, "tcp", 16)
     try:
-        for wire in busy:
-            wire.send(b"".join(slow_request() for _ in range(5)))
-        server = crowded.agent.server
-        wait_until(
-            lambda: (
-                sum(1 for c in list(server._connections) if c.listener == "tcp" and not c.idle)
-                == 16
-            )
-        )
         with Wire(crowded.http) as newcomer:
             refused = newcomer.read()
         assert refused.status == 503
@@ -402,17 +410,8 @@ def test_tcp_clients_cannot_take_the_unix_sockets_slots(crowded: RunningAgent) -
 def test_one_peer_cannot_take_every_unix_slot(crowded: RunningAgent) -> None:
     """Twelve connections of one uid with requests in hand fill twice that uid's budget of 6:
     its next is refused naming the uid, though the listener (16 at most) still has room."""
-    busy = [Wire(crowded.socket, timeout_s=60) for _ in range(12)]
+    busy = _busy(crowded, "unix", 12)
     try:
-        for wire in busy:
-            wire.send(b"".join(slow_request() for _ in range(5)))
-        server = crowded.agent.server
-        wait_until(
-            lambda: (
-                sum(1 for c in list(server._connections) if c.listener == "unix" and not c.idle)
-                == 12
-            )
-        )
         with Wire(crowded.socket) as newcomer:
             refused = newcomer.read()
         assert refused.status == 503
