@@ -1,0 +1,1 @@
+"""Fleet rollouts that steer themselves: decisions, state, the controller."""
