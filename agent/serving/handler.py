@@ -195,7 +195,28 @@ class OipHandler:
         route = _matched(path)
         if route.kind is not routes.Kind.INFER:
             raise NotFoundError(f"no inference route {route.path}")
-        name, version = route.model, route.version
+        return self.prepare_request(
+            route.model,
+            route.version,
+            lambda: oip.decode_infer_request(body, header_length, self.limits, self._plans),
+            started,
+        )
+
+    def prepare_request(
+        self,
+        name: str,
+        version: int | None,
+        decode: Callable[[], oip.InferRequest],
+        started: float | None = None,
+    ) -> PreparedInfer:
+        """Lease ``name`` (``version``, else the active one), ``decode`` the request and check
+        it against that version's signature: any transport's way in (REST body, gRPC message).
+
+        Raises:
+            AgentError: a request, not-found or unavailable error, ready to become a response.
+        """
+        if started is None:
+            started = time.perf_counter()
         try:
             slot = self.slots.get(name)
         except NotFoundError:
@@ -203,7 +224,7 @@ class OipHandler:
             raise
         loaded = slot.acquire(version)
         try:
-            request = oip.decode_infer_request(body, header_length, self.limits, self._plans)
+            request = decode()
             feeds = oip.check_inputs(request, loaded.session.inputs, name)
             outputs = oip.check_outputs(request, loaded.session.outputs, name)
         except BaseException as exc:
@@ -234,15 +255,7 @@ class OipHandler:
         loaded = prepared.loaded
         try:
             if error is not None:
-                exc = _named_failure(loaded, error)
-                if isinstance(exc, RequestError):
-                    # The runtime refused the values (an index past a table …): the client's.
-                    log.info("infer %s version %d refused: %s", loaded.name, loaded.version, exc)
-                    self.metrics.model(loaded.name, str(loaded.version)).observe_client_error()
-                    return error_response(exc)
-                log.warning("infer %s version %d failed: %s", loaded.name, loaded.version, exc)
-                self._observe(loaded, prepared.started, failed=True, seconds=prepared.run_s)
-                return error_response(exc)
+                return error_response(self.failure(prepared, error))
             assert results is not None
             body, header_length = oip.encode_infer_response(
                 loaded.name,
@@ -250,18 +263,44 @@ class OipHandler:
                 prepared.request_id,
                 [(name, results[name], binary) for name, binary in prepared.outputs],
             )
-            self._observe(loaded, prepared.started, failed=False, seconds=prepared.run_s)
+            self.observe_success(prepared)
             content_type = b"application/octet-stream" if header_length is not None else JSON
             return Response(200, body, content_type, header_length)
         finally:
             prepared.slot.release(loaded)
 
+    def failure(self, prepared: PreparedInfer, error: BaseException) -> AgentError:
+        """The error a failed run answers with, logged and counted (the client's, or the
+        version's); the caller still releases the lease."""
+        loaded = prepared.loaded
+        exc = _named_failure(loaded, error)
+        if isinstance(exc, RequestError):
+            # The runtime refused the values (an index past a table …): the client's.
+            log.info("infer %s version %d refused: %s", loaded.name, loaded.version, exc)
+            self.metrics.model(loaded.name, str(loaded.version)).observe_client_error()
+            return exc
+        log.warning("infer %s version %d failed: %s", loaded.name, loaded.version, exc)
+        self._observe(loaded, prepared.started, failed=True, seconds=prepared.run_s)
+        return exc
+
+    def observe_success(self, prepared: PreparedInfer) -> None:
+        """Count a request answered with its outputs."""
+        self._observe(prepared.loaded, prepared.started, failed=False, seconds=prepared.run_s)
+
     def run_inline(self, prepared: PreparedInfer) -> Response:
         """Run a prepared request on the calling thread and finish it."""
+        results, error = self.run_here(prepared)
+        return self.finish_infer(prepared, results, error)
+
+    def run_here(
+        self, prepared: PreparedInfer
+    ) -> tuple[dict[str, np.ndarray[Any, Any]] | None, BaseException | None]:
+        """Run a prepared request on the calling thread (the fast path): its results or its
+        failure; a model whose runs have slowed down leaves the fast path."""
         try:
             results = prepared.run()
         except BaseException as exc:  # the response names the failure; nothing is lost
-            return self.finish_infer(prepared, None, exc)
+            return None, exc
         loaded = prepared.loaded
         loaded.inline_average_s, slow = fastpath.demote(
             loaded.inline_average_s, prepared.run_s, self.inline_threshold_us
@@ -276,7 +315,7 @@ class OipHandler:
                 loaded.inline_average_s * 1e6,
                 fastpath.DEMOTE_FACTOR * self.inline_threshold_us,
             )
-        return self.finish_infer(prepared, results, None)
+        return results, None
 
     def infer_blocking(
         self, path: str, body: bytes | bytearray | memoryview, header_length: int | None
