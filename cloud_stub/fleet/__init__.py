@@ -1,0 +1,1 @@
+"""The fleet store: device state, events and rollouts for the dashboards and the controller."""
