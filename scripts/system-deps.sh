@@ -27,6 +27,8 @@ if [ "${1:-base}" = test ]; then
   command -v debootstrap >/dev/null || [ -x /usr/sbin/debootstrap ] || want+=(debootstrap)
   command -v lintian >/dev/null || want+=(lintian)
   command -v gcc >/dev/null || want+=(gcc)
+  # The fleet store's tests start a real PostgreSQL (initdb in a temporary directory).
+  compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || want+=(postgresql)
 fi
 [ ${#want[@]} -eq 0 ] && exit 0
 sudo=""
@@ -39,7 +41,7 @@ export DEBIAN_FRONTEND=noninteractive
 $sudo apt-get update -qq
 $sudo apt-get install -y -qq --no-install-recommends "${want[@]}" >/dev/null
 # The packaged services must not hold the ports or files the tests use.
-for svc in mosquitto nginx; do
+for svc in mosquitto nginx postgresql; do
   if command -v systemctl >/dev/null && systemctl is-active --quiet "$svc" 2>/dev/null; then
     $sudo systemctl stop "$svc" || true
   fi
