@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.errors import ConfigError
+from agent.errors import AgentError, ConfigError
+from agent.models.devices import DeviceRequest, parse_request
 
 DEFAULT_CONFIG = Path("/etc/edge-agent/agent.toml")
 
@@ -301,6 +302,8 @@ class Config:
     repository: RepositorySection = field(default_factory=RepositorySection)
     mqtt: MqttSection = field(default_factory=MqttSection)
     source: Path | None = None
+    # [models.<name>] tables: execution providers / delegates per model (agent.models.devices)
+    devices: dict[str, DeviceRequest] = field(default_factory=dict)
 
     @property
     def device_id(self) -> str:
@@ -392,6 +395,7 @@ def parse(raw: dict[str, Any], source: Path | None = None) -> Config:
     base = source.parent if source else Path.cwd()
     problems: list[str] = []
     sections: dict[str, Any] = {}
+    devices: dict[str, DeviceRequest] = {}
     known_sections = ", ".join(_SECTIONS)
     for key, value in raw.items():
         if key in _SECTIONS:
@@ -413,6 +417,9 @@ def parse(raw: dict[str, Any], source: Path | None = None) -> Config:
         hints = typing.get_type_hints(cls)
         names = {f.name for f in dataclasses.fields(cls)}
         values: dict[str, Any] = {}
+        if section == "models":  # [models.<name>] tables: that model's devices
+            table = dict(table)
+            devices = _model_tables(table, where, problems)
         for key, value in table.items():
             if key not in names:
                 problems.append(
@@ -434,7 +441,24 @@ def parse(raw: dict[str, Any], source: Path | None = None) -> Config:
             "invalid configuration:\n  " + "\n  ".join(problems),
             remedy="fix the keys above; `edge-agent check-config` re-checks",
         )
-    return Config(source=source, **sections)
+    return Config(source=source, devices=devices, **sections)
+
+
+def _model_tables(
+    table: dict[str, Any], where: str, problems: list[str]
+) -> dict[str, DeviceRequest]:
+    """Take the ``[models.<name>]`` tables out of ``table``, parsed (problems appended)."""
+    found = {}
+    for name in [key for key, value in table.items() if isinstance(value, dict)]:
+        raw = table.pop(name)
+        unknown = sorted(set(raw) - {"providers", "provider_options", "delegates"})
+        if unknown:
+            problems.append(f"{where}: [models.{name}]: unknown keys {unknown}")
+        try:
+            found[name] = parse_request(raw, "agent.toml", f"[models.{name}]")
+        except AgentError as exc:
+            problems.append(f"{where}: {exc.message}")
+    return found
 
 
 def _plain_problem(message: str, names: set[str]) -> str:

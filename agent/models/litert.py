@@ -63,8 +63,9 @@ def _spec(detail: Mapping[str, Any]) -> TensorSpec:
 class _Interp:
     """One interpreter with its tensor indices and the input shapes it is allocated for."""
 
-    def __init__(self, cls: Any, path: Path, threads: int) -> None:
-        self.interp = cls(model_path=str(path), num_threads=max(1, threads))
+    def __init__(self, cls: Any, path: Path, threads: int, delegates: Sequence[Any] = ()) -> None:
+        extra = {"experimental_delegates": list(delegates)} if delegates else {}
+        self.interp = cls(model_path=str(path), num_threads=max(1, threads), **extra)
         self.interp.allocate_tensors()
         self.inputs = {d["name"]: d for d in self.interp.get_input_details()}
         self.outputs = {d["name"]: d for d in self.interp.get_output_details()}
@@ -94,6 +95,24 @@ class _Interp:
         return {name: self.interp.get_tensor(self.outputs[name]["index"]) for name in names}
 
 
+def _delegates(cls: Any, options: RuntimeOptions) -> list[Any]:
+    """The delegates ``options`` asks for, loaded for one interpreter (each needs its own).
+
+    Raises:
+        ModelError: a delegate's library is missing or refuses its options.
+    """
+    if not options.delegates:
+        return []
+    load = importlib.import_module(cls.__module__).load_delegate
+    loaded = []
+    for delegate in options.delegates:
+        try:
+            loaded.append(load(delegate.library, dict(delegate.options)))
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise ModelError(f"LiteRT delegate {delegate.library} cannot be loaded: {exc}") from exc
+    return loaded
+
+
 class LiteRTSession:
     platform = "tensorflow_lite"
 
@@ -101,10 +120,13 @@ class LiteRTSession:
         self.path = path
         cls = select_interpreter()
         self._pool: queue.SimpleQueue[_Interp] = queue.SimpleQueue()
+        self.device = "+".join(d.library for d in options.delegates) or "CPU"
         try:
-            first = _Interp(cls, path, options.intra_op_threads)
+            first = _Interp(cls, path, options.intra_op_threads, _delegates(cls, options))
             for _ in range(max(1, options.interpreters) - 1):
-                self._pool.put(_Interp(cls, path, options.intra_op_threads))
+                self._pool.put(
+                    _Interp(cls, path, options.intra_op_threads, _delegates(cls, options))
+                )
         except ModelError:
             raise
         except Exception as exc:  # LiteRT raises ValueError/RuntimeError with its own text

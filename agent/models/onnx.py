@@ -1,4 +1,5 @@
-"""ONNX Runtime backend: CPU provider, bounded threads, signatures in OIP terms."""
+"""ONNX Runtime backend: execution providers as asked (CPU by default), bounded threads,
+signatures in OIP terms."""
 
 from __future__ import annotations
 
@@ -79,12 +80,26 @@ class OnnxSession:
         # The arena keeps freed blocks for reuse; on a device serving small models it mostly
         # holds memory the rest of the system could use.
         so.enable_cpu_mem_arena = options.memory_arena
+        wanted = list(options.providers) or ["CPUExecutionProvider"]
+        settings = dict(options.provider_options)
         try:
             self._session: Any = ort.InferenceSession(
-                str(path), so, providers=["CPUExecutionProvider"]
+                str(path),
+                so,
+                providers=[(name, dict(settings.get(name, ()))) for name in wanted],
             )
         except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph …)
-            raise ModelError(f"{path}: ONNX Runtime cannot load the model: {exc}") from exc
+            raise ModelError(
+                f"{path}: ONNX Runtime cannot load the model on {wanted[0]}: {exc}"
+            ) from exc
+        # ORT drops a provider that fails to initialise with a warning only: the one that
+        # serves must be the one asked for, or the caller falls back knowingly.
+        self.device = str(self._session.get_providers()[0])
+        if self.device != wanted[0]:
+            self._session = None
+            raise ModelError(
+                f"{path}: {wanted[0]} did not initialise (ONNX Runtime chose {self.device})"
+            )
         self._inputs = tuple(_spec(arg, path) for arg in self._session.get_inputs())
         self._outputs = tuple(_spec(arg, path) for arg in self._session.get_outputs())
         self._output_names = [spec.name for spec in self._outputs]

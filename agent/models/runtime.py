@@ -11,6 +11,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from agent.errors import ModelError
+from agent.models.devices import Delegate
 from agent.tensors import TensorSpec
 
 
@@ -23,6 +24,11 @@ class RuntimeOptions:
     # LiteRT interpreters are not thread-safe: the backend keeps this many, one per worker.
     interpreters: int = 1
     memory_arena: bool = False  # ONNX Runtime's CPU arena: faster for big models, more RSS
+    # ONNX Runtime's execution providers in order (empty: the CPU), with options per provider;
+    # LiteRT's delegates (empty: none). agent.models.devices decides them, with fallbacks.
+    providers: tuple[str, ...] = ()
+    provider_options: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = ()
+    delegates: tuple[Delegate, ...] = ()
 
 
 class Session(Protocol):

@@ -39,6 +39,10 @@ class LoadedVersion:
     # A known-good input (the signed smoke input, or zeros that ran at load) for the
     # watchdog's synthetic inference; None when there is none.
     probe: dict[str, Any] | None = None
+    # What it runs on (an ONNX Runtime provider, LiteRT delegates, or "CPU") and why not on
+    # what it asked for, one line per device given up (agent.models.devices).
+    device: str = "CPU"
+    fallbacks: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:

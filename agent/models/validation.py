@@ -8,6 +8,7 @@ candidate moves from loading to warming, so that the driver can record it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -17,15 +18,22 @@ from typing import Any
 import numpy as np
 
 from agent.errors import AgentError, ModelError
+from agent.models import devices
+from agent.models.devices import DeviceRequest
 from agent.models.fastpath import inline_budget
 from agent.models.lifecycle import Stage
 from agent.models.runtime import RuntimeOptions, load_session
 from agent.models.slots import LoadedVersion
 from agent.models.smoke import check_smoke, decode_smoke
-from agent.models.store import StoredModel
+from agent.models.store import Manifest, StoredModel
 from agent.tensors import check_signature, numpy_dtype
 
 log = logging.getLogger(__name__)
+
+
+class SignatureError(ModelError):
+    """The model's signature differs from the signed one: no other device would change that."""
+
 
 SMOKE_FILE = "smoke.json"
 
@@ -76,8 +84,14 @@ def validate_version(
     warmup_runs: int,
     on_stage: Callable[[Stage], None],
     inline_threshold_us: float = 0.0,
+    configured: DeviceRequest | None = None,
 ) -> LoadedVersion:
     """Load, check the signature, warm up and smoke-test one version (blocking: off the loop).
+
+    On the device the model asks for (``configured``, from agent.toml, else the signed
+    ``custom``: ``agent.models.devices``) first; when that device is missing, fails to load,
+    fails the warm-up or the smoke test, on the CPU, each fallback named in the result's
+    ``fallbacks`` (the driver records them as events).
 
     Raises:
         ModelError: naming what failed; the session is closed before raising.
@@ -97,12 +111,57 @@ def validate_version(
                 )
         if not manifest.custom.get("smoke"):
             raise ModelError(f"{where}: the signed metadata has no smoke test")
+    request = devices.choose(configured, devices.signed_request(manifest.custom, where))
+    plan, skipped = devices.attempts(request, manifest.runtime, available_providers(manifest))
+    fallbacks = [f"{device} {why}" for device, why in skipped]
+    for attempt in plan:
+        tried = dataclasses.replace(
+            options,
+            providers=attempt.providers,
+            provider_options=attempt.provider_options,
+            delegates=attempt.delegates,
+        )
+        try:
+            loaded = _validate_on(stored, tried, warmup_runs, on_stage, inline_threshold_us)
+        except ModelError as exc:
+            if attempt.on_cpu or isinstance(exc, SignatureError):
+                raise
+            fallbacks.append(f"{attempt.device} failed: {exc.message}")
+            log.warning("%s: %s failed (%s); falling back", where, attempt.device, exc.message)
+            continue
+        loaded.device = attempt.device
+        loaded.fallbacks = tuple(fallbacks)
+        return loaded
+    raise ModelError(f"{where}: no device to load it on")  # unreachable: the CPU comes last
+
+
+def available_providers(manifest: Manifest) -> list[str] | None:
+    """ONNX Runtime's providers in this process; None for LiteRT (and nothing imported)."""
+    if manifest.runtime != "onnx":
+        return None
+    from agent.models import onnx  # sets ONNX Runtime's environment before importing it
+
+    return list(onnx.ort.get_available_providers())
+
+
+def _validate_on(
+    stored: StoredModel,
+    options: RuntimeOptions,
+    warmup_runs: int,
+    on_stage: Callable[[Stage], None],
+    inline_threshold_us: float,
+) -> LoadedVersion:
+    manifest = stored.manifest
+    where = f"model {manifest.name} version {manifest.version}"
     session = load_session(stored.model_path, manifest.runtime, options)
     try:
-        if manifest.inputs:
-            check_signature(manifest.inputs, session.inputs, f"{where}: input")
-        if manifest.outputs:
-            check_signature(manifest.outputs, session.outputs, f"{where}: output")
+        try:
+            if manifest.inputs:
+                check_signature(manifest.inputs, session.inputs, f"{where}: input")
+            if manifest.outputs:
+                check_signature(manifest.outputs, session.outputs, f"{where}: output")
+        except ModelError as exc:
+            raise SignatureError(exc.message) from exc
         on_stage(Stage.WARMING)
         smoke_doc = read_smoke(stored)
         smoke = decode_smoke(smoke_doc) if smoke_doc is not None else None
