@@ -26,6 +26,10 @@ if [ "${1:-base}" = test ]; then
   # in ~/.cache/edge-agent-tests) and checked with Debian's lintian.
   command -v debootstrap >/dev/null || [ -x /usr/sbin/debootstrap ] || want+=(debootstrap)
   command -v lintian >/dev/null || want+=(lintian)
+  # The arm64 package runs in an emulated arm64 Debian 12 root (tests/arm64): qemu-user for
+  # aarch64, registered with binfmt_misc by the test for its duration.
+  [ -x /usr/bin/qemu-aarch64-static ] || want+=(qemu-user-static)
+  command -v update-binfmts >/dev/null || [ -x /usr/sbin/update-binfmts ] || want+=(binfmt-support)
   command -v gcc >/dev/null || want+=(gcc)
   # The fleet store's tests start a real PostgreSQL (initdb in a temporary directory).
   compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || want+=(postgresql)
