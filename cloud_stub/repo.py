@@ -290,6 +290,22 @@ class Repository:
         self._publish({role: md})
         return added
 
+    def replace_target_file(self, name: str, version: int, file_name: str, data: bytes) -> None:
+        """Sign new bytes for a published file of ``name`` ``version`` (its ``custom`` kept):
+        a re-wrapped keys document. Raises RepositoryError when the file is not published."""
+        role = self.role_for(name)
+        md = self.load(role)
+        path = target_path(name, version, file_name)
+        old = md.signed.targets.get(path)
+        if old is None:
+            raise RepositoryError(f"{path} is not published")
+        digest = hashlib.sha256(data).hexdigest()
+        _atomic_write(self.targets_dir / f"models/{name}/{version}/{digest}.{file_name}", data)
+        md.signed.targets[path] = TargetFile(
+            len(data), {"sha256": digest}, path, dict(old.unrecognized_fields)
+        )
+        self._publish({role: md})
+
     def remove_version(self, name: str, version: int) -> None:
         role = self.role_for(name)
         md = self.load(role)
@@ -300,6 +316,30 @@ class Repository:
         for path in doomed:
             del md.signed.targets[path]
         self._publish({role: md})
+
+    def update_custom(self, name: str, version: int, changes: Mapping[str, Any]) -> str:
+        """Set keys of the ``custom`` block of version ``version`` of ``name`` (its model file,
+        not its smoke test) and publish the role that signs it, then snapshot and timestamp:
+        the same bytes, new signed metadata (a rollout widened, a version withdrawn). Returns
+        the role signed.
+
+        Raises:
+            RepositoryError: the version is not published.
+        """
+        role = self.role_for(name)
+        md = self.load(role)
+        prefix = f"models/{name}/{version}/"
+        found = [
+            info
+            for path, info in md.signed.targets.items()
+            if path.startswith(prefix) and isinstance(info.unrecognized_fields.get("custom"), dict)
+        ]
+        if not found:
+            raise RepositoryError(f"{name} version {version} is not published")
+        for info in found:
+            info.unrecognized_fields["custom"] = {**info.unrecognized_fields["custom"], **changes}
+        self._publish({role: md})
+        return role
 
     # -- delegation, rotation, refresh ------------------------------------------------------
 

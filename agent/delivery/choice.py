@@ -85,6 +85,11 @@ def foreign_targets(
     return events
 
 
+def withdrawn(candidates: Sequence[ModelTarget]) -> frozenset[int]:
+    """The versions the repository withdrew (``custom.withdrawn``: a halted rollout)."""
+    return frozenset(t.version for t in candidates if t.withdrawn)
+
+
 def choose(
     name: str,
     candidates: Sequence[ModelTarget],
@@ -98,10 +103,14 @@ def choose(
 ) -> ModelTarget | DeliveryEvent:
     """The version of ``name`` to download, or why none is: ``up_to_date`` (nothing eligible
     newer than the newest of ``stored``, sorted ascending) or ``rejected`` (over the size
-    bound; the version is quarantined)."""
+    bound; the version is quarantined). Stored versions the repository withdrew do not count:
+    a device whose newest version is withdrawn downloads the newest it may take, unless it
+    kept that one."""
+    gone = withdrawn(candidates)
+    kept = [v for v in stored if v not in gone]
     choice = rollout.select(candidates, channel, device_id, agent_version, quarantined)
-    if choice is None or (stored and choice.version <= stored[-1]):
-        return DeliveryEvent("up_to_date", name, stored[-1] if stored else None)
+    if choice is None or (kept and choice.version <= kept[-1]):
+        return DeliveryEvent("up_to_date", name, kept[-1] if kept else None)
     if choice.length > max_model_bytes:
         reason = (
             f"target {choice.path} is {choice.length} bytes, over the limit of {max_model_bytes}"

@@ -13,6 +13,7 @@ from agent.delivery.report import CycleReport
 from agent.delivery.updater import ModelUpdater, UpdaterConfig
 from agent.errors import ConfigError
 from agent.models.lifecycle import QUARANTINED, Stage
+from agent.models.selection import withdrawn_key, withdrawn_versions
 from agent.models.store import ModelStore
 from agent.state import StateDB
 
@@ -48,6 +49,20 @@ def fetch_config(config: Config) -> FetchConfig:
         read_timeout_s=repo.read_timeout_s,
         file_deadline_s=repo.file_deadline_s,
     )
+
+
+def record_withdrawn(state: StateDB, name: str, versions: list[int]) -> None:
+    """Keep what the repository withdrew of ``name`` (``selection.withdrawn_key``; the daemon
+    returns a device serving one of them to the newest version it may take), with a
+    ``withdrawn`` event for each version this device has and had not yet seen withdrawn."""
+    before = set(withdrawn_versions(state, name))
+    for version in versions:
+        if version not in before and state.get(name, version) is not None:
+            state.add_event(name, version, "withdrawn", "withdrawn by the repository")
+            log.warning(
+                "update: model %s version %d was withdrawn by the repository", name, version
+            )
+    state.set_setting(withdrawn_key(name), versions or None)
 
 
 def run_cycle(config: Config) -> CycleReport:
@@ -103,6 +118,8 @@ def _run_cycle_locked(config: Config) -> CycleReport:
                 )
             else:
                 state.add_event(event.name, event.version, event.kind, event.reason)
+        for name, versions in report.withdrawn.items():
+            record_withdrawn(state, name, versions)
         report.finished = time.time()
         state.set_setting("last_update", report.to_dict())
         return report

@@ -30,6 +30,9 @@ class CycleReport:
     installed: list[tuple[str, int]] = field(default_factory=list)
     rejected: list[tuple[str, int | None, str]] = field(default_factory=list)
     events: list[DeliveryEvent] = field(default_factory=list)
+    # Per model whose listing this cycle verified: the versions the repository withdrew (kept
+    # in the child, recorded in the state database).
+    withdrawn: dict[str, list[int]] = field(default_factory=dict)
     error: str = ""
     finished: float = 0.0
 

@@ -28,6 +28,8 @@ def _version_tuple(text: str) -> tuple[int, ...]:
 
 def eligible(target: ModelTarget, channel: str, device_id: str, agent_version: str) -> str | None:
     """None when the device may take ``target``, else why not."""
+    if target.withdrawn:
+        return "withdrawn by the repository"
     if target.channel != channel:
         return f"channel {target.channel}, device follows {channel}"
     if bucket(device_id, target.name) >= target.rollout_bp:

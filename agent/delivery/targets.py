@@ -30,6 +30,9 @@ class ModelTarget:
     min_agent_version: str
     smoke_target: str | None
     custom: Mapping[str, Any]
+    # Withdrawn by the fleet (a halted rollout): never taken, and a device serving it returns
+    # to the newest version it may take (docs/repository.md).
+    withdrawn: bool = False
 
     @property
     def file_name(self) -> str:
@@ -97,6 +100,9 @@ def parse_target(path: str, length: int, hashes: Mapping[str, str], custom: Any)
             raise TrustError(f"{where}: smoke target {smoke_target!r} outside the version")
     elif not (isinstance(smoke, dict) and isinstance(smoke.get("inline"), dict)):
         raise TrustError(f"{where}: custom.smoke must hold 'inline' or 'target'")
+    withdrawn = custom.get("withdrawn", False)
+    if not isinstance(withdrawn, bool):
+        raise TrustError(f"{where}: custom.withdrawn must be true or false, found {withdrawn!r}")
     sha256 = hashes.get("sha256")
     if not sha256:
         raise TrustError(f"{where}: no sha256 hash")
@@ -114,4 +120,5 @@ def parse_target(path: str, length: int, hashes: Mapping[str, str], custom: Any)
         min_agent_version=min_agent,
         smoke_target=smoke_target,
         custom=custom,
+        withdrawn=withdrawn,
     )

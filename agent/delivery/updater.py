@@ -194,6 +194,7 @@ class ModelUpdater:
         for path, reason in found.refused:
             report.events.append(DeliveryEvent("rejected", name, None, reason))
             log.warning("update: model %s: ignoring target %s: %s", name, path, reason)
+        report.withdrawn[name] = sorted(choice.withdrawn(found.candidates))
         decision = choice.choose(
             name,
             found.candidates,

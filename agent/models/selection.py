@@ -23,11 +23,26 @@ def pin_key(name: str) -> str:
     return f"pin:{name}"
 
 
+def withdrawn_key(name: str) -> str:
+    """The setting that holds the versions of ``name`` the repository withdrew, as the last
+    update cycle that verified the model's listing found them."""
+    return f"withdrawn:{name}"
+
+
+def withdrawn_versions(state: StateDB, name: str) -> frozenset[int]:
+    raw = state.setting(withdrawn_key(name))
+    if not isinstance(raw, list):
+        return frozenset()
+    return frozenset(v for v in raw if isinstance(v, int) and not isinstance(v, bool))
+
+
 def newest_deployable(state: StateDB, name: str, active: int | None) -> int | None:
-    """The newest verified version newer than the active one, never a quarantined one."""
+    """The newest verified version newer than the active one, never a quarantined one nor
+    one the repository withdrew."""
     best = None
+    gone = withdrawn_versions(state, name)
     for row in state.deployments(name):
-        if Stage(row.stage) in lifecycle.QUARANTINED:
+        if Stage(row.stage) in lifecycle.QUARANTINED or row.version in gone:
             continue
         if row.stage == Stage.VERIFIED and (active is None or row.version > active):
             best = row.version if best is None else max(best, row.version)
@@ -71,6 +86,19 @@ class Selection:
         return lifecycle.previous_committed(
             self.commits(name), self.stages(name), active, self.store.versions(name)
         )
+
+    def revert_target(self, name: str, active: int) -> int | None:
+        """Where a device serving ``active``, which the repository withdrew, returns: the
+        newest other version it may take (in the store, signed, not quarantined, not
+        withdrawn), older than ``active``; None if it has none (yet: the update cycle
+        downloads it)."""
+        gone = withdrawn_versions(self.state, name)
+        for version in sorted(self.store.versions(name), reverse=True):
+            if version >= active or version in gone:
+                continue
+            if self.eligible(name, version, allow_unsigned=False):
+                return version
+        return None
 
     # -- pins -------------------------------------------------------------------------------
 
