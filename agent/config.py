@@ -96,6 +96,12 @@ class ServingSection:
     idle_timeout_s: float = 120.0  # a keep-alive connection is closed after this idle
     # Models whose p90 on their warm-up input is under this run on the event loop (0: never).
     inline_threshold_us: float = INLINE_THRESHOLD_US
+    # gRPC (KServe v2), loaded only when one of these is set (agent/serving/grpc/).
+    grpc_socket: Path | None = None  # a Unix socket, with socket_mode and socket_group
+    grpc_tcp: str = ""  # "127.0.0.1:8001"; loopback only unless grpc_tcp_remote
+    grpc_tcp_remote: bool = False
+    grpc_max_streams: int = 64  # calls open at once on one connection
+    grpc_max_rpcs: int = 1024  # calls in flight in total
 
     def __post_init__(self) -> None:
         checks = _Checks()
@@ -113,16 +119,18 @@ class ServingSection:
                 'a mode that gives other users no access, like "0660"',
                 self.socket_mode,
             )
-        if self.http:
-            host, _, port = self.http.rpartition(":")
+        for key, remote in (("http", False), ("grpc_tcp", self.grpc_tcp_remote)):
+            value = getattr(self, key)
+            host, _, port = value.rpartition(":")
+            loopback = remote or host in ("127.0.0.1", "localhost", "::1", "[::1]")
             checks.expect(
-                host in ("127.0.0.1", "localhost", "::1", "[::1]")
-                and port.isdigit()
-                and int(port) < 65536,
-                "http",
-                'a loopback host:port like "127.0.0.1:8000"',
-                self.http,
+                not value or (loopback and port.isdigit() and int(port) < 65536),
+                key,
+                "a host:port" if remote else 'a loopback host:port like "127.0.0.1:8000"',
+                value,
             )
+        for name in ("grpc_max_streams", "grpc_max_rpcs"):
+            checks.expect(getattr(self, name) > 0, name, "1 or more", getattr(self, name))
         for name in ("workers", "intra_op_threads", "max_connections"):
             checks.expect(getattr(self, name) >= 0, name, "0 or more", getattr(self, name))
         for name in ("max_body_bytes", "max_header_bytes", "max_buffered_body_bytes"):
