@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from agent.errors import AgentError
+from cloud_stub import confidential_cli
 from cloud_stub.cli_parser import build_parser
 from cloud_stub.repo import TOP_LEVEL, Expiry, Repository, RepositoryError
 
@@ -88,6 +89,7 @@ def _cmd(args: argparse.Namespace) -> int:
             atol=args.atol,
             rtol=args.rtol,
             latency_budget_ms=args.latency_budget_ms,
+            encrypt=args.encrypt,
         )
         print(f"published {result.name} version {result.version}")
         print(f"  target    {result.path} ({result.length} bytes, {result.runtime})")
@@ -99,6 +101,8 @@ def _cmd(args: argparse.Namespace) -> int:
         print(f"  quantized {quant}")
         print(f"  smoke     {result.smoke}")
         return 0
+    if args.command in confidential_cli.COMMANDS:
+        return confidential_cli.run(args)
     if args.command == "unpublish":
         Repository(args.repo).remove_version(args.name, args.version)
         print(f"removed {args.name} version {args.version}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cloud_stub.confidential_cli import add_parsers, add_publish_option
 from cloud_stub.repo import TOP_LEVEL, Expiry, RepositoryError, positive_days
 
 # The help's description: the docstring of cloud_stub.cli, the command's module.
@@ -91,7 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="devices reject the version when its p95 warm-up latency exceeds this many "
         "milliseconds (default: no budget)",
     )
+    add_publish_option(pub)
     _expiry_arguments(pub, changes_policy=True)
+    add_parsers(sub, _REPO)
 
     unpub = sub.add_parser("unpublish", help="remove a model version from the repository")
     unpub.add_argument("repo", type=Path, help=_REPO)

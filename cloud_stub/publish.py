@@ -105,13 +105,18 @@ def publish(
     atol: float = 1e-4,
     rtol: float = 1e-3,
     latency_budget_ms: int | None = None,
+    encrypt: str | None = None,
     log: Any = print,
 ) -> Published:
     """Publish ``model_file`` as ``name`` version ``version``.
 
     Raises:
-        RepositoryError: bad arguments, a quantization error past ``max_error``, or a version
-            that is not newer than the published ones.
+        RepositoryError: bad arguments, a quantization error past ``max_error``, a version
+            that is not newer than the published ones, or ``encrypt`` ("fleet" | "devices")
+            without a fleet key or enrolled devices.
+
+    With ``encrypt``, the model and its smoke test (always its own target then) are
+    published encrypted, and their content key wrapped as ``keys.json`` (``encrypt.seal``).
     """
     runtime = RUNTIME_BY_SUFFIX.get(model_file.suffix)
     if runtime is None:
@@ -125,6 +130,10 @@ def publish(
         raise RepositoryError(
             f"{name} version {version} is not newer than the published version {existing[-1]}"
         )
+    if encrypt is not None:
+        from cloud_stub.enroll import recipients
+
+        recipients(repo.root, encrypt)  # refuse now, before any work, when nobody could open it
     session = load_session(model_file, runtime, RuntimeOptions())
     inputs, outputs = session.inputs, session.outputs
     session.close()
@@ -191,13 +200,20 @@ def publish(
         }
         if latency_budget_ms is not None:
             custom["latency_budget_ms"] = int(latency_budget_ms)
-        if len(smoke_bytes) <= INLINE_SMOKE_MAX_BYTES:
+        if len(smoke_bytes) <= INLINE_SMOKE_MAX_BYTES and encrypt is None:
             custom["smoke"] = {"inline": smoke}
             smoke_where = "inline"
         else:
             files["smoke.json"] = smoke_bytes
             smoke_where = f"models/{name}/{version}/smoke.json"
             custom["smoke"] = {"target": smoke_where}
+        if encrypt is not None:
+            from cloud_stub.encrypt import seal
+
+            sealed = seal(repo.root, name, version, encrypt, files)
+            files = {**sealed.files, "keys.json": sealed.keys.to_bytes()}
+            custom["encryption"] = sealed.info.to_dict()
+            log(f"encrypted for {len(sealed.keys.recipients)} recipient(s) ({encrypt})")
         added = repo.add_target_files(name, version, files, {model_name: custom})
     info = next(t for t in added if t.path.endswith(model_name))
     return Published(

@@ -1,0 +1,1 @@
+"""Confidential models: device identity, the encrypted envelope, decryption into memory."""

@@ -1,0 +1,98 @@
+"""Encrypted publication: a version's files sealed with a fresh content key, and the key
+wrapped for its recipients as the signed target ``models/NAME/VERSION/keys.json``.
+
+The content key of each version is kept in ``REPO/keys/content/NAME/VERSION.json`` (0600,
+never served), so the version can be re-wrapped for another set of devices (``rewrap``)
+without being encrypted again: the ciphertext, its signed hash and every device's download
+stay as they are; only the keys target changes.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.confidential import envelope, keywrap
+from agent.confidential.keywrap import Encryption, KeysDocument
+from agent.models.store import atomic_write
+from cloud_stub import enroll
+from cloud_stub.expiry import RepositoryError
+from cloud_stub.repo import Repository, target_path
+
+
+@dataclass(frozen=True, slots=True)
+class Sealed:
+    """What publishing an encrypted version adds: encrypted files, the keys document."""
+
+    files: dict[str, bytes]
+    keys: KeysDocument
+    info: Encryption
+
+
+def _key_file(repo_root: Path, name: str, version: int) -> Path:
+    return repo_root / "keys" / "content" / name / f"{version}.json"
+
+
+def seal(
+    repo_root: Path,
+    name: str,
+    version: int,
+    mode: str,
+    files: Mapping[str, bytes],
+    chunk_bytes: int = envelope.DEFAULT_CHUNK_BYTES,
+) -> Sealed:
+    """Encrypt ``files`` (file name -> plaintext) of ``name`` ``version`` with a fresh content
+    key, and wrap it for the recipients of ``mode``.
+
+    Raises:
+        RepositoryError: no recipients for ``mode``.
+    """
+    recipients = enroll.recipients(repo_root, mode)
+    key, content_id = os.urandom(envelope.KEY_BYTES), os.urandom(envelope.CONTENT_ID_BYTES)
+    path = _key_file(repo_root, name, version)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.chmod(repo_root / "keys" / "content", 0o700)
+    record = {"content_key": keywrap.b64(key), "content_id": keywrap.b64(content_id), "mode": mode}
+    atomic_write(path, json.dumps(record).encode(), 0o600)
+    sealed = {
+        file_name: b"".join(
+            envelope.encrypt(
+                data, key, target_path(name, version, file_name), content_id, chunk_bytes
+            )
+        )
+        for file_name, data in files.items()
+    }
+    doc = keywrap.build(name, version, key, content_id, mode, recipients)
+    info = Encryption(
+        mode, content_id, target_path(name, version, keywrap.KEYS_FILE), tuple(sorted(files))
+    )
+    return Sealed(sealed, doc, info)
+
+
+def rewrap(repo: Repository, name: str, version: int) -> KeysDocument:
+    """Publish a new keys document for ``name`` ``version``, wrapped for the recipients
+    enrolled now (a new device set, a fleet key); the ciphertext is not touched.
+
+    Raises:
+        RepositoryError: the version is not published encrypted, or its content key is gone.
+    """
+    path = _key_file(repo.root, name, version)
+    try:
+        record = json.loads(path.read_bytes())
+        key = base64.b64decode(record["content_key"], validate=True)
+        content_id = base64.b64decode(record["content_id"], validate=True)
+        mode = str(record["mode"])
+    except FileNotFoundError:
+        raise RepositoryError(
+            f"{name} version {version} has no content key in {path.parent}: it was not "
+            "published encrypted from this repository"
+        ) from None
+    except (OSError, ValueError, KeyError) as exc:
+        raise RepositoryError(f"the content key {path} is unreadable: {exc}") from exc
+    doc = keywrap.build(name, version, key, content_id, mode, enroll.recipients(repo.root, mode))
+    repo.replace_target_file(name, version, keywrap.KEYS_FILE, doc.to_bytes())
+    return doc
