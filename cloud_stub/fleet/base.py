@@ -16,17 +16,15 @@ from typing import Any
 from cloud_stub.fleet import rows, sql
 from cloud_stub.fleet.queries import Queries
 from cloud_stub.fleet.records import (
+    MAX_ACKS_PER_DEVICE,
+    MAX_AGE_S,
+    MAX_EVENTS_PER_DEVICE,
+    MAX_HEALTH_PER_DEVICE,
     Decision,
     FleetStoreError,
     IngestResult,
     Message,
     Rollout,
-)
-from cloud_stub.fleet.store import (
-    MAX_ACKS_PER_DEVICE,
-    MAX_AGE_S,
-    MAX_EVENTS_PER_DEVICE,
-    MAX_HEALTH_PER_DEVICE,
 )
 
 log = logging.getLogger(__name__)

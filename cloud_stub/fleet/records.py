@@ -11,6 +11,11 @@ from agent.errors import AgentError
 ROLLOUT_STATES = frozenset({"running", "paused", "halted", "done"})
 ACTIONS = frozenset({"pause", "resume", "halt"})
 FAILURE_KINDS = frozenset({"rolled_back", "rejected", "failed", "probation_failed"})
+# The history the store keeps (``prune``): per device, and nothing older than the age.
+MAX_EVENTS_PER_DEVICE = 200
+MAX_HEALTH_PER_DEVICE = 30
+MAX_ACKS_PER_DEVICE = 50
+MAX_AGE_S = 7 * 24 * 3600
 
 
 class FleetStoreError(AgentError):

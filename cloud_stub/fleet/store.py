@@ -25,11 +25,6 @@ from cloud_stub.fleet.records import (
     Rollout,
 )
 
-MAX_EVENTS_PER_DEVICE = 200
-MAX_HEALTH_PER_DEVICE = 30
-MAX_ACKS_PER_DEVICE = 50
-MAX_AGE_S = 7 * 24 * 3600
-
 
 class FleetStore(Protocol):
     """What the dashboards and the rollout controller read and write."""

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from cloud_stub.fleet import records
 from cloud_stub.fleet import store as store_module
 from cloud_stub.fleet.control import StoreControl
 from cloud_stub.fleet.records import (
@@ -196,7 +197,7 @@ def test_history_is_bounded_per_device_and_by_age(
     monkeypatch.setattr("cloud_stub.fleet.base.MAX_EVENTS_PER_DEVICE", 5)
     now = time.time()
     store.ingest([event("dev-1", n, "activated", 3, ts=now - 100 + n) for n in range(1, 13)])
-    store.ingest([event("dev-2", 1, "activated", 3, ts=now - store_module.MAX_AGE_S - 10)])
+    store.ingest([event("dev-2", 1, "activated", 3, ts=now - records.MAX_AGE_S - 10)])
     store.ingest([event("dev-2", 2, "committed", 3, ts=now)])
     removed = store.prune(now)
     assert removed == 8  # 7 of dev-1 over the bound, dev-2's one past the age
