@@ -102,6 +102,9 @@ class ServingSection:
     grpc_tcp_remote: bool = False
     grpc_max_streams: int = 64  # calls open at once on one connection
     grpc_max_rpcs: int = 1024  # calls in flight in total
+    # Triton's system shared memory (agent/serving/shm/): per client, regions and their bytes.
+    shm_max_regions_per_peer: int = 32  # 0: the extension is off
+    shm_max_bytes_per_peer: int = 1024 * 1024 * 1024
 
     def __post_init__(self) -> None:
         checks = _Checks()
@@ -131,6 +134,18 @@ class ServingSection:
             )
         for name in ("grpc_max_streams", "grpc_max_rpcs"):
             checks.expect(getattr(self, name) > 0, name, "1 or more", getattr(self, name))
+        checks.expect(
+            self.shm_max_regions_per_peer >= 0,
+            "shm_max_regions_per_peer",
+            "0 or more",
+            self.shm_max_regions_per_peer,
+        )
+        checks.expect(
+            self.shm_max_bytes_per_peer > 0,
+            "shm_max_bytes_per_peer",
+            "a positive size",
+            self.shm_max_bytes_per_peer,
+        )
         for name in ("workers", "intra_op_threads", "max_connections"):
             checks.expect(getattr(self, name) >= 0, name, "0 or more", getattr(self, name))
         for name in ("max_body_bytes", "max_header_bytes", "max_buffered_body_bytes"):
