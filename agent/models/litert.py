@@ -63,9 +63,21 @@ def _spec(detail: Mapping[str, Any]) -> TensorSpec:
 class _Interp:
     """One interpreter with its tensor indices and the input shapes it is allocated for."""
 
-    def __init__(self, cls: Any, path: Path, threads: int, delegates: Sequence[Any] = ()) -> None:
-        extra = {"experimental_delegates": list(delegates)} if delegates else {}
-        self.interp = cls(model_path=str(path), num_threads=max(1, threads), **extra)
+    def __init__(
+        self,
+        cls: Any,
+        path: Path,
+        threads: int,
+        delegates: Sequence[Any] = (),
+        model: bytes | None = None,
+    ) -> None:
+        extra: dict[str, Any] = {"experimental_delegates": list(delegates)} if delegates else {}
+        # From memory (a decrypted model): LiteRT reads the buffer for the interpreter's life.
+        if model is None:
+            extra["model_path"] = str(path)
+        else:
+            extra["model_content"] = model
+        self.interp = cls(num_threads=max(1, threads), **extra)
         self.interp.allocate_tensors()
         self.inputs = {d["name"]: d for d in self.interp.get_input_details()}
         self.outputs = {d["name"]: d for d in self.interp.get_output_details()}
@@ -108,24 +120,28 @@ def _delegates(cls: Any, options: RuntimeOptions) -> list[Any]:
     for delegate in options.delegates:
         try:
             loaded.append(load(delegate.library, dict(delegate.options)))
-        except (ValueError, RuntimeError, OSError) as exc:
-            raise ModelError(f"LiteRT delegate {delegate.library} cannot be loaded: {exc}") from exc
+        except Exception as exc:  # ValueError (no library), AttributeError (no entry point) …
+            # Not chained: the traceback would keep LiteRT's half-built Delegate alive, whose
+            # __del__ then fails wherever the collector happens to run.
+            raise ModelError(
+                f"LiteRT delegate {delegate.library} cannot be loaded: {exc}"
+            ) from None
     return loaded
 
 
 class LiteRTSession:
     platform = "tensorflow_lite"
 
-    def __init__(self, path: Path, options: RuntimeOptions) -> None:
+    def __init__(self, path: Path, options: RuntimeOptions, model: bytes | None = None) -> None:
         self.path = path
         cls = select_interpreter()
         self._pool: queue.SimpleQueue[_Interp] = queue.SimpleQueue()
         self.device = "+".join(d.library for d in options.delegates) or "CPU"
         try:
-            first = _Interp(cls, path, options.intra_op_threads, _delegates(cls, options))
+            first = _Interp(cls, path, options.intra_op_threads, _delegates(cls, options), model)
             for _ in range(max(1, options.interpreters) - 1):
                 self._pool.put(
-                    _Interp(cls, path, options.intra_op_threads, _delegates(cls, options))
+                    _Interp(cls, path, options.intra_op_threads, _delegates(cls, options), model)
                 )
         except ModelError:
             raise
@@ -169,5 +185,7 @@ class LiteRTSession:
 class LiteRTBackend:
     name = "tflite"
 
-    def load(self, path: Path, options: RuntimeOptions) -> LiteRTSession:
-        return LiteRTSession(path, options)
+    def load(
+        self, path: Path, options: RuntimeOptions, model: bytes | None = None
+    ) -> LiteRTSession:
+        return LiteRTSession(path, options, model)
