@@ -134,21 +134,10 @@ class ServingSection:
             )
         for name in ("grpc_max_streams", "grpc_max_rpcs"):
             checks.expect(getattr(self, name) > 0, name, "1 or more", getattr(self, name))
-        checks.expect(
-            self.shm_max_regions_per_peer >= 0,
-            "shm_max_regions_per_peer",
-            "0 or more",
-            self.shm_max_regions_per_peer,
-        )
-        checks.expect(
-            self.shm_max_bytes_per_peer > 0,
-            "shm_max_bytes_per_peer",
-            "a positive size",
-            self.shm_max_bytes_per_peer,
-        )
-        for name in ("workers", "intra_op_threads", "max_connections"):
+        for name in ("workers", "intra_op_threads", "max_connections", "shm_max_regions_per_peer"):
             checks.expect(getattr(self, name) >= 0, name, "0 or more", getattr(self, name))
-        for name in ("max_body_bytes", "max_header_bytes", "max_buffered_body_bytes"):
+        sizes = ("max_body_bytes", "max_header_bytes", "max_buffered_body_bytes")
+        for name in (*sizes, "shm_max_bytes_per_peer"):
             checks.expect(getattr(self, name) > 0, name, "a positive size", getattr(self, name))
         checks.expect(
             self.max_connections_per_peer >= 0,
