@@ -21,6 +21,7 @@ from typing import Any
 
 from agent import faults, systemd
 from agent.config import Config
+from agent.iothread import IoThread
 from agent.models.deployer import DeployConfig, Deployer
 from agent.models.probation import policy_of
 from agent.models.selection import newest_deployable
@@ -55,6 +56,9 @@ class Agent:
 
     def __init__(self, config: Config) -> None:
         self.settings = LiveSettings(config)
+        # The one thread for blocking I/O (state database writes, store reads and removals):
+        # built first, stopped last, so nothing on the event loop waits for the disk.
+        self.io = IoThread()
         self.slots = Slots()
         self.metrics = Registry()
         self.serving = Serving(config, self.slots, self.metrics)
@@ -80,8 +84,10 @@ class Agent:
         # that arrives from now on stays in the listening socket's backlog: with socket
         # activation systemd keeps the socket, and the next agent accepts it), so every
         # request already accepted is answered by models still loaded; then the background
-        # tasks, the deployer, the reporter, the pool, the sessions and the state database.
+        # tasks, the deployer, the reporter, the pool, the sessions, the state database (closed
+        # on the I/O thread) and last the I/O thread.
         self._exits = contextlib.AsyncExitStack()
+        self._exits.push_async_exit(self.io)
         self._exits.push_async_callback(self._close_state)
         self._exits.callback(self.slots.close)
         self._exits.push_async_callback(asyncio.to_thread, self.serving.pool.shutdown)
@@ -140,8 +146,8 @@ class Agent:
 
     async def start_deployments(self) -> None:
         """Open the store and state database, serve what was committed, validate what is new."""
-        self.state = await asyncio.to_thread(StateDB, self.config.state_db)
-        store = await asyncio.to_thread(ModelStore, self.config.store_dir)
+        self.state = await self.io.run(StateDB, self.config.state_db)
+        store = await self.io.run(ModelStore, self.config.store_dir)
         self.deployer = Deployer(
             store,
             self.slots,
@@ -156,6 +162,7 @@ class Agent:
             ),
             on_event=self._on_event,
             available_memory=available_memory_bytes,
+            io=self.io,
         )
         deployer = self.deployer
         self.status.deployment = lambda: deployer.activity
@@ -354,4 +361,4 @@ class Agent:
 
     async def _close_state(self) -> None:
         if self.state is not None:
-            self.state.close()
+            await self.io.run(self.state.close)

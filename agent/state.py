@@ -8,6 +8,10 @@ Tables:
 
 The daemon and the short-lived ``edge-agent update --once`` child both open it; SQLite's
 locking serialises their writes, and ``busy_timeout`` makes a writer wait instead of failing.
+
+Two connections: one for writes (and the reads inside a write's transaction), one for reads.
+In WAL mode a reader never waits for a writer, so a read on the daemon's event loop is never
+held up by a commit's fsync running on its I/O thread (``agent.iothread``).
 """
 
 from __future__ import annotations
@@ -101,10 +105,32 @@ class StateDB:
             raise StoreError(f"cannot open state database {path}: {exc}") from exc
         self._lock = threading.RLock()
         self._migrate()
+        try:
+            # Opened after the migration: the schema it reads exists.
+            self._reader = sqlite3.connect(
+                path, timeout=10.0, check_same_thread=False, isolation_level=None
+            )
+            self._reader.execute("PRAGMA busy_timeout=10000")
+            self._reader.execute("PRAGMA query_only=ON")
+        except sqlite3.Error as exc:
+            self._db.close()
+            raise StoreError(f"cannot open state database {path}: {exc}") from exc
+        self._read_lock = threading.Lock()
 
     def close(self) -> None:
+        with self._read_lock:
+            self._reader.close()
         with self._lock:
             self._db.close()
+
+    @contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        """The connection for reads outside a transaction (never waits for a commit)."""
+        with self._read_lock:
+            try:
+                yield self._reader
+            except sqlite3.Error as exc:
+                raise StoreError(f"state database {self.path}: {exc}") from exc
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -136,8 +162,8 @@ class StateDB:
     # -- deployments ------------------------------------------------------------------------
 
     def get(self, name: str, version: int) -> Deployment | None:
-        with self._lock:
-            row = self._db.execute(
+        with self._reading() as db:
+            row = db.execute(
                 "SELECT name, version, stage, reason, crashes, updated FROM deployments "
                 "WHERE name=? AND version=?",
                 (name, version),
@@ -150,8 +176,8 @@ class StateDB:
         if name is not None:
             query += " WHERE name=?"
             args = (name,)
-        with self._lock:
-            rows = self._db.execute(query + " ORDER BY name, version", args).fetchall()
+        with self._reading() as db:
+            rows = db.execute(query + " ORDER BY name, version", args).fetchall()
         return [Deployment(*row) for row in rows]
 
     def record(
@@ -202,16 +228,16 @@ class StateDB:
         if name is not None:
             query += " WHERE name=?"
             args = (name,)
-        with self._lock:
-            rows = self._db.execute(query + " ORDER BY id DESC LIMIT ?", (*args, limit)).fetchall()
+        with self._reading() as db:
+            rows = db.execute(query + " ORDER BY id DESC LIMIT ?", (*args, limit)).fetchall()
         return [Event(*row) for row in reversed(rows)]
 
     def events_after(self, after_id: int, limit: int = 500) -> list[Event]:
         """Up to ``limit`` events with an id above ``after_id``, oldest first: the events table
         read as a queue (the MQTT outbox keeps its cursor). Ids grow in commit order, since
         SQLite has one writer at a time, so a reader never sees a later id before an earlier."""
-        with self._lock:
-            rows = self._db.execute(
+        with self._reading() as db:
+            rows = db.execute(
                 "SELECT id, ts, name, version, kind, reason FROM events WHERE id > ? "
                 "ORDER BY id LIMIT ?",
                 (after_id, limit),
@@ -225,8 +251,8 @@ class StateDB:
     # -- settings ---------------------------------------------------------------------------
 
     def setting(self, key: str, default: Any = None) -> Any:
-        with self._lock:
-            row = self._db.execute("SELECT value FROM settings WHERE key=?", (key,)).fetchone()
+        with self._reading() as db:
+            row = db.execute("SELECT value FROM settings WHERE key=?", (key,)).fetchone()
         return default if row is None else json.loads(row[0])
 
     def set_setting(self, key: str, value: Any) -> None:

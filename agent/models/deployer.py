@@ -15,6 +15,10 @@ budget: blocking, in a worker thread), ``probation`` (watching the window, the v
 ``selection`` (what may serve: rollback targets, pins, the previous committed version),
 ``manual`` (rollback and pin by hand), ``retention`` (which files go) and, pure,
 ``lifecycle``.
+
+Nothing here blocks the event loop: the state database's writes, the manifest reads and the
+removals of retention run on the daemon's one I/O thread (``agent.iothread``, injected), the
+validation on a worker thread.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from dataclasses import dataclass, field
 from agent.activity import IDLE, Activity
 from agent.errors import AgentError, StoreError
 from agent.faults import crash_point
+from agent.iothread import IoThread
 from agent.models import drain, lifecycle
 from agent.models.fastpath import DEFAULT_THRESHOLD_US
 from agent.models.journal import Journal
@@ -76,8 +81,10 @@ class Deployer(ManualActions, Retention):
         config: DeployConfig | None = None,
         on_event: Callable[[Event], None] | None = None,
         available_memory: Callable[[], int | None] | None = None,
+        io: IoThread | None = None,
     ) -> None:
         self.store = store
+        self.io = io or IoThread("edge-deployer")  # the daemon's; a thread of its own otherwise
         self.slots = slots
         self.state = state
         self.statistics = statistics  # figures per version: probation reads them
@@ -86,7 +93,7 @@ class Deployer(ManualActions, Retention):
         self._available_memory = available_memory or (lambda: None)
         self._locks: dict[str, asyncio.Lock] = {}
         self.selection = Selection(store, state)
-        self.journal = Journal(state, self.selection, on_event)
+        self.journal = Journal(state, self.selection, on_event, self.io)
         self._record = self.journal.record
         self._stage = self.journal.stage
         self._event = self.journal.event
@@ -124,7 +131,9 @@ class Deployer(ManualActions, Retention):
         if pinned is not None and problem is not None:
             # Left by an older agent (a pin could then name a quarantined version): clear it,
             # so that nothing treats the model as held.
-            self.journal.unpin(name, pinned, f"the pin to version {pinned} cannot hold: {problem}")
+            await self.journal.unpin(
+                name, pinned, f"the pin to version {pinned} cannot hold: {problem}"
+            )
             pinned = None
         plan = lifecycle.plan_start(states, stored, pinned, self.config.max_probation_crashes)
         for version, stage, reason in plan.resets:
@@ -133,7 +142,7 @@ class Deployer(ManualActions, Retention):
             if current is Stage.ACTIVE:
                 row = self.state.get(name, version)
                 crashes = (row.crashes if row else 0) + 1
-            self._record(
+            await self._record(
                 name,
                 version,
                 stage,
@@ -143,7 +152,7 @@ class Deployer(ManualActions, Retention):
             )
         for version in stored:
             if self._stage(name, version) is None:
-                self._record(name, version, Stage.VERIFIED, "found in the store")
+                await self._record(name, version, Stage.VERIFIED, "found in the store")
         if plan.serve is not None:
             try:
                 loaded = await self._validate(name, plan.serve, record=False)
@@ -154,7 +163,7 @@ class Deployer(ManualActions, Retention):
                     plan.serve,
                     exc,
                 )
-                self._record(name, plan.serve, Stage.ROLLED_BACK, f"no longer loads: {exc}")
+                await self._record(name, plan.serve, Stage.ROLLED_BACK, f"no longer loads: {exc}")
                 await self._start_model(name)
                 return
             slot.add(loaded, activate=True)
@@ -192,7 +201,7 @@ class Deployer(ManualActions, Retention):
             if active is not None and active.version == version:
                 return True
             if stage is None:
-                self._record(name, version, Stage.VERIFIED, "found in the store")
+                await self._record(name, version, Stage.VERIFIED, "found in the store")
             self.activity = Activity("validating", name, version)
             replaced = active.version if active is not None else None
             # What a failed probation goes back to: the last committed version; with none
@@ -208,7 +217,7 @@ class Deployer(ManualActions, Retention):
             try:
                 loaded = await self._validate(name, version, record=True)
             except AgentError as exc:
-                self._record(name, version, Stage.REJECTED, str(exc))
+                await self._record(name, version, Stage.REJECTED, str(exc))
                 if drained and replaced is not None:
                     await self._restore(name, replaced, f"version {version} was rejected")
                 self.activity = IDLE
@@ -221,29 +230,31 @@ class Deployer(ManualActions, Retention):
                 if other not in (version, fallback):
                     self._unload(name, other)
             if replaced is not None and self._stage(name, replaced) is Stage.ACTIVE:
-                self._record(name, replaced, Stage.RETIRED, f"superseded by version {version}")
+                await self._record(
+                    name, replaced, Stage.RETIRED, f"superseded by version {version}"
+                )
             if replaced is not None:
                 why = f"replaced version {replaced}"
             elif fallback is not None:
                 why = f"no version was serving; version {fallback} is the fallback"
             else:
                 why = "first version"
-            self._record(name, version, Stage.ACTIVE, why, event="activated")
+            await self._record(name, version, Stage.ACTIVE, why, event="activated")
             self.probations.start(name, version, fallback)
             self.activity = Activity("probation", name, version)
             return True
 
     async def _validate(self, name: str, version: int, *, record: bool) -> LoadedVersion:
-        stored = await asyncio.to_thread(self.store.get, name, version)
+        stored = await self.io.run(self.store.get, name, version)
         if record:
-            self._record(name, version, Stage.LOADING)
+            await self._record(name, version, Stage.LOADING)
             crash_point("loading")
         loop = asyncio.get_running_loop()
 
         def on_stage(stage: Stage) -> None:
-            # From the worker thread; scheduled before the thread's result, so it lands first.
+            # From the validation thread: stored (on the I/O thread) before it goes on.
             if record:
-                loop.call_soon_threadsafe(self.journal.reached, name, version, stage)
+                self.journal.reached(name, version, stage, loop)
 
         loaded = await asyncio.to_thread(
             validate_version,
@@ -254,7 +265,7 @@ class Deployer(ManualActions, Retention):
             self.config.inline_threshold_us,
         )
         if record:
-            self._record(name, version, Stage.VALIDATED, what_was_checked(loaded))
+            await self._record(name, version, Stage.VALIDATED, what_was_checked(loaded))
         return loaded
 
     def _must_drain(self, name: str, version: int) -> bool:
@@ -294,7 +305,7 @@ class Deployer(ManualActions, Retention):
             slot.deactivate(f"version {version} could not be reloaded: {exc}")
             return False
         slot.add(loaded, activate=True)
-        self._event(name, version, "restored", f"loaded again from disk: {why}")
+        await self._event(name, version, "restored", f"loaded again from disk: {why}")
         return True
 
     # -- probation --------------------------------------------------------------------------
@@ -310,9 +321,9 @@ class Deployer(ManualActions, Retention):
         (stored, sent over MQTT, in ``status``), a warning in the log and the status text.
         """
         if verdict is Verdict.COMMIT:
-            self._commit(name, version, reason)
+            await self._commit(name, version, reason)
         elif previous is None:
-            self._event(name, version, "probation_failed", f"kept serving: {reason}")
+            await self._event(name, version, "probation_failed", f"kept serving: {reason}")
             log.warning(
                 "model %s version %d: failed its probation but no earlier version exists; "
                 "kept serving (%s)",
@@ -320,22 +331,24 @@ class Deployer(ManualActions, Retention):
                 version,
                 reason,
             )
-            self._commit(name, version, f"no earlier version to fall back to; {reason}")
+            await self._commit(name, version, f"no earlier version to fall back to; {reason}")
             self.activity = Activity("probation failed", name, version)
         else:
             await self._rollback_to_previous(name, version, previous, reason)
 
-    def _commit(self, name: str, version: int, reason: str) -> None:
-        self._record(name, version, Stage.COMMITTED, reason)
+    async def _commit(self, name: str, version: int, reason: str) -> None:
+        await self._record(name, version, Stage.COMMITTED, reason)
         slot = self.slots.get(name)
         for other in self.state.deployments(name):
             if other.version != version and Stage(other.stage) is Stage.COMMITTED:
-                self._record(name, other.version, Stage.RETIRED, f"superseded by version {version}")
+                await self._record(
+                    name, other.version, Stage.RETIRED, f"superseded by version {version}"
+                )
         for loaded in slot.versions():
             if loaded != version:
                 self._unload(name, loaded)
         self.activity = IDLE
-        self.collect_garbage(name)
+        await self.collect_garbage(name)
 
     async def _rollback_to_previous(
         self, name: str, version: int, previous: int | None, reason: str
@@ -351,21 +364,21 @@ class Deployer(ManualActions, Retention):
             if self._must_drain(name, previous):
                 await self._drain(name, version, f"making room to roll back to version {previous}")
             restored = await self._restore(name, previous, why)
-        self._record(name, version, Stage.ROLLED_BACK, reason, event="rolled_back")
+        await self._record(name, version, Stage.ROLLED_BACK, reason, event="rolled_back")
         self._unload(name, version)
         if previous is None:
             slot.deactivate(f"version {version} was rolled back and no earlier version exists")
             self.activity = Activity("rolled back, none left", name, version)
             return
         if restored:
-            self.journal.make_committed(name, previous, f"rollback target after version {version}")
+            why = f"rollback target after version {version}"
+            await self.journal.make_committed(name, previous, why)
             self.activity = Activity("rolled back to", name, previous)
         else:
             self.activity = Activity("rolled back, previous failed", name, version, str(previous))
 
     def _unload(self, name: str, version: int) -> None:
-        """Unload a version and drop its latency samples (a probation's baseline is always a
-        loaded version: a reloaded one collects new ones)."""
+        """Unload a version, drop its latency samples (a reloaded one collects new ones)."""
         self.slots.get(name).unload(version)
         self.statistics(name, version).samples.clear()
 
@@ -381,7 +394,7 @@ class Deployer(ManualActions, Retention):
             try:
                 for row in self.state.deployments(name):
                     if Stage(row.stage) is Stage.ACTIVE:
-                        self._record(
+                        await self._record(
                             name,
                             row.version,
                             Stage.VERIFIED,
@@ -398,3 +411,7 @@ class Deployer(ManualActions, Retention):
 
     def probation_active(self, name: str) -> bool:
         return self.probations.running(name)
+
+    async def settled(self, name: str) -> None:
+        """Until the probation of ``name`` has ended, its verdict carried out (retention too)."""
+        await self.probations.wait(name)

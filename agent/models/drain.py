@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from agent.models.slots import Slot
 
@@ -41,14 +41,18 @@ def must_drain(
 
 
 async def drain(
-    slot: Slot, reason: str, timeout_s: float, announce: Callable[[], None] = lambda: None
+    slot: Slot,
+    reason: str,
+    timeout_s: float,
+    announce: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
     """Stop answering (503 with Retry-After for the gap), release every loaded session of the
     slot, and wait (at most ``timeout_s``) for the requests in flight on them to end, so that
     their memory is free before the next version loads. ``announce`` is called once nothing
     answers any more (the driver records the drain)."""
     slot.deactivate(reason, retry_after_s=max(1.0, timeout_s / 2))
-    announce()
+    if announce is not None:
+        await announce()
     # Unloaded first, so no request can lease them any more (not even by version); each
     # session closes when its last lease ends, which is what is waited for.
     unloaded = [loaded for v in slot.versions() if (loaded := slot.unload(v)) is not None]

@@ -5,14 +5,22 @@ drains, restores) the same way.
 Two rules live here because every transition passes through: a transition the lifecycle does
 not allow raises (``lifecycle.check_transition``), and a pin never names a quarantined
 version (it is cleared, with an ``unpinned`` event, when its version is quarantined).
+
+Every write runs on the daemon's I/O thread (``agent.iothread``): a commit with
+``synchronous=FULL`` waits for the disk, which the event loop that serves must never do. The
+methods that write are awaitable; each returns once the row is durable, so a step is recorded
+before the next one starts, as before. The reads (``stage``) stay on the caller's thread: the
+state database answers them from a connection of their own that no write holds.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 
 from agent.faults import crash_point
+from agent.iothread import IoThread
 from agent.models import lifecycle
 from agent.models.lifecycle import Stage
 from agent.models.selection import Selection, pin_key
@@ -27,15 +35,17 @@ class Journal:
         state: StateDB,
         selection: Selection,
         on_event: Callable[[Event], None] | None = None,
+        io: IoThread | None = None,
     ) -> None:
         self.state = state
         self.selection = selection
         self._on_event = on_event
+        self.io = io or IoThread("edge-journal")
 
     def stage(self, name: str, version: int) -> Stage | None:
         return self.selection.stage(name, version)
 
-    def record(
+    async def record(
         self,
         name: str,
         version: int,
@@ -45,65 +55,94 @@ class Journal:
         event: str | None = None,
         crashes: int | None = None,
     ) -> None:
-        current = self.state.get(name, version)
-        lifecycle.check_transition(Stage(current.stage) if current else None, stage)
-        recorded = self.state.record(
-            name, version, stage.value, reason, event=event or stage.value, crashes=crashes
-        )
-        if recorded is not None:
-            level = logging.WARNING if stage in lifecycle.QUARANTINED else logging.INFO
-            log.log(
-                level,
-                "model %s version %d: %s%s",
-                name,
-                version,
-                stage.value,
-                f" ({reason})" if reason else "",
-            )
-            if self._on_event is not None:
-                try:
-                    self._on_event(recorded)
-                except Exception:
-                    log.exception("model %s version %d: event hook failed", name, version)
+        """Check and store the transition (on the I/O thread), then log and pass on its event."""
+        recorded = await self.io.run(self._write, name, version, stage, reason, event, crashes)
+        self._announce(name, version, stage, reason, recorded)
         if stage in lifecycle.QUARANTINED and self.selection.pinned(name) == version:
             # A pin never names a quarantined version: it could hold the model nowhere.
-            self.unpin(name, version, f"version {version} is {stage.value} ({reason})")
+            await self.unpin(name, version, f"version {version} is {stage.value} ({reason})")
 
-    def reached(self, name: str, version: int, stage: Stage) -> None:
-        """A stage reported by the validation thread (warming): recorded, then its crash
-        point (a test hook, ``agent.faults``)."""
-        self.record(name, version, stage)
+    def _write(
+        self,
+        name: str,
+        version: int,
+        stage: Stage,
+        reason: str,
+        event: str | None,
+        crashes: int | None,
+    ) -> Event | None:
+        """The transition checked against the stored stage and written (on the I/O thread)."""
+        current = self.state.get(name, version)
+        lifecycle.check_transition(Stage(current.stage) if current else None, stage)
+        return self.state.record(
+            name, version, stage.value, reason, event=event or stage.value, crashes=crashes
+        )
+
+    def _announce(
+        self, name: str, version: int, stage: Stage, reason: str, recorded: Event | None
+    ) -> None:
+        if recorded is None:
+            return
+        level = logging.WARNING if stage in lifecycle.QUARANTINED else logging.INFO
+        log.log(
+            level,
+            "model %s version %d: %s%s",
+            name,
+            version,
+            stage.value,
+            f" ({reason})" if reason else "",
+        )
+        self._pass_on(name, version, recorded)
+
+    def _pass_on(self, name: str, version: int | None, event: Event) -> None:
+        if self._on_event is not None:
+            try:
+                self._on_event(event)
+            except Exception:
+                log.exception("model %s version %s: event hook failed", name, version)
+
+    def reached(
+        self, name: str, version: int, stage: Stage, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        """A stage reported by the validation thread (warming): stored before the thread goes
+        on (it waits for the I/O thread), announced on ``loop``, then its crash point (a test
+        hook, ``agent.faults``)."""
+        recorded = self.io.call(self._write, name, version, stage, "", None, None)
+        loop.call_soon_threadsafe(self._announce, name, version, stage, "", recorded)
         crash_point(stage.value)
 
-    def event(self, name: str, version: int | None, kind: str, reason: str) -> None:
+    async def event(self, name: str, version: int | None, kind: str, reason: str) -> None:
         """An event that changes no stage (pins, drains): recorded and passed on."""
-        event = self.state.add_event(name, version, kind, reason)
+        event = await self.io.run(self.state.add_event, name, version, kind, reason)
         log.info("model %s version %s: %s (%s)", name, version, kind, reason)
-        if self._on_event is not None:
-            self._on_event(event)
+        self._pass_on(name, version, event)
 
-    def unpin(self, name: str, version: int, why: str) -> None:
-        self.state.set_setting(pin_key(name), None)
-        self.event(name, version, "unpinned", f"{why}; follows the repository again")
+    async def set_pin(self, name: str, version: int | None) -> None:
+        """Store (``None``: clear) the pin of ``name``."""
+        await self.io.run(self.state.set_setting, pin_key(name), version)
 
-    def make_committed(self, name: str, version: int, reason: str) -> None:
+    async def unpin(self, name: str, version: int, why: str) -> None:
+        await self.set_pin(name, None)
+        await self.event(name, version, "unpinned", f"{why}; follows the repository again")
+
+    async def make_committed(self, name: str, version: int, reason: str) -> None:
         """Record ``version`` (now serving) as the one committed version of ``name``: the
         steps of its validation not recorded yet, then committed; every other committed or
         active version retired."""
         stage = self.stage(name, version)
         if stage is None:
-            self.record(name, version, Stage.VERIFIED, "found in the store")
+            await self.record(name, version, Stage.VERIFIED, "found in the store")
             stage = Stage.VERIFIED
         path = (Stage.VERIFIED, Stage.LOADING, Stage.WARMING, Stage.VALIDATED, Stage.ACTIVE)
         if stage in path:  # validated for this: record the steps not recorded yet
             for step in path[path.index(stage) + 1 :]:
                 event = "activated" if step is Stage.ACTIVE else None
-                self.record(name, version, step, reason, event=event)
+                await self.record(name, version, step, reason, event=event)
             stage = Stage.ACTIVE
         if stage is not Stage.COMMITTED:
-            self.record(name, version, Stage.COMMITTED, reason)
+            await self.record(name, version, Stage.COMMITTED, reason)
         for other in self.state.deployments(name):
             if other.version != version and Stage(other.stage) in (Stage.COMMITTED, Stage.ACTIVE):
-                self.record(
+                await self.record(
                     name, other.version, Stage.RETIRED, f"superseded: {name} serves {version}"
                 )

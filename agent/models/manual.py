@@ -30,7 +30,7 @@ from agent.errors import AgentError, CommandError, NotFoundError
 from agent.models.journal import Journal
 from agent.models.lifecycle import QUARANTINED, Stage
 from agent.models.probation import Probations
-from agent.models.selection import Selection, pin_key
+from agent.models.selection import Selection
 from agent.models.slots import LoadedVersion, Slots
 from agent.state import StateDB
 
@@ -110,7 +110,7 @@ class ManualActions:
             # Never validated here: its validation is recorded, and a failure rejects it.
             fresh = target_stage in (None, Stage.DOWNLOADED, Stage.VERIFIED)
             if target_stage in (None, Stage.DOWNLOADED):
-                self.journal.record(name, to, Stage.VERIFIED, "found in the store")
+                await self.journal.record(name, to, Stage.VERIFIED, "found in the store")
             drained = False
             if current is not None and self._must_drain(name, to):
                 await self._drain(name, current, f"making room for version {to}: {reason}")
@@ -119,7 +119,7 @@ class ManualActions:
                 loaded = await self._validate(name, to, record=fresh)
             except AgentError as exc:
                 if fresh:
-                    self.journal.record(name, to, Stage.REJECTED, str(exc))
+                    await self.journal.record(name, to, Stage.REJECTED, str(exc))
                 if drained and current is not None:
                     await self._restore(name, current, f"version {to} did not load")
                 self.activity = IDLE
@@ -128,14 +128,16 @@ class ManualActions:
         pinned = self.pinned(name)
         if rollback and pinned is not None and pinned != to:
             # Moved before the version it named is quarantined: a pin never names one.
-            self.state.set_setting(pin_key(name), to)
-            self.journal.event(name, to, "pinned", f"held at version {to} (was {pinned}): {reason}")
+            await self.journal.set_pin(name, to)
+            await self.journal.event(
+                name, to, "pinned", f"held at version {to} (was {pinned}): {reason}"
+            )
         if current is not None and self.journal.stage(name, current) in (
             Stage.ACTIVE,
             Stage.COMMITTED,
         ):
             if rollback:
-                self.journal.record(
+                await self.journal.record(
                     name,
                     current,
                     Stage.ROLLED_BACK,
@@ -143,10 +145,12 @@ class ManualActions:
                     event="rolled_back",
                 )
             else:
-                self.journal.record(
+                await self.journal.record(
                     name, current, Stage.RETIRED, f"{reason}: replaced by version {to}"
                 )
-        self.journal.make_committed(name, to, f"{reason}: rollback target" if rollback else reason)
+        await self.journal.make_committed(
+            name, to, f"{reason}: rollback target" if rollback else reason
+        )
         for other in slot.versions():
             if other != to:
                 slot.unload(other)
@@ -168,8 +172,8 @@ class ManualActions:
         self.slots.get(name)  # NotFoundError for an unknown model, before anything changes
         async with self._lock(name):
             if version is None:
-                self.state.set_setting(pin_key(name), None)
-                self.journal.event(name, None, "unpinned", "follows the repository again")
+                await self.journal.set_pin(name, None)
+                await self.journal.event(name, None, "unpinned", "follows the repository again")
                 return
             self.selection.check_target(name, version, allow_unsigned=allow_unsigned)
             slot = self.slots.get(name)
@@ -181,13 +185,13 @@ class ManualActions:
             elif self.journal.stage(name, version) is not Stage.COMMITTED:
                 # In probation: a failed probation would quarantine the pinned version.
                 self.probations.cancel(name)
-                self.journal.make_committed(name, version, why)
+                await self.journal.make_committed(name, version, why)
                 for other in slot.versions():
                     if other != version:
                         slot.unload(other)
                 self.activity = IDLE
-            self.state.set_setting(pin_key(name), version)
-            self.journal.event(name, version, "pinned", f"held at version {version}")
+            await self.journal.set_pin(name, version)
+            await self.journal.event(name, version, "pinned", f"held at version {version}")
 
     async def release(self, name: str, version: int, reason: str = "local admin") -> None:
         """Lift the quarantine of ``version`` (rejected or rolled back): it becomes retired, a
@@ -206,7 +210,7 @@ class ManualActions:
                     f"model {name!r} version {version} is {stage.value}, not quarantined; "
                     "nothing to release"
                 )
-            self.journal.record(
+            await self.journal.record(
                 name,
                 version,
                 Stage.RETIRED,

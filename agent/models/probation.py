@@ -26,7 +26,7 @@ from agent.models.lifecycle import Mark, ProbationPolicy, ProbationRun, Verdict,
 # settle(name, version, previous, verdict, reason): called with the model's lock held.
 Settle = Callable[[str, int, int | None, Verdict, str], Awaitable[None]]
 # note(name, version, kind, reason): a probation extended or retried (an event, no new stage).
-Note = Callable[[str, int, str, str], None]
+Note = Callable[[str, int, str, str], Awaitable[None]]
 NOTE_KINDS = {Verdict.EXTEND: "probation_extended", Verdict.RETRY: "probation_retried"}
 
 log = logging.getLogger(__name__)
@@ -158,6 +158,14 @@ class Probations:
     def running(self, name: str) -> bool:
         return name in self._tasks
 
+    async def wait(self, name: str) -> None:
+        """Until the probation of ``name`` (if one runs) has ended, its verdict carried out
+        (commit with its retention, or rollback) or cancelled."""
+        task = self._tasks.get(name)
+        if task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(task)
+
     async def stop(self) -> list[str]:
         """Cancel every probation and wait for the tasks to end; the names they watched."""
         names = list(self._tasks)
@@ -186,7 +194,7 @@ class Probations:
                 continue
             if verdict in NOTE_KINDS:
                 if self._note is not None:
-                    self._note(name, version, NOTE_KINDS[verdict], reason)
+                    await self._note(name, version, NOTE_KINDS[verdict], reason)
                 continue
             async with self._lock(name):
                 if self._tasks.get(name) is not asyncio.current_task():

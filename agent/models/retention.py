@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Protocol
 
+from agent.iothread import IoThread
 from agent.models import lifecycle
 from agent.models.journal import Journal
 from agent.models.lifecycle import Stage
@@ -27,17 +28,20 @@ class Retention:
     selection: Selection
     store: ModelStore
     journal: Journal
+    io: IoThread
     config: _KeepPolicy
 
-    def collect_garbage(self, name: str) -> list[int]:
+    async def collect_garbage(self, name: str) -> list[int]:
         """Remove the files retention lets go (``lifecycle.versions_to_remove``: it keeps the
         active version, the previous committed one, ``keep_versions`` more and every version
-        loaded or still being worked on); returns the versions removed."""
+        loaded or still being worked on); returns the versions removed. The store's listing
+        and the removals (a rename, ``rmtree``, fsyncs) run on the I/O thread."""
         slot = self.slots.get(name)
         active = slot.active.version if slot.active else None
         stages = self.selection.stages(name)
+        stored = await self.io.run(self.store.versions, name)
         doomed = lifecycle.versions_to_remove(
-            self.store.versions(name),
+            stored,
             stages,
             active,
             self.config.keep_versions,
@@ -47,11 +51,13 @@ class Retention:
         removed = []
         for version in doomed:
             try:
-                self.store.remove(name, version)
+                await self.io.run(self.store.remove, name, version)
             except OSError as exc:
                 log.warning("model %s version %d: cannot remove: %s", name, version, exc)
                 continue
             removed.append(version)
             if stages.get(version) is Stage.VERIFIED:  # superseded before it was deployed
-                self.journal.record(name, version, Stage.RETIRED, "not deployed; files removed")
+                await self.journal.record(
+                    name, version, Stage.RETIRED, "not deployed; files removed"
+                )
         return removed

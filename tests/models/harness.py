@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from agent.iothread import IoThread
 from agent.models.deployer import DeployConfig, Deployer
 from agent.models.lifecycle import ProbationPolicy
 from agent.models.runtime import RuntimeOptions
@@ -166,6 +167,7 @@ class Harness:
         self.slots = Slots()
         self.metrics = Registry()
         self.events: list[Event] = []
+        self.io = IoThread()
         self.deployer = Deployer(
             self.store,
             self.slots,
@@ -182,6 +184,7 @@ class Harness:
             ),
             on_event=self.events.append,
             available_memory=memory if callable(memory) else (lambda: memory),
+            io=self.io,
         )
         self.handler = OipHandler(self.slots, self.metrics)
 
@@ -236,9 +239,15 @@ class Harness:
             assert serving in committed, (serving, stages)
             assert not self.deployer.probation_active("scale")
 
+    async def committed(self, version: int, timeout_s: float = 10.0) -> None:
+        """Until ``version`` is committed and its commit carried out (retention included)."""
+        await wait_for(lambda: self.stage(version) == "committed", timeout_s)
+        await self.deployer.settled("scale")
+
     def close(self) -> None:
         self.slots.close()
-        self.state.close()
+        self.io.call(self.state.close)
+        self.io.close()
 
 
 async def wait_for(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
@@ -252,5 +261,5 @@ async def wait_for(predicate: Callable[[], bool], timeout_s: float = 10.0) -> No
 async def committed_first(h: Harness, policy: ProbationPolicy, version: int = 1) -> None:
     """Start the deployer, let ``version`` commit, then watch what follows with ``policy``."""
     await h.deployer.start()
-    await wait_for(lambda: h.stage(version) == "committed")
+    await h.committed(version)
     h.set_policy(policy)

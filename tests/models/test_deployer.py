@@ -20,7 +20,7 @@ def test_first_version_validates_activates_and_commits(tmp_path: Path) -> None:
         await h.deployer.start()
         assert h.slots.get("scale").active is not None
         assert h.infer()[0] == 200
-        await wait_for(lambda: h.stage(1) == "committed")
+        await h.committed(1)
         kinds = [k for _, k in h.kinds()]
         assert kinds == ["verified", "loading", "warming", "validated", "activated", "committed"]
         await h.deployer.close()
@@ -34,7 +34,7 @@ def test_failed_smoke_test_never_serves(tmp_path: Path) -> None:
         h = Harness(tmp_path)
         install(h.store, tmp_path, 1, 2.0)
         await h.deployer.start()
-        await wait_for(lambda: h.stage(1) == "committed")
+        await h.committed(1)
         install(h.store, tmp_path, 2, 3.0, claimed=2.5)  # its outputs differ from the signed ones
         assert not await h.deployer.deploy("scale", 2)
         assert h.stage(2) == "rejected"
@@ -84,7 +84,7 @@ def test_manual_rollback_and_restart_resume(tmp_path: Path) -> None:
         install(h.store, tmp_path, 1, 2.0)
         install(h.store, tmp_path, 2, 4.0)
         await h.deployer.start()  # nothing committed: validates the newest
-        await wait_for(lambda: h.stage(2) == "committed")
+        await h.committed(2)
         assert await h.deployer.rollback("scale") == 1
         active = h.slots.get("scale").active
         assert active is not None and active.version == 1
@@ -162,7 +162,7 @@ def test_drain_when_memory_is_short(tmp_path: Path) -> None:
         h = Harness(tmp_path, memory=1024)  # a device with almost no memory left
         install(h.store, tmp_path, 1, 2.0)
         await h.deployer.start()
-        await wait_for(lambda: h.stage(1) == "committed")
+        await h.committed(1)
         install(h.store, tmp_path, 2, 3.0)
         assert await h.deployer.deploy("scale", 2)
         assert [e.kind for e in h.state.events("scale") if e.kind == "drained"]

@@ -31,7 +31,6 @@ from tests.models.harness import (
     faulty_scale_model,
     install,
     slow_scale_model,
-    wait_for,
 )
 
 
@@ -46,10 +45,12 @@ MALFORMED = np.ones((1, 3), np.float32)  # 3 wide to a 4-wide model: refused (40
 
 
 async def serve_until(h: Harness, done: Any, pattern: list[np.ndarray[Any, Any]]) -> list[int]:
-    """Send ``pattern`` round and round (yielding to the probation) until ``done()``."""
+    """Send ``pattern`` round and round (yielding to the probation) until ``done()``, then
+    until the verdict has been carried out (the database says it before the events are out)."""
     statuses: list[int] = []
     for i in range(20_000):
         if done():
+            await h.deployer.settled("scale")
             return statuses
         statuses.append(send(h, pattern[i % len(pattern)]))
         if i % 5 == 0:
@@ -227,7 +228,7 @@ def test_deployer_commits_after_the_request_window(tmp_path: Path) -> None:
         assert h.stage(1) == "active", "committed before its request window"
         for _ in range(5):
             assert h.infer()[0] == 200
-        await wait_for(lambda: h.stage(1) == "committed")
+        await h.committed(1)
         assert "15 requests" in h.reasons("committed", 1)[0]
         await h.deployer.close()
         h.close()
@@ -241,7 +242,7 @@ def test_deployer_commits_without_traffic_at_the_cap(tmp_path: Path) -> None:
         h = Harness(tmp_path, policy)
         install(h.store, tmp_path, 1, 2.0)
         await h.deployer.start()
-        await wait_for(lambda: h.stage(1) == "committed")
+        await h.committed(1)
         assert h.reasons("committed", 1)[0].startswith("no traffic during probation")
         await h.deployer.close()
         h.close()

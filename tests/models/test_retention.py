@@ -16,7 +16,7 @@ LONG = ProbationPolicy(window_s=60)  # stays in probation for the test's length
 async def deploy_and_commit(h: Harness, version: int, factor: float) -> None:
     install(h.store, h.root, version, factor)
     assert await h.deployer.deploy("scale", version)
-    await wait_for(lambda: h.stage(version) == "committed")
+    await h.committed(version)
 
 
 def test_previous_committed_version_survives_several_deploys(tmp_path: Path) -> None:
@@ -28,7 +28,7 @@ def test_previous_committed_version_survives_several_deploys(tmp_path: Path) -> 
         h = Harness(tmp_path, SHORT, keep_versions=0)
         install(h.store, tmp_path, 1, 2.0)
         await h.deployer.start()
-        await wait_for(lambda: h.stage(1) == "committed")
+        await h.committed(1)
         await deploy_and_commit(h, 2, 3.0)
         assert h.store.versions("scale") == [1, 2]
         h.set_policy(LONG)
@@ -38,7 +38,7 @@ def test_previous_committed_version_survives_several_deploys(tmp_path: Path) -> 
         assert await h.deployer.deploy("scale", 4)
         assert h.stages() == {1: "retired", 2: "committed", 3: "retired", 4: "active"}
         h.set_policy(SHORT)
-        await wait_for(lambda: h.stage(4) == "committed")
+        await h.committed(4)
         assert h.store.versions("scale") == [2, 4]
         # The rollback goes to the version kept for it, not to 3.
         assert await h.deployer.rollback("scale") == 2
@@ -62,7 +62,7 @@ def test_keep_versions_keeps_more_besides(tmp_path: Path) -> None:
         h = Harness(tmp_path, SHORT, keep_versions=1)
         install(h.store, tmp_path, 1, 2.0)
         await h.deployer.start()
-        await wait_for(lambda: h.stage(1) == "committed")
+        await h.committed(1)
         for version in range(2, 6):
             await deploy_and_commit(h, version, float(version + 1))
         # 5 active, 4 the previous committed, 3 the one more.
@@ -89,7 +89,7 @@ def test_versions_in_use_never_lose_their_files(tmp_path: Path) -> None:
         assert h.slots.get("scale").versions() == [1, 2]
         install(h.store, tmp_path, 3, 4.0)  # what an update cycle installs meanwhile
         h.state.record("scale", 3, "verified", "installed", event="verified")
-        assert h.deployer.collect_garbage("scale") == []
+        assert await h.deployer.collect_garbage("scale") == []
         assert h.store.versions("scale") == [1, 2, 3]
         # The version in use is what the failed probation goes back to, from its files too.
         h.set_policy(ProbationPolicy(window_s=30, min_requests=10))
@@ -114,12 +114,12 @@ def test_a_verified_version_never_deployed_is_retired_when_its_files_go(tmp_path
         h = Harness(tmp_path, SHORT, keep_versions=0)
         install(h.store, tmp_path, 1, 2.0)
         await h.deployer.start()
-        await wait_for(lambda: h.stage(1) == "committed")
+        await h.committed(1)
         for version, factor in ((2, 3.0), (3, 4.0)):
             install(h.store, tmp_path, version, factor)
             h.state.record("scale", version, "verified", "installed", event="verified")
         assert await h.deployer.deploy("scale", 3)
-        await wait_for(lambda: h.stage(3) == "committed")
+        await h.committed(3)
         assert h.store.versions("scale") == [1, 3]
         assert h.stages() == {1: "retired", 2: "retired", 3: "committed"}
         row = h.state.get("scale", 2)

@@ -20,7 +20,6 @@ from tests.models.harness import (
     slow_scale_model,
     smoke_for,
     tensor,
-    wait_for,
 )
 
 WATCH = ProbationPolicy(window_s=30)
@@ -113,12 +112,12 @@ def test_a_newer_version_deploys_after_an_older_one_was_rejected(tmp_path: Path)
         h = Harness(tmp_path, ProbationPolicy(window_s=0.2))
         install(h.store, tmp_path, 1, 2.0)
         await h.deployer.start()
-        await wait_for(lambda: h.stage(1) == "committed")
+        await h.committed(1)
         install(h.store, tmp_path, 2, 3.0, claimed=2.5)
         assert not await h.deployer.deploy("scale", 2)
         install(h.store, tmp_path, 3, 4.0)
         assert await h.deployer.deploy("scale", 3)
-        await wait_for(lambda: h.stage(3) == "committed")
+        await h.committed(3)
         assert h.serving() == 3
         assert h.stages() == {1: "retired", 2: "rejected", 3: "committed"}
         await h.deployer.close()

@@ -102,6 +102,7 @@ def test_the_server_closes_first_and_the_state_last(
     """The agent's exits run in the order of the shutdown, not the order the parts started in
     (the server listens before the state database opens, and closes before it)."""
     from agent.daemon import Agent
+    from agent.iothread import IoThread
     from agent.serving.pool import InferencePool
     from agent.serving.server import InferenceServer
     from agent.state import StateDB
@@ -131,6 +132,7 @@ def test_the_server_closes_first_and_the_state_last(
         (InferencePool, "shutdown"),
         (Slots, "close"),
         (StateDB, "close"),
+        (IoThread, "close"),
     ]:
         spy(cls, name)
 
@@ -152,4 +154,5 @@ def test_the_server_closes_first_and_the_state_last(
         "InferencePool.shutdown",
         "Slots.close",
         "StateDB.close",
+        "IoThread.close",
     ]

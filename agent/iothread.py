@@ -1,0 +1,82 @@
+"""The one worker thread for the daemon's blocking I/O, so the event loop that serves never waits.
+
+State-database writes (``synchronous=FULL``: an fsync per commit, up to a 10 s busy wait for
+the update child's writer), store reads and removals (``rmtree`` and fsync), status reads: all
+of them are run here, one at a time, in the order they were submitted. One thread, not a pool:
+the writes stay in the order the deployer made them (the state database is one writer anyway),
+and a step that reads what the previous one wrote sees it.
+
+A leaf (the standard library only): ``agent.models`` takes it as an injected dependency and
+``agent.daemon`` owns it, built first and stopped last (after the state database is closed on
+it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class IoThread:
+    """A single worker thread: ``run`` from the loop (awaitable), ``call`` from another thread
+    (blocking). ``ident`` is the worker's thread id (for tests and assertions)."""
+
+    def __init__(self, name: str = "edge-io") -> None:
+        self.name = name
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=name
+        )
+        # Started now (a ThreadPoolExecutor starts its thread on the first job): its id is known
+        # from the start, and the first real job does not pay for the thread's creation.
+        self.ident: int = self._executor.submit(threading.get_ident).result()
+        self._closed = False
+
+    def on_worker(self) -> bool:
+        """True in the worker thread itself."""
+        return threading.get_ident() == self.ident
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` on the worker and wait for it without blocking the loop.
+
+        A cancelled caller does not stop a job that has started: it completes (a database
+        transaction is all or nothing either way) and its result is dropped.
+        """
+        if self.on_worker():  # from inside a job: already on the worker, run it in place
+            return fn(*args)
+        return await asyncio.wrap_future(self._executor.submit(fn, *args))
+
+    def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` on the worker from another thread (never the event loop's) and
+        wait for its result; in the worker itself, run it in place."""
+        if self.on_worker():
+            return fn(*args)
+        return self._executor.submit(fn, *args).result()
+
+    def close(self) -> None:
+        """Finish the jobs submitted, then stop the thread (idempotent)."""
+        if not self._closed:
+            self._closed = True
+            self._executor.shutdown(wait=True)
+
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self.close)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
