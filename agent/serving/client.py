@@ -36,11 +36,13 @@ from agent.errors import (
 from agent.serving.oip import client as oip
 from agent.serving.oip.codec import Limits
 from agent.serving.response_reader import MAX_HEAD, ClientError, Reply, ResponseReader
+from agent.serving.shm.client import LocalRegions, PlacedTensor, SharedRegion
 from agent.serving.spin import DEFAULT_SPIN_US, SpinPolicy
 
 __all__ = ["DEFAULT_SOCKET", "AsyncInferenceClient", "ClientError", "InferenceClient"]
 
 DEFAULT_SOCKET = "/run/edge-agent/infer.sock"
+_SHM_PATH = "/v2/systemsharedmemory"
 _CHUNK = 256 * 1024
 
 
@@ -83,6 +85,7 @@ class InferenceClient:
         self._chunk = bytearray(_CHUNK)
         self._chunk_view = memoryview(self._chunk)
         self._limits = Limits(max_body_bytes=max_response_bytes)
+        self._regions = LocalRegions()  # shared-memory regions registered, by name
 
     # -- connection -------------------------------------------------------------------------
 
@@ -147,6 +150,10 @@ class InferenceClient:
             fresh = self._sock is None
             if self._sock is None:
                 self._sock = self._connect()
+                if self._regions.by_name and not path.startswith(_SHM_PATH):
+                    # The agent dropped our regions with the old connection.
+                    for region in self._regions.by_name.values():
+                        self._register(region)
             try:
                 self._sock.sendall(payload)
                 spin_s = self.spin.spin_s()
@@ -235,15 +242,42 @@ class InferenceClient:
             raise _error_for(status, oip.decode_error(body))
         return body.decode()
 
+    def register_region(self, region: SharedRegion) -> None:
+        """Register a region this process created: its ``PlacedTensor``s may then be inputs
+        of ``infer`` and its ``output_regions``. The agent keeps it while this client's
+        connection lasts; the client registers it again on a new connection."""
+        self._register(region)
+        self._regions.by_name[region.name] = region
+
+    def _register(self, region: SharedRegion) -> None:
+        body = {"key": region.key, "offset": 0, "byte_size": region.byte_size}
+        path = f"{_SHM_PATH}/region/{quote(region.name, safe='')}/register"
+        self._json("POST", path, json.dumps(body).encode())
+
+    def unregister_region(self, name: str | None = None) -> None:
+        """Unregister ``name``, or every region of this client."""
+        path = _SHM_PATH if name is None else f"{_SHM_PATH}/region/{quote(name, safe='')}"
+        self._json("POST", path + "/unregister")
+        if name is None:
+            self._regions.by_name.clear()
+        else:
+            self._regions.by_name.pop(name, None)
+
+    def region_status(self) -> list[dict[str, Any]]:
+        """The regions the agent holds for this client."""
+        result: list[dict[str, Any]] = self._json("GET", _SHM_PATH + "/status")
+        return result
+
     def infer(
         self,
         name: str,
-        inputs: Mapping[str, np.ndarray[Any, Any]],
+        inputs: Mapping[str, np.ndarray[Any, Any] | PlacedTensor],
         outputs: Sequence[str] | None = None,
         *,
         version: int | None = None,
         binary: bool = True,
         request_id: str | None = None,
+        output_regions: Mapping[str, PlacedTensor] | None = None,
     ) -> dict[str, np.ndarray[Any, Any]]:
         """Run ``name`` on ``inputs``; returns the outputs by name.
 
@@ -252,23 +286,37 @@ class InferenceClient:
             ClientError: the agent could not be reached.
         """
         response = self.infer_full(
-            name, inputs, outputs, version=version, binary=binary, request_id=request_id
+            name,
+            inputs,
+            outputs,
+            version=version,
+            binary=binary,
+            request_id=request_id,
+            output_regions=output_regions,
         )
         return response.outputs
 
     def infer_full(
         self,
         name: str,
-        inputs: Mapping[str, np.ndarray[Any, Any]],
+        inputs: Mapping[str, np.ndarray[Any, Any] | PlacedTensor],
         outputs: Sequence[str] | None = None,
         *,
         version: int | None = None,
         binary: bool = True,
         request_id: str | None = None,
+        output_regions: Mapping[str, PlacedTensor] | None = None,
     ) -> oip.InferResponse:
-        """Like ``infer`` but returns the whole response (model version, id)."""
+        """Like ``infer`` but returns the whole response (model version, id). Inputs given
+        as ``PlacedTensor`` are read by the agent from a registered region; outputs in
+        ``output_regions`` are written there, and returned as views of the region."""
         body, header_length = oip.encode_infer_request(
-            inputs, outputs, binary=binary, binary_output=binary, request_id=request_id
+            inputs,
+            outputs,
+            binary=binary,
+            binary_output=binary,
+            request_id=request_id,
+            output_regions=output_regions,
         )
         extra = (
             [("Inference-Header-Content-Length", str(header_length))]
@@ -282,7 +330,7 @@ class InferenceClient:
             raise _error_for(status, oip.decode_error(payload))
         raw_length = headers.get("inference-header-content-length")
         return oip.decode_infer_response(
-            payload, int(raw_length) if raw_length else None, self._limits
+            payload, int(raw_length) if raw_length else None, self._limits, self._regions
         )
 
     @staticmethod

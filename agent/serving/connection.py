@@ -26,11 +26,33 @@ from agent.serving.handler import OipHandler, PreparedInfer, Response, error_res
 from agent.serving.oip import encode_error
 from agent.serving.pool import InferencePool
 from agent.serving.reader import RequestReader
+from agent.serving.shm import api as shm_api
+from agent.serving.shm.peer import tcp_peer_uid, unix_peer
+from agent.serving.shm.registry import PeerRegions, ShmRegistry
 
 log = logging.getLogger(__name__)
 
 # A connection younger than this that has sent nothing may simply not have been read yet.
 FRESH_S = 0.5
+_SHM_ROUTES = frozenset(
+    {routes.Kind.SHM_STATUS, routes.Kind.SHM_REGISTER, routes.Kind.SHM_UNREGISTER}
+)
+
+
+def _regions(
+    registry: ShmRegistry, sock: socket.socket | None, connection: object
+) -> PeerRegions | None:
+    """The shared-memory view of a new connection: on a Unix socket its peer is the process
+    (SO_PEERCRED pid and uid), on TCP the connection itself (its uid read at registration)."""
+    if sock is None or not registry.enabled:
+        return None
+    if sock.family == socket.AF_UNIX:
+        cred = unix_peer(sock)
+        if cred is None:
+            return None
+        pid, uid = cred
+        return registry.peer(("unix", uid, pid), connection, lambda: uid)
+    return registry.peer(("tcp", id(connection)), connection, lambda: tcp_peer_uid(sock))
 
 
 class Limits(Protocol):
@@ -58,6 +80,7 @@ class Server(Protocol):
     admin: AdminApi | None
     body_budget: ByteBudget
     draining: bool
+    shm: ShmRegistry
 
     @property
     def limits(self) -> Limits: ...
@@ -85,6 +108,7 @@ class HttpConnection(asyncio.Protocol):
         self._registered = False
         self.listener = listener
         self.peer: int | None = None
+        self.regions: PeerRegions | None = None  # the shared-memory regions its peer registered
         self.answered = 0  # responses written
         self.last_answer = 0.0
         self._reader = RequestReader(
@@ -115,6 +139,7 @@ class HttpConnection(asyncio.Protocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         elif sock is not None:
             self.peer = peer_uid(sock)
+        self.regions = _regions(self._server.shm, sock, self)
         refusal = self._server.admit(self)
         if refusal is not None:
             self._write(Response(503, encode_error(refusal), retry_after_s=1.0), False, False)
@@ -129,6 +154,9 @@ class HttpConnection(asyncio.Protocol):
             if isinstance(item, Request):
                 self._server.body_budget.release(item.reserved)
         self._queue.clear()
+        if self.regions is not None:
+            self.regions.close()
+            self.regions = None
         if self._registered:
             self._registered = False
             self._server.unregister(self)
@@ -192,7 +220,9 @@ class HttpConnection(asyncio.Protocol):
             post = request.method == "POST"
             if post and route.kind is routes.Kind.INFER:
                 try:
-                    prepared = handler.prepare_infer(route, request.body, request.header_length)
+                    prepared = handler.prepare_infer(
+                        route, request.body, request.header_length, self.regions
+                    )
                 except AgentError as exc:
                     self._respond(request, error_response(exc))
                     return
@@ -209,6 +239,9 @@ class HttpConnection(asyncio.Protocol):
                     admin.handle(request.path, bytes(request.body), self.peer)
                 )
                 task.add_done_callback(self._admin_done)
+            elif route.kind in _SHM_ROUTES:
+                answer = shm_api.handle(request.method, route, request.body, self.regions)
+                self._respond(request, answer)
             else:
                 self._respond(request, handler.handle(request.method, route, request.body))
         except Exception as exc:  # a defect of ours: the client still gets its answer

@@ -30,6 +30,8 @@ from agent.models.slots import LoadedVersion, Slot, Slots
 from agent.serving import routes
 from agent.serving.oip import server as oip
 from agent.serving.oip.codec import Limits
+from agent.serving.shm.keys import Regions
+from agent.serving.shm.tensors import Placed, placed_outputs, write_outputs
 from agent.telemetry.metrics import Registry, render_prometheus
 
 log = logging.getLogger(__name__)
@@ -60,12 +62,17 @@ class PreparedInfer:
     started: float
     inline: bool = False  # small enough to run on the calling thread (see models/fastpath.py)
     run_s: float = 0.0
+    placed: Placed | None = None  # outputs to write into the client's shared memory
+    written: dict[str, dict[str, Any]] | None = None  # their response parameters, once written
 
     def run(self) -> dict[str, np.ndarray[Any, Any]]:
-        """The blocking runtime call; run it off the event loop."""
+        """The blocking runtime call (and the outputs' writes into shared memory); run it off
+        the event loop."""
         started = time.perf_counter()
         try:
-            return self.loaded.session.run(self.feeds, [name for name, _ in self.outputs])
+            results = self.loaded.session.run(self.feeds, [name for name, _ in self.outputs])
+            self.written = write_outputs(self.placed, results)
+            return results
         finally:
             self.run_s = time.perf_counter() - started
 
@@ -101,6 +108,26 @@ def _json(value: Any, status: int = 200) -> Response:
 
 
 StatusProvider = Callable[[], Mapping[str, Any]]
+
+
+@dataclass(slots=True)
+class _Decode:
+    """Decodes a REST request body; keeps the outputs it places in shared memory."""
+
+    body: bytes | bytearray | memoryview
+    header_length: int | None
+    limits: Limits
+    plans: oip.PlanCache
+    regions: Regions | None
+    model: str
+    placed: Placed | None = None
+
+    def __call__(self) -> oip.InferRequest:
+        request = oip.decode_infer_request(
+            self.body, self.header_length, self.limits, self.plans, self.regions
+        )
+        self.placed = placed_outputs(oip.output_placements(request), self.regions, self.model)
+        return request
 
 
 class OipHandler:
@@ -185,8 +212,9 @@ class OipHandler:
         path: str | routes.Route,
         body: bytes | bytearray | memoryview,
         header_length: int | None,
+        regions: Regions | None = None,
     ) -> PreparedInfer:
-        """Decode and check an inference request and lease the version that will run it.
+        """Decode and check a request (tensors may be in shared ``regions``), lease its version.
 
         Raises:
             AgentError: a request, not-found or unavailable error, ready to become a response.
@@ -195,12 +223,10 @@ class OipHandler:
         route = _matched(path)
         if route.kind is not routes.Kind.INFER:
             raise NotFoundError(f"no inference route {route.path}")
-        return self.prepare_request(
-            route.model,
-            route.version,
-            lambda: oip.decode_infer_request(body, header_length, self.limits, self._plans),
-            started,
-        )
+        decode = _Decode(body, header_length, self.limits, self._plans, regions, route.model)
+        prepared = self.prepare_request(route.model, route.version, decode, started)
+        prepared.placed = decode.placed
+        return prepared
 
     def prepare_request(
         self,
@@ -262,6 +288,7 @@ class OipHandler:
                 str(loaded.version),
                 prepared.request_id,
                 [(name, results[name], binary) for name, binary in prepared.outputs],
+                prepared.written,
             )
             self.observe_success(prepared)
             content_type = b"application/octet-stream" if header_length is not None else JSON

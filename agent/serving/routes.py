@@ -28,6 +28,9 @@ class Kind(Enum):
     MODEL_STATS = "model_stats"
     INFER = "infer"
     ADMIN = "admin"
+    SHM_STATUS = "shm_status"  # system shared memory (agent/serving/shm/)
+    SHM_REGISTER = "shm_register"
+    SHM_UNREGISTER = "shm_unregister"
 
 
 # The method each route answers; HEAD is answered wherever GET is.
@@ -44,6 +47,9 @@ METHODS: dict[Kind, str] = {
     Kind.MODEL_STATS: "GET",
     Kind.INFER: "POST",
     Kind.ADMIN: "POST",
+    Kind.SHM_STATUS: "GET",
+    Kind.SHM_REGISTER: "POST",
+    Kind.SHM_UNREGISTER: "POST",
 }
 
 _FIXED = {
@@ -64,6 +70,12 @@ _ACTIONS = {
 }
 
 _MODELS = "/v2/models/"
+_SHM = "/v2/systemsharedmemory"
+_SHM_ACTIONS = {
+    "status": Kind.SHM_STATUS,
+    "register": Kind.SHM_REGISTER,
+    "unregister": Kind.SHM_UNREGISTER,
+}
 ADMIN_PREFIX = "/agent/"
 MAX_VERSION = 2**63 - 1
 
@@ -74,6 +86,7 @@ class Route:
     path: str  # without query string
     model: str = ""
     version: int | None = None
+    region: str | None = None  # a shared-memory route's region name (None: all regions)
 
     def allows(self, method: str) -> bool:
         wanted = METHODS[self.kind]
@@ -101,7 +114,22 @@ def match(target: str) -> Route:
         return _model_route(path)
     if path.startswith(ADMIN_PREFIX):
         return Route(Kind.ADMIN, path)
+    if path.startswith(_SHM + "/"):
+        return _shm_route(path)
     raise NotFoundError(f"no route for {path}")
+
+
+def _shm_route(path: str) -> Route:
+    """``/v2/systemsharedmemory[/region/{name}]/{status|register|unregister}``."""
+    parts = path[len(_SHM) + 1 :].split("/")
+    region = None
+    if len(parts) == 3 and parts[0] == "region" and parts[1]:
+        region = unquote(parts[1], errors="replace")
+        parts = parts[2:]
+    kind = _SHM_ACTIONS.get(parts[0]) if len(parts) == 1 else None
+    if kind is None or (kind is Kind.SHM_REGISTER and region is None):
+        raise NotFoundError(f"no route for shared-memory path {path}")
+    return Route(kind, path, region=region)
 
 
 def _model_route(path: str) -> Route:

@@ -34,6 +34,7 @@ from agent.serving.admission import Admission, ByteBudget, Holder
 from agent.serving.connection import FRESH_S, HttpConnection
 from agent.serving.handler import OipHandler
 from agent.serving.pool import InferencePool
+from agent.serving.shm.registry import ShmLimits, ShmRegistry
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,8 @@ class ServerLimits:
     header_timeout_s: float = 10.0  # a request head must arrive whole within this
     body_timeout_s: float = 60.0  # a body must arrive whole within this of its head
     max_buffered_body_bytes: int = 96 * 1024 * 1024  # request bodies held, all clients
+    shm_max_regions_per_peer: int = 32  # shared-memory regions per client; 0: extension off
+    shm_max_bytes_per_peer: int = 1024 * 1024 * 1024  # bytes those regions span, per client
 
 
 def server_limits(serving: ServingSection) -> ServerLimits:
@@ -72,6 +75,8 @@ def server_limits(serving: ServingSection) -> ServerLimits:
         header_timeout_s=serving.header_timeout_s,
         body_timeout_s=serving.body_timeout_s,
         max_buffered_body_bytes=serving.max_buffered_body_bytes,
+        shm_max_regions_per_peer=serving.shm_max_regions_per_peer,
+        shm_max_bytes_per_peer=serving.shm_max_bytes_per_peer,
     )
 
 
@@ -159,6 +164,9 @@ class InferenceServer:
             self.limits.max_connections, self.limits.max_connections_per_peer
         )
         self.body_budget = ByteBudget(self.limits.max_buffered_body_bytes)
+        self.shm = ShmRegistry(
+            ShmLimits(self.limits.shm_max_regions_per_peer, self.limits.shm_max_bytes_per_peer)
+        )
         self.draining = False
         self.accepted = 0  # connections accepted, taken in or refused
         self.evicted = 0  # connections closed to make room for a newcomer

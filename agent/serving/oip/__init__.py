@@ -26,6 +26,7 @@ from agent.serving.oip.server import (
     encode_infer_response,
     model_config,
     model_metadata,
+    output_placements,
     server_metadata,
 )
 
@@ -46,5 +47,6 @@ __all__ = [
     "encode_infer_response",
     "model_config",
     "model_metadata",
+    "output_placements",
     "server_metadata",
 ]

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.errors import InferenceError
+from agent.errors import InferenceError, RequestError
 from agent.serving.oip.codec import (
     DEFAULT_LIMITS,
     Limits,
@@ -24,6 +24,8 @@ from agent.serving.oip.codec import (
     join,
     split_body,
 )
+from agent.serving.shm.client import PlacedTensor
+from agent.serving.shm.keys import Regions
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,28 +37,44 @@ class InferResponse:
 
 
 def encode_infer_request(
-    inputs: Mapping[str, np.ndarray[Any, Any]],
+    inputs: Mapping[str, np.ndarray[Any, Any] | PlacedTensor],
     outputs: Sequence[str] | None = None,
     *,
     binary: bool = True,
     binary_output: bool = True,
     request_id: str | None = None,
+    output_regions: Mapping[str, PlacedTensor] | None = None,
 ) -> tuple[bytes, int | None]:
-    """Encode a request as tritonclient does; returns (body, header length or None).
+    """Encode a request as tritonclient does; returns (body, header length or None). Inputs
+    given as ``PlacedTensor`` are in shared memory; outputs in ``output_regions`` are to be
+    written there (they are requested, with ``outputs``).
 
     Raises:
         InferenceError: a BYTES input to be sent as JSON is not UTF-8.
     """
     entries, blobs = encode_tensors(
-        [(name, np.asarray(array), binary) for name, array in inputs.items()]
+        [
+            (name, np.asarray(array), binary)
+            for name, array in inputs.items()
+            if not isinstance(array, PlacedTensor)
+        ]
     )
+    entries += [t.entry(name) for name, t in inputs.items() if isinstance(t, PlacedTensor)]
     header: dict[str, Any] = {}
     if request_id is not None:
         header["id"] = request_id
     header["inputs"] = entries
-    if outputs:
+    placed = output_regions or {}
+    wanted = list(outputs or ()) + [name for name in placed if name not in (outputs or ())]
+    if wanted:
         header["outputs"] = [
-            {"name": name, "parameters": {"binary_data": binary_output}} for name in outputs
+            {
+                "name": name,
+                "parameters": placed[name].parameters()
+                if name in placed
+                else {"binary_data": binary_output},
+            }
+            for name in wanted
         ]
     elif binary_output:
         header["parameters"] = {"binary_data_output": True}
@@ -67,8 +85,10 @@ def decode_infer_response(
     body: bytes | bytearray | memoryview,
     header_length: int | None,
     limits: Limits = DEFAULT_LIMITS,
+    regions: Regions | None = None,
 ) -> InferResponse:
-    """Decode a response body.
+    """Decode a response body; outputs the agent wrote into shared memory are views of the
+    client's ``regions``.
 
     Raises:
         InferenceError: the response is malformed or exceeds ``limits``.
@@ -81,10 +101,10 @@ def decode_infer_response(
         seen: set[str] = set()
         outputs = {}
         for entry in raw_outputs:
-            name, _, _, array = decode_tensor(entry, "output", reader, limits, seen)
+            name, _, _, array = decode_tensor(entry, "output", reader, limits, seen, regions)
             outputs[name] = array
         finish_binary(reader)
-    except Malformed as exc:
+    except (Malformed, RequestError) as exc:
         raise InferenceError(exc.message) from None
     version = header.get("model_version")
     request_id = header.get("id")

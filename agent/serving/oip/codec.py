@@ -15,13 +15,14 @@ from __future__ import annotations
 import json
 import math
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from agent.errors import InferenceError
+from agent.errors import InferenceError, RequestError
+from agent.serving.shm.keys import Placement, Regions, placement
 from agent.tensors import OIP_TO_NUMPY, oip_datatype
 
 _SEPARATORS = (",", ":")
@@ -236,6 +237,7 @@ class TensorPlan:
     what: str
     size: int | None  # binary_data_size, or None for JSON 'data'
     data: Any = None
+    shm: Placement | None = None  # in a shared-memory region instead
 
 
 def describe_tensor(entry: Any, kind: str, limits: Limits, seen: set[str]) -> TensorPlan:
@@ -257,6 +259,21 @@ def describe_tensor(entry: Any, kind: str, limits: Limits, seen: set[str]) -> Te
     params = entry.get("parameters") or {}
     if not isinstance(params, dict):
         raise Malformed(f"{what}: 'parameters' must be an object")
+    try:
+        shm = placement(params, what)
+    except RequestError as exc:
+        raise Malformed(exc.message) from None
+    if shm is not None:
+        if datatype != "BYTES":
+            expected = math.prod(shape) * OIP_TO_NUMPY[datatype].itemsize
+            if shm.byte_size != expected:
+                raise Malformed(
+                    f"{what}: shared_memory_byte_size is {shm.byte_size} bytes, shape "
+                    f"{list(shape)} of {datatype} needs {expected}"
+                )
+        if "binary_data_size" in params or "data" in entry:
+            raise Malformed(f"{what}: a shared-memory tensor has no 'data' or binary_data_size")
+        return TensorPlan(name, datatype, shape, what, None, None, shm)
     size = params.get("binary_data_size")
     if size is not None:
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
@@ -276,10 +293,24 @@ def describe_tensor(entry: Any, kind: str, limits: Limits, seen: set[str]) -> Te
     return TensorPlan(name, datatype, shape, what, None, entry["data"])
 
 
-def materialize(plan: TensorPlan, reader: Reader) -> np.ndarray[Any, Any]:
-    if plan.size is None:
+def materialize(
+    plan: TensorPlan, reader: Reader, regions: Regions | None = None
+) -> np.ndarray[Any, Any]:
+    """The tensor's values: a view of the body's binary part or of a shared-memory region (no
+    copy), or decoded from JSON.
+
+    Raises:
+        Malformed: the values do not match the plan.
+        RequestError: a shared-memory placement this peer cannot use (from ``regions``).
+    """
+    if plan.shm is not None:
+        if regions is None:
+            raise Malformed(f"{plan.what}: shared memory is not offered on this connection")
+        chunk = regions.read(plan.shm, plan.what)
+    elif plan.size is None:
         return _from_json(plan.data, plan.datatype, plan.shape, plan.what)
-    chunk = reader.take(plan.size, plan.what)
+    else:
+        chunk = reader.take(plan.size, plan.what)
     count = math.prod(plan.shape)
     if plan.datatype == "BYTES":
         return _decode_bytes_elements(chunk, count, plan.what).reshape(plan.shape)
@@ -293,9 +324,10 @@ def decode_tensor(
     reader: Reader,
     limits: Limits,
     seen: set[str],
+    regions: Regions | None = None,
 ) -> tuple[str, str, tuple[int, ...], np.ndarray[Any, Any]]:
     plan = describe_tensor(entry, kind, limits, seen)
-    return plan.name, plan.datatype, plan.shape, materialize(plan, reader)
+    return plan.name, plan.datatype, plan.shape, materialize(plan, reader, regions)
 
 
 def split_body(
@@ -379,13 +411,18 @@ def _json_data(array: np.ndarray[Any, Any], datatype: str, name: str) -> list[An
 
 def encode_tensors(
     tensors: Sequence[tuple[str, np.ndarray[Any, Any], bool]],
+    placed: Mapping[str, dict[str, Any]] | None = None,
 ) -> tuple[list[dict[str, Any]], list[bytes]]:
+    """JSON entries and binary parts; a tensor in ``placed`` (its values already written into
+    shared memory) gets those parameters and no data."""
     entries: list[dict[str, Any]] = []
     blobs: list[bytes] = []
     for name, array, binary in tensors:
         datatype = oip_datatype(array.dtype)
         entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
-        if binary:
+        if placed and name in placed:
+            entry["parameters"] = placed[name]
+        elif binary:
             raw = _tensor_bytes(array, datatype)
             entry["parameters"] = {"binary_data_size": len(raw)}
             blobs.append(raw)

@@ -29,6 +29,7 @@ from agent.serving.oip.codec import (
     materialize,
     split_body,
 )
+from agent.serving.shm.keys import Placement, Regions, placement
 from agent.tensors import TensorSpec
 
 _SEPARATORS = (",", ":")
@@ -62,6 +63,7 @@ class InferInput:
 class RequestedOutput:
     name: str
     binary: bool | None  # None: the request's default
+    shm: Placement | None = None  # to be written into a shared-memory region
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,9 +85,10 @@ class _RequestPlan:
     binary_output: bool
     parameters: Mapping[str, Any]
 
-    def bind(self, reader: Reader) -> InferRequest:
+    def bind(self, reader: Reader, regions: Regions | None = None) -> InferRequest:
         inputs = tuple(
-            InferInput(t.name, t.datatype, t.shape, materialize(t, reader)) for t in self.inputs
+            InferInput(t.name, t.datatype, t.shape, materialize(t, reader, regions))
+            for t in self.inputs
         )
         finish_binary(reader)
         return InferRequest(self.id, inputs, self.outputs, self.binary_output, self.parameters)
@@ -125,8 +128,11 @@ def decode_infer_request(
     header_length: int | None,
     limits: Limits = DEFAULT_LIMITS,
     plans: PlanCache | None = None,
+    regions: Regions | None = None,
 ) -> InferRequest:
-    """Decode an inference request body; ``plans`` keeps checked binary headers for repeats.
+    """Decode an inference request body; ``plans`` keeps checked binary headers for repeats;
+    ``regions`` are the shared-memory regions of the client (inputs placed there are views of
+    them, their bounds checked at every use).
 
     Raises:
         RequestError: naming the field or tensor that is malformed.
@@ -145,10 +151,10 @@ def decode_infer_request(
                 key = (bytes(view[:header_length]), limits)
                 plan = plans.get(key)
                 if plan is not None:
-                    return plan.bind(Reader(view[header_length:]))
+                    return plan.bind(Reader(view[header_length:]), regions)
         header, reader = split_body(body, header_length, limits)
         plan = _plan_request(header, limits)
-        request = plan.bind(reader)
+        request = plan.bind(reader, regions)
         if key is not None:
             assert plans is not None
             plans.put(key, plan)
@@ -200,7 +206,11 @@ def _plan_request(header: dict[str, Any], limits: Limits) -> _RequestPlan:
             binary = params.get("binary_data")
             if binary is not None and not isinstance(binary, bool):
                 raise Malformed(f"output {entry['name']!r}: binary_data must be true or false")
-            parsed.append(RequestedOutput(entry["name"], binary))
+            try:
+                shm = placement(params, f"output {brief(entry['name'])}")
+            except RequestError as exc:
+                raise Malformed(exc.message) from None
+            parsed.append(RequestedOutput(entry["name"], binary, shm))
         outputs = tuple(parsed)
     return _RequestPlan(request_id, inputs, outputs, binary_output, parameters)
 
@@ -273,18 +283,26 @@ def check_outputs(
     return chosen
 
 
+def output_placements(request: InferRequest) -> dict[str, Placement]:
+    """The outputs the request wants written into shared memory, by name."""
+    return {o.name: o.shm for o in request.outputs or () if o.shm is not None}
+
+
 def encode_infer_response(
     model_name: str,
     model_version: str | None,
     request_id: str | None,
     outputs: Sequence[tuple[str, np.ndarray[Any, Any], bool]],
+    placed: Mapping[str, dict[str, Any]] | None = None,
 ) -> tuple[bytes, int | None]:
     """Encode a response; returns (body, JSON header length or None when nothing is binary).
+    Outputs in ``placed`` were written into shared memory: their entries carry those
+    parameters instead of data.
 
     Raises:
         InferenceError: a BYTES output asked for as JSON is not UTF-8.
     """
-    entries, blobs = encode_tensors(outputs)
+    entries, blobs = encode_tensors(outputs, placed)
     header: dict[str, Any] = {"model_name": model_name}
     if model_version is not None:
         header["model_version"] = model_version
@@ -303,7 +321,12 @@ def server_metadata(version: str) -> bytes:
         {
             "name": "edge-agent",
             "version": version,
-            "extensions": ["binary_tensor_data", "model_repository", "statistics"],
+            "extensions": [
+                "binary_tensor_data",
+                "model_repository",
+                "statistics",
+                "system_shared_memory",
+            ],
         },
         separators=_SEPARATORS,
     ).encode()
