@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from agent import __version__
+from agent.confidential import identity_cli
 from agent.config import DEFAULT_CONFIG, BadKeysError, Config, ServingSection
 from agent.config import load as load_config
 from agent.errors import EXIT_CONFIG, AgentError, ConfigError
@@ -167,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("version", type=int, help="its version: a positive integer not stored yet")
     imp.add_argument("model_file", type=Path, help="the model file (.onnx or .tflite)")
     imp.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help=_CONFIG_HELP)
+    identity_cli.add_parser(sub, DEFAULT_CONFIG, _CONFIG_HELP)
     return parser
 
 
@@ -225,6 +227,7 @@ def _cmd_run(args: argparse.Namespace, level: str | None) -> int:
     config = load_config(args.config)
     _setup_logging(level or config.agent.log_level)
     log.info("edge-agent %s starting with %s", __version__, args.config)
+    identity_cli.ensure_at_start(config.agent.state_dir)  # the device key pair, first start
     asyncio.run(Agent(config).run())
     return 0
 
@@ -466,6 +469,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_update(args, args.log_level)
         if args.command in ("rollback", "pin", "release"):
             return _cmd_admin(args)
+        if args.command == "identity":
+            return identity_cli.run(args, load_config(args.config))
     except ConfigError as exc:
         print(f"edge-agent: {exc}", file=sys.stderr)
         if exc.remedy:

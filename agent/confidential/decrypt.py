@@ -15,9 +15,10 @@ import io
 import logging
 import os
 import resource
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Protocol
+from typing import Any, Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -231,3 +232,52 @@ def content_key(
         f"{where}: no key is wrapped for this device (its keys {known}…; the version is "
         f"wrapped for {len(doc.recipients)} other key(s)): enrol the device and re-wrap"
     )
+
+
+MAX_SMOKE_BYTES = 64 << 20
+
+
+def open_version(
+    version_dir: Path,
+    name: str,
+    version: int,
+    custom: Mapping[str, Any],
+    model_file: str,
+    identity_dir: Path | None = None,
+) -> tuple[Plaintext, bytes | None]:
+    """The decrypted model of a stored encrypted version, and its decrypted smoke document
+    (None when the version's smoke test is not an encrypted file).
+
+    ``identity_dir`` defaults to the identity directory of the state directory that holds
+    the store (``identity.beside_version``).
+
+    Raises:
+        DecryptionError (KeyUnavailableError among them): naming the model and version.
+    """
+    where = f"model {name} version {version}"
+    info = keywrap.parse_encryption(custom.get("encryption"), name, version, where)
+    if model_file not in info.files:
+        raise DecryptionError(f"{where}: {model_file} is not among the encrypted files")
+    keys_dir = identity_dir or identity.beside_version(version_dir)
+    key = content_key(version_dir, name, version, info, keys_dir)
+    smoke: bytes | None = None
+    if "smoke.json" in info.files:
+        smoke_file = version_dir / "smoke.json"
+        try:
+            size = smoke_file.stat().st_size
+        except OSError as exc:
+            raise DecryptionError(f"{where}: cannot read {smoke_file}: {exc.strerror}") from exc
+        if size > MAX_SMOKE_BYTES:
+            raise DecryptionError(f"{where}: smoke.json is over {MAX_SMOKE_BYTES} bytes")
+        path = f"models/{name}/{version}/smoke.json"
+        with decrypt_file(smoke_file, key, path, info.content_id, f"{where}: smoke.json") as doc:
+            smoke = bytes(doc.data)
+    model_path = f"models/{name}/{version}/{model_file}"
+    model = decrypt_file(version_dir / model_file, key, model_path, info.content_id, where)
+    log.info(
+        "%s: decrypted in memory (%d bytes, %s)",
+        where,
+        model.size,
+        "locked" if model.locked else "not locked",
+    )
+    return model, smoke

@@ -43,6 +43,12 @@ def identity_dir(state_dir: Path) -> Path:
     return state_dir / IDENTITY_DIR
 
 
+def beside_version(version_dir: Path) -> Path:
+    """The identity directory of the state directory whose store holds ``version_dir``
+    (``<state_dir>/models/<name>/<version>``: the store is always ``state_dir/models``)."""
+    return version_dir.parent.parent.parent / IDENTITY_DIR
+
+
 def _write(path: Path, data: bytes, mode: int) -> None:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

@@ -1,14 +1,22 @@
-"""``edge-agent update --once``: one update cycle from the configuration, recorded in state."""
+"""``edge-agent update --once``: one update cycle from the configuration, recorded in state.
+
+What the cycle finds is recorded in the state database first (the record across crashes),
+then told (``tell``: the lines of ``agent.delivery.pipe`` on the child's stdout, which the
+daemon acts on at once); downloads are told as they go.
+"""
 
 from __future__ import annotations
 
 import fcntl
 import logging
 import time
+from collections.abc import Callable
 
 from agent import __version__
+from agent.confidential.identity import identity_dir
 from agent.config import Config
 from agent.delivery.fetcher import FetchConfig, HttpxFetcher
+from agent.delivery.pipe import Message
 from agent.delivery.report import CycleReport
 from agent.delivery.updater import ModelUpdater, UpdaterConfig
 from agent.errors import ConfigError
@@ -36,6 +44,7 @@ def updater_config(config: Config) -> UpdaterConfig:
         agent_version=__version__,
         max_model_bytes=repo.max_model_bytes,
         max_metadata_bytes=repo.max_metadata_bytes,
+        identity_dir=identity_dir(config.agent.state_dir),
     )
 
 
@@ -65,7 +74,7 @@ def record_withdrawn(state: StateDB, name: str, versions: list[int]) -> None:
     state.set_setting(withdrawn_key(name), versions or None)
 
 
-def run_cycle(config: Config) -> CycleReport:
+def run_cycle(config: Config, tell: Callable[[Message], None] | None = None) -> CycleReport:
     """Run one cycle and record what it found in the state database.
 
     One cycle at a time per device: an exclusive lock on ``update.lock`` in the state
@@ -77,10 +86,10 @@ def run_cycle(config: Config) -> CycleReport:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return CycleReport.failed("another update cycle is running")
-        return _run_cycle_locked(config)
+        return _run_cycle_locked(config, tell or (lambda _message: None))
 
 
-def _run_cycle_locked(config: Config) -> CycleReport:
+def _run_cycle_locked(config: Config, tell: Callable[[Message], None]) -> CycleReport:
     state = StateDB(config.state_db)
     try:
         store = ModelStore(config.store_dir)
@@ -100,7 +109,10 @@ def _run_cycle_locked(config: Config) -> CycleReport:
             state.set_setting("last_update", result.to_dict())
             return result
         try:
-            report = ModelUpdater(updater_config(config), store, fetcher, quarantined).check_once()
+            updater = ModelUpdater(
+                updater_config(config), store, fetcher, quarantined, progress=tell
+            )
+            report = updater.check_once()
         finally:
             fetcher.close()
         quarantine = {(name, version) for name, version, _ in report.rejected}
@@ -118,6 +130,7 @@ def _run_cycle_locked(config: Config) -> CycleReport:
                 )
             else:
                 state.add_event(event.name, event.version, event.kind, event.reason)
+            tell(event)  # recorded first: the daemon never acts on what a crash could lose
         for name, versions in report.withdrawn.items():
             record_withdrawn(state, name, versions)
         report.finished = time.time()

@@ -24,9 +24,11 @@ from tuf.api import exceptions as tuf_errors
 from tuf.ngclient import FetcherInterface, Updater
 from tuf.ngclient import UpdaterConfig as TufConfig
 
-from agent.delivery import choice, trusted
+from agent.confidential.envelope import DecryptionError
+from agent.delivery import choice, sealed, trusted
 from agent.delivery.download import TargetDownloader
 from agent.delivery.failures import expiry_note, explain
+from agent.delivery.pipe import Progress
 from agent.delivery.report import CycleReport, DeliveryEvent
 from agent.delivery.targets import ModelTarget
 from agent.errors import AgentError, DownloadError, StoreError, TrustError
@@ -56,6 +58,7 @@ class UpdaterConfig:
     max_model_bytes: int = 512 * 1024 * 1024
     max_metadata_bytes: int = 4 * 1024 * 1024
     max_timestamp_bytes: int = 16 * 1024
+    identity_dir: Path | None = None  # the device's public keys, for encrypted targets
 
 
 def stale_metadata_note(metadata_dir: Path, now: float) -> str:
@@ -78,14 +81,22 @@ class ModelUpdater:
         fetcher: FetcherInterface,
         quarantined: Callable[[str, int], bool] = lambda _n, _v: False,
         clock: Callable[[], float] = time.time,
+        progress: Callable[[Progress], None] | None = None,
     ) -> None:
         self.config = config
+        self.progress = progress  # a model file's download, as it goes (the daemon shows it)
         self.store = store
         self.fetcher = fetcher
         self.quarantined = quarantined
         self.clock = clock  # for what the agent says about expiry; ngclient keeps its own
         self._metadata_fetcher = trusted.MetadataFetcher(fetcher)
         self._downloader = TargetDownloader(store.root, fetcher, config.targets_url)
+
+    def _progress_of(self, name: str, version: int) -> Callable[[int, int], None] | None:
+        tell = self.progress
+        if tell is None:
+            return None
+        return lambda done, total: tell(Progress(name, version, done, total))
 
     def _updater(self) -> Updater:
         try:
@@ -245,10 +256,17 @@ class ModelUpdater:
             info = updater.get_targetinfo(target.path)
             if info is None:
                 raise TrustError(f"target {target.path} vanished from verified metadata")
+            keys_file = sealed.fetch_keys(
+                updater, target, staging, self._downloader, consistent, self.config.identity_dir
+            )
             model_file = staging / target.file_name
             what = f"model {name} version {version}"
-            self._downloader.download(info, model_file, what, consistent)
+            self._downloader.download(
+                info, model_file, what, consistent, self._progress_of(name, version)
+            )
             files = {target.file_name: model_file}
+            if keys_file is not None:
+                files[keys_file.name] = keys_file
             if target.smoke_target is not None:
                 smoke_info = updater.get_targetinfo(target.smoke_target)
                 if smoke_info is None:
@@ -268,6 +286,12 @@ class ModelUpdater:
             report.events.append(DeliveryEvent("rejected", name, version, str(exc)))
             report.error = str(exc)
             log.warning("update: model %s version %d: bytes rejected: %s", name, version, exc)
+            return
+        except DecryptionError as exc:
+            # Encrypted, and not for this device (yet): not downloaded, not quarantined.
+            report.events.append(DeliveryEvent("rejected", name, version, str(exc)))
+            report.error = str(exc)
+            log.warning("update: %s", exc)
             return
         except (tuf_errors.DownloadError, DownloadError) as exc:
             reason = f"download of {target.path} failed: {exc}"

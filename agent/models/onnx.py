@@ -69,8 +69,8 @@ class OnnxSession:
 
     platform = "onnxruntime_onnx"
 
-    def __init__(self, path: Path, options: RuntimeOptions) -> None:
-        self.path = path
+    def __init__(self, path: Path, options: RuntimeOptions, model: bytes | None = None) -> None:
+        self.path = path  # with ``model`` (decrypted in memory): the stored file, for messages
         so = ort.SessionOptions()
         so.intra_op_num_threads = options.intra_op_threads
         so.inter_op_num_threads = options.inter_op_threads
@@ -84,7 +84,7 @@ class OnnxSession:
         settings = dict(options.provider_options)
         try:
             self._session: Any = ort.InferenceSession(
-                str(path),
+                str(path) if model is None else model,
                 so,
                 providers=[(name, dict(settings.get(name, ()))) for name in wanted],
             )
@@ -92,6 +92,9 @@ class OnnxSession:
             raise ModelError(
                 f"{path}: ONNX Runtime cannot load the model on {wanted[0]}: {exc}"
             ) from exc
+        if model is not None:
+            # ORT's wrapper would keep the bytes as long as the session; the caller wipes them.
+            self._session._model_bytes = None
         # ORT drops a provider that fails to initialise with a warning only: the one that
         # serves must be the one asked for, or the caller falls back knowingly.
         self.device = str(self._session.get_providers()[0])
@@ -136,5 +139,5 @@ class OnnxSession:
 class OnnxBackend:
     name = "onnx"
 
-    def load(self, path: Path, options: RuntimeOptions) -> OnnxSession:
-        return OnnxSession(path, options)
+    def load(self, path: Path, options: RuntimeOptions, model: bytes | None = None) -> OnnxSession:
+        return OnnxSession(path, options, model)

@@ -65,8 +65,9 @@ class Backend(Protocol):
 
     name: str  # "onnx" | "tflite": the `runtime` field of a target's signed metadata
 
-    def load(self, path: Path, options: RuntimeOptions) -> Session:
-        """Load ``path``.
+    def load(self, path: Path, options: RuntimeOptions, model: bytes | None = None) -> Session:
+        """Load ``path``, or ``model`` (its bytes, decrypted in memory; ``path`` then names
+        the stored file in messages).
 
         Raises:
             ModelError: the file is not a model this backend can load.
@@ -100,7 +101,9 @@ def backend(name: str) -> Backend:
     return factory()
 
 
-def load_session(path: Path, runtime: str | None, options: RuntimeOptions) -> Session:
+def load_session(
+    path: Path, runtime: str | None, options: RuntimeOptions, model: bytes | None = None
+) -> Session:
     """Load ``path`` with the backend named by ``runtime`` ("onnx" | "tflite"), or by suffix.
 
     Raises:
@@ -110,4 +113,4 @@ def load_session(path: Path, runtime: str | None, options: RuntimeOptions) -> Se
     if kind is None or kind not in BACKENDS:
         expected = " or ".join(repr(known) for known in BACKENDS)
         raise ModelError(f"{path}: unknown runtime {runtime!r}; expected {expected}")
-    return backend(kind).load(path, options)
+    return backend(kind).load(path, options, model)

@@ -114,25 +114,60 @@ def validate_version(
     request = devices.choose(configured, devices.signed_request(manifest.custom, where))
     plan, skipped = devices.attempts(request, manifest.runtime, available_providers(manifest))
     fallbacks = [f"{device} {why}" for device, why in skipped]
-    for attempt in plan:
-        tried = dataclasses.replace(
-            options,
-            providers=attempt.providers,
-            provider_options=attempt.provider_options,
-            delegates=attempt.delegates,
-        )
-        try:
-            loaded = _validate_on(stored, tried, warmup_runs, on_stage, inline_threshold_us)
-        except ModelError as exc:
-            if attempt.on_cpu or isinstance(exc, SignatureError):
-                raise
-            fallbacks.append(f"{attempt.device} failed: {exc.message}")
-            log.warning("%s: %s failed (%s); falling back", where, attempt.device, exc.message)
-            continue
-        loaded.device = attempt.device
-        loaded.fallbacks = tuple(fallbacks)
-        return loaded
-    raise ModelError(f"{where}: no device to load it on")  # unreachable: the CPU comes last
+    plaintext, smoke = _decrypted(stored, where)  # an encrypted version: in memory only
+    model = plaintext.data if plaintext is not None else None
+    try:
+        for attempt in plan:
+            tried = dataclasses.replace(
+                options,
+                providers=attempt.providers,
+                provider_options=attempt.provider_options,
+                delegates=attempt.delegates,
+            )
+            try:
+                loaded = _validate_on(
+                    stored, tried, warmup_runs, on_stage, inline_threshold_us, model, smoke
+                )
+            except ModelError as exc:
+                if attempt.on_cpu or isinstance(exc, SignatureError):
+                    raise
+                fallbacks.append(f"{attempt.device} failed: {exc.message}")
+                log.warning("%s: %s failed (%s); falling back", where, attempt.device, exc.message)
+                continue
+            loaded.device = attempt.device
+            loaded.fallbacks = tuple(fallbacks)
+            if plaintext is not None and manifest.runtime == "tflite":
+                plaintext.keep()  # LiteRT reads the model from the buffer for the session's life
+            return loaded
+        raise ModelError(f"{where}: no device to load it on")  # unreachable: the CPU comes last
+    finally:
+        model = None
+        if plaintext is not None:
+            plaintext.wipe()  # zeroed (unless kept), unlocked, dropped: the session is built
+
+
+def _decrypted(stored: StoredModel, where: str) -> tuple[Any, dict[str, Any] | None]:
+    """The decrypted model (a ``Plaintext``) and smoke document of an encrypted version;
+    (None, None) for a version in clear."""
+    if "encryption" not in stored.manifest.custom:
+        return None, None
+    from agent.confidential.decrypt import open_version
+
+    manifest = stored.manifest
+    plaintext, smoke = open_version(
+        stored.directory, manifest.name, manifest.version, manifest.custom, manifest.model_file
+    )
+    if smoke is None:
+        return plaintext, None
+    try:
+        doc = json.loads(smoke)
+    except ValueError as exc:
+        plaintext.wipe()
+        raise ModelError(f"{where}: the decrypted smoke test is not JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        plaintext.wipe()
+        raise ModelError(f"{where}: the decrypted smoke test is not a JSON object")
+    return plaintext, doc
 
 
 def available_providers(manifest: Manifest) -> list[str] | None:
@@ -150,10 +185,12 @@ def _validate_on(
     warmup_runs: int,
     on_stage: Callable[[Stage], None],
     inline_threshold_us: float,
+    model: bytes | None = None,
+    smoke_doc: dict[str, Any] | None = None,
 ) -> LoadedVersion:
     manifest = stored.manifest
     where = f"model {manifest.name} version {manifest.version}"
-    session = load_session(stored.model_path, manifest.runtime, options)
+    session = load_session(stored.model_path, manifest.runtime, options, model)
     try:
         try:
             if manifest.inputs:
@@ -163,7 +200,7 @@ def _validate_on(
         except ModelError as exc:
             raise SignatureError(exc.message) from exc
         on_stage(Stage.WARMING)
-        smoke_doc = read_smoke(stored)
+        smoke_doc = smoke_doc if smoke_doc is not None else read_smoke(stored)
         smoke = decode_smoke(smoke_doc) if smoke_doc is not None else None
         feeds = smoke.inputs if smoke is not None else zeros_for(session.inputs)
         latencies = []
