@@ -9,7 +9,7 @@ import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.config import Config
 from agent.errors import AgentError
@@ -24,6 +24,9 @@ from agent.serving.oip import Limits
 from agent.serving.pool import InferencePool
 from agent.serving.server import InferenceServer, server_limits
 from agent.telemetry.metrics import Registry
+
+if TYPE_CHECKING:  # grpcio is imported only when a gRPC address is configured (~26 MB)
+    from agent.serving.grpc.listener import GrpcListener
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +83,7 @@ class Serving(Part):
             inline_threshold_us=serving.inline_threshold_us,
         )
         self.server = InferenceServer(self.handler, self.pool, server_limits(serving))
+        self.grpc: GrpcListener | None = None
 
     async def announce_models(self, local: list[LocalModel] | None) -> None:
         """A ``loading`` slot for every model this agent will serve: the local files, or the
@@ -132,9 +136,25 @@ class Serving(Part):
         if serving.http:
             host, _, port = serving.http.rpartition(":")
             await self.server.listen_tcp(host.strip("[]"), int(port))
-        log.info("listening on %s", ", ".join(self.server.addresses))
+        if serving.grpc_socket is not None or serving.grpc_tcp:
+            await self.listen_grpc()
+        addresses = self.server.addresses + (self.grpc.addresses if self.grpc else [])
+        log.info("listening on %s", ", ".join(addresses))
+
+    async def listen_grpc(self) -> None:
+        """The gRPC listener on the configured addresses (grpcio is imported here only)."""
+        from agent.serving.grpc.listener import GrpcLimits, GrpcListener
+
+        serving = self.config.serving
+        self.grpc = GrpcListener(self.handler, self.pool, GrpcLimits.of(serving))
+        await self.grpc.start(
+            serving.grpc_socket, serving.mode, serving.socket_group or None, serving.grpc_tcp
+        )
 
     async def close(self) -> None:
         # A connection that arrives from now on stays in the listening socket's backlog (with
         # socket activation systemd keeps the socket, and the next agent accepts it).
-        await self.server.close()
+        if self.grpc is None:
+            await self.server.close()
+        else:
+            await asyncio.gather(self.server.close(), self.grpc.close())
