@@ -1,0 +1,1 @@
+"""A simulated fleet: many devices in one process, speaking the device protocol."""

@@ -1,0 +1,216 @@
+"""One simulated device (pure): which version it takes, with the agent's own selection code on
+the real signed listing, and the messages it sends, as a real agent would (docs/mqtt.md).
+
+Time is passed in; nothing here does I/O. Profiles (``Profile``): healthy; fails probation
+with probability ``fail_p`` on ``fail_version``; dies after installing a new version (silent
+for good); reports late (its events leave ``late_s`` after they happen); flaps offline.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent.delivery import choice
+from agent.delivery.targets import ModelTarget
+from agent.telemetry import messages
+
+AGENT_VERSION = "0.1.0"
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    name: str = "healthy"  # healthy | failing | dies | late | flaps
+    fail_version: int | None = None
+    fail_p: float = 0.0
+    late_s: float = 0.0
+    flap_period_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Timing:
+    poll_s: float = 10.0
+    health_s: float = 5.0
+    probation_s: float = 5.0
+    requests_per_s: int = 20
+
+
+@dataclass(slots=True)
+class SimDevice:
+    device_id: str
+    fleet: str
+    model: str
+    profile: Profile
+    timing: Timing
+    active: int | None = None
+    previous: int | None = None  # the committed version before the active one
+    stored: list[int] = field(default_factory=list)
+    quarantined: set[int] = field(default_factory=set)
+    probation_until: float | None = None
+    will_fail: bool = False
+    dead: bool = False
+    online: bool = True
+    seq: int = 0
+    last_cmd_seq: int = 0
+    requests: dict[int, int] = field(default_factory=dict)
+    errors: dict[int, int] = field(default_factory=dict)
+    next_poll: float = 0.0
+    next_health: float = 0.0
+    next_flap: float = 0.0
+    last_tick: float = 0.0
+    activated: list[int] = field(default_factory=list)  # every version it ever activated
+    outbox: list[tuple[float, str, bytes]] = field(default_factory=list)  # (due, topic, body)
+
+    @property
+    def topics(self) -> messages.Topics:
+        return messages.Topics(self.fleet, self.device_id)
+
+    # -- messages ---------------------------------------------------------------------------
+
+    def _send(self, now: float, topic: str, body: dict[str, Any], delay: float = 0.0) -> None:
+        self.seq += 1
+        payload = messages.envelope(self.device_id, self.seq, now, body)
+        self.outbox.append((now + delay, topic, payload))
+
+    def _event(self, now: float, kind: str, version: int | None, reason: str = "") -> None:
+        late = self.profile.late_s if self.profile.name == "late" else 0.0
+        body = messages.event(kind, self.model, version, reason)
+        self._send(now, self.topics.events, body, late)
+
+    def birth(self, now: float) -> None:
+        body = messages.birth(AGENT_VERSION, {self.model: self.active})
+        self._send(now, self.topics.status, body)
+
+    def health(self, now: float) -> None:
+        version = self.active
+        served = self.requests.get(version, 0) if version is not None else 0
+        failed = self.errors.get(version, 0) if version is not None else 0
+        jitter = random.random() * 0.05  # noqa: S311 - a simulation
+        figures = {
+            "active_version": version,
+            "requests": served,
+            "errors": failed,
+            "client_errors": 0,
+            "p50_ms": round(0.8 + jitter, 3) if served else None,
+            "p95_ms": round(1.2 + jitter, 3) if served else None,
+            "p99_ms": round(1.5 + jitter, 3) if served else None,
+        }
+        body = {
+            "cpu_percent": 5.0,
+            "load_1m": 0.1,
+            "models": {self.model: figures},
+            "dropped_health": 0,
+            "outbox": {"messages": 0, "bytes": 0, "held_in_memory": 0},
+        }
+        self._send(now, self.topics.health, body)
+
+    def take(self, limit_now: float) -> list[tuple[str, bytes]]:
+        """The messages due by ``limit_now``, in order."""
+        if not self.outbox:
+            return []
+        due = [(t, b) for when, t, b in self.outbox if when <= limit_now]
+        self.outbox = [m for m in self.outbox if m[0] > limit_now]
+        return due
+
+    # -- the clock --------------------------------------------------------------------------
+
+    def tick(self, now: float, candidates: Sequence[ModelTarget] | None, poll: bool) -> None:
+        """Advance to ``now``: serve, probation verdicts, health, and with ``poll`` (a poll or a
+        nudge) an update check against ``candidates`` (None: the repository is unreachable)."""
+        if self.dead:
+            return
+        if self.profile.name == "flaps" and now >= self.next_flap:
+            self.online = not self.online
+            self.next_flap = now + self.profile.flap_period_s
+            if self.online:
+                self.birth(now)
+            else:
+                will = messages.envelope(self.device_id, 0, now, messages.will(AGENT_VERSION))
+                self.outbox.append((now, self.topics.status, will))
+        if not self.online:
+            return
+        if self.active is not None:
+            served = int(self.timing.requests_per_s * max(0.0, now - self.last_tick))
+            self.requests[self.active] = self.requests.get(self.active, 0) + served
+        self.last_tick = now
+        if self.probation_until is not None and now >= self.probation_until:
+            self._verdict(now)
+        if poll and candidates is not None:
+            self._check(now, candidates)
+        if now >= self.next_health:
+            self.next_health = now + self.timing.health_s
+            self.health(now)
+
+    def _verdict(self, now: float) -> None:
+        self.probation_until = None
+        version = self.active
+        assert version is not None
+        if self.will_fail and self.previous is not None:
+            self.errors[version] = self.errors.get(version, 0) + 10
+            reason = "errors fail: failure rate 10.00% of 100 vs 0.00% of 1000 (simulated)"
+            self.quarantined.add(version)
+            self._event(now, "rolled_back", version, reason)
+            self.active = self.previous
+            self._event(now, "activated", self.active, f"rolled back from version {version}")
+            return
+        self._event(now, "committed", version, "probation passed (simulated)")
+        if self.previous is not None:
+            self._event(now, "retired", self.previous, f"replaced by version {version}")
+        self.previous = version
+
+    def _check(self, now: float, candidates: Sequence[ModelTarget]) -> None:
+        gone = choice.withdrawn(candidates)
+        if self.active is not None and self.active in gone:
+            self._revert(now, gone)  # a probation under way ends with it
+            return
+        decision = choice.choose(
+            self.model,
+            candidates,
+            sorted(self.stored),
+            channel="stable",
+            device_id=self.device_id,
+            agent_version=AGENT_VERSION,
+            max_model_bytes=2**40,
+            quarantined=lambda _n, v: v in self.quarantined,
+        )
+        if isinstance(decision, ModelTarget):
+            self._install(now, decision.version)
+
+    def _install(self, now: float, version: int) -> None:
+        self.stored.append(version)
+        self._event(now, "downloaded", version, "simulated bytes, hash verified")
+        self._event(now, "verified", version)
+        before = self.active
+        self.active = version
+        self.activated.append(version)
+        self._event(now, "activated", version, f"replaced version {before}")
+        if self.profile.name == "dies":
+            self.dead = True
+            return
+        failing = self.profile.name == "failing" and self.profile.fail_version == version
+        self.will_fail = failing and random.random() < self.profile.fail_p  # noqa: S311
+        self.probation_until = now + self.timing.probation_s
+
+    def _revert(self, now: float, gone: frozenset[int]) -> None:
+        version = self.active
+        assert version is not None
+        back = [v for v in sorted(self.stored) if v < version and v not in gone]
+        back = [v for v in back if v not in self.quarantined]
+        if not back:
+            return  # nothing to return to: it keeps serving, as the agent does
+        self.probation_until = None
+        target = back[-1]
+        why = f"version {version} withdrawn by the repository"
+        self._event(now, "withdrawn", version, "withdrawn by the repository")
+        self.quarantined.add(version)
+        self.active = target
+        self.previous = target
+        self._event(now, "rolled_back", version, f"{why}: rolled back to version {target}")
+        self._event(now, "committed", target, f"{why}: rollback target")
+
+    # -- commands ---------------------------------------------------------------------------
+
+    def ack(self, now: float, command: str, seq: int | None, outcome: str, reason: str) -> None:
+        self._send(now, self.topics.acks, messages.ack(command, seq, outcome, reason))

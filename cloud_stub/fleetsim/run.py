@@ -1,0 +1,265 @@
+"""``edge-cloud simulate-fleet N``: N simulated devices in one process against a real broker and
+the real signed repository.
+
+The repository's metadata is fetched and verified by python-tuf once per listing period and
+shared by every device (not once per device); each device then decides with the agent's own
+selection code (``agent.delivery.choice``). Devices are multiplexed over a few MQTT
+connections (``connections``): one connection per device would need 10,000 descriptors and
+threads; what a device sends is the device protocol byte for byte (envelope, ``seq``,
+retained births), except that a last will belongs to a connection, so a simulated device that
+dies or flaps publishes its goodbye itself. Signed commands are verified with the agent's own
+code (``agent.telemetry.commands``) and acknowledged once each.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+
+from agent.delivery import choice, trusted
+from agent.delivery.fetcher import FetchConfig, HttpxFetcher
+from agent.delivery.targets import ModelTarget
+from agent.errors import CommandError
+from agent.telemetry import commands
+from agent.telemetry.inbox import load_operator_keys
+from cloud_stub.fleetsim.device import Profile, SimDevice, Timing
+
+log = logging.getLogger(__name__)
+
+MAX_DEVICES = 100_000
+TICK_S = 0.2
+
+
+@dataclass(frozen=True, slots=True)
+class Mix:
+    """Shares of the fleet per profile (the rest healthy)."""
+
+    failing: float = 0.0
+    fail_version: int | None = None
+    fail_p: float = 1.0
+    dies: float = 0.0
+    late: float = 0.0
+    late_s: float = 30.0
+    flaps: float = 0.0
+    flap_s: float = 20.0
+
+    def profile(self, rng: random.Random) -> Profile:
+        draw = rng.random()
+        for share, profile in (
+            (self.failing, Profile("failing", self.fail_version, self.fail_p)),
+            (self.dies, Profile("dies")),
+            (self.late, Profile("late", late_s=self.late_s)),
+            (self.flaps, Profile("flaps", flap_period_s=self.flap_s)),
+        ):
+            if draw < share:
+                return profile
+            draw -= share
+        return Profile()
+
+
+@dataclass(frozen=True, slots=True)
+class SimConfig:
+    count: int
+    fleet: str
+    model: str
+    start_version: int
+    mqtt_host: str
+    mqtt_port: int
+    repo_url: str
+    trusted_root: Path
+    ca_file: Path | None = None
+    operator_keys: tuple[Path, ...] = ()
+    timing: Timing = field(default_factory=Timing)
+    mix: Mix = field(default_factory=Mix)
+    connections: int = 4
+    prefix: str = "sim-"
+    seed: int = 0
+    listing_s: float = 2.0  # how often the shared listing is fetched (at most)
+
+
+class Listing:
+    """The model's verified listing, fetched with python-tuf (one metadata cache)."""
+
+    def __init__(self, config: SimConfig, cache: Path) -> None:
+        self.config = config
+        self.cache = cache
+        self.fetcher = HttpxFetcher(FetchConfig(ca_file=config.ca_file))
+        self.fetches = 0
+
+    def fetch(self) -> list[ModelTarget] | None:
+        from tuf.ngclient import Updater
+
+        base = self.config.repo_url.rstrip("/")
+        name = self.config.model
+        try:
+            updater = Updater(
+                metadata_dir=str(self.cache),
+                metadata_base_url=f"{base}/metadata/",
+                target_base_url=f"{base}/targets/",
+                fetcher=self.fetcher,
+                bootstrap=self.config.trusted_root.read_bytes(),
+            )
+            updater.refresh()
+            updater.get_targetinfo(f"models/{name}/0/model.onnx")
+        except Exception as exc:
+            log.warning("simulate-fleet: repository: %s", exc)
+            return None
+        self.fetches += 1
+        role = choice.delegated_role(name)
+        found = choice.listing(
+            name,
+            trusted.role_targets(updater, "targets"),
+            trusted.delegations(updater).get(role),
+            trusted.role_targets(updater, role),
+        )
+        return list(found.candidates)
+
+    def close(self) -> None:
+        self.fetcher.close()
+
+
+class Fleet:
+    """The devices, their connections and the loop that drives them."""
+
+    def __init__(self, config: SimConfig) -> None:
+        if not 1 <= config.count <= MAX_DEVICES:
+            raise ValueError(f"N must be 1 to {MAX_DEVICES}, found {config.count}")
+        self.config = config
+        rng = random.Random(config.seed)  # noqa: S311 - a simulation
+        now = time.time()
+        self.devices = [
+            SimDevice(
+                f"{config.prefix}{i:05d}",
+                config.fleet,
+                config.model,
+                config.mix.profile(rng),
+                config.timing,
+                active=config.start_version,
+                previous=config.start_version,
+                stored=[config.start_version],
+                next_poll=now + rng.uniform(0, config.timing.poll_s),
+                next_health=now + rng.uniform(0, config.timing.health_s),
+                next_flap=now + rng.uniform(0, config.mix.flap_s),
+                last_tick=now,
+            )
+            for i in range(config.count)
+        ]
+        self.by_id = {d.device_id: d for d in self.devices}
+        self.keys = load_operator_keys(config.operator_keys)
+        self._commands: list[tuple[str, bytes]] = []
+        self._lock = threading.Lock()
+        self._clients = [self._connect(i) for i in range(max(1, config.connections))]
+        self.published = 0
+
+    def _connect(self, index: int) -> mqtt.Client:
+        client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=f"{self.config.prefix}conn-{index}-{random.getrandbits(32):08x}",
+            protocol=mqtt.MQTTv5,
+        )
+        client.max_queued_messages_set(0)
+        client.max_inflight_messages_set(1000)
+        if index == 0:
+            topic = f"edge/{self.config.fleet}/+/commands"
+            client.on_connect = lambda c, *_: c.subscribe(topic, qos=1)
+            client.on_message = self._on_command
+        client.connect(self.config.mqtt_host, self.config.mqtt_port, keepalive=30)
+        client.loop_start()
+        return client
+
+    def _on_command(self, _c: mqtt.Client, _u: object, message: mqtt.MQTTMessage) -> None:
+        device = message.topic.split("/")[2]
+        if device in self.by_id:
+            with self._lock:
+                self._commands.append((device, bytes(message.payload)))
+
+    def _handle_commands(self, now: float) -> set[str]:
+        """Verify, acknowledge; the devices a ``check-update`` asks to poll now."""
+        with self._lock:
+            pending, self._commands = self._commands, []
+        nudged = set()
+        for device_id, payload in pending:
+            device = self.by_id[device_id]
+            if device.dead or not device.online:
+                continue
+            name, seq = "?", None
+            try:
+                doc = commands.parse(payload)
+                name, seq = str(doc.get("command")), commands.ack_seq(doc)
+                command = commands.verify(
+                    doc, device_id=device_id, keys=self.keys, last_seq=device.last_cmd_seq, now=now
+                )
+            except CommandError as exc:
+                device.ack(now, name, seq, "rejected", str(exc))
+                continue
+            if command.seq is not None:
+                device.last_cmd_seq = command.seq
+            if command.name == "check-update":
+                nudged.add(device_id)
+                device.ack(now, command.name, command.seq, "accepted", "update check started")
+            else:
+                device.ack(now, command.name, command.seq, "failed", "not simulated")
+        return nudged
+
+    def _publish(self, index: int, topic: str, payload: bytes) -> None:
+        retain = topic.endswith("/status")
+        self._clients[index % len(self._clients)].publish(topic, payload, qos=1, retain=retain)
+        self.published += 1
+
+    def run(self, stop: Callable[[], bool], report: Path | None = None) -> None:
+        """Drive the fleet until ``stop()``; write ``report`` (JSON per device) at the end."""
+        cache = Path(tempfile.mkdtemp(prefix="simulate-fleet-"))
+        listing = Listing(self.config, cache)
+        candidates: list[ModelTarget] | None = None
+        next_listing = fetched = 0.0
+        now = time.time()
+        for i, device in enumerate(self.devices):
+            device.birth(now)
+            for topic, payload in device.take(now):
+                self._publish(i, topic, payload)
+        try:
+            while not stop():
+                now = time.time()
+                nudged = self._handle_commands(now)
+                # A nudge wants what was just signed: a listing over a second old is refreshed.
+                if now >= next_listing or (nudged and now - fetched >= 1.0):
+                    candidates = listing.fetch()
+                    fetched, next_listing = now, now + self.config.listing_s
+                poll_s = self.config.timing.poll_s
+                for i, device in enumerate(self.devices):
+                    poll = now >= device.next_poll or device.device_id in nudged
+                    if poll:
+                        device.next_poll = now + poll_s * random.uniform(0.8, 1.2)  # noqa: S311
+                    device.tick(now, candidates, poll)
+                    for topic, payload in device.take(now):
+                        self._publish(i, topic, payload)
+                time.sleep(max(0.0, TICK_S - (time.time() - now)))
+        finally:
+            listing.close()
+            if report is not None:
+                write_report(report, self.devices, listing.fetches)
+            for client in self._clients:
+                client.disconnect()
+                client.loop_stop()
+
+
+def write_report(path: Path, devices: Sequence[SimDevice], fetches: int) -> None:
+    doc = {
+        "listing_fetches": fetches,
+        "devices": {
+            d.device_id: {"active": d.active, "activated": d.activated, "profile": d.profile.name}
+            for d in devices
+        },
+    }
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc))
+    tmp.replace(path)

@@ -1,0 +1,123 @@
+"""Device messages for the controller, and its nudges: one paho MQTT 5 connection.
+
+``DeviceFeed`` is the small interface the controller reads through (the fleet store's ingest
+can implement it later); ``MqttFeed`` subscribes to the fleet's status, health and events
+itself, and publishes the signed ``check-update`` nudges.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import ssl
+import threading
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Protocol
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from agent.errors import AgentError
+from agent.telemetry.messages import Topics
+from cloud_stub.operator import command, load_private
+
+log = logging.getLogger(__name__)
+
+MAX_QUEUED = 2_000_000  # messages waiting for the controller's next tick (then the oldest go)
+
+
+class FeedError(AgentError):
+    """The broker cannot be reached or refused the controller."""
+
+
+class DeviceFeed(Protocol):
+    """Device messages as they arrive: ``(topic, payload, received)``, oldest first."""
+
+    def drain(self, limit: int = 100_000) -> list[tuple[str, bytes, float]]: ...
+
+    def nudge(self, devices: Iterable[str]) -> int:
+        """Ask these devices to check for updates now; how many were asked."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class MqttFeed:
+    """Subscribes to ``edge/{fleet}/+/status|health|events`` (QoS 1, MQTT 5)."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        fleet: str,
+        *,
+        tls: ssl.SSLContext | None = None,
+        operator_key: Path | None = None,
+        client_id: str = "",
+        connect_timeout_s: float = 10.0,
+    ) -> None:
+        self.fleet = fleet
+        self._queue: collections.deque[tuple[str, bytes, float]] = collections.deque(
+            maxlen=MAX_QUEUED
+        )
+        self._key = load_private(operator_key) if operator_key is not None else None
+        self._key_id = operator_key.stem if operator_key is not None else ""
+        self._subscribed = threading.Event()
+        self._refused: list[str] = []
+        client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5
+        )
+        if tls is not None:
+            client.tls_set_context(tls)
+        client.on_connect = self._on_connect
+        client.on_subscribe = lambda *_: self._subscribed.set()
+        client.on_message = self._on_message
+        client.reconnect_delay_set(1, 10)
+        self._client = client
+        try:
+            client.connect(host, port, keepalive=30)
+        except OSError as exc:
+            raise FeedError(f"cannot reach the broker at {host}:{port}: {exc}") from exc
+        client.loop_start()
+        if not self._subscribed.wait(connect_timeout_s):
+            client.loop_stop()
+            why = self._refused[0] if self._refused else "no subscription acknowledged"
+            raise FeedError(f"broker {host}:{port}: {why} within {connect_timeout_s:g} s")
+
+    def _on_connect(self, client: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        if reason.is_failure:
+            self._refused.append(f"refused the connection ({reason})")
+            return
+        root = f"edge/{self.fleet}/+"
+        client.subscribe([(f"{root}/{kind}", 1) for kind in ("status", "health", "events")])
+
+    def _on_message(self, _c: mqtt.Client, _u: Any, message: mqtt.MQTTMessage) -> None:
+        self._queue.append((message.topic, bytes(message.payload), time.time()))
+
+    def drain(self, limit: int = 100_000) -> list[tuple[str, bytes, float]]:
+        out: list[tuple[str, bytes, float]] = []
+        while self._queue and len(out) < limit:
+            out.append(self._queue.popleft())
+        return out
+
+    def nudge(self, devices: Iterable[str]) -> int:
+        """A signed ``check-update`` to each device; none without an operator key (devices
+        then learn at their next poll)."""
+        if self._key is None:
+            return 0
+        count = 0
+        properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        properties.MessageExpiryInterval = 300
+        for device in devices:
+            topic = Topics(self.fleet, device).commands
+            payload = command(self._key, self._key_id, device, "check-update", {})
+            self._client.publish(topic, payload, qos=1, properties=properties)
+            count += 1
+        return count
+
+    def close(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()

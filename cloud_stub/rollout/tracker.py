@@ -1,0 +1,259 @@
+"""What the fleet says about one model, from device messages (pure): who runs which version,
+who took, committed, rolled back or rejected the version under rollout, what each served.
+
+Fed with parsed MQTT messages (``edge/{fleet}/{device}/status|health|events``, docs/mqtt.md)
+and the time they arrived; asked for a stage's evidence (``decide.StageEvidence``).
+Duplicates are harmless: every fact is a set membership or a latest value.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent.delivery.rollout import bucket
+from cloud_stub.rollout.decide import StageEvidence, Usage
+
+MAX_DEVICES = 1_000_000  # a bound on what one controller tracks
+MAX_SAMPLES = 5_000  # latency samples kept per version
+MAX_PAYLOAD = 64 * 1024
+FAILED_KINDS = {"rolled_back": "rolled_back", "rejected": "rejected"}
+
+
+@dataclass(slots=True)
+class Device:
+    """One device's facts about the model under rollout."""
+
+    online: bool = True
+    last_seen: float = 0.0
+    active: int | None = None
+    took: dict[int, float] = field(default_factory=dict)  # version -> when it activated
+    committed: set[int] = field(default_factory=set)
+    rolled_back: set[int] = field(default_factory=set)
+    rejected: set[int] = field(default_factory=set)
+    usage: dict[int, tuple[int, int]] = field(default_factory=dict)  # version -> req, errors
+    reasons: dict[int, str] = field(default_factory=dict)  # version -> why it failed
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    device: str
+    version: int
+    kind: str  # rolled_back | rejected | silent
+    reason: str
+
+
+class Tracker:
+    """The fleet's facts about model ``model``."""
+
+    def __init__(self, fleet: str, model: str) -> None:
+        self.fleet = fleet
+        self.model = model
+        self.devices: dict[str, Device] = {}
+        self.samples: dict[int, deque[float]] = {}
+        self.refused = 0  # messages that were not the contract's
+        self.first_failure: dict[int, float] = {}  # version -> when a failure was first seen
+
+    # -- intake -----------------------------------------------------------------------------
+
+    def feed(self, topic: str, payload: bytes, received: float) -> None:
+        """One device message; anything that is not the contract's is counted and dropped."""
+        parts = topic.split("/")
+        if len(parts) != 4 or parts[0] != "edge" or parts[1] != self.fleet:
+            self.refused += 1
+            return
+        device_id, kind = parts[2], parts[3]
+        try:
+            doc = json.loads(payload) if len(payload) <= MAX_PAYLOAD else None
+        except ValueError:
+            doc = None
+        if not isinstance(doc, dict):
+            self.refused += 1
+            return
+        device = self.devices.get(device_id)
+        if device is None:
+            if len(self.devices) >= MAX_DEVICES:
+                self.refused += 1
+                return
+            device = self.devices[device_id] = Device()
+        handler = {"status": self._status, "health": self._health, "events": self._event}.get(kind)
+        if handler is None:
+            return  # acks, commands: not evidence
+        device.last_seen = max(device.last_seen, received)
+        handler(device, doc, received)
+
+    def _status(self, device: Device, doc: dict[str, Any], _received: float) -> None:
+        device.online = doc.get("online") is True
+        models = doc.get("models")
+        if isinstance(models, dict) and _version(models.get(self.model)) is not None:
+            device.active = _version(models.get(self.model))
+
+    def _health(self, device: Device, doc: dict[str, Any], received: float) -> None:
+        device.online = True
+        models = doc.get("models")
+        entry = models.get(self.model) if isinstance(models, dict) else None
+        if not isinstance(entry, dict):
+            return
+        version = _version(entry.get("active_version"))
+        if version is None:
+            return
+        device.active = version
+        device.took.setdefault(version, received)
+        requests, errors = _count(entry.get("requests")), _count(entry.get("errors"))
+        if requests is not None and errors is not None:
+            before = device.usage.get(version, (0, 0))
+            device.usage[version] = (max(before[0], requests), max(before[1], errors))
+        p50 = entry.get("p50_ms")
+        if isinstance(p50, int | float) and not isinstance(p50, bool) and 0 <= p50 < 1e7:
+            self.samples.setdefault(version, deque(maxlen=MAX_SAMPLES)).append(float(p50))
+
+    def _event(self, device: Device, doc: dict[str, Any], received: float) -> None:
+        device.online = True
+        if doc.get("model") != self.model:
+            return
+        version = _version(doc.get("version"))
+        kind = doc.get("kind")
+        if version is None or not isinstance(kind, str):
+            return
+        reason = str(doc.get("reason", ""))[:500]
+        if kind == "activated":
+            device.took.setdefault(version, received)
+            device.active = version
+        elif kind == "committed":
+            device.committed.add(version)
+            device.active = version
+        elif kind == "rolled_back":
+            device.rolled_back.add(version)
+            device.reasons[version] = reason
+            self.first_failure.setdefault(version, received)
+        elif kind == "rejected":
+            device.rejected.add(version)
+            device.reasons[version] = reason
+            self.first_failure.setdefault(version, received)
+
+    # -- questions --------------------------------------------------------------------------
+
+    def in_stage(self, device_id: str, stage_bp: int) -> bool:
+        return bucket(device_id, self.model) < stage_bp
+
+    def activated(self, version: int) -> list[str]:
+        """Devices that ever activated ``version``."""
+        return sorted(d for d, dev in self.devices.items() if version in dev.took)
+
+    def on_version(self, version: int) -> list[str]:
+        return sorted(d for d, dev in self.devices.items() if dev.active == version)
+
+    def versions(self) -> dict[int | None, int]:
+        counts: dict[int | None, int] = {}
+        for device in self.devices.values():
+            counts[device.active] = counts.get(device.active, 0) + 1
+        return counts
+
+    def failures(self, version: int, now: float, deadline_s: float) -> list[Failure]:
+        found = []
+        for device_id, device in sorted(self.devices.items()):
+            if version in device.rolled_back:
+                found.append(
+                    Failure(device_id, version, "rolled_back", device.reasons.get(version, ""))
+                )
+            elif version in device.rejected:
+                found.append(
+                    Failure(device_id, version, "rejected", device.reasons.get(version, ""))
+                )
+            elif _silent(device, version, now, deadline_s):
+                why = f"took it {now - device.took[version]:.0f} s ago, no verdict since"
+                found.append(Failure(device_id, version, "silent", why))
+        return found
+
+    def evidence(
+        self,
+        version: int,
+        stage: int,
+        stage_bp: int,
+        elapsed_s: float,
+        now: float,
+        deadline_s: float,
+        extensions: int = 0,
+    ) -> StageEvidence:
+        """The evidence of ``stage`` (``stage_bp``) of ``version``'s rollout at ``now``."""
+        took = committed = rolled_back = rejected = silent = pending = in_stage = 0
+        new_req = new_err = old_req = old_err = 0
+        baseline = baseline_failed = 0
+        for device_id, device in self.devices.items():
+            inside = self.in_stage(device_id, stage_bp)
+            in_stage += inside
+            if version in device.took or version in device.rejected:
+                if version in device.rejected:
+                    rejected += 1
+                elif version in device.rolled_back:
+                    rolled_back += 1
+                    took += 1
+                elif version in device.committed:
+                    committed += 1
+                    took += 1
+                elif _silent(device, version, now, deadline_s):
+                    silent += 1
+                    took += 1
+                else:
+                    pending += 1
+                    took += 1
+                requests, errors = device.usage.get(version, (0, 0))
+                new_req += requests
+                new_err += errors
+            else:
+                baseline += 1
+                if not device.online or now - device.last_seen > deadline_s:
+                    baseline_failed += 1
+                if device.active is not None:
+                    requests, errors = device.usage.get(device.active, (0, 0))
+                    old_req += requests
+                    old_err += errors
+        took += rejected  # a rejection is a device that got the version and failed it
+        old_samples: list[float] = []
+        for other, samples in self.samples.items():
+            if other != version:
+                old_samples.extend(samples)
+        return StageEvidence(
+            stage=stage,
+            elapsed_s=elapsed_s,
+            in_stage=in_stage,
+            took=took,
+            committed=committed,
+            rolled_back=rolled_back,
+            rejected=rejected,
+            silent=silent,
+            pending=pending,
+            new=Usage(new_req, new_err, tuple(self.samples.get(version, ()))),
+            baseline_devices=baseline,
+            baseline_failed=baseline_failed,
+            old=Usage(old_req, old_err, tuple(old_samples[-MAX_SAMPLES:])),
+            extensions=extensions,
+        )
+
+    def feed_many(self, messages: Iterable[tuple[str, bytes, float]]) -> None:
+        for topic, payload, received in messages:
+            self.feed(topic, payload, received)
+
+
+def _silent(device: Device, version: int, now: float, deadline_s: float) -> bool:
+    """Took ``version`` and no verdict (committed, rolled back) within the deadline: failed,
+    whether it went quiet or hangs (hawkbit#693: never "proceeding" forever). The deadline
+    must exceed the devices' longest probation."""
+    if version not in device.took or version in device.committed or version in device.rolled_back:
+        return False
+    return now - device.took[version] > deadline_s
+
+
+def _version(value: Any) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 2**63:
+        return value
+    return None
+
+
+def _count(value: Any) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63:
+        return value
+    return None

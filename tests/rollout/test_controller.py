@@ -1,0 +1,147 @@
+"""The rollout controller against a simulated fleet: a real broker, the real signed repository
+over HTTPS, 200 simulated devices deciding with the agent's own selection code."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import pytest
+
+from agent.delivery.rollout import bucket
+from cloud_stub.fleetsim.device import Timing
+from cloud_stub.fleetsim.run import Fleet, Mix, SimConfig
+from cloud_stub.rollout import metadata
+from cloud_stub.rollout.controller import Controller
+from cloud_stub.rollout.decide import Policy
+from cloud_stub.rollout.feed import MqttFeed
+from cloud_stub.rollout.state import RolloutError, RolloutStore
+from cloud_stub.rollout.tracker import Tracker
+from tests.rollout.conftest import MODEL, FleetWorld
+
+N = 200
+TIMING = Timing(poll_s=3.0, health_s=1.0, probation_s=1.0)
+POLICY = Policy(stages=(100, 500, 2500, 10000), soak_s=3.0, deadline_s=15.0)
+
+
+@contextmanager
+def simulated(world: FleetWorld, start: int, mix: Mix | None = None) -> Iterator[Fleet]:
+    config = SimConfig(
+        count=N,
+        fleet="sim",
+        model=MODEL,
+        start_version=start,
+        mqtt_host="127.0.0.1",
+        mqtt_port=world.broker.port,
+        repo_url=world.server.url,
+        trusted_root=world.repo.metadata_dir / "1.root.json",
+        ca_file=world.pki.ca_cert,
+        operator_keys=(world.operator_pub,),
+        timing=TIMING,
+        mix=mix or Mix(),
+        connections=2,
+        listing_s=1.0,
+    )
+    fleet = Fleet(config)
+    done = threading.Event()
+    thread = threading.Thread(target=fleet.run, args=(done.is_set, world.root / "sim.json"))
+    thread.start()
+    try:
+        yield fleet
+    finally:
+        done.set()
+        thread.join(30)
+
+
+def subscribe(world: FleetWorld) -> MqttFeed:
+    return MqttFeed("127.0.0.1", world.broker.port, "sim", operator_key=world.operator_key)
+
+
+def controller(world: FleetWorld, feed: MqttFeed, policy: Policy = POLICY) -> Controller:
+    """A controller that has heard every device once (their births)."""
+    store = RolloutStore(world.repo.root / "rollouts.db")
+    ctl = Controller(world.repo, store, feed, Tracker("sim", MODEL), policy)
+
+    def all_heard() -> bool:
+        ctl.tracker.feed_many(feed.drain())
+        return len(ctl.tracker.devices) == N
+
+    until(all_heard, 20)
+    return ctl
+
+
+def until(predicate: Callable[[], bool], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.1)
+
+
+@pytest.mark.timeout(180)
+def test_a_good_version_goes_through_every_stage(fleet_world: FleetWorld) -> None:
+    fleet_world.publish(2)
+    feed = MqttFeed(
+        "127.0.0.1", fleet_world.broker.port, "sim", operator_key=fleet_world.operator_key
+    )
+    with simulated(fleet_world, 1) as fleet:
+        ctl = controller(fleet_world, feed)
+        until(
+            lambda: len(ctl.tracker.devices) == N or bool(ctl.tracker.feed_many(feed.drain())), 20
+        )
+        rollout = ctl.start(2, POLICY.stages)
+        with pytest.raises(RolloutError, match="still under way"):
+            ctl.start(2, POLICY.stages)
+        final = ctl.run(rollout.id, tick_s=0.2, stop=lambda: False)
+        assert final.state == "done", ctl.store.decisions(rollout.id, 5)
+        actions = [d.action for d in reversed(ctl.store.decisions(rollout.id, 1000))]
+        assert [a for a in actions if a != "wait"] == [
+            "start",
+            "widen",
+            "widen",
+            "widen",
+            "complete",
+        ]
+        widen = next(d for d in ctl.store.decisions(rollout.id, 1000) if d.action == "widen")
+        assert widen.evidence["committed"] >= 1
+        assert "devices" in widen.evidence["judgements"]
+        assert metadata.published(fleet_world.repo, MODEL, 2)["rollout_bp"] == 10000
+        until(lambda: all(d.active == 2 for d in fleet.devices), 3 * TIMING.poll_s + 5)
+        assert fleet.devices[0].activated == [2]
+    feed.close()
+
+
+@pytest.mark.timeout(180)
+def test_a_bad_version_is_halted_at_its_first_stage_and_withdrawn(fleet_world: FleetWorld) -> None:
+    fleet_world.publish(2)
+    stages = (500, 2500, 10000)
+    in_first = {f"sim-{i:05d}" for i in range(N) if bucket(f"sim-{i:05d}", MODEL) < stages[0]}
+    assert len(in_first) >= 3
+    # Probation of version 2 fails everywhere; it never gets past the canaries.
+    mix = Mix(failing=1.0, fail_version=2, fail_p=1.0)
+    feed = MqttFeed(
+        "127.0.0.1", fleet_world.broker.port, "sim", operator_key=fleet_world.operator_key
+    )
+    with simulated(fleet_world, 1, mix) as fleet:
+        ctl = controller(fleet_world, feed, Policy(stages=stages, soak_s=3.0, deadline_s=15.0))
+        until(
+            lambda: len(ctl.tracker.devices) == N or bool(ctl.tracker.feed_many(feed.drain())), 20
+        )
+        rollout = ctl.start(2, stages)
+        final = ctl.run(rollout.id, tick_s=0.2)
+        assert final.state == "halted"
+        assert final.stage == 0
+        halt = ctl.store.decisions(rollout.id, 1)[0]
+        assert halt.action == "halt"
+        assert halt.reasons[0].startswith("devices: errors fail")
+        assert metadata.published(fleet_world.repo, MODEL, 2)["withdrawn"] is True
+        # Within two poll intervals every device that took it serves version 1 again.
+        took = {d.device_id for d in fleet.devices if 2 in d.activated}
+        until(lambda: all(fleet.by_id[d].active == 1 for d in took), 2 * TIMING.poll_s)
+        time.sleep(TIMING.poll_s)  # another poll: nobody takes a withdrawn version
+        took = {d.device_id for d in fleet.devices if 2 in d.activated}
+        assert took and took <= in_first
+        assert all(d.active == 1 for d in fleet.devices)
+        assert ctl.tracker.first_failure[2] <= (ctl.halted_at or 0)
+    feed.close()
