@@ -271,7 +271,7 @@ def open_version(
             raise DecryptionError(f"{where}: smoke.json is over {MAX_SMOKE_BYTES} bytes")
         path = f"models/{name}/{version}/smoke.json"
         with decrypt_file(smoke_file, key, path, info.content_id, f"{where}: smoke.json") as doc:
-            smoke = bytes(doc.data)
+            smoke = bytes(memoryview(doc.data))  # a copy: doc.data is zeroed next
     model_path = f"models/{name}/{version}/{model_file}"
     model = decrypt_file(version_dir / model_file, key, model_path, info.content_id, where)
     log.info(
