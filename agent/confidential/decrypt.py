@@ -219,7 +219,10 @@ def content_key(
         entry = doc.for_keys([public]) if public is not None else None
         if entry is None:
             continue
-        private = identity.load_private(identity_dir, which)
+        try:
+            private = identity.load_private(identity_dir, which)
+        except identity.KeyUnavailableError as exc:
+            raise identity.KeyUnavailableError(f"{where}: {exc}") from None
         ctx = keywrap.context(name, version, info.content_id)
         return keywrap.unwrap(entry, private, ctx, f"{where}: {keywrap.KEYS_FILE}")
     if mine[identity.DEVICE] is None and not (identity_dir / f"{identity.DEVICE}.key").exists():
