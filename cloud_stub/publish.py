@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ from agent.models.runtime import RuntimeOptions, load_session
 from agent.models.smoke import encode_tensor
 from agent.models.store import RUNTIME_BY_SUFFIX
 from agent.tensors import OIP_TO_NUMPY, TensorSpec
+from cloud_stub.model_format import refuse_unsafe
 from cloud_stub.repo import Repository, RepositoryError
 
 INLINE_SMOKE_MAX_BYTES = 2048
@@ -106,6 +107,7 @@ def publish(
     rtol: float = 1e-3,
     latency_budget_ms: int | None = None,
     encrypt: str | None = None,
+    origin: Mapping[str, Any] | None = None,
     log: Any = print,
 ) -> Published:
     """Publish ``model_file`` as ``name`` version ``version``.
@@ -117,7 +119,10 @@ def publish(
 
     With ``encrypt``, the model and its smoke test (always its own target then) are
     published encrypted, and their content key wrapped as ``keys.json`` (``encrypt.seal``).
+    ``origin`` (where the model came from: an MLflow registry version, its run and metrics) is
+    signed into ``custom`` as is.
     """
+    refuse_unsafe(model_file)  # a pickle or a checkpoint: say why, before anything parses it
     runtime = RUNTIME_BY_SUFFIX.get(model_file.suffix)
     if runtime is None:
         raise RepositoryError(f"{model_file}: expected a .onnx or .tflite file")
@@ -200,6 +205,8 @@ def publish(
         }
         if latency_budget_ms is not None:
             custom["latency_budget_ms"] = int(latency_budget_ms)
+        if origin:
+            custom["origin"] = dict(origin)
         if len(smoke_bytes) <= INLINE_SMOKE_MAX_BYTES and encrypt is None:
             custom["smoke"] = {"inline": smoke}
             smoke_where = "inline"
