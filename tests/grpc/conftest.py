@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -108,6 +109,9 @@ def start_grpc_agent(
     finally:
         loop.call_soon_threadsafe(agent.request_stop)
         thread.join(30)
+
+
+running_agent = contextlib.contextmanager(start_grpc_agent)
 
 
 @pytest.fixture

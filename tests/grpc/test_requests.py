@@ -18,7 +18,7 @@ from agent.daemon import LocalModel
 from agent.serving.grpc import grpc_predict_v2_pb2 as pb
 from tests.serving.test_wire_models import slow_model
 
-from .conftest import GrpcAgent, matmul_weights, start_grpc_agent
+from .conftest import GrpcAgent, matmul_weights, running_agent, start_grpc_agent
 
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
 
@@ -190,12 +190,12 @@ def test_bounds(grpc_agent: GrpcAgent) -> None:
 
 
 def test_message_size_cap(tmp_path: Path, matmul_onnx: Path) -> None:
-    for running in start_grpc_agent(
+    with running_agent(
         [LocalModel("matmul", matmul_onnx)],
         tmp_path,
         max_body_bytes=64 * 1024,
         max_buffered_body_bytes=64 * 1024,
-    ):
+    ) as running:
         request = matmul_request(300)  # 76,800 bytes of values
         request.raw_input_contents.append(np.zeros((300, 64), np.float32).tobytes())
         refusal = refused(infer_call(running.unix), request)

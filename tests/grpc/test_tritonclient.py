@@ -143,3 +143,38 @@ def test_metrics_count_grpc_requests(grpc_agent: GrpcAgent) -> None:
     assert summary.requests == 3
     assert summary.client_errors == 1
     assert summary.errors == 0
+
+
+def test_unavailable_and_internal(tmp_path: Path, matmul_onnx: Path) -> None:
+    from agent.daemon import LocalModel
+    from tests.serving.test_wire_models import reshape_model
+
+    from .conftest import running_agent
+
+    models = [
+        LocalModel("matmul", matmul_onnx),
+        LocalModel("reshape", reshape_model(tmp_path / "r.onnx")),
+    ]
+    with running_agent(models, tmp_path) as running:
+        client = triton.InferenceServerClient(url=running.unix)
+        # A model the agent is about to serve: UNAVAILABLE, and not ready.
+        running.loop.call_soon_threadsafe(
+            lambda: running.agent.slots.ensure("later").deactivate("loading", retry_after_s=1.0)
+        )
+        x = triton.InferInput("x", [1, 64], "FP32")
+        x.set_data_from_numpy(np.zeros((1, 64), np.float32))
+        loading = _error(lambda: client.infer("later", [x]))
+        assert loading.status() == "StatusCode.UNAVAILABLE"
+        assert "loading" in loading.message()
+        assert not client.is_model_ready("later")
+        assert not client.is_server_ready()
+        # A well-formed request on which the model itself fails: INTERNAL, named, counted.
+        bad = triton.InferInput("x", [3], "FP32")
+        bad.set_data_from_numpy(np.zeros(3, np.float32))
+        failed = _error(lambda: client.infer("reshape", [bad]))
+        assert failed.status() == "StatusCode.INTERNAL"
+        assert failed.message().startswith("model reshape version 1: ")
+        assert running.agent.metrics.model("reshape", "1").summary().errors == 1
+        good = triton.InferInput("x", [4], "FP32")
+        good.set_data_from_numpy(np.arange(4, dtype=np.float32))
+        np.testing.assert_array_equal(client.infer("reshape", [good]).as_numpy("y"), [0, 1, 2, 3])
