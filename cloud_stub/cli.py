@@ -15,6 +15,7 @@ from agent.errors import AgentError
 from cloud_stub import confidential_cli
 from cloud_stub.cli_parser import build_parser
 from cloud_stub.repo import TOP_LEVEL, Expiry, Repository, RepositoryError
+from cloud_stub.rollout import cli as rollout_cli
 
 __all__ = ["build_parser", "main"]
 
@@ -103,6 +104,8 @@ def _cmd(args: argparse.Namespace) -> int:
         return 0
     if args.command in confidential_cli.COMMANDS:
         return confidential_cli.run(args)
+    if args.command in rollout_cli.COMMANDS:
+        return rollout_cli.run(args)
     if args.command == "unpublish":
         Repository(args.repo).remove_version(args.name, args.version)
         print(f"removed {args.name} version {args.version}")

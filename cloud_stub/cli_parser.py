@@ -7,6 +7,7 @@ from pathlib import Path
 
 from cloud_stub.confidential_cli import add_parsers, add_publish_option
 from cloud_stub.repo import TOP_LEVEL, Expiry, RepositoryError, positive_days
+from cloud_stub.rollout import cli as rollout_cli
 
 # The help's description: the docstring of cloud_stub.cli, the command's module.
 DESCRIPTION = (
@@ -95,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_publish_option(pub)
     _expiry_arguments(pub, changes_policy=True)
     add_parsers(sub, _REPO)
+    rollout_cli.add_parsers(sub, _REPO)
 
     unpub = sub.add_parser("unpublish", help="remove a model version from the repository")
     unpub.add_argument("repo", type=Path, help=_REPO)

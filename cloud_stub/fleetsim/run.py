@@ -81,7 +81,7 @@ class SimConfig:
     timing: Timing = field(default_factory=Timing)
     mix: Mix = field(default_factory=Mix)
     connections: int = 4
-    prefix: str = "sim-"
+    prefix: str = "sim"
     seed: int = 0
     listing_s: float = 2.0  # how often the shared listing is fetched (at most)
 
@@ -138,7 +138,7 @@ class Fleet:
         now = time.time()
         self.devices = [
             SimDevice(
-                f"{config.prefix}{i:05d}",
+                f"{config.prefix}-{i:05d}",
                 config.fleet,
                 config.model,
                 config.mix.profile(rng),
@@ -163,7 +163,7 @@ class Fleet:
     def _connect(self, index: int) -> mqtt.Client:
         client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2,
-            client_id=f"{self.config.prefix}conn-{index}-{random.getrandbits(32):08x}",
+            client_id=f"{self.config.prefix}-conn-{index}-{random.getrandbits(32):08x}",
             protocol=mqtt.MQTTv5,
         )
         client.max_queued_messages_set(0)

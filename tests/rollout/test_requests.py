@@ -1,0 +1,151 @@
+"""Pause, resume and halt from the CLI go through the controller's state; the controller
+carries them out (device messages replayed from the protocol's own encoders, no broker)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import pytest
+
+from agent.telemetry import messages
+from cloud_stub.cli import main
+from cloud_stub.publish import publish
+from cloud_stub.repo import Repository
+from cloud_stub.rollout import metadata
+from cloud_stub.rollout.controller import Controller
+from cloud_stub.rollout.decide import Policy
+from cloud_stub.rollout.state import RolloutStore
+from cloud_stub.rollout.tracker import Tracker
+from cloud_stub.samples import matmul_model
+
+DEVICES = [f"d{i}" for i in range(60)]
+
+
+class Replay:
+    """A ``DeviceFeed`` over messages the test makes with the device's own encoders."""
+
+    def __init__(self) -> None:
+        self.queue: list[tuple[str, bytes, float]] = []
+        self.nudged: list[str] = []
+        self.seq = 0
+
+    def send(self, device: str, kind: str, body: dict[str, object], now: float) -> None:
+        self.seq += 1
+        topic = f"edge/f/{device}/{kind}"
+        self.queue.append((topic, messages.envelope(device, self.seq, now, body), now))
+
+    def drain(self, limit: int = 100_000) -> list[tuple[str, bytes, float]]:
+        out, self.queue = self.queue[:limit], self.queue[limit:]
+        return out
+
+    def nudge(self, devices: Iterable[str]) -> int:
+        asked = list(devices)
+        self.nudged.extend(asked)
+        return len(asked)
+
+    def close(self) -> None:
+        pass
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Repository:
+    repo = Repository.init(tmp_path / "repo")
+    repo.delegate("mm")
+    for version, percent in ((1, 100.0), (2, 0.0)):
+        model = matmul_model(tmp_path / f"{version}.onnx", k=8, n=4, seed=version)
+        publish(repo, model, "mm", version, rollout_percent=percent, log=lambda *_: None)
+    return repo
+
+
+def test_requests_from_the_cli_are_carried_out_by_the_controller(
+    repo: Repository, capsys: pytest.CaptureFixture[str]
+) -> None:
+    feed, clock = Replay(), Clock()
+    store = RolloutStore(repo.root / "rollouts.db")
+    policy = Policy(stages=(2500, 10000), soak_s=30.0, deadline_s=120.0)
+    ctl = Controller(repo, store, feed, Tracker("f", "mm"), policy, clock)
+    for device in DEVICES:
+        feed.send(device, "status", messages.birth("0.1.0", {"mm": 1}), clock.now)
+    ctl.tracker.feed_many(feed.drain())
+    rollout = ctl.start(2, policy.stages)
+    canaries = [d for d in DEVICES if ctl.tracker.in_stage(d, 2500)]
+    assert canaries and feed.nudged == canaries
+    assert main(["rollout", "pause", str(repo.root), rollout.id, "--by", "alice"]) == 0
+    assert ctl.step(rollout.id).state == "paused"
+    for device in canaries:
+        feed.send(device, "events", messages.event("activated", "mm", 2, ""), clock.now)
+        feed.send(device, "events", messages.event("committed", "mm", 2, ""), clock.now + 1)
+    clock.now += 60
+    assert ctl.step(rollout.id).stage == 0  # paused: healthy, never widened
+    assert metadata.published(repo, "mm", 2)["rollout_bp"] == 2500
+    assert main(["rollout", "resume", str(repo.root), rollout.id]) == 0
+    widened = ctl.step(rollout.id)  # resumed, and healthy: widened at once
+    assert (widened.state, widened.stage) == ("running", 1)
+    assert metadata.published(repo, "mm", 2)["rollout_bp"] == 10000
+    assert main(["rollout", "halt", str(repo.root), rollout.id, "--by", "bob"]) == 0
+    halted = ctl.step(rollout.id)
+    assert halted.state == "halted" and halted.reason == "halted by bob"
+    assert metadata.published(repo, "mm", 2)["withdrawn"] is True
+    assert set(canaries) <= set(feed.nudged[len(canaries) :])
+    actions = [d.action for d in reversed(store.decisions(rollout.id)) if d.action != "wait"]
+    assert actions == ["start", "pause", "resume", "widen", "halt"]
+    assert main(["rollout", "halt", str(repo.root), rollout.id]) == 2
+    assert "rollout mm-2 is halted; nothing to halt" in capsys.readouterr().err
+    assert main(["rollout", "status", str(repo.root)]) == 0
+    out = capsys.readouterr().out
+    assert "mm-2: halted, stage 2 of 2 (100%)" in out
+    assert "halt: halted by bob" in out
+    store.close()
+
+
+def test_a_silent_canary_fails_the_stage_after_its_deadline(repo: Repository) -> None:
+    feed, clock = Replay(), Clock()
+    store = RolloutStore(repo.root / "rollouts.db")
+    policy = Policy(stages=(2500, 10000), soak_s=30.0, deadline_s=120.0)
+    ctl = Controller(repo, store, feed, Tracker("f", "mm"), policy, clock)
+    for device in DEVICES:
+        feed.send(device, "status", messages.birth("0.1.0", {"mm": 1}), clock.now)
+    ctl.tracker.feed_many(feed.drain())
+    rollout = ctl.start(2, policy.stages)
+    canaries = [d for d in DEVICES if ctl.tracker.in_stage(d, 2500)]
+    for device in canaries:  # they take it, and are never heard of again
+        feed.send(device, "events", messages.event("activated", "mm", 2, ""), clock.now)
+    clock.now += 60
+    assert ctl.step(rollout.id).state == "running"  # within the deadline: pending
+    clock.now += 100
+    for device in set(DEVICES) - set(canaries):  # the others are alive and well
+        feed.send(device, "status", messages.birth("0.1.0", {"mm": 1}), clock.now)
+    halted = ctl.step(rollout.id)
+    assert halted.state == "halted"
+    evidence = store.decisions(rollout.id, 1)[0].evidence
+    assert evidence["silent"] == len(canaries)
+    assert metadata.published(repo, "mm", 2)["withdrawn"] is True
+    store.close()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--stages", "5,1,100"], "--stages: stages must grow: 1% follows 5%"),
+        (["--stages", "1,50"], "the last stage must be 100%, found 50%"),
+        (["--soak", "ten"], "expected a duration like 30s, 10m or 1h, found 'ten'"),
+    ],
+)
+def test_bad_arguments_are_refused_by_name(
+    repo: Repository, argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    try:
+        code = main(["rollout", "start", str(repo.root), "mm", "2", *argv])
+    except SystemExit as exc:  # argparse's own refusal
+        code = int(exc.code or 0)
+    assert code == 2
+    assert message in capsys.readouterr().err
