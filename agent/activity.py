@@ -9,6 +9,10 @@ TEXTS = {
     "idle": "idle",
     "updating": "{detail}",  # the update loop's own words: "checking for updates"
     "downloading": "downloading a new version ({mib:.1f} MB so far)",
+    # What the update child tells (``agent.delivery.pipe.Progress``): the version and its size.
+    "downloading version": (
+        "downloading {model} version {version} ({mib:.1f} of {total_mib:.1f} MB)"
+    ),
     "validating": "validating {model} version {version}",
     "validating drained": "validating {model} version {version} (drained)",
     "draining": "draining {model} version {version}: {detail}",
@@ -46,6 +50,7 @@ class Activity:
             version=self.version,
             detail=self.detail,
             mib=(self.bytes_done or 0) / 2**20,
+            total_mib=(self.bytes_total or 0) / 2**20,
         )
 
 

@@ -395,7 +395,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_update(args: argparse.Namespace, level: str | None) -> int:
-    from agent.updates import run_cycle_in_process, write_summary
+    from agent.updates import run_cycle_in_process, teller, write_summary
 
     config = load_config(args.config)
     overrides = {
@@ -406,7 +406,8 @@ def _cmd_update(args: argparse.Namespace, level: str | None) -> int:
     if overrides:
         config = dataclasses.replace(config, agent=dataclasses.replace(config.agent, **overrides))
     _setup_logging(level or config.agent.log_level)
-    result = run_cycle_in_process(config)
+    # --json (the daemon's child): progress and events as they come, then the summary.
+    result = run_cycle_in_process(config, teller() if args.json else None)
     if args.json:
         write_summary(result)
     else:

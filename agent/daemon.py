@@ -62,7 +62,7 @@ class Agent:
         self.slots = Slots()
         self.metrics = Registry()
         self.serving = Serving(config, self.slots, self.metrics)
-        self.status = StatusBoard(self.slots, config.store_dir)
+        self.status = StatusBoard(self.slots)
         self.watchdog = Watchdog(self.slots, self._ping_watchdog, self.status.publish)
         self.trim = MemoryTrim(
             self.slots, lambda: self.config.agent.trim_memory, self.watchdog.probe_models
@@ -180,6 +180,9 @@ class Agent:
         if self.config.repository.url and self.config.models.follow:
             self.updates = UpdateLoop(self.config, self.deploy_new_versions)
             self.updates.on_activity = self.status.on_update_activity
+            # What the update child tells while it runs (agent.delivery.pipe), shown at once.
+            self.updates.on_progress = self.status.on_download
+            self.updates.on_event = self.status.on_delivery_event
             self.status.updates = self.updates
             # The update child reads the file at each cycle; the loop reads its interval.
             self.settings.add_live(
@@ -221,7 +224,10 @@ class Agent:
             return {}
         return {
             "device_id": self.config.device_id,
-            "last_update": self.state.setting("last_update"),
+            # This process's last cycle as its child told it; before one, the database's.
+            "last_update": self.updates.last.to_dict()
+            if self.updates is not None and self.updates.last is not None
+            else self.state.setting("last_update"),
             "pinned": {name: self.deployer.pinned(name) for name in self.slots.names()}
             if self.deployer
             else {},

@@ -2,8 +2,12 @@
 
 The child holds everything network-facing (httpx, python-tuf, TLS, JSON parsing of metadata)
 and the ~20 MB those imports cost; it exits after one cycle. It writes verified versions into
-the store, records them (and rejections) in the state database, and prints a JSON summary on
-stdout. The daemon then deploys the newest verified version of each followed model.
+the store, records them (and rejections) in the state database, and tells the daemon as it
+goes, one JSON line each on its stdout (``agent.delivery.pipe``): a download's progress, each
+event once recorded, the cycle's summary last. The daemon acts on the lines as they come (the
+status board shows the download, the events, the result) and, after the child has exited,
+deploys the newest verified version of each followed model. A line that is not one of ours is
+logged and dropped; a child that ends without a summary is a failed cycle.
 """
 
 from __future__ import annotations
@@ -11,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import json
 import logging
 import random
 import signal
@@ -22,11 +25,13 @@ from typing import Any
 
 from agent import faults
 from agent.config import Config
-from agent.delivery.report import CycleReport
+from agent.delivery import pipe
+from agent.delivery.pipe import Message, Progress
+from agent.delivery.report import CycleReport, DeliveryEvent
 
 log = logging.getLogger(__name__)
 
-MAX_SUMMARY_BYTES = 1024 * 1024
+READ_BYTES = 64 * 1024  # one read of the child's stdout
 
 
 def _die_with_parent() -> None:
@@ -39,11 +44,13 @@ def _die_with_parent() -> None:
         pass
 
 
-def run_cycle_in_process(config: Config) -> CycleReport:
-    """One update cycle (this is what the child runs)."""
+def run_cycle_in_process(
+    config: Config, tell: Callable[[Message], None] | None = None
+) -> CycleReport:
+    """One update cycle (this is what the child runs); ``tell``: its lines to the daemon."""
     from agent.delivery.cycle import run_cycle
 
-    return run_cycle(config)
+    return run_cycle(config, tell)
 
 
 class UpdateLoop:
@@ -65,6 +72,10 @@ class UpdateLoop:
         # called on each change.
         self.activity = ""
         self.on_activity: Callable[[], None] | None = None
+        # What the child tells while it runs (the status board shows them).
+        self.on_progress: Callable[[Progress], None] | None = None
+        self.on_event: Callable[[DeliveryEvent], None] | None = None
+        self.malformed = 0  # lines from the child that were not ours (logged, dropped)
 
     def trigger(self) -> None:
         self._wake.set()
@@ -125,19 +136,54 @@ class UpdateLoop:
             )
         except OSError as exc:
             return CycleReport.failed(f"cannot start the update child: {exc}")
+        lines = pipe.LineSplitter()
+        summary: CycleReport | None = None
         try:
             async with asyncio.timeout(self._timeout_s):
-                stdout, _ = await process.communicate()
+                assert process.stdout is not None
+                while chunk := await process.stdout.read(READ_BYTES):
+                    for line in lines.feed(chunk):
+                        summary = self._take(line) or summary
+                if rest := lines.close():
+                    summary = self._take(rest) or summary
+                await process.wait()
         except TimeoutError:
             process.kill()
             await process.wait()
             return CycleReport.failed(f"update child killed after {self._timeout_s:.0f} s")
-        try:
-            return CycleReport.from_dict(json.loads(stdout[:MAX_SUMMARY_BYTES]))
-        except (ValueError, KeyError, TypeError) as exc:
-            return CycleReport.failed(
-                f"update child exited with {process.returncode} and no valid summary ({exc})"
+        if lines.dropped:
+            self.malformed += lines.dropped
+            log.warning(
+                "update child: %d line(s) over %d bytes dropped", lines.dropped, lines.max_bytes
             )
+        if summary is None:
+            return CycleReport.failed(
+                f"update child exited with {process.returncode} and no valid summary"
+            )
+        return summary
+
+    def _take(self, line: bytes) -> CycleReport | None:
+        """Act on one line of the child: progress and events to their hooks; the summary is
+        returned. A line that is not one of ours is logged and dropped."""
+        if not line.strip():
+            return None
+        try:
+            message = pipe.decode(line)
+        except pipe.PipeError as exc:
+            self.malformed += 1
+            log.warning("update child: line dropped: %s", exc)
+            return None
+        if isinstance(message, CycleReport):
+            return message
+        hook: Callable[[Any], None] | None = (
+            self.on_progress if isinstance(message, Progress) else self.on_event
+        )
+        if hook is not None:
+            try:
+                hook(message)
+            except Exception:
+                log.exception("update child: a hook failed on %s", message)
+        return None
 
     async def run_forever(self) -> None:
         while True:
@@ -152,10 +198,24 @@ class UpdateLoop:
             self._wake.clear()
 
 
-def write_summary(result: CycleReport, stream: Any = None) -> None:
+def teller(stream: Any = None) -> Callable[[Message], None]:
+    """The child's side of the pipe: each message as one line on ``stream`` (stdout)."""
     out = stream or sys.stdout
-    out.write(json.dumps(result.to_dict()) + "\n")
-    out.flush()
+
+    def tell(message: Message) -> None:
+        try:
+            line = pipe.encode(message)
+        except pipe.PipeError as exc:  # the database has it; the daemon does without
+            log.warning("update: not told to the daemon: %s", exc)
+            return
+        out.write(line.decode())
+        out.flush()
+
+    return tell
+
+
+def write_summary(result: CycleReport, stream: Any = None) -> None:
+    teller(stream)(result)
 
 
 def summary_path(state_dir: Path) -> Path:

@@ -64,6 +64,11 @@ def _guarded(fetch: Callable[[], Iterator[bytes]], url: str) -> Iterator[bytes]:
         raise tuf_errors.DownloadError(f"{url}: fetcher error {type(exc).__name__}: {exc}") from exc
 
 
+# progress(done, total): the bytes of the file so far and its signed length.
+Progress = Callable[[int, int], None]
+PROGRESS_MIN_STEP = 64 * 1024
+
+
 class TargetDownloader:
     """Downloads verified targets through ``fetcher`` into files of the store at ``root``."""
 
@@ -89,7 +94,14 @@ class TargetDownloader:
             except OSError as exc:
                 log.warning("update: cannot remove %s: %s", path, exc.strerror or exc)
 
-    def download(self, info: TargetFile, dest: Path, what: str, consistent: bool) -> None:
+    def download(
+        self,
+        info: TargetFile,
+        dest: Path,
+        what: str,
+        consistent: bool,
+        progress: Progress | None = None,
+    ) -> None:
         """Stream ``info`` into ``dest``, hashing as it arrives; ``dest`` is left only when the
         length and SHA-256 equal the signed ones. ``consistent``: the root's
         ``consistent_snapshot`` (hash-prefixed target names).
@@ -113,7 +125,7 @@ class TargetDownloader:
         partial = self.partial_dir / expected
         url = target_url(self.targets_url, info, consistent)
         try:
-            self._stream_into(url, info, partial, expected, what)
+            self._stream_into(url, info, partial, expected, what, progress)
         except TrustError:
             partial.unlink(missing_ok=True)
             raise
@@ -131,7 +143,13 @@ class TargetDownloader:
         os.replace(partial, dest)
 
     def _stream_into(
-        self, url: str, info: TargetFile, partial: Path, expected: str, what: str
+        self,
+        url: str,
+        info: TargetFile,
+        partial: Path,
+        expected: str,
+        what: str,
+        progress: Progress | None,
     ) -> None:
         digest = hashlib.sha256()
         start = 0
@@ -150,6 +168,11 @@ class TargetDownloader:
         else:
             chunks = _guarded(lambda: self.fetcher.fetch(url), url)
         received = start
+        # About a hundred reports per file at most, and the last one at the signed length.
+        step = max(info.length // 100, PROGRESS_MIN_STEP)
+        reported = start
+        if progress is not None:
+            progress(received, info.length)
         with partial.open("ab") as out:
             for chunk in chunks:
                 received += len(chunk)
@@ -161,6 +184,10 @@ class TargetDownloader:
                 digest.update(chunk)
                 out.write(chunk)
                 crash_point("download", out)  # test hook: EDGE_AGENT_CRASH_AT (agent/faults.py)
+                due = received - reported >= step or received == info.length
+                if progress is not None and due:
+                    reported = received
+                    progress(received, info.length)
             out.flush()
             os.fsync(out.fileno())
         if received != info.length or digest.hexdigest() != expected:

@@ -4,24 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from agent import systemd
 from agent.activity import IDLE, Activity
 from agent.models.slots import Slots
-from agent.parts.base import Part, cancel
+from agent.parts.base import Part
 from agent.state import Event
 
 if TYPE_CHECKING:
+    from agent.delivery.pipe import Progress
+    from agent.delivery.report import DeliveryEvent
     from agent.updates import UpdateLoop
 
 log = logging.getLogger(__name__)
 
-# How often the download watcher looks at the update child's partial files.
-DOWNLOAD_POLL_S = 0.5
+# A delivery event that ends a version's download, one way or the other.
+DOWNLOAD_ENDS = frozenset({"downloaded", "installed", "rejected", "failed"})
 
 
 class StatusBoard(Part):
@@ -29,20 +29,18 @@ class StatusBoard(Part):
     served versions into one line, sent as STATUS= when it changes.
 
     Fed by deployment events (``on_event``), the update loop's start and end of a cycle
-    (``on_update_activity``) and the watchdog's checks; while the update child runs, a
-    watcher turns the growth of its partial files (``.partial/<sha256>`` in the store) into a
-    download activity with the bytes done.
+    (``on_update_activity``), what the update child tells while it runs (``on_download``:
+    a download's bytes so far and its signed size; ``on_delivery_event``) and the watchdog's
+    checks.
     """
 
-    def __init__(self, slots: Slots, store_dir: Path) -> None:
+    def __init__(self, slots: Slots) -> None:
         self.slots = slots
         self.notifier = systemd.Notifier()
-        self.partial_dir = store_dir / ".partial"
         self.updates: UpdateLoop | None = None
         self.deployment: Callable[[], Activity] = lambda: IDLE
         self.download: Activity | None = None
         self._last = ""
-        self._watcher: asyncio.Task[None] | None = None
 
     # -- the records ------------------------------------------------------------------------
 
@@ -96,39 +94,28 @@ class StatusBoard(Part):
         """The update loop started or finished a cycle."""
         self.download = None
         self.publish()
-        running = self._watcher is not None and not self._watcher.done()
-        if self.updates is not None and self.updates.activity and not running:
-            self._watcher = asyncio.get_running_loop().create_task(
-                self.watch_downloads(), name="download-status"
+
+    def on_download(self, progress: Progress) -> None:
+        """The update child's download of a version, as it goes (``agent.delivery.pipe``)."""
+        if progress.done >= progress.total:
+            self.download = None
+        else:
+            self.download = Activity(
+                "downloading version",
+                progress.model,
+                progress.version,
+                bytes_done=progress.done,
+                bytes_total=progress.total,
             )
+        self.publish()
 
-    async def watch_downloads(self) -> None:
-        """While the update child runs: a download activity whenever one of its partial files
-        grows (the child writes a download to ``.partial/<sha256>`` in the store)."""
-        sizes = _file_sizes(self.partial_dir)
-        while self.updates is not None and self.updates.activity:
-            await asyncio.sleep(DOWNLOAD_POLL_S)
-            now = _file_sizes(self.partial_dir)
-            growing = [size for name, size in now.items() if size != sizes.get(name)]
-            sizes = now
-            done = sum(growing)
-            self.download = (
-                Activity("downloading", bytes_done=done)
-                if growing and self.updates.activity
-                else None
-            )
-            self.publish()
-        self.download = None
-
-    # -- part -------------------------------------------------------------------------------
-
-    async def close(self) -> None:
-        await cancel(self._watcher)
-
-
-def _file_sizes(directory: Path) -> dict[str, int]:
-    try:
-        with os.scandir(directory) as entries:
-            return {entry.name: entry.stat().st_size for entry in entries if entry.is_file()}
-    except OSError:
-        return {}
+    def on_delivery_event(self, event: DeliveryEvent) -> None:
+        """An event the update child recorded: one that ends the download shown ends it."""
+        shown = self.download
+        if (
+            event.kind in DOWNLOAD_ENDS
+            and shown is not None
+            and (shown.model, shown.version) == (event.name, event.version)
+        ):
+            self.download = None
+        self.publish()

@@ -23,7 +23,7 @@ class Updates:
 def test_the_board_line_lists_the_activities_then_what_is_served(tmp_path: Path) -> None:
     slots = Slots()
     slots.ensure("mm").deactivate("loading")
-    board = StatusBoard(slots, tmp_path / "models")
+    board = StatusBoard(slots)
     assert board.activities() == []
     assert board.line() == "serving mm (none)"
     deploying = Activity("validating", "mm", 2)
@@ -49,6 +49,10 @@ def test_the_board_line_lists_the_activities_then_what_is_served(tmp_path: Path)
         (
             Activity("downloading", bytes_done=3 * 2**20),
             "downloading a new version (3.0 MB so far)",
+        ),
+        (
+            Activity("downloading version", "m", 3, bytes_done=2**20, bytes_total=4 * 2**20),
+            "downloading m version 3 (1.0 of 4.0 MB)",
         ),
         (Activity("validating", "m", 2), "validating m version 2"),
         (Activity("validating drained", "m", 2), "validating m version 2 (drained)"),

@@ -3,7 +3,6 @@ systemd over a real NOTIFY_SOCKET: the STATUS= lines of a deploy, and SIGHUP rel
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 import signal
 import socket
@@ -218,67 +217,3 @@ def test_sighup_applies_changes_and_a_broken_file_keeps_the_running_config(
     failure = device.log().rpartition("reload failed, keeping the running configuration: ")[2]
     assert str(device.config) in failure and "log_level" in failure and "'loud'" in failure
     assert device.process.poll() is None
-
-
-def test_status_says_downloading_while_the_update_child_writes(tmp_path: Path) -> None:
-    """The child streams a download into ``.partial/<sha256>``; the daemon, polling while the
-    child runs, says so (a real model downloads too fast for the end-to-end test to see)."""
-    from agent import systemd
-    from agent.activity import Activity
-    from agent.config import AgentSection, Config
-    from agent.daemon import Agent
-
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(str(tmp_path / "notify"))
-    notify.setblocking(False)
-    partial = tmp_path / "state" / "models" / ".partial"
-    partial.mkdir(parents=True)
-    download = partial / ("ab" * 32)
-    download.write_bytes(b"x" * 1000)  # left by an interrupted cycle: not growing
-
-    class Updates:
-        activity = "checking for updates"
-
-    async def main() -> list[str]:
-        agent = Agent(Config(agent=AgentSection(state_dir=tmp_path / "state", trim_memory=False)))
-        agent.notifier = systemd.Notifier({"NOTIFY_SOCKET": str(tmp_path / "notify")})
-        updates = Updates()
-        agent.status.updates = updates  # type: ignore[assignment]
-        publish = agent.status.publish
-        records: list[Activity] = []
-
-        def recording() -> None:  # what the board held at each STATUS= it sent
-            records.extend(agent.status.activities())
-            publish()
-
-        agent.status.publish = recording  # type: ignore[method-assign]
-        watcher = asyncio.get_running_loop().create_task(agent.status.watch_downloads())
-        await asyncio.sleep(0.8)
-        download.write_bytes(b"x" * 3 * 2**20)
-        await asyncio.sleep(0.6)
-        await asyncio.sleep(0.6)  # no longer growing
-        updates.activity = ""
-        agent.status.on_update_activity()  # as the update loop calls it
-        await asyncio.wait_for(watcher, 2)
-        agent.notifier.close()
-        agent.pool.shutdown()
-        # The board's record of the download: what, and the bytes so far (the size is not known).
-        assert [r.bytes_done for r in records if r.what == "downloading"] == [3 * 2**20]
-        assert all(r.bytes_total is None for r in records)
-        got = []
-        while True:
-            try:
-                got.append(notify.recv(4096))
-            except BlockingIOError:
-                return statuses(got)
-
-    try:
-        lines = asyncio.run(main())
-    finally:
-        notify.close()
-    assert lines == [
-        "checking for updates; serving no models",
-        "downloading a new version (3.0 MB so far); serving no models",
-        "checking for updates; serving no models",
-        "serving no models",
-    ], lines
