@@ -10,17 +10,20 @@ stay as they are; only the keys target changes.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from tuf.api.metadata import TargetFile
+
 from agent.confidential import envelope, keywrap
 from agent.confidential.keywrap import Encryption, KeysDocument
 from agent.models.store import atomic_write
 from cloud_stub import enroll
-from cloud_stub.expiry import RepositoryError
+from cloud_stub.expiry import RepositoryError, atomic_write_file
 from cloud_stub.repo import Repository, target_path
 
 
@@ -94,5 +97,28 @@ def rewrap(repo: Repository, name: str, version: int) -> KeysDocument:
     except (OSError, ValueError, KeyError) as exc:
         raise RepositoryError(f"the content key {path} is unreadable: {exc}") from exc
     doc = keywrap.build(name, version, key, content_id, mode, enroll.recipients(repo.root, mode))
-    repo.replace_target_file(name, version, keywrap.KEYS_FILE, doc.to_bytes())
+    replace_target_file(repo, name, version, keywrap.KEYS_FILE, doc.to_bytes())
     return doc
+
+
+def replace_target_file(
+    repo: Repository, name: str, version: int, file_name: str, data: bytes
+) -> None:
+    """Sign new bytes for a published file of ``name`` ``version`` (its ``custom`` kept), and
+    a new snapshot and timestamp: a re-wrapped keys document.
+
+    Raises:
+        RepositoryError: the file is not published.
+    """
+    role = repo.role_for(name)
+    md = repo.load(role)
+    path = target_path(name, version, file_name)
+    old = md.signed.targets.get(path)
+    if old is None:
+        raise RepositoryError(f"{path} is not published")
+    digest = hashlib.sha256(data).hexdigest()
+    atomic_write_file(repo.targets_dir / f"models/{name}/{version}/{digest}.{file_name}", data)
+    md.signed.targets[path] = TargetFile(
+        len(data), {"sha256": digest}, path, dict(old.unrecognized_fields)
+    )
+    repo._publish({role: md})

@@ -290,22 +290,6 @@ class Repository:
         self._publish({role: md})
         return added
 
-    def replace_target_file(self, name: str, version: int, file_name: str, data: bytes) -> None:
-        """Sign new bytes for a published file of ``name`` ``version`` (its ``custom`` kept):
-        a re-wrapped keys document. Raises RepositoryError when the file is not published."""
-        role = self.role_for(name)
-        md = self.load(role)
-        path = target_path(name, version, file_name)
-        old = md.signed.targets.get(path)
-        if old is None:
-            raise RepositoryError(f"{path} is not published")
-        digest = hashlib.sha256(data).hexdigest()
-        _atomic_write(self.targets_dir / f"models/{name}/{version}/{digest}.{file_name}", data)
-        md.signed.targets[path] = TargetFile(
-            len(data), {"sha256": digest}, path, dict(old.unrecognized_fields)
-        )
-        self._publish({role: md})
-
     def remove_version(self, name: str, version: int) -> None:
         role = self.role_for(name)
         md = self.load(role)
