@@ -159,6 +159,7 @@ class Agent:
                 drain_timeout_s=self.config.models.drain_timeout_s,
                 keep_versions=self.config.models.keep_versions,
                 inline_threshold_us=self.config.serving.inline_threshold_us,
+                devices=self.config.devices,
             ),
             on_event=self._on_event,
             available_memory=available_memory_bytes,

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from agent.activity import IDLE, Activity
@@ -33,6 +33,7 @@ from agent.errors import AgentError, StoreError
 from agent.faults import crash_point
 from agent.iothread import IoThread
 from agent.models import drain, lifecycle
+from agent.models.devices import DeviceRequest
 from agent.models.fastpath import DEFAULT_THRESHOLD_US
 from agent.models.journal import Journal
 from agent.models.lifecycle import ProbationPolicy, Stage, Verdict, VersionState
@@ -42,7 +43,7 @@ from agent.models.retention import Retention
 from agent.models.runtime import RuntimeOptions
 from agent.models.selection import Selection
 from agent.models.slots import LoadedVersion, Slots
-from agent.models.store import ModelStore
+from agent.models.store import ModelStore, StoredModel
 from agent.models.validation import validate_version, what_was_checked, zeros_for
 from agent.state import Event, StateDB
 
@@ -64,6 +65,29 @@ class DeployConfig:
     max_probation_crashes: int = 2
     keep_versions: int = 1
     inline_threshold_us: float = DEFAULT_THRESHOLD_US
+    # Devices asked for per model in agent.toml ([models.<name>]); they win over signed ones.
+    devices: Mapping[str, DeviceRequest] = field(default_factory=dict)
+
+
+async def _validated(
+    deployer: Deployer, stored: StoredModel, on_stage: Callable[[Stage], None]
+) -> LoadedVersion:
+    """``validate_version`` in a worker thread; each device it gave up for the CPU an event."""
+    name, version, config = stored.name, stored.version, deployer.config
+    loaded = await asyncio.to_thread(
+        validate_version,
+        stored,
+        deployer.options,
+        config.warmup_runs,
+        on_stage,
+        config.inline_threshold_us,
+        config.devices.get(name),
+    )
+    for fallback in loaded.fallbacks:
+        await deployer.journal.event(
+            name, version, "device_fallback", f"{fallback}; runs on {loaded.device}"
+        )
+    return loaded
 
 
 class Deployer(ManualActions, Retention):
@@ -256,14 +280,7 @@ class Deployer(ManualActions, Retention):
             if record:
                 self.journal.reached(name, version, stage, loop)
 
-        loaded = await asyncio.to_thread(
-            validate_version,
-            stored,
-            self.options,
-            self.config.warmup_runs,
-            on_stage,
-            self.config.inline_threshold_us,
-        )
+        loaded = await _validated(self, stored, on_stage)
         if record:
             await self._record(name, version, Stage.VALIDATED, what_was_checked(loaded))
         return loaded

@@ -7,14 +7,17 @@ blocks the loop for less time than the hand-off itself would. A model qualifies 
 of a few timed runs on its warm-up input stays under the threshold; only requests no larger
 (in input elements) than that input take the fast path. Everything else goes to the pool.
 
-The decision is checked while serving, too: a model whose inline runs become slow (a hot,
-throttled CPU; inputs that cost more than the warm-up input) would hold the event loop, so
-when the smoothed duration of its inline runs passes ``DEMOTE_FACTOR`` times the threshold it
-moves to the pool for good (``demote``).
+Qualifying makes a model eligible, no more: whether its requests run inline or in the pool
+is measured under the load actually seen (``agent.models.pathchoice``: epochs of each path,
+compared by rank tests; at concurrency 16 the pool's threads usually win, at concurrency 1 the
+loop). An eligible model whose inline runs become slow (median of an epoch over
+``DEMOTE_FACTOR`` times the threshold: a throttled CPU, costlier inputs) leaves the loop for
+good.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -22,12 +25,15 @@ from typing import Any
 import numpy as np
 
 from agent.config import INLINE_THRESHOLD_US
+from agent.models.pathchoice import PathChooser, PathPolicy
 from agent.models.runtime import Session
+from agent.models.slots import LoadedVersion
+
+log = logging.getLogger(__name__)
 
 DEFAULT_THRESHOLD_US = INLINE_THRESHOLD_US  # [serving] inline_threshold_us's default
 RUNS = 50
 DEMOTE_FACTOR = 3.0
-SMOOTHING = 0.05  # weight of the newest inline run in the moving average
 
 
 def inline_budget(
@@ -64,11 +70,32 @@ def inline_budget(
     return int(sum(np.asarray(v).size for v in feeds.values()))
 
 
-def demote(average_s: float, run_s: float, threshold_us: float) -> tuple[float, bool]:
-    """Fold one inline run into the moving average; True when the model must leave the loop.
+def route(loaded: LoadedVersion, elements: int, threshold_us: float, now: float) -> bool:
+    """Whether a request of ``elements`` input elements runs inline (on the calling thread).
 
-    The average starts at the first run, and one slow run moves it by ``SMOOTHING`` only, so a
-    single hiccup never demotes a model; a sustained slow-down does within a few dozen runs.
+    Only a version that passed ``inline_budget``, and only requests no larger than its
+    warm-up input; among those, its ``PathChooser`` decides from what each path delivers.
     """
-    average_s = run_s if average_s == 0.0 else average_s + SMOOTHING * (run_s - average_s)
-    return average_s, threshold_us > 0 and average_s * 1e6 > DEMOTE_FACTOR * threshold_us
+    if loaded.inline_elements <= 0 or elements > loaded.inline_elements:
+        return False
+    chooser = loaded.path_choice
+    if chooser is None:
+        ceiling = DEMOTE_FACTOR * threshold_us * 1e-6
+        chooser = loaded.path_choice = PathChooser(PathPolicy(max_inline_s=ceiling))
+    return chooser.take(now)
+
+
+def finished(loaded: LoadedVersion, inline: bool, took_s: float, run_s: float, now: float) -> None:
+    """A request answered: fold it into the version's epochs; log a decision once made."""
+    chooser = loaded.path_choice
+    if chooser is None:
+        return
+    before = (chooser.state, chooser.path, chooser.decisions)
+    chooser.done(inline, took_s, run_s, now)
+    if (chooser.state, chooser.path, chooser.decisions) == before or chooser.state == "exploring":
+        return
+    if chooser.state == "off":
+        loaded.inline_elements = 0
+        log.warning("model %s version %d: %s", loaded.name, loaded.version, chooser.reason)
+    else:
+        log.info("model %s version %d: fast path %s", loaded.name, loaded.version, chooser.reason)

@@ -136,6 +136,11 @@ class OnnxSession:
         self._session = None
 
 
+def available_providers() -> list[str]:
+    """The execution providers this ONNX Runtime build has (``agent.models.devices``)."""
+    return list(ort.get_available_providers())
+
+
 class OnnxBackend:
     name = "onnx"
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.errors import NotFoundError, UnavailableError
+from agent.models.pathchoice import PathChooser
 from agent.models.runtime import Session
 from agent.models.store import Manifest
 
@@ -34,8 +35,8 @@ class LoadedVersion:
     # Requests with at most this many input elements run on the event loop thread: measured
     # at load, the model answers them faster than a hand-off to a worker thread costs.
     inline_elements: int = 0
-    # Moving average of its inline runs' durations (seconds), watched by ``fastpath.demote``.
-    inline_average_s: float = 0.0
+    # Which path its small requests take, measured (``fastpath.route``); made at the first.
+    path_choice: PathChooser | None = None
     # A known-good input (the signed smoke input, or zeros that ran at load) for the
     # watchdog's synthetic inference; None when there is none.
     probe: dict[str, Any] | None = None
@@ -71,6 +72,11 @@ class Slot:
     def versions(self) -> list[int]:
         with self._lock:
             return sorted(self._versions)
+
+    def loaded(self) -> list[LoadedVersion]:
+        """The loaded versions, oldest first (a snapshot)."""
+        with self._lock:
+            return [self._versions[version] for version in sorted(self._versions)]
 
     def acquire(self, version: int | None = None) -> LoadedVersion:
         """Lease the active version, or a given loaded version.

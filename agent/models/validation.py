@@ -176,7 +176,7 @@ def available_providers(manifest: Manifest) -> list[str] | None:
         return None
     from agent.models import onnx  # sets ONNX Runtime's environment before importing it
 
-    return list(onnx.ort.get_available_providers())
+    return onnx.available_providers()
 
 
 def _validate_on(

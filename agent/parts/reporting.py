@@ -10,6 +10,7 @@ from agent import __version__
 from agent.config import Config
 from agent.models.slots import Slots
 from agent.parts.base import Part
+from agent.serving import modelinfo
 from agent.state import Event, StateDB
 from agent.telemetry.metrics import Registry
 
@@ -125,6 +126,8 @@ class Reporting(Part):
                 "p50_ms": figures.p50_ms if figures else None,
                 "p95_ms": figures.p95_ms if figures else None,
                 "p99_ms": figures.p99_ms if figures else None,
+                "device": active.device if active else None,
+                "fast_path": modelinfo.fast_path(active)["path"] if active else None,
             }
         return {**readings(self._state_dir), "models": models}
 

@@ -61,7 +61,10 @@ def load_version(
     except AgentError:  # an unsigned local model may not accept zeros: no probe, no fast path
         probe = None
     inline = inline_budget(session, feeds, inline_threshold_us) if probe else 0
-    return LoadedVersion(manifest=manifest, session=session, inline_elements=inline, probe=probe)
+    device = str(getattr(session, "device", "CPU"))  # local files run where the runtime chose
+    return LoadedVersion(
+        manifest=manifest, session=session, inline_elements=inline, probe=probe, device=device
+    )
 
 
 class Serving(Part):

@@ -59,8 +59,8 @@ class MemoryTrim(Part):
         """Trim, then fault back in what inference needs, before a request has to.
 
         While it runs, the models on the fast path go through the pool: an inline run that
-        faulted its pages back in would look slow and demote its model for good
-        (``fastpath.demote``). This runs on the loop, so no inline run is under way when
+        faulted its pages back in would look slow and end its fast path for good
+        (``fastpath.finished``). This runs on the loop, so no inline run is under way when
         the fast path is paused or resumed.
         """
         self._handle = None

@@ -27,7 +27,7 @@ from agent.errors import (
 )
 from agent.models import fastpath
 from agent.models.slots import LoadedVersion, Slot, Slots
-from agent.serving import routes
+from agent.serving import modelinfo, routes
 from agent.serving.oip import server as oip
 from agent.serving.oip.codec import Limits
 from agent.serving.shm.keys import Regions
@@ -183,7 +183,8 @@ class OipHandler:
         if kind is routes.Kind.SERVER:
             return Response(200, self._server_metadata)
         if kind is routes.Kind.METRICS:
-            return Response(200, render_prometheus(self.metrics), b"text/plain; version=0.0.4")
+            text = render_prometheus(self.metrics) + modelinfo.render_prometheus(self.slots)
+            return Response(200, text, b"text/plain; version=0.0.4")
         if kind is routes.Kind.STATUS:
             return _json(self.status())
         if kind is routes.Kind.INDEX:
@@ -266,9 +267,8 @@ class OipHandler:
                 f"model {name!r}: the request could not be decoded ({type(exc).__name__}: "
                 f"{str(exc)[:200]})"
             ) from exc
-        inline = loaded.inline_elements > 0 and (
-            sum(value.size for value in feeds.values()) <= loaded.inline_elements
-        )
+        elements = sum(value.size for value in feeds.values())
+        inline = fastpath.route(loaded, elements, self.inline_threshold_us, time.perf_counter())
         return PreparedInfer(slot, loaded, request.id, feeds, outputs, started, inline)
 
     def finish_infer(
@@ -313,6 +313,9 @@ class OipHandler:
     def observe_success(self, prepared: PreparedInfer) -> None:
         """Count a request answered with its outputs."""
         self._observe(prepared.loaded, prepared.started, failed=False, seconds=prepared.run_s)
+        now = time.perf_counter()  # and what its path delivered (models/pathchoice.py)
+        took_s = now - prepared.started
+        fastpath.finished(prepared.loaded, prepared.inline, took_s, prepared.run_s, now)
 
     def run_inline(self, prepared: PreparedInfer) -> Response:
         """Run a prepared request on the calling thread and finish it."""
@@ -323,26 +326,11 @@ class OipHandler:
         self, prepared: PreparedInfer
     ) -> tuple[dict[str, np.ndarray[Any, Any]] | None, BaseException | None]:
         """Run a prepared request on the calling thread (the fast path): its results or its
-        failure; a model whose runs have slowed down leaves the fast path."""
+        failure (inline runs that slow down end the fast path: ``fastpath.finished``)."""
         try:
-            results = prepared.run()
+            return prepared.run(), None
         except BaseException as exc:  # the response names the failure; nothing is lost
             return None, exc
-        loaded = prepared.loaded
-        loaded.inline_average_s, slow = fastpath.demote(
-            loaded.inline_average_s, prepared.run_s, self.inline_threshold_us
-        )
-        if slow and loaded.inline_elements:
-            loaded.inline_elements = 0
-            log.warning(
-                "model %s version %d: inline runs now average %.0f µs, over %.0f µs; "
-                "it runs in the inference pool from now on",
-                loaded.name,
-                loaded.version,
-                loaded.inline_average_s * 1e6,
-                fastpath.DEMOTE_FACTOR * self.inline_threshold_us,
-            )
-        return results, None
 
     def infer_blocking(
         self, path: str, body: bytes | bytearray | memoryview, header_length: int | None
@@ -378,6 +366,7 @@ class OipHandler:
                 session.platform,
                 session.inputs,
                 session.outputs,
+                modelinfo.metadata_parameters(loaded),
             )
         return Response(200, body)
 
@@ -428,15 +417,16 @@ class OipHandler:
         for slot in self.slots:
             active = slot.active
             versions = {}
-            for version in slot.versions():
-                summary = self.metrics.model(slot.name, str(version)).summary()
-                versions[str(version)] = {
+            for loaded in slot.loaded():
+                summary = self.metrics.model(slot.name, str(loaded.version)).summary()
+                versions[str(loaded.version)] = {
                     "requests": summary.requests,
                     "errors": summary.errors,
                     "client_errors": summary.client_errors,
                     "p50_ms": summary.p50_ms,
                     "p95_ms": summary.p95_ms,
                     "p99_ms": summary.p99_ms,
+                    **modelinfo.version_fields(loaded),  # device, fast path
                 }
             models[slot.name] = {
                 "active_version": None if active is None else active.version,

@@ -338,17 +338,18 @@ def model_metadata(
     platform: str,
     inputs: Sequence[TensorSpec],
     outputs: Sequence[TensorSpec],
+    parameters: Mapping[str, Any] | None = None,
 ) -> bytes:
-    return json.dumps(
-        {
-            "name": name,
-            "versions": list(versions),
-            "platform": platform,
-            "inputs": [spec.to_dict() for spec in inputs],
-            "outputs": [spec.to_dict() for spec in outputs],
-        },
-        separators=_SEPARATORS,
-    ).encode()
+    doc: dict[str, Any] = {
+        "name": name,
+        "versions": list(versions),
+        "platform": platform,
+        "inputs": [spec.to_dict() for spec in inputs],
+        "outputs": [spec.to_dict() for spec in outputs],
+    }
+    if parameters:
+        doc["parameters"] = dict(parameters)  # the device and path (serving/modelinfo.py)
+    return json.dumps(doc, separators=_SEPARATORS).encode()
 
 
 def model_config(

@@ -1,0 +1,192 @@
+"""Which path a fast-path-eligible model's requests take, decided by what each delivers (pure).
+
+A model that passed ``fastpath.inline_budget`` may run on the event loop thread (``inline``)
+or in the inference pool (``pool``). Which is faster depends on the load, not on the model
+alone: at concurrency 1 the loop saves the two thread wake-ups of a hand-off; at concurrency
+16 the pool runs on every core while the loop runs one request at a time. So the chooser
+measures both under the load actually seen, in epochs of requests:
+
+- **exploring**: epochs alternate between the paths (``pairs`` of each). An epoch's figures
+  are its wall time per request (the inverse of its throughput: under a load that saturates
+  the server this is what differs) and the median time of its requests in the handler (what
+  differs when the load does not saturate it).
+- **deciding**: a one-sided Mann-Whitney U test of the epochs' time per request, each way; a
+  path wins when it is significantly faster (p < ``alpha``) and by at least ``min_gain``.
+  When neither wins on throughput, the same test on the epochs' request times. When neither
+  wins at all, the pool (which never holds the loop). One slow request moves one epoch's
+  median by nothing and its time per request by 1/``epoch_requests`` of itself.
+- **decided**: the chosen path serves; its epochs are still measured. After ``recheck_s``,
+  or when ``drift_epochs`` epochs in a row differ by more than ``drift`` times from what the
+  decision saw (the load changed), it explores again (at most once per ``min_recheck_s``).
+
+Besides the choice, a ceiling: an inline epoch whose median run takes longer than
+``max_inline_s`` (the model itself became slow: a throttled CPU, larger inputs) ends the
+fast path for the version, for good. Requests of the other path that finish during an epoch
+(a hand-off still under way when the epoch switched) are not counted in it.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent.models.judge import mann_whitney_greater
+
+INLINE, POOL = "inline", "pool"
+
+
+@dataclass(frozen=True, slots=True)
+class PathPolicy:
+    epoch_requests: int = 48
+    epoch_max_s: float = 0.5  # an epoch also ends after this long, with min_epoch_requests
+    min_epoch_requests: int = 8
+    pairs: int = 10  # epochs of each path per exploration
+    alpha: float = 0.01
+    min_gain: float = 0.05  # the winner is at least this much faster (5 %)
+    recheck_s: float = 60.0
+    min_recheck_s: float = 5.0
+    drift: float = 1.5
+    drift_epochs: int = 3
+    max_inline_s: float = 300e-6
+
+
+@dataclass(frozen=True, slots=True)
+class Epoch:
+    path: str
+    per_request_s: float  # wall time of the epoch / its requests
+    median_s: float  # median of its requests' times in the handler
+
+
+@dataclass(slots=True)
+class PathChooser:
+    """The path of one loaded version's small requests; call ``take`` and ``done`` from one
+    thread (the event loop's)."""
+
+    policy: PathPolicy = field(default_factory=PathPolicy)
+    path: str = INLINE  # the path requests take now
+    state: str = "exploring"  # "exploring" | "decided" | "off" (the inline ceiling was hit)
+    reason: str = "exploring: no epoch measured yet"
+    decisions: int = 0
+    explorations: int = 1
+    _started: float | None = None
+    _count: int = 0
+    _times: list[float] = field(default_factory=list)
+    _runs: list[float] = field(default_factory=list)
+    _epochs: list[Epoch] = field(default_factory=list)
+    _decided_at: float = 0.0
+    _decided_level: float = 0.0
+    _drifted: int = 0
+
+    def take(self, now: float) -> bool:
+        """True when the next request runs inline; its epoch starts with the first request."""
+        if self._started is None:
+            self._started = now
+        return self.path == INLINE
+
+    def done(self, inline: bool, took_s: float, run_s: float, now: float) -> None:
+        """A request of this version finished: ``took_s`` in the handler, ``run_s`` of it in
+        the runtime."""
+        if self.state == "off" or inline != (self.path == INLINE) or self._started is None:
+            return
+        self._count += 1
+        self._times.append(took_s)
+        if inline:
+            self._runs.append(run_s)
+        elapsed = now - self._started
+        policy = self.policy
+        if self._count < policy.epoch_requests and not (
+            elapsed >= policy.epoch_max_s and self._count >= policy.min_epoch_requests
+        ):
+            return
+        epoch = Epoch(self.path, elapsed / self._count, statistics.median(self._times))
+        runs = statistics.median(self._runs) if self._runs else 0.0
+        # The next epoch starts now: under load its first requests are already under way.
+        self._started, self._count, self._times, self._runs = now, 0, [], []
+        if inline and runs > policy.max_inline_s:
+            self.path, self.state = POOL, "off"
+            self.reason = (
+                f"inline runs took {runs * 1e6:.0f} µs (median of an epoch), over "
+                f"{policy.max_inline_s * 1e6:.0f} µs: in the pool for good"
+            )
+            return
+        if self.state == "exploring":
+            self._explore(epoch, now)
+        else:
+            self._watch(epoch, now)
+
+    def _explore(self, epoch: Epoch, now: float) -> None:
+        self._epochs.append(epoch)
+        counts = {p: sum(1 for e in self._epochs if e.path == p) for p in (INLINE, POOL)}
+        if min(counts.values()) < self.policy.pairs:
+            self.path = POOL if epoch.path == INLINE else INLINE
+            self.reason = f"exploring: {counts[INLINE]} inline and {counts[POOL]} pool epochs"
+            return
+        path, reason = decide(self._epochs, self.policy)
+        self.path, self.state, self.reason = path, "decided", reason
+        self.decisions += 1
+        self._decided_at = now
+        self._decided_level = statistics.median(
+            e.per_request_s for e in self._epochs if e.path == path
+        )
+        self._epochs, self._drifted = [], 0
+
+    def _watch(self, epoch: Epoch, now: float) -> None:
+        policy = self.policy
+        level = self._decided_level
+        ratio = epoch.per_request_s / level if level > 0 else 1.0
+        self._drifted = self._drifted + 1 if max(ratio, 1 / ratio) > policy.drift else 0
+        since = now - self._decided_at
+        if since < policy.min_recheck_s:
+            return
+        if since >= policy.recheck_s or self._drifted >= policy.drift_epochs:
+            why = "the load changed" if self._drifted >= policy.drift_epochs else "recheck"
+            self.state, self.explorations = "exploring", self.explorations + 1
+            self.path = POOL if self.path == INLINE else INLINE
+            self.reason = f"exploring again ({why}); was {self.reason}"
+            self._epochs, self._drifted = [], 0
+
+    def describe(self) -> dict[str, Any]:
+        """For status: the path, the state and why."""
+        return {
+            "path": self.path,
+            "state": self.state,
+            "reason": self.reason,
+            "decisions": self.decisions,
+            "explorations": self.explorations,
+        }
+
+
+def _faster(one: list[float], other: list[float], policy: PathPolicy) -> tuple[bool, float, float]:
+    """Whether ``one`` is significantly and materially smaller than ``other``: (yes, p, ratio
+    of the medians other / one)."""
+    _, p = mann_whitney_greater(other, one)
+    ratio = statistics.median(other) / max(statistics.median(one), 1e-12)
+    return p < policy.alpha and ratio >= 1 + policy.min_gain, p, ratio
+
+
+def decide(epochs: list[Epoch], policy: PathPolicy) -> tuple[str, str]:
+    """The path the epochs of an exploration choose, and the reason with its evidence."""
+    figures = {}
+    for measure, what in (
+        ("per_request_s", "{ratio:.2f}x the {other}'s requests per second (time per request"),
+        ("median_s", "requests {ratio:.2f}x faster than the {other}'s (time in the handler"),
+    ):
+        values = {
+            path: [getattr(e, measure) for e in epochs if e.path == path] for path in (INLINE, POOL)
+        }
+        for path, other in ((INLINE, POOL), (POOL, INLINE)):
+            wins, p, ratio = _faster(values[path], values[other], policy)
+            if wins:
+                return path, (
+                    f"{path}: {what.format(ratio=ratio, other=other)}, median "
+                    f"{statistics.median(values[path]) * 1e6:.0f} µs vs "
+                    f"{statistics.median(values[other]) * 1e6:.0f} µs, Mann-Whitney p={p:.2g}, "
+                    f"{len(values[path])} epochs each)"
+                )
+        figures[measure] = (statistics.median(values[INLINE]), statistics.median(values[POOL]))
+    inline_s, pool_s = figures["per_request_s"]
+    return POOL, (
+        f"pool: no path measurably faster (time per request {inline_s * 1e6:.0f} µs inline, "
+        f"{pool_s * 1e6:.0f} µs pool); the pool never holds the loop"
+    )

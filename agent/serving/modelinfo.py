@@ -1,0 +1,65 @@
+"""What each loaded version runs on and which path its requests take, for status, model
+metadata and /metrics (pure: reads the slots, writes nothing)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from agent.models.slots import LoadedVersion, Slots
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def fast_path(loaded: LoadedVersion) -> dict[str, Any]:
+    """The version's path: ``pool`` (not eligible for the loop), or its chooser's view."""
+    if loaded.path_choice is not None:
+        return loaded.path_choice.describe()
+    if loaded.inline_elements > 0:
+        return {"path": "inline", "state": "eligible", "reason": "no request yet"}
+    return {"path": "pool", "state": "not eligible", "reason": "warm-up p90 over the threshold"}
+
+
+def version_fields(loaded: LoadedVersion) -> dict[str, Any]:
+    """Fields of one version in ``/agent/status``."""
+    return {
+        "device": loaded.device,
+        "device_fallbacks": list(loaded.fallbacks),
+        "fast_path": fast_path(loaded),
+    }
+
+
+def metadata_parameters(loaded: LoadedVersion) -> dict[str, Any]:
+    """The ``parameters`` of a model's OIP metadata (KServe's open field for extensions)."""
+    return {
+        "device": loaded.device,
+        "device_fallbacks": len(loaded.fallbacks),
+        "fast_path": fast_path(loaded)["path"],
+    }
+
+
+def render_prometheus(slots: Slots) -> bytes:
+    """Gauges per loaded version: its device (an info metric), fallbacks, path, decisions."""
+    rows = [(slot.name, loaded) for slot in slots for loaded in slot.loaded()]
+    gauges: tuple[tuple[str, str, str], ...] = (
+        ("edge_agent_model_device_info", "gauge", "The device a loaded version runs on."),
+        ("edge_agent_model_device_fallbacks", "gauge", "Devices given up for the CPU at load."),
+        ("edge_agent_model_inline", "gauge", "1 when the version's small requests run inline."),
+        ("edge_agent_model_path_decisions_total", "counter", "Fast path decisions made."),
+    )
+    lines: list[str] = []
+    for metric, kind, help_text in gauges:
+        lines += [f"# HELP {metric} {help_text}", f"# TYPE {metric} {kind}"]
+        for name, loaded in rows:
+            labels = f'model="{_escape(name)}",version="{loaded.version}"'
+            path = fast_path(loaded)
+            if metric == "edge_agent_model_device_info":
+                lines.append(f'{metric}{{{labels},device="{_escape(loaded.device)}"}} 1')
+            elif metric == "edge_agent_model_device_fallbacks":
+                lines.append(f"{metric}{{{labels}}} {len(loaded.fallbacks)}")
+            elif metric == "edge_agent_model_inline":
+                lines.append(f"{metric}{{{labels}}} {int(path['path'] == 'inline')}")
+            else:
+                lines.append(f"{metric}{{{labels}}} {path.get('decisions', 0)}")
+    return ("\n".join(lines) + "\n").encode()

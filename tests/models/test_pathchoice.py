@@ -1,0 +1,167 @@
+"""The fast path's choice between the loop and the pool, decided from what each path delivers:
+pure logic under a simulated clock and simulated servers (no sockets, no runtime)."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from agent.models.pathchoice import INLINE, POOL, PathChooser, PathPolicy, decide
+
+
+@dataclass
+class Server:
+    """A closed-loop load on a simulated server: per path, the wall time between completions
+    (1 / throughput) and the time of a request in the handler, each with noise."""
+
+    gap_s: dict[str, float]
+    took_s: dict[str, float]
+    run_s: float = 50e-6
+    noise: float = 0.15
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(self.seed)
+        self.now = 0.0
+
+    def jitter(self, value: float) -> float:
+        return value * (1 + self.noise * (2 * self.rng.random() - 1))
+
+    def serve(self, chooser: PathChooser, requests: int) -> list[str]:
+        paths = []
+        for _ in range(requests):
+            inline = chooser.take(self.now)
+            path = INLINE if inline else POOL
+            paths.append(path)
+            self.now += self.jitter(self.gap_s[path])
+            chooser.done(inline, self.jitter(self.took_s[path]), self.jitter(self.run_s), self.now)
+        return paths
+
+
+# Concurrency 16 (issue 13's 8-layer MLP): the pool's two threads serve twice the loop's
+# requests per second, though each request spends longer in the handler (it queues for a
+# worker). Concurrency 1: the loop answers sooner (no hand-off), so it also serves more.
+C16 = {"gap_s": {INLINE: 256e-6, POOL: 130e-6}, "took_s": {INLINE: 55e-6, POOL: 1.9e-3}}
+C1 = {"gap_s": {INLINE: 180e-6, POOL: 290e-6}, "took_s": {INLINE: 60e-6, POOL: 160e-6}}
+
+
+def test_at_concurrency_16_the_pool_wins_on_throughput_on_every_start() -> None:
+    for seed in range(10):
+        chooser = PathChooser()
+        Server(**C16, seed=seed).serve(chooser, 2000)  # type: ignore[arg-type]
+        assert chooser.state == "decided" and chooser.path == POOL, (seed, chooser.reason)
+        assert chooser.reason.startswith("pool: 1.9"), chooser.reason
+        assert "the inline's requests per second (time per request, median 1" in chooser.reason
+        assert "Mann-Whitney p=" in chooser.reason and "10 epochs each" in chooser.reason
+
+
+def test_at_concurrency_1_the_loop_wins_on_every_start() -> None:
+    for seed in range(10):
+        chooser = PathChooser()
+        Server(**C1, seed=seed).serve(chooser, 2000)  # type: ignore[arg-type]
+        assert chooser.state == "decided" and chooser.path == INLINE, (seed, chooser.reason)
+
+
+def test_a_load_that_saturates_nothing_is_decided_by_request_time() -> None:
+    """Sparse requests: the gaps are the clients', the same on both paths; the handler's time
+    per request is what differs, and the loop's is shorter."""
+    same = {"gap_s": {INLINE: 5e-3, POOL: 5e-3}, "took_s": {INLINE: 60e-6, POOL: 160e-6}}
+    chooser = PathChooser()
+    Server(**same, noise=0.5).serve(chooser, 2000)  # type: ignore[arg-type]
+    assert chooser.path == INLINE
+    assert chooser.reason.startswith("inline: requests 2."), chooser.reason
+
+
+def test_no_measurable_difference_chooses_the_pool_saying_so() -> None:
+    same = {"gap_s": {INLINE: 1e-4, POOL: 1e-4}, "took_s": {INLINE: 1e-4, POOL: 1e-4}}
+    chooser = PathChooser()
+    Server(**same).serve(chooser, 2000)  # type: ignore[arg-type]
+    assert chooser.state == "decided" and chooser.path == POOL
+    assert chooser.reason.startswith("pool: no path measurably faster")
+
+
+def test_one_slow_first_request_decides_nothing() -> None:
+    chooser = PathChooser()
+    server = Server(**C1)  # type: ignore[arg-type]
+    assert chooser.take(server.now)  # the first request runs inline … and takes 50 ms
+    server.now += 0.05
+    chooser.done(True, 0.05, 0.05, server.now)
+    assert chooser.state == "exploring" and chooser.path == INLINE
+    server.serve(chooser, 2000)
+    assert chooser.path == INLINE and chooser.state == "decided"
+
+
+def test_requests_of_the_other_path_finishing_late_are_not_counted() -> None:
+    chooser = PathChooser(PathPolicy(epoch_requests=4, min_epoch_requests=4, pairs=1))
+    for i in range(4):
+        assert chooser.take(i)
+        chooser.done(True, 1e-4, 5e-5, i + 1.0)
+    assert chooser.path == POOL  # the next epoch is the pool's
+    chooser.done(True, 9.0, 5e-5, 5.0)  # a loop request answered after the switch
+    assert chooser.reason == "exploring: 1 inline and 0 pool epochs"
+
+
+def test_slow_inline_runs_end_the_fast_path_for_good_one_slow_run_does_not() -> None:
+    policy = PathPolicy(epoch_requests=10, max_inline_s=300e-6)
+    chooser = PathChooser(policy)
+    now = 0.0
+    for run_s in [5e-3] + [50e-6] * 9:  # one 5 ms hiccup in an epoch of fast runs
+        chooser.take(now)
+        now += 1e-4
+        chooser.done(True, run_s, run_s, now)
+    assert chooser.state == "exploring"
+    chooser = PathChooser(policy)
+    for _ in range(10):  # a model that now takes 400 µs every time
+        chooser.take(now)
+        now += 5e-4
+        chooser.done(True, 400e-6, 400e-6, now)
+    assert chooser.state == "off" and chooser.path == POOL
+    assert (
+        chooser.reason
+        == "inline runs took 400 µs (median of an epoch), over 300 µs: in the pool for good"
+    )
+    assert not chooser.take(now)
+    Server(**C1).serve(chooser, 500)  # type: ignore[arg-type]
+    assert chooser.state == "off"
+
+
+def test_a_changed_load_and_the_recheck_interval_explore_again() -> None:
+    chooser = PathChooser(PathPolicy(recheck_s=1e9))
+    server = Server(**C16)  # type: ignore[arg-type]
+    server.serve(chooser, 1200)
+    assert (chooser.state, chooser.path, chooser.decisions) == ("decided", POOL, 1)
+    server.now += 10.0  # past min_recheck_s
+    server.gap_s = C1["gap_s"]  # the clients drop to one: each request waits for the last
+    server.took_s = C1["took_s"]
+    server.serve(chooser, 300)
+    assert chooser.explorations == 2
+    server.serve(chooser, 2000)
+    assert (chooser.state, chooser.path, chooser.decisions) == ("decided", INLINE, 2)
+    periodic = PathChooser(PathPolicy(recheck_s=30.0))
+    steady = Server(**C16)  # type: ignore[arg-type]
+    steady.serve(periodic, 1200)
+    assert periodic.explorations == 1
+    steady.now += 31.0
+    steady.serve(periodic, 10)  # the epoch under way ends (8 requests), then: recheck
+    assert periodic.explorations == 2 and "exploring again (recheck)" in periodic.reason
+
+
+def test_decide_names_the_evidence() -> None:
+    from agent.models.pathchoice import Epoch
+
+    epochs = [Epoch(INLINE, 256e-6 + i * 1e-6, 55e-6) for i in range(10)]
+    epochs += [Epoch(POOL, 130e-6 + i * 1e-6, 1.9e-3) for i in range(10)]
+    path, reason = decide(epochs, PathPolicy())
+    assert path == POOL
+    assert reason.startswith(
+        "pool: 1.94x the inline's requests per second (time per request, median 134 µs vs 260 µs"
+    )
+    assert reason.endswith(", 10 epochs each)")
+    chooser = PathChooser()
+    assert chooser.describe() == {
+        "path": INLINE,
+        "state": "exploring",
+        "reason": "exploring: no epoch measured yet",
+        "decisions": 0,
+        "explorations": 1,
+    }
