@@ -27,9 +27,11 @@ POLICY = Policy(stages=(100, 500, 2500, 10000), soak_s=3.0, deadline_s=15.0)
 
 
 @contextmanager
-def simulated(world: FleetWorld, start: int, mix: Mix | None = None) -> Iterator[Fleet]:
+def simulated(
+    world: FleetWorld, start: int, mix: Mix | None = None, count: int = N
+) -> Iterator[Fleet]:
     config = SimConfig(
-        count=N,
+        count=count,
         fleet="sim",
         model=MODEL,
         start_version=start,
@@ -59,16 +61,18 @@ def subscribe(world: FleetWorld) -> MqttFeed:
     return MqttFeed("127.0.0.1", world.broker.port, "sim", operator_key=world.operator_key)
 
 
-def controller(world: FleetWorld, feed: MqttFeed, policy: Policy = POLICY) -> Controller:
+def controller(
+    world: FleetWorld, feed: MqttFeed, policy: Policy = POLICY, devices: int = N
+) -> Controller:
     """A controller that has heard every device once (their births)."""
     store = RolloutStore(world.repo.root / "rollouts.db")
     ctl = Controller(world.repo, store, feed, Tracker("sim", MODEL), policy)
 
     def all_heard() -> bool:
         ctl.tracker.feed_many(feed.drain())
-        return len(ctl.tracker.devices) == N
+        return len(ctl.tracker.devices) >= devices
 
-    until(all_heard, 20)
+    until(all_heard, 60)
     return ctl
 
 
