@@ -25,6 +25,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import encrypted  # noqa: E402  (bench/encrypted.py, beside this script)
+
 from agent.delivery.fetcher import FetchConfig, HttpxFetcher  # noqa: E402
 from agent.delivery.updater import ModelUpdater, UpdaterConfig  # noqa: E402
 from agent.models.store import ModelStore  # noqa: E402
@@ -74,6 +76,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=int, default=100)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument(
+        "--no-encrypted", action="store_true", help="skip the encrypted row (issue 14)"
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="edge-dl-"))
     try:
@@ -82,6 +87,9 @@ def main() -> int:
         pki = make_pki(work / "pki")
         repo = Repository.init(work / "repo")
         publish(repo, model, "big", 1, log=lambda *_: None)
+        if not args.no_encrypted:  # the same bytes, encrypted for one enrolled device
+            encrypted.enrol_device(repo, work / "identity")
+            publish(repo, model, "bigenc", 1, encrypt="devices", log=lambda *_: None)
         info = next(t for _, t in repo.targets() if t.path.endswith("model.onnx"))
         size_mb = info.length / 1e6
         nginx, port = start_nginx(work, repo.public, pki.server_cert, pki.server_key)
@@ -127,6 +135,27 @@ def main() -> int:
                 fetcher.close()
                 assert report.installed == [("big", 1)], report.error
                 shutil.rmtree(work / f"device-{i}")
+            if not args.no_encrypted:
+
+                def make_updater(device: Path, name: str, keys: Path | None) -> ModelUpdater:
+                    return ModelUpdater(
+                        UpdaterConfig(
+                            metadata_url=f"https://127.0.0.1:{port}/metadata/",
+                            targets_url=f"https://127.0.0.1:{port}/targets/",
+                            trusted_root=repo.metadata_dir / "1.root.json",
+                            metadata_dir=device / "tuf",
+                            device_id="bench",
+                            channel="stable",
+                            models=(name,),
+                            agent_version="0.1.0",
+                            identity_dir=keys,
+                        ),
+                        ModelStore(device / "models"),
+                        HttpxFetcher(FetchConfig(ca_file=pki.ca_cert)),
+                    )
+
+                sealed = encrypted.compare(work, args.runs, make_updater)
+                rss = encrypted.rss_runs(work, args.runs)
         finally:
             nginx.terminate()
             nginx.wait(10)
@@ -138,6 +167,8 @@ def main() -> int:
     print(f"  curl -o + sha256sum + sync   {curl_t:6.3f} s wall  {curl_c:6.3f} s CPU")
     print(f"  edge-agent update cycle      {agent_t:6.3f} s wall  {agent_c:6.3f} s CPU")
     print(f"  ratio (agent / curl+sha256sum): {agent_t / curl_t:.2f}x (bar: <= 1.25x)")
+    if not args.no_encrypted:
+        encrypted.report(*sealed, rss)
     return 0
 
 

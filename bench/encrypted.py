@@ -1,0 +1,164 @@
+"""The encrypted row of ``bench/download.py`` (issue 14): a verified download plus decryption
+into memory against the verified download of the same model in clear, interleaved in one
+run; and peak RSS while an encrypted model loads, measured in a fresh process.
+
+    .venv/bin/python bench/encrypted.py rss STORE NAME VERSION {encrypted,clear}
+
+(the child ``download.py`` runs for each load; it prints one JSON line).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def _status_mb(field: str) -> float:
+    with Path("/proc/self/status").open() as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def rss_child(store: Path, name: str, version: int, mode: str) -> None:
+    """Load one stored version as the daemon's validation does; print idle and peak RSS."""
+    from agent.confidential import decrypt
+    from agent.models import onnx  # ONNX Runtime loaded before the idle reading
+    from agent.models.runtime import RuntimeOptions, load_session
+    from agent.models.store import ModelStore
+
+    del onnx
+    stored = ModelStore(store).get(name, version)
+    options = RuntimeOptions()
+    idle = _status_mb("VmRSS")
+    with Path("/proc/self/clear_refs").open("w") as fh:
+        fh.write("5")  # resets VmHWM to the current RSS
+    started = time.perf_counter()
+    if mode == "encrypted":
+        plaintext, _smoke = decrypt.open_version(
+            stored.directory, name, version, stored.manifest.custom, stored.manifest.model_file
+        )
+        with plaintext:
+            session = load_session(stored.model_path, "onnx", options, plaintext.data)
+    else:
+        session = load_session(stored.model_path, "onnx", options)
+    seconds = time.perf_counter() - started
+    doc = {
+        "idle_mb": idle,
+        "peak_mb": _status_mb("VmHWM"),
+        "after_mb": _status_mb("VmRSS"),
+        "size_mb": stored.model_path.stat().st_size / 2**20,
+        "seconds": seconds,
+    }
+    session.close()
+    print(json.dumps(doc))
+
+
+def enrol_device(repo: object, keys: Path, device_id: str = "bench") -> None:
+    """A device key pair in ``keys``, enrolled in ``repo`` as ``device_id``."""
+    from agent.confidential import identity
+    from cloud_stub import enroll
+
+    public = identity.ensure(keys)
+    assert public is not None
+    root = repo.root  # type: ignore[attr-defined]
+    enroll.enroll(root, device_id, base64.b64encode(public).decode())
+
+
+def compare(
+    work: Path,
+    runs: int,
+    make_updater: Callable[[Path, str, Path | None], object],
+) -> tuple[list[float], list[float], list[float]]:
+    """Interleaved: the clear model's cycle, then the encrypted one's cycle + decryption.
+
+    ``make_updater(device_dir, model, identity_dir)`` builds a ModelUpdater for one model.
+    Returns the wall times of the clear, the encrypted (download + decryption) and of the
+    decryption alone.
+    """
+    from agent.confidential import decrypt
+
+    clear, sealed, decrypting = [], [], []
+    for i in range(runs):
+        for kind in ("clear", "encrypted"):
+            device = work / f"dev-{kind}-{i}"
+            keys = device / "identity"
+            shutil.copytree(work / "identity", keys)
+            updater: object = make_updater(device, "big" if kind == "clear" else "bigenc", keys)
+            started = time.perf_counter()
+            report = updater.check_once()  # type: ignore[attr-defined]
+            assert report.installed, report.error
+            if kind == "clear":
+                clear.append(time.perf_counter() - started)
+            else:
+                at = time.perf_counter()
+                from agent.models.store import ModelStore
+
+                stored = ModelStore(device / "models").get("bigenc", 1)
+                plaintext, _ = decrypt.open_version(
+                    stored.directory, "bigenc", 1, stored.manifest.custom, "model.onnx"
+                )
+                plaintext.wipe()
+                now = time.perf_counter()
+                decrypting.append(now - at)
+                sealed.append(now - started)
+            if i < runs - 1:
+                shutil.rmtree(device)
+    return clear, sealed, decrypting
+
+
+def rss_runs(work: Path, runs: int) -> dict[str, list[dict[str, float]]]:
+    """Each load in a fresh process, clear and encrypted interleaved (the stores of the
+    last devices ``compare`` left)."""
+    found: dict[str, list[dict[str, float]]] = {"clear": [], "encrypted": []}
+    for _ in range(runs):
+        for mode, name in (("clear", "big"), ("encrypted", "bigenc")):
+            store = work / f"dev-{mode}-{runs - 1}" / "models"
+            done = subprocess.run(
+                [sys.executable, __file__, "rss", str(store), name, "1", mode],
+                capture_output=True,
+                text=True,
+                check=True,
+                env={**os.environ, "ORT_DISABLE_TELEMETRY": "1"},
+            )
+            found[mode].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    return found
+
+
+def report(
+    clear: list[float],
+    sealed: list[float],
+    decrypting: list[float],
+    rss: dict[str, list[dict[str, float]]],
+) -> None:
+    c, s, d = statistics.median(clear), statistics.median(sealed), statistics.median(decrypting)
+    print("encrypted model (issue 14), the same bytes published in clear and encrypted:")
+    print(f"  update cycle, model in clear                 {c:6.3f} s wall")
+    print(f"  update cycle + decryption into memory         {s:6.3f} s wall  (decrypt {d:.3f} s)")
+    print(f"  ratio (encrypted / clear): {s / c:.2f}x (bar: <= 1.2x)")
+    for mode in ("clear", "encrypted"):
+        rows = rss[mode]
+        size = rows[0]["size_mb"]
+        above = statistics.median(r["peak_mb"] - r["idle_mb"] for r in rows)
+        after = statistics.median(r["after_mb"] - r["idle_mb"] for r in rows)
+        bar = 2 * size + 64
+        print(
+            f"  load ({mode:9}): peak {above:6.1f} MB above idle, {after:6.1f} MB after; "
+            f"bar 2 x {size:.1f} + 64 = {bar:.1f} MB"
+        )
+
+
+if __name__ == "__main__" and len(sys.argv) == 6 and sys.argv[1] == "rss":
+    rss_child(Path(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5])
