@@ -1,0 +1,176 @@
+"""The journal (``agent.models.journal``) on its own: a real state database, store and I/O
+thread, no deployer."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+
+import pytest
+
+from agent.iothread import IoThread
+from agent.models.journal import Journal
+from agent.models.lifecycle import Stage, TransitionError
+from agent.models.selection import Selection, pin_key
+from agent.models.store import ModelStore
+from agent.state import Event, StateDB
+
+
+class Book:
+    """A journal over real parts, and the events it passed on with the thread they came on."""
+
+    def __init__(self, root: Path) -> None:
+        self.io = IoThread()
+        self.state = StateDB(root / "state.db")
+        self.store = ModelStore(root / "models")
+        self.heard: list[tuple[Event, int]] = []
+        self.journal = Journal(
+            self.state,
+            Selection(self.store, self.state),
+            lambda event: self.heard.append((event, threading.get_ident())),
+            self.io,
+        )
+
+    def stages(self) -> dict[int, str]:
+        return {d.version: d.stage for d in self.state.deployments("m")}
+
+    def kinds(self) -> list[tuple[int | None, str]]:
+        return [(e.version, e.kind) for e, _ in self.heard]
+
+    def close(self) -> None:
+        self.io.call(self.state.close)
+        self.io.close()
+
+
+def test_a_transition_is_stored_with_its_event_on_the_io_thread_then_passed_on(
+    tmp_path: Path,
+) -> None:
+    async def main() -> None:
+        book = Book(tmp_path)
+        writes: list[int] = []
+        record = book.state.record
+
+        def watched(*args: object, **kwargs: object) -> Event | None:
+            writes.append(threading.get_ident())
+            return record(*args, **kwargs)  # type: ignore[arg-type]
+
+        book.state.record = watched  # type: ignore[method-assign]
+        await book.journal.record("m", 1, Stage.VERIFIED, "found in the store")
+        await book.journal.record("m", 1, Stage.LOADING)
+        await book.journal.record("m", 1, Stage.WARMING)
+        assert writes == [book.io.ident] * 3
+        assert book.stages() == {1: "warming"}
+        assert book.kinds() == [(1, "verified"), (1, "loading"), (1, "warming")]
+        # Passed on on the loop's thread, each with the row's id, in order.
+        assert {thread for _, thread in book.heard} == {threading.get_ident()}
+        ids = [e.id for e, _ in book.heard]
+        assert ids == sorted(ids) and [e.id for e in book.state.events("m")] == ids
+        # An event of its own kind (rolled_back rather than the stage's name).
+        await book.journal.record("m", 1, Stage.REJECTED, "smoke test failed", event="refused")
+        assert book.kinds()[-1] == (1, "refused")
+        assert book.state.events("m")[-1].reason == "smoke test failed"
+        book.close()
+
+    asyncio.run(main())
+
+
+def test_a_transition_the_lifecycle_forbids_raises_and_stores_nothing(tmp_path: Path) -> None:
+    async def main() -> None:
+        book = Book(tmp_path)
+        with pytest.raises(TransitionError, match="cannot start in stage active"):
+            await book.journal.record("m", 1, Stage.ACTIVE)
+        await book.journal.record("m", 1, Stage.VERIFIED)
+        with pytest.raises(TransitionError, match="verified → committed is not allowed"):
+            await book.journal.record("m", 1, Stage.COMMITTED)
+        assert book.stages() == {1: "verified"}
+        assert book.kinds() == [(1, "verified")]
+        assert len(book.state.events("m")) == 1
+        book.close()
+
+    asyncio.run(main())
+
+
+def test_a_hook_that_fails_loses_nothing(tmp_path: Path) -> None:
+    async def main() -> None:
+        book = Book(tmp_path)
+
+        def broken(_event: Event) -> None:
+            raise RuntimeError("listener bug")
+
+        book.journal._on_event = broken
+        await book.journal.record("m", 1, Stage.VERIFIED)
+        await book.journal.event("m", 1, "drained", "making room")
+        assert book.stages() == {1: "verified"}
+        assert [e.kind for e in book.state.events("m")] == ["verified", "drained"]
+        book.close()
+
+    asyncio.run(main())
+
+
+def test_quarantining_the_pinned_version_clears_the_pin(tmp_path: Path) -> None:
+    async def main() -> None:
+        book = Book(tmp_path)
+        for stage in (Stage.VERIFIED, Stage.LOADING):
+            await book.journal.record("m", 2, stage)
+        await book.journal.set_pin("m", 2)
+        assert book.state.setting(pin_key("m")) == 2
+        await book.journal.record("m", 2, Stage.REJECTED, "no longer loads")
+        assert book.state.setting(pin_key("m")) is None
+        (unpinned,) = [e for e, _ in book.heard if e.kind == "unpinned"]
+        assert unpinned.version == 2
+        assert unpinned.reason == (
+            "version 2 is rejected (no longer loads); follows the repository again"
+        )
+        # A pin to another version stays.
+        await book.journal.record("m", 3, Stage.VERIFIED)
+        await book.journal.set_pin("m", 3)
+        for stage in (Stage.VERIFIED, Stage.LOADING, Stage.REJECTED):
+            await book.journal.record("m", 4, stage)
+        assert book.state.setting(pin_key("m")) == 3
+        book.close()
+
+    asyncio.run(main())
+
+
+def test_make_committed_records_the_missing_steps_and_retires_the_others(tmp_path: Path) -> None:
+    async def main() -> None:
+        book = Book(tmp_path)
+        await book.journal.make_committed("m", 1, "first")
+        assert book.stages() == {1: "committed"}
+        assert [k for _, k in book.kinds()] == [
+            "verified",
+            "loading",
+            "warming",
+            "validated",
+            "activated",
+            "committed",
+        ]
+        await book.journal.record("m", 2, Stage.VERIFIED)
+        await book.journal.make_committed("m", 2, "operator")
+        assert book.stages() == {1: "retired", 2: "committed"}
+        assert book.state.events("m")[-1].reason == "superseded: m serves 2"
+        book.close()
+
+    asyncio.run(main())
+
+
+def test_a_stage_reached_in_another_thread_is_stored_before_it_goes_on(tmp_path: Path) -> None:
+    async def main() -> None:
+        book = Book(tmp_path)
+        await book.journal.record("m", 1, Stage.VERIFIED)
+        await book.journal.record("m", 1, Stage.LOADING)
+        loop = asyncio.get_running_loop()
+
+        def validation_thread() -> str:
+            book.journal.reached("m", 1, Stage.WARMING, loop)
+            row = book.state.get("m", 1)  # stored already, before the thread went on
+            return row.stage if row else ""
+
+        assert await asyncio.to_thread(validation_thread) == "warming"
+        await asyncio.sleep(0)  # the announcement was handed to the loop
+        assert book.kinds()[-1] == (1, "warming")
+        assert book.heard[-1][1] == threading.get_ident()
+        book.close()
+
+    asyncio.run(main())
