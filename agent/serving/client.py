@@ -2,7 +2,8 @@
 
 One persistent HTTP/1.1 connection per client, framed by hand (the server always answers with
 Content-Length; ``response_reader`` reads the answers for both clients), so a call costs one
-``sendall`` and as few ``recv`` calls as the reply needs.
+``sendmsg`` (the head, the JSON header and views of the tensors, never joined) and as few
+``recv`` calls as the reply needs (a large body is received straight into its buffer).
 Not thread-safe: use one client per thread. ``AsyncInferenceClient`` is the asyncio version.
 
     with InferenceClient("/run/edge-agent/infer.sock") as client:
@@ -34,7 +35,7 @@ from agent.errors import (
     UnsupportedError,
 )
 from agent.serving.oip import client as oip
-from agent.serving.oip.codec import Limits
+from agent.serving.oip.codec import Buffer, Limits
 from agent.serving.response_reader import MAX_HEAD, ClientError, Reply, ResponseReader
 from agent.serving.shm.client import LocalRegions, PlacedTensor, SharedRegion
 from agent.serving.spin import DEFAULT_SPIN_US, SpinPolicy
@@ -44,6 +45,20 @@ __all__ = ["DEFAULT_SOCKET", "AsyncInferenceClient", "ClientError", "InferenceCl
 DEFAULT_SOCKET = "/run/edge-agent/infer.sock"
 _SHM_PATH = "/v2/systemsharedmemory"
 _CHUNK = 256 * 1024
+_MAX_IOV = 512  # buffers per sendmsg, under any system's IOV_MAX
+
+
+def _send_all(sock: socket.socket, buffers: Sequence[Buffer]) -> None:
+    """Send every buffer in order with as few ``sendmsg`` calls as the kernel allows."""
+    views = [memoryview(b) for b in buffers if len(b)]
+    while views:
+        sent = sock.sendmsg(views[:_MAX_IOV])
+        while sent:
+            if sent >= len(views[0]):
+                sent -= len(views.pop(0))
+            else:
+                views[0] = views[0][sent:]
+                sent = 0
 
 
 def _error_for(status: int, message: str) -> AgentError:
@@ -139,13 +154,16 @@ class InferenceClient:
         self,
         method: str,
         path: str,
-        body: bytes = b"",
+        body: Buffer | Sequence[Buffer] = b"",
         extra_headers: Sequence[tuple[str, str]] = (),
     ) -> Reply:
-        """Send one request on the persistent connection; reconnect once if it went stale."""
-        head = [f"{method} {path} HTTP/1.1", "Host: localhost", f"Content-Length: {len(body)}"]
+        """Send one request on the persistent connection; reconnect once if it went stale.
+        ``body`` may be given as its parts (sent one after the other, not joined)."""
+        parts = [body] if isinstance(body, bytes | memoryview) else list(body)
+        size = sum(len(part) for part in parts)
+        head = [f"{method} {path} HTTP/1.1", "Host: localhost", f"Content-Length: {size}"]
         head += [f"{name}: {value}" for name, value in extra_headers]
-        payload = ("\r\n".join(head) + "\r\n\r\n").encode() + body
+        payload = [("\r\n".join(head) + "\r\n\r\n").encode(), *parts]
         for attempt in (0, 1):
             fresh = self._sock is None
             if self._sock is None:
@@ -155,7 +173,7 @@ class InferenceClient:
                     for region in self._regions.by_name.values():
                         self._register(region)
             try:
-                self._sock.sendall(payload)
+                _send_all(self._sock, payload)
                 spin_s = self.spin.spin_s()
                 self._spin_until = time.perf_counter() + spin_s if spin_s else 0.0
                 self._blocked = False
@@ -177,6 +195,15 @@ class InferenceClient:
     def _recv_more(self) -> None:
         sock = self._sock
         assert sock is not None
+        space = self._replies.body_space()
+        if space is not None and len(space) > _CHUNK:
+            # The rest of a large body: straight into its buffer, no copy after the kernel's.
+            count = sock.recv_into(space)
+            space.release()
+            if not count:
+                raise _StaleConnectionError("the agent closed the connection")
+            self._replies.filled(count)
+            return
         # recv_into a reused buffer: recv(n) allocates n bytes per call (a 256 KiB mmap).
         if self._spin_until:
             while True:
@@ -310,7 +337,7 @@ class InferenceClient:
         """Like ``infer`` but returns the whole response (model version, id). Inputs given
         as ``PlacedTensor`` are read by the agent from a registered region; outputs in
         ``output_regions`` are written there, and returned as views of the region."""
-        body, header_length = oip.encode_infer_request(
+        body, header_length = oip.encode_request_parts(
             inputs,
             outputs,
             binary=binary,

@@ -299,7 +299,8 @@ class HttpConnection(asyncio.Protocol):
         transport = self._transport
         if transport is None or self._closing:
             return
-        transport.write(frame(response, keep_alive, head_only))
+        for part in frame(response, keep_alive, head_only):
+            transport.write(part)  # writelines would join them (Python 3.11)
         self.answered += 1
         self.last_answer = time.monotonic()
         if not keep_alive:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from http import HTTPStatus
 
 from agent.serving.handler import Response
+from agent.serving.oip.codec import Buffer
 
 _REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
 
@@ -47,11 +48,13 @@ class ParseAbortError(Exception):
         self.retry_after_s = retry_after_s
 
 
-def frame(response: Response, keep_alive: bool, head_only: bool) -> bytes:
-    """The bytes of one answer: status line, headers, and the body unless ``head_only``."""
+def frame(response: Response, keep_alive: bool, head_only: bool) -> list[Buffer]:
+    """The buffers of one answer, to be written in order: status line, headers and the body
+    unless ``head_only``, then the body's tail (large binary parts, never joined)."""
+    size = len(response.body) + sum(len(part) for part in response.tail)
     head = [
         b"HTTP/1.1 %d %s\r\n" % (response.status, _REASONS.get(response.status, b"Unknown")),
-        b"Content-Type: %s\r\nContent-Length: %d\r\n" % (response.content_type, len(response.body)),
+        b"Content-Type: %s\r\nContent-Length: %d\r\n" % (response.content_type, size),
     ]
     if response.header_length is not None:
         head.append(b"Inference-Header-Content-Length: %d\r\n" % response.header_length)
@@ -61,7 +64,9 @@ def frame(response: Response, keep_alive: bool, head_only: bool) -> bytes:
         head.append(b"Connection: close\r\n")
     head.append(b"\r\n")
     # A HEAD answer has the headers GET would have, and no body (RFC 9110 §9.3.2).
-    return b"".join(head) if head_only else b"".join(head) + response.body
+    if head_only:
+        return [b"".join(head)]
+    return [b"".join(head) + response.body, *response.tail]
 
 
 def length(value: bytes, header: str) -> int:

@@ -29,7 +29,7 @@ from agent.models import fastpath
 from agent.models.slots import LoadedVersion, Slot, Slots
 from agent.serving import modelinfo, routes
 from agent.serving.oip import server as oip
-from agent.serving.oip.codec import Limits
+from agent.serving.oip.codec import Buffer, Limits
 from agent.serving.shm.keys import Regions
 from agent.serving.shm.tensors import Placed, placed_outputs, write_outputs
 from agent.telemetry.metrics import Registry, render_prometheus
@@ -48,6 +48,7 @@ class Response:
     content_type: bytes = JSON
     header_length: int | None = None  # Inference-Header-Content-Length, for binary outputs
     retry_after_s: float | None = None
+    tail: tuple[Buffer, ...] = ()  # a large answer's binary parts, sent after body, unjoined
 
 
 @dataclass(slots=True)
@@ -283,7 +284,7 @@ class OipHandler:
             if error is not None:
                 return error_response(self.failure(prepared, error))
             assert results is not None
-            body, header_length = oip.encode_infer_response(
+            body, tail, header_length = oip.encode_response_parts(
                 loaded.name,
                 str(loaded.version),
                 prepared.request_id,
@@ -292,7 +293,7 @@ class OipHandler:
             )
             self.observe_success(prepared)
             content_type = b"application/octet-stream" if header_length is not None else JSON
-            return Response(200, body, content_type, header_length)
+            return Response(200, body, content_type, header_length, tail=tail)
         finally:
             prepared.slot.release(loaded)
 

@@ -2,6 +2,9 @@
 
 The agent always answers with Content-Length, so a response is a head and that many bytes.
 Both ``InferenceClient`` (blocking socket) and ``AsyncInferenceClient`` (asyncio) read with it.
+Once a head is parsed its body goes into a buffer of exactly its length, allocated once: the
+blocking client receives the rest of a large body straight into it (``body_space``), and the
+body is handed out as that buffer, not copied.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from agent.errors import AgentError
 
 MAX_HEAD = 64 * 1024
 
-Reply = tuple[int, dict[str, str], bytes]  # status, headers (names lower-cased), body
+Reply = tuple[int, dict[str, str], bytearray]  # status, headers (names lower-cased), body
 
 
 class ClientError(AgentError):
@@ -20,20 +23,43 @@ class ClientError(AgentError):
 class ResponseReader:
     """Responses framed by Content-Length, read from the bytes fed in, in order."""
 
-    __slots__ = ("_buffer", "_head", "max_body_bytes")
+    __slots__ = ("_body", "_buffer", "_filled", "_head", "max_body_bytes")
 
     def __init__(self, max_body_bytes: int) -> None:
         self.max_body_bytes = max_body_bytes
         self._buffer = bytearray()
         self._head: tuple[int, dict[str, str], int] | None = None  # parsed, body pending
+        self._body = bytearray()  # the pending body, its full length
+        self._filled = 0  # bytes of it received
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
-        self._buffer += data
+        view = memoryview(data)
+        if self._head is not None and not self._buffer:
+            # A body pending: what belongs to it goes straight into it.
+            take = min(len(view), len(self._body) - self._filled)
+            self._body[self._filled : self._filled + take] = view[:take]
+            self._filled += take
+            view = view[take:]
+        if view:
+            self._buffer += view
+
+    def body_space(self) -> memoryview | None:
+        """The part of a pending body not received yet (receive into it, then ``filled``), or
+        None when no body is pending or bytes fed are still to be moved into it."""
+        if self._head is None or self._buffer:
+            return None
+        return memoryview(self._body)[self._filled :]
+
+    def filled(self, count: int) -> None:
+        """``count`` more bytes of the pending body were received into ``body_space``."""
+        self._filled += count
 
     def clear(self) -> None:
         """Forget everything: the connection the bytes came from is gone."""
         self._buffer.clear()
         self._head = None
+        self._body = bytearray()
+        self._filled = 0
 
     def next_response(self) -> Reply | None:
         """The next whole response, or None until more bytes are fed.
@@ -51,13 +77,19 @@ class ResponseReader:
                 return None
             head = _parse_head(bytes(buffer[:end]), self.max_body_bytes)
             del buffer[: end + 4]
+            self._body = bytearray(head[2])
+            self._filled = 0
         status, headers, length = head
-        if len(buffer) < length:
+        if buffer:
+            take = min(len(buffer), length - self._filled)
+            self._body[self._filled : self._filled + take] = memoryview(buffer)[:take]
+            self._filled += take
+            del buffer[:take]
+        if self._filled < length:
             self._head = head  # parsed once, however many feeds the body takes
             return None
         self._head = None
-        body = bytes(buffer[:length])
-        del buffer[:length]
+        body, self._body = self._body, bytearray()
         return status, headers, body
 
 

@@ -16,12 +16,13 @@ import numpy as np
 from agent.errors import InferenceError, RequestError
 from agent.serving.oip.codec import (
     DEFAULT_LIMITS,
+    Buffer,
     Limits,
     Malformed,
     decode_tensor,
     encode_tensors,
     finish_binary,
-    join,
+    parts_of,
     split_body,
 )
 from agent.serving.shm.client import PlacedTensor
@@ -52,12 +53,39 @@ def encode_infer_request(
     Raises:
         InferenceError: a BYTES input to be sent as JSON is not UTF-8.
     """
+    parts, header_length = encode_request_parts(
+        inputs,
+        outputs,
+        binary=binary,
+        binary_output=binary_output,
+        request_id=request_id,
+        output_regions=output_regions,
+    )
+    return b"".join(parts), header_length
+
+
+def encode_request_parts(
+    inputs: Mapping[str, np.ndarray[Any, Any] | PlacedTensor],
+    outputs: Sequence[str] | None = None,
+    *,
+    binary: bool = True,
+    binary_output: bool = True,
+    request_id: str | None = None,
+    output_regions: Mapping[str, PlacedTensor] | None = None,
+) -> tuple[list[Buffer], int | None]:
+    """``encode_infer_request``'s body as its parts, not joined: the JSON header, then views
+    of the input arrays' own memory (send them before the arrays change).
+
+    Raises:
+        InferenceError: a BYTES input to be sent as JSON is not UTF-8.
+    """
     entries, blobs = encode_tensors(
         [
             (name, np.asarray(array), binary)
             for name, array in inputs.items()
             if not isinstance(array, PlacedTensor)
-        ]
+        ],
+        views=True,
     )
     entries += [t.entry(name) for name, t in inputs.items() if isinstance(t, PlacedTensor)]
     header: dict[str, Any] = {}
@@ -78,7 +106,7 @@ def encode_infer_request(
         ]
     elif binary_output:
         header["parameters"] = {"binary_data_output": True}
-    return join(header, blobs)
+    return parts_of(header, blobs)
 
 
 def decode_infer_response(
@@ -116,7 +144,7 @@ def decode_infer_response(
     )
 
 
-def decode_error(body: bytes) -> str:
+def decode_error(body: bytes | bytearray) -> str:
     """The message of an error body, or the start of the body when it is not ours."""
     try:
         raw = json.loads(body)

@@ -377,7 +377,12 @@ def finish_binary(reader: Reader) -> None:
 # -- encoding ---------------------------------------------------------------------------------
 
 
-def _tensor_bytes(array: np.ndarray[Any, Any], datatype: str) -> bytes:
+Buffer = bytes | memoryview  # a binary part: bytes, or a view of the tensor's own memory
+
+
+def _tensor_bytes(array: np.ndarray[Any, Any], datatype: str, view: bool = False) -> Buffer:
+    """The tensor's binary part; with ``view``, a view of a contiguous little-endian array's
+    own memory (no copy: the array must not change until the bytes are sent)."""
     if datatype == "BYTES":
         parts = []
         for item in array.reshape(-1):
@@ -387,6 +392,8 @@ def _tensor_bytes(array: np.ndarray[Any, Any], datatype: str) -> bytes:
         return b"".join(parts)
     if array.dtype.byteorder == ">":
         array = array.astype(array.dtype.newbyteorder("<"))
+    if view:
+        return np.ascontiguousarray(array).reshape(-1).data.cast("B")
     return np.ascontiguousarray(array).tobytes()
 
 
@@ -412,18 +419,21 @@ def _json_data(array: np.ndarray[Any, Any], datatype: str, name: str) -> list[An
 def encode_tensors(
     tensors: Sequence[tuple[str, np.ndarray[Any, Any], bool]],
     placed: Mapping[str, dict[str, Any]] | None = None,
-) -> tuple[list[dict[str, Any]], list[bytes]]:
-    """JSON entries and binary parts; a tensor in ``placed`` (its values already written into
-    shared memory) gets those parameters and no data."""
+    *,
+    views: bool = False,
+) -> tuple[list[dict[str, Any]], list[Buffer]]:
+    """JSON entries and binary parts (``views``: views of the arrays, not copies); a tensor
+    in ``placed`` (its values already written into shared memory) gets those parameters and
+    no data."""
     entries: list[dict[str, Any]] = []
-    blobs: list[bytes] = []
+    blobs: list[Buffer] = []
     for name, array, binary in tensors:
         datatype = oip_datatype(array.dtype)
         entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
         if placed and name in placed:
             entry["parameters"] = placed[name]
         elif binary:
-            raw = _tensor_bytes(array, datatype)
+            raw = _tensor_bytes(array, datatype, views)
             entry["parameters"] = {"binary_data_size": len(raw)}
             blobs.append(raw)
         else:
@@ -432,8 +442,15 @@ def encode_tensors(
     return entries, blobs
 
 
-def join(header: dict[str, Any], blobs: list[bytes]) -> tuple[bytes, int | None]:
+def join(header: dict[str, Any], blobs: Sequence[Buffer]) -> tuple[bytes, int | None]:
+    parts, header_length = parts_of(header, blobs)
+    return bytes(parts[0]) if len(parts) == 1 else b"".join(parts), header_length
+
+
+def parts_of(header: dict[str, Any], blobs: Sequence[Buffer]) -> tuple[list[Buffer], int | None]:
+    """A body as its parts, not joined: the JSON header, then the binary parts; and the
+    header's length when there are binary parts."""
     head = json.dumps(header, separators=_SEPARATORS).encode()
     if not blobs:
-        return head, None
-    return b"".join([head, *blobs]), len(head)
+        return [head], None
+    return [head, *blobs], len(head)

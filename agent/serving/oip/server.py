@@ -17,6 +17,7 @@ import numpy as np
 from agent.errors import PayloadTooLargeError, RequestError, UnsupportedError
 from agent.serving.oip.codec import (
     DEFAULT_LIMITS,
+    Buffer,
     Limits,
     Malformed,
     Reader,
@@ -27,6 +28,7 @@ from agent.serving.oip.codec import (
     finish_binary,
     join,
     materialize,
+    parts_of,
     split_body,
 )
 from agent.serving.shm.keys import Placement, Regions, placement
@@ -310,6 +312,37 @@ def encode_infer_response(
         header["id"] = request_id
     header["outputs"] = entries
     return join(header, blobs)
+
+
+# Binary parts at least this large in total are sent as views of the outputs, not joined.
+TAIL_BYTES = 64 * 1024
+
+
+def encode_response_parts(
+    model_name: str,
+    model_version: str | None,
+    request_id: str | None,
+    outputs: Sequence[tuple[str, np.ndarray[Any, Any], bool]],
+    placed: Mapping[str, dict[str, Any]] | None = None,
+) -> tuple[bytes, tuple[Buffer, ...], int | None]:
+    """``encode_infer_response`` without the copies: (body, tail, JSON header length). Large
+    binary parts (``TAIL_BYTES`` in total) are left as views of the output arrays in ``tail``,
+    to be sent after ``body``; smaller ones are joined into ``body``.
+
+    Raises:
+        InferenceError: a BYTES output asked for as JSON is not UTF-8.
+    """
+    entries, blobs = encode_tensors(outputs, placed, views=True)
+    header: dict[str, Any] = {"model_name": model_name}
+    if model_version is not None:
+        header["model_version"] = model_version
+    if request_id is not None:
+        header["id"] = request_id
+    header["outputs"] = entries
+    parts, header_length = parts_of(header, blobs)
+    if sum(len(blob) for blob in blobs) < TAIL_BYTES:
+        return b"".join(parts), (), header_length
+    return bytes(parts[0]), tuple(blobs), header_length
 
 
 def encode_error(message: str) -> bytes:
