@@ -30,9 +30,26 @@ for tag in manylinux2014 manylinux_2_17 manylinux_2_27 manylinux_2_28 manylinux_
   platforms+=(--platform "${tag}_${machine}")
 done
 # Every tag the device's glibc (Debian 12: 2.36) accepts must be named: pip does not widen.
-"$python" -m pip download -q --dest "$wheels" --only-binary=:all: \
-  --python-version 3.11 --implementation cp --abi cp311 --abi abi3 --abi none \
-  "${platforms[@]}" "$wheels"/edge_agent-"$version"-py3-none-any.whl
+download=("$python" -m pip download -q --dest "$wheels" --only-binary=:all:
+  --python-version 3.11 --implementation cp --abi cp311 --abi abi3 --abi none
+  "${platforms[@]}" "$wheels"/edge_agent-"$version"-py3-none-any.whl)
+# WHEEL_CACHE (optional, a directory): the wheels come from it without the network when it
+# has all of them, else from the index, and are then kept there for the next build.
+if [ -n "${WHEEL_CACHE:-}" ] && [ -d "$WHEEL_CACHE" ] \
+    && "${download[@]}" --no-index --find-links "$WHEEL_CACHE" 2>/dev/null; then
+  :
+else
+  "${download[@]}"
+  if [ -n "${WHEEL_CACHE:-}" ]; then
+    mkdir -p "$WHEEL_CACHE"
+    for wheel in "$wheels"/*.whl; do  # each appears whole: builds may share the cache
+      name=$(basename "$wheel")
+      case "$name" in edge_agent-*) continue ;; esac
+      [ -e "$WHEEL_CACHE/$name" ] && continue
+      cp "$wheel" "$WHEEL_CACHE/.$name.$$" && mv -f "$WHEEL_CACHE/.$name.$$" "$WHEEL_CACHE/$name"
+    done
+  fi
+fi
 
 install -m 0644 "$top/systemd/edge-agent.service" "$top/systemd/edge-agent.socket" "$root/lib/systemd/system/"
 install -m 0644 "$top/systemd/edge-agent.sysusers" "$root/usr/lib/sysusers.d/edge-agent.conf"
