@@ -1,11 +1,12 @@
-"""Decide whether a model is small enough to run on the event loop thread (pure timing logic).
+"""Which models may run on the event loop thread, and which requests do (timing at load; the
+choice per request is ``agent.models.pathchoice``'s).
 
 Handing a request to a worker thread and back costs two thread wake-ups: about 90-120 µs on
 the 2-vCPU machines measured (bench/serving.py), more than a small quantized model takes to
 run. For such a model, running the inference where the request was decoded is faster and
-blocks the loop for less time than the hand-off itself would. A model qualifies when the p90
-of a few timed runs on its warm-up input stays under the threshold; only requests no larger
-(in input elements) than that input take the fast path. Everything else goes to the pool.
+blocks the loop for less time than the hand-off itself would. A model qualifies when the
+median of a few timed runs on its warm-up input stays under the threshold; only requests no
+larger (in input elements) than that input may take the fast path. The rest go to the pool.
 
 Qualifying makes a model eligible, no more: whether its requests run inline or in the pool
 is measured under the load actually seen (``agent.models.pathchoice``: epochs of each path,
@@ -62,10 +63,10 @@ def inline_budget(
     except Exception:  # a model that cannot run its warm-up input gets no fast path
         return 0
     samples.sort()
-    # p90, not the maximum: one scheduler hiccup during the measurement says nothing about
-    # the model, and requests that hit one wait as long in the pool.
-    p90_us = samples[int(len(samples) * 0.9)] * 1e6
-    if p90_us > threshold_us:
+    # The median, not the p90 nor the maximum: on a busy device the p90 of a model near the
+    # threshold crossed it at one start and not at the next; the median is the model's. The
+    # path its requests take is measured afterwards anyway (agent.models.pathchoice).
+    if samples[len(samples) // 2] * 1e6 > threshold_us:
         return 0
     return int(sum(np.asarray(v).size for v in feeds.values()))
 

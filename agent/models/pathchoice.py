@@ -12,8 +12,9 @@ measures both under the load actually seen, in epochs of requests:
   differs when the load does not saturate it).
 - **deciding**: a one-sided Mann-Whitney U test of the epochs' time per request, each way; a
   path wins when it is significantly faster (p < ``alpha``) and by at least ``min_gain``.
-  When neither wins on throughput, the same test on the epochs' request times. When neither
-  wins at all, the pool (which never holds the loop). One slow request moves one epoch's
+  When neither wins on throughput and requests did not overlap in the handler (``saturated``),
+  the same test on the epochs' request times. When neither wins at all, the pool (which
+  never holds the loop). One slow request moves one epoch's
   median by nothing and its time per request by 1/``epoch_requests`` of itself.
 - **decided**: the chosen path serves; its epochs are still measured. After ``recheck_s``,
   or when ``drift_epochs`` epochs in a row differ by more than ``drift`` times from what the
@@ -38,7 +39,7 @@ INLINE, POOL = "inline", "pool"
 
 @dataclass(frozen=True, slots=True)
 class PathPolicy:
-    epoch_requests: int = 48
+    epoch_requests: int = 96
     epoch_max_s: float = 0.5  # an epoch also ends after this long, with min_epoch_requests
     min_epoch_requests: int = 8
     pairs: int = 10  # epochs of each path per exploration
@@ -185,8 +186,22 @@ def decide(epochs: list[Epoch], policy: PathPolicy) -> tuple[str, str]:
                     f"{len(values[path])} epochs each)"
                 )
         figures[measure] = (statistics.median(values[INLINE]), statistics.median(values[POOL]))
+        if measure == "per_request_s" and saturated(epochs):
+            break  # requests queue in the handler: its times say nothing about the clients'
     inline_s, pool_s = figures["per_request_s"]
     return POOL, (
         f"pool: no path measurably faster (time per request {inline_s * 1e6:.0f} µs inline, "
         f"{pool_s * 1e6:.0f} µs pool); the pool never holds the loop"
     )
+
+
+def saturated(epochs: list[Epoch]) -> bool:
+    """Whether requests overlapped in the handler on either path (Little's law: requests in
+    the handler = time in it / time between requests, over 1): then the pool's times include
+    the wait for a worker and the loop's exclude the wait in the socket."""
+    for path in (INLINE, POOL):
+        mine = [e for e in epochs if e.path == path]
+        gap = statistics.median(e.per_request_s for e in mine)
+        if statistics.median(e.median_s for e in mine) > gap:
+            return True
+    return False
