@@ -56,6 +56,7 @@ class Tracker:
         self.samples: dict[int, deque[float]] = {}
         self.refused = 0  # messages that were not the contract's
         self.first_failure: dict[int, float] = {}  # version -> when a failure was first seen
+        self.last_failure: dict[int, float] = {}  # … and the latest
 
     # -- intake -----------------------------------------------------------------------------
 
@@ -128,11 +129,15 @@ class Tracker:
         elif kind == "rolled_back":
             device.rolled_back.add(version)
             device.reasons[version] = reason
-            self.first_failure.setdefault(version, received)
+            self._failed(version, received)
         elif kind == "rejected":
             device.rejected.add(version)
             device.reasons[version] = reason
-            self.first_failure.setdefault(version, received)
+            self._failed(version, received)
+
+    def _failed(self, version: int, received: float) -> None:
+        self.first_failure.setdefault(version, received)
+        self.last_failure[version] = received
 
     # -- questions --------------------------------------------------------------------------
 

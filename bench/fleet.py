@@ -1,0 +1,432 @@
+"""Fleet rollout benchmark (issue 12): N simulated devices and R real agents under inference
+load, one Mosquitto, nginx serving the signed repository, the rollout controller.
+
+    .venv/bin/python bench/fleet.py [--devices 10000] [--agents 8] [--poll 10] [--soak 25]
+
+Two rollouts in one run:
+
+1. a good version goes 1 % → 5 % → 25 % → 100 %: prints each stage's time, the real agents'
+   failed inference requests (bar: 0) and the devices on the new version at the end;
+2. a bad version (failing probation on every simulated device that takes it) must halt at its
+   first stage: prints the stage it halted at, the devices outside that stage that ever
+   activated it (bar: 0), the time from the halt until every device that took it is back on
+   the previous version (bar: within 2 poll intervals), the time from the first failure event
+   to the halt, and from the evidence that decided it (the last failure before the halt) to
+   the halt (bar: within one health interval).
+
+The controller holds only the model's role key and snapshot/timestamp: root and top-level
+targets keys are deleted before it starts. Real agents: each `edge-agent run` with its own
+state directory and socket, a load thread each in this process (one request every 20 ms).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from agent.delivery.rollout import bucket  # noqa: E402
+from agent.errors import AgentError  # noqa: E402
+from agent.serving.client import InferenceClient  # noqa: E402
+from cloud_stub.certs import make_pki  # noqa: E402
+from cloud_stub.operator import generate  # noqa: E402
+from cloud_stub.ports import free_port  # noqa: E402
+from cloud_stub.publish import publish  # noqa: E402
+from cloud_stub.repo import Repository  # noqa: E402
+from cloud_stub.rollout.controller import Controller  # noqa: E402
+from cloud_stub.rollout.decide import Policy  # noqa: E402
+from cloud_stub.rollout.feed import MqttFeed  # noqa: E402
+from cloud_stub.rollout.state import Rollout, RolloutStore  # noqa: E402
+from cloud_stub.rollout.tracker import Tracker  # noqa: E402
+from cloud_stub.samples import matmul_model  # noqa: E402
+
+MODEL = "mm"
+FLEET = "bench"
+STAGES = (100, 500, 2500, 10000)
+
+
+def wait_port(port: int, what: str) -> None:
+    for _ in range(200):
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{what} did not start")
+
+
+def start_broker(work: Path) -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    conf = work / "mosquitto.conf"
+    user = "user root\n" if os.getuid() == 0 else ""
+    conf.write_text(
+        f"{user}listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+        "max_connections -1\nmax_queued_messages 100000\nmax_inflight_messages 1000\n"
+        f"log_dest file {work / 'mosquitto.log'}\n"
+    )
+    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    process = subprocess.Popen([binary, "-c", str(conf)], stderr=subprocess.DEVNULL)
+    wait_port(port, "mosquitto")
+    return process, port
+
+
+def start_nginx(
+    work: Path, root: Path, cert: Path, key: Path
+) -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    conf = work / "nginx.conf"
+    user = "user root root; " if os.getuid() == 0 else ""
+    conf.write_text(
+        f"""daemon off; {user}worker_processes 1; pid {work}/nginx.pid;
+error_log {work}/nginx-error.log; events {{ worker_connections 1024; }}
+http {{ access_log off; sendfile on; client_body_temp_path {work}/b; proxy_temp_path {work}/p;
+  fastcgi_temp_path {work}/f; uwsgi_temp_path {work}/u; scgi_temp_path {work}/s;
+  server {{ listen 127.0.0.1:{port} ssl; ssl_certificate {cert}; ssl_certificate_key {key};
+    root {root}; }} }}
+"""
+    )
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    process = subprocess.Popen([nginx, "-c", str(conf), "-p", str(work)])
+    wait_port(port, "nginx")
+    return process, port
+
+
+class Agent:
+    """One real `edge-agent run` and its load thread."""
+
+    def __init__(
+        self,
+        work: Path,
+        name: str,
+        url: str,
+        repo: Repository,
+        ca: Path,
+        broker: int,
+        operator_pub: Path,
+        poll_s: float,
+        health_s: float,
+    ) -> None:
+        self.name = name
+        self.root = work / name
+        self.root.mkdir()
+        self.socket = Path(tempfile.mkdtemp(prefix="edge-fleet-")) / "infer.sock"
+        config = self.root / "agent.toml"
+        config.write_text(
+            f'[agent]\ndevice_id = "{name}"\nfleet = "{FLEET}"\nstate_dir = "{self.root / "s"}"\n'
+            f'[serving]\nsocket = "{self.socket}"\n'
+            f'[models]\nfollow = ["{MODEL}"]\nprobation_window_s = 2.0\n'
+            "probation_min_requests = 10\n"
+            f'[repository]\nurl = "{url}"\ntrusted_root = "{repo.metadata_dir / "1.root.json"}"\n'
+            f'ca_file = "{ca}"\npoll_interval_s = {poll_s}\n'
+            f'[mqtt]\nhost = "127.0.0.1"\nport = {broker}\nkeepalive_s = 10\n'
+            f"health_interval_s = {health_s}\nreconnect_max_s = 5\n"
+            f'operator_keys = ["{operator_pub}"]\n'
+        )
+        self.log = (self.root / "agent.log").open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "agent", "run", "--config", str(config)],
+            stdout=self.log,
+            stderr=self.log,
+        )
+        self.requests = 0
+        self.failures: list[str] = []
+        self.versions: dict[int, int] = {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._load, daemon=True)
+
+    def active(self) -> int | None:
+        try:
+            with InferenceClient(str(self.socket), timeout_s=5) as client:
+                value = client.status()["models"][MODEL]["active_version"]
+        except (AgentError, OSError, KeyError):
+            return None
+        return None if value is None else int(value)
+
+    def _load(self) -> None:
+        x = np.ones((1, 8), np.float32)
+        with InferenceClient(str(self.socket), timeout_s=30) as client:
+            while not self.stop.is_set():
+                try:
+                    response = client.infer_full(MODEL, {"x": x})
+                    self.requests += 1
+                    if response.model_version is not None:
+                        v = int(response.model_version)
+                        self.versions[v] = self.versions.get(v, 0) + 1
+                except (AgentError, OSError) as exc:
+                    self.failures.append(str(exc))
+                time.sleep(0.02)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(30)
+        self.process.terminate()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.log.close()
+        shutil.rmtree(self.socket.parent, ignore_errors=True)
+
+
+def agent_names(count: int) -> list[str]:
+    """Half the real agents inside the first stage (they take the bad version and must be
+    nudged back), half outside it (they must never take it)."""
+    inside = [f"real-{i}" for i in range(100_000) if bucket(f"real-{i}", MODEL) < STAGES[0]]
+    outside = [f"real-{i}" for i in range(count * 2) if bucket(f"real-{i}", MODEL) >= STAGES[0]]
+    return inside[: count // 2] + outside[: count - count // 2]
+
+
+def until(predicate: Callable[[], bool], timeout_s: float, step: float = 0.2) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return False
+
+
+def rollout(ctl: Controller, feed: MqttFeed, version: int, tick: float) -> tuple[Rollout, float]:
+    ctl.tracker.feed_many(feed.drain())
+    started = time.time()
+    record = ctl.start(version, STAGES)
+    final = ctl.run(record.id, tick_s=tick)
+    return final, time.time() - started
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--devices", type=int, default=10_000, help="simulated devices")
+    parser.add_argument("--agents", type=int, default=8, help="real edge-agent processes")
+    parser.add_argument("--poll", type=float, default=10.0, help="poll interval, s")
+    parser.add_argument("--health", type=float, default=5.0, help="health interval, s")
+    parser.add_argument("--soak", type=float, default=25.0, help="soak per stage, s")
+    parser.add_argument("--connections", type=int, default=16, help="simulator's MQTT conns")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    args = parser.parse_args()
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    work = Path(tempfile.mkdtemp(prefix="edge-fleet-bench-"))
+    procs: list[subprocess.Popen[bytes]] = []
+    agents: list[Agent] = []
+    print(f"work: {work}; load before: {os.getloadavg()[0]:.2f}", flush=True)
+    try:
+        pki = make_pki(work / "pki")
+        repo = Repository.init(work / "repo")
+        repo.delegate(MODEL)
+        for version in (1, 2, 3):
+            model = matmul_model(work / f"{version}.onnx", k=8, n=4, seed=version)
+            percent = 100.0 if version == 1 else 0.0
+            publish(repo, model, MODEL, version, rollout_percent=percent, log=lambda *_: None)
+        for offline in [*repo.keys_dir.glob("root.*"), *repo.keys_dir.glob("targets.*")]:
+            offline.unlink()  # the controller's machine holds neither
+        key, pub = generate(work / "operator")
+        broker, mqtt_port = start_broker(work)
+        procs.append(broker)
+        (work / "nginx").mkdir()
+        nginx, https_port = start_nginx(
+            work / "nginx", repo.public, pki.server_cert, pki.server_key
+        )
+        procs.append(nginx)
+        url = f"https://127.0.0.1:{https_port}"
+        for name in agent_names(args.agents):
+            agents.append(
+                Agent(
+                    work,
+                    name,
+                    url,
+                    repo,
+                    pki.ca_cert,
+                    mqtt_port,
+                    pub,
+                    args.poll,
+                    args.health,
+                )
+            )
+        for agent in agents:
+            if not until(lambda a=agent: a.active() == 1, 120):
+                raise RuntimeError(f"{agent.name} did not start: see {agent.root}/agent.log")
+            agent.thread.start()
+        sim_report = work / "sim.json"
+        sim = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "cloud_stub.cli",
+                "simulate-fleet",
+                str(args.devices),
+                "--mqtt",
+                f"127.0.0.1:{mqtt_port}",
+                "--fleet",
+                FLEET,
+                "--model",
+                MODEL,
+                "--start-version",
+                "1",
+                "--repo-url",
+                url,
+                "--trusted-root",
+                str(repo.metadata_dir / "1.root.json"),
+                "--ca-file",
+                str(pki.ca_cert),
+                "--operator-pub",
+                str(pub),
+                "--poll",
+                f"{args.poll}s",
+                "--health",
+                f"{args.health}s",
+                "--probation",
+                "3s",
+                "--fail-version",
+                "3",
+                "--fail-share",
+                "1.0",
+                "--fail-p",
+                "1.0",
+                "--connections",
+                str(args.connections),
+                "--report",
+                str(sim_report),
+            ],
+            stdout=(work / "sim.log").open("wb"),
+            stderr=subprocess.STDOUT,
+        )
+        procs.append(sim)
+        feed = MqttFeed("127.0.0.1", mqtt_port, FLEET, operator_key=key)
+        total = args.devices + args.agents
+        tracker = Tracker(FLEET, MODEL)
+        policy = Policy(stages=STAGES, soak_s=args.soak, deadline_s=max(60.0, 4 * args.poll))
+        ctl = Controller(
+            Repository(repo.root), RolloutStore(repo.root / "rollouts.db"), feed, tracker, policy
+        )
+
+        def heard() -> bool:
+            tracker.feed_many(feed.drain())
+            return len(tracker.devices) >= total
+
+        if not until(heard, 180, 0.5):
+            print(f"only {len(tracker.devices)} of {total} devices heard", flush=True)
+        print(f"devices heard: {len(tracker.devices)}; load: {os.getloadavg()[0]:.2f}", flush=True)
+
+        # 1. the good version
+        final, took = rollout(ctl, feed, 2, 0.5)
+        stages = [
+            d
+            for d in reversed(ctl.store.decisions(f"{MODEL}-2", 10_000))
+            if d.action in ("start", "widen", "complete")
+        ]
+        print(
+            f"good version: {final.state} in {took:.0f} s; stage changes at "
+            + ", ".join(f"{d.ts - stages[0].ts:.0f} s" for d in stages),
+            flush=True,
+        )
+        until(lambda: all(a.active() == 2 for a in agents), 3 * args.poll)
+        ctl.tracker.feed_many(feed.drain())
+        on_two = tracker.versions().get(2, 0)
+        failed = sum(len(a.failures) for a in agents)
+        print(
+            f"  devices on version 2: {on_two} of {len(tracker.devices)}; real agents on 2: "
+            f"{sum(a.active() == 2 for a in agents)} of {len(agents)}; real requests "
+            f"{sum(a.requests for a in agents)}, failed {failed}",
+            flush=True,
+        )
+
+        # 2. the bad version
+        final, took = rollout(ctl, feed, 3, 0.5)
+        halted_at = ctl.halted_at or time.time()
+        first_bp = STAGES[0]
+        print(
+            f"bad version: {final.state} at stage {final.stage + 1} "
+            f"({STAGES[final.stage] / 100:g}%) after {took:.0f} s",
+            flush=True,
+        )
+        first = tracker.first_failure.get(3)
+        last = tracker.last_failure.get(3)
+        if first is not None and last is not None:
+            print(
+                f"  first failure event -> halt: {halted_at - first:.2f} s; deciding evidence "
+                f"(last failure before the halt) -> halt: {halted_at - last:.2f} s "
+                f"(health interval {args.health:g} s)",
+                flush=True,
+            )
+        took3 = set(tracker.activated(3))
+
+        def back() -> bool:
+            ctl.tracker.feed_many(feed.drain())
+            return all(tracker.devices[d].active == 2 for d in took3)
+
+        real_in = [a for a in agents if bucket(a.name, MODEL) < first_bp]
+        real_back = until(lambda: all(a.active() == 2 for a in real_in), 4 * args.poll)
+        print(
+            f"  real agents in the stage ({len(real_in)}) back on version 2: {real_back} "
+            f"{time.time() - halted_at:.1f} s after the halt (they were serving version "
+            f"{sorted({v for a in real_in for v in a.versions})})",
+            flush=True,
+        )
+        reverted = until(back, 4 * args.poll)
+        print(
+            f"  devices that took it: {len(took3)}; all back on version 2: {reverted} "
+            f"{time.time() - halted_at:.1f} s after the halt (bar: {2 * args.poll:g} s)",
+            flush=True,
+        )
+        time.sleep(args.poll * 1.2)  # one more poll for everyone
+        ctl.tracker.feed_many(feed.drain())
+        outside = [d for d in tracker.activated(3) if bucket(d, MODEL) >= first_bp]
+        real_outside = [
+            a.name for a in agents if 3 in a.versions and bucket(a.name, MODEL) >= first_bp
+        ]
+        print(
+            f"  devices outside the first stage that activated it: {len(outside)} "
+            f"(real agents: {len(real_outside)})",
+            flush=True,
+        )
+        print(
+            f"  real agents' failed requests over the whole run: "
+            f"{sum(len(a.failures) for a in agents)} of {sum(a.requests for a in agents)}"
+        )
+        feed.close()
+        sim.send_signal(signal.SIGTERM)
+        sim.wait(60)
+        report = json.loads(sim_report.read_text())
+        sim_outside = [
+            d
+            for d, r in report["devices"].items()
+            if 3 in r["activated"] and bucket(d, MODEL) >= first_bp
+        ]
+        print(
+            f"  simulator: {report['listing_fetches']} shared listing fetches; "
+            f"devices outside the stage that activated it (its own record): {len(sim_outside)}"
+        )
+        print(f"load after: {os.getloadavg()[0]:.2f}")
+        return 0
+    finally:
+        for agent in agents:
+            agent.close()
+        for proc in reversed(procs):
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
