@@ -18,7 +18,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from agent.serving.client import InferenceClient
+from agent.serving.client import ClientError, InferenceClient
 from cloud_stub import enroll
 from cloud_stub.publish import publish
 from cloud_stub.samples import matmul_model
@@ -34,7 +34,16 @@ def publish_encrypted(dev: Device, version: int) -> Path:
     return model
 
 
+def answers(dev: Device) -> bool:
+    try:
+        dev.status()
+    except (ClientError, OSError):
+        return False
+    return True
+
+
 def update_now(dev: Device) -> None:
+    dev.wait_for(lambda: answers(dev))  # the agent listens after it made its key pair
     with InferenceClient(str(dev.socket), timeout_s=120) as client:
         status, _, body = client.request("POST", "/agent/update")
     assert status == 200, body
