@@ -68,6 +68,16 @@ class _Defaults(argparse.HelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
+def _store_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--store",
+        default=None,
+        help="keep rollouts in the fleet store (a SQLite path or postgresql://…, the "
+        "dashboard's --db) so the dashboard's buttons reach the controller (default: "
+        "REPO/rollouts.db)",
+    )
+
+
 def add_parsers(sub: Any, repo_help: str) -> None:
     rollout = sub.add_parser("rollout", help="staged rollouts that widen, halt and revert")
     verbs = rollout.add_subparsers(dest="verb", required=True)
@@ -78,6 +88,7 @@ def add_parsers(sub: Any, repo_help: str) -> None:
     )
     start.add_argument("repo", type=Path, help=repo_help)
     start.add_argument("name", help="the model (delegated to its own role)")
+    _store_option(start)
     start.add_argument("version", type=int, help="the published version to roll out")
     start.add_argument(
         "--stages",
@@ -119,6 +130,7 @@ def add_parsers(sub: Any, repo_help: str) -> None:
         "status", help="rollouts and their latest decisions", formatter_class=_Defaults
     )
     status.add_argument("repo", type=Path, help=repo_help)
+    _store_option(status)
     status.add_argument("id", nargs="?", default=None, help="one rollout (NAME-VERSION)")
     status.add_argument("--json", action="store_true", help="machine-readable")
     for verb in ("pause", "resume", "halt"):
@@ -126,6 +138,7 @@ def add_parsers(sub: Any, repo_help: str) -> None:
             verb, help=f"ask the running controller to {verb}", formatter_class=_Defaults
         )
         act.add_argument("repo", type=Path, help=repo_help)
+        _store_option(act)
         act.add_argument("id", help="the rollout (NAME-VERSION)")
         act.add_argument("--by", default="cli", help="who asks (recorded with the decision)")
 
@@ -167,12 +180,23 @@ def add_parsers(sub: Any, repo_help: str) -> None:
     sim.add_argument("--report", type=Path, default=None, help="JSON per device at the end")
 
 
+def _book(args: argparse.Namespace) -> Any:
+    """The fleet store when ``--store`` names one (the dashboard's requests reach the
+    controller there), else ``REPO/rollouts.db``."""
+    if args.store is not None:
+        from cloud_stub.fleet.store import open_store
+        from cloud_stub.rollout.book import FleetBook
+
+        return FleetBook(open_store(args.store))
+    from cloud_stub.rollout.state import RolloutStore
+
+    return RolloutStore(args.repo / STATE_FILE)
+
+
 def run(args: argparse.Namespace) -> int:
     if args.command == "simulate-fleet":
         return _simulate(args)
-    from cloud_stub.rollout.state import RolloutStore
-
-    store = RolloutStore(args.repo / STATE_FILE)
+    store = _book(args)
     try:
         if args.verb == "start":
             return _start(args, store)

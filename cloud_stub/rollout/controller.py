@@ -10,15 +10,17 @@ one line, nudges the devices concerned with a signed ``check-update``.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from cloud_stub.repo import Repository
 from cloud_stub.rollout import metadata
+from cloud_stub.rollout.book import RolloutBook
 from cloud_stub.rollout.decide import Action, Policy, check_stages, decide
 from cloud_stub.rollout.feed import DeviceFeed
-from cloud_stub.rollout.state import Decision, Rollout, RolloutError, RolloutStore, rollout_id
+from cloud_stub.rollout.state import Decision, Rollout, RolloutError, rollout_id
 from cloud_stub.rollout.tracker import Tracker
 
 log = logging.getLogger(__name__)
@@ -32,7 +34,7 @@ class Controller:
     def __init__(
         self,
         repo: Repository,
-        store: RolloutStore,
+        store: RolloutBook,
         feed: DeviceFeed,
         tracker: Tracker,
         policy: Policy,
@@ -185,7 +187,7 @@ class Controller:
         log.info("rollout %s: asked %d device(s) to check for updates now", rollout.id, asked)
 
     def _wait_changed(self, reasons: Sequence[str], now: float) -> bool:
-        key = tuple(r.split(":")[0] for r in reasons)
+        key = tuple(re.sub(r"\d+", "#", r.split(":")[0]) for r in reasons)
         last, when = self._last_wait
         if key != last or now - when >= WAIT_RECORD_S:
             self._last_wait = (key, now)

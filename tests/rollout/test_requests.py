@@ -149,3 +149,36 @@ def test_bad_arguments_are_refused_by_name(
         code = int(exc.code or 0)
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+def test_the_dashboards_buttons_reach_the_controller_through_the_fleet_store(
+    repo: Repository, tmp_path: Path
+) -> None:
+    """With the fleet store as its book, the dashboard's StoreControl pauses and halts."""
+    from cloud_stub.fleet.control import StoreControl
+    from cloud_stub.fleet.store import open_store
+    from cloud_stub.rollout.book import FleetBook
+
+    feed, clock = Replay(), Clock()
+    store = open_store(tmp_path / "fleet.db")
+    book = FleetBook(store)
+    policy = Policy(stages=(50, 2500, 10000), soak_s=30.0, deadline_s=120.0)
+    ctl = Controller(repo, book, feed, Tracker("f", "mm"), policy, clock)
+    for device in DEVICES:
+        feed.send(device, "status", messages.birth("0.1.0", {"mm": 1}), clock.now)
+    ctl.tracker.feed_many(feed.drain())
+    rollout = ctl.start(2, policy.stages)
+    assert book.get(rollout.id).stages == (50, 2500, 10000)  # 0.5 % kept in the detail
+    dashboard = StoreControl(store)
+    assert dashboard.act(rollout.id, "pause", "dashboard").requested == "pause"
+    assert ctl.step(rollout.id).state == "paused"
+    assert store.rollout(rollout.id).state == "paused"  # type: ignore[union-attr]
+    dashboard.act(rollout.id, "halt", "dashboard")
+    halted = ctl.step(rollout.id)
+    assert (halted.state, halted.reason) == ("halted", "halted by dashboard")
+    assert metadata.published(repo, "mm", 2)["withdrawn"] is True
+    shown = store.decisions(rollout.id)
+    assert [d.action for d in shown][:2] == ["halt", "requested-halt"]
+    assert shown[0].reason == "halted by dashboard"
+    assert book.decisions(rollout.id, 1)[0].reasons == ("halted by dashboard",)
+    book.close()
