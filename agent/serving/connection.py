@@ -89,8 +89,9 @@ class Server(Protocol):
     def connection_closed(self) -> None: ...
 
 
-class HttpConnection(asyncio.Protocol):
-    """One client connection of ``listener`` ("unix" or "tcp")."""
+class HttpConnection(asyncio.BufferedProtocol):
+    """One client connection of ``listener`` ("unix" or "tcp"). The loop reads into the
+    reader's buffers (a large body straight into its own, ``agent.serving.reader``)."""
 
     def __init__(self, server: Server, listener: str) -> None:
         self._server = server
@@ -171,10 +172,21 @@ class HttpConnection(asyncio.Protocol):
         if len(self._queue) < self._limits.max_pipelined and not self._failed:
             self._resume_reading()
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:  # noqa: ARG002
+        return self._reader.buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
         if self._closing or self._failed:
             return
-        failure = self._reader.feed(data)
+        self._parsed(self._reader.received(nbytes))
+
+    def data_received(self, data: bytes) -> None:
+        """Bytes handed over whole (a transport that does not read into buffers)."""
+        if self._closing or self._failed:
+            return
+        self._parsed(self._reader.feed(data))
+
+    def _parsed(self, failure: Failure | None) -> None:
         if failure is not None:
             # Stop reading; answer everything before, then this error, then close.
             log.info("server: rejected a request with %d: %s", failure.status, failure.message)

@@ -4,13 +4,20 @@ over whole; they never handle it.
 Sizes are checked as the bytes arrive (URL and headers, the body from its Content-Length before
 any of it is read), a body larger than a small one reserves its bytes in the budget shared by
 every connection, and the phase (idle, head, body) with its start time is kept for the deadlines
-and for who gives way when the server is full. A body of known length is received into a
-buffer of that length, allocated once (no growth, no copy when it is handed over).
+and for who gives way when the server is full.
+
+Bytes arrive through ``buffer``/``received`` (the connection is an ``asyncio.BufferedProtocol``):
+the kernel writes them into a scratch buffer of the loop's thread, which the parser reads at
+once. A body of known length gets a buffer of that length, allocated once; when more than
+``DIRECT_BYTES`` of it remain after a read, the kernel writes the rest straight into it, the
+parser skipped (it is replaced by a fresh one for the next request): a large tensor is copied
+once, by the kernel, from the socket to the array the model reads.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Callable
 
@@ -23,6 +30,18 @@ from agent.serving.routes import path_of
 # Bodies up to this size are not counted in the shared budget: connections x this is bounded.
 SMALL_BODY_BYTES = 64 * 1024
 _GROW_BYTES = 1024 * 1024  # chunked bodies reserve budget in steps of this
+DIRECT_BYTES = 64 * 1024  # a body with more than this still to come is received in place
+SCRATCH_BYTES = 256 * 1024  # what one read may bring (asyncio's own read size)
+_threads = threading.local()
+
+
+def _scratch() -> memoryview:
+    """This thread's scratch buffer: one per event loop, shared by its connections (the parser
+    reads it within the callback that filled it)."""
+    view: memoryview | None = getattr(_threads, "scratch", None)
+    if view is None:
+        view = _threads.scratch = memoryview(bytearray(SCRATCH_BYTES))
+    return view
 
 
 class RequestReader:
@@ -56,9 +75,46 @@ class RequestReader:
         self._expect_continue = False
         self._body = bytearray()
         self._filled = 0  # bytes of a body of known length received (it is allocated whole)
+        self._direct = False  # the kernel writes the rest of the body into it, no parser
+        self._method = b""
+        self._keep_alive = True
         self._reserved = 0
 
-    def feed(self, data: bytes) -> Failure | None:
+    def buffer(self) -> memoryview:
+        """Where the next read goes: the rest of a body received in place, or the scratch."""
+        if self._direct:
+            return memoryview(self._body)[self._filled :]
+        return _scratch()
+
+    def received(self, count: int) -> Failure | None:
+        """``count`` bytes were read into ``buffer()``."""
+        if not self._direct:
+            failure = self.feed(_scratch()[:count])
+            parser = self._parser
+            if failure is None and parser is not None and self.phase is Phase.BODY:
+                self._go_direct(parser)
+            return failure
+        self._filled += count
+        if self._filled < len(self._body):
+            return None
+        self._direct = False
+        # The parser never saw the body: the next request gets a fresh one.
+        self._parser = httptools.HttpRequestParser(self)
+        try:
+            self._complete(self._method, self._keep_alive)
+        except ParseAbortError as exc:
+            return self._abort(exc.status, exc.message, exc.retry_after_s)
+        return None
+
+    def _go_direct(self, parser: httptools.HttpRequestParser) -> None:
+        """Receive the rest of a body of known length in place, when enough of it remains."""
+        if self._content_length is None or len(self._body) - self._filled <= DIRECT_BYTES:
+            return
+        self._direct = True
+        self._method = parser.get_method()
+        self._keep_alive = parser.should_keep_alive()
+
+    def feed(self, data: bytes | memoryview) -> Failure | None:
         """Parse ``data``; the failure that stops this connection's parsing, if any."""
         parser = self._parser
         if parser is None:
@@ -95,6 +151,7 @@ class RequestReader:
         self._budget.release(self._reserved)
         self._reserved = 0
         self._body = bytearray()
+        self._direct = False
         self._parser = None
         # The callbacks are the connection's bound methods: the same kind of cycle.
         self._deliver = _ignore
@@ -169,7 +226,10 @@ class RequestReader:
     def on_message_complete(self) -> None:
         parser = self._parser
         assert parser is not None
-        method = parser.get_method().decode("ascii", "replace")
+        self._complete(parser.get_method(), parser.should_keep_alive())
+
+    def _complete(self, raw_method: bytes, keep_alive: bool) -> None:
+        method = raw_method.decode("ascii", "replace")
         try:
             target = self._url.decode("ascii")
         except UnicodeDecodeError:
@@ -179,7 +239,7 @@ class RequestReader:
             path=path_of(target),
             body=self._body,  # handed over, not copied: the next message gets a new buffer
             header_length=self._header_length,
-            keep_alive=parser.should_keep_alive(),
+            keep_alive=keep_alive,
             reserved=self._reserved,
         )
         self._body = bytearray()
