@@ -302,22 +302,14 @@ class Repository:
         self._publish({role: md})
 
     def update_custom(self, name: str, version: int, changes: Mapping[str, Any]) -> str:
-        """Set keys of the ``custom`` block of version ``version`` of ``name`` (its model file,
-        not its smoke test) and publish the role that signs it, then snapshot and timestamp:
-        the same bytes, new signed metadata (a rollout widened, a version withdrawn). Returns
-        the role signed.
-
-        Raises:
-            RepositoryError: the version is not published.
-        """
+        """Set ``changes`` in the ``custom`` of version ``version`` of ``name`` (its model
+        file) and publish its role: same bytes, new signatures. Returns the role.
+        RepositoryError: not published."""
         role = self.role_for(name)
         md = self.load(role)
         prefix = f"models/{name}/{version}/"
-        found = [
-            info
-            for path, info in md.signed.targets.items()
-            if path.startswith(prefix) and isinstance(info.unrecognized_fields.get("custom"), dict)
-        ]
+        found = [i for p, i in md.signed.targets.items() if p.startswith(prefix)]
+        found = [i for i in found if isinstance(i.unrecognized_fields.get("custom"), dict)]
         if not found:
             raise RepositoryError(f"{name} version {version} is not published")
         for info in found:
