@@ -116,6 +116,13 @@ def validate_version(
     fallbacks = [f"{device} {why}" for device, why in skipped]
     plaintext, smoke = _decrypted(stored, where)  # an encrypted version: in memory only
     model = plaintext.data if plaintext is not None else None
+    reached: set[Stage] = set()
+
+    def once(stage: Stage) -> None:  # each attempt warms up; the stage is reached once
+        if stage not in reached:
+            reached.add(stage)
+            on_stage(stage)
+
     try:
         for attempt in plan:
             tried = dataclasses.replace(
@@ -126,7 +133,7 @@ def validate_version(
             )
             try:
                 loaded = _validate_on(
-                    stored, tried, warmup_runs, on_stage, inline_threshold_us, model, smoke
+                    stored, tried, warmup_runs, once, inline_threshold_us, model, smoke
                 )
             except ModelError as exc:
                 if attempt.on_cpu or isinstance(exc, SignatureError):
