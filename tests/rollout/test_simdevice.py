@@ -1,0 +1,93 @@
+"""The simulated device's profiles (pure): what it takes, when it fails, what it sends."""
+
+from __future__ import annotations
+
+import json
+
+from agent.delivery.rollout import bucket
+from agent.delivery.targets import ModelTarget, parse_target
+from cloud_stub.fleetsim.device import Profile, SimDevice, Timing
+
+TIMING = Timing(poll_s=10.0, health_s=5.0, probation_s=2.0)
+
+
+def target(version: int, bp: int = 10000, withdrawn: bool = False) -> ModelTarget:
+    custom = {
+        "edge_agent": 1,
+        "name": "mm",
+        "version": version,
+        "runtime": "onnx",
+        "rollout_bp": bp,
+        "channel": "stable",
+        "smoke": {"inline": {}},
+        "withdrawn": withdrawn,
+    }
+    return parse_target(f"models/mm/{version}/model.onnx", 10, {"sha256": "ab" * 32}, custom)
+
+
+def device(profile: Profile, name: str = "dev") -> SimDevice:
+    return SimDevice(name, "f", "mm", profile, TIMING, active=1, previous=1, stored=[1])
+
+
+def kinds(d: SimDevice, until: float = 1e9) -> list[tuple[str, object]]:
+    out = []
+    for topic, payload in d.take(until):
+        doc = json.loads(payload)
+        if topic.endswith("/events"):
+            out.append((doc["kind"], doc["version"]))
+    return out
+
+
+def test_a_healthy_device_takes_commits_and_returns_when_withdrawn() -> None:
+    d = device(Profile())
+    d.tick(0.0, [target(1), target(2)], poll=True)
+    assert kinds(d) == [("downloaded", 2), ("verified", 2), ("activated", 2)]
+    d.tick(3.0, None, poll=False)
+    assert ("committed", 2) in kinds(d)
+    d.tick(4.0, [target(1), target(2, withdrawn=True)], poll=True)
+    assert kinds(d) == [("withdrawn", 2), ("rolled_back", 2), ("committed", 1)]
+    assert d.active == 1
+    d.tick(20.0, [target(1), target(2, withdrawn=True)], poll=True)
+    assert kinds(d) == [] and d.active == 1  # never again
+
+
+def test_outside_the_stage_nothing_is_taken() -> None:
+    name = next(f"d{i}" for i in range(1000) if bucket(f"d{i}", "mm") >= 100)
+    d = device(Profile(), name)
+    d.tick(0.0, [target(1), target(2, bp=100)], poll=True)
+    assert kinds(d) == [] and d.activated == []
+
+
+def test_a_failing_device_rolls_back_after_its_probation() -> None:
+    d = device(Profile("failing", fail_version=2, fail_p=1.0))
+    d.tick(0.0, [target(1), target(2)], poll=True)
+    kinds(d)
+    d.tick(3.0, None, poll=False)
+    assert kinds(d)[:2] == [("rolled_back", 2), ("activated", 1)]
+    assert d.active == 1 and 2 in d.quarantined
+    d.tick(20.0, [target(1), target(2)], poll=True)
+    assert d.active == 1  # quarantined: never taken again
+
+
+def test_a_dying_device_goes_silent_and_a_late_one_reports_late() -> None:
+    dead = device(Profile("dies"))
+    dead.tick(0.0, [target(1), target(2)], poll=True)
+    assert kinds(dead)[-1] == ("activated", 2)
+    dead.tick(10.0, None, poll=False)
+    assert dead.take(1e9) == []
+    late = device(Profile("late", late_s=30.0))
+    late.tick(0.0, [target(1), target(2)], poll=True)
+    assert kinds(late, until=29.0) == []
+    assert ("activated", 2) in kinds(late, until=31.0)
+
+
+def test_a_flapping_device_says_goodbye_and_comes_back() -> None:
+    d = device(Profile("flaps", flap_period_s=10.0))
+    d.tick(0.0, None, poll=False)
+    statuses = [json.loads(p)["online"] for t, p in d.take(1e9) if t.endswith("/status")]
+    assert statuses == [False]
+    d.tick(5.0, [target(1), target(2)], poll=True)
+    assert d.active == 1  # offline: it did not poll
+    d.tick(10.0, None, poll=False)
+    statuses = [json.loads(p)["online"] for t, p in d.take(1e9) if t.endswith("/status")]
+    assert statuses == [True]
