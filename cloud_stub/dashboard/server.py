@@ -5,11 +5,18 @@ operator key and published to the device's ``commands`` topic. Every route needs
 operator's session and every change the page's CSRF token (``auth``). With ``tls`` the broker
 is reached over TLS (the fleet CA, and a client certificate when the broker asks for one).
 
+The fleet's state is in a fleet store (``cloud_stub.fleet``): SQLite by default, PostgreSQL
+(``postgresql://…``) when several dashboards share it, each in the same ``group`` of MQTT 5
+shared subscriptions so that they split the device traffic (``cloud_stub.fleet.ingest``).
 The subscription lives in a persistent MQTT 5 session (a stable client id, clean start off,
 an expiry of a day): the broker keeps the QoS 1 messages that arrive while the dashboard is
 away (a restart, a network cut) and delivers them when it comes back. Each connect subscribes
 again, which also sends every device's retained status: the state resynchronises even when
 the broker lost the session (a broker restart without persistence).
+
+Pages: ``/`` the device list (filtered, searched and paged by the store: ``/api/devices``),
+``/rollout`` the rollouts (``/api/rollouts``; pause, resume and halt by ``POST /api/rollout``
+through a ``RolloutControl``).
 """
 
 from __future__ import annotations
@@ -28,11 +35,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-import paho.mqtt.client as mqtt
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-from paho.mqtt.subscribeoptions import SubscribeOptions
-
 from agent.errors import AgentError
 from cloud_stub.dashboard.auth import (
     ForeignRequestError,
@@ -44,20 +46,24 @@ from cloud_stub.dashboard.auth import (
     host_names,
     new_secret,
 )
-from cloud_stub.dashboard.state import FleetState
+from cloud_stub.dashboard.view import FleetView, parse_query
+from cloud_stub.fleet.control import RolloutControl, StoreControl
+from cloud_stub.fleet.ingest import Ingest
+from cloud_stub.fleet.records import DeviceQuery, FleetStoreError
+from cloud_stub.fleet.store import open_store
 
 log = logging.getLogger(__name__)
 
 MAX_BODY = 16 * 1024
-SESSION_EXPIRY_S = 24 * 3600  # how long the broker queues the fleet's messages for us
-RECONNECT_MAX_S = 10  # paho's default of 120 s would leave the page stale for two minutes
 STATUS_OF = {NotLoggedInError: 401, ForeignRequestError: 403, NotJsonError: 403}
 
 
-def default_client_id(db: Path) -> str:
-    """One MQTT session per dashboard database on a host: the same after a restart."""
-    digest = hashlib.sha256(f"{socket.gethostname()}:{db.resolve()}".encode()).hexdigest()
-    return f"edge-dashboard-{digest[:16]}"
+def default_client_id(db: Path | str, group: str | None = None) -> str:
+    """One MQTT session per dashboard database (and group) on a host: the same after a
+    restart. Two instances on one host sharing a store need a --client-id each."""
+    where = db if "://" in str(db) else Path(db).resolve()
+    digest = hashlib.sha256(f"{socket.gethostname()}:{where}:{group or ''}".encode())
+    return f"edge-dashboard-{digest.hexdigest()[:16]}"
 
 
 class Dashboard:
@@ -65,7 +71,7 @@ class Dashboard:
         self,
         mqtt_host: str,
         mqtt_port: int,
-        db: Path,
+        db: Path | str,
         operator_key: Path | None = None,
         key_id: str = "operator",
         tls: ssl.SSLContext | None = None,
@@ -73,50 +79,49 @@ class Dashboard:
         secret: str | None = None,
         client_id: str | None = None,
         allow_hosts: Sequence[str] = (),
+        group: str | None = None,
+        control: RolloutControl | None = None,
     ) -> None:
-        self.state = FleetState(db)
+        store = open_store(db)
+        self.state = FleetView(store)
+        self.control = control or StoreControl(store)
         self.operator_key = operator_key
         self.key_id = key_id
         self.secret = secret or new_secret()
         self.allow_hosts = tuple(allow_hosts)
-        self.client_id = client_id or default_client_id(db)
-        self.client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5
+        self.client_id = client_id or default_client_id(db, group)
+        self.ingest = Ingest(
+            store,
+            mqtt_host,
+            mqtt_port,
+            self.client_id,
+            group=group,
+            tls=tls,
+            on_flush=self.state.bump,
+            on_connect=self._on_connect,
         )
-        if tls is not None:
-            self.client.tls_set_context(tls)
-        self.client.on_connect = self._on_connect
-        self.client.on_message = self._on_message
-        self.client.reconnect_delay_set(1, RECONNECT_MAX_S)
-        connect = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        connect.SessionExpiryInterval = SESSION_EXPIRY_S
-        self.client.connect_async(mqtt_host, mqtt_port, 30, clean_start=False, properties=connect)
+        self.client = self.ingest.client
         self.page = resources.files("cloud_stub.dashboard").joinpath("page.html").read_bytes()
-        self.fleets: dict[str, str] = {}
+        self.rollout_page = (
+            resources.files("cloud_stub.dashboard").joinpath("rollout.html").read_bytes()
+        )
         self.closing = threading.Event()
         self.guard: Guard | None = None
         self.url = ""
 
-    def _on_connect(
-        self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any
-    ) -> None:
-        if reason.is_failure:
-            log.warning("dashboard: the broker refused the connection: %s", reason)
-            return
-        if not flags.session_present and self.state.device_count():
+    def _on_connect(self, session_present: bool) -> None:
+        if not session_present and self.state.device_count():
             log.warning(
                 "dashboard: the broker had no session %s: what the fleet sent meanwhile is "
                 "lost; the retained status of every device follows",
                 self.client_id,
             )
-        # Subscribing again, even in a kept session, has the broker send the retained status.
-        client.subscribe("edge/+/+/#", options=SubscribeOptions(qos=1))
 
-    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
-        parts = message.topic.split("/")
-        if len(parts) >= 3:
-            self.fleets[parts[2]] = parts[1]
-        self.state.apply(message.topic, bytes(message.payload), retained=bool(message.retain))
+    def fleet_of(self, device: str) -> str:
+        for found in self.state.store.device_page(DeviceQuery(search=device, limit=500)).devices:
+            if found.device == device:
+                return found.fleet
+        return "default"
 
     def send_command(self, device: str, name: str, args: dict[str, Any]) -> str:
         if self.operator_key is None:
@@ -124,7 +129,7 @@ class Dashboard:
         from cloud_stub.operator import command, load_private
 
         payload = command(load_private(self.operator_key), self.key_id, device, name, args)
-        fleet = self.fleets.get(device, "default")
+        fleet = self.fleet_of(device)
         topic = f"edge/{fleet}/{device}/commands"
         self.client.publish(topic, payload, qos=1)
         log.info("dashboard: sent %s %s to %s", name, json.dumps(args), device)
@@ -201,15 +206,30 @@ class Dashboard:
                 session = self._authorize()
                 if session is None:
                     return
-                if url.path == "/":
-                    page = dashboard.page.replace(b"{{CSRF_TOKEN}}", session.csrf.encode())
+                pages = {"/": dashboard.page, "/rollout": dashboard.rollout_page}
+                if url.path in pages:
+                    page = pages[url.path].replace(b"{{CSRF_TOKEN}}", session.csrf.encode())
                     self._send(200, page, "text/html; charset=utf-8")
-                elif url.path == "/api/fleet":
-                    self._send(200, json.dumps(dashboard.state.snapshot()).encode())
-                elif url.path == "/events":
-                    self._stream()
-                else:
-                    self._error(404, "not found")
+                    return
+                query = parse_qs(url.query)
+                state = dashboard.state
+                try:
+                    if url.path == "/api/fleet":
+                        doc = state.snapshot()
+                    elif url.path == "/api/devices":
+                        doc = state.devices(parse_query(query))
+                    elif url.path == "/api/rollouts":
+                        doc = state.rollout(query.get("id", [""])[0] or None)
+                    elif url.path == "/events":
+                        self._stream()
+                        return
+                    else:
+                        self._error(404, "not found")
+                        return
+                except FleetStoreError as exc:
+                    self._error(400, str(exc))
+                    return
+                self._send(200, json.dumps(doc).encode())
 
             def _login(self, token: str) -> None:
                 assert dashboard.guard is not None
@@ -241,10 +261,10 @@ class Dashboard:
                             self.wfile.write(b": keep-alive\n\n")
                         else:
                             seen = state.version
-                            data = json.dumps(state.snapshot())
+                            data = json.dumps(state.summary())
                             self.wfile.write(f"data: {data}\n\n".encode())
                         self.wfile.flush()
-                except (OSError, sqlite3.Error):  # the browser left, or the dashboard stops
+                except (OSError, sqlite3.Error, FleetStoreError):  # the browser left, or we stop
                     return
 
             def do_OPTIONS(self) -> None:
@@ -254,12 +274,16 @@ class Dashboard:
             def do_POST(self) -> None:
                 if self._authorize() is None:
                     return
-                if urlsplit(self.path).path != "/api/command":
+                path = urlsplit(self.path).path
+                if path not in {"/api/command", "/api/rollout"}:
                     self._error(404, "not found")
                     return
                 length = int(self.headers.get("Content-Length", "0"))
                 if length > MAX_BODY:
                     self._error(413, f"body too large ({length} bytes, at most {MAX_BODY})")
+                    return
+                if path == "/api/rollout":
+                    self._rollout(length)
                     return
                 try:
                     doc = json.loads(self.rfile.read(length))
@@ -274,6 +298,21 @@ class Dashboard:
                     return
                 self._send(200, json.dumps({"published": topic}).encode())
 
+            def _rollout(self, length: int) -> None:
+                try:
+                    doc = json.loads(self.rfile.read(length))
+                    rollout_id, action = str(doc["rollout"]), str(doc["action"])
+                except (ValueError, KeyError, TypeError) as exc:
+                    self._error(400, f"bad rollout request: {exc}")
+                    return
+                try:
+                    rollout = dashboard.control.act(rollout_id, action, "dashboard")
+                except FleetStoreError as exc:
+                    self._error(409, str(exc))
+                    return
+                log.info("dashboard: asked to %s rollout %s", action, rollout_id)
+                self._send(200, json.dumps({"rollout": rollout.id, "requested": action}).encode())
+
         server = ThreadingHTTPServer((host, port), Handler)
         server.daemon_threads = True
         bound = int(server.server_address[1])
@@ -284,7 +323,7 @@ class Dashboard:
         return server
 
     def start(self, host: str, port: int) -> ThreadingHTTPServer:
-        self.client.loop_start()
+        self.ingest.start()
         server = self.serve(host, port)
         threading.Thread(target=server.serve_forever, name="dashboard-http", daemon=True).start()
         return server
@@ -297,6 +336,5 @@ class Dashboard:
             self.state.changed.notify_all()
         server.shutdown()
         server.server_close()
-        self.client.disconnect()
-        self.client.loop_stop()
+        self.ingest.stop()
         self.state.close()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -13,58 +12,10 @@ from typing import Any
 import pytest
 
 from cloud_stub.dashboard.server import Dashboard
-from cloud_stub.dashboard.state import FleetState
 from cloud_stub.operator import generate
 from tests.cloud_stub.dashboard_http import DashboardHttp
 from tests.telemetry.agents import agent_config, start_agent, wait_for
 from tests.telemetry.conftest import Broker
-
-
-def test_state_ingests_device_messages(tmp_path: Path) -> None:
-    state = FleetState(tmp_path / "fleet.db")
-    birth = {"online": True, "agent": "0.1.0", "models": {"vad": 3}, "seq": 1, "ts": 1.0}
-    assert state.apply("edge/f/dev-9/status", json.dumps(birth).encode())
-    event = {"kind": "activated", "model": "vad", "version": 3, "reason": "x", "seq": 2, "ts": 2}
-    assert state.apply("edge/f/dev-9/events", json.dumps(event).encode())
-    assert state.apply("edge/f/dev-9/events", json.dumps(event).encode())  # duplicate delivery
-    assert not state.apply("other/topic", b"{}")
-    assert not state.apply("edge/f/dev-9/status", b"not json")
-    snap = state.snapshot()
-    assert snap["devices"][0]["online"] is True
-    assert snap["rollout"] == {"vad": {"3": 1}}
-    assert len(snap["events"]) == 1, "at-least-once delivery must not show an event twice"
-    state.apply("edge/f/dev-9/status", json.dumps({"online": False}).encode())
-    assert state.snapshot()["devices"][0]["online"] is False
-    state.close()
-
-
-def test_online_comes_only_from_birth_and_will(tmp_path: Path) -> None:
-    """A health message says nothing about online: one can arrive from the outbox of a
-    device whose will the broker has just published. The newest health (by ts) is shown."""
-    state = FleetState(tmp_path / "fleet.db")
-
-    def health(ts: float, version: int) -> bytes:
-        models = {"vad": {"active_version": version, "p99_ms": 1.0}}
-        return json.dumps({"seq": int(ts), "ts": ts, "cpu_percent": ts, "models": models}).encode()
-
-    assert state.apply("edge/f/dev-9/health", health(10.0, 3))
-    assert state.snapshot()["devices"][0]["online"] is False  # never born: not online
-    state.apply("edge/f/dev-9/status", json.dumps({"online": True, "models": {"vad": 3}}).encode())
-    device = state.snapshot()["devices"][0]
-    assert device["online"] is True
-    assert device["status_since"] is not None
-    will = {"online": False, "reason": "connection lost", "seq": 0}
-    state.apply("edge/f/dev-9/status", json.dumps(will).encode())
-    state.apply("edge/f/dev-9/health", health(20.0, 4))  # late, from the backlog
-    device = state.snapshot()["devices"][0]
-    assert device["online"] is False
-    assert device["health"]["cpu_percent"] == 20.0
-    state.apply("edge/f/dev-9/health", health(15.0, 3))  # older than the one shown
-    device = state.snapshot()["devices"][0]
-    assert device["health"]["cpu_percent"] == 20.0
-    assert device["models"] == {"vad": 4}
-    assert len(state.snapshot()["trend"]["dev-9"]) == 3  # the trend keeps every reading
-    state.close()
 
 
 def browser(profile: Path) -> Any:

@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 from cloud_stub.dashboard.server import Dashboard
-from cloud_stub.dashboard.state import FleetState
+from cloud_stub.fleet.records import DeviceQuery, Message
+from cloud_stub.fleet.store import open_store
 from cloud_stub.operator import command, generate, load_private, send
 from cloud_stub.samples import matmul_model
 from tests.cloud_stub.dashboard_http import DashboardHttp
@@ -107,16 +108,17 @@ def test_a_restart_in_the_middle_of_a_deployment_misses_no_event(
 
 def test_a_retained_status_sent_again_keeps_its_time(tmp_path: Path) -> None:
     """Each subscribe brings the retained status again; it must not reset "online since"."""
-    state = FleetState(tmp_path / "fleet.db")
+    store = open_store(tmp_path / "fleet.db")
     birth = json.dumps({"online": True, "models": {"mm": 1}, "seq": 1, "ts": 1.0}).encode()
-    state.apply("edge/f/dev-1/status", birth)
-    since = state.snapshot()["devices"][0]["status_since"]
-    state.apply("edge/f/dev-1/status", birth, retained=True)
-    assert state.snapshot()["devices"][0]["status_since"] == since
+    store.ingest([Message("edge/f/dev-1/status", birth)])
+    since = store.device_page(DeviceQuery()).devices[0].status_since
+    store.ingest([Message("edge/f/dev-1/status", birth, retained=True)])
+    assert store.device_page(DeviceQuery()).devices[0].status_since == since
     # A retained status that says something new (it went away meanwhile) is news.
     will = json.dumps({"online": False, "reason": "connection lost", "seq": 0}).encode()
-    state.apply("edge/f/dev-1/status", will, retained=True)
-    device = state.snapshot()["devices"][0]
-    assert device["online"] is False
-    assert device["status_since"] >= since
-    state.close()
+    store.ingest([Message("edge/f/dev-1/status", will, retained=True)])
+    device = store.device_page(DeviceQuery()).devices[0]
+    assert device.online is False
+    assert since is not None and device.status_since is not None
+    assert device.status_since >= since
+    store.close()
