@@ -84,7 +84,7 @@ class RequestReader:
         """Where the next read goes: the rest of a body received in place, or the scratch."""
         if self._direct:
             return memoryview(self._body)[self._filled :]
-        return _scratch()
+        return _scratch()[:]  # a view of its own: whoever releases it releases only that
 
     def received(self, count: int) -> Failure | None:
         """``count`` bytes were read into ``buffer()``."""

@@ -1,0 +1,116 @@
+"""Large tensors are not copied on their way: the views each step hands on share memory with
+the arrays and buffers before and after it (issue 13, deliverable 3)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from agent.serving.admission import ByteBudget
+from agent.serving.framing import Failure, Request
+from agent.serving.oip.client import encode_request_parts
+from agent.serving.oip.server import TAIL_BYTES, decode_infer_request, encode_response_parts
+from agent.serving.reader import DIRECT_BYTES, RequestReader
+from agent.serving.response_reader import ResponseReader
+
+
+def reader(delivered: list[Request]) -> RequestReader:
+    return RequestReader(
+        16384, 64 << 20, ByteBudget(256 << 20), delivered.append, lambda: True, lambda: None
+    )
+
+
+def receive(target: RequestReader, wire: bytes, step: int) -> list[Failure | None]:
+    """What the loop does: read into ``buffer()`` (at most ``step`` bytes), then ``received``."""
+    results = []
+    offset = 0
+    while offset < len(wire):
+        space = target.buffer()
+        count = min(step, len(space), len(wire) - offset)
+        space[:count] = wire[offset : offset + count]
+        space.release()
+        offset += count
+        results.append(target.received(count))
+    return results
+
+
+def request_wire(x: np.ndarray, target: str = "/v2/models/m/infer") -> bytes:
+    parts, header_length = encode_request_parts({"x": x})
+    body = b"".join(parts)
+    head = (
+        f"POST {target} HTTP/1.1\r\nContent-Length: {len(body)}\r\n"
+        f"Inference-Header-Content-Length: {header_length}\r\n\r\n"
+    )
+    return head.encode("latin-1") + body
+
+
+def test_client_parts_are_views_of_the_inputs() -> None:
+    x = np.arange(300_000, dtype=np.float32).reshape(1, -1)
+    parts, header_length = encode_request_parts({"x": x})
+    assert len(parts) == 2
+    assert header_length == len(parts[0])
+    assert np.shares_memory(np.frombuffer(parts[1], np.float32), x)
+
+
+def test_a_large_body_is_received_in_place_and_decoded_without_a_copy() -> None:
+    x = np.random.default_rng(0).standard_normal((1, 400_000)).astype(np.float32)
+    small = np.ones((1, 4), np.float32)
+    wire = request_wire(x) + request_wire(small)  # the second pipelined behind
+    delivered: list[Request] = []
+    target = reader(delivered)
+    in_place: list[object] = []
+    original_buffer = target.buffer
+
+    def spy() -> memoryview:
+        view = original_buffer()
+        if len(view) > DIRECT_BYTES:
+            in_place.append(view.obj)
+        return view
+
+    target.buffer = spy  # type: ignore[method-assign]
+    assert all(r is None for r in receive(target, wire, 200_000))
+    assert [r.path for r in delivered] == ["/v2/models/m/infer"] * 2
+    body = delivered[0].body
+    assert in_place
+    assert any(obj is body for obj in in_place)  # the kernel wrote into the body
+    request = decode_infer_request(body, delivered[0].header_length)
+    assert np.shares_memory(request.inputs[0].data, np.frombuffer(body, np.uint8))
+    np.testing.assert_array_equal(request.inputs[0].data, x)
+    second = decode_infer_request(delivered[1].body, delivered[1].header_length)
+    np.testing.assert_array_equal(second.inputs[0].data, small)
+
+
+def test_the_parser_after_a_body_received_in_place_is_a_fresh_one() -> None:
+    x = np.zeros((1, 100_000), np.float32)
+    wire = request_wire(x) + b"GARBAGE\r\n\r\n"
+    delivered: list[Request] = []
+    results = receive(reader(delivered), wire, 100_000)
+    assert len(delivered) == 1
+    failure = results[-1]
+    assert isinstance(failure, Failure)
+    assert failure.status == 400
+    assert failure.message.startswith("malformed HTTP request")
+
+
+def test_a_large_answer_is_its_arrays_and_is_received_in_place() -> None:
+    y = np.arange(TAIL_BYTES, dtype=np.float32)
+    body, tail, header_length = encode_response_parts("m", "1", None, [("y", y, True)])
+    assert json.loads(body)["outputs"][0]["parameters"]["binary_data_size"] == y.nbytes
+    assert len(tail) == 1
+    assert np.shares_memory(np.frombuffer(tail[0], np.float32), y)
+    replies = ResponseReader(1 << 30)
+    size = len(body) + y.nbytes
+    replies.feed(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size + body)
+    assert replies.next_response() is None
+    space = replies.body_space()
+    assert space is not None
+    assert len(space) == y.nbytes
+    space[:] = tail[0]
+    buffer = space.obj
+    space.release()
+    replies.filled(y.nbytes)
+    status, _, received = replies.next_response() or (0, {}, bytearray())
+    assert status == 200
+    assert received is buffer  # the body handed out is the buffer received into
+    assert received[header_length:] == y.tobytes()
