@@ -37,13 +37,13 @@ from agent.errors import (
 from agent.serving.oip import client as oip
 from agent.serving.oip.codec import Buffer, Limits
 from agent.serving.response_reader import MAX_HEAD, ClientError, Reply, ResponseReader
-from agent.serving.shm.client import LocalRegions, PlacedTensor, SharedRegion
+from agent.serving.shm.calls import SHM_PATH, SharedMemoryCalls
+from agent.serving.shm.client import LocalRegions, PlacedTensor
 from agent.serving.spin import DEFAULT_SPIN_US, SpinPolicy
 
 __all__ = ["DEFAULT_SOCKET", "AsyncInferenceClient", "ClientError", "InferenceClient"]
 
 DEFAULT_SOCKET = "/run/edge-agent/infer.sock"
-_SHM_PATH = "/v2/systemsharedmemory"
 _CHUNK = 256 * 1024
 _MAX_IOV = 512  # buffers per sendmsg, under any system's IOV_MAX
 
@@ -72,7 +72,7 @@ def _error_for(status: int, message: str) -> AgentError:
     return kinds.get(status, InferenceError)(f"HTTP {status}: {message}")
 
 
-class InferenceClient:
+class InferenceClient(SharedMemoryCalls):
     """Synchronous client. ``address`` is a Unix socket path or ``http://host:port``.
 
     While it waits for a reply the client polls its socket for up to ``spin_us`` microseconds
@@ -168,7 +168,7 @@ class InferenceClient:
             fresh = self._sock is None
             if self._sock is None:
                 self._sock = self._connect()
-                if self._regions.by_name and not path.startswith(_SHM_PATH):
+                if self._regions.by_name and not path.startswith(SHM_PATH):
                     # The agent dropped our regions with the old connection.
                     for region in self._regions.by_name.values():
                         self._register(region)
@@ -268,32 +268,6 @@ class InferenceClient:
         if status != 200:
             raise _error_for(status, oip.decode_error(body))
         return body.decode()
-
-    def register_region(self, region: SharedRegion) -> None:
-        """Register a region this process created: its ``PlacedTensor``s may then be inputs
-        of ``infer`` and its ``output_regions``. The agent keeps it while this client's
-        connection lasts; the client registers it again on a new connection."""
-        self._register(region)
-        self._regions.by_name[region.name] = region
-
-    def _register(self, region: SharedRegion) -> None:
-        body = {"key": region.key, "offset": 0, "byte_size": region.byte_size}
-        path = f"{_SHM_PATH}/region/{quote(region.name, safe='')}/register"
-        self._json("POST", path, json.dumps(body).encode())
-
-    def unregister_region(self, name: str | None = None) -> None:
-        """Unregister ``name``, or every region of this client."""
-        path = _SHM_PATH if name is None else f"{_SHM_PATH}/region/{quote(name, safe='')}"
-        self._json("POST", path + "/unregister")
-        if name is None:
-            self._regions.by_name.clear()
-        else:
-            self._regions.by_name.pop(name, None)
-
-    def region_status(self) -> list[dict[str, Any]]:
-        """The regions the agent holds for this client."""
-        result: list[dict[str, Any]] = self._json("GET", _SHM_PATH + "/status")
-        return result
 
     def infer(
         self,

@@ -9,6 +9,9 @@ import json
 import os
 import pwd
 import socket
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -110,14 +113,14 @@ def test_tritonclient_over_tcp(shm_agent: RunningAgent, matmul_onnx: Path, key: 
         tshm.destroy_shared_memory_region(region)
 
 
-def test_project_client_over_unix_socket(
-    shm_agent: RunningAgent, matmul_onnx: Path, key: str
-) -> None:
+def test_project_client_over_unix_socket(shm_agent: RunningAgent, matmul_onnx: Path) -> None:
     x = np.random.default_rng(2).standard_normal((1, 64)).astype(np.float32)
-    region = SharedRegion("frames", key, 4096)
-    try:
-        with InferenceClient(str(shm_agent.socket)) as client:
-            client.register_region(region)
+    with InferenceClient(str(shm_agent.socket)) as client:
+        region = client.create_region("frames", 4096)
+        try:
+            # The agent's user reads it through the socket's group.
+            info = Path("/dev/shm", region.key.lstrip("/")).stat()
+            assert (info.st_mode & 0o777, info.st_gid) == (0o660, shm_agent.socket.stat().st_gid)
             placed_x = region.put(x, offset=128)
             placed_y = region.place(1024, "FP32", (1, 64))
             outputs = client.infer("matmul", {"x": placed_x}, output_regions={"y": placed_y})
@@ -125,8 +128,285 @@ def test_project_client_over_unix_socket(
             # The answer is a view of our region: the agent wrote it there.
             assert np.shares_memory(outputs["y"], region.array(placed_y))
             assert client.region_status()[0]["name"] == "frames"
+            # A new connection (the agent dropped the region with the old one): registered
+            # again before the next call.
+            client.close()
+            again = client.infer("matmul", {"x": placed_x}, output_regions={"y": placed_y})
+            np.testing.assert_array_equal(again["y"], outputs["y"])
             client.unregister_region("frames")
             assert client.region_status() == []
+        finally:
+            region.close()
+    assert not Path("/dev/shm", region.key.lstrip("/")).exists()
+    deadline = time.monotonic() + 5
+    while shm_agent.agent.server.shm.mapped and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert shm_agent.agent.server.shm.mapped == 0
+
+
+def make_object(key: str, size: int, mode: int = 0o600) -> Path:
+    path = Path("/dev/shm", key.lstrip("/"))
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, mode)
+    os.ftruncate(fd, size)
+    os.close(fd)
+    return path
+
+
+def unix(agent: RunningAgent) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX)
+    sock.connect(str(agent.socket))
+    return sock
+
+
+def tcp(agent: RunningAgent) -> socket.socket:
+    host, _, port = agent.http.removeprefix("http://").rpartition(":")
+    return socket.create_connection((host, int(port)))
+
+
+def test_bounds_are_checked_at_registration_and_at_every_use(
+    shm_agent: RunningAgent, key: str
+) -> None:
+    path = make_object(key, 4096)
+    with unix(shm_agent) as sock:
+        status, body = raw(
+            sock,
+            "POST",
+            "/v2/systemsharedmemory/region/r/register",
+            register_body(key, 4096, offset=1),
+        )
+        assert status == 400
+        assert (
+            "offset 1 + shared_memory_byte_size 4096 = 4097 bytes is past the end" in body["error"]
+        )
+        assert (
+            raw(sock, "POST", "/v2/systemsharedmemory/region/r/register", register_body(key, 4096))[
+                0
+            ]
+            == 200
+        )
+        status, body = raw(sock, "POST", "/v2/models/matmul/infer", infer_body("r", offset=3900))
+        assert status == 400
+        assert body["error"] == (
+            "input 'x': shared_memory_offset 3900 + shared_memory_byte_size 256 = 4156 bytes "
+            "is past the end of region 'r' (4096 bytes)"
+        )
+        status, body = raw(sock, "POST", "/v2/models/matmul/infer", infer_body("r", size=100))
+        assert status == 400
+        assert (
+            "shared_memory_byte_size is 100 bytes, shape [1, 64] of FP32 needs 256"
+            in (body["error"])
+        )
+        # An output larger than its placement is refused, and nothing is written.
+        entry = json.loads(infer_body("r"))
+        entry["outputs"] = [
+            {
+                "name": "y",
+                "parameters": {
+                    "shared_memory_region": "r",
+                    "shared_memory_offset": 1024,
+                    "shared_memory_byte_size": 128,
+                },
+            }
+        ]
+        status, body = raw(sock, "POST", "/v2/models/matmul/infer", json.dumps(entry).encode())
+        assert status == 400
+        assert "the output has 256 bytes" in body["error"]
+        assert "shared_memory_byte_size is 128" in body["error"]
+        # The object cut short after registration: refused, not a SIGBUS.
+        os.truncate(path, 100)
+        status, body = raw(sock, "POST", "/v2/models/matmul/infer", infer_body("r"))
+        assert status == 400
+        assert "its object" in body["error"]
+        assert "now has only 100 bytes" in body["error"]
+        assert raw(sock, "GET", "/v2/health/live")[0] == 200
+
+
+@pytest.mark.parametrize(
+    ("key", "message"),
+    [
+        ("/a/b", "without another '/'"),
+        ("/" + "k" * 256, "1 to 255 printable characters"),
+        ("/..", "without another '/'"),
+        ("/edge-agent-test-missing", "no such object in /dev/shm"),
+    ],
+)
+def test_bad_keys_are_refused(shm_agent: RunningAgent, key: str, message: str) -> None:
+    with unix(shm_agent) as sock:
+        status, body = raw(
+            sock, "POST", "/v2/systemsharedmemory/region/r/register", register_body(key, 64)
+        )
+    assert status == 400
+    assert message in body["error"]
+
+
+def test_symlinked_key_is_not_followed(shm_agent: RunningAgent, key: str, tmp_path: Path) -> None:
+    target = tmp_path / "secret"
+    target.write_bytes(b"s" * 4096)
+    link = Path("/dev/shm", key.lstrip("/"))
+    link.symlink_to(target)
+    with unix(shm_agent) as sock:
+        status, body = raw(
+            sock, "POST", "/v2/systemsharedmemory/region/r/register", register_body(key, 64)
+        )
+    assert status == 400
+    assert "cannot open it" in body["error"]
+
+
+def test_another_peer_cannot_use_a_region(shm_agent: RunningAgent, key: str) -> None:
+    make_object(key, 4096)
+    with unix(shm_agent) as mine, tcp(shm_agent) as first, tcp(shm_agent) as second:
+        assert (
+            raw(mine, "POST", "/v2/systemsharedmemory/region/r/register", register_body(key, 4096))[
+                0
+            ]
+            == 200
+        )
+        # Another process on the Unix socket.
+        script = (
+            "import socket,sys;s=socket.socket(socket.AF_UNIX);s.connect(sys.argv[1]);"
+            f"b={infer_body('r')!r};"
+            "s.sendall(b'POST /v2/models/matmul/infer HTTP/1.1\\r\\nContent-Length: %d\\r\\n\\r\\n'"
+            " % len(b) + b);print(s.recv(65536).decode())"
+        )
+        other = subprocess.run(
+            [sys.executable, "-c", script, str(shm_agent.socket)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+        assert " 400 " in other.stdout.splitlines()[0]
+        assert "no shared-memory region 'r' is registered by this client" in other.stdout
+        # On TCP the peer is the connection: a second connection of the same process.
+        assert (
+            raw(
+                first, "POST", "/v2/systemsharedmemory/region/t/register", register_body(key, 4096)
+            )[0]
+            == 200
+        )
+        status, body = raw(second, "POST", "/v2/models/matmul/infer", infer_body("t"))
+        assert status == 400
+        assert "no shared-memory region 't' is registered by this client" in body["error"]
+        assert raw(second, "GET", "/v2/systemsharedmemory/status") == (200, [])
+        assert raw(first, "POST", "/v2/models/matmul/infer", infer_body("t"))[0] == 200
+        assert raw(mine, "POST", "/v2/models/matmul/infer", infer_body("r"))[0] == 200
+
+
+def test_an_object_of_another_user_is_refused(shm_agent: RunningAgent, key: str) -> None:
+    """A client as 'nobody' (over TCP: its uid read from /proc/net/tcp) may not register an
+    object root owns, even one the agent can read; its own object it may."""
+    make_object(key, 4096, 0o644)
+    nobody = pwd.getpwnam("nobody").pw_uid
+    own = key + "-nobody"
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: as nobody, over TCP, then out without running any cleanup
+        status = 1
+        try:
+            os.close(read_end)
+            os.setgid(pwd.getpwnam("nobody").pw_gid)
+            os.setuid(nobody)
+            with tcp(shm_agent) as sock:
+                answers = [
+                    raw(
+                        sock,
+                        "POST",
+                        "/v2/systemsharedmemory/region/r/register",
+                        register_body(key, 4096),
+                    )
+                ]
+                make_object(own, 4096)
+                answers.append(
+                    raw(
+                        sock,
+                        "POST",
+                        "/v2/systemsharedmemory/region/mine/register",
+                        register_body(own, 4096),
+                    )
+                )
+            os.write(write_end, json.dumps(answers).encode())
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(write_end)
+    try:
+        with os.fdopen(read_end, "rb") as pipe:
+            output = pipe.read()
+        assert os.waitpid(pid, 0)[1] == 0
+    finally:
+        Path("/dev/shm", own.lstrip("/")).unlink(missing_ok=True)
+    (refused_status, refused), (accepted_status, _) = json.loads(output)
+    assert refused_status == 403
+    assert f"belongs to uid 0, not to the peer registering it (uid {nobody})" in refused["error"]
+    assert accepted_status == 200
+
+
+def test_regions_go_with_the_connection(shm_agent: RunningAgent, key: str) -> None:
+    make_object(key, 4096)
+    registry = shm_agent.agent.server.shm
+    for connect in (unix, tcp):
+        with connect(shm_agent) as sock:
+            assert (
+                raw(
+                    sock,
+                    "POST",
+                    "/v2/systemsharedmemory/region/r/register",
+                    register_body(key, 4096),
+                )[0]
+                == 200
+            )
+            assert registry.mapped == 1
+        for _ in range(200):
+            if registry.mapped == 0:
+                break
+            time.sleep(0.01)
+        assert registry.mapped == 0
+
+
+def test_caps_per_peer(shm_agent: RunningAgent, key: str) -> None:
+    make_object(key, 2 * 1024 * 1024)
+    with unix(shm_agent) as sock:
+        status, body = raw(
+            sock,
+            "POST",
+            "/v2/systemsharedmemory/region/big/register",
+            register_body(key, 2 * 1024 * 1024),
+        )
+        assert status == 413
+        assert "exceed the limit (serving.shm_max_bytes_per_peer) of 1048576" in body["error"]
+        for name in ("a", "b", "c"):
+            assert (
+                raw(
+                    sock,
+                    "POST",
+                    f"/v2/systemsharedmemory/region/{name}/register",
+                    register_body(key, 4096),
+                )[0]
+                == 200
+            )
+        status, body = raw(
+            sock, "POST", "/v2/systemsharedmemory/region/d/register", register_body(key, 4096)
+        )
+        assert status == 413
+        assert (
+            "already has 3 regions, the limit (serving.shm_max_regions_per_peer) is 3"
+            in (body["error"])
+        )
+        status, body = raw(
+            sock, "POST", "/v2/systemsharedmemory/region/a/register", register_body(key, 4096)
+        )
+        assert status == 400
+        assert "already registered by this client" in body["error"]
+        assert raw(sock, "POST", "/v2/systemsharedmemory/unregister")[0] == 200
+        assert raw(sock, "GET", "/v2/systemsharedmemory/status") == (200, [])
+
+
+def test_project_client_errors(shm_agent: RunningAgent, key: str) -> None:
+    region = SharedRegion("small", key, 128)
+    try:
+        with InferenceClient(str(shm_agent.socket)) as client:
+            client.register_region(region)
+            with pytest.raises(RequestError, match="past the end of region"):
+                region.place(0, "FP32", (1, 64))
     finally:
         region.close()
-    assert shm_agent.agent.server.shm.mapped == 0
