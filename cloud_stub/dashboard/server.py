@@ -218,6 +218,8 @@ class Dashboard:
                         doc = state.snapshot()
                     elif url.path == "/api/devices":
                         doc = state.devices(parse_query(query))
+                    elif url.path == "/api/ingest":
+                        doc = dashboard.ingest.stats()
                     elif url.path == "/api/rollouts":
                         doc = state.rollout(query.get("id", [""])[0] or None)
                     elif url.path == "/events":

@@ -65,6 +65,7 @@ class Ingest:
         on_connect: Callable[[bool], None] | None = None,
     ) -> None:
         self.store = store
+        self.client_id = client_id
         self.group = group
         self.flush_s = flush_s
         self.batch = batch
@@ -122,6 +123,18 @@ class Ingest:
             self._closing = True
             self._cond.notify_all()
         self._thread.join(30)
+
+    def stats(self) -> dict[str, object]:
+        """What this instance stored so far (statuses included), and what waits."""
+        return {
+            "client_id": self.client_id,
+            "group": self.group,
+            "stored": self.stored,
+            "duplicates": self.duplicates,
+            "refused": self.refused,
+            "transactions": self.flushes,
+            "pending": self.pending(),
+        }
 
     def pending(self) -> int:
         with self._cond:
