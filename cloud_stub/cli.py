@@ -163,6 +163,7 @@ def _cmd(args: argparse.Namespace) -> int:
             secret=secretfile.load_or_create(args.token_file) if args.token_file else None,
             client_id=args.client_id,
             allow_hosts=args.allow_host,
+            group=args.group,
         )
         serve_until_signalled(dashboard, http_host.strip("[]"), int(http_port))
         return 0

@@ -149,9 +149,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dash.add_argument(
         "--db",
-        type=Path,
-        default=Path("fleet.db"),
-        help="SQLite file that keeps the fleet's state (made when absent)",
+        default="fleet.db",
+        metavar="PATH|URL",
+        help="the fleet store: a SQLite file (made when absent) or postgresql://USER@HOST/DB "
+        "shared by several dashboards (pip install 'edge-agent[fleet]')",
+    )
+    dash.add_argument(
+        "--group",
+        default=None,
+        help="share the device traffic with the other dashboards of this MQTT 5 shared "
+        "subscription group ($share/GROUP/...); give each instance its own --client-id",
     )
     dash.add_argument(
         "--operator-key",
