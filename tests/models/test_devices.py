@@ -18,6 +18,7 @@ from agent.models import devices
 from agent.models.devices import CPU, Delegate, DeviceRequest
 from agent.models.lifecycle import Stage
 from agent.models.runtime import RuntimeOptions, load_session
+from agent.models.slots import Slots
 from agent.models.store import Manifest, ModelStore
 from agent.models.validation import validate_version
 from tests.models.harness import install
@@ -224,3 +225,34 @@ def test_a_delegate_library_that_is_no_delegate_is_refused_by_the_backend(
     assert "LiteRT delegate libm.so.6 cannot be loaded" in caught.value.message
     del caught  # its context holds LiteRT's half-built delegate: collected under the filter
     gc.collect()
+
+
+def test_health_status_metadata_and_metrics_name_the_device_and_the_path(tmp_path: Path) -> None:
+    """What a loaded version runs on reaches every place an operator looks."""
+    import json
+
+    from agent.parts.reporting import Reporting
+    from agent.serving.handler import OipHandler
+    from agent.telemetry.metrics import Registry
+
+    store = ModelStore(tmp_path / "models")
+    install(store, tmp_path, 1, 2.0, extra={"providers": [CUDA, CPU]})
+    loaded = validate_version(store.get("scale", 1), RuntimeOptions(), 2, no_stage)
+    slots = Slots()
+    slots.ensure("scale").add(loaded, activate=True)
+    metrics = Registry()
+    reporting = Reporting(slots, metrics, lambda: None, lambda _: None)  # type: ignore[arg-type,return-value]
+    reporting._state_dir = tmp_path
+    health = reporting.health()["models"]["scale"]
+    assert (health["device"], health["fast_path"]) == (CPU, "pool")
+    handler = OipHandler(slots, metrics)
+    version = handler.status()["models"]["scale"]["loaded_versions"]["1"]
+    assert version["device"] == CPU and version["device_fallbacks"] == list(loaded.fallbacks)
+    assert version["fast_path"]["state"] == "not eligible"  # inline_threshold_us 0 at load
+    metadata = json.loads(handler.handle("GET", "/v2/models/scale", b"").body)
+    assert metadata["parameters"] == {"device": CPU, "device_fallbacks": 1, "fast_path": "pool"}
+    text = handler.handle("GET", "/metrics", b"").body.decode()
+    assert f'edge_agent_model_device_info{{model="scale",version="1",device="{CPU}"}} 1' in text
+    assert 'edge_agent_model_device_fallbacks{model="scale",version="1"} 1' in text
+    assert 'edge_agent_model_inline{model="scale",version="1"} 0' in text
+    slots.close()
