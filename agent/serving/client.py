@@ -397,12 +397,14 @@ class AsyncInferenceClient:
         self,
         method: str,
         path: str,
-        body: bytes = b"",
+        body: Buffer | Sequence[Buffer] = b"",
         extra_headers: Sequence[tuple[str, str]] = (),
     ) -> Reply:
-        head = [f"{method} {path} HTTP/1.1", "Host: localhost", f"Content-Length: {len(body)}"]
+        parts = [body] if isinstance(body, bytes | memoryview) else list(body)
+        size = sum(len(part) for part in parts)
+        head = [f"{method} {path} HTTP/1.1", "Host: localhost", f"Content-Length: {size}"]
         head += [f"{name}: {value}" for name, value in extra_headers]
-        payload = ("\r\n".join(head) + "\r\n\r\n").encode() + body
+        payload = [("\r\n".join(head) + "\r\n\r\n").encode(), *parts]
         async with self._lock:
             for attempt in (0, 1):
                 fresh = self._writer is None
@@ -411,7 +413,8 @@ class AsyncInferenceClient:
                 assert self._reader is not None
                 assert self._writer is not None
                 try:
-                    self._writer.write(payload)
+                    for part in payload:  # not joined (writelines would join them)
+                        self._writer.write(part)
                     async with asyncio.timeout(self.timeout_s):
                         return await self._read(self._reader)
                 except (ConnectionError, _StaleConnectionError) as exc:
@@ -446,7 +449,7 @@ class AsyncInferenceClient:
         binary: bool = True,
     ) -> dict[str, np.ndarray[Any, Any]]:
         """Like ``InferenceClient.infer``."""
-        body, header_length = oip.encode_infer_request(
+        body, header_length = oip.encode_request_parts(
             inputs, outputs, binary=binary, binary_output=binary
         )
         extra = (

@@ -3,16 +3,22 @@ the arrays and buffers before and after it (issue 13, deliverable 3)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 
+from agent.daemon import LocalModel
 from agent.serving.admission import ByteBudget
+from agent.serving.client import AsyncInferenceClient, InferenceClient
 from agent.serving.framing import Failure, Request
 from agent.serving.oip.client import encode_request_parts
 from agent.serving.oip.server import TAIL_BYTES, decode_infer_request, encode_response_parts
 from agent.serving.reader import DIRECT_BYTES, RequestReader
 from agent.serving.response_reader import ResponseReader
+from tests.serving.conftest import start_agent
 
 
 def reader(delivered: list[Request]) -> RequestReader:
@@ -114,3 +120,25 @@ def test_a_large_answer_is_its_arrays_and_is_received_in_place() -> None:
     assert status == 200
     assert received is buffer  # the body handed out is the buffer received into
     assert received[header_length:] == y.tobytes()
+
+
+def test_large_tensors_both_ways_through_both_clients(tmp_path: Path, matmul_onnx: Path) -> None:
+    """Megabytes in and out over the Unix socket and TCP: the bodies received in place and the
+    answers written as views arrive whole and in order, pipelined behind small ones."""
+    x = np.random.default_rng(3).standard_normal((6000, 64)).astype(np.float32)  # 1.5 MB
+    session = ort.InferenceSession(str(matmul_onnx), providers=["CPUExecutionProvider"])
+    want = session.run(None, {"x": x})[0]
+    small = np.ones((1, 64), np.float32)
+    for agent in start_agent([LocalModel("mm", matmul_onnx)], tmp_path / "s.sock"):
+        for address in (str(agent.socket), agent.http):
+            with InferenceClient(address) as client:
+                for _ in range(3):
+                    np.testing.assert_allclose(client.infer("mm", {"x": x})["y"], want, rtol=1e-5)
+                    assert client.infer("mm", {"x": small})["y"].shape == (1, 64)
+
+            async def twice(address: str = address) -> list[np.ndarray]:
+                async with AsyncInferenceClient(address) as client:
+                    return [(await client.infer("mm", {"x": x}))["y"] for _ in range(2)]
+
+            for got in asyncio.run(twice()):
+                np.testing.assert_allclose(got, want, rtol=1e-5)
