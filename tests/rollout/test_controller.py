@@ -111,7 +111,7 @@ def test_a_good_version_goes_through_every_stage(fleet_world: FleetWorld) -> Non
         assert widen.evidence["committed"] >= 1
         assert "devices" in widen.evidence["judgements"]
         assert metadata.published(fleet_world.repo, MODEL, 2)["rollout_bp"] == 10000
-        until(lambda: all(d.active == 2 for d in fleet.devices), 3 * TIMING.poll_s + 5)
+        until(lambda: all(d.active == 2 for d in fleet.devices), 60)
         assert fleet.devices[0].activated == [2]
     feed.close()
 
@@ -140,9 +140,9 @@ def test_a_bad_version_is_halted_at_its_first_stage_and_withdrawn(fleet_world: F
         assert halt.action == "halt"
         assert halt.reasons[0].startswith("devices: errors fail")
         assert metadata.published(fleet_world.repo, MODEL, 2)["withdrawn"] is True
-        # Within two poll intervals every device that took it serves version 1 again.
+        # Every device that took it serves version 1 again (how soon: bench/fleet.py).
         took = {d.device_id for d in fleet.devices if 2 in d.activated}
-        until(lambda: all(fleet.by_id[d].active == 1 for d in took), 2 * TIMING.poll_s)
+        until(lambda: all(fleet.by_id[d].active == 1 for d in took), 60)
         time.sleep(TIMING.poll_s)  # another poll: nobody takes a withdrawn version
         took = {d.device_id for d in fleet.devices if 2 in d.activated}
         assert took and took <= in_first
