@@ -33,7 +33,7 @@ def parse_query(params: Mapping[str, list[str]]) -> DeviceQuery:
     def one(name: str) -> str:
         return params.get(name, [""])[0].strip()
 
-    def number(name: str, default: int | None) -> int | None:
+    def number(name: str, default: int) -> int:
         text = one(name)
         if not text:
             return default
@@ -48,10 +48,10 @@ def parse_query(params: Mapping[str, list[str]]) -> DeviceQuery:
         search=one("search"),
         online=online if isinstance(online, bool) else None,
         model=one("model") or None,
-        version=number("version", None),
+        version=number("version", 0) if one("version") else None,
         fleet=one("fleet") or None,
-        offset=number("offset", 0) or 0,
-        limit=number("limit", 50) or 50,
+        offset=number("offset", 0),
+        limit=number("limit", 50),
     )
 
 

@@ -32,7 +32,7 @@ class StoreControl:
                 time.time(),
                 rollout.stage,
                 f"requested-{action}",
-                f"{who} asked to {action} from the dashboard",
+                f"an operator asked to {action} (through the {who})",
                 {"by": who, "state": rollout.state},
             )
         )
