@@ -83,7 +83,7 @@ def compare(
     runs: int,
     make_updater: Callable[[Path, str, Path | None], object],
 ) -> tuple[list[float], list[float], list[float], dict[str, list[float]]]:
-    """Interleaved: the clear model's cycle, then the encrypted one's cycle + decryption.
+    """Interleaved, the order alternated: the clear model's cycle, the encrypted one's + decryption.
 
     ``make_updater(device_dir, model, identity_dir)`` builds a ModelUpdater for one model.
     Returns the wall times of the clear, the encrypted (download + decryption) and of the
@@ -94,7 +94,8 @@ def compare(
     clear, sealed, decrypting = [], [], []
     cpu: dict[str, list[float]] = {"clear": [], "encrypted": []}
     for i in range(runs):
-        for kind in ("clear", "encrypted"):
+        order = ("clear", "encrypted") if i % 2 == 0 else ("encrypted", "clear")
+        for kind in order:  # alternated: neither always runs second
             device = work / f"dev-{kind}-{i}"
             keys = device / "identity"
             shutil.copytree(work / "identity", keys)
