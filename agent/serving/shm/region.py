@@ -10,7 +10,7 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.errors import RequestError
+from agent.errors import RequestError, UnavailableError
 from agent.serving.shm.keys import ShmAccessError, check_bounds, key_file
 
 SHM_DIR = Path("/dev/shm")  # noqa: S108 (where POSIX shm objects live, by definition)
@@ -29,6 +29,16 @@ def _open(path: Path, flags: int, key: str) -> int:
         ) from None
     except OSError as exc:
         raise RequestError(f"shared-memory key {key!r}: cannot open it: {exc.strerror}") from None
+
+
+def _map(fd: int, size: int, prot: int, offset: int, key: str) -> mmap.mmap:
+    try:
+        return mmap.mmap(fd, size, mmap.MAP_SHARED, prot, offset=offset)
+    except OSError as exc:  # out of address space or mappings (vm.max_map_count)
+        raise UnavailableError(
+            f"shared-memory key {key!r}: the agent cannot map it now: {exc.strerror}",
+            retry_after_s=1.0,
+        ) from None
 
 
 @dataclass(eq=False)
@@ -68,9 +78,7 @@ class Region:
                 )
             check_bounds(offset, byte_size, info.st_size, key, f"register {name!r}")
             start = offset % mmap.ALLOCATIONGRANULARITY
-            ro = mmap.mmap(
-                fd, start + byte_size, mmap.MAP_SHARED, mmap.PROT_READ, offset=offset - start
-            )
+            ro = _map(fd, start + byte_size, mmap.PROT_READ, offset - start, key)
         except BaseException:
             os.close(fd)
             raise
@@ -114,13 +122,9 @@ class Region:
                         f"{what}: shared-memory key {self.key!r} names another object than the "
                         f"one registered as {self.name!r}; register it again"
                     )
-                self._rw = mmap.mmap(
-                    fd,
-                    self._start + self.byte_size,
-                    mmap.MAP_SHARED,
-                    mmap.PROT_READ | mmap.PROT_WRITE,
-                    offset=self.offset - self._start,
-                )
+                rw = mmap.PROT_READ | mmap.PROT_WRITE
+                size = self._start + self.byte_size
+                self._rw = _map(fd, size, rw, self.offset - self._start, self.key)
             finally:
                 os.close(fd)
         begin = self._start + offset
