@@ -10,6 +10,7 @@ import logging
 import ssl
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from agent.errors import AgentError
 from cloud_stub import confidential_cli
@@ -76,22 +77,34 @@ def _cmd(args: argparse.Namespace) -> int:
     if args.command == "publish":
         from cloud_stub.publish import publish
 
-        result = publish(
-            _open_with_policy(args),
-            args.model,
-            args.name,
-            args.version,
-            channel=args.channel,
-            rollout_percent=args.rollout,
-            quantize=args.quantize,
-            calibration=args.calibration,
-            max_error=args.max_error,
-            smoke_input=args.smoke_input,
-            atol=args.atol,
-            rtol=args.rtol,
-            latency_budget_ms=args.latency_budget_ms,
-            encrypt=args.encrypt,
-        )
+        options: dict[str, Any] = {
+            "channel": args.channel,
+            "rollout_percent": args.rollout,
+            "quantize": args.quantize,
+            "calibration": args.calibration,
+            "max_error": args.max_error,
+            "smoke_input": args.smoke_input,
+            "atol": args.atol,
+            "rtol": args.rtol,
+            "latency_budget_ms": args.latency_budget_ms,
+            "encrypt": args.encrypt,
+        }
+        if args.from_mlflow:
+            from cloud_stub.mlflow_source import publish_from_mlflow
+
+            repo = _open_with_policy(args)
+            done = publish_from_mlflow(repo, args.from_mlflow, args.name, args.version, **options)
+            result = done.published
+            tagged = done.tags.get("edge_agent.deployment", "not tagged (see above)")
+            print(f"registry  {done.model.uri}, run {done.model.run_id or 'none'}: {tagged}")
+        elif args.model is None or args.name is None or args.version is None:
+            raise AgentError(
+                "publish needs a MODEL file, --name and --version, or --from-mlflow "
+                "models:/NAME/VERSION"
+            )
+        else:
+            repo = _open_with_policy(args)
+            result = publish(repo, args.model, args.name, args.version, **options)
         print(f"published {result.name} version {result.version}")
         print(f"  target    {result.path} ({result.length} bytes, {result.runtime})")
         print(f"  sha256    {result.sha256}")

@@ -27,12 +27,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     pub = sub.add_parser("publish", help="quantize (optional), sign and publish a model version")
     pub.add_argument("repo", type=Path, help=_REPO)
-    pub.add_argument("model", type=Path, help="the model file to publish (.onnx or .tflite)")
     pub.add_argument(
-        "--name", required=True, help="the model's name, as devices follow it ([models] follow)"
+        "model", type=Path, nargs="?", help="the model file to publish (.onnx or .tflite)"
     )
     pub.add_argument(
-        "--version", type=int, required=True, help="its version: higher than every published one"
+        "--from-mlflow",
+        metavar="models:/NAME/VERSION",
+        help="publish a registered MLflow model version (or models:/NAME@ALIAS) from the "
+        "registry MLFLOW_TRACKING_URI names, instead of a file: its ONNX flavor, with its run id "
+        "and metrics signed in; the registry version is then tagged with the deployment",
+    )
+    pub.add_argument(
+        "--name",
+        help="the model's name, as devices follow it ([models] follow); required with a file "
+        "(default with --from-mlflow: the registered name)",
+    )
+    pub.add_argument(
+        "--version",
+        type=int,
+        help="its version: higher than every published one; required with a file (default "
+        "with --from-mlflow: the registry version)",
     )
     pub.add_argument(
         "--channel", default="stable", help="devices whose [repository] channel is this take it"
