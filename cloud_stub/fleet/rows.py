@@ -34,6 +34,22 @@ class Batch:
     count: int = 0
 
 
+def by_device(row: tuple[Any, ...]) -> str:
+    return str(row[0])
+
+
+def model_key(row: tuple[Any, ...]) -> tuple[str, str]:
+    return (row[0], row[1])
+
+
+def status_device(row: tuple[Any, ...]) -> str:
+    return str(row[-1])  # STATUS's last parameter
+
+
+def latest_device(row: tuple[Any, ...]) -> str:
+    return str(row[-2])  # HEALTH_LATEST's device, before the ts guard
+
+
 def _int(doc: dict[str, Any], key: str, *, optional: bool = False) -> int | None:
     value = doc.get(key)
     if value is None and optional:
