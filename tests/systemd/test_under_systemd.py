@@ -46,6 +46,38 @@ print(json.dumps({"ok": ok, "failures": failures[:5], "failed": len(failures)}))
 """
 
 
+# Runs as a member of edge-infer: an inference with its input and output in a region of its
+# own, against the same inference without; then an object only its owner may read (as
+# tritonclient creates them, 0600), which the agent, its own user, cannot open.
+SHM_CLIENT = """
+import json, os
+import numpy as np
+from agent.serving.client import InferenceClient
+x = np.arange(64, dtype=np.float32).reshape(1, 64)
+with InferenceClient("/run/edge-agent/infer.sock", timeout_s=60) as client:
+    plain = client.infer("mm", {"x": x})["y"]
+    region = client.create_region("io", 4096)
+    try:
+        out = region.place(1024, "FP32", (1, 64))
+        y = client.infer("mm", {"x": region.put(x)}, output_regions={"y": out})["y"]
+        equal = bool(np.array_equal(y, plain))
+    finally:
+        client.unregister_region("io")
+        region.close()
+    fd = os.open("/dev/shm/edge-agent-private", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    os.ftruncate(fd, 4096)
+    os.close(fd)
+    body = {"key": "/edge-agent-private", "offset": 0, "byte_size": 4096}
+    try:
+        status, _, answer = client.request(
+            "POST", "/v2/systemsharedmemory/region/p/register", json.dumps(body).encode()
+        )
+    finally:
+        os.unlink("/dev/shm/edge-agent-private")
+print(json.dumps({"equal": equal, "private": status, "why": json.loads(answer)["error"]}))
+"""
+
+
 class Container(nspawn.Container):
     """The booted host image, with the test's client script."""
 
@@ -75,6 +107,7 @@ def test_the_package_under_systemd(container: Container, tmp_path: Path, matmul_
     deb = build("amd64", tmp_path)
     c.put("/root/edge-agent.deb", deb.read_bytes())
     c.put(f"{SCRIPTS}/client.py", CLIENT.encode())
+    c.put(f"{SCRIPTS}/shm_client.py", SHM_CLIENT.encode())
     c.put(f"{SCRIPTS}/mm.onnx", matmul_onnx.read_bytes())
     c.sh("dpkg -i /root/edge-agent.deb", timeout=300)
     assert c.sh("systemctl is-enabled edge-agent.service") == "enabled"
@@ -110,6 +143,14 @@ def test_the_package_under_systemd(container: Container, tmp_path: Path, matmul_
     assert c.sh(f"ps -o user= -p {pid}") == "edge-agent"
     status = c.sh(f"cat /proc/{pid}/status")
     assert "NoNewPrivs:\t1" in status and "Seccomp:\t2" in status
+
+    # Shared memory through the sandbox (PrivateDevices=, PrivateIPC=, ProtectSystem=strict):
+    # the agent reads a client's region and writes its output there; a region it may not read
+    # is refused with the reason.
+    shm = json.loads(c.sh(f"runuser -u app -- {VENV_PYTHON} {SCRIPTS}/shm_client.py"))
+    assert shm["equal"] is True
+    assert shm["private"] == 403
+    assert "the agent may not read it (permission denied)" in shm["why"]
 
     # systemctl restart under load: the socket stays, not one request fails.
     load = c.popen(f"runuser -u app -- {VENV_PYTHON} {SCRIPTS}/client.py 8")
