@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _socket_arg(serve, "Unix socket to listen on")
     serve.add_argument("--http", default="", help="also listen on loopback TCP, 127.0.0.1:PORT")
+    serve.add_argument("--grpc-socket", type=Path, help="also serve gRPC (KServe v2) on a socket")
+    serve.add_argument("--grpc-tcp", default="", help="also serve gRPC on TCP, 127.0.0.1:PORT")
     serve.add_argument("--workers", type=int, default=0, help="inference threads (0: cores)")
     serve.add_argument(
         "--intra-op-threads",
@@ -282,6 +284,8 @@ def _cmd_serve(args: argparse.Namespace, level: str | None) -> int:
         serving = ServingSection(
             socket=Path(address).absolute(),
             http=args.http,
+            grpc_socket=args.grpc_socket.absolute() if args.grpc_socket else None,
+            grpc_tcp=args.grpc_tcp,
             workers=args.workers,
             intra_op_threads=args.intra_op_threads,
             inline_threshold_us=args.inline_threshold_us,
