@@ -49,9 +49,10 @@ def ensure_at_start(state_dir: Path) -> None:
             directory / "device.key",
         )
         return
-    # In a child process: the daemon itself never imports cryptography (its footprint).
+    # In a child process: the daemon itself never imports cryptography (its footprint). -I
+    # (isolated), as the update child: the working directory does not decide what it imports.
     done = subprocess.run(
-        [sys.executable, "-m", "agent.confidential.identity_cli", str(directory)],
+        [sys.executable, "-I", "-m", "agent.confidential.identity_cli", str(directory)],
         check=False,
         capture_output=True,
         text=True,
