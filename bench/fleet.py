@@ -336,7 +336,18 @@ def main() -> int:
             flush=True,
         )
         until(lambda: all(a.active() == 2 for a in agents), 3 * args.poll)
-        ctl.tracker.feed_many(feed.drain())
+
+        def all_on_two() -> bool:
+            ctl.tracker.feed_many(feed.drain())
+            return tracker.versions().get(2, 0) >= len(tracker.devices)
+
+        # "complete" means the last stage is signed and healthy; the rest follow on their polls.
+        all_there = until(all_on_two, 6 * args.poll, 0.5)
+        print(
+            f"  every device on version 2: {all_there}, {time.time() - final.updated:.1f} s "
+            "after the rollout completed",
+            flush=True,
+        )
         on_two = tracker.versions().get(2, 0)
         failed = sum(len(a.failures) for a in agents)
         print(
