@@ -12,7 +12,10 @@ One run, one model (the 1x64 · 64x64 FP32 MatMul built with onnx.helper), one l
 - the same OIP handler behind a bare uvicorn ASGI app, and behind FastAPI + uvicorn,
 - per-call round trip at concurrency 1: edge-agent's Python client over the Unix socket (as
   shipped, and with its adaptive spin turned off)
-  against stock ``tritonclient.http`` over TCP to the same edge-agent server.
+  against stock ``tritonclient.http`` over TCP to the same edge-agent server;
+- gRPC beside REST, per call at concurrency 1 on the same server: stock ``tritonclient.grpc``
+  over loopback TCP against ``tritonclient.http`` over TCP, and over the Unix socket against
+  edge-agent's client over its Unix socket.
 
 Prints requests/s at concurrency 1 and 16, p50/p99, and the ratios the project's bars use.
 """
@@ -186,7 +189,8 @@ def main() -> int:
         results: dict[str, Any] = {"in-process ORT": {1: in_process(model, args.seconds)}}
 
         sock = work / "edge.sock"
-        port = free_port()
+        port, grpc_port = free_port(), free_port()
+        grpc_sock = work / "grpc.sock"
         agent = start(
             [
                 python,
@@ -200,6 +204,10 @@ def main() -> int:
                 str(sock),
                 "--http",
                 f"127.0.0.1:{port}",
+                "--grpc-socket",
+                str(grpc_sock),
+                "--grpc-tcp",
+                f"127.0.0.1:{grpc_port}",
             ],
             sock,
             env,
@@ -208,6 +216,7 @@ def main() -> int:
             for label, req in (("edge-agent binary", binary_req), ("edge-agent JSON", json_req)):
                 results[label] = {c: loadgen(gen, str(sock), req, c, args.seconds) for c in (1, 16)}
             x = np.random.default_rng(0).standard_normal((1, 64)).astype(np.float32)
+            import tritonclient.grpc as grpcclient
             import tritonclient.http as httpclient
 
             client = InferenceClient(str(sock))
@@ -216,17 +225,30 @@ def main() -> int:
             tensor = httpclient.InferInput("x", [1, 64], "FP32")
             tensor.set_data_from_numpy(x, binary_data=True)
             wanted = [httpclient.InferRequestedOutput("y", binary_data=True)]
+            grpc_tcp = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+            grpc_unix = grpcclient.InferenceServerClient(f"unix:{grpc_sock}")
+            gtensor = grpcclient.InferInput("x", [1, 64], "FP32")
+            gtensor.set_data_from_numpy(x)
+            gwanted = [grpcclient.InferRequestedOutput("y")]
             clients = per_call(
                 {
                     "edge-agent client": lambda: client.infer("matmul", {"x": x}),
                     "edge-agent client, spin_us=0": lambda: blocking.infer("matmul", {"x": x}),
                     "tritonclient.http": lambda: triton.infer("matmul", [tensor], outputs=wanted),
+                    "tritonclient.grpc, TCP": lambda: grpc_tcp.infer(
+                        "matmul", [gtensor], outputs=gwanted
+                    ),
+                    "tritonclient.grpc, Unix": lambda: grpc_unix.infer(
+                        "matmul", [gtensor], outputs=gwanted
+                    ),
                 },
                 args.calls,
             )
             client.close()
             blocking.close()
             triton.close()
+            grpc_tcp.close()
+            grpc_unix.close()
         finally:
             stop(agent)
 
@@ -300,6 +322,17 @@ def main() -> int:
         ]
         / clients["edge-agent client, spin_us=0"]["mean_us"],
     }
+    # gRPC beside REST, on means and on medians (a loaded VM's outliers swing the means).
+    for stat in ("mean_us", "p50_us"):
+        grpc_tcp_s, grpc_unix_s = (
+            clients[f"tritonclient.grpc, {t}"][stat] for t in ("TCP", "Unix")
+        )
+        ratios[f"tritonclient.grpc / .http per call, TCP ({stat[:-3]})"] = (
+            grpc_tcp_s / clients["tritonclient.http"][stat]
+        )
+        ratios[f"tritonclient.grpc Unix / edge-agent client ({stat[:-3]})"] = (
+            grpc_unix_s / clients["edge-agent client"][stat]
+        )
     print("\nper call, concurrency 1 (mean / p50 / p99 us; CPU us per call in the client):")
     for name, r in clients.items():
         print(
