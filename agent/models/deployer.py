@@ -105,10 +105,11 @@ class Deployer(ManualActions, Retention):
         config: DeployConfig | None = None,
         on_event: Callable[[Event], None] | None = None,
         available_memory: Callable[[], int | None] | None = None,
-        io: IoThread | None = None,
+        *,
+        io: IoThread,  # the agent's one I/O thread: writes, store reads, removals
     ) -> None:
         self.store = store
-        self.io = io or IoThread("edge-deployer")  # the daemon's; a thread of its own otherwise
+        self.io = io
         self.slots = slots
         self.state = state
         self.statistics = statistics  # figures per version: probation reads them
@@ -117,7 +118,7 @@ class Deployer(ManualActions, Retention):
         self._available_memory = available_memory or (lambda: None)
         self._locks: dict[str, asyncio.Lock] = {}
         self.selection = Selection(store, state)
-        self.journal = Journal(state, self.selection, on_event, self.io)
+        self.journal = Journal(state, self.selection, self.io, on_event)
         self._record = self.journal.record
         self._stage = self.journal.stage
         self._event = self.journal.event

@@ -34,13 +34,13 @@ class Journal:
         self,
         state: StateDB,
         selection: Selection,
+        io: IoThread,
         on_event: Callable[[Event], None] | None = None,
-        io: IoThread | None = None,
     ) -> None:
         self.state = state
         self.selection = selection
+        self.io = io  # every write runs on it
         self._on_event = on_event
-        self.io = io or IoThread("edge-journal")
 
     def stage(self, name: str, version: int) -> Stage | None:
         return self.selection.stage(name, version)

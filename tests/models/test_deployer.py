@@ -67,6 +67,7 @@ def test_error_rate_jump_rolls_back(tmp_path: Path) -> None:
         statuses = [h.infer(batch=2, value=-1.0)[0] for _ in range(12)]
         assert 500 in statuses
         await wait_for(lambda: h.stage(2) == "rolled_back")
+        await h.deployer.settled("scale")  # carried out, not only recorded
         active = h.slots.get("scale").active
         assert active is not None and active.version == 1
         assert h.infer(batch=2)[0] == 200

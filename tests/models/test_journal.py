@@ -28,8 +28,8 @@ class Book:
         self.journal = Journal(
             self.state,
             Selection(self.store, self.state),
-            lambda event: self.heard.append((event, threading.get_ident())),
             self.io,
+            lambda event: self.heard.append((event, threading.get_ident())),
         )
 
     def stages(self) -> dict[int, str]:

@@ -96,6 +96,7 @@ def test_versions_in_use_never_lose_their_files(tmp_path: Path) -> None:
         for _ in range(12):
             h.infer(batch=2, value=-1.0)
         await wait_for(lambda: h.stage(2) == "rolled_back")
+        await h.deployer.settled("scale")  # carried out, not only recorded
         assert h.serving() == 1 and h.stage(1) == "committed"
         assert (h.store.get("scale", 1).model_path).is_file()
         h.assert_consistent()

@@ -22,6 +22,7 @@ async def fail_probation(h: Harness, version: int) -> None:
     statuses = [h.infer(batch=2, value=-1.0)[0] for _ in range(12)]
     assert 500 in statuses
     await wait_for(lambda: h.stage(version) == "rolled_back")
+    await h.deployer.settled("scale")  # the rollback carried out, not only recorded
 
 
 def test_rollback_after_a_drain_reloads_the_committed_version(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 from agent.delivery.cycle import record_withdrawn
 from agent.models.lifecycle import ProbationPolicy
 from agent.models.withdrawal import revert_withdrawn
-from tests.models.harness import Harness, committed_first, install, wait_for
+from tests.models.harness import Harness, committed_first, install
 
 LONG = ProbationPolicy(window_s=60, min_requests=10_000)
 
@@ -49,7 +49,7 @@ def test_the_version_to_return_to_is_validated_from_disk(tmp_path: Path) -> None
         await committed_first(h, ProbationPolicy(window_s=0.2))
         install(h.store, tmp_path, 2, 3.0)
         assert await h.deployer.deploy("scale", 2)
-        await wait_for(lambda: h.stage(2) == "committed")
+        await h.committed(2)  # committed and carried out (unload, retention)
         assert h.stage(1) == "retired"
         h.slots.get("scale").unload(1)  # as after a restart: only the served one is loaded
         record_withdrawn(h.state, "scale", [1, 2])
