@@ -114,6 +114,20 @@ class SimDevice:
         self.outbox = [m for m in self.outbox if m[0] > limit_now]
         return due
 
+    def due(self) -> float:
+        """When this device next has something to do (a poll, health, a verdict, a flap, a
+        late message); the fleet's loop skips it until then."""
+        if self.dead:
+            return float("inf")
+        times = [self.next_poll, self.next_health]
+        if self.probation_until is not None:
+            times.append(self.probation_until)
+        if self.profile.name == "flaps":
+            times.append(self.next_flap)
+        if self.outbox:
+            times.append(min(m[0] for m in self.outbox))
+        return min(times)
+
     # -- the clock --------------------------------------------------------------------------
 
     def tick(self, now: float, candidates: Sequence[ModelTarget] | None, poll: bool) -> None:

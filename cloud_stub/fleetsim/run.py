@@ -221,6 +221,7 @@ class Fleet:
         listing = Listing(self.config, cache)
         candidates: list[ModelTarget] | None = None
         next_listing = fetched = 0.0
+        due = [0.0] * len(self.devices)
         now = time.time()
         for i, device in enumerate(self.devices):
             device.birth(now)
@@ -236,12 +237,15 @@ class Fleet:
                     fetched, next_listing = now, now + self.config.listing_s
                 poll_s = self.config.timing.poll_s
                 for i, device in enumerate(self.devices):
+                    if due[i] > now and device.device_id not in nudged:
+                        continue  # nothing to do yet: a 10,000-device tick stays cheap
                     poll = now >= device.next_poll or device.device_id in nudged
                     if poll:
                         device.next_poll = now + poll_s * random.uniform(0.8, 1.2)  # noqa: S311
                     device.tick(now, candidates, poll)
                     for topic, payload in device.take(now):
                         self._publish(i, topic, payload)
+                    due[i] = device.due()
                 time.sleep(max(0.0, TICK_S - (time.time() - now)))
         finally:
             listing.close()
