@@ -218,11 +218,15 @@ def fetch(uri: str, into: Path, client: Any = None) -> RegisteredModel:
 def _flavors(artifacts: Any, listing: Mapping[str, int], into: Path, uri: str) -> dict[str, Any]:
     if "MLmodel" not in listing:
         return {}
-    from mlflow.models import Model
+    import yaml  # type: ignore[import-untyped]  # mlflow-skinny's; its Model.load needs pandas
 
     path = _download(artifacts, "MLmodel", listing, into, uri, MAX_MLMODEL_BYTES)
-    flavors: dict[str, Any] = dict(Model.load(str(path)).flavors)
-    return flavors
+    try:
+        document = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise RepositoryError(f"{uri}: its MLmodel file is not YAML: {str(exc)[:200]}") from None
+    flavors = document.get("flavors") if isinstance(document, dict) else None
+    return dict(flavors) if isinstance(flavors, dict) else {}
 
 
 def _download(
