@@ -17,8 +17,10 @@ measures both under the load actually seen, in epochs of requests:
   never holds the loop). One slow request moves one epoch's
   median by nothing and its time per request by 1/``epoch_requests`` of itself.
 - **decided**: the chosen path serves; its epochs are still measured. After ``recheck_s``,
-  or when ``drift_epochs`` epochs in a row differ by more than ``drift`` times from what the
-  decision saw (the load changed), it explores again (at most once per ``min_recheck_s``).
+  or when ``drift_epochs`` epochs in a row differ from what the decision saw (the load
+  changed: a time per request more than ``drift`` times off, or requests that now overlap in
+  the handler where they did not, or the reverse), it explores again (at most once per
+  ``min_recheck_s``).
 
 Besides the choice, a ceiling: an inline epoch whose median run takes longer than
 ``max_inline_s`` (the model itself became slow: a throttled CPU, larger inputs) ends the
@@ -45,9 +47,9 @@ class PathPolicy:
     pairs: int = 10  # epochs of each path per exploration
     alpha: float = 0.01
     min_gain: float = 0.05  # the winner is at least this much faster (5 %)
-    recheck_s: float = 60.0
+    recheck_s: float = 15.0
     min_recheck_s: float = 5.0
-    drift: float = 1.5
+    drift: float = 1.3
     drift_epochs: int = 3
     max_inline_s: float = 300e-6
 
@@ -77,6 +79,7 @@ class PathChooser:
     _epochs: list[Epoch] = field(default_factory=list)
     _decided_at: float = 0.0
     _decided_level: float = 0.0
+    _decided_overlap: bool = False
     _drifted: int = 0
 
     def take(self, now: float) -> bool:
@@ -127,16 +130,18 @@ class PathChooser:
         self.path, self.state, self.reason = path, "decided", reason
         self.decisions += 1
         self._decided_at = now
-        self._decided_level = statistics.median(
-            e.per_request_s for e in self._epochs if e.path == path
-        )
+        chosen = [e for e in self._epochs if e.path == path]
+        self._decided_level = statistics.median(e.per_request_s for e in chosen)
+        self._decided_overlap = statistics.median(e.median_s for e in chosen) > self._decided_level
         self._epochs, self._drifted = [], 0
 
     def _watch(self, epoch: Epoch, now: float) -> None:
         policy = self.policy
         level = self._decided_level
         ratio = epoch.per_request_s / level if level > 0 else 1.0
-        self._drifted = self._drifted + 1 if max(ratio, 1 / ratio) > policy.drift else 0
+        overlap = epoch.median_s > epoch.per_request_s
+        changed = max(ratio, 1 / ratio) > policy.drift or overlap != self._decided_overlap
+        self._drifted = self._drifted + 1 if changed else 0
         since = now - self._decided_at
         if since < policy.min_recheck_s:
             return

@@ -175,3 +175,21 @@ def test_decide_names_the_evidence() -> None:
         "decisions": 0,
         "explorations": 1,
     }
+
+
+def test_requests_no_longer_queueing_in_the_handler_is_a_changed_load() -> None:
+    """Decided for the pool under concurrency (requests overlapping in the handler), then one
+    client whose round trip happens to take as long as the gap between requests did: the time
+    per request is the same, the overlap is gone, and the chooser looks again; under the same
+    load it does not."""
+    for changed in (False, True):
+        chooser = PathChooser(PathPolicy(recheck_s=1e9, min_recheck_s=0.0))
+        server = Server(**C16)  # type: ignore[arg-type]
+        server.serve(chooser, 2500)
+        assert (chooser.state, chooser.path, chooser.explorations) == ("decided", POOL, 1)
+        if changed:
+            server.took_s = {INLINE: 60e-6, POOL: 100e-6}  # the gaps stay as they were
+        server.serve(chooser, 3 * 96 + 10)
+        assert chooser.explorations == (2 if changed else 1), chooser.reason
+        if changed:
+            assert chooser.reason.startswith("exploring again (the load changed)")
