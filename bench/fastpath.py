@@ -6,11 +6,12 @@ The model is issue 13's: an 8-layer 256x256 FP32 MLP (about 55 µs in-process), 
 the loop and the pool are close. Each start runs ``edge-agent serve`` on it and drives it with
 bench/loadgen.c (closed loop, binary requests) at concurrency 16, then at concurrency 1,
 reading the path the agent chose from ``/agent/status`` after each load (or, on an agent
-without that field, from its log: ``runs in the inference pool from now on``). Beside them,
-two references started the same way: the pool forced (``--inline-threshold-us 0``) and the
-loop forced (a threshold so high that nothing leaves it). Prints, per start, the path chosen
-and the requests/s at each concurrency, then how often each path was chosen and the ratio of
-the chosen path's throughput to the best forced one.
+without that field, from its log: ``runs in the inference pool from now on``). Each round
+also starts two references the same way, in a rotating order: the pool forced
+(``--inline-threshold-us 0``) and the loop forced (a threshold so high that nothing leaves
+it). Prints, per round, the path chosen and the requests/s of the three, then how often each
+path was chosen, which forced path was faster, and the choice's throughput over the round's
+faster forced path (median).
 """
 
 from __future__ import annotations
@@ -115,8 +116,8 @@ def one_start(
             run = loadgen(gen, str(sock), req, conc, seconds)
             result[f"c{conc}_rps"] = run["rps"]
             result[f"c{conc}_path"] = chosen_path(sock)
-            if conc == 16:
-                result["status"] = status(sock)["models"]["mlp8"]["loaded_versions"]["1"]
+            version = status(sock)["models"]["mlp8"]["loaded_versions"]["1"]
+            result[f"c{conc}_why"] = version.get("fast_path", {}).get("reason", "")
     finally:
         stop(agent)
         err = agent.stderr.read().decode() if agent.stderr else ""
@@ -126,6 +127,13 @@ def one_start(
             if result.get(f"c{conc}_path") == "?":
                 result[f"c{conc}_path"] = "pool" if demoted else "inline"
     return result
+
+
+VARIANTS = {
+    "pool": ["--inline-threshold-us", "0"],
+    "inline": ["--inline-threshold-us", "1000000"],  # nothing ever leaves the loop
+    "auto": [],
+}
 
 
 def main() -> int:
@@ -140,39 +148,40 @@ def main() -> int:
     req = request_file(work)
     python = sys.executable
     print(f"load: {os.getloadavg()}")
-    forced = {}
-    for label, extra in (
-        ("pool", ["--inline-threshold-us", "0"]),
-        ("inline", ["--inline-threshold-us", "1000000"]),
-    ):
-        forced[label] = one_start(python, gen, model, req, work, args.seconds, extra)
-        print(
-            f"forced {label:6}: c16 {forced[label]['c16_rps']:8.0f} req/s, "
-            f"c1 {forced[label]['c1_rps']:8.0f} req/s"
-        )
-    starts = []
-    for i in range(args.starts):
-        run = one_start(python, gen, model, req, work, args.seconds, [])
-        starts.append(run)
-        print(
-            f"start {i + 1:2}: c16 {run['c16_path']:6} {run['c16_rps']:8.0f} req/s   "
-            f"c1 {run['c1_path']:6} {run['c1_rps']:8.0f} req/s"
-            f"{'  (demoted)' if run.get('demoted') else ''}"
-        )
+    rounds = []
+    names = list(VARIANTS)
+    for i in range(args.starts):  # each round: both paths forced and the agent's choice
+        runs = {}
+        for name in names[i % 3 :] + names[: i % 3]:
+            runs[name] = one_start(python, gen, model, req, work, args.seconds, VARIANTS[name])
+        rounds.append(runs)
+        auto = runs["auto"]
+        line = f"start {i + 1:2}:"
+        for conc in (16, 1):
+            best = max(("pool", "inline"), key=lambda n, c=conc: runs[n][f"c{c}_rps"])
+            line += (
+                f"  c{conc} chose {auto[f'c{conc}_path']:6} {auto[f'c{conc}_rps']:6.0f}/s "
+                f"(pool {runs['pool'][f'c{conc}_rps']:5.0f}, inline "
+                f"{runs['inline'][f'c{conc}_rps']:5.0f}: {best} faster)"
+            )
+        print(line + ("  (demoted)" if auto.get("demoted") else ""))
     for conc in (16, 1):
-        paths = [run[f"c{conc}_path"] for run in starts]
-        best = max(forced, key=lambda label: forced[label][f"c{conc}_rps"])
-        median = statistics.median(run[f"c{conc}_rps"] for run in starts)
+        key = f"c{conc}"
+        paths = [r["auto"][f"{key}_path"] for r in rounds]
+        faster = [max(("pool", "inline"), key=lambda n, r=r: r[n][f"{key}_rps"]) for r in rounds]
+        ratios = [
+            r["auto"][f"{key}_rps"] / max(r["pool"][f"{key}_rps"], r["inline"][f"{key}_rps"])
+            for r in rounds
+        ]
         print(
-            f"c{conc}: inline {paths.count('inline')}/{len(paths)}, pool "
-            f"{paths.count('pool')}/{len(paths)}; faster forced path: {best} "
-            f"({forced[best][f'c{conc}_rps']:.0f} req/s); median of the starts "
-            f"{median:.0f} req/s = {median / forced[best][f'c{conc}_rps']:.2f}x of it"
+            f"{key}: chose inline {paths.count('inline')}/{len(paths)}, pool "
+            f"{paths.count('pool')}/{len(paths)}; the faster forced path was the pool in "
+            f"{faster.count('pool')}/{len(faster)} rounds; the choice's throughput over the "
+            f"round's faster forced path: median {statistics.median(ratios):.2f}x"
         )
     print(f"load: {os.getloadavg()}")
     if args.out:
-        args.out.write_text(json.dumps({"forced": forced, "starts": starts}, indent=1))
-    time.sleep(0)
+        args.out.write_text(json.dumps(rounds, indent=1))
     return 0
 
 
