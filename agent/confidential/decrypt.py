@@ -49,9 +49,13 @@ _libc.mlock.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
 _libc.munlock.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
 
 
-def memlock_limit() -> int:
-    """RLIMIT_MEMLOCK's soft limit in bytes (-1: unlimited)."""
-    soft, _hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+def memlock_limit() -> int | None:
+    """RLIMIT_MEMLOCK's soft limit in bytes (-1: unlimited; None: it cannot be read, as under
+    the unit's system call filter, which refuses prlimit64)."""
+    try:
+        soft, _hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    except OSError:
+        return None
     return -1 if soft == resource.RLIM_INFINITY else soft
 
 
@@ -84,7 +88,7 @@ class Plaintext:
             return True
         err = ctypes.get_errno()
         limit = memlock_limit()
-        shown = "unlimited" if limit < 0 else f"{limit // 1024} KiB"
+        shown = "unknown" if limit is None else "unlimited" if limit < 0 else f"{limit // 1024} KiB"
         log.warning(
             "%s: could not lock the %d-byte plaintext in memory (%s; RLIMIT_MEMLOCK %s): it "
             "may be swapped out; raise LimitMEMLOCK= for the service to prevent that",
