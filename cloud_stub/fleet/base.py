@@ -78,19 +78,24 @@ class SqlStore(Queries):
             log.warning("fleet store: refused a message on %s: %s", topic, reason)
         if not batch.count:
             return IngestResult(0, 0, tuple(batch.refused))
+        with self._transaction() as cursor:
+            new = self._write(cursor, batch)
+        duplicates = len(batch.health) + len(batch.events) + len(batch.acks) - new
+        return IngestResult(batch.count - duplicates, duplicates, tuple(batch.refused))
+
+    def _write(self, cursor: Any, batch: rows.Batch) -> int:
+        """Write a batch's rows; the number of new health, event and ack rows."""
         # Rows in device order (stable: a device's own stay in arrival order), so that two
         # instances writing batches of the same devices lock their rows in the same order.
         by_device = rows.by_device
-        with self._transaction() as cursor:
-            self._many(cursor, sql.SEEN, sorted(batch.seen.values()))
-            self._many(cursor, sql.STATUS, sorted(batch.status, key=rows.status_device))
-            self._many(cursor, sql.MODEL, sorted(batch.models, key=rows.model_key))
-            new = self._many(cursor, sql.HEALTH_ROW, sorted(batch.health, key=by_device))
-            self._many(cursor, sql.HEALTH_LATEST, sorted(batch.latest, key=rows.latest_device))
-            new += self._many(cursor, sql.EVENT, sorted(batch.events, key=by_device))
-            new += self._many(cursor, sql.ACK, sorted(batch.acks, key=by_device))
-        duplicates = len(batch.health) + len(batch.events) + len(batch.acks) - new
-        return IngestResult(batch.count - duplicates, duplicates, tuple(batch.refused))
+        self._many(cursor, sql.SEEN, sorted(batch.seen.values()))
+        self._many(cursor, sql.STATUS, sorted(batch.status, key=rows.status_device))
+        self._many(cursor, sql.MODEL, sorted(batch.models, key=rows.model_key))
+        new = self._many(cursor, sql.HEALTH_ROW, sorted(batch.health, key=by_device))
+        self._many(cursor, sql.HEALTH_LATEST, sorted(batch.latest, key=rows.latest_device))
+        new += self._many(cursor, sql.EVENT, sorted(batch.events, key=by_device))
+        new += self._many(cursor, sql.ACK, sorted(batch.acks, key=by_device))
+        return new
 
     def prune(self, now: float) -> int:
         removed = 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from cloud_stub.fleet import sql
+from cloud_stub.fleet import pgwrite, rows, sql
 from cloud_stub.fleet.base import SqlStore
 from cloud_stub.fleet.records import FleetStoreError
 
@@ -28,3 +28,6 @@ class PostgresStore(SqlStore):
 
         # Two instances starting together create the tables once.
         super().__init__(connect, sql.POSTGRES)
+
+    def _write(self, cursor: Any, batch: rows.Batch) -> int:
+        return pgwrite.write(cursor, batch)
