@@ -12,8 +12,8 @@ updater idle), medians of ``--runs`` starts each:
   back in), then the p50 of ``--requests`` more on one connection;
 - warm: RSS, RssAnon and RssFile after those requests.
 
-The same with the trim off, without MQTT, and with a LiteRT model (the MediaPipe face
-detector) instead. Exits 1, naming the bar, when idle RSS with one small ONNX model and MQTT
+The same with the trim off, without MQTT, with a LiteRT model (the MediaPipe face
+detector) instead, and with the gRPC listener on (``[serving] grpc_socket``: grpcio loaded). Exits 1, naming the bar, when idle RSS with one small ONNX model and MQTT
 exceeds 64 MB or READY takes more than 1.5 s.
 
 This process imports neither numpy nor ONNX Runtime (models and requests are made by a child
@@ -145,7 +145,13 @@ class Http:
 
 
 def run_agent(
-    work: Path, case: str, mqtt_port: int | None, trim: bool, settle_s: float, requests: int
+    work: Path,
+    case: str,
+    mqtt_port: int | None,
+    trim: bool,
+    settle_s: float,
+    requests: int,
+    grpc: bool = False,
 ) -> dict[str, float]:
     state = work / "state"
     shutil.rmtree(state, ignore_errors=True)
@@ -154,7 +160,9 @@ def run_agent(
     config = work / "agent.toml"
     config.write_text(
         f'[agent]\nstate_dir = "{state}"\ntrim_memory = {str(trim).lower()}\n'
-        f'[serving]\nsocket = "{work / "s.sock"}"\n{mqtt if mqtt_port else ""}'
+        f'[serving]\nsocket = "{work / "s.sock"}"\n'
+        + (f'grpc_socket = "{work / "g.sock"}"\n' if grpc else "")
+        + (mqtt if mqtt_port else "")
     )
     notify_path = work / "notify"
     notify_path.unlink(missing_ok=True)
@@ -216,7 +224,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--settle", type=float, default=7.0, help="seconds after READY")
     parser.add_argument(
-        "--only", type=int, nargs="*", default=None, help="rows to run (0-3; the bars need 0)"
+        "--only", type=int, nargs="*", default=None, help="rows to run (0-4; the bars need 0)"
     )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="edge-footprint-"))
@@ -243,16 +251,20 @@ def main() -> int:
         ("ONNX model, MQTT, trim off", "onnx", port, False),
         ("ONNX model, no MQTT", "onnx", None, True),
         ("LiteRT model, MQTT connected", "litert", port, True),
+        # The same as the first row with the gRPC listener on (grpcio loaded): its cost.
+        ("ONNX model, MQTT, gRPC on", "onnx", port, True, True),
     )
     if args.only is not None:
         cases = tuple(cases[i] for i in args.only)
     rows = []
     try:
-        for label, case, mqtt, trim in cases:
+        for label, case, mqtt, trim, *grpc in cases:
             runs = []
             for _ in range(args.runs):
                 for attempt in range(4):  # wait out another process mapping the libraries
-                    run = run_agent(work, case, mqtt, trim, args.settle, args.requests)
+                    run = run_agent(
+                        work, case, mqtt, trim, args.settle, args.requests, grpc=bool(grpc)
+                    )
                     if not run["others"] or attempt == 3:
                         break
                     time.sleep(10)
