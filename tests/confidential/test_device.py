@@ -4,7 +4,8 @@ encrypted model from a real TUF repository over real HTTPS.
 The outside check searches the device's whole state directory, the update child's temporary
 directory (``TMPDIR``) and the repository's public tree for any 64-byte window of each
 plaintext model: none may be found. With the device key removed (then corrupt), a new version
-does not load, the event says why, and the previous version keeps serving.
+does not load, the event says why, and the previous version keeps serving; a version wrapped
+for another device only is not downloaded.
 """
 
 from __future__ import annotations
@@ -104,6 +105,17 @@ def test_plaintext_never_on_disk_and_a_lost_key_keeps_the_previous_version(
         dev.wait_for(lambda: dev.stages().get(3) == "rejected")
         reasons = " ".join(reason for _, reason in events(dev, 3))
         assert "model mm version 3" in reasons and "corrupt" in reasons, events(dev, 3)
+        assert dev.wait_serving() == 1
+        np.testing.assert_allclose(infer(dev, x), expected, rtol=1e-5, atol=1e-5)
+        # Version 4 wrapped only for another device: not even downloaded.
+        enroll.unenroll(dev.repo.root, "shop-1")
+        enroll.enroll(dev.repo.root, "shop-2", base64.b64encode(bytes(range(32))).decode())
+        plain[4] = publish_encrypted(dev, 4)
+        update_now(dev)
+        dev.wait_for(lambda: any(kind == "rejected" for kind, _ in events(dev, 4)))
+        reasons = " ".join(reason for _, reason in events(dev, 4))
+        assert "model mm version 4 is encrypted for 1 other key(s)" in reasons, events(dev, 4)
+        assert 4 not in dev.stages()  # not downloaded, not quarantined
         assert dev.wait_serving() == 1
         np.testing.assert_allclose(infer(dev, x), expected, rtol=1e-5, atol=1e-5)
         time.sleep(0.5)  # let the last writes of the state database land before the scan
