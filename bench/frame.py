@@ -21,8 +21,9 @@ session) serves it; the project's client calls it over the Unix socket three way
 The variants are interleaved call by call (each iteration calls every variant once, in a
 rotating order), ``--calls`` iterations: a load that drifts (other processes) then weighs on
 all of them alike. Printed per variant: the median call, and the median of its paired ratios
-to in-process (each call over the in-process call of the same iteration). Bars (the paired
-ratio): shm <= 1.15x, socket <= 2x.
+to in-process (each call over the in-process call of the same iteration); and the CPU time
+each call costs, this process's and the agent's together (from /proc: far less sensitive to
+how busy the machine is than wall times). Bars (the paired ratio): shm <= 1.15x, socket <= 2x.
 """
 
 from __future__ import annotations
@@ -85,6 +86,12 @@ def frame_model(path: Path) -> Path:
     return path
 
 
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=200, help="iterations (one call each)")
@@ -131,12 +138,15 @@ def main() -> int:
         for name, fn in variants.items():  # warm-up, and the answers agree
             np.testing.assert_allclose(fn(), floor, rtol=1e-5, atol=1e-6, err_msg=name)
         samples: dict[str, list[float]] = {name: [] for name in variants}
+        cpu: dict[str, float] = dict.fromkeys(variants, 0.0)
         names = list(variants)
         for i in range(args.calls):
             for name in names[i % len(names) :] + names[: i % len(names)]:
+                mine, theirs = time.process_time(), cpu_s(agent.pid)
                 started = time.perf_counter()
                 variants[name]()
                 samples[name].append(time.perf_counter() - started)
+                cpu[name] += time.process_time() - mine + cpu_s(agent.pid) - theirs
         client.close()
     finally:
         region.close()
@@ -144,11 +154,14 @@ def main() -> int:
     base = samples["in-process"]
     print(f"1080p uint8 frame ({frame.nbytes} bytes), {args.calls} interleaved calls each")
     print(f"load: {os.getloadavg()[0]:.2f} (1 min)")
-    print(f"{'variant':12} {'median ms':>10} {'paired ratio':>13} {'ratio of medians':>17}")
+    print(f"{'variant':12} {'median ms':>10} {'paired ratio':>13} {'CPU ms/call':>12} {'ratio':>6}")
     for name, values in samples.items():
         paired = statistics.median(v / b for v, b in zip(values, base, strict=True))
-        ratio = statistics.median(values) / statistics.median(base)
-        print(f"{name:12} {statistics.median(values) * 1e3:10.2f} {paired:12.2f}x {ratio:16.2f}x")
+        per_call = cpu[name] / args.calls
+        print(
+            f"{name:12} {statistics.median(values) * 1e3:10.2f} {paired:12.2f}x "
+            f"{per_call * 1e3:12.2f} {cpu[name] / cpu['in-process']:5.2f}x"
+        )
     return 0
 
 
