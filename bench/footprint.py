@@ -13,8 +13,9 @@ updater idle), medians of ``--runs`` starts each:
 - warm: RSS, RssAnon and RssFile after those requests.
 
 The same with the trim off, without MQTT, with a LiteRT model (the MediaPipe face
-detector) instead, and with the gRPC listener on (``[serving] grpc_socket``: grpcio loaded). Exits 1, naming the bar, when idle RSS with one small ONNX model and MQTT
-exceeds 64 MB or READY takes more than 1.5 s.
+detector) instead, and with the gRPC listener on (``[serving] grpc_socket``: grpcio loaded).
+Exits 1, naming the bar, when idle RSS with one small ONNX model and MQTT exceeds 64 MB or
+READY takes more than 1.5 s.
 
 This process imports neither numpy nor ONNX Runtime (models and requests are made by a child
 process): MADV_PAGEOUT leaves the pages that another process also maps, so a parent mapping
