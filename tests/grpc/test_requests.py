@@ -262,3 +262,29 @@ def test_calls_past_max_rpcs_are_refused_and_a_cancelled_call_releases(
     summary = slow_agent.agent.metrics.model("slow", "1")
     _wait_for(lambda: summary.summary().requests == 2)
     _wait_for(lambda: loaded.leases == 0)
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("streams", [1, 2])
+def test_calls_open_at_once_on_one_connection_are_capped(
+    tmp_path: Path, slow_onnx: Path, streams: int
+) -> None:
+    """Two calls on one channel: with ``grpc_max_streams = 1`` the second waits for the first
+    (never two runs at once), with 2 both run together; both are answered either way."""
+    with running_agent(
+        [LocalModel("slow", slow_onnx)],
+        tmp_path,
+        grpc_max_streams=streams,
+        inline_threshold_us=0,
+        workers=2,
+    ) as running:
+        loaded = running.agent.slots.get("slow").active
+        assert loaded is not None
+        call = infer_call(running.unix)  # one channel: one connection
+        pending = [call.future(_slow_request(), timeout=120) for _ in range(2)]
+        most = 0
+        while not all(p.done() for p in pending):
+            most = max(most, loaded.leases)
+            time.sleep(0.002)
+        assert [list(p.result().outputs[0].shape) for p in pending] == [[1, 1024]] * 2
+        assert most == streams
