@@ -288,3 +288,19 @@ def test_calls_open_at_once_on_one_connection_are_capped(
             time.sleep(0.002)
         assert [list(p.result().outputs[0].shape) for p in pending] == [[1, 1024]] * 2
         assert most == streams
+
+
+def test_extensions_not_offered_are_unimplemented(grpc_agent: GrpcAgent) -> None:
+    shm = matmul_request()
+    shm.inputs[0].parameters["shared_memory_region"].string_param = "region-0"
+    refusal = refused(infer_call(grpc_agent.unix), shm)
+    assert refusal.code() is grpc.StatusCode.UNIMPLEMENTED
+    assert refusal.details() == (
+        "input 'x': shared memory is offered on the REST socket only (/v2/systemsharedmemory)"
+    )
+    classify = matmul_request()
+    classify.raw_input_contents.append(np.zeros(64, np.float32).tobytes())
+    classify.outputs.add(name="y").parameters["classification"].int64_param = 3
+    refusal = refused(infer_call(grpc_agent.unix), classify)
+    assert refusal.code() is grpc.StatusCode.UNIMPLEMENTED
+    assert refusal.details() == "output 'y': the classification extension is not supported"

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.errors import PayloadTooLargeError, RequestError
+from agent.errors import PayloadTooLargeError, RequestError, UnsupportedError
 from agent.serving.grpc import grpc_predict_v2_pb2 as pb
 from agent.serving.oip.codec import (
     Limits,
@@ -67,6 +67,8 @@ def decode_request(request: pb.ModelInferRequest, limits: Limits) -> InferReques
     Raises:
         RequestError: naming the tensor or field that is malformed.
         PayloadTooLargeError: a count, rank or element bound is exceeded.
+        UnsupportedError: an extension the service does not offer (classification, shared
+            memory).
     """
     try:
         return _decode(request, limits)
@@ -91,6 +93,7 @@ def _decode(request: pb.ModelInferRequest, limits: Limits) -> InferRequest:
     seen: set[str] = set()
     decoded = []
     for index, tensor in enumerate(inputs):
+        _offered(tensor.parameters, f"input {brief(tensor.name)}")
         entry: dict[str, Any] = {
             "name": tensor.name,
             "datatype": tensor.datatype,
@@ -121,10 +124,22 @@ def _decode(request: pb.ModelInferRequest, limits: Limits) -> InferRequest:
                 f"{limits.max_tensors}",
                 True,
             )
+        for wanted in request.outputs:
+            _offered(wanted.parameters, f"output {brief(wanted.name)}")
         outputs = tuple(RequestedOutput(wanted.name, True) for wanted in request.outputs)
     return InferRequest(
         request.id or None, tuple(decoded), outputs, True, parameters(request.parameters)
     )
+
+
+def _offered(params: Any, what: str) -> None:
+    """Refuse the extensions this service does not offer (well formed: UNIMPLEMENTED)."""
+    if "classification" in params:
+        raise UnsupportedError(f"{what}: the classification extension is not supported")
+    if "shared_memory_region" in params:
+        raise UnsupportedError(
+            f"{what}: shared memory is offered on the REST socket only (/v2/systemsharedmemory)"
+        )
 
 
 def _typed(plan: TensorPlan, contents: Any) -> np.ndarray[Any, Any]:
