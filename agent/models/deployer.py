@@ -35,7 +35,7 @@ from agent.iothread import IoThread
 from agent.models import drain, lifecycle
 from agent.models.devices import DeviceRequest
 from agent.models.fastpath import DEFAULT_THRESHOLD_US
-from agent.models.journal import Journal
+from agent.models.journal import Journal, Step
 from agent.models.lifecycle import ProbationPolicy, Stage, Verdict, VersionState
 from agent.models.manual import ManualActions
 from agent.models.probation import Probations, Statistics
@@ -254,9 +254,10 @@ class Deployer(ManualActions, Retention):
             for other in slot.versions():
                 if other not in (version, fallback):
                     self._unload(name, other)
+            steps = []  # one trip to the I/O thread
             if replaced is not None and self._stage(name, replaced) is Stage.ACTIVE:
-                await self._record(
-                    name, replaced, Stage.RETIRED, f"superseded by version {version}"
+                steps.append(
+                    Step(name, replaced, Stage.RETIRED, f"superseded by version {version}")
                 )
             if replaced is not None:
                 why = f"replaced version {replaced}"
@@ -264,7 +265,8 @@ class Deployer(ManualActions, Retention):
                 why = f"no version was serving; version {fallback} is the fallback"
             else:
                 why = "first version"
-            await self._record(name, version, Stage.ACTIVE, why, event="activated")
+            steps.append(Step(name, version, Stage.ACTIVE, why, "activated"))
+            await self.journal.record_steps(steps)
             self.probations.start(name, version, fallback)
             self.activity = Activity("probation", name, version)
             return True
@@ -355,13 +357,13 @@ class Deployer(ManualActions, Retention):
             await self._rollback_to_previous(name, version, previous, reason)
 
     async def _commit(self, name: str, version: int, reason: str) -> None:
-        await self._record(name, version, Stage.COMMITTED, reason)
+        steps = [Step(name, version, Stage.COMMITTED, reason)]  # one trip to the I/O thread
         slot = self.slots.get(name)
         for other in self.state.deployments(name):
             if other.version != version and Stage(other.stage) is Stage.COMMITTED:
-                await self._record(
-                    name, other.version, Stage.RETIRED, f"superseded by version {version}"
-                )
+                why = f"superseded by version {version}"
+                steps.append(Step(name, other.version, Stage.RETIRED, why))
+        await self.journal.record_steps(steps)
         for loaded in slot.versions():
             if loaded != version:
                 self._unload(name, loaded)

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from agent.faults import crash_point
 from agent.iothread import IoThread
@@ -27,6 +28,17 @@ from agent.models.selection import Selection, pin_key
 from agent.state import Event, StateDB
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One transition to record (``Journal.record_steps``)."""
+
+    name: str
+    version: int
+    stage: Stage
+    reason: str = ""
+    event: str | None = None
 
 
 class Journal:
@@ -61,6 +73,35 @@ class Journal:
         if stage in lifecycle.QUARANTINED and self.selection.pinned(name) == version:
             # A pin never names a quarantined version: it could hold the model nowhere.
             await self.unpin(name, version, f"version {version} is {stage.value} ({reason})")
+
+    async def record_steps(self, steps: Sequence[Step]) -> None:
+        """Several transitions in one trip to the I/O thread (each its own transaction, in
+        order), then each announced as ``record`` does. A step the lifecycle refuses stops the
+        rest: those before it stay recorded and announced, then its error is raised."""
+        if not steps:
+            return
+        recorded, error = await self.io.run(self._write_all, steps)
+        for step, event in zip(steps, recorded, strict=False):
+            self._announce(step.name, step.version, step.stage, step.reason, event)
+        for step in steps[: len(recorded)]:
+            if step.stage in lifecycle.QUARANTINED and self.selection.pinned(step.name) == (
+                step.version
+            ):
+                why = f"version {step.version} is {step.stage.value} ({step.reason})"
+                await self.unpin(step.name, step.version, why)
+        if error is not None:
+            raise error
+
+    def _write_all(self, steps: Sequence[Step]) -> tuple[list[Event | None], Exception | None]:
+        recorded: list[Event | None] = []
+        for step in steps:
+            try:
+                recorded.append(
+                    self._write(step.name, step.version, step.stage, step.reason, step.event, None)
+                )
+            except Exception as exc:  # handed back with what was written before it
+                return recorded, exc
+        return recorded, None
 
     def _write(
         self,
@@ -128,21 +169,22 @@ class Journal:
     async def make_committed(self, name: str, version: int, reason: str) -> None:
         """Record ``version`` (now serving) as the one committed version of ``name``: the
         steps of its validation not recorded yet, then committed; every other committed or
-        active version retired."""
+        active version retired (in one trip to the I/O thread)."""
         stage = self.stage(name, version)
+        steps = []
         if stage is None:
-            await self.record(name, version, Stage.VERIFIED, "found in the store")
+            steps.append(Step(name, version, Stage.VERIFIED, "found in the store"))
             stage = Stage.VERIFIED
         path = (Stage.VERIFIED, Stage.LOADING, Stage.WARMING, Stage.VALIDATED, Stage.ACTIVE)
         if stage in path:  # validated for this: record the steps not recorded yet
             for step in path[path.index(stage) + 1 :]:
                 event = "activated" if step is Stage.ACTIVE else None
-                await self.record(name, version, step, reason, event=event)
+                steps.append(Step(name, version, step, reason, event))
             stage = Stage.ACTIVE
         if stage is not Stage.COMMITTED:
-            await self.record(name, version, Stage.COMMITTED, reason)
+            steps.append(Step(name, version, Stage.COMMITTED, reason))
         for other in self.state.deployments(name):
             if other.version != version and Stage(other.stage) in (Stage.COMMITTED, Stage.ACTIVE):
-                await self.record(
-                    name, other.version, Stage.RETIRED, f"superseded: {name} serves {version}"
-                )
+                why = f"superseded: {name} serves {version}"
+                steps.append(Step(name, other.version, Stage.RETIRED, why))
+        await self.record_steps(steps)

@@ -7,7 +7,7 @@ from typing import Protocol
 
 from agent.iothread import IoThread
 from agent.models import lifecycle
-from agent.models.journal import Journal
+from agent.models.journal import Journal, Step
 from agent.models.lifecycle import Stage
 from agent.models.selection import Selection
 from agent.models.slots import Slots
@@ -48,16 +48,21 @@ class Retention:
             commits=self.selection.commits(name),
             in_use=slot.versions(),
         )
+        removed = await self.io.run(self._remove, name, doomed)  # one trip for them all
+        retired = [v for v in removed if stages.get(v) is Stage.VERIFIED]  # never deployed
+        await self.journal.record_steps(
+            [Step(name, v, Stage.RETIRED, "not deployed; files removed") for v in retired]
+        )
+        return removed
+
+    def _remove(self, name: str, versions: list[int]) -> list[int]:
+        """On the I/O thread: remove each version's files; those removed."""
         removed = []
-        for version in doomed:
+        for version in versions:
             try:
-                await self.io.run(self.store.remove, name, version)
+                self.store.remove(name, version)
             except OSError as exc:
                 log.warning("model %s version %d: cannot remove: %s", name, version, exc)
                 continue
             removed.append(version)
-            if stages.get(version) is Stage.VERIFIED:  # superseded before it was deployed
-                await self.journal.record(
-                    name, version, Stage.RETIRED, "not deployed; files removed"
-                )
         return removed

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from agent.iothread import IoThread
-from agent.models.journal import Journal
+from agent.models.journal import Journal, Step
 from agent.models.lifecycle import Stage, TransitionError
 from agent.models.selection import Selection, pin_key
 from agent.models.store import ModelStore
@@ -171,6 +171,40 @@ def test_a_stage_reached_in_another_thread_is_stored_before_it_goes_on(tmp_path:
         await asyncio.sleep(0)  # the announcement was handed to the loop
         assert book.kinds()[-1] == (1, "warming")
         assert book.heard[-1][1] == threading.get_ident()
+        book.close()
+
+    asyncio.run(main())
+
+
+def test_steps_go_in_one_trip_and_a_refused_one_stops_the_rest(tmp_path: Path) -> None:
+    async def main() -> None:
+        book = Book(tmp_path)
+        trips = 0
+        write_all = book.journal._write_all
+
+        def counted(steps: object) -> object:
+            nonlocal trips
+            trips += 1
+            return write_all(steps)  # type: ignore[arg-type]
+
+        book.journal._write_all = counted  # type: ignore[method-assign]
+        await book.journal.record_steps(
+            [Step("m", 1, Stage.VERIFIED), Step("m", 1, Stage.LOADING, "", None)]
+        )
+        assert trips == 1 and book.stages() == {1: "loading"}
+        with pytest.raises(TransitionError, match="loading → committed is not allowed"):
+            await book.journal.record_steps(
+                [
+                    Step("m", 2, Stage.VERIFIED),
+                    Step("m", 1, Stage.COMMITTED),  # refused
+                    Step("m", 3, Stage.VERIFIED),  # never written
+                ]
+            )
+        assert trips == 2
+        assert book.stages() == {1: "loading", 2: "verified"}
+        assert book.kinds() == [(1, "verified"), (1, "loading"), (2, "verified")]
+        await book.journal.record_steps([])  # nothing to do: no trip
+        assert trips == 2
         book.close()
 
     asyncio.run(main())
