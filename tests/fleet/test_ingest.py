@@ -1,0 +1,76 @@
+"""The MQTT ingest with a real broker: batches into the store, bad messages refused and
+counted without holding the good ones back, what is queued written at stop."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+
+from cloud_stub.fleet.ingest import Ingest, topics
+from cloud_stub.fleet.records import DeviceQuery
+from cloud_stub.fleet.store import open_store
+from cloud_stub.fleet.stream import fleet_stream
+from tests.telemetry.agents import wait_for
+from tests.telemetry.conftest import Broker
+
+
+def test_topics_share_all_but_the_retained_status() -> None:
+    assert topics(None) == [
+        "edge/+/+/status",
+        "edge/+/+/health",
+        "edge/+/+/events",
+        "edge/+/+/commands/ack",
+    ]
+    assert topics("g") == [
+        "edge/+/+/status",
+        "$share/g/edge/+/+/health",
+        "$share/g/edge/+/+/events",
+        "$share/g/edge/+/+/commands/ack",
+    ]
+
+
+def test_ingest_batches_refuses_and_flushes_at_stop(tmp_path: Path) -> None:
+    broker = Broker(tmp_path)
+    broker.start()
+    store = open_store(tmp_path / "fleet.db")
+    flushed = []
+    ingest = Ingest(
+        store, "127.0.0.1", broker.port, "ingest-test", group="g", on_flush=flushed.append
+    )
+    ingest.start()
+    wait_for(ingest.client.is_connected)
+    time.sleep(0.5)  # subscribed
+    publisher = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    publisher.connect("127.0.0.1", broker.port)
+    publisher.loop_start()
+    try:
+        sent = list(fleet_stream(range(50), 4, fleet="t"))
+        bad = [
+            ("edge/t/sim-00001/events", b"{broken"),
+            ("edge/t/sim-00001/health", json.dumps({"seq": "x", "ts": 1}).encode()),
+        ]
+        infos = [publisher.publish(p.topic, p.payload, qos=1, retain=p.retain) for p in sent]
+        infos += [publisher.publish(topic, payload, qos=1) for topic, payload in bad]
+        for info in infos:
+            info.wait_for_publish(10)
+        wait_for(lambda: ingest.stored + ingest.refused >= len(sent) + len(bad), 30)
+        assert (ingest.stored, ingest.refused, ingest.duplicates) == (len(sent), 2, 0)
+        assert sum(r.stored for r in flushed) == len(sent)
+        assert len(flushed) < len(sent)  # batched, not one transaction per message
+        assert store.device_page(DeviceQuery(limit=100)).total == 50
+        assert ingest.stats()["pending"] == 0
+        # The same messages again (a redelivery): duplicates, nothing stored twice.
+        again = [publisher.publish(p.topic, p.payload, qos=1) for p in sent[50:]]
+        for info in again:
+            info.wait_for_publish(10)
+        ingest.stop()  # whatever was queued is written before it returns
+        assert ingest.duplicates == len(sent) - 50
+        assert len(store.events(limit=1000)) == 50
+    finally:
+        publisher.disconnect()
+        publisher.loop_stop()
+        store.close()
+        broker.stop()
