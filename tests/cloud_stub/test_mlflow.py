@@ -112,20 +112,30 @@ def _custom(repo: Repository, path: str) -> dict[str, Any]:
     raise AssertionError(f"{path} not published")
 
 
-@pytest.mark.timeout(600)
-def test_registered_model_to_a_device_in_one_command(
+@pytest.mark.timeout(900)
+def test_mlflow_registry_as_a_source(
     tracking_uri: str,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
+    """One test, so that one MLflow server serves both stories whatever xdist's split."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+    registered_model_to_a_device_in_one_command(tracking_uri, tmp_path / "one", capsys)
+    quantized_with_a_chosen_name_and_the_registry_errors(tracking_uri, tmp_path / "two")
+
+
+def registered_model_to_a_device_in_one_command(
+    tracking_uri: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from mlflow import MlflowClient
+
+    tmp_path.mkdir()
 
     model = samples.matmul_model(tmp_path / "trained.onnx", k=64, n=64, seed=3)
     run_id = register(tracking_uri, "mm", model, accuracy=0.931)
     client = MlflowClient(tracking_uri)
     client.set_registered_model_alias("mm", "champion", "1")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
 
     with running_repository_device(tmp_path / "device", "dev-1", k=64, n=64) as device:
         code = main(
@@ -167,13 +177,10 @@ def test_registered_model_to_a_device_in_one_command(
     )
 
 
-@pytest.mark.timeout(300)
-def test_quantized_with_a_chosen_name_and_the_registry_errors(
-    tracking_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def quantized_with_a_chosen_name_and_the_registry_errors(tracking_uri: str, tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+    tmp_path.mkdir()
     register(tracking_uri, "classifier", samples.mlp_model(tmp_path / "mlp.onnx"), 0.8)
     register(tracking_uri, "classifier", samples.mlp_model(tmp_path / "mlp2.onnx", seed=1), 0.9)
     repo = Repository.init(tmp_path / "repo")
