@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.config import Config
-from agent.errors import AgentError
+from agent.errors import AgentError, ConfigError
 from agent.models.fastpath import inline_budget
 from agent.models.runtime import RuntimeOptions, load_session
 from agent.models.slots import LoadedVersion, Slots
@@ -145,8 +145,19 @@ class Serving(Part):
         log.info("listening on %s", ", ".join(addresses))
 
     async def listen_grpc(self) -> None:
-        """The gRPC listener on the configured addresses (grpcio is imported here only)."""
-        from agent.serving.grpc.listener import GrpcLimits, GrpcListener
+        """The gRPC listener on the configured addresses (grpcio is imported here only).
+
+        Raises:
+            ConfigError: grpcio is not installed, or an address cannot be bound.
+        """
+        try:
+            from agent.serving.grpc.listener import GrpcLimits, GrpcListener
+        except ImportError as exc:
+            raise ConfigError(
+                f"[serving] grpc_socket/grpc_tcp: gRPC needs grpcio and protobuf ({exc})",
+                remedy="pip install 'edge-agent[grpc]' into the agent's environment, or unset "
+                "grpc_socket and grpc_tcp",
+            ) from None
 
         serving = self.config.serving
         self.grpc = GrpcListener(self.handler, self.pool, GrpcLimits.of(serving))

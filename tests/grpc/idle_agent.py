@@ -1,7 +1,7 @@
 """An agent started in this process, with or without gRPC, that answers one REST inference and
 prints what it imported and its resident memory (run by tests and bench/footprint.py).
 
-    python -m tests.grpc.idle_agent WORKDIR MODEL.onnx [--grpc]
+    python -m tests.grpc.idle_agent WORKDIR MODEL.onnx [--grpc] [--without-grpcio]
 """
 
 from __future__ import annotations
@@ -57,5 +57,7 @@ async def main(work: Path, model: Path, grpc: bool) -> dict[str, object]:
 
 
 if __name__ == "__main__":
+    if "--without-grpcio" in sys.argv[3:]:  # as on a device without the [grpc] extra
+        sys.modules["grpc"] = None  # type: ignore[assignment]
     work, model = Path(sys.argv[1]), Path(sys.argv[2])
     print(json.dumps(asyncio.run(main(work, model, "--grpc" in sys.argv[3:]))))

@@ -63,3 +63,28 @@ def test_grpc_tcp_is_loopback_unless_allowed() -> None:
         parse({"serving": {"grpc_max_rpcs": 0}})
     config = parse({"serving": {"grpc_socket": "/run/x/grpc.sock", "grpc_tcp": "[::1]:8001"}})
     assert config.serving.grpc_socket == Path("/run/x/grpc.sock")
+
+
+def test_grpc_configured_without_grpcio_is_a_config_error(
+    tmp_path: Path, matmul_onnx: Path
+) -> None:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tests.grpc.idle_agent",
+            str(tmp_path),
+            str(matmul_onnx),
+            "--grpc",
+            "--without-grpcio",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert out.returncode != 0
+    assert "ConfigError: [serving] grpc_socket/grpc_tcp: gRPC needs grpcio and protobuf" in (
+        out.stderr
+    )

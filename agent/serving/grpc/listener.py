@@ -39,6 +39,7 @@ class GrpcLimits:
     max_streams_per_connection: int = 64
     max_rpcs: int = 1024
     idle_timeout_s: float = 120.0
+    handshake_timeout_s: float = 10.0
 
     @classmethod
     def of(cls, serving: ServingSection) -> GrpcLimits:
@@ -48,6 +49,7 @@ class GrpcLimits:
             max_streams_per_connection=serving.grpc_max_streams,
             max_rpcs=serving.grpc_max_rpcs,
             idle_timeout_s=serving.idle_timeout_s,
+            handshake_timeout_s=serving.header_timeout_s,
         )
 
     def options(self) -> list[tuple[str, int]]:
@@ -56,6 +58,8 @@ class GrpcLimits:
             ("grpc.max_metadata_size", self.max_metadata_bytes),
             ("grpc.max_concurrent_streams", self.max_streams_per_connection),
             ("grpc.max_connection_idle_ms", int(self.idle_timeout_s * 1000)),
+            # A connection must finish its HTTP/2 handshake within this (a stalled client).
+            ("grpc.server_handshake_timeout_ms", int(self.handshake_timeout_s * 1000)),
             # gRPC sets SO_REUSEPORT by default: a second agent would share the port silently.
             ("grpc.so_reuseport", 0),
         ]
