@@ -88,3 +88,23 @@ def test_grpc_configured_without_grpcio_is_a_config_error(
     assert "ConfigError: [serving] grpc_socket/grpc_tcp: gRPC needs grpcio and protobuf" in (
         out.stderr
     )
+
+
+def test_grpc_socket_takes_the_rest_sockets_group(tmp_path: Path) -> None:
+    import grp
+    import os
+
+    from .conftest import running_agent
+
+    group = grp.getgrgid(os.getgid()).gr_name  # one this process may give its files to
+    with running_agent([], tmp_path, socket_group=group) as running:
+        path = Path(running.unix.removeprefix("unix:"))
+        assert path.stat().st_gid == os.getgid()
+        assert stat.S_IMODE(path.stat().st_mode) == 0o660
+        assert running.rest_socket.stat().st_gid == os.getgid()
+    assert not path.exists()  # removed at the stop
+    with (
+        pytest.raises(ConfigError, match="found 'no-such-group-x' \\(no such group\\)"),
+        running_agent([], tmp_path / "again", socket_group="no-such-group-x"),
+    ):
+        pass
