@@ -96,9 +96,11 @@ def status(sock: Path) -> dict[str, Any]:
 def chosen_path(sock: Path) -> str:
     """What the agent says it runs the model on now (``inline`` or ``pool``)."""
     versions = status(sock)["models"]["mlp8"]["loaded_versions"]
-    path = versions["1"].get("fast_path", {}).get("path")
-    if path is not None:
-        return str(path)
+    fast_path = versions["1"].get("fast_path", {})
+    if fast_path.get("state") == "exploring":
+        return "explor"  # still measuring: no choice yet
+    if "path" in fast_path:
+        return str(fast_path["path"])
     return "?"  # an agent without the field: its log says, once it has stopped
 
 
@@ -174,7 +176,8 @@ def main() -> int:
         ]
         print(
             f"{key}: chose inline {paths.count('inline')}/{len(paths)}, pool "
-            f"{paths.count('pool')}/{len(paths)}; the faster forced path was the pool in "
+            f"{paths.count('pool')}/{len(paths)}, still exploring {paths.count('explor')}; "
+            f"the faster forced path was the pool in "
             f"{faster.count('pool')}/{len(faster)} rounds; the choice's throughput over the "
             f"round's faster forced path: median {statistics.median(ratios):.2f}x"
         )
