@@ -71,6 +71,7 @@ class Ingest:
         self.batch = batch
         self.on_flush = on_flush
         self.connected = on_connect
+        self.received = 0
         self.stored = 0
         self.duplicates = 0
         self.refused = 0
@@ -108,6 +109,7 @@ class Ingest:
             while len(self._queue) >= MAX_QUEUE and not self._closing:
                 self._cond.wait(1.0)  # the store is behind: the broker holds the rest
             self._queue.append(item)
+            self.received += 1
             if len(self._queue) >= self.batch:
                 self._cond.notify_all()
 
@@ -129,6 +131,7 @@ class Ingest:
         return {
             "client_id": self.client_id,
             "group": self.group,
+            "received": self.received,
             "stored": self.stored,
             "duplicates": self.duplicates,
             "refused": self.refused,

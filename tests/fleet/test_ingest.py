@@ -66,6 +66,7 @@ def test_ingest_batches_refuses_and_flushes_at_stop(tmp_path: Path) -> None:
         again = [publisher.publish(p.topic, p.payload, qos=1) for p in sent[50:]]
         for info in again:
             info.wait_for_publish(10)
+        wait_for(lambda: ingest.received == 2 * len(sent) - 50 + len(bad), 30)
         ingest.stop()  # whatever was queued is written before it returns
         assert ingest.duplicates == len(sent) - 50
         assert len(store.events(limit=1000)) == 50
