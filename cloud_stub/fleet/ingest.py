@@ -71,6 +71,7 @@ class Ingest:
         self.batch = batch
         self.on_flush = on_flush
         self.connected = on_connect
+        self.subscribed = threading.Event()
         self.received = 0
         self.stored = 0
         self.duplicates = 0
@@ -87,6 +88,7 @@ class Ingest:
             self.client.tls_set_context(tls)
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
+        self.client.on_subscribe = self._on_subscribe
         self.client.reconnect_delay_set(1, RECONNECT_MAX_S)
         connect = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         connect.SessionExpiryInterval = SESSION_EXPIRY_S
@@ -102,6 +104,15 @@ class Ingest:
             self.connected(bool(flags.session_present))
         # Subscribing again, even in a kept session, has the broker send the retained status.
         client.subscribe([(topic, SubscribeOptions(qos=1)) for topic in topics(self.group)])
+
+    def _on_subscribe(
+        self, _client: mqtt.Client, _userdata: Any, _mid: int, codes: Any, _properties: Any
+    ) -> None:
+        refused = [code for code in codes if code.is_failure]
+        if refused:
+            log.warning("fleet ingest: the broker refused a subscription: %s", refused)
+            return
+        self.subscribed.set()
 
     def _on_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
         item = Message(message.topic, bytes(message.payload), bool(message.retain), time.time())
@@ -131,6 +142,7 @@ class Ingest:
         return {
             "client_id": self.client_id,
             "group": self.group,
+            "subscribed": self.subscribed.is_set(),
             "received": self.received,
             "stored": self.stored,
             "duplicates": self.duplicates,

@@ -4,7 +4,6 @@ counted without holding the good ones back, what is queued written at stop."""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -41,8 +40,7 @@ def test_ingest_batches_refuses_and_flushes_at_stop(tmp_path: Path) -> None:
         store, "127.0.0.1", broker.port, "ingest-test", group="g", on_flush=flushed.append
     )
     ingest.start()
-    wait_for(ingest.client.is_connected)
-    time.sleep(0.5)  # subscribed
+    assert ingest.subscribed.wait(30)
     publisher = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
     publisher.connect("127.0.0.1", broker.port)
     publisher.loop_start()

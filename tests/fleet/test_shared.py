@@ -63,7 +63,12 @@ def test_two_dashboards_split_the_traffic_and_store_each_message_once(
             client = DashboardHttp(url)
             client.login((tmp_path / f"{name}.token").read_text().strip())
             clients.append(client)
-        time.sleep(1.0)  # both subscribed
+
+        def subscribed() -> bool:
+            docs = [json.loads(c.request("GET", "/api/ingest")[2]) for c in clients]
+            return all(doc["subscribed"] for doc in docs)
+
+        wait_for(subscribed, 30)
         sent = list(fleet_stream(range(DEVICES), PER_DEVICE, fleet="shared"))
         publisher = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2, client_id="fleet-pub", protocol=mqtt.MQTTv5
