@@ -70,19 +70,26 @@ class DeployConfig:
 
 
 async def _validated(
-    deployer: Deployer, stored: StoredModel, on_stage: Callable[[Stage], None]
+    deployer: Deployer, stored: Callable[[], StoredModel], on_stage: Callable[[Stage], None]
 ) -> LoadedVersion:
-    """``validate_version`` in a worker thread; each device it gave up for the CPU an event."""
-    name, version, config = stored.name, stored.version, deployer.config
-    loaded = await asyncio.to_thread(
-        validate_version,
-        stored,
-        deployer.options,
-        config.warmup_runs,
-        on_stage,
-        config.inline_threshold_us,
-        config.devices.get(name),
-    )
+    """The version's manifest read (``stored``) and ``validate_version``, in one worker thread
+    (one hand-off from a busy loop, not one per step); each device it gave up for the CPU an
+    event."""
+    config = deployer.config
+
+    def run() -> LoadedVersion:
+        found = stored()
+        return validate_version(
+            found,
+            deployer.options,
+            config.warmup_runs,
+            on_stage,
+            config.inline_threshold_us,
+            config.devices.get(found.name),
+        )
+
+    loaded = await asyncio.to_thread(run)
+    name, version = loaded.name, loaded.version
     for fallback in loaded.fallbacks:
         await deployer.journal.event(
             name, version, "device_fallback", f"{fallback}; runs on {loaded.device}"
@@ -272,16 +279,18 @@ class Deployer(ManualActions, Retention):
             return True
 
     async def _validate(self, name: str, version: int, *, record: bool) -> LoadedVersion:
-        stored = await self.io.run(self.store.get, name, version)
-        if record:
-            await self._record(name, version, Stage.LOADING)
-            crash_point("loading")
         loop = asyncio.get_running_loop()
 
         def on_stage(stage: Stage) -> None:
-            # From the validation thread: stored (on the I/O thread) before it goes on.
+            # From the validation thread: stored (on the I/O thread) before it goes on, then
+            # its crash point ("loading", "warming").
             if record:
                 self.journal.reached(name, version, stage, loop)
+
+        def stored() -> StoredModel:
+            found = self.io.call(self.store.get, name, version)  # StoreError: rejected
+            on_stage(Stage.LOADING)
+            return found
 
         loaded = await _validated(self, stored, on_stage)
         if record:
