@@ -67,6 +67,7 @@ class StageEvidence:
     baseline_failed: int = 0  # … that went offline or silent meanwhile
     old: Usage = field(default_factory=Usage)
     extensions: int = 0  # soaks already added to this stage for inconclusive evidence
+    in_stage_online: int = -1  # … of ``in_stage``, those heard within the deadline (-1: all)
 
     @property
     def failed(self) -> int:
@@ -81,6 +82,9 @@ class Policy:
     soak_s: float = 600.0
     deadline_s: float = 900.0  # a device that took the version and is silent this long failed
     min_committed: int = 1
+    # Share of the stage's online devices that must have taken the version before it widens
+    # (a few fast devices committing says nothing of the rest); waived past the deadline.
+    min_coverage: float = 0.9
     max_extensions: int = 2
     alpha: float = 0.01  # fewer devices than a probation has requests: a looser level
     device_ratio: float = 2.0
@@ -185,6 +189,7 @@ def decide(evidence: StageEvidence, policy: Policy) -> Decision:
         "rejected": evidence.rejected,
         "silent": evidence.silent,
         "pending": evidence.pending,
+        "in_stage_online": evidence.in_stage_online,
         "baseline_devices": evidence.baseline_devices,
         "baseline_failed": evidence.baseline_failed,
         "new_requests": evidence.new.requests,
@@ -203,10 +208,24 @@ def decide(evidence: StageEvidence, policy: Policy) -> Decision:
     if failed:
         return decision(Action.HALT, failed)
     waits: list[str] = []
+    waits_note: list[str] = []  # said with a widening, never holding it
     if evidence.elapsed_s < policy.soak_s:
         waits.append(f"soaking: {evidence.elapsed_s:.0f} of {policy.soak_s:.0f} s")
     if evidence.pending:
         waits.append(f"{evidence.pending} device(s) still in probation within the deadline")
+    online = evidence.in_stage if evidence.in_stage_online < 0 else evidence.in_stage_online
+    if evidence.took < policy.min_coverage * online:
+        if evidence.elapsed_s < policy.deadline_s:
+            waits.append(
+                f"{evidence.took} of the stage's {online} online device(s) took it, the stage "
+                f"needs {policy.min_coverage:.0%}"
+            )
+        else:
+            doubts_note = (
+                f"only {evidence.took} of the stage's {online} online device(s) took it within "
+                "the deadline (pinned, or not polling)"
+            )
+            waits_note.append(doubts_note)
     if evidence.committed < policy.min_committed:
         waits.append(
             f"{evidence.committed} device(s) committed, the stage needs {policy.min_committed}"
@@ -225,7 +244,7 @@ def decide(evidence: StageEvidence, policy: Policy) -> Decision:
                 [f"still inconclusive after {evidence.extensions} extra soak(s)", *doubts],
             )
         return decision(Action.WAIT, ["inconclusive: one more soak", *doubts])
-    notes = [f"{label}: {j.reason}" for label, j in judgements]
+    notes = waits_note + [f"{label}: {j.reason}" for label, j in judgements]
     if stage + 1 >= len(policy.stages):
         return decision(Action.COMPLETE, ["last stage healthy", *notes])
     next_bp = policy.stages[stage + 1]

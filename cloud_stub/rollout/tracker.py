@@ -184,12 +184,13 @@ class Tracker:
         extensions: int = 0,
     ) -> StageEvidence:
         """The evidence of ``stage`` (``stage_bp``) of ``version``'s rollout at ``now``."""
-        took = committed = rolled_back = rejected = silent = pending = in_stage = 0
+        took = committed = rolled_back = rejected = silent = pending = in_stage = online = 0
         new_req = new_err = old_req = old_err = 0
         baseline = baseline_failed = 0
         for device_id, device in self.devices.items():
             inside = self.in_stage(device_id, stage_bp)
             in_stage += inside
+            online += inside and device.online and now - device.last_seen <= deadline_s
             if version in device.took or version in device.rejected:
                 if version in device.rejected:
                     rejected += 1
@@ -236,6 +237,7 @@ class Tracker:
             baseline_failed=baseline_failed,
             old=Usage(old_req, old_err, tuple(old_samples[-MAX_SAMPLES:])),
             extensions=extensions,
+            in_stage_online=online,
         )
 
     def feed_many(self, messages: Iterable[tuple[str, bytes, float]]) -> None:

@@ -138,3 +138,24 @@ def test_bad_stages_are_refused_by_name(stages: tuple[int, ...], message: str) -
 
 def test_good_stages_pass() -> None:
     assert check_stages([100, 500, 2500, 10000]) == (100, 500, 2500, 10000)
+
+
+def test_a_stage_waits_until_most_of_its_online_devices_took_the_version() -> None:
+    # Ten fast devices committed, ninety have not polled yet: says nothing of the rest.
+    early = healthy(took=10, committed=10, in_stage_online=100)
+    decision = decide(early, POLICY)
+    assert decision.action is Action.WAIT
+    assert "10 of the stage's 100 online device(s) took it, the stage needs 90%" in (
+        decision.reasons
+    )
+    assert decide(healthy(took=95, committed=95, in_stage_online=100), POLICY).action is (
+        Action.WIDEN
+    )
+    # Offline devices are not waited for; past the deadline the rest are not either (pinned
+    # devices never take it), and the widening says so.
+    assert decide(healthy(took=10, committed=10, in_stage_online=10), POLICY).action is (
+        Action.WIDEN
+    )
+    late = decide(dataclasses.replace(early, elapsed_s=POLICY.deadline_s + 1), POLICY)
+    assert late.action is Action.WIDEN
+    assert any("only 10 of the stage's 100 online device(s)" in r for r in late.reasons)
