@@ -1,0 +1,117 @@
+"""The rollout scenarios with the fleet store on PostgreSQL and two dashboard instances
+sharing one MQTT 5 shared subscription: the controller (its book in the store) widens a good
+version through every stage and halts a bad one at its first stage; both dashboards show the
+whole simulated fleet and the rollout as the controller decided it, and an operator's pause
+through one dashboard reaches the controller."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from cloud_stub.dashboard.server import Dashboard
+from cloud_stub.fleet.store import open_store
+from cloud_stub.fleetsim.run import Mix
+from cloud_stub.rollout import metadata
+from cloud_stub.rollout.book import FleetBook
+from cloud_stub.rollout.controller import Controller
+from cloud_stub.rollout.decide import Policy
+from cloud_stub.rollout.feed import MqttFeed
+from cloud_stub.rollout.tracker import Tracker
+from tests.cloud_stub.dashboard_http import DashboardHttp
+from tests.rollout.conftest import MODEL, FleetWorld, fleet_world
+from tests.rollout.test_controller import N, simulated, until
+
+__all__ = ["fleet_world"]  # the fixture, imported for pytest
+
+
+def get(client: DashboardHttp, path: str) -> dict[str, Any]:
+    status, _, body = client.request("GET", path)
+    assert status == 200, (status, body)
+    doc: dict[str, Any] = json.loads(body)
+    return doc
+
+
+def run(world: FleetWorld, url: str, policy: Policy, mix: Mix | None, pause: bool) -> Any:
+    world.publish(2)
+    dashboards = [
+        Dashboard("127.0.0.1", world.broker.port, url, group="dashboards", client_id=f"dash-{n}")
+        for n in ("a", "b")
+    ]
+    servers = [d.start("127.0.0.1", 0) for d in dashboards]
+    clients = []
+    for dashboard in dashboards:
+        client = DashboardHttp(dashboard.url)
+        client.login(dashboard.secret)
+        clients.append(client)
+    until(lambda: all(d.ingest.subscribed.is_set() for d in dashboards), 30)
+    store = open_store(url)
+    book = FleetBook(store)
+    feed = MqttFeed("127.0.0.1", world.broker.port, "sim", operator_key=world.operator_key)
+    try:
+        with simulated(world, 1, mix) as fleet:
+            ctl = Controller(world.repo, book, feed, Tracker("sim", MODEL), policy)
+
+            def all_heard() -> bool:
+                ctl.tracker.feed_many(feed.drain())
+                return len(ctl.tracker.devices) >= N
+
+            until(all_heard, 60)
+            rollout = ctl.start(2, policy.stages)
+            if pause:  # an operator pauses through one dashboard, resumes through the other
+                headers = {"Origin": clients[0].origin, "X-CSRF-Token": clients[0].csrf,
+                           "Content-Type": "application/json"}  # fmt: skip
+                body = json.dumps({"rollout": rollout.id, "action": "pause"}).encode()
+                assert clients[0].request("POST", "/api/rollout", body, headers)[0] == 200
+                assert ctl.step(rollout.id).state == "paused"
+                headers = {"Origin": clients[1].origin, "X-CSRF-Token": clients[1].csrf,
+                           "Content-Type": "application/json"}  # fmt: skip
+                body = json.dumps({"rollout": rollout.id, "action": "resume"}).encode()
+                assert clients[1].request("POST", "/api/rollout", body, headers)[0] == 200
+            final = ctl.run(rollout.id, tick_s=0.2, stop=lambda: False)
+            # Both dashboards show every device and the rollout as the controller left it.
+            for client in clients:
+                until(lambda c=client: get(c, "/api/devices")["total"] == N, 30)
+                shown = get(client, "/api/rollouts")["selected"]
+                assert (shown["id"], shown["state"]) == (rollout.id, final.state)
+            stats = [get(c, "/api/ingest") for c in clients]
+            assert all(s["stored"] > 0 and s["refused"] == 0 for s in stats), stats
+            return final, fleet, [get(c, "/api/rollouts")["selected"] for c in clients]
+    finally:
+        feed.close()
+        book.close()
+        for dashboard, server in zip(dashboards, servers, strict=True):
+            dashboard.stop(server)
+
+
+@pytest.mark.timeout(240)
+def test_a_good_version_goes_through_every_stage_on_postgresql(
+    fleet_world: FleetWorld, pg_url: str
+) -> None:
+    policy = Policy(stages=(100, 500, 2500, 10000), soak_s=3.0, deadline_s=15.0)
+    final, fleet, shown = run(fleet_world, pg_url, policy, None, pause=True)
+    assert final.state == "done"
+    assert metadata.published(fleet_world.repo, MODEL, 2)["rollout_bp"] == 10000
+    until(lambda: all(d.active == 2 for d in fleet.devices), 60)
+    for selected in shown:
+        actions = [d["action"] for d in reversed(selected["decisions"]) if d["action"] != "wait"]
+        assert actions[:3] == ["start", "requested-pause", "pause"], actions
+        assert actions.count("widen") == 3 and actions[-1] == "complete", actions
+
+
+@pytest.mark.timeout(240)
+def test_a_bad_version_halts_at_its_first_stage_on_postgresql(
+    fleet_world: FleetWorld, pg_url: str
+) -> None:
+    policy = Policy(stages=(500, 2500, 10000), soak_s=3.0, deadline_s=15.0)
+    mix = Mix(failing=1.0, fail_version=2, fail_p=1.0)
+    final, fleet, shown = run(fleet_world, pg_url, policy, mix, pause=False)
+    assert (final.state, final.stage) == ("halted", 0)
+    assert metadata.published(fleet_world.repo, MODEL, 2)["withdrawn"] is True
+    took = {d.device_id for d in fleet.devices if 2 in d.activated}
+    until(lambda: all(fleet.by_id[d].active == 1 for d in took), 60)
+    for selected in shown:
+        assert selected["decisions"][0]["action"] == "halt"
+        assert selected["failures"], "the page shows the failures and their reasons"
