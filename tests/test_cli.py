@@ -169,9 +169,11 @@ def test_infer_json_equals_in_process_ort(
     np.testing.assert_array_equal(got, ort_output(matmul_onnx, x))  # bit for bit
 
 
-def test_infer_errors_exit_1_with_the_reason(served: Served, workdir: Path) -> None:
+def test_infer_errors_exit_1_with_the_reason(
+    served: Served, x_file: tuple[Path, np.ndarray[Any, Any]], workdir: Path
+) -> None:
     sock = str(served.socket)
-    result = run_cli("infer", "nope", "--input", f"x={workdir / 'x.npy'}", "--socket", sock)
+    result = run_cli("infer", "nope", "--input", f"x={x_file[0]}", "--socket", sock)
     assert result.returncode == 1
     assert "unknown model 'nope'" in result.stderr
     wrong = workdir / "wrong.npy"
