@@ -7,6 +7,10 @@ through one dashboard reaches the controller."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,6 +25,7 @@ from cloud_stub.rollout.decide import Policy
 from cloud_stub.rollout.feed import MqttFeed
 from cloud_stub.rollout.tracker import Tracker
 from tests.cloud_stub.dashboard_http import DashboardHttp
+from tests.cloud_stub.test_dashboard import browser
 from tests.rollout.conftest import MODEL, FleetWorld, fleet_world
 from tests.rollout.test_controller import N, simulated, until
 
@@ -34,7 +39,14 @@ def get(client: DashboardHttp, path: str) -> dict[str, Any]:
     return doc
 
 
-def run(world: FleetWorld, url: str, policy: Policy, mix: Mix | None, pause: bool) -> Any:
+def run(
+    world: FleetWorld,
+    url: str,
+    policy: Policy,
+    mix: Mix | None,
+    pause: bool,
+    shot: Path | None = None,
+) -> Any:
     world.publish(2)
     dashboards = [
         Dashboard("127.0.0.1", world.broker.port, url, group="dashboards", client_id=f"dash-{n}")
@@ -70,7 +82,10 @@ def run(world: FleetWorld, url: str, policy: Policy, mix: Mix | None, pause: boo
                            "Content-Type": "application/json"}  # fmt: skip
                 body = json.dumps({"rollout": rollout.id, "action": "resume"}).encode()
                 assert clients[1].request("POST", "/api/rollout", body, headers)[0] == 200
-            final = ctl.run(rollout.id, tick_s=0.2, stop=lambda: False)
+            if shot is None:
+                final = ctl.run(rollout.id, tick_s=0.2, stop=lambda: False)
+            else:
+                final = run_with_screenshot(ctl, rollout.id, dashboards[0], shot)
             # Both dashboards show every device and the rollout as the controller left it.
             for client in clients:
                 until(lambda c=client: get(c, "/api/devices")["total"] == N, 30)
@@ -86,13 +101,44 @@ def run(world: FleetWorld, url: str, policy: Policy, mix: Mix | None, pause: boo
             dashboard.stop(server)
 
 
+def run_with_screenshot(ctl: Controller, rid: str, dashboard: Dashboard, shot: Path) -> Any:
+    """The controller in a thread; the rollout page in Chromium, photographed at stage 2."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = browser(shot.parent / "profile")
+    done: list[Any] = []
+    thread = threading.Thread(target=lambda: done.append(ctl.run(rid, tick_s=0.2)))
+    try:
+        driver.get(dashboard.login_url())
+        driver.get(f"{dashboard.url}/rollout")
+        thread.start()
+        WebDriverWait(driver, 120).until(
+            lambda d: (
+                "stage 2 of 4" in d.find_element(By.ID, "stages").text
+                or "done" in d.find_element(By.ID, "state").text
+            )
+        )
+        driver.save_screenshot(str(shot))
+    finally:
+        thread.join(180)
+        driver.quit()
+    return done[0]
+
+
 @pytest.mark.timeout(240)
 def test_a_good_version_goes_through_every_stage_on_postgresql(
-    fleet_world: FleetWorld, pg_url: str
+    fleet_world: FleetWorld, pg_url: str, tmp_path: Path
 ) -> None:
     policy = Policy(stages=(100, 500, 2500, 10000), soak_s=3.0, deadline_s=15.0)
-    final, fleet, shown = run(fleet_world, pg_url, policy, None, pause=True)
+    shot = tmp_path / "rollout-live.png"
+    final, fleet, shown = run(fleet_world, pg_url, policy, None, pause=True, shot=shot)
     assert final.state == "done"
+    assert shot.stat().st_size > 20_000
+    artifacts = os.environ.get("EDGE_TEST_ARTIFACTS")
+    if artifacts:
+        Path(artifacts).mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, Path(artifacts) / "fleet-rollout-live.png")
     assert metadata.published(fleet_world.repo, MODEL, 2)["rollout_bp"] == 10000
     until(lambda: all(d.active == 2 for d in fleet.devices), 60)
     for selected in shown:
