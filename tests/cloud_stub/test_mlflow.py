@@ -118,11 +118,45 @@ def test_mlflow_registry_as_a_source(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
+    tiny_int8_tflite: Path,
 ) -> None:
-    """One test, so that one MLflow server serves both stories whatever xdist's split."""
+    """One test, so that one MLflow server serves every story whatever xdist's split."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
     registered_model_to_a_device_in_one_command(tracking_uri, tmp_path / "one", capsys)
     quantized_with_a_chosen_name_and_the_registry_errors(tracking_uri, tmp_path / "two")
+    a_tflite_artifact_and_a_pickle(tracking_uri, tmp_path / "three", tiny_int8_tflite)
+
+
+def a_tflite_artifact_and_a_pickle(tracking_uri: str, tmp_path: Path, tflite: Path) -> None:
+    """A model registered from a run's directory holding a .tflite file is published as it
+    is; one holding only a pickle is refused, saying why."""
+    import pickle
+
+    import mlflow
+
+    tmp_path.mkdir()
+    (tmp_path / "lite").mkdir()
+    (tmp_path / "lite" / "detector.tflite").write_bytes(tflite.read_bytes())
+    (tmp_path / "pickled").mkdir()
+    (tmp_path / "pickled" / "model.pkl").write_bytes(pickle.dumps({"w": [1.0]}, protocol=4))
+    mlflow.set_tracking_uri(tracking_uri)
+    with mlflow.start_run() as run:
+        mlflow.log_artifacts(str(tmp_path / "lite"), artifact_path="lite")
+        mlflow.log_artifacts(str(tmp_path / "pickled"), artifact_path="pickled")
+    client = mlflow.MlflowClient(tracking_uri)
+    for name in ("lite", "pickled"):  # a directory of files, not a logged model
+        client.create_registered_model(name)
+        client.create_model_version(name, f"{run.info.artifact_uri}/{name}", run_id=run.info.run_id)
+    repo = Repository.init(tmp_path / "repo")
+    done = publish_from_mlflow(repo, "models:/lite/1", log=lambda *_: None)
+    assert (done.published.runtime, done.model.flavor) == ("tflite", "artifact")
+    assert _custom(repo, "models/lite/1/model.tflite")["origin"]["mlflow"]["run_id"] == (
+        run.info.run_id
+    )
+    with pytest.raises(RepositoryError) as caught:
+        publish_from_mlflow(repo, "models:/pickled/1", log=lambda *_: None)
+    assert "models:/pickled/1 has no ONNX flavor and no .onnx or .tflite file" in str(caught.value)
+    assert repo.versions("pickled") == []
 
 
 def registered_model_to_a_device_in_one_command(
