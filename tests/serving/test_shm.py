@@ -28,6 +28,7 @@ from agent.daemon import LocalModel
 from agent.errors import RequestError
 from agent.serving.client import InferenceClient
 from agent.serving.shm.client import SharedRegion
+from agent.serving.shm.region import Region
 from tests.serving.conftest import RunningAgent, start_agent
 
 X_BYTES = 64 * 4  # matmul's x: 1 x 64 FP32
@@ -94,6 +95,9 @@ def test_tritonclient_over_tcp(shm_agent: RunningAgent, matmul_onnx: Path, key: 
         client.register_system_shared_memory("io", key, 2 * X_BYTES)
         status = client.get_system_shared_memory_status()
         assert status == [{"name": "io", "key": key, "offset": 0, "byte_size": 2 * X_BYTES}]
+        assert client.get_system_shared_memory_status("io") == status
+        with pytest.raises(InferenceServerException, match="no shared-memory region 'nope'"):
+            client.get_system_shared_memory_status("nope")
         given = triton.InferInput("x", [1, 64], "FP32")
         given.set_shared_memory("io", X_BYTES)
         wanted = triton.InferRequestedOutput("y")
@@ -410,3 +414,21 @@ def test_project_client_errors(shm_agent: RunningAgent, key: str) -> None:
                 region.place(0, "FP32", (1, 64))
     finally:
         region.close()
+
+
+def test_inputs_are_mapped_read_only_and_outputs_only_once_placed(key: str) -> None:
+    make_object(key, 8192)
+    region = Region.open("r", key, 4096, 4096, os.getuid())
+    try:
+        view = region.read(0, 256, "input 'x'")
+        assert view.readonly
+        assert not np.frombuffer(view, np.float32).flags.writeable
+        view.release()
+        assert region._rw is None  # no writable mapping until an output is placed
+        target = region.write(256, 256, "output 'y'")
+        assert not target.readonly
+        target[:4] = b"abcd"
+        target.release()
+        assert Path("/dev/shm", key.lstrip("/")).read_bytes()[4096 + 256 : 4096 + 260] == b"abcd"
+    finally:
+        assert region.close()
