@@ -1,5 +1,11 @@
 """One registered region: a POSIX shm object mapped read-only for inputs and, only once an
-output is placed in it, read-write; its size checked against the object at every use."""
+output is placed in it, read-write; its size checked against the object at every use.
+
+What the check cannot close: a peer that cuts its own object short *while* one of its requests
+runs makes the agent touch a page past the object's end, and the kernel kills the agent with
+SIGBUS (systemd restarts it; every client's regions go). POSIX shm objects cannot be sealed
+against shrinking (memfd seals can, but Triton's protocol names objects by key); Triton maps
+them the same way. Only a client allowed on the socket can do it, to requests of its own."""
 
 from __future__ import annotations
 
