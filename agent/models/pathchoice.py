@@ -17,10 +17,10 @@ measures both under the load actually seen, in epochs of requests:
   never holds the loop). One slow request moves one epoch's
   median by nothing and its time per request by 1/``epoch_requests`` of itself.
 - **decided**: the chosen path serves; its epochs are still measured. After ``recheck_s``,
-  or when ``drift_epochs`` epochs in a row differ from what the decision saw (the load
-  changed: a time per request more than ``drift`` times off, or requests that now overlap in
-  the handler where they did not, or the reverse), it explores again (at most once per
-  ``min_recheck_s``).
+  or when the last ``drift_epochs`` epochs differ from what the decision saw (the load
+  changed: their median time per request more than ``drift`` times off, or most of them
+  overlapping in the handler where the decision's did not, or the reverse), it explores
+  again (at most once per ``min_recheck_s``).
 
 Besides the choice, a ceiling: an inline epoch whose median run takes longer than
 ``max_inline_s`` (the model itself became slow: a throttled CPU, larger inputs) ends the
@@ -47,10 +47,10 @@ class PathPolicy:
     pairs: int = 10  # epochs of each path per exploration
     alpha: float = 0.01
     min_gain: float = 0.05  # the winner is at least this much faster (5 %)
-    recheck_s: float = 15.0
+    recheck_s: float = 30.0
     min_recheck_s: float = 5.0
-    drift: float = 1.3
-    drift_epochs: int = 3
+    drift: float = 1.5
+    drift_epochs: int = 5
     max_inline_s: float = 300e-6
 
 
@@ -80,7 +80,7 @@ class PathChooser:
     _decided_at: float = 0.0
     _decided_level: float = 0.0
     _decided_overlap: bool = False
-    _drifted: int = 0
+    _recent: list[Epoch] = field(default_factory=list)
 
     def take(self, now: float) -> bool:
         """True when the next request runs inline; its epoch starts with the first request."""
@@ -133,24 +133,32 @@ class PathChooser:
         chosen = [e for e in self._epochs if e.path == path]
         self._decided_level = statistics.median(e.per_request_s for e in chosen)
         self._decided_overlap = statistics.median(e.median_s for e in chosen) > self._decided_level
-        self._epochs, self._drifted = [], 0
+        self._epochs, self._recent = [], []
 
     def _watch(self, epoch: Epoch, now: float) -> None:
         policy = self.policy
-        level = self._decided_level
-        ratio = epoch.per_request_s / level if level > 0 else 1.0
-        overlap = epoch.median_s > epoch.per_request_s
-        changed = max(ratio, 1 / ratio) > policy.drift or overlap != self._decided_overlap
-        self._drifted = self._drifted + 1 if changed else 0
+        self._recent = [*self._recent, epoch][-policy.drift_epochs :]
         since = now - self._decided_at
         if since < policy.min_recheck_s:
             return
-        if since >= policy.recheck_s or self._drifted >= policy.drift_epochs:
-            why = "the load changed" if self._drifted >= policy.drift_epochs else "recheck"
+        if since >= policy.recheck_s or self._changed():
+            why = "recheck" if since >= policy.recheck_s else "the load changed"
             self.state, self.explorations = "exploring", self.explorations + 1
             self.path = POOL if self.path == INLINE else INLINE
             self.reason = f"exploring again ({why}); was {self.reason}"
-            self._epochs, self._drifted = [], 0
+            self._epochs, self._recent = [], []
+
+    def _changed(self) -> bool:
+        """Whether the last ``drift_epochs`` epochs saw another load than the decision did:
+        their median time per request ``drift`` times off, or most of them overlapping in the
+        handler where the decision's did not (or the reverse). Medians: one noisy epoch (a
+        burst of other work on the device) is not a changed load."""
+        recent = self._recent
+        if len(recent) < self.policy.drift_epochs or self._decided_level <= 0:
+            return False
+        ratio = statistics.median(e.per_request_s for e in recent) / self._decided_level
+        overlapping = sum(e.median_s > e.per_request_s for e in recent) * 2 > len(recent)
+        return max(ratio, 1 / ratio) > self.policy.drift or overlapping != self._decided_overlap
 
     def describe(self) -> dict[str, Any]:
         """For status: the path, the state and why."""
