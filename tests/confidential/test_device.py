@@ -35,19 +35,21 @@ def publish_encrypted(dev: Device, version: int) -> Path:
     return model
 
 
-def answers(dev: Device) -> bool:
-    try:
-        dev.status()
-    except (ClientError, OSError):
-        return False
-    return True
-
-
 def update_now(dev: Device) -> None:
-    dev.wait_for(lambda: answers(dev))  # the agent listens after it made its key pair
-    with InferenceClient(str(dev.socket), timeout_s=120) as client:
-        status, _, body = client.request("POST", "/agent/update")
-    assert status == 200, body
+    """Ask the agent for an update cycle and wait for it. The agent listens before its admin
+    routes are set up (after its key pair, the socket, then the deployments): until then the
+    socket is missing or the route answers 404."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with InferenceClient(str(dev.socket), timeout_s=120) as client:
+                status, _, body = client.request("POST", "/agent/update")
+        except (ClientError, OSError):
+            status, body = 0, b"not listening yet"
+        if status == 200:
+            return
+        assert status in (0, 404) and time.monotonic() < deadline, (status, body, dev.log_tail())
+        time.sleep(0.1)
 
 
 def events(dev: Device, version: int) -> list[tuple[str, str]]:
