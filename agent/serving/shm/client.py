@@ -74,9 +74,7 @@ class SharedRegion:
             raise
         os.close(fd)
 
-    def place(
-        self, offset: int, datatype: str, shape: tuple[int, ...] | list[int]
-    ) -> PlacedTensor:
+    def place(self, offset: int, datatype: str, shape: tuple[int, ...] | list[int]) -> PlacedTensor:
         """A tensor of ``datatype`` and ``shape`` at ``offset`` (an input already written
         there, or where an output is to go).
 
