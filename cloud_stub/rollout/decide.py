@@ -164,10 +164,17 @@ def judge_latency(evidence: StageEvidence, policy: Policy) -> Judgement:
     return judge.judge_latency(new, old, policy.requests)
 
 
+def _reason(j: Judgement) -> str:
+    """The judge's reason; a count of devices has no latency to speak of."""
+    if j.metric == "errors" and j.candidate_median_ms is None:
+        return j.reason.split("; latency median")[0]
+    return j.reason
+
+
 def _judgement_dict(j: Judgement) -> dict[str, Any]:
     raw = asdict(j)
     raw["outcome"] = j.outcome.value
-    raw["reason"] = j.reason
+    raw["reason"] = _reason(j)
     return raw
 
 
@@ -204,7 +211,7 @@ def decide(evidence: StageEvidence, policy: Policy) -> Decision:
     def decision(action: Action, reasons: list[str], next_bp: int | None = None) -> Decision:
         return Decision(action, stage, next_bp, tuple(reasons), facts)
 
-    failed = [f"{label}: {j.reason}" for label, j in judgements if j.outcome is Outcome.FAIL]
+    failed = [f"{label}: {_reason(j)}" for label, j in judgements if j.outcome is Outcome.FAIL]
     if failed:
         return decision(Action.HALT, failed)
     waits: list[str] = []
@@ -231,7 +238,7 @@ def decide(evidence: StageEvidence, policy: Policy) -> Decision:
             f"{evidence.committed} device(s) committed, the stage needs {policy.min_committed}"
         )
     doubts = [
-        f"{label}: {j.reason}"
+        f"{label}: {_reason(j)}"
         for label, j in judgements
         if j.outcome is Outcome.INCONCLUSIVE and not j.too_few
     ]
@@ -244,7 +251,7 @@ def decide(evidence: StageEvidence, policy: Policy) -> Decision:
                 [f"still inconclusive after {evidence.extensions} extra soak(s)", *doubts],
             )
         return decision(Action.WAIT, ["inconclusive: one more soak", *doubts])
-    notes = waits_note + [f"{label}: {j.reason}" for label, j in judgements]
+    notes = waits_note + [f"{label}: {_reason(j)}" for label, j in judgements]
     if stage + 1 >= len(policy.stages):
         return decision(Action.COMPLETE, ["last stage healthy", *notes])
     next_bp = policy.stages[stage + 1]
