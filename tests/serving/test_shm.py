@@ -25,10 +25,11 @@ import tritonclient.utils.shared_memory as tshm
 from tritonclient.utils import InferenceServerException
 
 from agent.daemon import LocalModel
-from agent.errors import RequestError
+from agent.errors import RequestError, UnavailableError
 from agent.serving.client import InferenceClient
 from agent.serving.shm.client import SharedRegion
 from agent.serving.shm.region import Region
+from agent.serving.shm.registry import ShmLimits, ShmRegistry
 from tests.serving.conftest import RunningAgent, start_agent
 
 X_BYTES = 64 * 4  # matmul's x: 1 x 64 FP32
@@ -432,3 +433,18 @@ def test_inputs_are_mapped_read_only_and_outputs_only_once_placed(key: str) -> N
         assert Path("/dev/shm", key.lstrip("/")).read_bytes()[4096 + 256 : 4096 + 260] == b"abcd"
     finally:
         assert region.close()
+
+
+def test_regions_of_all_peers_are_capped(key: str) -> None:
+    make_object(key, 4096)
+    registry = ShmRegistry(ShmLimits(max_regions_total=2))
+    peers = [registry.peer(("tcp", n), n, os.getuid) for n in range(3)]
+    for peer in peers[:2]:
+        peer.register("r", {"key": key, "offset": 0, "byte_size": 4096})
+    with pytest.raises(UnavailableError, match="holds 2 regions of all its clients"):
+        peers[2].register("r", {"key": key, "offset": 0, "byte_size": 4096})
+    peers[0].close()
+    peers[2].register("r", {"key": key, "offset": 0, "byte_size": 4096})
+    for peer in peers:
+        peer.close()
+    assert registry.mapped == 0

@@ -14,7 +14,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
-from agent.errors import PayloadTooLargeError, RequestError, UnsupportedError
+from agent.errors import PayloadTooLargeError, RequestError, UnavailableError, UnsupportedError
 from agent.serving.shm.keys import Placement, ShmAccessError, check_name, size_field
 from agent.serving.shm.region import Region
 
@@ -27,6 +27,9 @@ class ShmLimits:
 
     max_regions_per_peer: int = 32  # 0: the extension is off
     max_bytes_per_peer: int = 1024 * 1024 * 1024
+    # All peers together: each region holds a file descriptor and a mapping, and on TCP every
+    # connection is a peer of its own.
+    max_regions_total: int = 1024
 
 
 @dataclass(eq=False, slots=True)
@@ -141,6 +144,12 @@ class PeerRegions:
             raise PayloadTooLargeError(
                 f"{what}: this client already has {len(table)} regions, the limit "
                 f"(serving.shm_max_regions_per_peer) is {limits.max_regions_per_peer}"
+            )
+        if registry.mapped >= limits.max_regions_total:
+            raise UnavailableError(
+                f"{what}: the agent holds {registry.mapped} regions of all its clients, its "
+                f"limit; retry later",
+                retry_after_s=1.0,
             )
         used = sum(entry.region.byte_size for entry in table.values())
         if used + byte_size > limits.max_bytes_per_peer:
