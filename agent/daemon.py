@@ -21,6 +21,7 @@ from typing import Any
 
 from agent import faults, systemd
 from agent.config import Config
+from agent.errors import UnavailableError
 from agent.iothread import IoThread
 from agent.models.deployer import DeployConfig, Deployer
 from agent.models.probation import policy_of
@@ -62,6 +63,7 @@ class Agent:
         self.slots = Slots()
         self.metrics = Registry()
         self.serving = Serving(config, self.slots, self.metrics)
+        self._admin_ready = False
         self.status = StatusBoard(self.slots)
         self.watchdog = Watchdog(self.slots, self._ping_watchdog, self.status.publish)
         self.trim = MemoryTrim(
@@ -166,8 +168,9 @@ class Agent:
             io=self.io,
         )
         deployer = self.deployer
+        if self.serving.server.admin is None:
+            self.serving.server.admin = AdminApi(self._admin_operation)
         self.status.deployment = lambda: deployer.activity
-        self.serving.server.admin = AdminApi(self._admin_operation)
         self.serving.handler.status_provider = self._status_extra
         stored = set(store.names())
         for name in self.config.models.follow:
@@ -190,6 +193,7 @@ class Agent:
                 f"repository.{f.name}" for f in dataclasses.fields(self.config.repository)
             )
             self.settings.add_live(["models.follow"])
+        self._admin_ready = True
 
     async def _update_now(self) -> dict[str, Any]:
         assert self.updates is not None
@@ -260,6 +264,11 @@ class Agent:
         return outcome.message
 
     async def _admin_operation(self, operation: Operation, origin: Origin) -> Outcome:
+        if not self._admin_ready:
+            raise UnavailableError(
+                "starting: the agent is loading its models; admin calls are taken once they are",
+                retry_after_s=1.0,
+            )
         return await self.operations().execute(operation, origin)
 
     # -- settings -----------------------------------------------------------------------------
@@ -314,6 +323,10 @@ class Agent:
             # Before the first connection is accepted (with socket activation or without):
             # the agent is not ready, and no request meets an unknown model, until these load.
             await self.serving.announce_models(models)
+            if models is None:
+                # Admin calls get 503 with Retry-After until the deployments have started,
+                # from the first accept: a 404 would say the call does not exist.
+                self.serving.server.admin = AdminApi(self._admin_operation)
             activated = systemd.listen_fds()
             if not activated:
                 # Our own socket: listen at once, so status calls work during a long load and

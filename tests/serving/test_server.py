@@ -733,3 +733,56 @@ def test_unknown_socket_group_is_a_precise_config_error(tmp_path: Path) -> None:
     )
     assert info.value.remedy is not None and "socket_group" in info.value.remedy
     assert not path.exists()  # refused before anything was bound
+
+
+def test_admin_call_while_starting_answers_503_then_is_taken(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon listens before its deployments start: an admin call in between learns to
+    retry (503 with Retry-After), not that the call does not exist (404)."""
+    import asyncio
+
+    from agent.config import AgentSection, Config, ServingSection
+    from agent.daemon import Agent
+    from agent.models.deployer import Deployer
+
+    gate = threading.Event()
+    real_start = Deployer.start
+
+    async def gated_start(self: Deployer) -> None:
+        assert await asyncio.to_thread(gate.wait, 30)
+        await real_start(self)
+
+    monkeypatch.setattr(Deployer, "start", gated_start)
+    sock = tmp_path / "s.sock"
+    state = AgentSection(state_dir=tmp_path / "state")
+    agent = Agent(Config(agent=state, serving=ServingSection(socket=sock)))
+    body = json.dumps({"to": None}).encode()
+    answers: list[tuple[int, dict[str, str], bytes]] = []
+
+    def client_side(loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            wait_for(sock.exists, timeout_s=30)
+            with InferenceClient(str(sock)) as client:
+                status, headers, payload = client.request("POST", "/agent/models/mm/rollback", body)
+                answers.append((status, headers, bytes(payload)))
+                gate.set()
+                wait_for(lambda: agent._admin_ready, timeout_s=30)
+                status, headers, payload = client.request("POST", "/agent/models/mm/rollback", body)
+                answers.append((status, headers, bytes(payload)))
+        finally:
+            gate.set()
+            loop.call_soon_threadsafe(agent.request_stop)
+
+    async def main() -> None:
+        # agent.run() installs signal handlers: it runs in the main thread, the client beside it.
+        running = asyncio.create_task(agent.run())
+        await asyncio.to_thread(client_side, asyncio.get_running_loop())
+        await running
+
+    asyncio.run(main())
+    (status, headers, payload), (after, _, later) = answers
+    assert status == 503, payload
+    assert b"starting" in payload
+    assert "retry-after" in headers, headers
+    assert after == 404, later  # taken now: the model is unknown to this agent
