@@ -18,7 +18,7 @@ def fast_path(loaded: LoadedVersion) -> dict[str, Any]:
         return loaded.path_choice.describe()
     if loaded.inline_elements > 0:
         return {"path": "inline", "state": "eligible", "reason": "no request yet"}
-    return {"path": "pool", "state": "not eligible", "reason": "warm-up median over the threshold"}
+    return {"path": "pool", "state": "not eligible", "reason": "warm-up runs over the threshold"}
 
 
 def version_fields(loaded: LoadedVersion) -> dict[str, Any]:
