@@ -94,7 +94,8 @@ class ServingSection:
     header_timeout_s: float = 10.0  # a request head must arrive whole within this
     body_timeout_s: float = 60.0  # a request body must arrive whole within this of its head
     idle_timeout_s: float = 120.0  # a keep-alive connection is closed after this idle
-    # Models whose p90 on their warm-up input is under this run on the event loop (0: never).
+    # Models faster than this on their warm-up input may run on the event loop, when measured
+    # faster there under the load seen (agent.models.pathchoice); 0: never.
     inline_threshold_us: float = INLINE_THRESHOLD_US
     # gRPC (KServe v2), loaded only when one of these is set (agent/serving/grpc/).
     grpc_socket: Path | None = None  # a Unix socket, with socket_mode and socket_group
