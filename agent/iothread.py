@@ -54,6 +54,10 @@ class IoThread:
             return fn(*args)
         return await asyncio.wrap_future(self._executor.submit(fn, *args))
 
+    def run_soon(self, fn: Callable[..., object], *args: Any) -> None:
+        """Submit ``fn(*args)`` and do not wait (its order is kept; an error is logged)."""
+        self._executor.submit(fn, *args).add_done_callback(_log_failure)
+
     def call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(*args)`` on the worker from another thread (never the event loop's) and
         wait for its result; in the worker itself, run it in place."""
@@ -80,3 +84,8 @@ class IoThread:
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+
+def _log_failure(future: concurrent.futures.Future[object]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.error("io: a job failed", exc_info=future.exception())

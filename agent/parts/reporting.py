@@ -8,6 +8,7 @@ from typing import Any
 
 from agent import __version__
 from agent.config import Config
+from agent.iothread import IoThread
 from agent.models.slots import Slots
 from agent.parts.base import Part
 from agent.serving import modelinfo
@@ -31,8 +32,10 @@ class Reporting(Part):
         metrics: Registry,
         state: Callable[[], StateDB | None],
         on_command: Callable[[Any], Awaitable[str]],
+        io: IoThread | None = None,
     ) -> None:
         self.slots = slots
+        self.io = io  # the agent's I/O thread: the outbox is read and written only there
         self.metrics = metrics
         self._state = state
         self._on_command = on_command
@@ -76,6 +79,7 @@ class Reporting(Part):
             on_command=self._on_command,
             operator_keys=keys,
             events_after=self._events_after,
+            io=self.io,
         )
 
     @property
@@ -100,6 +104,7 @@ class Reporting(Part):
             self.reporter.forward_events()
 
     def mqtt_state(self) -> dict[str, Any] | None:
+        """The reporter's state (reads the outbox: on the I/O thread)."""
         return self.reporter.state() if self.reporter is not None else None
 
     def _events_after(self, after_id: int, limit: int) -> list[Event]:
@@ -138,4 +143,4 @@ class Reporting(Part):
     async def close(self) -> None:
         if self.reporter is not None:
             await self.reporter.stop()
-            self.outbox.close()
+            await self.reporter.close()

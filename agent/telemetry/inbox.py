@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from agent import operations
 from agent.errors import AgentError, CommandError, ConfigError
+from agent.iothread import IoThread
 from agent.telemetry import commands, messages
 from agent.telemetry.outbox import Outbox
 
@@ -53,6 +54,7 @@ class Inbox:
     def __init__(
         self,
         outbox: Outbox,
+        io: IoThread,
         *,
         device_id: str,
         keys: Mapping[str, Ed25519PublicKey],
@@ -60,6 +62,7 @@ class Inbox:
         acknowledge: Callable[[Mapping[str, Any]], None],
     ) -> None:
         self.outbox = outbox  # keeps the last command sequence number (``command_seq``)
+        self._io = io  # where the outbox is read and written
         self.device_id = device_id
         self._keys = keys
         self._on_command = on_command
@@ -77,21 +80,9 @@ class Inbox:
             name = raw_name if isinstance(raw_name, str) else operations.shown(raw_name)
             name = name[:64]
             seq = commands.ack_seq(doc)
-            command = commands.verify(
-                doc,
-                device_id=self.device_id,
-                keys=self._keys,
-                last_seq=self.outbox.counter("command_seq"),
-                now=time.time(),
-            )
-            if command.seq is not None:
-                # Recorded before running it: a crash mid-command must not allow a replay.
-                try:
-                    self.outbox.set_counter("command_seq", command.seq)
-                except sqlite3.Error as exc:
-                    raise CommandError(
-                        f"cannot record its sequence number ({exc}), so it is not run"
-                    ) from exc
+            # Checked and recorded in one job on the I/O thread: two commands delivered
+            # together cannot both pass the sequence check.
+            command = await self._io.run(self._check, doc)
         except CommandError as exc:
             self._ack(name, seq, "rejected", str(exc))
             return
@@ -109,6 +100,26 @@ class Inbox:
             self._ack(name, seq, "failed", f"internal error ({type(exc).__name__}: {exc})")
             return
         self._ack(name, seq, "accepted", result)
+
+    def _check(self, doc: dict[str, Any]) -> commands.Command:
+        """Verify a command against the last sequence number and record its own (the I/O
+        thread's)."""
+        command = commands.verify(
+            doc,
+            device_id=self.device_id,
+            keys=self._keys,
+            last_seq=self.outbox.counter("command_seq"),
+            now=time.time(),
+        )
+        if command.seq is not None:
+            # Recorded before running it: a crash mid-command must not allow a replay.
+            try:
+                self.outbox.set_counter("command_seq", command.seq)
+            except sqlite3.Error as exc:
+                raise CommandError(
+                    f"cannot record its sequence number ({exc}), so it is not run"
+                ) from exc
+        return command
 
     def _ack(self, name: str, seq: int | None, outcome: str, reason: str) -> None:
         say = log.info if outcome == "accepted" else log.warning

@@ -1,10 +1,14 @@
 """The way into the outbox: messages numbered and stored oldest first, held in memory while the
-outbox refuses writes (a full disk)."""
+outbox refuses writes (a full disk).
+
+``put`` only queues (the event loop); ``store`` writes (the I/O thread): the queue is shared
+under a lock held for list operations only, never across a write."""
 
 from __future__ import annotations
 
 import logging
 import sqlite3
+import threading
 import time
 from collections import deque
 from collections.abc import Collection, Mapping
@@ -47,6 +51,7 @@ class Intake:
         self.device_id = device_id
         self._keep = keep  # outbox ids the bound must not drop (handed, not acknowledged)
         self._held: deque[_Held] = deque()
+        self._lock = threading.Lock()
         self._unstored_health = 0
         self.error: str | None = None  # why the outbox refuses writes (None: it does not)
 
@@ -55,14 +60,18 @@ class Intake:
         return len(self._held)
 
     def put(self, topic: str, body: Mapping[str, Any], kind: str, retain: bool = False) -> None:
-        """Queue one message (stamped now) and store what the outbox takes."""
-        self._held.append(_Held(topic, dict(body), kind, retain, time.time()))
-        self.store()
+        """Queue one message (stamped now); ``store`` writes it."""
+        with self._lock:
+            self._held.append(_Held(topic, dict(body), kind, retain, time.time()))
 
     def store(self) -> None:
-        """Move held messages into the outbox, oldest first, until it refuses one."""
-        while self._held:
-            held = self._held[0]
+        """Move held messages into the outbox, oldest first, until it refuses one (one thread
+        at a time: the reporter's I/O thread)."""
+        while True:
+            with self._lock:
+                if not self._held:
+                    break
+                held = self._held[0]
             try:
                 self.outbox.put_message(
                     held.topic,
@@ -75,7 +84,8 @@ class Intake:
             except (sqlite3.Error, StoreError) as exc:
                 self._hold(exc)
                 return
-            self._held.popleft()
+            with self._lock:
+                self._held.popleft()
             if held.kind == "health":
                 self._unstored_health = 0
         if self.error is not None:
@@ -89,13 +99,14 @@ class Intake:
         return messages.envelope(self.device_id, seq, held.created, body)
 
     def _hold(self, exc: Exception) -> None:
-        health = sum(1 for h in self._held if h.kind == "health")
-        self._unstored_health += health
-        kept = deque(h for h in self._held if h.kind != "health")
-        lost = max(0, len(kept) - MAX_HELD)
-        for _ in range(lost):
-            kept.popleft()
-        self._held = kept
+        with self._lock:
+            health = sum(1 for h in self._held if h.kind == "health")
+            self._unstored_health += health
+            kept = deque(h for h in self._held if h.kind != "health")
+            lost = max(0, len(kept) - MAX_HELD)
+            for _ in range(lost):
+                kept.popleft()
+            self._held = kept
         if lost:
             log.error(
                 "mqtt: %d events lost: the outbox refuses writes (%s) and %d are held in memory",

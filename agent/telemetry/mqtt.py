@@ -14,6 +14,12 @@ above the outbox's cursor into a message (``outbox.forward_events``: exactly onc
 restarts and kill -9); it runs at start, when the daemon says a row was written
 (``notify_events``, from any thread), every ``EVENT_POLL_S`` for rows written by other processes
 (``edge-agent import``), and before the goodbye at a stop.
+
+The outbox is never touched on the loop: its writes (the intake's messages, events and their
+cursor, the deletes after PUBACK, the command sequence number) and the drain's reads are jobs
+on the I/O thread (``agent.iothread``, the agent's own; one of the reporter's otherwise), run
+in the order submitted, so a read sees every write asked for before it. A message is sent only
+once read back from the outbox: it is stored before it can count as sent.
 """
 
 from __future__ import annotations
@@ -30,12 +36,14 @@ from typing import TYPE_CHECKING, Any
 import paho.mqtt.client as mqtt
 
 from agent.errors import StoreError
+from agent.iothread import IoThread
 from agent.telemetry import messages
 from agent.telemetry.inbox import CommandHandler, Inbox, load_operator_keys
 from agent.telemetry.intake import Intake
+from agent.telemetry.jobs import Coalesced
 from agent.telemetry.link import Dialer, Link, ReporterConfig, call_soon
 from agent.telemetry.outbox import EventsAfter, Message, Outbox, forward_events
-from agent.telemetry.sendplan import IDLE_S, SendPlan, Window
+from agent.telemetry.sendplan import IDLE_S, Reads, SendPlan, Window
 
 __all__ = ["CommandHandler", "Reporter", "ReporterConfig", "load_operator_keys"]
 
@@ -70,9 +78,12 @@ class Reporter:
         on_command: CommandHandler,
         operator_keys: Mapping[str, Ed25519PublicKey],
         events_after: EventsAfter | None = None,
+        io: IoThread | None = None,
     ) -> None:
         self.config = config
         self.outbox = outbox
+        self._own_io = io is None
+        self.io = io if io is not None else IoThread("mqtt-io")
         self.device_id = device_id
         self.topics = messages.Topics(fleet, device_id)
         self.agent_version = agent_version
@@ -93,6 +104,7 @@ class Reporter:
         self._intake = Intake(outbox, device_id, keep=self._plan.unacked)
         self._inbox = Inbox(
             outbox,
+            self.io,
             device_id=device_id,
             keys=operator_keys,
             on_command=on_command,
@@ -102,6 +114,11 @@ class Reporter:
         self._wake = asyncio.Event()
         self._health_wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._store = Coalesced(self.io, self._intake.store, self._stored)
+        self._forward = Coalesced(self.io, self._forward_job, self._forwarded)
+        self._link_generation = 0  # a connection's up or down since the drain's read
+        self._acked: set[int] = set()  # acknowledged, not yet seen deleted by a read
+        self._deleted: set[int] = set()  # deleted (the I/O thread's), for the next read
         self.sent = 0
 
     def reconfigure(self, **changes: Any) -> None:
@@ -118,18 +135,28 @@ class Reporter:
     # -- messages in ------------------------------------------------------------------------
 
     def _put(self, topic: str, body: Mapping[str, Any], kind: str, retain: bool = False) -> None:
+        """Queue a message; the intake stores it on the I/O thread, then the drain looks."""
         self._intake.put(topic, body, kind, retain)
+        self._store.soon()
+
+    def _stored(self, _result: None) -> None:
         self._wake.set()
 
+    async def stored(self) -> None:
+        """Wait until every message queued so far is in the outbox (or held: a full disk)."""
+        await self._store.now()
+
     def _outbox_size(self) -> tuple[int, int]:
-        """(messages, bytes) in the outbox; (-1, -1) when it cannot even be read."""
+        """(messages, bytes) in the outbox; (-1, -1) when it cannot even be read (the I/O
+        thread's)."""
         try:
             return self.outbox.size()
         except sqlite3.Error:
             return -1, -1
 
     def state(self) -> dict[str, Any]:
-        """For `edge-agent status`: the broker connection and what waits to be sent."""
+        """For `edge-agent status`: the broker connection and what waits to be sent (reads the
+        outbox: call it on the I/O thread)."""
         waiting, size = self._outbox_size()
         return {
             "connected": self._connected.is_set(),
@@ -144,14 +171,28 @@ class Reporter:
         self._put(self.topics.events, messages.event(kind, model, version, reason), "event")
 
     def notify_events(self) -> None:
-        """Rows were added to the events table (any thread): forward them soon, on the loop."""
+        """Rows were added to the events table (any thread): forward them soon."""
         call_soon(self._loop, self.forward_events)
 
     def forward_events(self) -> None:
-        """Make every event above the outbox's cursor into a message (on the loop). When the
-        outbox refuses writes, the events wait in the state database for the next try."""
+        """Forward the events above the outbox's cursor soon, on the I/O thread (on the loop)."""
+        self._forward.soon()
+
+    async def forwarded(self) -> None:
+        """Forward the events above the outbox's cursor (a slice) and wait until they are in."""
+        await self._forward.now()
+
+    def _forwarded(self, count: int) -> None:
+        if count:
+            self._wake.set()
+        if count == EVENT_SLICE:
+            self._forward.soon()  # more may wait: the next slice after what is queued
+
+    def _forward_job(self) -> int:
+        """Make every event above the outbox's cursor into a message (the I/O thread's). When
+        the outbox refuses writes, the events wait in the state database for the next try."""
         if self._events_after is None:
-            return
+            return 0
         try:
             count = forward_events(
                 self.outbox,
@@ -169,14 +210,11 @@ class Reporter:
                     exc,
                 )
             self._event_error = str(exc)
-            return
+            return 0
         if self._event_error is not None:
             log.info("mqtt: events are forwarded again (it failed with: %s)", self._event_error)
             self._event_error = None
-        if count:
-            self._wake.set()
-        if count == EVENT_SLICE:
-            call_soon(self._loop, self.forward_events)  # more may wait: the next slice later
+        return count
 
     def _event_payload(self, event: Event, seq: int) -> bytes:
         body = messages.event(event.kind, event.name, event.version, event.reason)
@@ -187,16 +225,16 @@ class Reporter:
             self.forward_events()
             await asyncio.sleep(EVENT_POLL_S)
 
-    def publish_health(self) -> None:
+    async def publish_health(self) -> None:
         body = self._health()
-        waiting, size = self._outbox_size()
+        waiting, size = await self.io.run(self._outbox_size)
         body["outbox"] = {"messages": waiting, "bytes": size, "held_in_memory": len(self._intake)}
         self._put(self.topics.health, body, "health")
 
     async def _health_loop(self) -> None:
         while True:
             try:
-                self.publish_health()
+                await self.publish_health()
             except Exception:
                 log.exception("mqtt: building the health message failed")
             self._health_wake.clear()
@@ -217,16 +255,17 @@ class Reporter:
 
     async def stop(self, timeout_s: float = 3.0) -> None:
         """Say goodbye (retained offline status), flush what fits in ``timeout_s``, disconnect."""
-        self.forward_events()  # the last events first (those of a clean stop)
+        await self.forwarded()  # the last events first (those of a clean stop)
         self._put(
             self.topics.status,
             messages.offline(self.agent_version, "stopped"),
             "status",
             retain=True,
         )
+        await self.stored()
         deadline = time.monotonic() + timeout_s
         while self._connected.is_set() and time.monotonic() < deadline:
-            if self._outbox_size()[0] == 0:
+            if (await self.io.run(self._outbox_size))[0] == 0:
                 break
             await asyncio.sleep(0.05)
         self._dialer.stopping = True
@@ -242,18 +281,43 @@ class Reporter:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await self._store.aclose()
+        await self._forward.aclose()
         if link is not None:
             await asyncio.to_thread(link.client.loop_stop)
+
+    async def close(self) -> None:
+        """Close the outbox (on the I/O thread, after every job), and the I/O thread if it
+        is the reporter's own."""
+        await self.io.run(self.outbox.close)
+        if self._own_io:
+            await self.io.aclose()
 
     # -- the connection's news (link.LinkHandler, on the loop) ------------------------------
 
     def link_up(self, link: Link) -> None:
         link.client.subscribe(self.topics.commands, qos=1)
+        self._link_generation += 1
+        assert self._loop is not None
+        self._tasks.append(self._loop.create_task(self._link_up(link, self._link_generation)))
+
+    def _last_ids(self) -> dict[str, int]:
         try:
-            last = self.outbox.last_ids()
+            return self.outbox.last_ids()
         except sqlite3.Error as exc:
             log.warning("mqtt: cannot read the outbox (%s); sending what it holds unordered", exc)
-            last = {}
+            return {}
+
+    async def _link_up(self, link: Link, generation: int) -> None:
+        """The backlog is what the outbox holds as the connection comes up (read on the I/O
+        thread, after every write asked for before)."""
+        last = await self.io.run(self._last_ids)
+        if (
+            generation != self._link_generation
+            or link is not self._dialer.link
+            or link.ended.is_set()
+        ):
+            return  # it went down meanwhile
         self._plan.connected(last, time.monotonic())
         self._put(
             self.topics.status,
@@ -270,22 +334,29 @@ class Reporter:
         if not self._dialer.stopping:
             log.warning("mqtt: disconnected (%s); buffering in the outbox", why)
         self._connected.clear()
+        self._link_generation += 1
         self._plan.disconnected()
 
     def puback(self, mid: int) -> None:
         message_id = self._plan.acked(mid)
         if message_id is None:
             return
+        # Not sent again while its delete waits for the I/O thread (a read before it sees it).
+        self._acked.add(message_id)
+        self.io.run_soon(self._delete, message_id)
+        self.sent += 1
+        self._wake.set()
+
+    def _delete(self, message_id: int) -> None:
         try:
             self.outbox.delete(message_id)
         except sqlite3.Error as exc:
-            # It stays in the outbox and goes again after a reconnect: a duplicate, which QoS 1
-            # allows, rather than a loss.
+            # It stays in the outbox and goes again: a duplicate, which QoS 1 allows, rather
+            # than a loss.
             log.warning(
                 "mqtt: cannot delete acknowledged message %d from the outbox (%s)", message_id, exc
             )
-        self.sent += 1
-        self._wake.set()
+        self._deleted.add(message_id)
 
     def message(self, payload: bytes) -> None:
         assert self._loop is not None
@@ -298,7 +369,7 @@ class Reporter:
             await self._connected.wait()
             self._wake.clear()
             try:
-                wait_s = self._send_ready()
+                wait_s = await self._send_ready()
             except sqlite3.Error as exc:
                 log.warning("mqtt: cannot read the outbox (%s); trying again", exc)
                 wait_s = IDLE_S
@@ -313,16 +384,23 @@ class Reporter:
                 async with asyncio.timeout(min(wait_s, IDLE_S)):
                     await self._wake.wait()
 
-    def _send_ready(self) -> float:
-        """Read what the plan asks for, publish what it chooses (status, live, backlog, in
-        that order); returns how long to wait at most before looking again."""
+    async def _send_ready(self) -> float:
+        """Read what the plan asks for (on the I/O thread), publish what it chooses (status,
+        live, backlog, in that order); returns how long to wait at most before looking again."""
         link = self._dialer.link
         reads = self._plan.reads(time.monotonic())
         if link is None or not self._connected.is_set() or reads is None:
             return IDLE_S
-        turn = self._plan.choose(
-            reads, self._read(reads.status), self._read(reads.live), self._read(reads.backlog)
+        generation = self._link_generation
+        deleted, status, live, backlog = await self.io.run(self._read_all, reads)
+        if generation != self._link_generation or link is not self._dialer.link:
+            return 0.0  # the connection changed meanwhile: read again for the new one
+        acked = self._acked
+        status, live, backlog = (
+            [m for m in found if m.id not in acked] for found in (status, live, backlog)
         )
+        acked -= deleted  # read after their delete: they will not be read again
+        turn = self._plan.choose(reads, status, live, backlog)
         mids: list[int] = []
         try:
             for message in turn.messages:
@@ -333,6 +411,18 @@ class Reporter:
         finally:
             wait_s = self._plan.handed(turn, mids)  # what went is in flight, whatever happens
         return wait_s
+
+    def _read_all(
+        self, reads: Reads
+    ) -> tuple[set[int], list[Message], list[Message], list[Message]]:
+        """The I/O thread's: the deletes done before these reads, and the three windows."""
+        deleted, self._deleted = self._deleted, set()
+        return (
+            deleted,
+            self._read(reads.status),
+            self._read(reads.live),
+            self._read(reads.backlog),
+        )
 
     def _read(self, window: Window | None) -> list[Message]:
         if window is None:

@@ -98,7 +98,7 @@ def test_backlog_drains_at_its_rate_and_live_messages_go_first(
         try:
             await until(lambda: len(recorder.of("/events")) >= 5)
             queued = time.monotonic()
-            reporter.publish_health()
+            await reporter.publish_health()
             reporter.publish_event("pinned", "m", 999, "live")
             command = json.dumps({"command": "check-update", "device": "dev-r"}).encode()
             recorder.client.publish("edge/t/dev-r/commands", command, qos=1)
