@@ -301,7 +301,8 @@ def test_an_object_of_another_user_is_refused(shm_agent: RunningAgent, key: str)
     """A client as 'nobody' (over TCP: its uid read from /proc/net/tcp) may not register an
     object root owns, even one the agent can read; its own object it may."""
     make_object(key, 4096, 0o644)
-    nobody = pwd.getpwnam("nobody").pw_uid
+    account = pwd.getpwnam("nobody")  # looked up before the fork: the child calls no NSS
+    nobody, nogroup = account.pw_uid, account.pw_gid
     own = key + "-nobody"
     read_end, write_end = os.pipe()
     pid = os.fork()
@@ -309,7 +310,7 @@ def test_an_object_of_another_user_is_refused(shm_agent: RunningAgent, key: str)
         status = 1
         try:
             os.close(read_end)
-            os.setgid(pwd.getpwnam("nobody").pw_gid)
+            os.setgid(nogroup)
             os.setuid(nobody)
             with tcp(shm_agent) as sock:
                 answers = [
