@@ -55,6 +55,7 @@ from cloud_stub.fleet.store import open_store
 log = logging.getLogger(__name__)
 
 MAX_BODY = 16 * 1024
+STREAM_INTERVAL_S = 0.5
 STATUS_OF = {NotLoggedInError: 401, ForeignRequestError: 403, NotJsonError: 403}
 
 
@@ -266,6 +267,8 @@ class Dashboard:
                             data = json.dumps(state.summary())
                             self.wfile.write(f"data: {data}\n\n".encode())
                         self.wfile.flush()
+                        # A busy fleet changes the store every batch: at most a few a second.
+                        dashboard.closing.wait(STREAM_INTERVAL_S)
                 except (OSError, sqlite3.Error, FleetStoreError):  # the browser left, or we stop
                     return
 

@@ -17,6 +17,7 @@ from cloud_stub.fleet.store import open_store
 from cloud_stub.fleet.stream import device_messages
 from tests.cloud_stub.dashboard_http import DashboardHttp
 from tests.cloud_stub.test_dashboard import browser
+from tests.fleet.pages import click, text
 from tests.telemetry.conftest import Broker
 
 DEVICES = 10_000
@@ -122,49 +123,41 @@ def test_device_list_and_rollout_page_at_fleet_size(tmp_path: Path) -> None:
         driver = browser(tmp_path / "profile")
         try:
             driver.get(dashboard.login_url())
-            WebDriverWait(driver, 30).until(
-                lambda d: f"1–50 of {DEVICES}" in d.find_element(By.ID, "range").text
-            )
-            assert "sim-00000" in driver.find_element(By.ID, "devices").text
+            WebDriverWait(driver, 30).until(lambda d: f"1–50 of {DEVICES}" in text(d, "range"))
+            assert "sim-00000" in text(driver, "devices")
             driver.find_element(By.ID, "search").send_keys("sim-0420")
-            WebDriverWait(driver, 30).until(
-                lambda d: "1–10 of 10" in d.find_element(By.ID, "range").text
+            WebDriverWait(driver, 30).until(lambda d: "1–10 of 10" in text(d, "range"))
+            rows = driver.execute_script(
+                "return [...document.querySelectorAll('#devices tr')].map(r => r.innerText)"
             )
-            rows = driver.find_element(By.ID, "devices").find_elements(By.TAG_NAME, "tr")
-            assert [r.text.split()[0] for r in rows] == [f"sim-0420{n}" for n in range(10)]
-            assert "vad v3" in rows[0].text  # sim-04200 is not on the new version
-            driver.find_element(By.ID, "next").click()  # nothing past the last page
-            assert "1–10 of 10" in driver.find_element(By.ID, "range").text
+            assert [r.split()[0] for r in rows] == [f"sim-0420{n}" for n in range(10)]
+            assert "vad v3" in rows[0]  # sim-04200 is not on the new version
+            click(driver, "next")  # nothing past the last page
+            assert "1–10 of 10" in text(driver, "range")
             driver.save_screenshot(str(tmp_path / "devices.png"))
 
             driver.get(f"{dashboard.url}/rollout")
             WebDriverWait(driver, 30).until(
-                lambda d: f"{ON_NEW} of {DEVICES}" in d.find_element(By.ID, "versions").text
+                lambda d: f"{ON_NEW} of {DEVICES}" in text(d, "versions")
             )
-            assert "running" in driver.find_element(By.ID, "state").text
-            assert "stage 2 of 4" in driver.find_element(By.ID, "stages").text
-            failures = driver.find_element(By.ID, "failures").text
+            assert "running" in text(driver, "state")
+            assert "stage 2 of 4" in text(driver, "stages")
+            failures = text(driver, "failures")
             assert "p99 latency 4.1 ms against 1.2 ms" in failures
             assert "model errors 12 of 400" in failures
-            decisions = driver.find_element(By.ID, "decisions").text
+            decisions = text(driver, "decisions")
             assert "hold" in decisions and "p_failures=0.12" in decisions
             assert "advance" in decisions and "committed=100" in decisions
             shot = tmp_path / "rollout.png"
             driver.save_screenshot(str(shot))
             assert shot.stat().st_size > 20_000
 
-            driver.find_element(By.ID, "pause").click()
-            WebDriverWait(driver, 20).until(
-                lambda d: "pause requested" in d.find_element(By.ID, "answer").text
-            )
-            WebDriverWait(driver, 20).until(
-                lambda d: "requested by dashboard" in d.find_element(By.ID, "title").text
-            )
-            assert "requested-pause" in driver.find_element(By.ID, "decisions").text
-            driver.find_element(By.ID, "resume").click()
-            WebDriverWait(driver, 20).until(
-                lambda d: "refused: cannot resume" in d.find_element(By.ID, "answer").text
-            )
+            click(driver, "pause")
+            WebDriverWait(driver, 20).until(lambda d: "pause requested" in text(d, "answer"))
+            WebDriverWait(driver, 20).until(lambda d: "requested by dashboard" in text(d, "title"))
+            assert "requested-pause" in text(driver, "decisions")
+            click(driver, "resume")
+            WebDriverWait(driver, 20).until(lambda d: "refused: cannot resume" in text(d, "answer"))
             driver.save_screenshot(str(tmp_path / "rollout-paused.png"))
         finally:
             driver.quit()

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from cloud_stub.rollout.feed import MqttFeed
 from cloud_stub.rollout.tracker import Tracker
 from tests.cloud_stub.dashboard_http import DashboardHttp
 from tests.cloud_stub.test_dashboard import browser
+from tests.fleet.pages import text
 from tests.rollout.conftest import MODEL, FleetWorld, fleet_world
 from tests.rollout.test_controller import N, simulated, until
 
@@ -46,7 +48,9 @@ def run(
     mix: Mix | None,
     pause: bool,
     shot: Path | None = None,
+    inside: Callable[[Any, Any], None] = lambda _final, _fleet: None,
 ) -> Any:
+    """The rollout to its end; ``inside(final, fleet)`` runs while the fleet still runs."""
     world.publish(2)
     dashboards = [
         Dashboard("127.0.0.1", world.broker.port, url, group="dashboards", client_id=f"dash-{n}")
@@ -91,6 +95,7 @@ def run(
                 until(lambda c=client: get(c, "/api/devices")["total"] == N, 30)
                 shown = get(client, "/api/rollouts")["selected"]
                 assert (shown["id"], shown["state"]) == (rollout.id, final.state)
+            inside(final, fleet)
             stats = [get(c, "/api/ingest") for c in clients]
             assert all(s["stored"] > 0 and s["refused"] == 0 for s in stats), stats
             return final, fleet, [get(c, "/api/rollouts")["selected"] for c in clients]
@@ -103,7 +108,6 @@ def run(
 
 def run_with_screenshot(ctl: Controller, rid: str, dashboard: Dashboard, shot: Path) -> Any:
     """The controller in a thread; the rollout page in Chromium, photographed at stage 2."""
-    from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     driver = browser(shot.parent / "profile")
@@ -114,10 +118,7 @@ def run_with_screenshot(ctl: Controller, rid: str, dashboard: Dashboard, shot: P
         driver.get(f"{dashboard.url}/rollout")
         thread.start()
         WebDriverWait(driver, 120).until(
-            lambda d: (
-                "stage 2 of 4" in d.find_element(By.ID, "stages").text
-                or "done" in d.find_element(By.ID, "state").text
-            )
+            lambda d: "stage 2 of 4" in text(d, "stages") or "done" in text(d, "state")
         )
         driver.save_screenshot(str(shot))
     finally:
@@ -132,7 +133,13 @@ def test_a_good_version_goes_through_every_stage_on_postgresql(
 ) -> None:
     policy = Policy(stages=(100, 500, 2500, 10000), soak_s=3.0, deadline_s=15.0)
     shot = tmp_path / "rollout-live.png"
-    final, fleet, shown = run(fleet_world, pg_url, policy, None, pause=True, shot=shot)
+
+    def everyone_takes_it(_final: Any, fleet: Any) -> None:
+        until(lambda: all(d.active == 2 for d in fleet.devices), 60)
+
+    final, _, shown = run(
+        fleet_world, pg_url, policy, None, pause=True, shot=shot, inside=everyone_takes_it
+    )
     assert final.state == "done"
     assert shot.stat().st_size > 20_000
     artifacts = os.environ.get("EDGE_TEST_ARTIFACTS")
@@ -140,7 +147,6 @@ def test_a_good_version_goes_through_every_stage_on_postgresql(
         Path(artifacts).mkdir(parents=True, exist_ok=True)
         shutil.copy(shot, Path(artifacts) / "fleet-rollout-live.png")
     assert metadata.published(fleet_world.repo, MODEL, 2)["rollout_bp"] == 10000
-    until(lambda: all(d.active == 2 for d in fleet.devices), 60)
     for selected in shown:
         actions = [d["action"] for d in reversed(selected["decisions"]) if d["action"] != "wait"]
         assert actions[:3] == ["start", "requested-pause", "pause"], actions
@@ -153,11 +159,15 @@ def test_a_bad_version_halts_at_its_first_stage_on_postgresql(
 ) -> None:
     policy = Policy(stages=(500, 2500, 10000), soak_s=3.0, deadline_s=15.0)
     mix = Mix(failing=1.0, fail_version=2, fail_p=1.0)
-    final, fleet, shown = run(fleet_world, pg_url, policy, mix, pause=False)
+
+    def everyone_returns(_final: Any, fleet: Any) -> None:
+        took = {d.device_id for d in fleet.devices if 2 in d.activated}
+        assert took, "the canaries took it"
+        until(lambda: all(fleet.by_id[d].active == 1 for d in took), 60)
+
+    final, _, shown = run(fleet_world, pg_url, policy, mix, pause=False, inside=everyone_returns)
     assert (final.state, final.stage) == ("halted", 0)
     assert metadata.published(fleet_world.repo, MODEL, 2)["withdrawn"] is True
-    took = {d.device_id for d in fleet.devices if 2 in d.activated}
-    until(lambda: all(fleet.by_id[d].active == 1 for d in took), 60)
     for selected in shown:
         assert selected["decisions"][0]["action"] == "halt"
         assert selected["failures"], "the page shows the failures and their reasons"
