@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tuf.api.metadata import TargetFile
 
-from agent.confidential import envelope, keywrap
+from agent.confidential import envelope, keywrap, weights
 from agent.confidential.keywrap import Encryption, KeysDocument
 from agent.models.store import atomic_write
 from cloud_stub import enroll
@@ -47,14 +47,25 @@ def seal(
     mode: str,
     files: Mapping[str, bytes],
     chunk_bytes: int = envelope.DEFAULT_CHUNK_BYTES,
+    split_weights: bool = True,
 ) -> Sealed:
     """Encrypt ``files`` (file name -> plaintext) of ``name`` ``version`` with a fresh content
     key, and wrap it for the recipients of ``mode``.
+
+    With ``split_weights``, an ONNX model's large initializers go into their own encrypted
+    file, ``weights.bin`` (``cloud_stub.split``), which the device uses in place; without it
+    (or when nothing is large) the model is one encrypted file, as before.
 
     Raises:
         RepositoryError: no recipients for ``mode``.
     """
     recipients = enroll.recipients(repo_root, mode)
+    if split_weights and "model.onnx" in files:
+        from cloud_stub.split import split
+
+        parts = split(files["model.onnx"])
+        if parts is not None:
+            files = {**files, "model.onnx": parts[0], weights.WEIGHTS_FILE: parts[1]}
     key, content_id = os.urandom(envelope.KEY_BYTES), os.urandom(envelope.CONTENT_ID_BYTES)
     path = _key_file(repo_root, name, version)
     path.parent.mkdir(parents=True, exist_ok=True)

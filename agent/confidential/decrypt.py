@@ -20,10 +20,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol
 
+import numpy as np
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from agent.confidential import identity, keywrap
+from agent.confidential import identity, keywrap, weights
 from agent.confidential.envelope import (
     HEADER_BYTES,
     TAG_BYTES,
@@ -117,6 +118,9 @@ class Plaintext:
             _libc.munlock(self._address, self.size)
         self.data = b""
         self.size = 0
+
+    def __del__(self) -> None:
+        self.wipe()
 
     def __enter__(self) -> Plaintext:
         return self
@@ -288,3 +292,57 @@ def open_version(
         "locked" if model.locked else "not locked",
     )
     return model, smoke
+
+
+class Weights:
+    """The decrypted weights blob of a split ONNX model: one locked buffer and numpy views on
+    it (``arrays``, name -> read-only array, no copy), which ONNX Runtime uses in place. It
+    must live as long as the session (the session keeps a reference); the buffer is zeroed
+    and unlocked when the last reference goes."""
+
+    def __init__(self, plaintext: Plaintext) -> None:
+        self.plaintext = plaintext
+        self.specs = weights.parse_index(plaintext.data, f"{plaintext.where}: weights.bin")
+        self.arrays: dict[str, np.ndarray[Any, Any]] = weights.views(plaintext.data, self.specs)
+
+    @property
+    def locked(self) -> bool:
+        return self.plaintext.locked
+
+
+def open_weights(
+    version_dir: Path,
+    name: str,
+    version: int,
+    custom: Mapping[str, Any],
+    identity_dir: Path | None = None,
+) -> Weights | None:
+    """The decrypted weights of a stored split ONNX version; None when it has none (in clear,
+    or encrypted as one file, as versions published before the split were).
+
+    Raises:
+        DecryptionError (KeyUnavailableError among them): naming the model and version.
+    """
+    if "encryption" not in custom:
+        return None
+    where = f"model {name} version {version}"
+    info = keywrap.parse_encryption(custom.get("encryption"), name, version, where)
+    if weights.WEIGHTS_FILE not in info.files:
+        return None
+    keys_dir = identity_dir or identity.beside_version(version_dir)
+    key = content_key(version_dir, name, version, info, keys_dir)
+    path = f"models/{name}/{version}/{weights.WEIGHTS_FILE}"
+    plaintext = decrypt_file(version_dir / weights.WEIGHTS_FILE, key, path, info.content_id, where)
+    try:
+        found = Weights(plaintext)
+    except BaseException:
+        plaintext.wipe()
+        raise
+    log.info(
+        "%s: weights decrypted in memory (%d bytes, %d tensors, %s), used in place",
+        where,
+        plaintext.size,
+        len(found.specs),
+        "locked" if plaintext.locked else "not locked",
+    )
+    return found

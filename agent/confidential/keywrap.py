@@ -273,7 +273,8 @@ def parse_encryption(raw: Any, name: str, version: int, where: str) -> Encryptio
         raise DecryptionError(f"{where}: custom.encryption.keys must be {keys_target!r}")
     files = raw.get("files")
     if not isinstance(files, list) or not all(
-        isinstance(f, str) and f in ("model.onnx", "model.tflite", "smoke.json") for f in files
+        isinstance(f, str) and f in ("model.onnx", "model.tflite", "smoke.json", "weights.bin")
+        for f in files
     ):
         raise DecryptionError(f"{where}: custom.encryption.files must list the version's files")
     content_id = unb64(raw.get("content_id"), CONTENT_ID_BYTES, f"{where}: content_id")

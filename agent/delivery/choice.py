@@ -49,7 +49,7 @@ def listing(
     candidates: list[ModelTarget] = []
     refused: list[tuple[str, str]] = []
     for path, info in found.items():
-        if path.endswith(("/smoke.json", "/keys.json")):  # a version's files, not versions
+        if path.endswith(("/smoke.json", "/keys.json", "/weights.bin")):  # a version's files
             continue
         try:
             candidates.append(parse_target(path, info.length, info.hashes, info.custom))

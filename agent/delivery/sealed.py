@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tuf.ngclient import Updater
 
-from agent.confidential import identity, keywrap
+from agent.confidential import identity, keywrap, weights
 from agent.confidential.identity import KeyUnavailableError
 from agent.delivery.download import TargetDownloader
 from agent.delivery.targets import ModelTarget
@@ -68,3 +68,38 @@ def fetch_keys(
             "(`edge-cloud rewrap`); not downloaded"
         )
     return keys_file
+
+
+def fetch_weights(
+    updater: Updater,
+    target: ModelTarget,
+    staging: Path,
+    downloader: TargetDownloader,
+    consistent: bool,
+    max_bytes: int,
+) -> Path | None:
+    """Download the encrypted weights blob of a split ONNX ``target`` (``weights.bin``) into
+    ``staging``; None when the version has none (clear, or one encrypted file).
+
+    Raises:
+        TrustError: the blob is not signed, over ``max_bytes`` with the model, or its bytes
+            differ from the signed ones.
+    """
+    raw = target.custom.get("encryption")
+    if raw is None:
+        return None
+    where = f"model {target.name} version {target.version}"
+    info = keywrap.parse_encryption(raw, target.name, target.version, where)
+    if weights.WEIGHTS_FILE not in info.files:
+        return None
+    path = f"models/{target.name}/{target.version}/{weights.WEIGHTS_FILE}"
+    blob = updater.get_targetinfo(path)
+    if blob is None:
+        raise TrustError(f"{where}: its weights target {path} is not signed")
+    if blob.length + target.length > max_bytes:
+        raise TrustError(
+            f"{where}: {path} is {blob.length} bytes, over the limit of {max_bytes} with the model"
+        )
+    file = staging / weights.WEIGHTS_FILE
+    downloader.download(blob, file, f"weights of {where}", consistent)
+    return file

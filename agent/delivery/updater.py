@@ -267,6 +267,16 @@ class ModelUpdater:
             files = {target.file_name: model_file}
             if keys_file is not None:
                 files[keys_file.name] = keys_file
+                blob = sealed.fetch_weights(
+                    updater,
+                    target,
+                    staging,
+                    self._downloader,
+                    consistent,
+                    self.config.max_model_bytes,
+                )
+                if blob is not None:
+                    files[blob.name] = blob
             if target.smoke_target is not None:
                 smoke_info = updater.get_targetinfo(target.smoke_target)
                 if smoke_info is None:

@@ -80,6 +80,7 @@ class OnnxSession:
         # The arena keeps freed blocks for reuse; on a device serving small models it mostly
         # holds memory the rest of the system could use.
         so.enable_cpu_mem_arena = options.memory_arena
+        values = _in_place(so, options.weights)
         wanted = list(options.providers) or ["CPUExecutionProvider"]
         settings = dict(options.provider_options)
         try:
@@ -92,6 +93,8 @@ class OnnxSession:
             raise ModelError(
                 f"{path}: ONNX Runtime cannot load the model on {wanted[0]}: {exc}"
             ) from exc
+        # The decrypted weights the session reads in place live as long as it (after it).
+        self._weights = (options.weights, values)
         if model is not None:
             # ORT's wrapper would keep the bytes as long as the session; the caller wipes them.
             self._session._model_bytes = None
@@ -134,6 +137,22 @@ class OnnxSession:
     def close(self) -> None:
         # Dropping the last reference frees the session; keep the object usable for errors.
         self._session = None
+
+
+def _in_place(so: Any, weights: Any) -> list[Any]:
+    """Hand ONNX Runtime the decrypted weights of a split model as initializers over their
+    buffer. Both calls are needed: the external initializers resolve the graph's external
+    data (a transient copy while the graph loads), the shared ones make the session use the
+    buffer in place; pre-packing is off, or it would keep a packed copy of every weight."""
+    if weights is None:
+        return []
+    names = list(weights.arrays)
+    values = [ort.OrtValue.ortvalue_from_numpy(weights.arrays[name]) for name in names]
+    so.add_external_initializers(names, values)
+    for name, value in zip(names, values, strict=True):
+        so.add_initializer(name, value)
+    so.add_session_config_entry("session.disable_prepacking", "1")
+    return values
 
 
 def available_providers() -> list[str]:

@@ -29,6 +29,9 @@ class RuntimeOptions:
     providers: tuple[str, ...] = ()
     provider_options: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = ()
     delegates: tuple[Delegate, ...] = ()
+    # An encrypted ONNX model split from its weights: agent.confidential.decrypt.Weights, its
+    # tensors used in place; the session keeps it alive (ONNX Runtime only).
+    weights: Any = None
 
 
 class Session(Protocol):

@@ -116,6 +116,7 @@ def validate_version(
     fallbacks = [f"{device} {why}" for device, why in skipped]
     plaintext, smoke = _decrypted(stored, where)  # an encrypted version: in memory only
     model = plaintext.data if plaintext is not None else None
+    weights = _weights(stored, plaintext)  # a split one: the sessions keep it
     reached: set[Stage] = set()
 
     def once(stage: Stage) -> None:  # each attempt warms up; the stage is reached once
@@ -130,6 +131,7 @@ def validate_version(
                 providers=attempt.providers,
                 provider_options=attempt.provider_options,
                 delegates=attempt.delegates,
+                weights=weights,
             )
             try:
                 loaded = _validate_on(
@@ -148,7 +150,7 @@ def validate_version(
             return loaded
         raise ModelError(f"{where}: no device to load it on")  # unreachable: the CPU comes last
     finally:
-        model = None
+        model = weights = None
         if plaintext is not None:
             plaintext.wipe()  # zeroed (unless kept), unlocked, dropped: the session is built
 
@@ -175,6 +177,20 @@ def _decrypted(stored: StoredModel, where: str) -> tuple[Any, dict[str, Any] | N
         plaintext.wipe()
         raise ModelError(f"{where}: the decrypted smoke test is not a JSON object")
     return plaintext, doc
+
+
+def _weights(stored: StoredModel, plaintext: Any) -> Any:
+    """The decrypted weights of a split encrypted ONNX version (None for any other)."""
+    if plaintext is None or stored.manifest.runtime != "onnx":
+        return None
+    from agent.confidential.decrypt import open_weights
+
+    manifest = stored.manifest
+    try:
+        return open_weights(stored.directory, manifest.name, manifest.version, manifest.custom)
+    except BaseException:
+        plaintext.wipe()
+        raise
 
 
 def available_providers(manifest: Manifest) -> list[str] | None:

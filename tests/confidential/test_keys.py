@@ -9,7 +9,10 @@ import stat
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import numpy as np
+import onnx
 import pytest
 
 from agent.confidential import decrypt, identity, keywrap
@@ -132,7 +135,7 @@ def open_model(repo: Repository, name: str, version: int, keys: Path) -> bytes:
     info = found[f"models/{name}/{version}/model.onnx"]
     version_dir = repo.root / "device-view" / name / str(version)
     version_dir.mkdir(parents=True, exist_ok=True)
-    for file_name in ("model.onnx", "smoke.json", "keys.json"):
+    for file_name in ("model.onnx", "smoke.json", "keys.json", "weights.bin"):
         target = found[f"models/{name}/{version}/{file_name}"]
         src = repo.targets_dir / f"models/{name}/{version}/{target.hashes['sha256']}.{file_name}"
         (version_dir / file_name).write_bytes(src.read_bytes())
@@ -140,8 +143,21 @@ def open_model(repo: Repository, name: str, version: int, keys: Path) -> bytes:
         version_dir, name, version, info.custom, "model.onnx", keys
     )
     assert smoke is not None and "inputs" in json.loads(smoke)
+    held = decrypt.open_weights(version_dir, name, version, info.custom, keys)
+    assert held is not None  # published split: the graph and its weights blob
     with plaintext:
-        return bytes(memoryview(plaintext.data))  # a copy: the buffer is zeroed on exit
+        return joined(bytes(memoryview(plaintext.data)), held.arrays)  # a copy: zeroed on exit
+
+
+def joined(graph: bytes, arrays: dict[str, np.ndarray[Any, Any]]) -> bytes:
+    """The ONNX model a split graph and its weights make, back in one protobuf."""
+    proto = onnx.load_from_string(graph)
+    for init in proto.graph.initializer:
+        if init.name in arrays:
+            del init.external_data[:]
+            init.ClearField("data_location")
+            init.raw_data = arrays[init.name].tobytes()
+    return proto.SerializeToString()
 
 
 def test_publish_encrypted_signs_the_ciphertext_and_the_wrapped_keys(tmp_path: Path) -> None:
@@ -157,8 +173,9 @@ def test_publish_encrypted_signs_the_ciphertext_and_the_wrapped_keys(tmp_path: P
     result = publish(repo, model, "m", 1, encrypt="devices", log=lambda *_: None)
     assert result.smoke == "models/m/1/smoke.json"  # the smoke test is a file, encrypted
     targets = {t.path: t for _, t in repo.targets()}
-    assert set(targets) == {f"models/m/1/{f}" for f in ("model.onnx", "smoke.json", "keys.json")}
-    for path in ("models/m/1/model.onnx", "models/m/1/smoke.json"):
+    files = ("model.onnx", "smoke.json", "keys.json", "weights.bin")  # the weights split out
+    assert set(targets) == {f"models/m/1/{f}" for f in files}
+    for path in ("models/m/1/model.onnx", "models/m/1/smoke.json", "models/m/1/weights.bin"):
         info = targets[path]
         name = path.rsplit("/", 1)[1]
         served = (repo.targets_dir / f"models/m/1/{info.hashes['sha256']}.{name}").read_bytes()
