@@ -10,6 +10,7 @@ run; and peak RSS while an encrypted model loads, measured in a fresh process.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import os
 import resource
@@ -20,6 +21,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -47,12 +49,21 @@ def rss_child(store: Path, name: str, version: int, mode: str) -> None:
     with Path("/proc/self/clear_refs").open("w") as fh:
         fh.write("5")  # resets VmHWM to the current RSS
     started = time.perf_counter()
-    if mode == "encrypted":
+    size = stored.model_path.stat().st_size
+    if mode.startswith("encrypted"):
+        custom = stored.manifest.custom
         plaintext, _smoke = decrypt.open_version(
-            stored.directory, name, version, stored.manifest.custom, stored.manifest.model_file
+            stored.directory, name, version, custom, stored.manifest.model_file
         )
-        with plaintext:
-            session = load_session(stored.model_path, "onnx", options, plaintext.data)
+        held = decrypt.open_weights(stored.directory, name, version, custom)
+        size += held.plaintext.size if held is not None else 0
+        with plaintext:  # as validation does: the graph's buffer wiped once the session is built
+            if mode == "encrypted":
+                options = dataclasses.replace(options, weights=held)
+                session: Any = load_session(stored.model_path, "onnx", options, plaintext.data)
+            else:  # encrypted-prepacked: the same, ONNX Runtime's pre-packing left on
+                session = _prepacked(plaintext.data, held)
+        held = None  # the session keeps it
     else:
         session = load_session(stored.model_path, "onnx", options)
     seconds = time.perf_counter() - started
@@ -60,11 +71,51 @@ def rss_child(store: Path, name: str, version: int, mode: str) -> None:
         "idle_mb": idle,
         "peak_mb": _status_mb("VmHWM"),
         "after_mb": _status_mb("VmRSS"),
-        "size_mb": stored.model_path.stat().st_size / 2**20,
+        "size_mb": size / 2**20,
         "seconds": seconds,
+        "infer_ms": _infer_ms(session),
     }
     session.close()
     print(json.dumps(doc))
+
+
+def _prepacked(graph: bytes, held: Any) -> Any:
+    """ONNX Runtime over the split weights as the agent builds it, pre-packing on."""
+    import onnxruntime as ort
+
+    from agent.models.onnx import OnnxSession
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.enable_cpu_mem_arena = False
+    names = list(held.arrays)
+    values = [ort.OrtValue.ortvalue_from_numpy(held.arrays[n]) for n in names]
+    so.add_external_initializers(names, values)
+    for n, v in zip(names, values, strict=True):
+        so.add_initializer(n, v)
+    inner = ort.InferenceSession(graph, so, providers=["CPUExecutionProvider"])
+    inner._model_bytes = None
+    session = OnnxSession.__new__(OnnxSession)
+    session._session, session._weights = inner, (held, values)
+    session._output_names = [o.name for o in inner.get_outputs()]
+    session.path = Path("prepacked")
+    session._inputs = ()
+    return session
+
+
+def _infer_ms(session: Any, runs: int = 20) -> float:
+    """Median milliseconds of one inference on a one-row input."""
+    import numpy as np
+
+    spec = session._session.get_inputs()[0]
+    x = np.random.default_rng(0).standard_normal((1, spec.shape[1])).astype(np.float32)
+    session.run({spec.name: x})
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        session.run({spec.name: x})
+        times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1000
 
 
 def enrol_device(repo: object, keys: Path, device_id: str = "bench") -> None:
@@ -129,13 +180,17 @@ def _cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+RSS_MODES = ("clear", "encrypted", "encrypted-prepacked")
+
+
 def rss_runs(work: Path, runs: int) -> dict[str, list[dict[str, float]]]:
     """Each load in a fresh process, clear and encrypted interleaved (the stores of the
     last devices ``compare`` left)."""
-    found: dict[str, list[dict[str, float]]] = {"clear": [], "encrypted": []}
+    found: dict[str, list[dict[str, float]]] = {m: [] for m in RSS_MODES}
     for _ in range(runs):
-        for mode, name in (("clear", "big"), ("encrypted", "bigenc")):
-            store = work / f"dev-{mode}-{runs - 1}" / "models"
+        for mode in RSS_MODES:
+            kind, name = ("clear", "big") if mode == "clear" else ("encrypted", "bigenc")
+            store = work / f"dev-{kind}-{runs - 1}" / "models"
             done = subprocess.run(
                 [sys.executable, __file__, "rss", str(store), name, "1", mode],
                 capture_output=True,
@@ -165,15 +220,17 @@ def report(
         f"  ratio (encrypted / clear): {s / c:.2f}x of the medians, per pair "
         f"{', '.join(f'{r:.2f}' for r in ratios)} (bar: <= 1.2x); CPU {cs / cc:.2f}x"
     )
-    for mode in ("clear", "encrypted"):
+    print("  load, each in a fresh process, interleaved (encrypted: graph + weights in place):")
+    for mode in RSS_MODES:
         rows = rss[mode]
         size = rows[0]["size_mb"]
         above = statistics.median(r["peak_mb"] - r["idle_mb"] for r in rows)
         after = statistics.median(r["after_mb"] - r["idle_mb"] for r in rows)
+        infer = statistics.median(r["infer_ms"] for r in rows)
         bar = 2 * size + 64
         print(
-            f"  load ({mode:9}): peak {above:6.1f} MB above idle, {after:6.1f} MB after; "
-            f"bar 2 x {size:.1f} + 64 = {bar:.1f} MB"
+            f"  {mode:19}: peak {above:6.1f} MB above idle, {after:6.1f} MB after "
+            f"(bar 2 x {size:.1f} + 64 = {bar:.1f} MB); inference {infer:6.2f} ms"
         )
 
 
