@@ -35,14 +35,14 @@ from typing import TYPE_CHECKING, Any
 
 import paho.mqtt.client as mqtt
 
-from agent.errors import StoreError
 from agent.iothread import IoThread
 from agent.telemetry import messages
+from agent.telemetry.forwarding import EventForwarder
 from agent.telemetry.inbox import CommandHandler, Inbox, load_operator_keys
 from agent.telemetry.intake import Intake
 from agent.telemetry.jobs import Coalesced
 from agent.telemetry.link import Dialer, Link, ReporterConfig, call_soon
-from agent.telemetry.outbox import EventsAfter, Message, Outbox, forward_events
+from agent.telemetry.outbox import EventsAfter, Message, Outbox
 from agent.telemetry.sendplan import IDLE_S, Reads, SendPlan, Window
 
 __all__ = ["CommandHandler", "Reporter", "ReporterConfig", "load_operator_keys"]
@@ -52,14 +52,10 @@ log = logging.getLogger(__name__)
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-    from agent.state import Event
 
 # How often the events table is read for rows written by another process (`edge-agent import`,
 # the update child); the daemon's own rows are forwarded as they are written.
 EVENT_POLL_S = 2.0
-# Events made into messages per turn of the loop: a long history (a device that ran without
-# MQTT) is forwarded in slices, so requests and the watchdog are not held up meanwhile.
-EVENT_SLICE = 200
 
 
 class Reporter:
@@ -89,8 +85,6 @@ class Reporter:
         self.agent_version = agent_version
         self._models = models
         self._health = health
-        self._events_after = events_after
-        self._event_error: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._dialer = Dialer(
             config,
@@ -115,7 +109,15 @@ class Reporter:
         self._health_wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._store = Coalesced(self.io, self._intake.store, self._stored)
-        self._forward = Coalesced(self.io, self._forward_job, self._forwarded)
+        self._events = EventForwarder(
+            outbox,
+            self.io,
+            events_after,
+            device_id=device_id,
+            topic=self.topics.events,
+            keep=self._plan.unacked,
+            wake=self._wake.set,
+        )
         self._link_generation = 0  # a connection's up or down since the drain's read
         self._acked: set[int] = set()  # acknowledged, not yet seen deleted by a read
         self._deleted: set[int] = set()  # deleted (the I/O thread's), for the next read
@@ -163,7 +165,7 @@ class Reporter:
             "outbox_messages": waiting,
             "outbox_bytes": size,
             "held_in_memory": len(self._intake),
-            "outbox_error": self._intake.error or self._event_error,
+            "outbox_error": self._intake.error or self._events.error,
         }
 
     def publish_event(self, kind: str, model: str, version: int | None, reason: str) -> None:
@@ -176,49 +178,11 @@ class Reporter:
 
     def forward_events(self) -> None:
         """Forward the events above the outbox's cursor soon, on the I/O thread (on the loop)."""
-        self._forward.soon()
+        self._events.soon()
 
     async def forwarded(self) -> None:
         """Forward the events above the outbox's cursor (a slice) and wait until they are in."""
-        await self._forward.now()
-
-    def _forwarded(self, count: int) -> None:
-        if count:
-            self._wake.set()
-        if count == EVENT_SLICE:
-            self._forward.soon()  # more may wait: the next slice after what is queued
-
-    def _forward_job(self) -> int:
-        """Make every event above the outbox's cursor into a message (the I/O thread's). When
-        the outbox refuses writes, the events wait in the state database for the next try."""
-        if self._events_after is None:
-            return 0
-        try:
-            count = forward_events(
-                self.outbox,
-                self._events_after,
-                self._event_payload,
-                self.topics.events,
-                limit=EVENT_SLICE,
-                keep=self._plan.unacked,
-            )
-        except (sqlite3.Error, StoreError) as exc:
-            if self._event_error is None:
-                log.error(
-                    "mqtt: cannot store events in the outbox: %s; they wait in the state "
-                    "database and are forwarded once it can be written",
-                    exc,
-                )
-            self._event_error = str(exc)
-            return 0
-        if self._event_error is not None:
-            log.info("mqtt: events are forwarded again (it failed with: %s)", self._event_error)
-            self._event_error = None
-        return count
-
-    def _event_payload(self, event: Event, seq: int) -> bytes:
-        body = messages.event(event.kind, event.name, event.version, event.reason)
-        return messages.envelope(self.device_id, seq, event.ts, body)
+        await self._events.now()
 
     async def _event_poll(self) -> None:
         while True:
@@ -282,7 +246,7 @@ class Reporter:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self._store.aclose()
-        await self._forward.aclose()
+        await self._events.aclose()
         if link is not None:
             await asyncio.to_thread(link.client.loop_stop)
 
