@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from cloud_stub.fleet.records import (
     Decision,
@@ -68,6 +68,10 @@ class FleetStore(Protocol):
     def acks(self, limit: int = 20) -> list[Mapping[str, object]]: ...
 
     def health_trend(self, device: str) -> list[Mapping[str, object]]: ...
+
+    def latest_health(self, device: str) -> Mapping[str, Any] | None:
+        """The newest health message of ``device`` as it sent it."""
+        ...
 
     def put_rollout(self, rollout: Rollout) -> None:
         """Insert or replace the rollout (by id)."""
