@@ -69,7 +69,9 @@ class Agent:
         self.trim = MemoryTrim(
             self.slots, lambda: self.config.agent.trim_memory, self.watchdog.probe_models
         )
-        self.reporting = Reporting(self.slots, self.metrics, lambda: self.state, self.run_command)
+        self.reporting = Reporting(
+            self.slots, self.metrics, lambda: self.state, self.run_command, self.io
+        )
         self.state: StateDB | None = None
         self.deployer: Deployer | None = None
         self.updates: UpdateLoop | None = None
@@ -224,25 +226,32 @@ class Agent:
         for listener in self.event_listeners:
             listener(event)
 
-    def _status_extra(self) -> dict[str, Any]:
+    async def _status_extra(self) -> dict[str, Any]:
+        """The agent's part of the status document: its reads (state database, outbox) on the
+        I/O thread, after the writes submitted before them."""
         if self.state is None:
             return {}
+        doc = await self.io.run(self._status_reads, self.state, list(self.slots.names()))
+        if self.updates is not None and self.updates.last is not None:
+            # This process's last cycle as its child told it (before one, the database's).
+            doc["last_update"] = self.updates.last.to_dict()
         return {
             "device_id": self.config.device_id,
-            # This process's last cycle as its child told it; before one, the database's.
-            "last_update": self.updates.last.to_dict()
-            if self.updates is not None and self.updates.last is not None
-            else self.state.setting("last_update"),
-            "pinned": {name: self.deployer.pinned(name) for name in self.slots.names()}
-            if self.deployer
-            else {},
-            "recent_events": [e.to_dict() for e in self.state.events(limit=10)],
+            **doc,
             "activity": self.deployer.activity.text if self.deployer else "serving",
-            "mqtt": self.reporting.mqtt_state(),
             "watchdog": {
                 "failed_checks": self.watchdog.failures,
                 "failing": self.watchdog.failing,
             },
+        }
+
+    def _status_reads(self, state: StateDB, names: list[str]) -> dict[str, Any]:
+        deployer = self.deployer
+        return {
+            "last_update": state.setting("last_update"),
+            "pinned": {name: deployer.pinned(name) for name in names} if deployer else {},
+            "recent_events": [e.to_dict() for e in state.events(limit=10)],
+            "mqtt": self.reporting.mqtt_state(),
         }
 
     # -- operations ---------------------------------------------------------------------------

@@ -251,6 +251,11 @@ class HttpConnection(asyncio.BufferedProtocol):
                     admin.handle(request.path, bytes(request.body), self.peer)
                 )
                 task.add_done_callback(self._admin_done)
+            elif route.kind is routes.Kind.STATUS:  # the agent's part is read off the loop
+                self._busy = True
+                self._inflight = request
+                task = self._loop.create_task(handler.handle_status(request.method, route))
+                task.add_done_callback(self._admin_done)
             elif route.kind in _SHM_ROUTES:
                 answer = shm_api.handle(request.method, route, request.body, self.regions)
                 self._respond(request, answer)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -108,7 +108,8 @@ def _json(value: Any, status: int = 200) -> Response:
     return Response(status, json.dumps(value, separators=(",", ":")).encode())
 
 
-StatusProvider = Callable[[], Mapping[str, Any]]
+# The agent's part of the status document, awaited: its reads run off the loop (the I/O thread).
+StatusProvider = Callable[[], Awaitable[Mapping[str, Any]]]
 
 
 @dataclass(slots=True)
@@ -187,7 +188,7 @@ class OipHandler:
             text = render_prometheus(self.metrics) + modelinfo.render_prometheus(self.slots)
             return Response(200, text, b"text/plain; version=0.0.4")
         if kind is routes.Kind.STATUS:
-            return _json(self.status())
+            return _json(self.status())  # without the agent's part: the server awaits that
         if kind is routes.Kind.INDEX:
             return _repository_index(self.slots, body)
         if kind is routes.Kind.MODEL:
@@ -412,8 +413,20 @@ class OipHandler:
             )
         return _json({"model_stats": stats})
 
+    async def handle_status(self, method: str, route: routes.Route) -> Response:
+        """``GET /agent/status`` with the agent's part, read off the loop (on the I/O thread)."""
+        if not route.allows(method):
+            return self.handle(method, route, b"")
+        doc = self.status()
+        try:
+            doc.update(await self.status_provider() if self.status_provider else {})
+        except AgentError as exc:
+            return error_response(exc)
+        return _json(doc)
+
     def status(self) -> dict[str, Any]:
-        """The agent's status document (``GET /agent/status``, ``edge-agent status``)."""
+        """The status document's serving part (the models, from memory); ``handle_status``
+        adds the agent's (``GET /agent/status``, ``edge-agent status``)."""
         models: dict[str, Any] = {}
         for slot in self.slots:
             active = slot.active
@@ -441,8 +454,6 @@ class OipHandler:
             "ready": self.ready(),
             "models": models,
         }
-        if self.status_provider is not None:
-            doc.update(self.status_provider())
         return doc
 
 
