@@ -174,7 +174,8 @@ class Agent:
 
     def close(self) -> None:
         self.stop.set()
-        self.thread.join(30)
+        if self.thread.is_alive():
+            self.thread.join(30)
         self.process.terminate()
         try:
             self.process.wait(30)
@@ -259,8 +260,9 @@ def main() -> int:
                 )
             )
         for agent in agents:
-            if not until(lambda a=agent: a.active() == 1, 120):
-                raise RuntimeError(f"{agent.name} did not start: see {agent.root}/agent.log")
+            if not until(lambda a=agent: a.active() == 1, 300):
+                tail = (agent.root / "agent.log").read_text()[-2000:]
+                raise RuntimeError(f"{agent.name} did not start:\n{tail}")
             agent.thread.start()
         sim_report = work / "sim.json"
         sim = subprocess.Popen(
