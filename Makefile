@@ -35,7 +35,7 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 unit: $(STAMP) system-deps
-	EDGE_TEST_ARTIFACTS=test-artifacts $(BIN)/python -m pytest -n 2 -p no:cacheprovider $(PYTEST_ARGS)
+	EDGE_TEST_ARTIFACTS=test-artifacts $(BIN)/python -m pytest -n 2 --dist worksteal -p no:cacheprovider $(PYTEST_ARGS)
 
 test: lint typecheck unit
 
