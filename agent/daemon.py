@@ -21,6 +21,7 @@ from typing import Any
 
 from agent import faults, systemd
 from agent.config import Config
+from agent.delivery.report import DeliveryEvent
 from agent.errors import UnavailableError
 from agent.iothread import IoThread
 from agent.models.deployer import DeployConfig, Deployer
@@ -188,7 +189,7 @@ class Agent:
             self.updates.on_activity = self.status.on_update_activity
             # What the update child tells while it runs (agent.delivery.pipe), shown at once.
             self.updates.on_progress = self.status.on_download
-            self.updates.on_event = self.status.on_delivery_event
+            self.updates.on_event = self._delivery_event
             self.status.updates = self.updates
             # The update child reads the file at each cycle; the loop reads its interval.
             self.settings.add_live(
@@ -196,6 +197,12 @@ class Agent:
             )
             self.settings.add_live(["models.follow"])
         self._admin_ready = True
+
+    def _delivery_event(self, event: DeliveryEvent) -> None:
+        """An event the update child recorded in state.db and told at once: shown, and the
+        reporter forwards it now (not after the cycle)."""
+        self.status.on_delivery_event(event)
+        self.reporting.forward_events()
 
     async def _update_now(self) -> dict[str, Any]:
         assert self.updates is not None

@@ -1,8 +1,8 @@
 """``edge-agent update --once``: one update cycle from the configuration, recorded in state.
 
-What the cycle finds is recorded in the state database first (the record across crashes),
-then told (``tell``: the lines of ``agent.delivery.pipe`` on the child's stdout, which the
-daemon acts on at once); downloads are told as they go.
+Each event is recorded in the state database (the record across crashes) as soon as the
+cycle has it, then told (``tell``: the lines of ``agent.delivery.pipe`` on the child's stdout,
+which the daemon acts on at once), not at the end of the cycle; downloads are told as they go.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from agent.confidential.identity import identity_dir
 from agent.config import Config
 from agent.delivery.fetcher import FetchConfig, HttpxFetcher
 from agent.delivery.pipe import Message
-from agent.delivery.report import CycleReport
+from agent.delivery.report import CycleReport, DeliveryEvent
 from agent.delivery.updater import ModelUpdater, UpdaterConfig
 from agent.errors import ConfigError
 from agent.models.lifecycle import QUARANTINED, Stage
@@ -74,6 +74,23 @@ def record_withdrawn(state: StateDB, name: str, versions: list[int]) -> None:
     state.set_setting(withdrawn_key(name), versions or None)
 
 
+def record_event(state: StateDB, report: CycleReport, event: DeliveryEvent) -> None:
+    """Record one event of the cycle as it happens: an installed version is ``verified``, a
+    version the cycle refused for good is ``rejected`` (quarantined), the rest are events."""
+    quarantine = {(name, version) for name, version, _ in report.rejected}
+    if event.kind == "installed" and event.version is not None:
+        state.record(
+            event.name, event.version, Stage.VERIFIED.value, event.reason, event="verified"
+        )
+    elif event.kind == "rejected" and (event.name, event.version) in quarantine:
+        assert event.version is not None
+        state.record(
+            event.name, event.version, Stage.REJECTED.value, event.reason, event="rejected"
+        )
+    else:
+        state.add_event(event.name, event.version, event.kind, event.reason)
+
+
 def run_cycle(config: Config, tell: Callable[[Message], None] | None = None) -> CycleReport:
     """Run one cycle and record what it found in the state database.
 
@@ -108,29 +125,25 @@ def _run_cycle_locked(config: Config, tell: Callable[[Message], None]) -> CycleR
             log.error("update cycle: %s", result.error)
             state.set_setting("last_update", result.to_dict())
             return result
+
+        def record_and_tell(report: CycleReport, event: DeliveryEvent) -> None:
+            if event.kind == "up_to_date":
+                return
+            record_event(state, report, event)
+            tell(event)  # recorded first: the daemon never acts on what a crash could lose
+
         try:
             updater = ModelUpdater(
-                updater_config(config), store, fetcher, quarantined, progress=tell
+                updater_config(config),
+                store,
+                fetcher,
+                quarantined,
+                progress=tell,
+                on_event=record_and_tell,
             )
             report = updater.check_once()
         finally:
             fetcher.close()
-        quarantine = {(name, version) for name, version, _ in report.rejected}
-        for event in report.events:
-            if event.kind == "up_to_date":
-                continue
-            if event.kind == "installed" and event.version is not None:
-                state.record(
-                    event.name, event.version, Stage.VERIFIED.value, event.reason, event="verified"
-                )
-            elif event.kind == "rejected" and (event.name, event.version) in quarantine:
-                assert event.version is not None
-                state.record(
-                    event.name, event.version, Stage.REJECTED.value, event.reason, event="rejected"
-                )
-            else:
-                state.add_event(event.name, event.version, event.kind, event.reason)
-            tell(event)  # recorded first: the daemon never acts on what a crash could lose
         for name, versions in report.withdrawn.items():
             record_withdrawn(state, name, versions)
         report.finished = time.time()

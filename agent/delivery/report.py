@@ -7,6 +7,7 @@ A leaf module: the update child builds the report and prints it as its summary; 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +36,10 @@ class CycleReport:
     withdrawn: dict[str, list[int]] = field(default_factory=dict)
     error: str = ""
     finished: float = 0.0
+    # Called with each event as it is added (the child records it and tells the daemon).
+    on_event: Callable[[CycleReport, DeliveryEvent], None] | None = field(
+        default=None, repr=False, compare=False
+    )
 
     @property
     def ok(self) -> bool:
@@ -80,7 +85,13 @@ class CycleReport:
             finished=float(raw.get("finished", time.time())),
         )
 
+    def add(self, event: DeliveryEvent) -> None:
+        """One more event, handed to ``on_event`` at once (not at the end of the cycle)."""
+        self.events.append(event)
+        if self.on_event is not None:
+            self.on_event(self, event)
+
     def fail(self, name: str, version: int | None, error: str) -> None:
         """Record a failure that ends ``name``'s step (or, with ``"*"``, the cycle)."""
         self.error = error
-        self.events.append(DeliveryEvent("failed", name, version, error))
+        self.add(DeliveryEvent("failed", name, version, error))

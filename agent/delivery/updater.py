@@ -82,9 +82,11 @@ class ModelUpdater:
         quarantined: Callable[[str, int], bool] = lambda _n, _v: False,
         clock: Callable[[], float] = time.time,
         progress: Callable[[Progress], None] | None = None,
+        on_event: Callable[[CycleReport, DeliveryEvent], None] | None = None,
     ) -> None:
         self.config = config
         self.progress = progress  # a model file's download, as it goes (the daemon shows it)
+        self.on_event = on_event  # each event as it happens (recorded, then told)
         self.store = store
         self.fetcher = fetcher
         self.quarantined = quarantined
@@ -124,7 +126,7 @@ class ModelUpdater:
     def check_once(self) -> CycleReport:
         """Run one cycle. Metadata failures end the cycle (nothing is installed); a bad target
         only rejects that version."""
-        report = CycleReport()
+        report = CycleReport(on_event=self.on_event)
         try:
             updater = self._updater()
             updater.refresh()
@@ -203,7 +205,7 @@ class ModelUpdater:
             trusted.role_targets(updater, role),
         )
         for path, reason in found.refused:
-            report.events.append(DeliveryEvent("rejected", name, None, reason))
+            report.add(DeliveryEvent("rejected", name, None, reason))
             log.warning("update: model %s: ignoring target %s: %s", name, path, reason)
         report.withdrawn[name] = sorted(choice.withdrawn(found.candidates))
         decision = choice.choose(
@@ -220,7 +222,7 @@ class ModelUpdater:
             return decision
         if decision.kind == "rejected":
             report.rejected.append((name, decision.version, decision.reason))
-        report.events.append(decision)
+        report.add(decision)
         return None
 
     def _report_foreign_targets(self, updater: Updater, report: CycleReport) -> None:
@@ -234,7 +236,7 @@ class ModelUpdater:
         roles = trusted.delegations(updater)
         signed = {role: trusted.role_targets(updater, role) for role in roles}
         for event in choice.foreign_targets(self.config.models, roles, signed):
-            report.events.append(event)
+            report.add(event)
             log.warning("update: %s", event.reason)
 
     def _hashes(self, updater: Updater, target: ModelTarget) -> set[str]:
@@ -286,26 +288,26 @@ class ModelUpdater:
                     smoke_info, smoke_file, f"smoke test of {name}", consistent
                 )
                 files["smoke.json"] = smoke_file
-            report.events.append(
+            report.add(
                 DeliveryEvent("downloaded", name, version, f"{target.length} bytes, hash verified")
             )
             self.store.install(_manifest(target), files)
         except TrustError as exc:
             # The signed version may be fine and the bytes tampered on the way: refuse these
             # bytes, but do not quarantine the version, or one attack would block it forever.
-            report.events.append(DeliveryEvent("rejected", name, version, str(exc)))
+            report.add(DeliveryEvent("rejected", name, version, str(exc)))
             report.error = str(exc)
             log.warning("update: model %s version %d: bytes rejected: %s", name, version, exc)
             return
         except DecryptionError as exc:
             # Encrypted, and not for this device (yet): not downloaded, not quarantined.
-            report.events.append(DeliveryEvent("rejected", name, version, str(exc)))
+            report.add(DeliveryEvent("rejected", name, version, str(exc)))
             report.error = str(exc)
             log.warning("update: %s", exc)
             return
         except (tuf_errors.DownloadError, DownloadError) as exc:
             reason = f"download of {target.path} failed: {exc}"
-            report.events.append(DeliveryEvent("failed", name, version, reason))
+            report.add(DeliveryEvent("failed", name, version, reason))
             report.error = f"{name} version {version}: {reason}"
             log.warning("update: model %s version %d: %s; will retry", name, version, reason)
             return
@@ -317,7 +319,7 @@ class ModelUpdater:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         report.installed.append((name, version))
-        report.events.append(DeliveryEvent("installed", name, version, "verified and stored"))
+        report.add(DeliveryEvent("installed", name, version, "verified and stored"))
         log.info("update: model %s version %d verified and stored", name, version)
 
 
