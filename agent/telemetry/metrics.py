@@ -135,6 +135,7 @@ class ModelMetrics:
         # Successful requests only: how fast a failure is says nothing of the model's speed.
         self.samples = Samples()
         self.errors = 0
+        self.errors_s = 0.0  # the failed runs' time (successes' = latency.sum_s - errors_s)
         self.client_errors = 0
         self._lock = threading.Lock()
 
@@ -144,6 +145,7 @@ class ModelMetrics:
         if failed:
             with self._lock:
                 self.errors += 1
+                self.errors_s += seconds
         else:
             self.samples.add(seconds)
 
