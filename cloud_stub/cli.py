@@ -84,6 +84,7 @@ def _cmd(args: argparse.Namespace) -> int:
             "calibration": args.calibration,
             "max_error": args.max_error,
             "smoke_input": args.smoke_input,
+            "smoke_whole": args.smoke_whole,
             "atol": args.atol,
             "rtol": args.rtol,
             "latency_budget_ms": args.latency_budget_ms,

@@ -83,9 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--smoke-input",
         type=Path,
         metavar="FILE.npz",
-        help="the smoke test's input, one array per input name (the first sample is used); "
-        "devices run it before serving "
-        "(default: a seeded random normal input)",
+        help="the smoke test's input, one array per input name (the first sample is used: "
+        "inputs whose first dimension is a batch axis give samples along it, the others are "
+        "given whole); devices run it before serving "
+        "(default: a seeded random input that the model runs)",
+    )
+    pub.add_argument(
+        "--smoke-whole",
+        action="store_true",
+        help="every array of --smoke-input is one sample, given whole",
     )
     pub.add_argument(
         "--atol",
