@@ -14,12 +14,14 @@ from typing import Any
 import numpy as np
 
 from agent import __version__ as agent_version
+from agent.errors import InferenceError, RuntimeInputError
 from agent.models.runtime import RuntimeOptions, load_session
 from agent.models.smoke import encode_tensor
 from agent.models.store import RUNTIME_BY_SUFFIX
-from agent.tensors import OIP_TO_NUMPY, TensorSpec
+from agent.tensors import TensorSpec
 from cloud_stub.model_format import refuse_unsafe
 from cloud_stub.repo import Repository, RepositoryError
+from cloud_stub.smoke_input import default_feed, feeds_from_npz, runnable_default
 
 INLINE_SMOKE_MAX_BYTES = 2048
 
@@ -37,43 +39,6 @@ class Published:
     quantization: str
     max_abs_error: float | None
     smoke: str  # "inline" | target path
-
-
-def _feeds_from_npz(
-    path: Path, specs: Sequence[TensorSpec]
-) -> list[dict[str, np.ndarray[Any, Any]]]:
-    """Split an .npz of stacked samples (first axis = sample) into per-sample feeds."""
-    with np.load(path, allow_pickle=False) as data:
-        arrays = {name: data[name] for name in data.files}
-    missing = [s.name for s in specs if s.name not in arrays]
-    if missing:
-        raise RepositoryError(f"{path} lacks arrays for inputs {missing}")
-    count = min(len(arrays[s.name]) for s in specs)
-    feeds = []
-    for i in range(count):
-        feed = {}
-        for spec in specs:
-            sample = arrays[spec.name][i : i + 1]
-            feed[spec.name] = sample.astype(OIP_TO_NUMPY[spec.datatype])
-        feeds.append(feed)
-    return feeds
-
-
-def _default_input(specs: Sequence[TensorSpec], seed: int = 0) -> dict[str, np.ndarray[Any, Any]]:
-    rng = np.random.default_rng(seed)
-    feed = {}
-    for spec in specs:
-        shape = [1 if d == -1 else d for d in spec.shape]
-        dtype = OIP_TO_NUMPY[spec.datatype]
-        if dtype.kind == "f":
-            feed[spec.name] = rng.standard_normal(shape).astype(dtype)
-        elif dtype.kind == "b":
-            feed[spec.name] = rng.integers(0, 2, shape).astype(dtype)
-        elif dtype.kind in "iu":
-            feed[spec.name] = rng.integers(0, 8, shape).astype(dtype)
-        else:
-            raise RepositoryError(f"input {spec.name!r}: BYTES inputs need --smoke-input")
-    return feed
 
 
 def max_abs_error(
@@ -103,6 +68,7 @@ def publish(
     calibration: Path | None = None,
     max_error: float = 0.05,
     smoke_input: Path | None = None,
+    smoke_whole: bool = False,
     atol: float = 1e-4,
     rtol: float = 1e-3,
     latency_budget_ms: int | None = None,
@@ -116,6 +82,10 @@ def publish(
         RepositoryError: bad arguments, a quantization error past ``max_error``, a version
             that is not newer than the published ones, or ``encrypt`` ("fleet" | "devices")
             without a fleet key or enrolled devices.
+
+    The smoke input is ``smoke_input``'s first sample (``cloud_stub.smoke_input``: arrays of
+    batch-axis inputs stacked, the others whole; ``smoke_whole``: all whole), or a seeded random
+    input that the model runs, dynamic dimensions tried at a few sizes.
 
     With ``encrypt``, the model and its smoke test (always its own target then) are
     published encrypted, and their content key wrapped as ``keys.json`` (``encrypt.seal``).
@@ -141,6 +111,9 @@ def publish(
         recipients(repo.root, encrypt)  # refuse now, before any work, when nobody could open it
     session = load_session(model_file, runtime, RuntimeOptions())
     inputs, outputs = session.inputs, session.outputs
+    default_size = 1
+    if smoke_input is None or (quantize == "int8-dynamic" and calibration is None):
+        default_size = runnable_default(name, inputs, session.run)[1]
     session.close()
     quant_info: dict[str, Any] = {"method": "none"}
     error: float | None = None
@@ -159,9 +132,9 @@ def publish(
             if calibration is None:
                 if method != "dynamic":
                     raise RepositoryError("static int8 quantization needs --calibration FILE.npz")
-                feeds = [_default_input(inputs, seed) for seed in range(16)]
+                feeds = [default_feed(inputs, default_size, seed) for seed in range(16)]
             else:
-                feeds = _feeds_from_npz(calibration, inputs)
+                feeds = feeds_from_npz(calibration, inputs)
             log(f"quantizing {model_file.name} ({method}, {len(feeds)} calibration samples) …")
             source = quantize_int8(model_file, Path(tmp) / "model.onnx", feeds, method)
             error = max_abs_error(model_file, source, feeds)
@@ -174,10 +147,13 @@ def publish(
             quant_info = {"method": f"int8-{method}", "max_abs_error": f"{error:.6g}"}
         session = load_session(source, runtime, RuntimeOptions())
         if smoke_input is not None:
-            feed = _feeds_from_npz(smoke_input, session.inputs)[0]
+            feed = feeds_from_npz(smoke_input, session.inputs, whole=smoke_whole)[0]
         else:
-            feed = _default_input(session.inputs)
-        expected = session.run(feed)
+            feed = default_feed(session.inputs, default_size)
+        try:
+            expected = session.run(feed)
+        except (RuntimeInputError, InferenceError) as exc:
+            raise RepositoryError(f"{name}: the smoke input does not run: {exc}") from exc
         inputs, outputs = session.inputs, session.outputs
         session.close()
         smoke = {
