@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import AgentError, ConfigError
-from agent.models.devices import DeviceRequest, parse_request
+from agent.models.devices import TABLE_KEYS, DeviceRequest, parse_request
 
 DEFAULT_CONFIG = Path("/etc/edge-agent/agent.toml")
 
@@ -464,7 +464,7 @@ def _model_tables(
     found = {}
     for name in [key for key, value in table.items() if isinstance(value, dict)]:
         raw = table.pop(name)
-        unknown = sorted(set(raw) - {"providers", "provider_options", "delegates"})
+        unknown = sorted(set(raw) - set(TABLE_KEYS))
         if unknown:
             problems.append(f"{where}: [models.{name}]: unknown keys {unknown}")
         try:

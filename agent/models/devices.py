@@ -11,6 +11,10 @@ ONNX models name ONNX Runtime execution providers, in order of preference
 provider as strings (``provider_options``). LiteRT models name delegates: a shared library
 and its options (``delegates = [{library = "libedgetpu.so.1", options = {device = "usb"}}]``).
 
+An ``agent.toml`` table may also turn ONNX Runtime's CPU memory arena on for its model
+(``memory_arena = true``; off by default, for the footprint): a model with large intermediate
+tensors runs several times faster with it. A signed target cannot: memory is the box's.
+
 Whatever is asked for, the CPU is the last resort: ``attempts`` lists what to try, in order,
 leaving out providers the runtime does not have (each with the reason, for the fallback
 event), and always ends with the CPU alone.
@@ -18,6 +22,7 @@ event), and always ends with the CPU alone.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +35,7 @@ MAX_PROVIDERS = 8
 MAX_DELEGATES = 4
 MAX_OPTIONS = 32
 MAX_TEXT = 4096  # a name, a library path, an option's key or value
+TABLE_KEYS = ("providers", "provider_options", "delegates", "memory_arena")  # [models.<name>]
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +54,7 @@ class DeviceRequest:
     provider_options: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = ()
     delegates: tuple[Delegate, ...] = ()
     source: str = "default"
+    memory_arena: bool | None = None  # None: the agent's default (off)
 
     @property
     def accelerated(self) -> bool:
@@ -104,7 +111,7 @@ def _options(raw: Any, what: str) -> tuple[tuple[str, str], ...]:
 
 def parse_request(raw: Mapping[str, Any], source: str, where: str) -> DeviceRequest:
     """A ``DeviceRequest`` from a table (``[models.<name>]`` or a signed ``custom`` block);
-    keys other than ``providers``, ``provider_options`` and ``delegates`` are not looked at.
+    keys other than :data:`TABLE_KEYS` are not looked at.
 
     Raises:
         ModelError: naming the malformed key and what was found.
@@ -142,14 +149,28 @@ def parse_request(raw: Mapping[str, Any], source: str, where: str) -> DeviceRequ
                 _options(entry.get("options"), f"{where}: delegates[{i}].options"),
             )
         )
-    return DeviceRequest(providers, tuple(sorted(provider_options)), tuple(delegates), source)
+    arena = raw.get("memory_arena")
+    if arena is not None and not isinstance(arena, bool):
+        raise ModelError(f"{where}: memory_arena: expected true or false, found {arena!r}")
+    return DeviceRequest(
+        providers, tuple(sorted(provider_options)), tuple(delegates), source, arena
+    )
 
 
 def signed_request(custom: Mapping[str, Any], where: str) -> DeviceRequest:
     """What a signed target's ``custom`` asks for (``DEFAULT`` when it names nothing)."""
     if not any(key in custom for key in ("providers", "provider_options", "delegates")):
         return DEFAULT
-    return parse_request(custom, "signed", where)
+    request = parse_request(custom, "signed", where)
+    return dataclasses.replace(request, memory_arena=None)  # memory is the box's business
+
+
+def memory_arena(configured: DeviceRequest | None, default: bool) -> bool:
+    """Whether the model's ONNX Runtime sessions keep a CPU memory arena: ``agent.toml``'s
+    ``memory_arena`` when set, else ``default``."""
+    if configured is None or configured.memory_arena is None:
+        return default
+    return configured.memory_arena
 
 
 def choose(configured: DeviceRequest | None, signed: DeviceRequest) -> DeviceRequest:

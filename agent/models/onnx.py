@@ -111,6 +111,11 @@ class OnnxSession:
         self._output_names = [spec.name for spec in self._outputs]
 
     @property
+    def memory_arena(self) -> bool:
+        """Whether the session keeps ONNX Runtime's CPU memory arena (read from the session)."""
+        return bool(self._session.get_session_options().enable_cpu_mem_arena)
+
+    @property
     def inputs(self) -> tuple[TensorSpec, ...]:
         return self._inputs
 

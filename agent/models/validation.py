@@ -114,6 +114,9 @@ def validate_version(
     request = devices.choose(configured, devices.signed_request(manifest.custom, where))
     plan, skipped = devices.attempts(request, manifest.runtime, available_providers(manifest))
     fallbacks = [f"{device} {why}" for device, why in skipped]
+    arena = devices.memory_arena(configured, options.memory_arena)
+    if arena != options.memory_arena and manifest.runtime == "onnx":
+        log.info("%s: ONNX Runtime memory arena %s (agent.toml)", where, "on" if arena else "off")
     plaintext, smoke = _decrypted(stored, where)  # an encrypted version: in memory only
     model = plaintext.data if plaintext is not None else None
     weights = _weights(stored, plaintext)  # a split one: the sessions keep it
@@ -132,6 +135,7 @@ def validate_version(
                 provider_options=attempt.provider_options,
                 delegates=attempt.delegates,
                 weights=weights,
+                memory_arena=arena,
             )
             try:
                 loaded = _validate_on(
