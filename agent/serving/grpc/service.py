@@ -19,10 +19,10 @@ import grpc
 from google.protobuf.message import DecodeError
 from grpc import aio
 
-from agent.errors import AgentError, InferenceError
+from agent.errors import AgentError, InferenceError, NotFoundError, RequestError
 from agent.serving import routes
 from agent.serving.grpc import grpc_predict_v2_pb2 as pb
-from agent.serving.grpc import tensors
+from agent.serving.grpc import tensors, triton
 from agent.serving.grpc.status import code_of, code_of_http
 from agent.serving.handler import OipHandler, PreparedInfer
 from agent.serving.pool import InferencePool
@@ -92,11 +92,65 @@ class InferenceService:
             response.outputs.add(name=spec["name"], datatype=spec["datatype"], shape=spec["shape"])
         return response
 
+    # -- Triton's own: configuration, repository index, statistics --------------------------
+
+    async def model_config(
+        self, request: pb.ModelConfigRequest, context: aio.ServicerContext[Any, Any]
+    ) -> pb.ModelConfigResponse:
+        route = await self._model_route(context, routes.Kind.MODEL_CONFIG, request)
+        return triton.model_config(await self._route(context, route))
+
+    async def repository_index(
+        self, request: pb.RepositoryIndexRequest, context: aio.ServicerContext[Any, Any]
+    ) -> pb.RepositoryIndexResponse:
+        if request.repository_name:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"no repository {request.repository_name!r}: the agent has one repository; "
+                "leave 'repository_name' empty",
+            )
+        route = routes.Route(routes.Kind.INDEX, "/v2/repository/index")
+        body = json.dumps({"ready": request.ready}).encode()
+        return triton.repository_index(await self._route(context, route, body=body))
+
+    async def model_statistics(
+        self, request: pb.ModelStatisticsRequest, context: aio.ServicerContext[Any, Any]
+    ) -> pb.ModelStatisticsResponse:
+        """Every loaded version of the named model (of every model when ``name`` is empty), or
+        the one ``version`` named."""
+        slots = self.handler.slots
+        try:
+            version = _version(request.version)
+            if request.name:
+                chosen = [slots.get(request.name)]
+            elif version is not None:
+                raise RequestError("'version' needs a model 'name'")
+            else:
+                chosen = list(slots)
+            response = pb.ModelStatisticsResponse()
+            for slot in chosen:
+                versions = slot.versions()
+                if version is not None:
+                    if version not in versions:
+                        raise NotFoundError(
+                            f"model {slot.name!r} has no loaded version {version} (loaded: "
+                            f"{', '.join(map(str, versions)) or 'none'})"
+                        )
+                    versions = [version]
+                for number in versions:
+                    metrics = self.handler.metrics.model(slot.name, str(number))
+                    response.model_stats.append(
+                        triton.model_statistics(slot.name, str(number), metrics)
+                    )
+        except AgentError as exc:
+            await _abort(context, exc)
+        return response
+
     async def _model_route(
         self,
         context: aio.ServicerContext[Any, Any],
         kind: routes.Kind,
-        request: pb.ModelReadyRequest | pb.ModelMetadataRequest,
+        request: pb.ModelReadyRequest | pb.ModelMetadataRequest | pb.ModelConfigRequest,
     ) -> routes.Route:
         if not request.name:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "'name' must name a model")
@@ -111,10 +165,12 @@ class InferenceService:
         context: aio.ServicerContext[Any, Any],
         route: routes.Route,
         ok: tuple[int, ...] = (200,),
-    ) -> dict[str, Any]:
-        """The handler's JSON document for ``route``, or the call aborted with its error."""
-        response = self.handler.handle(routes.METHODS[route.kind], route, b"")
-        doc: dict[str, Any] = json.loads(response.body)
+        body: bytes = b"",
+    ) -> Any:
+        """The handler's JSON document for ``route`` (an object; a list for the repository
+        index), or the call aborted with its error."""
+        response = self.handler.handle(routes.METHODS[route.kind], route, body)
+        doc = json.loads(response.body)
         if response.status not in ok:
             await context.abort(code_of_http(response.status), str(doc.get("error", "")))
         return doc
@@ -201,6 +257,9 @@ class InferenceService:
             "ServerMetadata": (self.server_metadata, pb.ServerMetadataRequest),
             "ModelMetadata": (self.model_metadata, pb.ModelMetadataRequest),
             "ModelInfer": (self.model_infer, pb.ModelInferRequest),
+            "ModelConfig": (self.model_config, pb.ModelConfigRequest),
+            "RepositoryIndex": (self.repository_index, pb.RepositoryIndexRequest),
+            "ModelStatistics": (self.model_statistics, pb.ModelStatisticsRequest),
         }
         return grpc.method_handlers_generic_handler(
             SERVICE,
