@@ -162,10 +162,14 @@ def compare(
                 from agent.models.store import ModelStore
 
                 stored = ModelStore(device / "models").get("bigenc", 1)
+                custom = stored.manifest.custom
                 plaintext, _ = decrypt.open_version(
-                    stored.directory, "bigenc", 1, stored.manifest.custom, "model.onnx"
+                    stored.directory, "bigenc", 1, custom, "model.onnx"
                 )
+                held = decrypt.open_weights(stored.directory, "bigenc", 1, custom)
+                assert held is not None  # split: the graph, then its weights
                 plaintext.wipe()
+                held.plaintext.wipe()
                 now = time.perf_counter()
                 decrypting.append(now - at)
                 sealed.append(now - started)
