@@ -30,9 +30,12 @@ for tag in manylinux2014 manylinux_2_17 manylinux_2_27 manylinux_2_28 manylinux_
   platforms+=(--platform "${tag}_${machine}")
 done
 # Every tag the device's glibc (Debian 12: 2.36) accepts must be named: pip does not widen.
+# With the [grpc] extra (grpcio and protobuf: 7.7 MB of wheels on amd64, 7.5 on arm64), which
+# postinst installs too: a device turns gRPC on by configuration alone, and its idle memory
+# does not grow, since nothing imports grpcio unless [serving] grpc_socket/grpc_tcp is set.
 download=("$python" -m pip download -q --dest "$wheels" --only-binary=:all:
   --python-version 3.11 --implementation cp --abi cp311 --abi abi3 --abi none
-  "${platforms[@]}" "$wheels"/edge_agent-"$version"-py3-none-any.whl)
+  "${platforms[@]}" "$wheels/edge_agent-$version-py3-none-any.whl[grpc]")
 # WHEEL_CACHE (optional, a directory): the wheels come from it without the network when it
 # has all of them, else from the index, and are then kept there for the next build.
 if [ -n "${WHEEL_CACHE:-}" ] && [ -d "$WHEEL_CACHE" ] \

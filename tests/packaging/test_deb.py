@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tritonclient.grpc as triton
 
 from agent.errors import UnavailableError
 from agent.serving.client import ClientError, InferenceClient
@@ -87,10 +88,12 @@ def test_install_serve_upgrade_purge(amd64_deb: Path, tmp_path: Path, matmul_onn
     assert (root / "lib/systemd/system/edge-agent.service").exists()
     assert re.search(r"^edge-agent:", (root / "etc/passwd").read_text(), re.M)
     assert (root / "var/lib/edge-agent").is_dir()
-    # The installed agent, from its own virtualenv, serves an inference through its socket.
-    sock = tmp_path / "infer.sock"
+    # The installed agent, from its own virtualenv, serves an inference through its socket,
+    # and over gRPC when asked: the package installs the [grpc] extra from its wheelhouse.
+    sock, grpc_sock = tmp_path / "infer.sock", tmp_path / "grpc.sock"
+    command = [str(agent), "serve", f"mm={matmul_onnx}", "--socket", str(sock)]
     serve = subprocess.Popen(
-        [str(agent), "serve", f"mm={matmul_onnx}", "--socket", str(sock)],
+        [*command, "--grpc-socket", str(grpc_sock)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -105,6 +108,12 @@ def test_install_serve_upgrade_purge(amd64_deb: Path, tmp_path: Path, matmul_onn
                 assert time.monotonic() < deadline, "the installed agent did not serve"
                 time.sleep(0.2)
         assert out["y"].shape == (1, 64)
+        grpc_client = triton.InferenceServerClient(url=f"unix:{grpc_sock}")
+        x = triton.InferInput("x", [2, 64], "FP32")
+        x.set_data_from_numpy(np.ones((2, 64), np.float32))
+        y = grpc_client.infer("mm", [x]).as_numpy("y")
+        np.testing.assert_allclose(y, np.repeat(out["y"], 2, axis=0), rtol=1e-5, atol=1e-5)
+        assert grpc_client.get_model_config("mm").config.max_batch_size == 0
     finally:
         serve.terminate()
         serve.wait(20)
@@ -148,6 +157,7 @@ def test_arm64_package_carries_only_arm64_wheels(tmp_path: Path) -> None:
     names = [w.name for w in wheels]
     assert any(n.startswith("onnxruntime-") for n in names)
     assert any(n.startswith("ai_edge_litert-") for n in names)
+    assert any(n.startswith("grpcio-") for n in names)  # the [grpc] extra
     native = 0
     for wheel in wheels:
         tags = wheel.name[:-4].split("-")[-1]
