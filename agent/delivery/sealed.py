@@ -103,3 +103,12 @@ def fetch_weights(
     file = staging / weights.WEIGHTS_FILE
     downloader.download(blob, file, f"weights of {where}", consistent)
     return file
+
+
+def weights_target(target: ModelTarget) -> str | None:
+    """The weights blob's target path of a split encrypted ``target`` (None for any other, or
+    when its encryption block is malformed: the download then says why)."""
+    raw = target.custom.get("encryption")
+    if not isinstance(raw, dict) or weights.WEIGHTS_FILE not in (raw.get("files") or ()):
+        return None
+    return f"models/{target.name}/{target.version}/{weights.WEIGHTS_FILE}"

@@ -242,10 +242,10 @@ class ModelUpdater:
     def _hashes(self, updater: Updater, target: ModelTarget) -> set[str]:
         """The SHA-256 of every file downloading ``target`` fetches (its partial file names)."""
         hashes = {target.sha256}
-        if target.smoke_target is not None:
-            smoke = updater.get_targetinfo(target.smoke_target)
-            if smoke is not None and "sha256" in smoke.hashes:
-                hashes.add(smoke.hashes["sha256"])
+        for path in (target.smoke_target, sealed.weights_target(target)):
+            info = updater.get_targetinfo(path) if path is not None else None
+            if info is not None and "sha256" in info.hashes:
+                hashes.add(info.hashes["sha256"])
         return hashes
 
     def _download_and_install(

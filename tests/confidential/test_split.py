@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from tuf.api.exceptions import DownloadHTTPError
 
 import cloud_stub.split
 from agent.confidential import decrypt, identity, weights
@@ -225,3 +226,23 @@ def test_no_plaintext_window_on_disk(world: World) -> None:
     roots = [world.root / "device", world.repo.public]
     assert find(windows(model.read_bytes()), [model.parent]) != []  # the check finds plaintext
     assert find(index, roots) == []
+
+
+def test_a_partial_weights_download_is_not_cleared_as_stale(world: World) -> None:
+    def down(_data: bytes) -> bytes:
+        raise DownloadHTTPError("keys.json: HTTP 503", 503)
+
+    public = identity.ensure(keys_dir(world))
+    assert public is not None
+    enroll.enroll(world.repo.root, "device-1", base64.b64encode(public).decode())
+    publish(world.repo, model_file(world, 1), "mm", 1, encrypt="devices", log=lambda *_: None)
+    blob = next(t for _, t in world.repo.targets() if t.path.endswith("weights.bin"))
+    updater = world.updater(identity_dir=keys_dir(world))
+    partials = updater._downloader.partial_dir
+    partials.mkdir(parents=True, exist_ok=True)
+    (partials / blob.hashes["sha256"]).write_bytes(b"\0" * 10)  # an interrupted download
+    (partials / ("0" * 64)).write_bytes(b"\0" * 10)  # a superseded one
+    world.fetcher.overrides["keys.json"] = down  # type: ignore[attr-defined]
+    updater.check_once()  # the cycle fails before the weights: their partial must stay
+    assert not (partials / ("0" * 64)).exists()  # the stale one is cleared
+    assert (partials / blob.hashes["sha256"]).read_bytes() == b"\0" * 10  # kept, not a new one
