@@ -25,8 +25,11 @@ OpenVINO: an int8 (QDQ) CNN on a 224x224 image, timed in the OpenVINO venv
 ``providers=("OpenVINOExecutionProvider", "CPUExecutionProvider")`` against
 ``("CPUExecutionProvider",)``, interleaved the same way, outputs compared.
 
-arm64 (functional, under qemu): not run here; a row comes from tests/arm64's emulated root
-when it can run this script (``--only face,vad``) inside it.
+arm64 (``--arm64``, as root; functional only): the face detector and Silero VAD run
+in-process (the agent's ``load_session``) in tests/arm64's emulated arm64 Debian root, with
+the arm64 .deb built from this tree installed (``tests.arm64.root.prepared``); their outputs
+are compared with this machine's on the same inputs. Timings under qemu user-mode emulation
+say nothing about an arm64 box and are not printed.
 """
 
 from __future__ import annotations
@@ -266,17 +269,97 @@ def openvino(calls: int, work: Path) -> dict[str, Any]:
     return {"rows": rows, "max_abs_diff": result["max_abs_diff"]}
 
 
+ARM64_SCRIPT = r"""
+import sys
+import numpy as np
+from agent.models.runtime import RuntimeOptions, load_session
+out = {}
+for name in sys.argv[1].split(","):
+    with np.load(f"/root/bench/{name}-in.npz") as data:
+        feeds = {k: data[k] for k in data.files}
+    model = next(p for p in sys.argv[2:] if p.startswith(f"/root/bench/{name}."))
+    session = load_session(__import__("pathlib").Path(model), None, RuntimeOptions())
+    for key, value in session.run(feeds).items():
+        out[f"{name}/{key}"] = value
+    session.close()
+np.savez("/root/bench/out.npz", **out)
+import platform
+print(platform.machine())
+"""
+
+# Outputs of one program on two instruction sets: float kernels differ in their last bits.
+# The tolerance a published version's smoke test holds devices to (cloud_stub.publish's
+# default), as tests/arm64 does.
+ARM64_RTOL, ARM64_ATOL = 1e-3, 1e-4
+
+
+def arm64(work: Path) -> dict[str, Any]:
+    """Run face and vad in the emulated arm64 root; their outputs against this machine's."""
+    from tests.arm64.root import prepared
+    from tests.packaging.debs import build
+
+    chosen = models(work, {"face", "vad"})
+    print("arm64: building the arm64 .deb and preparing the emulated root (minutes) …")
+    started = time.monotonic()
+    deb = build("arm64", work)
+    rows: dict[str, Any] = {}
+    with prepared(deb) as box:
+        paths = []
+        for name, (path, feeds) in chosen.items():
+            inside = f"/root/bench/{name}{path.suffix}"
+            box.put(inside, path.read_bytes())
+            paths.append(inside)
+            np.savez(box.path(f"/root/bench/{name}-in.npz"), **feeds)  # type: ignore[arg-type]
+        box.put("/root/bench/run.py", ARM64_SCRIPT.encode())
+        python = "/opt/edge-agent/venv/bin/python"
+        result = box.run([python, "/root/bench/run.py", ",".join(chosen), *paths], timeout=1800)
+        if result.returncode != 0:
+            raise SystemExit(f"arm64 run failed:\n{result.stdout}\n{result.stderr[-3000:]}")
+        machine = result.stdout.strip().splitlines()[-1]
+        with np.load(box.path("/root/bench/out.npz")) as data:
+            theirs = {k: data[k] for k in data.files}
+    print(
+        f"arm64 (platform.machine() = {machine!r} under qemu; functional only, no timings; "
+        f"{time.monotonic() - started:.0f} s with the build and the install)"
+    )
+    for name, (path, feeds) in chosen.items():
+        session = load_session(path, None, RuntimeOptions())
+        ours = session.run(feeds)
+        session.close()
+        for key, value in ours.items():
+            other = theirs[f"{name}/{key}"]
+            diff = float(np.abs(other.astype(np.float64) - value.astype(np.float64)).max())
+            close = bool(np.allclose(other, value, rtol=ARM64_RTOL, atol=ARM64_ATOL))
+            rows[f"{name}/{key}"] = {"max_abs_diff": diff, "within_tolerance": close}
+            verdict = "equal" if diff == 0 else ("within tolerance" if close else "DIFFERENT")
+            print(
+                f"  {name:5} {key:14} {list(value.shape)!s:14} runs on arm64; max |arm64 - x86| "
+                f"{diff:.3g} (values up to {float(np.abs(value).max()):.3g}): {verdict} "
+                f"(rtol {ARM64_RTOL:g}, atol {ARM64_ATOL:g})"
+            )
+    return {"machine": machine, "outputs": rows}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=300, help="interleaved iterations")
     parser.add_argument("--skip-openvino", action="store_true")
     parser.add_argument("--only", default="face,vad,frame", help="models, comma-separated")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--arm64", action="store_true", help="only the arm64 functional row (as root, minutes)"
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="edge-models-"))
-    print(f"load: {os.getloadavg()[0]:.2f} (1 min); {args.calls} interleaved calls each")
     only = set(args.only.split(","))
-    results: dict[str, Any] = {"agent": agent_variants(args.calls, work, only)}
+    if args.arm64:
+        print(f"load: {os.getloadavg()[0]:.2f} (1 min)")
+        results: dict[str, Any] = {"arm64": arm64(work)}
+        if args.out:
+            args.out.write_text(json.dumps(results, indent=1))
+        return 0 if all(r["within_tolerance"] for r in results["arm64"]["outputs"].values()) else 1
+    print(f"load: {os.getloadavg()[0]:.2f} (1 min); {args.calls} interleaved calls each")
+    results = {"agent": agent_variants(args.calls, work, only)}
     if not args.skip_openvino:
         results["openvino"] = openvino(args.calls, work)
     print(f"load: {os.getloadavg()[0]:.2f} (1 min)")
