@@ -303,7 +303,10 @@ class Deployer(ManualActions, Retention):
         if available is None:
             return False
         try:
-            size = self.store.get(name, version).model_path.stat().st_size
+            stored = self.store.get(name, version)
+            size = stored.model_path.stat().st_size
+            blob = stored.directory / "weights.bin"  # a split encrypted ONNX model's weights
+            size += blob.stat().st_size if blob.is_file() else 0
         except (OSError, StoreError):
             return False
         return drain.must_drain(

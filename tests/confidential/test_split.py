@@ -246,3 +246,21 @@ def test_a_partial_weights_download_is_not_cleared_as_stale(world: World) -> Non
     updater.check_once()  # the cycle fails before the weights: their partial must stay
     assert not (partials / ("0" * 64)).exists()  # the stale one is cleared
     assert (partials / blob.hashes["sha256"]).read_bytes() == b"\0" * 10  # kept, not a new one
+
+
+def test_the_drain_estimate_counts_the_weights_blob(tmp_path: Path) -> None:
+    from tests.models.harness import Harness
+    from tests.models.harness import install as install_scale
+
+    harness = Harness(tmp_path, memory=lambda: available)
+    try:
+        install_scale(harness.store, tmp_path, 1, 2.0)
+        stored = harness.store.get("scale", 1)
+        graph = stored.model_path.stat().st_size
+        config = harness.deployer.config
+        available = int(graph * config.memory_factor) + config.memory_margin_bytes + 4096
+        assert not harness.deployer._must_drain("scale", 1)  # the graph alone fits
+        (stored.directory / "weights.bin").write_bytes(b"\0" * (1 << 20))
+        assert harness.deployer._must_drain("scale", 1)  # with its weights it does not
+    finally:
+        harness.close()
