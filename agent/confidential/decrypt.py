@@ -72,15 +72,22 @@ class Plaintext:
     ``data`` is the buffer to hand to a runtime. A runtime that keeps using it (LiteRT reads
     its model from the buffer for as long as the interpreter lives) must be given ``keep``:
     the buffer is then left to the runtime (unlocked when wiped, not zeroed).
+
+    With ``align`` > 1 the plaintext starts ``lead`` bytes into ``data``, at an address that
+    is a multiple of ``align`` (the weights blob: its tensors' offsets are multiples of 64).
     """
 
-    def __init__(self, size: int, where: str) -> None:
+    def __init__(self, size: int, where: str, align: int = 1) -> None:
         if size <= 0:
             raise DecryptionError(f"{where}: the plaintext is empty")
         self.where = where
         self.size = size
-        self.data: bytes = _new_bytes(None, size)
-        self._address: int = _bytes_address(self.data)
+        self.data: bytes = _new_bytes(None, size + align - 1)
+        self.lead = -_bytes_address(self.data) % align
+        self._address: int = _bytes_address(self.data) + self.lead
+        if align > 1:  # the padding around the plaintext: zeros, not leftover heap
+            ctypes.memset(_bytes_address(self.data), 0, self.lead)
+            ctypes.memset(self._address + size, 0, align - 1 - self.lead)
         self.kept = False
         self.locked = self._lock()
 
@@ -135,7 +142,13 @@ class Plaintext:
 
 
 def decrypt_stream(
-    reader: Reader, total: int, key: bytes, path: str, content_id: bytes, where: str
+    reader: Reader,
+    total: int,
+    key: bytes,
+    path: str,
+    content_id: bytes,
+    where: str,
+    align: int = 1,
 ) -> Plaintext:
     """Decrypt the ``total``-byte encrypted file read from ``reader`` (target ``path``).
 
@@ -152,7 +165,7 @@ def decrypt_stream(
     plain_size = sum(sealed - TAG_BYTES for _, sealed, _ in spans)
     sealed_buf = bytearray(header.chunk_bytes + TAG_BYTES)
     scratch = bytearray(header.chunk_bytes + 16)
-    out = Plaintext(plain_size, where)
+    out = Plaintext(plain_size, where, align)
     try:
         offset = 0
         for index, sealed, final in spans:
@@ -189,11 +202,14 @@ def decrypt_bytes(data: bytes, key: bytes, path: str, content_id: bytes, where: 
     return decrypt_stream(io.BytesIO(data), len(data), key, path, content_id, where)
 
 
-def decrypt_file(file: Path, key: bytes, path: str, content_id: bytes, where: str) -> Plaintext:
+def decrypt_file(
+    file: Path, key: bytes, path: str, content_id: bytes, where: str, align: int = 1
+) -> Plaintext:
     """``decrypt_stream`` over an encrypted file of the store."""
     try:
         with file.open("rb", buffering=0) as fh:
-            return decrypt_stream(fh, os.fstat(fh.fileno()).st_size, key, path, content_id, where)
+            size = os.fstat(fh.fileno()).st_size
+            return decrypt_stream(fh, size, key, path, content_id, where, align)
     except OSError as exc:
         raise DecryptionError(f"{where}: cannot read {file}: {exc.strerror or exc}") from exc
 
@@ -302,8 +318,12 @@ class Weights:
 
     def __init__(self, plaintext: Plaintext) -> None:
         self.plaintext = plaintext
-        self.specs = weights.parse_index(plaintext.data, f"{plaintext.where}: weights.bin")
-        self.arrays: dict[str, np.ndarray[Any, Any]] = weights.views(plaintext.data, self.specs)
+        lead, size = plaintext.lead, plaintext.size
+        blob = memoryview(plaintext.data)[lead : lead + size]
+        self.specs = weights.parse_index(blob, f"{plaintext.where}: weights.bin")
+        self.arrays: dict[str, np.ndarray[Any, Any]] = weights.views(
+            plaintext.data, self.specs, lead
+        )
 
     @property
     def locked(self) -> bool:
@@ -332,7 +352,9 @@ def open_weights(
     keys_dir = identity_dir or identity.beside_version(version_dir)
     key = content_key(version_dir, name, version, info, keys_dir)
     path = f"models/{name}/{version}/{weights.WEIGHTS_FILE}"
-    plaintext = decrypt_file(version_dir / weights.WEIGHTS_FILE, key, path, info.content_id, where)
+    plaintext = decrypt_file(
+        version_dir / weights.WEIGHTS_FILE, key, path, info.content_id, where, weights.ALIGN
+    )
     try:
         found = Weights(plaintext)
     except BaseException:

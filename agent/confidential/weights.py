@@ -156,11 +156,17 @@ def parse_index(blob: bytes | memoryview, where: str) -> list[WeightSpec]:
     return specs
 
 
-def views(blob: bytes, specs: Sequence[WeightSpec]) -> dict[str, np.ndarray[Any, Any]]:
-    """Read-only numpy views on ``blob`` at each tensor's offset (no copy)."""
+def views(
+    blob: bytes, specs: Sequence[WeightSpec], lead: int = 0
+) -> dict[str, np.ndarray[Any, Any]]:
+    """Read-only numpy views on ``blob`` (the blob starting ``lead`` bytes into it) at each
+    tensor's offset (no copy)."""
     return {
         s.name: np.frombuffer(
-            blob, dtype=s.dtype, count=s.length // np.dtype(s.dtype).itemsize, offset=s.offset
+            blob,
+            dtype=s.dtype,
+            count=s.length // np.dtype(s.dtype).itemsize,
+            offset=lead + s.offset,
         ).reshape(s.shape)
         for s in specs
     }

@@ -151,7 +151,8 @@ def test_a_split_version_loads_in_place_with_outputs_equal_to_the_clear_model(
     # ONNX Runtime reads the decrypted buffer in place: change W2 there, the outputs change.
     found = held(loaded)
     w2 = next(s for s in found.specs if s.name == "W2")
-    base = decrypt._bytes_address(found.plaintext.data)
+    base = decrypt._bytes_address(found.plaintext.data) + found.plaintext.lead
+    assert all(a.ctypes.data % weights.ALIGN == 0 for a in found.arrays.values())  # aligned
     ctypes.memset(base + w2.offset, 0, w2.length)
     changed = loaded.session.run({"x": X})["probs"]
     b2 = next(i for i in onnx.load(model).graph.initializer if i.name == "B2")
@@ -168,7 +169,7 @@ def test_the_buffer_lives_locked_as_long_as_the_session_then_is_zeroed(world: Wo
     allowed = os.geteuid() == 0 or soft == resource.RLIM_INFINITY or soft >= 1 << 20
     assert found.locked == allowed
     buffer = found.plaintext.data  # our own reference: its memory stays readable
-    assert len(buffer) == found.plaintext.size and any(buffer[-100:])
+    assert len(buffer) >= found.plaintext.size and any(buffer[-100:])
     gc.collect()  # validation dropped its references: the session's keeps the buffer as is
     assert found.plaintext.size and any(buffer[-100:])
     loaded.session.run({"x": X})
