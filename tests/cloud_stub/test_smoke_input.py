@@ -11,6 +11,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from agent.tensors import TensorSpec
+from cloud_stub.cli import main
 from cloud_stub.publish import publish
 from cloud_stub.repo import Repository, RepositoryError
 from cloud_stub.samples import _save
@@ -130,3 +131,19 @@ def _published_smoke(repo: Repository, name: str, version: int) -> Any:
         if info.path == f"models/{name}/{version}/model.onnx":
             return info.custom["smoke"]["inline"]
     raise AssertionError(f"{name} {version} not published")
+
+
+def test_the_cli_publishes_silero_vad_with_whole_arrays_and_says_why_not_without(
+    tmp_path: Path, silero_vad_onnx: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    repo = tmp_path / "repo"
+    assert main(["init", str(repo)]) == 0
+    base = ["publish", str(repo), str(silero_vad_onnx), "--name", "vad", "--version", "1"]
+    assert main(base) != 0
+    assert "vad: no default smoke input runs" in capsys.readouterr().err
+    audio = np.random.default_rng(3).standard_normal((1, 512)).astype(np.float32) * 0.1
+    smoke = _npz(
+        tmp_path / "vad.npz", input=audio, state=np.zeros((2, 1, 128), np.float32), sr=16000
+    )
+    assert main([*base, "--smoke-input", str(smoke), "--smoke-whole"]) == 0, capsys.readouterr()
+    assert Repository(repo).versions("vad") == [1]
