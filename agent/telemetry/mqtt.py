@@ -190,10 +190,15 @@ class Reporter:
             await asyncio.sleep(EVENT_POLL_S)
 
     async def publish_health(self) -> None:
+        """Build the health message on the I/O thread (system readings: /proc, statvfs,
+        sensors; the outbox's size), queue it from the loop."""
+        self._put(self.topics.health, await self.io.run(self._health_body), "health")
+
+    def _health_body(self) -> dict[str, Any]:
         body = self._health()
-        waiting, size = await self.io.run(self._outbox_size)
+        waiting, size = self._outbox_size()
         body["outbox"] = {"messages": waiting, "bytes": size, "held_in_memory": len(self._intake)}
-        self._put(self.topics.health, body, "health")
+        return body
 
     async def _health_loop(self) -> None:
         while True:

@@ -1,6 +1,7 @@
 """The reporter touches its outbox only on the I/O thread (issue 11, deliverable 4): every write
-(messages queued, events and their cursor, deletes after PUBACK, the command sequence) and every
-read of the drain, against a real Mosquitto and a real SQLite outbox."""
+(messages queued, events and their cursor, deletes after PUBACK, the command sequence), every
+read of the drain, and the health message's building, against a real Mosquitto and a real
+SQLite outbox."""
 
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ def test_every_outbox_call_runs_on_the_io_thread(broker: Broker, tmp_path: Path)
             fleet="t",
             agent_version="0.0.0",
             models=lambda: {"m": 1},
-            health=lambda: {"cpu_percent": 1.0},
+            health=lambda: {"cpu_percent": 1.0, "built_on": threading.get_ident()},
             on_command=on_command,
             operator_keys={},
             events_after=state.events_after,
@@ -101,3 +102,6 @@ def test_every_outbox_call_runs_on_the_io_thread(broker: Broker, tmp_path: Path)
     on_loop = [name for name, ident in outbox.calls if ident == loop_thread]
     assert on_loop == [], f"outbox calls on the loop's thread: {on_loop}"
     assert {ident for _, ident in outbox.calls} == {io.ident}
+    # The health message is built there too (system readings: /proc, statvfs, sensors).
+    health = [doc for _, doc in recorder.of("/health")]
+    assert health and {doc["built_on"] for doc in health} == {io.ident}
