@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from agent.allocator import tune_allocator
 from agent.config import Config
 from agent.errors import AgentError, ConfigError
 from agent.models.fastpath import inline_budget
@@ -127,6 +128,7 @@ class Serving(Part):
             log.info("serving %s version %d from %s", model.name, model.version, model.path)
 
     async def listen(self, activated: list[socket.socket] | None = None) -> None:
+        tune_allocator()  # request buffers from the heap, not fresh pages (agent/allocator.py)
         serving = self.config.serving
         group = serving.socket_group or None
         if activated:

@@ -1,0 +1,66 @@
+"""agent.allocator: after tuning, a tensor-sized buffer comes from the heap, not a fresh mmap."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from agent.allocator import tune_allocator
+
+# Counts the chunks glibc holds as their own mmaps (mallinfo2's hblks) around allocating a
+# 1 MiB buffer, before and after tune_allocator, in a fresh interpreter.
+PROBE = textwrap.dedent(
+    """
+    import ctypes, json
+    from agent.allocator import tune_allocator
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+            "uordblks", "fordblks", "keepcost")]
+
+    libc = ctypes.CDLL(None)
+    libc.mallinfo2.restype = MallInfo2
+
+    def mapped_by(size):
+        before = libc.mallinfo2().hblks
+        buffer = bytearray(size)
+        after = libc.mallinfo2().hblks
+        del buffer
+        return after - before
+
+    default = mapped_by(1 << 20)
+    tuned = tune_allocator()
+    print(json.dumps({"default": default, "tuned": tuned, "after": mapped_by(1 << 20)}))
+    """
+)
+
+
+def _glibc_with_mallinfo2() -> bool:
+    import ctypes
+
+    libc = ctypes.CDLL(None)
+    return hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallinfo2")
+
+
+@pytest.mark.skipif(not _glibc_with_mallinfo2(), reason="glibc 2.33+ only")
+def test_a_buffer_under_the_threshold_comes_from_the_heap_once_tuned() -> None:
+    import json
+
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE], capture_output=True, text=True, check=True, timeout=60
+    )
+    figures = json.loads(out.stdout)
+    assert figures == {"default": 1, "tuned": True, "after": 0}
+
+
+def test_thresholds_out_of_order_are_refused() -> None:
+    with pytest.raises(ValueError, match="out of order"):
+        tune_allocator(mmap_threshold=2 << 20, trim_threshold=1 << 20)
+    with pytest.raises(ValueError, match="out of order"):
+        tune_allocator(mmap_threshold=0)
+    with pytest.raises(ValueError, match="over"):
+        tune_allocator(mmap_threshold=1 << 20, trim_threshold=1 << 31)
