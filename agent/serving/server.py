@@ -80,6 +80,55 @@ def server_limits(serving: ServingSection) -> ServerLimits:
     )
 
 
+def socket_gid(path: Path, group: str | None) -> int:
+    """The gid the socket at ``path`` is given (-1: keep the agent's own).
+
+    Raises:
+        ConfigError: no such group on this host.
+    """
+    if not group:
+        return -1
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ConfigError(
+            f"[serving] socket_group: expected a group that exists on this host for "
+            f"socket {path}, found {group!r} (no such group)",
+            remedy='create it (systemd-sysusers) or set serving.socket_group = ""',
+        ) from None
+
+
+def free_socket_path(path: Path) -> None:
+    """Make ``path`` free for a listening socket: its directory made, a stale socket file
+    (nobody answers on it: a killed agent's) removed.
+
+    Raises:
+        ConfigError: the directory cannot be made, the path is not a socket, or another
+            process answers on it.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot create socket directory {path.parent}: {exc.strerror}",
+            remedy="choose another socket (serving.socket; for edge-agent serve, --socket or "
+            "EDGE_AGENT_SOCKET)",
+        ) from exc
+    if not (path.exists() or path.is_symlink()):
+        return
+    if not stat.S_ISSOCK(path.lstat().st_mode):
+        raise ConfigError(f"{path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        path.unlink()  # stale: nobody listens
+    else:
+        raise ConfigError(f"another process is already serving on {path}")
+    finally:
+        probe.close()
+
+
 def bind_unix_socket(path: Path, mode: int = 0o660, group: str | None = None) -> socket.socket:
     """Create a listening Unix socket at ``path`` with ``mode`` and ``group`` from the start.
 
@@ -90,36 +139,8 @@ def bind_unix_socket(path: Path, mode: int = 0o660, group: str | None = None) ->
         ConfigError: the path is taken by a live agent or a non-socket file, the group is
             unknown, or the directory cannot be written.
     """
-    gid = -1
-    if group:
-        try:
-            gid = grp.getgrnam(group).gr_gid
-        except KeyError:
-            raise ConfigError(
-                f"[serving] socket_group: expected a group that exists on this host for "
-                f"socket {path}, found {group!r} (no such group)",
-                remedy='create it (systemd-sysusers) or set serving.socket_group = ""',
-            ) from None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot create socket directory {path.parent}: {exc.strerror}",
-            remedy="choose another socket (serving.socket; for edge-agent serve, --socket or "
-            "EDGE_AGENT_SOCKET)",
-        ) from exc
-    if path.exists() or path.is_symlink():
-        if not stat.S_ISSOCK(path.lstat().st_mode):
-            raise ConfigError(f"{path} exists and is not a socket; refusing to replace it")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(str(path))
-        except OSError:
-            path.unlink()  # stale: nobody listens
-        else:
-            raise ConfigError(f"another process is already serving on {path}")
-        finally:
-            probe.close()
+    gid = socket_gid(path, group)
+    free_socket_path(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     # bind() creates the file with 0777 & ~umask: set the umask so no other user can ever
     # connect in the moment between bind() and chmod().

@@ -11,11 +11,8 @@ RESOURCE_EXHAUSTED past it) and how long a connection may stay idle (``idle_time
 from __future__ import annotations
 
 import contextlib
-import grp
 import logging
 import os
-import socket
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +23,7 @@ from agent.errors import ConfigError
 from agent.serving.grpc.service import InferenceService
 from agent.serving.handler import OipHandler
 from agent.serving.pool import InferencePool
+from agent.serving.server import free_socket_path, socket_gid
 
 log = logging.getLogger(__name__)
 
@@ -63,28 +61,6 @@ class GrpcLimits:
             # gRPC sets SO_REUSEPORT by default: a second agent would share the port silently.
             ("grpc.so_reuseport", 0),
         ]
-
-
-def _free_socket_path(path: Path) -> None:
-    """Make ``path`` free for a listening socket: a stale socket file (nobody answers) goes.
-
-    Raises:
-        ConfigError: another process answers on it, or it is not a socket.
-    """
-    if not (path.exists() or path.is_symlink()):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return
-    if not stat.S_ISSOCK(path.lstat().st_mode):
-        raise ConfigError(f"[serving] grpc_socket: {path} exists and is not a socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(str(path))
-    except OSError:
-        path.unlink()
-    else:
-        raise ConfigError(f"[serving] grpc_socket: another process is already serving on {path}")
-    finally:
-        probe.close()
 
 
 class GrpcListener:
@@ -129,16 +105,8 @@ class GrpcListener:
         await server.start()
 
     def _bind_unix(self, server: aio.Server, path: Path, mode: int, group: str | None) -> None:
-        gid = -1
-        if group:
-            try:
-                gid = grp.getgrnam(group).gr_gid
-            except KeyError:
-                raise ConfigError(
-                    f"[serving] socket_group: expected a group that exists on this host for "
-                    f"socket {path}, found {group!r} (no such group)"
-                ) from None
-        _free_socket_path(path)
+        gid = socket_gid(path, group)
+        free_socket_path(path)
         # gRPC creates the file at bind with 0777 & ~umask: no other user may connect in the
         # moment before the chmod (as the REST socket).
         old_umask = os.umask(0o777 & ~mode)
