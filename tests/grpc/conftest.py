@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from onnx import TensorProto, helper
 from agent.config import Config, ServingSection
 from agent.daemon import Agent, LocalModel
 from cloud_stub import samples
+from tests.agent_thread import agent_in_thread
 
 
 @dataclass
@@ -62,43 +62,14 @@ def start_grpc_agent(
     }
     options.update(serving)
     config = Config(serving=ServingSection(**options))  # type: ignore[arg-type]
-    ready = threading.Event()
-    box: dict[str, object] = {}
 
-    def main() -> None:
-        loop = asyncio.new_event_loop()
-        asyncio.set_event_loop(loop)
-        agent = Agent(config)
-        box["agent"], box["loop"] = agent, loop
+    async def start(agent: Agent) -> None:
+        await agent.load_local(models)
+        await agent.listen()
 
-        async def run() -> None:
-            try:
-                await agent.load_local(models)
-                await agent.listen()
-                ready.set()
-                await agent.wait_for_stop()
-            finally:
-                await agent.shutdown()
-
-        try:
-            loop.run_until_complete(run())
-        except BaseException as exc:
-            box["error"] = exc
-            ready.set()
-        finally:
-            loop.close()
-
-    thread = threading.Thread(target=main, name="grpc-agent-under-test", daemon=True)
-    thread.start()
-    assert ready.wait(60), "agent did not start"
-    if "error" in box:
-        raise box["error"]  # type: ignore[misc]
-    agent, loop = box["agent"], box["loop"]
-    assert isinstance(agent, Agent)
-    assert isinstance(loop, asyncio.AbstractEventLoop)
-    listener = agent.serving.grpc
-    assert listener is not None
-    try:
+    with agent_in_thread(config, start, "grpc-agent-under-test") as (agent, loop):
+        listener = agent.serving.grpc
+        assert listener is not None
         yield GrpcAgent(
             agent,
             f"unix:{work / 'grpc.sock'}",
@@ -106,9 +77,6 @@ def start_grpc_agent(
             work / "infer.sock",
             loop,
         )
-    finally:
-        loop.call_soon_threadsafe(agent.request_stop)
-        thread.join(30)
 
 
 running_agent = contextlib.contextmanager(start_grpc_agent)

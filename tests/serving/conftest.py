@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +11,7 @@ import pytest
 
 from agent.config import Config, ServingSection
 from agent.daemon import Agent, LocalModel
+from tests.agent_thread import agent_in_thread
 
 
 @dataclass
@@ -29,46 +29,16 @@ def start_agent(
     config = Config(
         serving=ServingSection(socket=socket_path, http="127.0.0.1:0", **serving)  # type: ignore[arg-type]
     )
-    ready = threading.Event()
-    box: dict[str, object] = {}
+    http: list[str] = []
 
-    def main() -> None:
-        loop = asyncio.new_event_loop()
-        asyncio.set_event_loop(loop)
-        agent = Agent(config)
-        box["agent"], box["loop"] = agent, loop
+    async def start(agent: Agent) -> None:
+        await agent.load_local(models)
+        await agent.server.listen_unix(socket_path, 0o660)
+        port = await agent.server.listen_tcp("127.0.0.1", 0)
+        http.append(f"http://127.0.0.1:{port}")
 
-        async def run() -> None:
-            await agent.load_local(models)
-            await agent.server.listen_unix(socket_path, 0o660)
-            port = await agent.server.listen_tcp("127.0.0.1", 0)
-            box["http"] = f"http://127.0.0.1:{port}"
-            ready.set()
-            await agent.wait_for_stop()
-            await agent.shutdown()
-
-        try:
-            loop.run_until_complete(run())
-        except BaseException as exc:
-            box["error"] = exc
-            ready.set()
-        finally:
-            loop.close()
-
-    thread = threading.Thread(target=main, name="agent-under-test", daemon=True)
-    thread.start()
-    assert ready.wait(60), "agent did not start"
-    if "error" in box:
-        raise box["error"]  # type: ignore[misc]
-    agent = box["agent"]
-    loop = box["loop"]
-    assert isinstance(agent, Agent)
-    assert isinstance(loop, asyncio.AbstractEventLoop)
-    try:
-        yield RunningAgent(agent, socket_path, str(box["http"]), loop)
-    finally:
-        loop.call_soon_threadsafe(agent.request_stop)
-        thread.join(30)
+    with agent_in_thread(config, start) as (agent, loop):
+        yield RunningAgent(agent, socket_path, http[0], loop)
 
 
 @pytest.fixture
