@@ -120,7 +120,7 @@ def test_plaintext_never_on_disk_and_a_lost_key_keeps_the_previous_version(
         assert 4 not in dev.stages()  # not downloaded, not quarantined
         assert dev.wait_serving() == 1
         np.testing.assert_allclose(infer(dev, x), expected, rtol=1e-5, atol=1e-5)
-        time.sleep(0.5)  # let the last writes of the state database land before the scan
+        dev.stop()  # every write the agent will make has landed: the scan sees the card whole
 
         index: set[bytes] = set()
         for model in plain.values():
