@@ -36,9 +36,9 @@ def publish_encrypted(dev: Device, version: int) -> Path:
 
 
 def update_now(dev: Device) -> None:
-    """Ask the agent for an update cycle and wait for it. The agent listens before its admin
-    routes are set up (after its key pair, the socket, then the deployments): until then the
-    socket is missing or the route answers 404."""
+    """Ask the agent for an update cycle and wait for it. The agent listens before its
+    deployments start (after its key pair, the socket, then the deployments): until then the
+    socket is missing or admin calls answer 503 starting."""
     deadline = time.monotonic() + 60
     while True:
         try:
@@ -48,7 +48,7 @@ def update_now(dev: Device) -> None:
             status, body = 0, b"not listening yet"
         if status == 200:
             return
-        assert status in (0, 404) and time.monotonic() < deadline, (status, body, dev.log_tail())
+        assert status in (0, 503) and time.monotonic() < deadline, (status, body, dev.log_tail())
         time.sleep(0.1)
 
 
