@@ -19,18 +19,17 @@ import socket
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from agent import faults, systemd
+from agent import systemd
 from agent.config import Config
-from agent.delivery.report import DeliveryEvent
+from agent.delivery.report import CycleReport, DeliveryEvent
 from agent.errors import UnavailableError
 from agent.iothread import IoThread
 from agent.models.deployer import DeployConfig, Deployer
 from agent.models.probation import policy_of
-from agent.models.selection import newest_deployable
 from agent.models.slots import Slots
 from agent.models.store import ModelStore
-from agent.models.withdrawal import revert_withdrawn
 from agent.operations import Operation, Operations, Origin, Outcome
+from agent.parts import deploying
 from agent.parts.reporting import Reporting
 from agent.parts.serving import LocalModel, Serving, load_version
 from agent.parts.settings import LiveSettings, merge_reload
@@ -185,7 +184,7 @@ class Agent:
                 )
         await self.deployer.start()
         if self.config.repository.url and self.config.models.follow:
-            self.updates = UpdateLoop(self.config, self.deploy_new_versions)
+            self.updates = UpdateLoop(self.config, self.after_cycle)
             self.updates.on_activity = self.status.on_update_activity
             # What the update child tells while it runs (agent.delivery.pipe), shown at once.
             self.updates.on_progress = self.status.on_download
@@ -209,24 +208,22 @@ class Agent:
         result = await self.updates.run_once()
         return result.to_dict()
 
+    async def after_cycle(self, report: CycleReport) -> None:
+        """After an update cycle: forward the events the child wrote, then act on what its
+        summary told (``parts.deploying``), without reading the state database again."""
+        assert self.deployer is not None
+        self.reporting.forward_events()
+        await deploying.after_cycle(self.deployer, report)
+
     async def deploy_new_versions(self) -> None:
-        """After an update cycle or a reload: forward the events other processes wrote (the
-        update child, `edge-agent import`), deploy the newest verified versions."""
-        assert self.state is not None
+        """After a reload without a repository: forward the events other processes wrote
+        (`edge-agent import`), deploy the newest verified versions the record holds (read on
+        the I/O thread)."""
         assert self.deployer is not None
         self.reporting.forward_events()
         names = set(self.config.models.follow) | set(self.slots.names())
-        names |= set(self.deployer.store.names())
-        for name in sorted(names):
-            if self.deployer.held_by_pin(name) is not None:  # the deployer's rule for pins
-                continue
-            if await revert_withdrawn(self.deployer, name) is not None:  # a halted rollout
-                continue
-            active = self.slots.ensure(name).active
-            version = newest_deployable(self.state, name, active.version if active else None)
-            if version is not None:
-                faults.crash_point("after-verify")  # test hook: EDGE_AGENT_CRASH_AT
-                await self.deployer.deploy(name, version)
+        plan = await deploying.read_plan(self.deployer, names)
+        await deploying.deploy_plan(self.deployer, plan)
 
     def _on_event(self, event: Event) -> None:
         """A deployment event this process recorded: to every listener (MQTT, status, trim)."""

@@ -6,8 +6,10 @@ the store, records them (and rejections) in the state database, and tells the da
 goes, one JSON line each on its stdout (``agent.delivery.pipe``): a download's progress, each
 event once recorded, the cycle's summary last. The daemon acts on the lines as they come (the
 status board shows the download, the events, the result) and, after the child has exited,
-deploys the newest verified version of each followed model. A line that is not one of ours is
-logged and dropped; a child that ends without a summary is a failed cycle.
+hands the summary to ``act``: it carries each model's outcome (the newest deployable version,
+the withdrawn ones), which the daemon deploys without reading the database again. A line that
+is not one of ours is logged and dropped; a child that ends without a valid summary is a failed
+cycle the daemon made up itself (``CycleReport.untold``: no outcome, nothing deployed).
 """
 
 from __future__ import annotations
@@ -59,11 +61,11 @@ class UpdateLoop:
     def __init__(
         self,
         config: Config,
-        deploy: Callable[[], Awaitable[None]],
+        act: Callable[[CycleReport], Awaitable[None]],
         timeout_s: float = 1800.0,
     ) -> None:
         self.config = config
-        self._deploy = deploy
+        self._act = act  # the daemon's step after a cycle, on its summary
         self._timeout_s = timeout_s
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
@@ -101,14 +103,14 @@ class UpdateLoop:
                 )
             else:
                 log.warning("update: cycle failed: %s; keeping the current models", result.error)
-            await self._deploy()
+            await self._act(result)
             self._set_activity("")
             return result
 
     async def _child(self) -> CycleReport:
         source = self.config.source
         if source is None:
-            return CycleReport.failed("no configuration file to give the update child", 0.0)
+            return CycleReport.untold("no configuration file to give the update child", 0.0)
         # -I (isolated): neither the working directory (an `agent/` there would shadow the
         # installed package in the process that parses network input) nor PYTHON* variables
         # nor the user's site-packages decide what the child imports.
@@ -135,7 +137,7 @@ class UpdateLoop:
                 env=faults.child_environment(),  # None (inherit) unless a test crash point is set
             )
         except OSError as exc:
-            return CycleReport.failed(f"cannot start the update child: {exc}")
+            return CycleReport.untold(f"cannot start the update child: {exc}")
         lines = pipe.LineSplitter()
         summary: CycleReport | None = None
         try:
@@ -150,14 +152,14 @@ class UpdateLoop:
         except TimeoutError:
             process.kill()
             await process.wait()
-            return CycleReport.failed(f"update child killed after {self._timeout_s:.0f} s")
+            return CycleReport.untold(f"update child killed after {self._timeout_s:.0f} s")
         if lines.dropped:
             self.malformed += lines.dropped
             log.warning(
                 "update child: %d line(s) over %d bytes dropped", lines.dropped, lines.max_bytes
             )
         if summary is None:
-            return CycleReport.failed(
+            return CycleReport.untold(
                 f"update child exited with {process.returncode} and no valid summary"
             )
         return summary

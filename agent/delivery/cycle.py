@@ -3,6 +3,8 @@
 Each event is recorded in the state database (the record across crashes) as soon as the
 cycle has it, then told (``tell``: the lines of ``agent.delivery.pipe`` on the child's stdout,
 which the daemon acts on at once), not at the end of the cycle; downloads are told as they go.
+Once everything is recorded, each model's outcome is read back (``outcomes``) and goes with the
+summary: the daemon acts on it instead of reading the database again.
 """
 
 from __future__ import annotations
@@ -17,11 +19,11 @@ from agent.confidential.identity import identity_dir
 from agent.config import Config
 from agent.delivery.fetcher import FetchConfig, HttpxFetcher
 from agent.delivery.pipe import Message
-from agent.delivery.report import CycleReport, DeliveryEvent
+from agent.delivery.report import CycleReport, DeliveryEvent, ModelOutcome
 from agent.delivery.updater import ModelUpdater, UpdaterConfig
-from agent.errors import ConfigError
+from agent.errors import ConfigError, StoreError
 from agent.models.lifecycle import QUARANTINED, Stage
-from agent.models.selection import withdrawn_key, withdrawn_versions
+from agent.models.selection import deployable, withdrawn_key, withdrawn_versions
 from agent.models.store import ModelStore
 from agent.state import StateDB
 
@@ -91,6 +93,32 @@ def record_event(state: StateDB, report: CycleReport, event: DeliveryEvent) -> N
         state.add_event(event.name, event.version, event.kind, event.reason)
 
 
+def outcomes(state: StateDB, names: set[str], report: CycleReport) -> dict[str, ModelOutcome]:
+    """Each model's outcome as the state database has it now (``selection.deployable``),
+    with what this cycle installed and why its step failed, if it did."""
+    installed: dict[str, list[int]] = {}
+    for name, version in report.installed:
+        installed.setdefault(name, []).append(version)
+    failed = {e.name: e.reason for e in report.events if e.kind == "failed" and e.name != "*"}
+    found = {}
+    for name in sorted(names | set(installed)):
+        record = deployable(state, name)
+        found[name] = ModelOutcome(
+            installed=tuple(installed.get(name, ())),
+            deployable=record.newest,
+            withdrawn=tuple(sorted(record.withdrawn)),
+            failed=failed.get(name, ""),
+        )
+    return found
+
+
+def _model_names(config: Config, state: StateDB) -> set[str]:
+    """The models the daemon may deploy after the cycle: those followed and those the state
+    database has versions of (``edge-agent import`` too); read without opening the store,
+    which clears its staging directory on open."""
+    return set(config.models.follow) | {row.name for row in state.deployments()}
+
+
 def run_cycle(config: Config, tell: Callable[[Message], None] | None = None) -> CycleReport:
     """Run one cycle and record what it found in the state database.
 
@@ -102,7 +130,19 @@ def run_cycle(config: Config, tell: Callable[[Message], None] | None = None) -> 
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            return CycleReport.failed("another update cycle is running")
+            # The other cycle (an operator's `edge-agent update`) records what it finds; what
+            # the record says may be deployed already is told all the same.
+            busy = CycleReport.failed("another update cycle is running")
+            try:
+                state = StateDB(config.state_db)
+            except StoreError as exc:
+                log.error("update cycle: %s", exc)
+                return busy  # no outcome: the daemon deploys nothing now
+            try:
+                busy.models = outcomes(state, _model_names(config, state), busy)
+            finally:
+                state.close()
+            return busy
         return _run_cycle_locked(config, tell or (lambda _message: None))
 
 
@@ -123,6 +163,7 @@ def _run_cycle_locked(config: Config, tell: Callable[[Message], None]) -> CycleR
                 f"client_key): {exc}; nothing fetched"
             )
             log.error("update cycle: %s", result.error)
+            result.models = outcomes(state, _model_names(config, state), result)
             state.set_setting("last_update", result.to_dict())
             return result
 
@@ -146,6 +187,7 @@ def _run_cycle_locked(config: Config, tell: Callable[[Message], None]) -> CycleR
             fetcher.close()
         for name, versions in report.withdrawn.items():
             record_withdrawn(state, name, versions)
+        report.models = outcomes(state, _model_names(config, state), report)
         report.finished = time.time()
         state.set_setting("last_update", report.to_dict())
         return report

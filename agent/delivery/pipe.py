@@ -4,15 +4,17 @@ Three kinds, in the order the child meets them::
 
     {"kind": "progress", "model": "m", "version": 3, "done": 1048576, "total": 4194304}
     {"kind": "event", "model": "m", "version": 3, "event": "installed", "reason": "..."}
-    {"kind": "summary", "ok": true, "installed": [...], "rejected": [...], "error": "", ...}
+    {"kind": "summary", "ok": true, "installed": [...], "rejected": [...], "error": "",
+     "models": {"m": {"installed": [3], "deployable": 3, "withdrawn": [], "failed": ""}}, ...}
 
 Progress is a download's bytes so far against its signed length; an event is a delivery event
 the child has already recorded in the state database (the database stays the record across
 crashes: the daemon acts on the lines now, the reporter forwards the rows); the summary
-(``CycleReport``) is the last line. Pure: bytes in, records out. Every bound is checked here:
-a line over ``MAX_LINE_BYTES`` is dropped whole (``LineSplitter``), an unknown kind, a missing
-or mistyped field, a string over ``MAX_TEXT_CHARS`` or a count out of range is a ``PipeError``
-naming the field.
+(``CycleReport``) is the last line, with each model's outcome (``ModelOutcome``: the versions
+installed, the newest deployable, the withdrawn ones, a failure), which the daemon acts on.
+Pure: bytes in, records out. Every bound is checked here: a line over ``MAX_LINE_BYTES`` is
+dropped whole (``LineSplitter``), an unknown kind, a missing or mistyped field, a string over
+``MAX_TEXT_CHARS`` or a count out of range is a ``PipeError`` naming the field.
 """
 
 from __future__ import annotations
@@ -101,12 +103,38 @@ def decode(line: bytes) -> Message:
         for name in ("installed", "rejected"):
             if not isinstance(doc.get(name, []), list):
                 raise PipeError(f"summary: {name} is not a list")
+        _check_models(doc.get("models"))
         try:
             return CycleReport.from_dict(doc)
         except (TypeError, KeyError, ValueError) as exc:
             raise PipeError(f"summary: {type(exc).__name__}: {exc}") from None
     shown = repr(kind)[:64]
     raise PipeError(f"unknown kind {shown} (expected one of {', '.join(KINDS)})")
+
+
+def _check_models(models: Any) -> None:
+    """The summary's outcomes, every field typed and bounded (``CycleReport.from_dict`` then
+    builds them)."""
+    if models is None:
+        return
+    if not isinstance(models, dict):
+        raise PipeError("summary: models is not an object")
+    for model, outcome in models.items():
+        if len(model) > MAX_TEXT_CHARS:
+            raise PipeError(f"summary: a model name has {len(model)} characters")
+        where = f"summary: models[{model[:64]!r}]"
+        if not isinstance(outcome, dict):
+            raise PipeError(f"{where} is not an object")
+        doc = {"kind": where, **outcome}
+        for name in ("installed", "withdrawn"):
+            versions = outcome.get(name)
+            if not isinstance(versions, list):
+                raise PipeError(f"{where}: {name} is not a list")
+            for version in versions:
+                _count({"kind": where, name: version}, name)
+        if outcome.get("deployable") is not None:
+            _count(doc, "deployable")
+        _text(doc, "failed")
 
 
 def _text(doc: dict[str, Any], name: str) -> str:

@@ -8,6 +8,8 @@ superseded during its probation is ``retired`` exactly like one that had been co
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from agent.errors import CommandError, NotFoundError, StoreError
 from agent.models import lifecycle
 from agent.models.lifecycle import Stage
@@ -36,17 +38,39 @@ def withdrawn_versions(state: StateDB, name: str) -> frozenset[int]:
     return frozenset(v for v in raw if isinstance(v, int) and not isinstance(v, bool))
 
 
+@dataclass(frozen=True, slots=True)
+class Deployable:
+    """What the record says of one model for the daemon's next step: the newest verified
+    version that may serve (never quarantined nor withdrawn; None: none) and the versions the
+    repository withdrew. The update child reads it once its cycle is recorded and tells it in
+    its summary; without a child (a reload after `edge-agent import`) the daemon reads it on
+    its I/O thread."""
+
+    newest: int | None = None
+    withdrawn: frozenset[int] = frozenset()
+
+    def newer_than(self, active: int | None) -> int | None:
+        """``newest`` when it is newer than the active version (never an older one)."""
+        if self.newest is None or (active is not None and self.newest <= active):
+            return None
+        return self.newest
+
+
+def deployable(state: StateDB, name: str) -> Deployable:
+    """``Deployable`` of ``name`` from the state database (two reads)."""
+    gone = withdrawn_versions(state, name)
+    verified = [
+        row.version
+        for row in state.deployments(name)
+        if row.stage == Stage.VERIFIED and row.version not in gone
+    ]
+    return Deployable(max(verified, default=None), gone)
+
+
 def newest_deployable(state: StateDB, name: str, active: int | None) -> int | None:
     """The newest verified version newer than the active one, never a quarantined one nor
     one the repository withdrew."""
-    best = None
-    gone = withdrawn_versions(state, name)
-    for row in state.deployments(name):
-        if Stage(row.stage) in lifecycle.QUARANTINED or row.version in gone:
-            continue
-        if row.stage == Stage.VERIFIED and (active is None or row.version > active):
-            best = row.version if best is None else max(best, row.version)
-    return best
+    return deployable(state, name).newer_than(active)
 
 
 class Selection:

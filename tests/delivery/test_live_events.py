@@ -10,7 +10,7 @@ from pathlib import Path
 
 from agent.config import load as load_config
 from agent.delivery.pipe import Progress
-from agent.delivery.report import DeliveryEvent
+from agent.delivery.report import CycleReport, DeliveryEvent
 from agent.state import StateDB
 from agent.updates import UpdateLoop
 from cloud_stub.certs import Pki
@@ -53,7 +53,7 @@ def test_each_event_comes_as_it_is_recorded_before_the_cycle_ends(tmp_path: Path
         if not told or told[-1][:2] != ("progress", progress.model):
             told.append(("progress", progress.model, progress.version))
 
-    async def deploy() -> None:
+    async def deploy(_report: CycleReport) -> None:
         pass
 
     async def main() -> None:

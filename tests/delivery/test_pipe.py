@@ -141,7 +141,7 @@ def test_a_real_childs_download_progress_reaches_the_status_board(tmp_path: Path
     shown: list[Activity] = []
     told: list[DeliveryEvent] = []
 
-    async def deploy() -> None:
+    async def deploy(_report: CycleReport) -> None:
         pass
 
     async def main() -> CycleReport:
@@ -205,7 +205,7 @@ def test_lines_that_are_not_ours_are_logged_and_the_cycle_goes_on(
     config_file.write_text(f'[agent]\nstate_dir = "{tmp_path / "state"}"\n')
     progress: list[Progress] = []
 
-    async def deploy() -> None:
+    async def deploy(_report: CycleReport) -> None:
         pass
 
     async def main() -> tuple[CycleReport, int]:
@@ -235,7 +235,7 @@ def test_a_child_without_a_summary_is_a_failed_cycle(
     config_file = tmp_path / "agent.toml"
     config_file.write_text(f'[agent]\nstate_dir = "{tmp_path / "state"}"\n')
 
-    async def deploy() -> None:
+    async def deploy(_report: CycleReport) -> None:
         pass
 
     result = asyncio.run(UpdateLoop(load_config(config_file), deploy)._child())
