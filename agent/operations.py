@@ -8,7 +8,8 @@ origin may do; ``Operations.execute`` runs it. Parsing and the policy are pure.
 
 Policy: a remote command never targets a version the repository did not sign (``edge-agent
 import`` puts unsigned ones in) and never releases a quarantine; a local admin (root or the
-agent's user, by SO_PEERCRED) may do both.
+agent's user, by SO_PEERCRED) may do both. ``withdraw`` (the rollout controller's, at a halt)
+only ever goes back, to a version the device committed before (``agent.models.withdrawal``).
 """
 
 from __future__ import annotations
@@ -72,6 +73,14 @@ class ReleaseQuarantine:
 
 
 @dataclass(frozen=True, slots=True)
+class Withdraw:
+    """``version`` of ``model`` was withdrawn (a halted rollout): leave it now if it serves."""
+
+    model: str
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
 class SetLogLevel:
     level: str
 
@@ -81,7 +90,9 @@ class SetConfig:
     changes: Mapping[str, Any] = field(default_factory=dict)
 
 
-Operation = CheckUpdate | Rollback | Pin | Unpin | ReleaseQuarantine | SetLogLevel | SetConfig
+Operation = (
+    CheckUpdate | Rollback | Pin | Unpin | ReleaseQuarantine | Withdraw | SetLogLevel | SetConfig
+)
 
 
 # -- the schema ---------------------------------------------------------------------------
@@ -131,6 +142,7 @@ SCHEMA: dict[str, tuple[type[Any], tuple[Arg, ...]]] = {
     "pin": (Pin, (Arg("model", _model), Arg("version", _version))),
     "unpin": (Unpin, (Arg("model", _model),)),
     "release": (ReleaseQuarantine, (Arg("model", _model), Arg("version", _version))),
+    "withdraw": (Withdraw, (Arg("model", _model), Arg("version", _version))),
     "set-log-level": (SetLogLevel, (Arg("level", _level),)),
     # Its arguments are the settings themselves, checked by remote_config's whitelist.
     "set-config": (SetConfig, ()),
@@ -283,6 +295,8 @@ class Operations:
                     f"{model} version {version} released from quarantine",
                     {"model": model, "version": version, "stage": "retired"},
                 )
+            case Withdraw(model=model, version=version):
+                return await self._withdraw(model, version)
             case SetLogLevel(level=level):
                 if self._set_log_level is None:
                     raise CommandError("this agent cannot change its log level")
@@ -293,3 +307,22 @@ class Operations:
                     raise CommandError("this agent takes no set-config")
                 return Outcome(self._set_config(dict(changes)), {"changes": dict(changes)})
         raise AssertionError(operation)
+
+    async def _withdraw(self, model: str, version: int) -> Outcome:
+        """Leave a withdrawn version at once (``withdrawal.revert_on_command``), then run an
+        update cycle: the signed metadata confirms the withdrawal (or, with nothing to return
+        to, brings the version to return to)."""
+        from agent.models import withdrawal  # the deployer's side: only where there is one
+
+        try:
+            done = await withdrawal.revert_on_command(self._needs_deployer(), model, version)
+        except AgentError:
+            if self._trigger_update is not None:
+                self._trigger_update()
+            raise
+        if done.returned and self._trigger_update is not None:
+            self._trigger_update()
+        return Outcome(
+            done.message,
+            {"model": model, "withdrawn": version, "active_version": done.active},
+        )

@@ -83,6 +83,21 @@ class ManualActions:
                 name, to, reason, allow_unsigned=allow_unsigned, rollback=True
             )
 
+    async def rollback_from(self, name: str, version: int, to: int, reason: str) -> int | None:
+        """Roll back to ``to`` (signed versions only) only while ``version`` serves, checked
+        under the model's lock: a deployment that replaced it meanwhile is left alone. Returns
+        ``to``, or None when ``version`` no longer serves (nothing changed).
+
+        Raises:
+            NotFoundError, CommandError, ModelError: as for ``rollback``; nothing changed.
+        """
+        self.slots.get(name)  # NotFoundError for an unknown model
+        async with self._lock(name):
+            active = self.slots.get(name).active
+            if active is None or active.version != version:
+                return None
+            return await self._switch(name, to, reason, allow_unsigned=False, rollback=True)
+
     async def _switch(
         self, name: str, to: int | None, reason: str, *, allow_unsigned: bool, rollback: bool
     ) -> int:

@@ -48,6 +48,8 @@ class SimDevice:
     previous: int | None = None  # the committed version before the active one
     stored: list[int] = field(default_factory=list)
     quarantined: set[int] = field(default_factory=set)
+    committed: set[int] = field(default_factory=set)  # every version it ever committed
+    seen_withdrawn: set[int] = field(default_factory=set)  # as its update cycles found them
     probation_until: float | None = None
     will_fail: bool = False
     dead: bool = False
@@ -62,6 +64,10 @@ class SimDevice:
     last_tick: float = 0.0
     activated: list[int] = field(default_factory=list)  # every version it ever activated
     outbox: list[tuple[float, str, bytes]] = field(default_factory=list)  # (due, topic, body)
+
+    def __post_init__(self) -> None:
+        if self.previous is not None:
+            self.committed.add(self.previous)
 
     @property
     def topics(self) -> messages.Topics:
@@ -170,12 +176,16 @@ class SimDevice:
             self._event(now, "activated", self.active, f"rolled back from version {version}")
             return
         self._event(now, "committed", version, "probation passed (simulated)")
+        self.committed.add(version)
         if self.previous is not None:
             self._event(now, "retired", self.previous, f"replaced by version {version}")
         self.previous = version
 
     def _check(self, now: float, candidates: Sequence[ModelTarget]) -> None:
         gone = choice.withdrawn(candidates)
+        for version in sorted((gone & set(self.stored)) - self.seen_withdrawn):
+            self._event(now, "withdrawn", version, "withdrawn by the repository")
+        self.seen_withdrawn |= gone
         if self.active is not None and self.active in gone:
             self._revert(now, gone)  # a probation under way ends with it
             return
@@ -214,15 +224,49 @@ class SimDevice:
         back = [v for v in back if v not in self.quarantined]
         if not back:
             return  # nothing to return to: it keeps serving, as the agent does
+        self._roll_back(now, version, back[-1], f"version {version} withdrawn by the repository")
+
+    def _roll_back(self, now: float, version: int, target: int, why: str) -> None:
+        """A rollback's swap, as the agent's ``_switch`` reports it: ``version`` quarantined,
+        ``target`` committed."""
         self.probation_until = None
-        target = back[-1]
-        why = f"version {version} withdrawn by the repository"
-        self._event(now, "withdrawn", version, "withdrawn by the repository")
+        self.will_fail = False
         self.quarantined.add(version)
         self.active = target
         self.previous = target
+        self.committed.add(target)
         self._event(now, "rolled_back", version, f"{why}: rolled back to version {target}")
         self._event(now, "committed", target, f"{why}: rollback target")
+
+    def withdraw(self, now: float, version: int) -> tuple[str, str]:
+        """A verified ``withdraw`` command, as ``agent.models.withdrawal.revert_on_command``
+        answers it: serving ``version``, return at once to the newest older version this
+        device committed (never forward); otherwise nothing. The outcome and reason of its
+        acknowledgement."""
+        if self.active != version:
+            return "accepted", (
+                f"model {self.model} version {version} is not serving "
+                f"(version {self.active} is); nothing to do"
+            )
+        back = [
+            v
+            for v in sorted(self.stored)
+            if v < version
+            and v in self.committed
+            and v not in self.quarantined
+            and v not in self.seen_withdrawn
+        ]
+        why = f"version {version} withdrawn by the rollout controller (signed command)"
+        if not back:
+            return "failed", (
+                f"model {self.model}: {why}, but no earlier version this device committed is "
+                "in its store; it keeps serving until its update cycle brings one"
+            )
+        self._roll_back(now, version, back[-1], why)
+        return (
+            "accepted",
+            f"model {self.model} returned to version {back[-1]} from version {version}",
+        )
 
     # -- commands ---------------------------------------------------------------------------
 

@@ -29,6 +29,7 @@ from agent.delivery import choice, trusted
 from agent.delivery.fetcher import FetchConfig, HttpxFetcher
 from agent.delivery.targets import ModelTarget
 from agent.errors import CommandError
+from agent.operations import CheckUpdate, Withdraw
 from agent.telemetry import commands
 from agent.telemetry.inbox import load_operator_keys
 from cloud_stub.fleetsim.device import Profile, SimDevice, Timing
@@ -154,6 +155,7 @@ class Fleet:
             for i in range(config.count)
         ]
         self.by_id = {d.device_id: d for d in self.devices}
+        self.index = {d.device_id: i for i, d in enumerate(self.devices)}
         self.keys = load_operator_keys(config.operator_keys)
         self._commands: list[tuple[str, bytes]] = []
         self._lock = threading.Lock()
@@ -182,15 +184,18 @@ class Fleet:
             with self._lock:
                 self._commands.append((device, bytes(message.payload)))
 
-    def _handle_commands(self, now: float) -> set[str]:
-        """Verify, acknowledge; the devices a ``check-update`` asks to poll now."""
+    def _handle_commands(self, now: float) -> tuple[set[str], set[str]]:
+        """Verify, carry out, acknowledge. Returns the devices to poll now (a
+        ``check-update``, or a ``withdraw`` that sent one back: its update cycle confirms) and
+        those that have something to send now (at least an acknowledgement)."""
         with self._lock:
             pending, self._commands = self._commands, []
-        nudged = set()
+        nudged, touched = set(), set()
         for device_id, payload in pending:
             device = self.by_id[device_id]
             if device.dead or not device.online:
                 continue
+            touched.add(device_id)
             name, seq = "?", None
             try:
                 doc = commands.parse(payload)
@@ -203,12 +208,22 @@ class Fleet:
                 continue
             if command.seq is not None:
                 device.last_cmd_seq = command.seq
-            if command.name == "check-update":
+            operation = command.operation
+            if isinstance(operation, CheckUpdate):
                 nudged.add(device_id)
                 device.ack(now, command.name, command.seq, "accepted", "update check started")
+            elif isinstance(operation, Withdraw) and operation.model != device.model:
+                unknown = f"unknown model {operation.model!r} (known: {device.model})"
+                device.ack(now, command.name, command.seq, "failed", unknown)
+            elif isinstance(operation, Withdraw):
+                before = device.active
+                outcome, reason = device.withdraw(now, operation.version)
+                if outcome == "failed" or device.active != before:
+                    nudged.add(device_id)
+                device.ack(now, command.name, command.seq, outcome, reason)
             else:
                 device.ack(now, command.name, command.seq, "failed", "not simulated")
-        return nudged
+        return nudged, touched
 
     def _publish(self, index: int, topic: str, payload: bytes) -> None:
         retain = topic.endswith("/status")
@@ -230,14 +245,17 @@ class Fleet:
         try:
             while not stop():
                 now = time.time()
-                nudged = self._handle_commands(now)
+                nudged, touched = self._handle_commands(now)
+                for device_id in touched:  # acks and a withdrawal's events leave at once
+                    for topic, payload in self.by_id[device_id].take(now):
+                        self._publish(self.index[device_id], topic, payload)
                 # A nudge wants what was just signed: a listing over a second old is refreshed.
                 if now >= next_listing or (nudged and now - fetched >= 1.0):
                     candidates = listing.fetch()
                     fetched, next_listing = now, now + self.config.listing_s
                 poll_s = self.config.timing.poll_s
                 for i, device in enumerate(self.devices):
-                    if due[i] > now and device.device_id not in nudged:
+                    if due[i] > now and device.device_id not in touched:
                         continue  # nothing to do yet: a 10,000-device tick stays cheap
                     poll = now >= device.next_poll or device.device_id in nudged
                     if poll:

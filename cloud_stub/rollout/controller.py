@@ -4,7 +4,8 @@ operator's pause, resume and halt (requests in its state file, from the CLI or a
 
 One step (``step``) reads what the devices sent since the last one, carries out a request,
 asks the pure decision module and acts: signs, records the decision with its evidence, logs
-one line, nudges the devices concerned with a signed ``check-update``.
+one line, nudges the devices concerned with a signed ``check-update``; at a halt, the devices
+that took the version also get a signed ``withdraw`` naming it, so that they leave it at once.
 """
 
 from __future__ import annotations
@@ -164,7 +165,9 @@ class Controller:
     def _halt(
         self, rollout: Rollout, reasons: list[str], evidence: dict[str, object], now: float
     ) -> Rollout:
-        """Withdraw the version in signed metadata, record why, nudge everyone who took it."""
+        """Withdraw the version in signed metadata (the source of truth), record why, tell
+        everyone who took it with a signed ``withdraw`` (they return at once) and nudge them
+        and the rest of the stage with a signed ``check-update`` (the metadata confirms)."""
         metadata.withdraw(self.repo, rollout.model, rollout.version)
         self.halted_at = self.clock()
         halted = replace(rollout, state="halted", updated=now, reason=reasons[0])
@@ -172,8 +175,17 @@ class Controller:
         self._record(halted, "halt", reasons, evidence)
         took = set(self.tracker.activated(rollout.version))
         stage = {d for d in self.tracker.devices if self.tracker.in_stage(d, rollout.stage_bp)}
+        told = self.feed.withdraw(sorted(took), rollout.model, rollout.version)
         asked = self.feed.nudge(sorted(took | stage))
-        log.info("rollout %s: asked %d device(s) to check for updates now", rollout.id, asked)
+        log.info(
+            "rollout %s: told %d device(s) that took model %s version %d to leave it, "
+            "asked %d to check for updates now",
+            rollout.id,
+            told,
+            rollout.model,
+            rollout.version,
+            asked,
+        )
         return halted
 
     def _nudge(self, rollout: Rollout, stage_bp: int, before_bp: int = 0) -> None:

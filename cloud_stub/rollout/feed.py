@@ -2,7 +2,8 @@
 
 ``DeviceFeed`` is the small interface the controller reads through (the fleet store's ingest
 can implement it later); ``MqttFeed`` subscribes to the fleet's status, health and events
-itself, and publishes the signed ``check-update`` nudges.
+itself, and publishes the signed commands: ``check-update`` nudges, and at a halt ``withdraw``
+(the devices that took the version leave it at once, without waiting for an update cycle).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from cloud_stub.operator import command, load_private
 log = logging.getLogger(__name__)
 
 MAX_QUEUED = 2_000_000  # messages waiting for the controller's next tick (then the oldest go)
+COMMAND_TTL_S = 300  # a command left with the broker for an offline device expires then
 
 
 class FeedError(AgentError):
@@ -40,6 +42,10 @@ class DeviceFeed(Protocol):
 
     def nudge(self, devices: Iterable[str]) -> int:
         """Ask these devices to check for updates now; how many were asked."""
+        ...
+
+    def withdraw(self, devices: Iterable[str], model: str, version: int) -> int:
+        """Tell these devices that ``version`` of ``model`` is withdrawn; how many were told."""
         ...
 
     def close(self) -> None: ...
@@ -65,6 +71,7 @@ class MqttFeed:
         )
         self._key = load_private(operator_key) if operator_key is not None else None
         self._key_id = operator_key.stem if operator_key is not None else ""
+        self._seqs: dict[str, int] = {}  # the last command seq sent to each device
         self._subscribed = threading.Event()
         self._refused: list[str] = []
         client = mqtt.Client(
@@ -106,14 +113,29 @@ class MqttFeed:
     def nudge(self, devices: Iterable[str]) -> int:
         """A signed ``check-update`` to each device; none without an operator key (devices
         then learn at their next poll)."""
+        return self._send(devices, "check-update", {})
+
+    def withdraw(self, devices: Iterable[str], model: str, version: int) -> int:
+        """A signed ``withdraw`` of ``version`` to each device: one serving it returns at once
+        to the version it committed before (``agent.models.withdrawal``); none without an
+        operator key (devices then learn from the signed metadata at their next poll)."""
+        return self._send(devices, "withdraw", {"model": model, "version": version})
+
+    def _send(self, devices: Iterable[str], name: str, args: dict[str, object]) -> int:
         if self._key is None:
             return 0
         count = 0
         properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-        properties.MessageExpiryInterval = 300
+        properties.MessageExpiryInterval = COMMAND_TTL_S
         for device in devices:
+            # Milliseconds, but above the last one this device got: two commands within a
+            # millisecond (a withdraw, then a check-update) must not look like a replay.
+            seq = max(int(time.time() * 1000), self._seqs.get(device, 0) + 1)
+            self._seqs[device] = seq
             topic = Topics(self.fleet, device).commands
-            payload = command(self._key, self._key_id, device, "check-update", {})
+            payload = command(
+                self._key, self._key_id, device, name, args, ttl_s=COMMAND_TTL_S, seq=seq
+            )
             self._client.publish(topic, payload, qos=1, properties=properties)
             count += 1
         return count

@@ -1,7 +1,8 @@
 """Rollouts over a mixed fleet: simulated devices and real `edge-agent run` processes under
 inference load, one broker, the signed repository over HTTPS. The real agents prove the
 device side: they widen with the stages, and a withdrawn version is left at once when the
-controller nudges them (validation and swap of a rollback, no failed request)."""
+controller tells them with a signed ``withdraw`` (validation and swap of a rollback, no failed
+request)."""
 
 from __future__ import annotations
 
@@ -94,8 +95,12 @@ def test_a_bad_version_is_withdrawn_and_real_canaries_return_at_once(
         final = ctl.run(rollout.id, tick_s=0.2)
         assert (final.state, final.stage) == ("halted", 0)
         assert metadata.published(fleet_world.repo, MODEL, 2)["withdrawn"] is True
-        # Nudged at the halt (they will not poll for an hour): back on version 1.
+        # Told at the halt (they will not poll for an hour): back on version 1, by the signed
+        # withdraw itself, not by an update cycle.
         until(lambda: all(by_id[d].active() == 1 for d in inside), WAIT_S)
+        for device in inside:
+            log = (by_id[device].root / "agent.log").read_text()
+            assert "version 2 withdrawn by the rollout controller (signed command)" in log
         assert by_id[outside].active() == 1
         assert 2 not in by_id[outside].versions
         for agent in agents:

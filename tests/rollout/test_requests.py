@@ -28,6 +28,7 @@ class Replay:
     def __init__(self) -> None:
         self.queue: list[tuple[str, bytes, float]] = []
         self.nudged: list[str] = []
+        self.withdrawn: list[tuple[str, str, int]] = []
         self.seq = 0
 
     def send(self, device: str, kind: str, body: dict[str, object], now: float) -> None:
@@ -43,6 +44,11 @@ class Replay:
         asked = list(devices)
         self.nudged.extend(asked)
         return len(asked)
+
+    def withdraw(self, devices: Iterable[str], model: str, version: int) -> int:
+        told = [(d, model, version) for d in devices]
+        self.withdrawn.extend(told)
+        return len(told)
 
     def close(self) -> None:
         pass
@@ -96,6 +102,8 @@ def test_requests_from_the_cli_are_carried_out_by_the_controller(
     assert halted.state == "halted" and halted.reason == "halted by bob"
     assert metadata.published(repo, "mm", 2)["withdrawn"] is True
     assert set(canaries) <= set(feed.nudged[len(canaries) :])
+    # The canaries took it: each is told to leave it at once (a signed withdraw), once.
+    assert feed.withdrawn == [(d, "mm", 2) for d in sorted(canaries)]
     actions = [d.action for d in reversed(store.decisions(rollout.id)) if d.action != "wait"]
     assert actions == ["start", "pause", "resume", "widen", "halt"]
     assert main(["rollout", "halt", str(repo.root), rollout.id]) == 2

@@ -91,3 +91,46 @@ def test_a_flapping_device_says_goodbye_and_comes_back() -> None:
     d.tick(10.0, None, poll=False)
     statuses = [json.loads(p)["online"] for t, p in d.take(1e9) if t.endswith("/status")]
     assert statuses == [True]
+
+
+def test_a_withdraw_command_sends_a_device_back_at_once_never_forward() -> None:
+    """The controller's signed ``withdraw`` as the agent answers it: serving the version, back
+    to the newest older version it committed, before any poll; otherwise nothing."""
+    d = device(Profile())
+    d.tick(0.0, [target(1), target(2)], poll=True)
+    kinds(d)
+    assert d.probation_until is not None  # still in probation on version 2
+    assert d.withdraw(0.5, 3) == (
+        "accepted",
+        "model mm version 3 is not serving (version 2 is); nothing to do",
+    )
+    assert kinds(d) == [] and d.active == 2
+    assert d.withdraw(1.0, 2) == ("accepted", "model mm returned to version 1 from version 2")
+    why = "version 2 withdrawn by the rollout controller (signed command)"
+    events = [json.loads(p) for t, p in d.take(1e9) if t.endswith("/events")]
+    assert [(e["kind"], e["version"], e["reason"]) for e in events] == [
+        ("rolled_back", 2, f"{why}: rolled back to version 1"),
+        ("committed", 1, f"{why}: rollback target"),
+    ]
+    assert d.active == 1 and 2 in d.quarantined and d.probation_until is None
+    d.tick(5.0, None, poll=False)
+    assert kinds(d) == []  # its probation ended with it: no verdict comes
+    # The next poll's metadata confirms it: reported once, nothing taken again.
+    d.tick(10.0, [target(1), target(2, withdrawn=True)], poll=True)
+    assert kinds(d) == [("withdrawn", 2)]
+    d.tick(20.0, [target(1), target(2)], poll=True)
+    assert kinds(d) == [] and d.active == 1
+    outcome, reason = d.withdraw(21.0, 1)
+    assert outcome == "failed" and "no earlier version this device committed" in reason
+    assert d.active == 1  # nothing older it committed: it keeps serving
+
+
+def test_a_withdraw_command_never_sends_a_device_to_a_version_it_never_committed() -> None:
+    d = device(Profile())
+    d.stored = [1, 2]  # version 2 downloaded, never served
+    d.committed = set()  # and version 1 never committed either (a fresh device)
+    assert d.withdraw(0.0, 1)[0] == "failed"
+    d.tick(1.0, [target(1), target(3)], poll=True)
+    assert d.active == 3
+    assert d.withdraw(2.0, 3)[0] == "failed"  # 2 is older but was never committed here
+    assert d.active == 3 and d.activated == [3]

@@ -1,0 +1,141 @@
+"""The rollout controller's signed ``withdraw`` command on the device (``agent.operations`` →
+``agent.models.withdrawal.revert_on_command``), with real models, store and state: the version
+it names is left at once when it serves, only ever for a version this device committed before,
+and nothing else moves."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from agent.errors import NotFoundError
+from agent.models.lifecycle import ProbationPolicy
+from agent.models.selection import newest_deployable, withdrawn_versions
+from agent.operations import Operations, Origin, Withdraw
+from tests.models.harness import Harness, committed_first, install
+
+LONG = ProbationPolicy(window_s=60, min_requests=10_000)
+WHY = "withdrawn by the rollout controller (signed command)"
+
+
+class Triggers:
+    """The update loop's trigger: how many update cycles the command asked for."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self) -> None:
+        self.count += 1
+
+
+def test_the_version_in_probation_is_left_at_once_for_the_committed_one(tmp_path: Path) -> None:
+    async def main() -> None:
+        h = Harness(tmp_path)
+        install(h.store, tmp_path, 1, 2.0)
+        await committed_first(h, LONG)
+        install(h.store, tmp_path, 2, 3.0)
+        assert await h.deployer.deploy("scale", 2)
+        assert h.stages() == {1: "committed", 2: "active"}
+        triggers = Triggers()
+        ops = Operations(h.deployer, trigger_update=triggers)
+        # Naming a version that does not serve: nothing but a line in the log.
+        outcome = await ops.execute(Withdraw("scale", 3), Origin.REMOTE)
+        assert outcome.message == (
+            "model scale version 3 is not serving (version 2 is); nothing to do"
+        )
+        assert h.stages() == {1: "committed", 2: "active"} and triggers.count == 0
+        outcome = await ops.execute(Withdraw("scale", 2), Origin.REMOTE)
+        assert outcome.message == "model scale returned to version 1 from version 2"
+        assert outcome.data == {"model": "scale", "withdrawn": 2, "active_version": 1}
+        assert h.serving() == 1
+        assert h.infer()[0] == 200
+        assert h.stages() == {1: "committed", 2: "rolled_back"}
+        assert h.reasons("rolled_back", 2) == [f"version 2 {WHY}: rolled back to version 1"]
+        assert triggers.count == 1  # an update cycle: the signed metadata confirms it
+        # The command is not the source of truth: nothing recorded as withdrawn by it …
+        assert withdrawn_versions(h.state, "scale") == frozenset()
+        # … and the version it left is quarantined: no update takes it again.
+        assert newest_deployable(h.state, "scale", 1) is None
+        h.assert_consistent()
+        again = await ops.execute(Withdraw("scale", 2), Origin.REMOTE)  # a second copy
+        assert again.message.endswith("nothing to do") and h.serving() == 1
+        await h.deployer.close()
+        h.close()
+
+    asyncio.run(main())
+
+
+def test_it_never_goes_to_a_version_the_device_did_not_commit(tmp_path: Path) -> None:
+    """v1 committed; v2 in the store, verified but never served (superseded by v3 before it
+    was deployed); v3 in probation. The withdrawal of v3 goes back to v1, not to v2; the
+    withdrawal of v1 has nowhere to go (nothing older committed): refused, v1 keeps serving."""
+
+    async def main() -> None:
+        h = Harness(tmp_path)
+        install(h.store, tmp_path, 1, 2.0)
+        await committed_first(h, LONG)
+        install(h.store, tmp_path, 2, 3.0)
+        install(h.store, tmp_path, 3, 4.0)
+        assert await h.deployer.deploy("scale", 3)
+        assert h.serving() == 3
+        triggers = Triggers()
+        ops = Operations(h.deployer, trigger_update=triggers)
+        outcome = await ops.execute(Withdraw("scale", 3), Origin.REMOTE)
+        assert outcome.data["active_version"] == 1
+        assert h.serving() == 1
+        assert 2 not in h.stages() or h.stage(2) != "committed"
+        assert [v for v, kind in h.kinds() if kind == "activated"].count(2) == 0
+        with pytest.raises(NotFoundError, match="no earlier version this device committed"):
+            await ops.execute(Withdraw("scale", 1), Origin.REMOTE)
+        assert h.serving() == 1 and h.stage(1) == "committed"
+        assert triggers.count == 2  # the refusal too: the update cycle may bring a version
+        h.assert_consistent()
+        await h.deployer.close()
+        h.close()
+
+    asyncio.run(main())
+
+
+def test_a_pinned_model_and_a_replaced_version_are_left_alone(tmp_path: Path) -> None:
+    async def main() -> None:
+        h = Harness(tmp_path)
+        install(h.store, tmp_path, 1, 2.0)
+        await committed_first(h, LONG)
+        install(h.store, tmp_path, 2, 3.0)
+        await h.deployer.pin("scale", 2)
+        ops = Operations(h.deployer)
+        outcome = await ops.execute(Withdraw("scale", 2), Origin.REMOTE)
+        assert outcome.message == "model scale is pinned to version 2 by an operator; left as it is"
+        assert h.serving() == 2 and h.stage(2) == "committed"
+        # The condition is checked under the model's lock: once another version serves, the
+        # rollback it asked for does nothing.
+        assert await h.deployer.rollback_from("scale", 1, 1, "test") is None
+        assert h.serving() == 2
+        with pytest.raises(NotFoundError):
+            await ops.execute(Withdraw("other", 2), Origin.REMOTE)
+        await h.deployer.close()
+        h.close()
+
+    asyncio.run(main())
+
+
+def test_an_unsigned_version_is_never_a_withdrawal_target(tmp_path: Path) -> None:
+    """v1 put in by `edge-agent import` (unsigned) and committed; v2 signed and serving: a
+    remote withdrawal never sends the device to an unsigned version."""
+
+    async def main() -> None:
+        h = Harness(tmp_path)
+        install(h.store, tmp_path, 1, 2.0, signed=False)
+        await committed_first(h, LONG)
+        install(h.store, tmp_path, 2, 3.0)
+        assert await h.deployer.deploy("scale", 2)
+        ops = Operations(h.deployer)
+        with pytest.raises(NotFoundError):
+            await ops.execute(Withdraw("scale", 2), Origin.REMOTE)
+        assert h.serving() == 2
+        await h.deployer.close()
+        h.close()
+
+    asyncio.run(main())
