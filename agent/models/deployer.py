@@ -32,17 +32,19 @@ from agent.activity import IDLE, Activity
 from agent.errors import AgentError, StoreError
 from agent.faults import crash_point
 from agent.iothread import IoThread
-from agent.models import drain, lifecycle
+from agent.models import drain
 from agent.models.devices import DeviceRequest
 from agent.models.fastpath import DEFAULT_THRESHOLD_US
 from agent.models.journal import Journal, Step
-from agent.models.lifecycle import ProbationPolicy, Stage, Verdict, VersionState
+from agent.models.lifecycle import ProbationPolicy, Stage, Verdict
 from agent.models.manual import ManualActions
+from agent.models.preparation import Prepared, prepare
 from agent.models.probation import Probations, Statistics
 from agent.models.retention import Retention
 from agent.models.runtime import RuntimeOptions
 from agent.models.selection import Selection
 from agent.models.slots import LoadedVersion, Slots
+from agent.models.startup import Startup
 from agent.models.store import ModelStore, StoredModel
 from agent.models.validation import validate_version, what_was_checked, zeros_for
 from agent.state import Event, StateDB
@@ -70,16 +72,24 @@ class DeployConfig:
 
 
 async def _validated(
-    deployer: Deployer, stored: Callable[[], StoredModel], on_stage: Callable[[Stage], None]
-) -> LoadedVersion:
-    """The version's manifest read (``stored``) and ``validate_version``, in one worker thread
-    (one hand-off from a busy loop, not one per step); each device it gave up for the CPU an
-    event."""
+    deployer: Deployer,
+    stored: Callable[[], StoredModel | None],
+    on_stage: Callable[[Stage], None],
+    *,
+    record: bool,
+) -> LoadedVersion | None:
+    """``stored`` (the manifest, read on the I/O thread; None: stop there) and
+    ``validate_version``, then each device it gave up for the CPU an event and, with
+    ``record``, ``validated`` (one job on the I/O thread): all in one worker thread, one
+    hand-off from a busy loop, not one per step."""
     config = deployer.config
+    loop = asyncio.get_running_loop()
 
-    def run() -> LoadedVersion:
+    def run() -> LoadedVersion | None:
         found = stored()
-        return validate_version(
+        if found is None:
+            return None
+        loaded = validate_version(
             found,
             deployer.options,
             config.warmup_runs,
@@ -87,17 +97,20 @@ async def _validated(
             config.inline_threshold_us,
             config.devices.get(found.name),
         )
+        name, version = loaded.name, loaded.version
+        events = [
+            (name, version, "device_fallback", f"{fallback}; runs on {loaded.device}")
+            for fallback in loaded.fallbacks
+        ]
+        steps = [Step(name, version, Stage.VALIDATED, what_was_checked(loaded))] if record else []
+        if events or steps:
+            deployer.journal.record_from_worker(steps, loop, events)
+        return loaded
 
-    loaded = await asyncio.to_thread(run)
-    name, version = loaded.name, loaded.version
-    for fallback in loaded.fallbacks:
-        await deployer.journal.event(
-            name, version, "device_fallback", f"{fallback}; runs on {loaded.device}"
-        )
-    return loaded
+    return await asyncio.to_thread(run)
 
 
-class Deployer(ManualActions, Retention):
+class Deployer(Startup, ManualActions, Retention):
     """Drives each model through the lifecycle; owns the slots' contents."""
 
     config: DeployConfig
@@ -127,7 +140,6 @@ class Deployer(ManualActions, Retention):
         self.selection = Selection(store, state)
         self.journal = Journal(state, self.selection, self.io, on_event)
         self._record = self.journal.record
-        self._stage = self.journal.stage
         self._event = self.journal.event
         self.probations = Probations(
             statistics,
@@ -142,118 +154,61 @@ class Deployer(ManualActions, Retention):
     def _lock(self, name: str) -> asyncio.Lock:
         return self._locks.setdefault(name, asyncio.Lock())
 
-    # -- start ------------------------------------------------------------------------------
-
-    async def start(self) -> None:
-        """Serve what was committed, then validate anything newer (resuming after a crash)."""
-        names = self.store.names()
-        for name in names:
-            self.slots.ensure(name).deactivate("loading", retry_after_s=1.0)
-        for name in names:
-            await self._start_model(name)
-
-    async def _start_model(self, name: str) -> None:
-        slot = self.slots.ensure(name)
-        stored = self.store.versions(name)
-        states = [
-            VersionState(d.version, Stage(d.stage), d.crashes) for d in self.state.deployments(name)
-        ]
-        pinned = self.selection.pinned(name)
-        problem = self.selection.pin_problem(name, pinned) if pinned is not None else None
-        if pinned is not None and problem is not None:
-            # Left by an older agent (a pin could then name a quarantined version): clear it,
-            # so that nothing treats the model as held.
-            await self.journal.unpin(
-                name, pinned, f"the pin to version {pinned} cannot hold: {problem}"
-            )
-            pinned = None
-        plan = lifecycle.plan_start(states, stored, pinned, self.config.max_probation_crashes)
-        for version, stage, reason in plan.resets:
-            crashes = None
-            current = self._stage(name, version)
-            if current is Stage.ACTIVE:
-                row = self.state.get(name, version)
-                crashes = (row.crashes if row else 0) + 1
-            await self._record(
-                name,
-                version,
-                stage,
-                reason,
-                event="recovered" if stage is Stage.VERIFIED else stage.value,
-                crashes=crashes,
-            )
-        for version in stored:
-            if self._stage(name, version) is None:
-                await self._record(name, version, Stage.VERIFIED, "found in the store")
-        if plan.serve is not None:
-            try:
-                loaded = await self._validate(name, plan.serve, record=False)
-            except AgentError as exc:
-                log.error(
-                    "model %s version %d: committed version does not load: %s",
-                    name,
-                    plan.serve,
-                    exc,
-                )
-                await self._record(name, plan.serve, Stage.ROLLED_BACK, f"no longer loads: {exc}")
-                await self._start_model(name)
-                return
-            slot.add(loaded, activate=True)
-            log.info("model %s version %d: serving (committed)", name, plan.serve)
-        if plan.validate is not None:
-            await self.deploy(name, plan.validate)
-        if slot.active is None:
-            slot.deactivate("no valid version in the store")
-
     # -- deploy -----------------------------------------------------------------------------
 
     async def deploy(self, name: str, version: int) -> bool:
         """Validate ``version``, swap it in and start its probation. False if it was rejected
-        (or is quarantined, or the model is pinned to another version)."""
+        (or is quarantined, or the model is pinned to another version).
+
+        Its checks and reads (``preparation.prepare``) are one job on the I/O thread, asked
+        from the validation's worker thread: two hand-offs to the loop in all (the
+        validation's, the swap's record), none of them a read on the loop."""
         async with self._lock(name):
-            stage = self._stage(name, version)
-            if stage in lifecycle.QUARANTINED:
-                log.info(
-                    "model %s version %d is quarantined (%s); not deploying",
-                    name,
-                    version,
-                    stage.value if stage else "",
-                )
-                return False
-            pinned = self.selection.held_by_pin(name)
-            if pinned is not None and pinned != version:
-                # Checked here, under the model's lock: a pin set while this call waited for
-                # the lock holds.
-                log.info(
-                    "model %s is pinned to version %d; not deploying %d", name, pinned, version
-                )
-                return False
             slot = self.slots.ensure(name)
             active = slot.active
-            if active is not None and active.version == version:
-                return True
-            if stage is None:
-                await self._record(name, version, Stage.VERIFIED, "found in the store")
-            self.activity = Activity("validating", name, version)
             replaced = active.version if active is not None else None
-            # What a failed probation goes back to: the last committed version; with none
-            # (a first version superseded during its own probation), the version that served.
-            fallback = self.selection.committed(name, exclude=version)
-            if fallback is None:
-                fallback = replaced
-            drained = False
-            if active is not None and self._must_drain(name, version):
-                await self._drain(name, active.version, f"making room for version {version}")
-                drained = True
-                self.activity = Activity("validating drained", name, version)
+            before, self.activity = self.activity, Activity("validating", name, version)
+            loop = asyncio.get_running_loop()
+            ready: list[Prepared] = []
+
+            def first() -> StoredModel | None:  # in the validation's worker thread
+                prep = self.io.call(self._prepare, name, version, replaced)
+                ready.append(prep)
+                self.journal.announce_soon(prep.written, loop)
+                if not prep.goes_on:
+                    return None
+                if prep.error is not None:
+                    raise prep.error  # no manifest: rejected
+                crash_point(Stage.LOADING.value)
+                return prep.stored
+
             try:
-                loaded = await self._validate(name, version, record=True)
+                loaded = await self._validate_with(name, version, first)
             except AgentError as exc:
+                if not ready:  # the checks themselves failed (the database): nothing decided
+                    self.activity = before
+                    raise
                 await self._record(name, version, Stage.REJECTED, str(exc))
-                if drained and replaced is not None:
-                    await self._restore(name, replaced, f"version {version} was rejected")
                 self.activity = IDLE
                 return False
+            prep = ready[0]
+            if prep.refusal or prep.same:
+                if prep.refusal:
+                    log.info("model %s: not deploying version %d: %s", name, version, prep.refusal)
+                self.activity = before
+                return prep.same
+            if loaded is None:  # memory is short: drain the version serving first
+                assert replaced is not None
+                await self._drain(name, replaced, f"making room for version {version}")
+                self.activity = Activity("validating drained", name, version)
+                try:
+                    loaded = await self._validate(name, version, record=True, stored=prep.stored)
+                except AgentError as exc:
+                    await self._record(name, version, Stage.REJECTED, str(exc))
+                    await self._restore(name, replaced, f"version {version} was rejected")
+                    self.activity = IDLE
+                    return False
+            fallback = prep.fallback
             slot.add(loaded, activate=True)
             crash_point("after-swap")  # serving it; the database does not say active yet
             # Loaded from now on: the new version and the fallback (warm for a rollback). A
@@ -262,7 +217,7 @@ class Deployer(ManualActions, Retention):
                 if other not in (version, fallback):
                     self._unload(name, other)
             steps = []  # one trip to the I/O thread
-            if replaced is not None and self._stage(name, replaced) is Stage.ACTIVE:
+            if replaced is not None and prep.replaced_active:
                 steps.append(
                     Step(name, replaced, Stage.RETIRED, f"superseded by version {version}")
                 )
@@ -278,24 +233,46 @@ class Deployer(ManualActions, Retention):
             self.activity = Activity("probation", name, version)
             return True
 
-    async def _validate(self, name: str, version: int, *, record: bool) -> LoadedVersion:
+    def _prepare(self, name: str, version: int, replaced: int | None) -> Prepared:
+        """On the I/O thread: ``preparation.prepare`` for this deployer."""
+        return prepare(
+            self.selection, self.store, self.journal, self._must_drain, name, version, replaced
+        )
+
+    async def _validate(
+        self, name: str, version: int, *, record: bool, stored: StoredModel | None = None
+    ) -> LoadedVersion:
+        """Validate ``version`` (``stored``: its manifest, already read), recording its stages
+        with ``record``."""
+        loop = asyncio.get_running_loop()
+
+        def first() -> StoredModel:
+            found = stored or self.io.call(self.store.get, name, version)  # StoreError: rejected
+            if record:  # stored (on the I/O thread) before it goes on, then its crash point
+                self.journal.reached(name, version, Stage.LOADING, loop)
+            return found
+
+        loaded = await self._validate_with(name, version, first, record=record)
+        assert loaded is not None
+        return loaded
+
+    async def _validate_with(
+        self,
+        name: str,
+        version: int,
+        first: Callable[[], StoredModel | None],
+        *,
+        record: bool = True,
+    ) -> LoadedVersion | None:
         loop = asyncio.get_running_loop()
 
         def on_stage(stage: Stage) -> None:
-            # From the validation thread: stored (on the I/O thread) before it goes on, then
-            # its crash point ("loading", "warming").
+            # From the validation thread (warming): stored (on the I/O thread) before it goes
+            # on, then its crash point.
             if record:
                 self.journal.reached(name, version, stage, loop)
 
-        def stored() -> StoredModel:
-            found = self.io.call(self.store.get, name, version)  # StoreError: rejected
-            on_stage(Stage.LOADING)
-            return found
-
-        loaded = await _validated(self, stored, on_stage)
-        if record:
-            await self._record(name, version, Stage.VALIDATED, what_was_checked(loaded))
-        return loaded
+        return await _validated(self, first, on_stage, record=record)
 
     def _must_drain(self, name: str, version: int) -> bool:
         """True when the device cannot hold ``version`` beside what is loaded now."""
@@ -369,13 +346,8 @@ class Deployer(ManualActions, Retention):
             await self._rollback_to_previous(name, version, previous, reason)
 
     async def _commit(self, name: str, version: int, reason: str) -> None:
-        steps = [Step(name, version, Stage.COMMITTED, reason)]  # one trip to the I/O thread
+        await self.journal.commit(name, version, reason)  # read and written in one job
         slot = self.slots.get(name)
-        for other in self.state.deployments(name):
-            if other.version != version and Stage(other.stage) is Stage.COMMITTED:
-                why = f"superseded by version {version}"
-                steps.append(Step(name, other.version, Stage.RETIRED, why))
-        await self.journal.record_steps(steps)
         for loaded in slot.versions():
             if loaded != version:
                 self._unload(name, loaded)
@@ -393,7 +365,7 @@ class Deployer(ManualActions, Retention):
             restored = True
         elif previous is not None:
             why = f"rolling back from version {version}"
-            if self._must_drain(name, previous):
+            if await self.io.run(self._must_drain, name, previous):
                 await self._drain(name, version, f"making room to roll back to version {previous}")
             restored = await self._restore(name, previous, why)
         await self._record(name, version, Stage.ROLLED_BACK, reason, event="rolled_back")
@@ -424,7 +396,7 @@ class Deployer(ManualActions, Retention):
         running = await self.probations.stop()
         for name in running if clean else []:
             try:
-                for row in self.state.deployments(name):
+                for row in await self.io.run(self.state.deployments, name):
                     if Stage(row.stage) is Stage.ACTIVE:
                         await self._record(
                             name,

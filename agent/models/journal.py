@@ -9,8 +9,10 @@ version (it is cleared, with an ``unpinned`` event, when its version is quaranti
 Every write runs on the daemon's I/O thread (``agent.iothread``): a commit with
 ``synchronous=FULL`` waits for the disk, which the event loop that serves must never do. The
 methods that write are awaitable; each returns once the row is durable, so a step is recorded
-before the next one starts, as before. The reads (``stage``) stay on the caller's thread: the
-state database answers them from a connection of their own that no write holds.
+before the next one starts, as before. What a write depends on (the stored stage, the pin, the
+other committed versions) is read in the same job, so nothing here reads on the event loop;
+``stage`` is for other threads (the I/O thread's jobs, tests). A worker thread (the
+validation's) records through ``record_from_worker``: one job, announced on the loop.
 """
 
 from __future__ import annotations
@@ -68,40 +70,97 @@ class Journal:
         crashes: int | None = None,
     ) -> None:
         """Check and store the transition (on the I/O thread), then log and pass on its event."""
-        recorded = await self.io.run(self._write, name, version, stage, reason, event, crashes)
+
+        def write() -> tuple[Event | None, bool]:
+            recorded = self._write(name, version, stage, reason, event, crashes)
+            return recorded, self._pins(name, version, stage)
+
+        recorded, pinned = await self.io.run(write)
         self._announce(name, version, stage, reason, recorded)
-        if stage in lifecycle.QUARANTINED and self.selection.pinned(name) == version:
+        if pinned:
             # A pin never names a quarantined version: it could hold the model nowhere.
             await self.unpin(name, version, f"version {version} is {stage.value} ({reason})")
+
+    def _pins(self, name: str, version: int, stage: Stage) -> bool:
+        """On the I/O thread: True when ``stage`` quarantines the pinned version."""
+        return stage in lifecycle.QUARANTINED and self.selection.pinned(name) == version
 
     async def record_steps(self, steps: Sequence[Step]) -> None:
         """Several transitions in one trip to the I/O thread (each its own transaction, in
         order), then each announced as ``record`` does. A step the lifecycle refuses stops the
         rest: those before it stay recorded and announced, then its error is raised."""
-        if not steps:
-            return
-        recorded, error = await self.io.run(self._write_all, steps)
+        if steps:
+            await self.announce_all(steps, *await self.io.run(self.write_all, steps))
+
+    async def announce_all(
+        self,
+        steps: Sequence[Step],
+        recorded: list[Event | None],
+        error: Exception | None,
+        unpin: list[Step],
+    ) -> None:
+        """On the loop, after ``write_all``: each step announced, pins on a quarantined
+        version cleared, then the error of a refused step raised."""
         for step, event in zip(steps, recorded, strict=False):
             self._announce(step.name, step.version, step.stage, step.reason, event)
-        for step in steps[: len(recorded)]:
-            if step.stage in lifecycle.QUARANTINED and self.selection.pinned(step.name) == (
-                step.version
-            ):
-                why = f"version {step.version} is {step.stage.value} ({step.reason})"
-                await self.unpin(step.name, step.version, why)
+        for step in unpin:
+            why = f"version {step.version} is {step.stage.value} ({step.reason})"
+            await self.unpin(step.name, step.version, why)
         if error is not None:
             raise error
 
-    def _write_all(self, steps: Sequence[Step]) -> tuple[list[Event | None], Exception | None]:
+    def write_all(
+        self, steps: Sequence[Step]
+    ) -> tuple[list[Event | None], Exception | None, list[Step]]:
+        """On the I/O thread: each step in order until one is refused; the steps whose
+        version loses its pin (quarantined while pinned)."""
         recorded: list[Event | None] = []
+        error: Exception | None = None
         for step in steps:
             try:
-                recorded.append(
-                    self._write(step.name, step.version, step.stage, step.reason, step.event, None)
-                )
+                recorded.append(self.write(step))
             except Exception as exc:  # handed back with what was written before it
-                return recorded, exc
-        return recorded, None
+                error = exc
+                break
+        unpin = [s for s in steps[: len(recorded)] if self._pins(s.name, s.version, s.stage)]
+        return recorded, error, unpin
+
+    def write(self, step: Step) -> Event | None:
+        """On the I/O thread: one step checked and written (``record`` without the rest)."""
+        return self._write(step.name, step.version, step.stage, step.reason, step.event, None)
+
+    def record_from_worker(
+        self,
+        steps: Sequence[Step],
+        loop: asyncio.AbstractEventLoop,
+        events: Sequence[tuple[str, int | None, str, str]] = (),
+    ) -> None:
+        """From a worker thread (never the loop): ``events`` (name, version, kind, reason)
+        and ``steps`` written in one job on the I/O thread, each announced on ``loop``.
+
+        Raises:
+            Exception: the error of a step the lifecycle refuses (those before it stay).
+        """
+
+        def write() -> tuple[list[Event], list[Event | None], Exception | None]:
+            written = [self.state.add_event(*event) for event in events]
+            recorded, error, _ = self.write_all(steps)  # no quarantined stage comes this way
+            return written, recorded, error
+
+        written, recorded, error = self.io.call(write)
+        for (name, version, kind, reason), event in zip(events, written, strict=True):
+            loop.call_soon_threadsafe(self._told, name, version, kind, reason, event)
+        self.announce_soon(list(zip(steps, recorded, strict=False)), loop)
+        if error is not None:
+            raise error
+
+    def announce_soon(
+        self, written: Sequence[tuple[Step, Event | None]], loop: asyncio.AbstractEventLoop
+    ) -> None:
+        """From any thread: the steps written by a job, each announced on ``loop``."""
+        for step, event in written:
+            args = (step.name, step.version, step.stage, step.reason, event)
+            loop.call_soon_threadsafe(self._announce, *args)
 
     def _write(
         self,
@@ -155,6 +214,9 @@ class Journal:
     async def event(self, name: str, version: int | None, kind: str, reason: str) -> None:
         """An event that changes no stage (pins, drains): recorded and passed on."""
         event = await self.io.run(self.state.add_event, name, version, kind, reason)
+        self._told(name, version, kind, reason, event)
+
+    def _told(self, name: str, version: int | None, kind: str, reason: str, event: Event) -> None:
         log.info("model %s version %s: %s (%s)", name, version, kind, reason)
         self._pass_on(name, version, event)
 
@@ -169,7 +231,30 @@ class Journal:
     async def make_committed(self, name: str, version: int, reason: str) -> None:
         """Record ``version`` (now serving) as the one committed version of ``name``: the
         steps of its validation not recorded yet, then committed; every other committed or
-        active version retired (in one trip to the I/O thread)."""
+        active version retired (read and written in one job on the I/O thread)."""
+
+        def write() -> tuple[list[Step], list[Event | None], Exception | None, list[Step]]:
+            steps = self._committing(name, version, reason)
+            return steps, *self.write_all(steps)
+
+        await self.announce_all(*await self.io.run(write))
+
+    async def commit(self, name: str, version: int, reason: str) -> None:
+        """The end of a probation passed: ``version`` (``active``) committed, every other
+        committed version retired (read and written in one job on the I/O thread)."""
+
+        def write() -> tuple[list[Step], list[Event | None], Exception | None, list[Step]]:
+            steps = [Step(name, version, Stage.COMMITTED, reason)]
+            for other in self.state.deployments(name):
+                if other.version != version and Stage(other.stage) is Stage.COMMITTED:
+                    why = f"superseded by version {version}"
+                    steps.append(Step(name, other.version, Stage.RETIRED, why))
+            return steps, *self.write_all(steps)
+
+        await self.announce_all(*await self.io.run(write))
+
+    def _committing(self, name: str, version: int, reason: str) -> list[Step]:
+        """On the I/O thread: the steps of ``make_committed``."""
         stage = self.stage(name, version)
         steps = []
         if stage is None:
@@ -187,4 +272,4 @@ class Journal:
             if other.version != version and Stage(other.stage) in (Stage.COMMITTED, Stage.ACTIVE):
                 why = f"superseded: {name} serves {version}"
                 steps.append(Step(name, other.version, Stage.RETIRED, why))
-        await self.record_steps(steps)
+        return steps

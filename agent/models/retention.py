@@ -12,6 +12,7 @@ from agent.models.lifecycle import Stage
 from agent.models.selection import Selection
 from agent.models.slots import Slots
 from agent.models.store import ModelStore
+from agent.state import Event
 
 log = logging.getLogger(__name__)
 
@@ -34,25 +35,36 @@ class Retention:
     async def collect_garbage(self, name: str) -> list[int]:
         """Remove the files retention lets go (``lifecycle.versions_to_remove``: it keeps the
         active version, the previous committed one, ``keep_versions`` more and every version
-        loaded or still being worked on); returns the versions removed. The store's listing
-        and the removals (a rename, ``rmtree``, fsyncs) run on the I/O thread."""
+        loaded or still being worked on); returns the versions removed. The reads (stages,
+        history, the store's listing), the removals (a rename, ``rmtree``, fsyncs) and the
+        ``retired`` rows of versions never deployed are one job on the I/O thread."""
         slot = self.slots.get(name)
         active = slot.active.version if slot.active else None
-        stages = self.selection.stages(name)
-        stored = await self.io.run(self.store.versions, name)
-        doomed = lifecycle.versions_to_remove(
-            stored,
-            stages,
-            active,
-            self.config.keep_versions,
-            commits=self.selection.commits(name),
-            in_use=slot.versions(),
-        )
-        removed = await self.io.run(self._remove, name, doomed)  # one trip for them all
-        retired = [v for v in removed if stages.get(v) is Stage.VERIFIED]  # never deployed
-        await self.journal.record_steps(
-            [Step(name, v, Stage.RETIRED, "not deployed; files removed") for v in retired]
-        )
+        in_use = slot.versions()
+        keep = self.config.keep_versions
+
+        def collect() -> tuple[
+            list[int], list[Step], list[Event | None], Exception | None, list[Step]
+        ]:
+            stages = self.selection.stages(name)
+            doomed = lifecycle.versions_to_remove(
+                self.store.versions(name),
+                stages,
+                active,
+                keep,
+                commits=self.selection.commits(name),
+                in_use=in_use,
+            )
+            removed = self._remove(name, doomed)
+            retired = [  # never deployed
+                Step(name, v, Stage.RETIRED, "not deployed; files removed")
+                for v in removed
+                if stages.get(v) is Stage.VERIFIED
+            ]
+            return removed, retired, *self.journal.write_all(retired)
+
+        removed, retired, recorded, error, unpin = await self.io.run(collect)
+        await self.journal.announce_all(retired, recorded, error, unpin)
         return removed
 
     def _remove(self, name: str, versions: list[int]) -> list[int]:

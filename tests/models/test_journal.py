@@ -180,14 +180,14 @@ def test_steps_go_in_one_trip_and_a_refused_one_stops_the_rest(tmp_path: Path) -
     async def main() -> None:
         book = Book(tmp_path)
         trips = 0
-        write_all = book.journal._write_all
+        write_all = book.journal.write_all
 
         def counted(steps: object) -> object:
             nonlocal trips
             trips += 1
             return write_all(steps)  # type: ignore[arg-type]
 
-        book.journal._write_all = counted  # type: ignore[method-assign]
+        book.journal.write_all = counted  # type: ignore[method-assign]
         await book.journal.record_steps(
             [Step("m", 1, Stage.VERIFIED), Step("m", 1, Stage.LOADING, "", None)]
         )

@@ -1,0 +1,118 @@
+"""Start-up: serve what was committed, validate what is newer, resuming after a crash (a mixin
+of ``agent.models.deployer.Deployer``).
+
+What the state database and the store say of a model is read in one job on the I/O thread;
+``lifecycle.plan_start`` (pure) decides what serves, what is reset and what is validated.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Protocol
+
+from agent.errors import AgentError
+from agent.iothread import IoThread
+from agent.models import lifecycle
+from agent.models.journal import Journal
+from agent.models.lifecycle import Stage, VersionState
+from agent.models.selection import Selection
+from agent.models.slots import LoadedVersion, Slots
+from agent.models.store import ModelStore, StoredModel
+from agent.state import StateDB
+
+log = logging.getLogger(__name__)
+
+
+class _CrashPolicy(Protocol):
+    @property
+    def max_probation_crashes(self) -> int: ...
+
+
+class Startup:
+    """``start`` (``Deployer`` provides what is declared here)."""
+
+    slots: Slots
+    io: IoThread
+    store: ModelStore
+    state: StateDB
+    selection: Selection
+    journal: Journal
+    config: _CrashPolicy
+
+    if TYPE_CHECKING:  # the lifecycle steps Deployer provides
+
+        async def _validate(
+            self, name: str, version: int, *, record: bool, stored: StoredModel | None = None
+        ) -> LoadedVersion: ...
+
+        async def deploy(self, name: str, version: int) -> bool: ...
+
+    async def start(self) -> None:
+        """Serve what was committed, then validate anything newer (resuming after a crash)."""
+        names = await self.io.run(self.store.names)
+        for name in names:
+            self.slots.ensure(name).deactivate("loading", retry_after_s=1.0)
+        for name in names:
+            await self._start_model(name)
+
+    async def _start_model(self, name: str) -> None:
+        slot = self.slots.ensure(name)
+
+        def read() -> tuple[list[int], list[VersionState], int | None, str | None]:
+            stored = self.store.versions(name)
+            rows = self.state.deployments(name)
+            pinned = self.selection.pinned(name)
+            problem = self.selection.pin_problem(name, pinned) if pinned is not None else None
+            return (
+                stored,
+                [VersionState(d.version, Stage(d.stage), d.crashes) for d in rows],
+                (pinned),
+                problem,
+            )
+
+        stored, states, pinned, problem = await self.io.run(read)  # one job on the I/O thread
+        if pinned is not None and problem is not None:
+            # Left by an older agent (a pin could then name a quarantined version): clear it,
+            # so that nothing treats the model as held.
+            await self.journal.unpin(
+                name, pinned, f"the pin to version {pinned} cannot hold: {problem}"
+            )
+            pinned = None
+        plan = lifecycle.plan_start(states, stored, pinned, self.config.max_probation_crashes)
+        known = {state.version: state for state in states}
+        for version, stage, reason in plan.resets:
+            crashes = None
+            if known[version].stage is Stage.ACTIVE:
+                crashes = known[version].crashes + 1
+            await self.journal.record(
+                name,
+                version,
+                stage,
+                reason,
+                event="recovered" if stage is Stage.VERIFIED else stage.value,
+                crashes=crashes,
+            )
+        for version in stored:
+            if version not in known:
+                await self.journal.record(name, version, Stage.VERIFIED, "found in the store")
+        if plan.serve is not None:
+            try:
+                loaded = await self._validate(name, plan.serve, record=False)
+            except AgentError as exc:
+                log.error(
+                    "model %s version %d: committed version does not load: %s",
+                    name,
+                    plan.serve,
+                    exc,
+                )
+                await self.journal.record(
+                    name, plan.serve, Stage.ROLLED_BACK, f"no longer loads: {exc}"
+                )
+                await self._start_model(name)
+                return
+            slot.add(loaded, activate=True)
+            log.info("model %s version %d: serving (committed)", name, plan.serve)
+        if plan.validate is not None:
+            await self.deploy(name, plan.validate)
+        if slot.active is None:
+            slot.deactivate("no valid version in the store")
