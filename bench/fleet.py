@@ -7,12 +7,15 @@ Two rollouts in one run:
 
 1. a good version goes 1 % → 5 % → 25 % → 100 %: prints each stage's time, the real agents'
    failed inference requests (bar: 0) and the devices on the new version at the end;
-2. a bad version (failing probation on every simulated device that takes it) must halt at its
-   first stage: prints the stage it halted at, the devices outside that stage that ever
-   activated it (bar: 0), the time from the halt until every device that took it is back on
-   the previous version (bar: within 2 poll intervals), the time from the first failure event
-   to the halt, and from the evidence that decided it (the last failure before the halt) to
-   the halt (bar: within one health interval).
+2. a bad version must halt at its first stage: it fails probation on every simulated device
+   that takes it, and really fails on half the real agents of the first stage (their load
+   sends an input on which the bad model errors: 500s, their probation rolls it back, their
+   events are evidence too); the other half serve it healthily and must be sent back by the
+   controller's signed ``withdraw``. Prints the stage it halted at, the devices outside that
+   stage that ever activated it (bar: 0), the time from the halt until every device that took
+   it is back on the previous version (bar: within 2 poll intervals), the time from the first
+   failure event to the halt, and from the evidence that decided it (the last failure before
+   the halt) to the halt (bar: within one health interval).
 
 The controller holds only the model's role key and snapshot/timestamp: root and top-level
 targets keys are deleted before it starts. Real agents: each `edge-agent run` with its own
@@ -37,6 +40,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from onnx import TensorProto, helper, numpy_helper
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -54,11 +58,39 @@ from cloud_stub.rollout.decide import Policy  # noqa: E402
 from cloud_stub.rollout.feed import MqttFeed  # noqa: E402
 from cloud_stub.rollout.state import Rollout, RolloutStore  # noqa: E402
 from cloud_stub.rollout.tracker import Tracker  # noqa: E402
-from cloud_stub.samples import matmul_model  # noqa: E402
+from cloud_stub.samples import _save, matmul_model  # noqa: E402
 
 MODEL = "mm"
 FLEET = "bench"
 STAGES = (100, 500, 2500, 10000)
+
+
+def faulty_matmul_model(path: Path, k: int, n: int, seed: int) -> Path:
+    """``y = x · W`` like ``matmul_model``, but ONNX Runtime fails (a Reshape to [-1, n - 1])
+    on a request whose first value is -1: a model error (500), not a refused input."""
+    weights = np.random.default_rng(seed).standard_normal((k, n)).astype(np.float32)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", k])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", n])
+    inits = [
+        numpy_helper.from_array(weights, "W"),
+        helper.make_tensor("starts", TensorProto.INT64, [2], [0, 0]),
+        helper.make_tensor("ends", TensorProto.INT64, [2], [1, 1]),
+        helper.make_tensor("one", TensorProto.INT64, [1], [1]),
+        helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]),
+        helper.make_tensor("width", TensorProto.INT64, [1], [n]),
+        helper.make_tensor("minus", TensorProto.INT64, [1], [-1]),
+    ]
+    nodes = [
+        helper.make_node("Slice", ["x", "starts", "ends"], ["x00"]),
+        helper.make_node("Reshape", ["x00", "one"], ["first"]),
+        helper.make_node("Min", ["first", "zero"], ["negative"]),  # -1 for x00 = -1, else 0
+        helper.make_node("Cast", ["negative"], ["shift"], to=TensorProto.INT64),
+        helper.make_node("Add", ["shift", "width"], ["cols"]),
+        helper.make_node("Concat", ["minus", "cols"], ["shape"], axis=0),
+        helper.make_node("MatMul", ["x", "W"], ["product"]),
+        helper.make_node("Reshape", ["product", "shape"], ["y"]),
+    ]
+    return _save(helper.make_graph(nodes, "faulty_matmul", [x], [y], inits), path)
 
 
 def wait_port(port: int, what: str) -> None:
@@ -121,8 +153,11 @@ class Agent:
         operator_pub: Path,
         poll_s: float,
         health_s: float,
+        poison: bool = False,
     ) -> None:
         self.name = name
+        self.poison = poison  # its requests start with -1: the bad version errors on them
+        self.phase = "good"  # which rollout its failures belong to
         self.root = work / name
         self.root.mkdir()
         self.socket = Path(tempfile.mkdtemp(prefix="edge-fleet-")) / "infer.sock"
@@ -146,6 +181,7 @@ class Agent:
         )
         self.requests = 0
         self.failures: list[str] = []
+        self.failures_by_phase: dict[str, int] = {}
         self.versions: dict[int, int] = {}
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._load, daemon=True)
@@ -160,6 +196,8 @@ class Agent:
 
     def _load(self) -> None:
         x = np.ones((1, 8), np.float32)
+        if self.poison:
+            x[0, 0] = -1.0
         with InferenceClient(str(self.socket), timeout_s=30) as client:
             while not self.stop.is_set():
                 try:
@@ -170,6 +208,8 @@ class Agent:
                         self.versions[v] = self.versions.get(v, 0) + 1
                 except (AgentError, OSError) as exc:
                     self.failures.append(str(exc))
+                    phase = self.phase
+                    self.failures_by_phase[phase] = self.failures_by_phase.get(phase, 0) + 1
                 time.sleep(0.02)
 
     def close(self) -> None:
@@ -185,12 +225,16 @@ class Agent:
         shutil.rmtree(self.socket.parent, ignore_errors=True)
 
 
-def agent_names(count: int) -> list[str]:
-    """Half the real agents inside the first stage (they take the bad version and must be
-    nudged back), half outside it (they must never take it)."""
+def agent_names(count: int) -> list[tuple[str, bool]]:
+    """Half the real agents inside the first stage (they take the bad version), half outside
+    it (they must never take it); of those inside, half poisoned (the bad version really fails
+    on them: their probation rolls it back), half healthy on it (the withdrawal sends them
+    back). ``(name, poisoned)``."""
     inside = [f"real-{i}" for i in range(100_000) if bucket(f"real-{i}", MODEL) < STAGES[0]]
     outside = [f"real-{i}" for i in range(count * 2) if bucket(f"real-{i}", MODEL) >= STAGES[0]]
-    return inside[: count // 2] + outside[: count - count // 2]
+    chosen = inside[: count // 2]
+    poisoned = set(chosen[: len(chosen) // 2])
+    return [(n, n in poisoned) for n in chosen + outside[: count - count // 2]]
 
 
 def until(predicate: Callable[[], bool], timeout_s: float, step: float = 0.2) -> bool:
@@ -231,7 +275,10 @@ def main() -> int:
         repo = Repository.init(work / "repo")
         repo.delegate(MODEL)
         for version in (1, 2, 3):
-            model = matmul_model(work / f"{version}.onnx", k=8, n=4, seed=version)
+            if version == 3:
+                model = faulty_matmul_model(work / "3.onnx", k=8, n=4, seed=version)
+            else:
+                model = matmul_model(work / f"{version}.onnx", k=8, n=4, seed=version)
             percent = 100.0 if version == 1 else 0.0
             publish(repo, model, MODEL, version, rollout_percent=percent, log=lambda *_: None)
         for offline in [*repo.keys_dir.glob("root.*"), *repo.keys_dir.glob("targets.*")]:
@@ -245,7 +292,7 @@ def main() -> int:
         )
         procs.append(nginx)
         url = f"https://127.0.0.1:{https_port}"
-        for name in agent_names(args.agents):
+        for name, poisoned in agent_names(args.agents):
             agents.append(
                 Agent(
                     work,
@@ -257,6 +304,7 @@ def main() -> int:
                     pub,
                     args.poll,
                     args.health,
+                    poisoned,
                 )
             )
         for agent in agents:
@@ -360,6 +408,8 @@ def main() -> int:
         )
 
         # 2. the bad version
+        for agent in agents:
+            agent.phase = "bad"
         final, took = rollout(ctl, feed, 3, 0.5)
         halted_at = ctl.halted_at or time.time()
         first_bp = STAGES[0]
@@ -378,6 +428,13 @@ def main() -> int:
                 flush=True,
             )
         took3 = set(tracker.activated(3))
+        poisoned = [a.name for a in agents if a.poison]
+        failed_real = [d for d in poisoned if 3 in tracker.devices[d].rolled_back]
+        print(
+            f"  real agents whose own probation rolled it back before the halt (evidence): "
+            f"{len(failed_real)} of {len(poisoned)} poisoned",
+            flush=True,
+        )
 
         def back() -> bool:
             ctl.tracker.feed_many(feed.drain())
@@ -408,9 +465,14 @@ def main() -> int:
             f"(real agents: {len(real_outside)})",
             flush=True,
         )
+        healthy_bad = sum(a.failures_by_phase.get("bad", 0) for a in agents if not a.poison)
         print(
             f"  real agents' failed requests over the whole run: "
-            f"{sum(len(a.failures) for a in agents)} of {sum(a.requests for a in agents)}"
+            f"{sum(len(a.failures) for a in agents)} of {sum(a.requests for a in agents)}: "
+            f"good rollout {sum(a.failures_by_phase.get('good', 0) for a in agents)} (bar 0), "
+            f"bad rollout on healthy agents {healthy_bad} (bar 0), on poisoned agents "
+            f"{sum(a.failures_by_phase.get('bad', 0) for a in agents if a.poison)} (the bad "
+            "version's own errors, until their probation rolled it back)"
         )
         feed.close()
         sim.send_signal(signal.SIGTERM)

@@ -158,6 +158,7 @@ class Fleet:
         self.index = {d.device_id: i for i, d in enumerate(self.devices)}
         self.keys = load_operator_keys(config.operator_keys)
         self._commands: list[tuple[str, bytes]] = []
+        self._command_at = 0.0  # when the newest command arrived
         self._lock = threading.Lock()
         self._clients = [self._connect(i) for i in range(max(1, config.connections))]
         self.published = 0
@@ -183,13 +184,16 @@ class Fleet:
         if device in self.by_id:
             with self._lock:
                 self._commands.append((device, bytes(message.payload)))
+                self._command_at = time.time()
 
-    def _handle_commands(self, now: float) -> tuple[set[str], set[str]]:
+    def _handle_commands(self, now: float) -> tuple[set[str], set[str], float]:
         """Verify, carry out, acknowledge. Returns the devices to poll now (a
         ``check-update``, or a ``withdraw`` that sent one back: its update cycle confirms) and
-        those that have something to send now (at least an acknowledgement)."""
+        those that have something to send now (at least an acknowledgement), and when the
+        newest of the commands arrived."""
         with self._lock:
             pending, self._commands = self._commands, []
+            arrived = self._command_at
         nudged, touched = set(), set()
         for device_id, payload in pending:
             device = self.by_id[device_id]
@@ -223,7 +227,7 @@ class Fleet:
                 device.ack(now, command.name, command.seq, outcome, reason)
             else:
                 device.ack(now, command.name, command.seq, "failed", "not simulated")
-        return nudged, touched
+        return nudged, touched, arrived
 
     def _publish(self, index: int, topic: str, payload: bytes) -> None:
         retain = topic.endswith("/status")
@@ -245,12 +249,13 @@ class Fleet:
         try:
             while not stop():
                 now = time.time()
-                nudged, touched = self._handle_commands(now)
+                nudged, touched, arrived = self._handle_commands(now)
                 for device_id in touched:  # acks and a withdrawal's events leave at once
                     for topic, payload in self.by_id[device_id].take(now):
                         self._publish(self.index[device_id], topic, payload)
-                # A nudge wants what was just signed: a listing over a second old is refreshed.
-                if now >= next_listing or (nudged and now - fetched >= 1.0):
+                # A nudge wants what was signed before it was sent: a listing fetched before
+                # the newest command arrived is refreshed.
+                if now >= next_listing or (nudged and fetched < arrived):
                     candidates = listing.fetch()
                     fetched, next_listing = now, now + self.config.listing_s
                 poll_s = self.config.timing.poll_s

@@ -5,7 +5,7 @@ operator's pause, resume and halt (requests in its state file, from the CLI or a
 One step (``step``) reads what the devices sent since the last one, carries out a request,
 asks the pure decision module and acts: signs, records the decision with its evidence, logs
 one line, nudges the devices concerned with a signed ``check-update``; at a halt, the devices
-that took the version also get a signed ``withdraw`` naming it, so that they leave it at once.
+concerned also get a signed ``withdraw`` naming the version, so that they leave it at once.
 """
 
 from __future__ import annotations
@@ -166,8 +166,9 @@ class Controller:
         self, rollout: Rollout, reasons: list[str], evidence: dict[str, object], now: float
     ) -> Rollout:
         """Withdraw the version in signed metadata (the source of truth), record why, tell
-        everyone who took it with a signed ``withdraw`` (they return at once) and nudge them
-        and the rest of the stage with a signed ``check-update`` (the metadata confirms)."""
+        every device of the stage and every one that took it with a signed ``withdraw`` (one
+        serving it returns at once), then nudge them with a signed ``check-update`` (the
+        metadata confirms)."""
         metadata.withdraw(self.repo, rollout.model, rollout.version)
         self.halted_at = self.clock()
         halted = replace(rollout, state="halted", updated=now, reason=reasons[0])
@@ -175,11 +176,14 @@ class Controller:
         self._record(halted, "halt", reasons, evidence)
         took = set(self.tracker.activated(rollout.version))
         stage = {d for d in self.tracker.devices if self.tracker.in_stage(d, rollout.stage_bp)}
-        told = self.feed.withdraw(sorted(took), rollout.model, rollout.version)
-        asked = self.feed.nudge(sorted(took | stage))
+        # The whole stage too: a device whose activation has not reached us yet is serving it.
+        # One that is not answers "nothing to do".
+        concerned = sorted(took | stage)
+        told = self.feed.withdraw(concerned, rollout.model, rollout.version)
+        asked = self.feed.nudge(concerned)
         log.info(
-            "rollout %s: told %d device(s) that took model %s version %d to leave it, "
-            "asked %d to check for updates now",
+            "rollout %s: told %d device(s) of the stage or that took model %s version %d to "
+            "leave it, asked %d to check for updates now",
             rollout.id,
             told,
             rollout.model,

@@ -28,7 +28,11 @@ POLICY = Policy(stages=(100, 500, 2500, 10000), soak_s=3.0, deadline_s=15.0)
 
 @contextmanager
 def simulated(
-    world: FleetWorld, start: int, mix: Mix | None = None, count: int = N
+    world: FleetWorld,
+    start: int,
+    mix: Mix | None = None,
+    count: int = N,
+    timing: Timing = TIMING,
 ) -> Iterator[Fleet]:
     config = SimConfig(
         count=count,
@@ -41,7 +45,7 @@ def simulated(
         trusted_root=world.repo.metadata_dir / "1.root.json",
         ca_file=world.pki.ca_cert,
         operator_keys=(world.operator_pub,),
-        timing=TIMING,
+        timing=timing,
         mix=mix or Mix(),
         connections=2,
         listing_s=1.0,
@@ -148,4 +152,36 @@ def test_a_bad_version_is_halted_at_its_first_stage_and_withdrawn(fleet_world: F
         assert took and took <= in_first
         assert all(d.active == 1 for d in fleet.devices)
         assert ctl.tracker.first_failure[2] <= (ctl.halted_at or 0)
+    feed.close()
+
+
+@pytest.mark.timeout(120)
+def test_at_a_halt_simulated_devices_leave_on_the_signed_withdraw_alone(
+    fleet_world: FleetWorld,
+) -> None:
+    """Healthy canaries on version 2, an operator's halt, the repository unreachable and no
+    device due to poll for an hour: only the controller's signed ``withdraw`` (over the real
+    broker, verified by the agent's own code) can send them back, and it does."""
+    fleet_world.publish(2)
+    stages = (2500, 10000)
+    slow = Timing(poll_s=3600.0, health_s=1.0, probation_s=0.5)
+    feed = subscribe(fleet_world)
+    with simulated(fleet_world, 1, count=40, timing=slow) as fleet:
+        ctl = controller(fleet_world, feed, Policy(stages, soak_s=600.0, deadline_s=900.0), 40)
+        rollout = ctl.start(2, stages)  # the canaries are nudged: they take it and commit it
+        canaries = [d for d in fleet.devices if bucket(d.device_id, MODEL) < stages[0]]
+        assert canaries
+        until(lambda: all(d.active == 2 and 2 in d.committed for d in canaries), 30)
+        fleet_world.server.stop()
+        ctl.store.request(rollout.id, "halt", "carol")
+        assert ctl.step(rollout.id).state == "halted"
+        until(lambda: all(d.active == 1 for d in canaries), 10)
+        assert all(2 in d.quarantined for d in canaries)
+        assert all(d.activated == [] for d in fleet.devices if d not in canaries)
+
+        def reported() -> bool:  # their rolled_back events reach the controller
+            ctl.tracker.feed_many(feed.drain())
+            return all(2 in ctl.tracker.devices[d.device_id].rolled_back for d in canaries)
+
+        until(reported, 10)
     feed.close()

@@ -102,8 +102,8 @@ def test_requests_from_the_cli_are_carried_out_by_the_controller(
     assert halted.state == "halted" and halted.reason == "halted by bob"
     assert metadata.published(repo, "mm", 2)["withdrawn"] is True
     assert set(canaries) <= set(feed.nudged[len(canaries) :])
-    # The canaries took it: each is told to leave it at once (a signed withdraw), once.
-    assert feed.withdrawn == [(d, "mm", 2) for d in sorted(canaries)]
+    # Halted at 100 %: every device is told to leave it at once (a signed withdraw), once.
+    assert feed.withdrawn == [(d, "mm", 2) for d in sorted(DEVICES)]
     actions = [d.action for d in reversed(store.decisions(rollout.id)) if d.action != "wait"]
     assert actions == ["start", "pause", "resume", "widen", "halt"]
     assert main(["rollout", "halt", str(repo.root), rollout.id]) == 2
