@@ -422,22 +422,26 @@ def main() -> int:
         last = tracker.last_failure.get(3)
         if first is not None and last is not None:
             print(
-                f"  first failure event -> halt: {halted_at - first:.2f} s; deciding evidence "
-                f"(last failure before the halt) -> halt: {halted_at - last:.2f} s "
+                f"  first failure (event, or model errors in health) -> halt: "
+                f"{halted_at - first:.2f} s; deciding evidence (last failure before the halt) "
+                f"-> halt: {halted_at - last:.2f} s "
                 f"(health interval {args.health:g} s)",
                 flush=True,
             )
         took3 = set(tracker.activated(3))
         poisoned = [a.name for a in agents if a.poison]
         failed_real = [d for d in poisoned if 3 in tracker.devices[d].rolled_back]
+        erring_real = [d for d in poisoned if tracker.devices[d].usage.get(3, (0, 0))[1] > 0]
         print(
-            f"  real agents whose own probation rolled it back before the halt (evidence): "
-            f"{len(failed_real)} of {len(poisoned)} poisoned",
+            f"  poisoned real agents ({len(poisoned)}) in the evidence at the halt: "
+            f"{len(erring_real)} reported model errors on it, {len(failed_real)} had rolled it "
+            "back (their own probation)",
             flush=True,
         )
 
-        def back() -> bool:
+        def back() -> bool:  # every device that took it, as known now (late reports too)
             ctl.tracker.feed_many(feed.drain())
+            took3.update(tracker.activated(3))
             return all(tracker.devices[d].active == 2 for d in took3)
 
         real_in = [a for a in agents if bucket(a.name, MODEL) < first_bp]

@@ -55,7 +55,9 @@ class Tracker:
         self.devices: dict[str, Device] = {}
         self.samples: dict[int, deque[float]] = {}
         self.refused = 0  # messages that were not the contract's
-        self.first_failure: dict[int, float] = {}  # version -> when a failure was first seen
+        # version -> when a failure (a rollback, a rejection, new model errors in a health
+        # message) was first seen
+        self.first_failure: dict[int, float] = {}
         self.last_failure: dict[int, float] = {}  # … and the latest
 
     # -- intake -----------------------------------------------------------------------------
@@ -107,6 +109,8 @@ class Tracker:
         if requests is not None and errors is not None:
             before = device.usage.get(version, (0, 0))
             device.usage[version] = (max(before[0], requests), max(before[1], errors))
+            if errors > before[1]:  # new model errors: evidence, like a rollback
+                self._failed(version, received)
         p50 = entry.get("p50_ms")
         if isinstance(p50, int | float) and not isinstance(p50, bool) and 0 <= p50 < 1e7:
             self.samples.setdefault(version, deque(maxlen=MAX_SAMPLES)).append(float(p50))

@@ -39,7 +39,10 @@ def test_outcomes_of_the_version_are_counted_per_device() -> None:
     )
     assert (e.new.requests, e.new.model_errors, e.new.latency_ms) == (100, 1, (2.0,))
     assert (e.baseline_devices, e.old.requests, e.old.latency_ms) == (1, 1000, (1.0,))
-    assert t.first_failure[2] == 13.0 and t.last_failure[2] == 14.0
+    # Failures: the rollback, the rejection, and the model error in d0's health.
+    assert t.first_failure[2] == 13.0 and t.last_failure[2] == 15.0
+    send(t, "d0", "health", health(2, 200, 1, 2.0), 16.0)  # no new error: no new evidence
+    assert t.last_failure[2] == 15.0
     # Past the deadline, the two without a verdict failed (hawkbit#693).
     late = t.evidence(2, 0, 10000, elapsed_s=200.0, now=200.0, deadline_s=100.0)
     assert (late.silent, late.pending) == (2, 0)
