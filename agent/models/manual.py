@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 from agent.activity import IDLE, Activity
 from agent.errors import AgentError, CommandError, NotFoundError
+from agent.iothread import IoThread
 from agent.models.journal import Journal
 from agent.models.lifecycle import QUARANTINED, Stage
 from agent.models.probation import Probations
@@ -42,6 +43,7 @@ class ManualActions:
     state: StateDB
     selection: Selection
     journal: Journal
+    io: IoThread
     probations: Probations
     activity: Activity
 
@@ -110,67 +112,77 @@ class ManualActions:
         slot = self.slots.get(name)
         active = slot.active
         current = active.version if active is not None else None
-        if to is None:
-            to = self.selection.default_target(name, current, allow_unsigned=allow_unsigned)
-        else:
-            self.selection.check_target(name, to, allow_unsigned=allow_unsigned)
-        if to == current:
-            return to
-        target_stage = self.journal.stage(name, to)
+        in_slot = slot.versions()
+
+        def check() -> tuple[int, Stage | None, Stage | None, bool, int | None]:
+            """On the I/O thread: the target checked (or chosen), what the switch reads."""
+            target = to  # the argument
+            if target is None:
+                target = self.selection.default_target(name, current, allow_unsigned=allow_unsigned)
+            else:
+                self.selection.check_target(name, target, allow_unsigned=allow_unsigned)
+            drain = current is not None and target != current and target not in in_slot
+            return (
+                target,
+                self.journal.stage(name, target),
+                self.journal.stage(name, current) if current is not None else None,
+                drain and self._must_drain(name, target),
+                self.pinned(name),
+            )
+
+        chosen, target_stage, current_stage, must_drain, pinned = await self.io.run(check)
+        if chosen == current:
+            return chosen
         self.probations.cancel(name)
-        self.activity = Activity("switching", name, to, reason)
-        if to in slot.versions():
-            slot.activate(to)
+        self.activity = Activity("switching", name, chosen, reason)
+        if chosen in slot.versions():
+            slot.activate(chosen)
         else:
             # Never validated here: its validation is recorded, and a failure rejects it.
             fresh = target_stage in (None, Stage.DOWNLOADED, Stage.VERIFIED)
             if target_stage in (None, Stage.DOWNLOADED):
-                await self.journal.record(name, to, Stage.VERIFIED, "found in the store")
+                await self.journal.record(name, chosen, Stage.VERIFIED, "found in the store")
             drained = False
-            if current is not None and self._must_drain(name, to):
-                await self._drain(name, current, f"making room for version {to}: {reason}")
+            if current is not None and must_drain:
+                await self._drain(name, current, f"making room for version {chosen}: {reason}")
                 drained = True
             try:
-                loaded = await self._validate(name, to, record=fresh)
+                loaded = await self._validate(name, chosen, record=fresh)
             except AgentError as exc:
                 if fresh:
-                    await self.journal.record(name, to, Stage.REJECTED, str(exc))
+                    await self.journal.record(name, chosen, Stage.REJECTED, str(exc))
                 if drained and current is not None:
-                    await self._restore(name, current, f"version {to} did not load")
+                    await self._restore(name, current, f"version {chosen} did not load")
                 self.activity = IDLE
                 raise
             slot.add(loaded, activate=True)
-        pinned = self.pinned(name)
-        if rollback and pinned is not None and pinned != to:
+        if rollback and pinned is not None and pinned != chosen:
             # Moved before the version it named is quarantined: a pin never names one.
-            await self.journal.set_pin(name, to)
+            await self.journal.set_pin(name, chosen)
             await self.journal.event(
-                name, to, "pinned", f"held at version {to} (was {pinned}): {reason}"
+                name, chosen, "pinned", f"held at version {chosen} (was {pinned}): {reason}"
             )
-        if current is not None and self.journal.stage(name, current) in (
-            Stage.ACTIVE,
-            Stage.COMMITTED,
-        ):
+        if current is not None and current_stage in (Stage.ACTIVE, Stage.COMMITTED):
             if rollback:
                 await self.journal.record(
                     name,
                     current,
                     Stage.ROLLED_BACK,
-                    f"{reason}: rolled back to version {to}",
+                    f"{reason}: rolled back to version {chosen}",
                     event="rolled_back",
                 )
             else:
                 await self.journal.record(
-                    name, current, Stage.RETIRED, f"{reason}: replaced by version {to}"
+                    name, current, Stage.RETIRED, f"{reason}: replaced by version {chosen}"
                 )
         await self.journal.make_committed(
-            name, to, f"{reason}: rollback target" if rollback else reason
+            name, chosen, f"{reason}: rollback target" if rollback else reason
         )
         for other in slot.versions():
-            if other != to:
+            if other != chosen:
                 slot.unload(other)
         self.activity = IDLE
-        return to
+        return chosen
 
     async def pin(self, name: str, version: int | None, *, allow_unsigned: bool = False) -> None:
         """Keep ``name`` at ``version`` (None: unpin and follow the repository again).
@@ -190,14 +202,19 @@ class ManualActions:
                 await self.journal.set_pin(name, None)
                 await self.journal.event(name, None, "unpinned", "follows the repository again")
                 return
-            self.selection.check_target(name, version, allow_unsigned=allow_unsigned)
+
+            def check() -> Stage | None:  # on the I/O thread
+                self.selection.check_target(name, version, allow_unsigned=allow_unsigned)
+                return self.journal.stage(name, version)
+
+            stage = await self.io.run(check)
             slot = self.slots.get(name)
             why = f"pinned to version {version}"
             if slot.active is None or slot.active.version != version:
                 await self._switch(
                     name, version, why, allow_unsigned=allow_unsigned, rollback=False
                 )
-            elif self.journal.stage(name, version) is not Stage.COMMITTED:
+            elif stage is not Stage.COMMITTED:
                 # In probation: a failed probation would quarantine the pinned version.
                 self.probations.cancel(name)
                 await self.journal.make_committed(name, version, why)
@@ -217,7 +234,7 @@ class ManualActions:
             CommandError: the version is not quarantined.
         """
         async with self._lock(name):
-            stage = self.journal.stage(name, version)
+            stage = await self.io.run(self.journal.stage, name, version)
             if stage is None:
                 raise NotFoundError(f"model {name!r} version {version} is not known to this agent")
             if stage not in QUARANTINED:

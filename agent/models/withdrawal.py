@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from agent.errors import AgentError, NotFoundError
+from agent.iothread import IoThread
 from agent.models.selection import Selection, withdrawn_versions
 from agent.models.slots import Slots
 from agent.state import StateDB
@@ -26,6 +27,7 @@ class Reverting(Protocol):
     slots: Slots
     state: StateDB
     selection: Selection
+    io: IoThread  # the reads go there, never on the event loop
 
     async def rollback(
         self,
@@ -37,18 +39,32 @@ class Reverting(Protocol):
     ) -> int: ...
 
 
-async def revert_withdrawn(driver: Reverting, name: str) -> int | None:
+async def revert_withdrawn(
+    driver: Reverting, name: str, withdrawn: frozenset[int] | None = None
+) -> int | None:
     """When the version of ``name`` that serves was withdrawn, roll back to the newest other
     version this device may take (``Selection.revert_target``): validated and swapped like any
     rollback, the withdrawn version rolled back (quarantined), events ``rolled_back`` and
     ``committed``. Returns the version now serving, or None when nothing changed: not
     withdrawn, or nothing to return to yet (it keeps serving; the update cycle downloads the
     version to return to), or that version failed its validation (rejected; logged).
+    ``withdrawn``: the versions withdrawn, as the update child told them (None: read them from
+    the state database). The reads are one job on the I/O thread.
     """
     active = driver.slots.ensure(name).active
-    if active is None or active.version not in withdrawn_versions(driver.state, name):
+    if active is None or (withdrawn is not None and active.version not in withdrawn):
         return None
-    target = driver.selection.revert_target(name, active.version)
+    serving = active.version
+
+    def read() -> tuple[bool, int | None]:
+        gone = withdrawn if withdrawn is not None else withdrawn_versions(driver.state, name)
+        if serving not in gone:
+            return False, None
+        return True, driver.selection.revert_target(name, serving)
+
+    was_withdrawn, target = await driver.io.run(read)
+    if not was_withdrawn:
+        return None
     why = f"version {active.version} withdrawn by the repository"
     if target is None:
         log.warning("model %s: %s, and no version to return to yet; serving it", name, why)
@@ -114,12 +130,13 @@ async def revert_on_command(driver: Withdrawing, name: str, version: int) -> Com
         )
         log.info("withdraw command: %s", message)
         return CommandRevert(serving, False, message)
-    pinned = driver.held_by_pin(name)
+    pinned, target = await driver.io.run(  # the reads: one job on the I/O thread
+        lambda: (driver.held_by_pin(name), command_target(driver.selection, name, version))
+    )
     if pinned is not None:
         message = f"model {name} is pinned to version {pinned} by an operator; left as it is"
         log.warning("withdraw command: %s", message)
         return CommandRevert(serving, False, message)
-    target = command_target(driver.selection, name, version)
     why = f"version {version} withdrawn by the rollout controller (signed command)"
     if target is None:
         log.warning("model %s: %s, and no committed version to return to; serving it", name, why)

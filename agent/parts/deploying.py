@@ -76,7 +76,7 @@ async def deploy_plan(deployer: Deployer, plan: Mapping[str, Deployable]) -> Non
         step = plan[name]
         active = deployer.slots.get(name).active if name in served else None
         withdrawn = active is not None and active.version in step.withdrawn  # a halted rollout
-        if withdrawn and await revert_withdrawn(deployer, name) is not None:
+        if withdrawn and await revert_withdrawn(deployer, name, step.withdrawn) is not None:
             continue
         version = step.newer_than(active.version if active is not None else None)
         if version is not None:

@@ -11,8 +11,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from agent.delivery.cycle import record_withdrawn
 from agent.models.lifecycle import ProbationPolicy, Stage
 from agent.models.store import ModelStore
+from agent.models.withdrawal import revert_withdrawn
 from agent.state import StateDB
 from tests.models.harness import Harness, committed_first, install
 
@@ -115,6 +117,36 @@ def test_a_refused_deploy_decides_off_the_loop(tmp_path: Path) -> None:
         assert len(h.events) == events
         assert h.stages() == {1: "committed", 2: "rejected"}  # v3 not even recorded
         assert h.deployer.activity.idle
+        await h.deployer.close()
+        h.close()
+
+    asyncio.run(main())
+
+
+def test_actions_by_hand_and_a_withdrawal_read_nothing_on_the_loop(tmp_path: Path) -> None:
+    """A rollback by hand (its target chosen), a release, a pin and an unpin, a return from a
+    withdrawn version: each checks its target on the I/O thread, nothing on the loop."""
+
+    async def main() -> None:
+        h = Harness(tmp_path)
+        install(h.store, tmp_path, 1, 2.0)
+        await committed_first(h, ProbationPolicy(window_s=60, min_requests=10_000))
+        install(h.store, tmp_path, 2, 3.0)
+        assert await h.deployer.deploy("scale", 2)
+        watch = Watch(h.state, h.store)
+        watch.on = True
+        assert await h.deployer.rollback("scale") == 1
+        await h.deployer.release("scale", 2)
+        await h.deployer.pin("scale", 2)
+        await h.deployer.pin("scale", None)
+        watch.on = False
+        record_withdrawn(h.state, "scale", [2])  # as the update child does (the test's reads)
+        watch.on = True
+        assert await revert_withdrawn(h.deployer, "scale", frozenset({2})) == 1
+        watch.on = False
+        assert watch.on_thread(threading.get_ident()) == []
+        assert {w for w, _ in watch.threads} >= {"StateDB.get", "StateDB.setting"}
+        assert h.stages() == {1: "committed", 2: "rolled_back"}
         await h.deployer.close()
         h.close()
 
