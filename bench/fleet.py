@@ -439,9 +439,15 @@ def main() -> int:
             flush=True,
         )
 
+        back_at: dict[str, float] = {}  # when each device was first seen back
+
         def back() -> bool:  # every device that took it, as known now (late reports too)
             ctl.tracker.feed_many(feed.drain())
             took3.update(tracker.activated(3))
+            now = time.time()
+            for d in took3:
+                if tracker.devices[d].active == 2:
+                    back_at.setdefault(d, now)
             return all(tracker.devices[d].active == 2 for d in took3)
 
         real_in = [a for a in agents if bucket(a.name, MODEL) < first_bp]
@@ -456,6 +462,12 @@ def main() -> int:
         print(
             f"  devices that took it: {len(took3)}; all back on version 2: {reverted} "
             f"{time.time() - halted_at:.1f} s after the halt (bar: {2 * args.poll:g} s)",
+            flush=True,
+        )
+        slowest = sorted(back_at.items(), key=lambda item: -item[1])[:3]
+        print(
+            "  the last ones seen back: "
+            + ", ".join(f"{d} {t - halted_at:.1f} s" for d, t in slowest),
             flush=True,
         )
         time.sleep(args.poll * 1.2)  # one more poll for everyone
@@ -488,7 +500,8 @@ def main() -> int:
             if 3 in r["activated"] and bucket(d, MODEL) >= first_bp
         ]
         print(
-            f"  simulator: {report['listing_fetches']} shared listing fetches; "
+            f"  simulator: {report['listing_fetches']} shared listing fetches; its loop "
+            f"{report.get('loop')}; "
             f"devices outside the stage that activated it (its own record): {len(sim_outside)}"
         )
         print(f"load after: {os.getloadavg()[0]:.2f}")

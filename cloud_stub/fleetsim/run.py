@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 MAX_DEVICES = 100_000
 TICK_S = 0.2
+CHUNK = 256  # devices ticked between two looks at the commands that came in
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,8 +158,12 @@ class Fleet:
         self.by_id = {d.device_id: d for d in self.devices}
         self.index = {d.device_id: i for i, d in enumerate(self.devices)}
         self.keys = load_operator_keys(config.operator_keys)
-        self._commands: list[tuple[str, bytes]] = []
-        self._command_at = 0.0  # when the newest command arrived
+        self._commands: list[tuple[str, bytes, float]] = []  # (device, payload, arrived)
+        self._nudged: set[str] = set()  # devices to poll at the next pass
+        self._nudge_sent = 0.0  # when the newest command that asked for a poll arrived
+        self.iterations = 0
+        self.longest_pass_s = 0.0  # the longest pass over the fleet
+        self.command_wait_s = 0.0  # the longest a command waited to be answered
         self._lock = threading.Lock()
         self._clients = [self._connect(i) for i in range(max(1, config.connections))]
         self.published = 0
@@ -183,51 +188,61 @@ class Fleet:
         device = message.topic.split("/")[2]
         if device in self.by_id:
             with self._lock:
-                self._commands.append((device, bytes(message.payload)))
-                self._command_at = time.time()
+                self._commands.append((device, bytes(message.payload), time.time()))
 
-    def _handle_commands(self, now: float) -> tuple[set[str], set[str], float]:
-        """Verify, carry out, acknowledge. Returns the devices to poll now (a
-        ``check-update``, or a ``withdraw`` that sent one back: its update cycle confirms) and
-        those that have something to send now (at least an acknowledgement), and when the
-        newest of the commands arrived."""
+    def _handle_commands(self, now: float) -> None:
+        """Verify, carry out and acknowledge the commands that came in, and send what they
+        made the devices say at once (acks, a withdrawal's events): called between chunks of
+        the pass over the fleet, so that a starved pass does not hold a ``withdraw`` back. A
+        device to poll (a ``check-update``, or a ``withdraw`` that sent it back: its update
+        cycle confirms) is polled at the next pass."""
         with self._lock:
+            if not self._commands:
+                return
             pending, self._commands = self._commands, []
-            arrived = self._command_at
-        nudged, touched = set(), set()
-        for device_id, payload in pending:
+        for device_id, payload, arrived in pending:
+            self.command_wait_s = max(self.command_wait_s, now - arrived)
             device = self.by_id[device_id]
             if device.dead or not device.online:
                 continue
-            touched.add(device_id)
-            name, seq = "?", None
-            try:
-                doc = commands.parse(payload)
-                name, seq = str(doc.get("command")), commands.ack_seq(doc)
-                command = commands.verify(
-                    doc, device_id=device_id, keys=self.keys, last_seq=device.last_cmd_seq, now=now
-                )
-            except CommandError as exc:
-                device.ack(now, name, seq, "rejected", str(exc))
-                continue
-            if command.seq is not None:
-                device.last_cmd_seq = command.seq
-            operation = command.operation
-            if isinstance(operation, CheckUpdate):
-                nudged.add(device_id)
-                device.ack(now, command.name, command.seq, "accepted", "update check started")
-            elif isinstance(operation, Withdraw) and operation.model != device.model:
-                unknown = f"unknown model {operation.model!r} (known: {device.model})"
-                device.ack(now, command.name, command.seq, "failed", unknown)
-            elif isinstance(operation, Withdraw):
-                before = device.active
-                outcome, reason = device.withdraw(now, operation.version)
-                if outcome == "failed" or device.active != before:
-                    nudged.add(device_id)
-                device.ack(now, command.name, command.seq, outcome, reason)
-            else:
-                device.ack(now, command.name, command.seq, "failed", "not simulated")
-        return nudged, touched, arrived
+            self._command(device, payload, arrived, now)
+            for topic, body in device.take(now):
+                self._publish(self.index[device_id], topic, body)
+
+    def _command(self, device: SimDevice, payload: bytes, arrived: float, now: float) -> None:
+        """One command: verified with the agent's code, answered as the agent answers it."""
+        device_id = device.device_id
+        name, seq = "?", None
+        try:
+            doc = commands.parse(payload)
+            name, seq = str(doc.get("command")), commands.ack_seq(doc)
+            command = commands.verify(
+                doc, device_id=device_id, keys=self.keys, last_seq=device.last_cmd_seq, now=now
+            )
+        except CommandError as exc:
+            device.ack(now, name, seq, "rejected", str(exc))
+            return
+        if command.seq is not None:
+            device.last_cmd_seq = command.seq
+        operation = command.operation
+        if isinstance(operation, CheckUpdate):
+            self._nudge(device_id, arrived)
+            device.ack(now, command.name, command.seq, "accepted", "update check started")
+        elif isinstance(operation, Withdraw) and operation.model != device.model:
+            unknown = f"unknown model {operation.model!r} (known: {device.model})"
+            device.ack(now, command.name, command.seq, "failed", unknown)
+        elif isinstance(operation, Withdraw):
+            before = device.active
+            outcome, reason = device.withdraw(now, operation.version)
+            if outcome == "failed" or device.active != before:
+                self._nudge(device_id, arrived)
+            device.ack(now, command.name, command.seq, outcome, reason)
+        else:
+            device.ack(now, command.name, command.seq, "failed", "not simulated")
+
+    def _nudge(self, device_id: str, arrived: float) -> None:
+        self._nudged.add(device_id)
+        self._nudge_sent = max(self._nudge_sent, arrived)
 
     def _publish(self, index: int, topic: str, payload: bytes) -> None:
         retain = topic.endswith("/status")
@@ -249,18 +264,18 @@ class Fleet:
         try:
             while not stop():
                 now = time.time()
-                nudged, touched, arrived = self._handle_commands(now)
-                for device_id in touched:  # acks and a withdrawal's events leave at once
-                    for topic, payload in self.by_id[device_id].take(now):
-                        self._publish(self.index[device_id], topic, payload)
+                self._handle_commands(now)
+                nudged, self._nudged = self._nudged, set()
                 # A nudge wants what was signed before it was sent: a listing fetched before
-                # the newest command arrived is refreshed.
-                if now >= next_listing or (nudged and fetched < arrived):
+                # the newest command that asked for a poll arrived is refreshed.
+                if now >= next_listing or (nudged and fetched < self._nudge_sent):
                     candidates = listing.fetch()
                     fetched, next_listing = now, now + self.config.listing_s
                 poll_s = self.config.timing.poll_s
                 for i, device in enumerate(self.devices):
-                    if due[i] > now and device.device_id not in touched:
+                    if i % CHUNK == CHUNK - 1:
+                        self._handle_commands(time.time())
+                    if due[i] > now and device.device_id not in nudged:
                         continue  # nothing to do yet: a 10,000-device tick stays cheap
                     poll = now >= device.next_poll or device.device_id in nudged
                     if poll:
@@ -269,19 +284,29 @@ class Fleet:
                     for topic, payload in device.take(now):
                         self._publish(i, topic, payload)
                     due[i] = device.due()
+                self.iterations += 1
+                self.longest_pass_s = max(self.longest_pass_s, time.time() - now)
                 time.sleep(max(0.0, TICK_S - (time.time() - now)))
         finally:
             listing.close()
             if report is not None:
-                write_report(report, self.devices, listing.fetches)
+                loop = {
+                    "passes": self.iterations,
+                    "longest_pass_s": round(self.longest_pass_s, 3),
+                    "longest_command_wait_s": round(self.command_wait_s, 3),
+                }
+                write_report(report, self.devices, listing.fetches, loop)
             for client in self._clients:
                 client.disconnect()
                 client.loop_stop()
 
 
-def write_report(path: Path, devices: Sequence[SimDevice], fetches: int) -> None:
+def write_report(
+    path: Path, devices: Sequence[SimDevice], fetches: int, loop: dict[str, float] | None = None
+) -> None:
     doc = {
         "listing_fetches": fetches,
+        "loop": loop or {},
         "devices": {
             d.device_id: {"active": d.active, "activated": d.activated, "profile": d.profile.name}
             for d in devices
