@@ -1,23 +1,20 @@
 """Decryption into memory: a version's content key unwrapped, its files decrypted into one
-buffer that is locked in RAM where the limit allows and zeroed when dropped.
+buffer (``plaintext.Plaintext``) that is locked in RAM where the limit allows and zeroed when
+dropped.
 
-The buffer is a ``bytes`` object the runtimes take as is (ONNX Runtime's
-``InferenceSession(bytes)``, LiteRT's ``model_content``), so the plaintext exists once: it is
-allocated empty through the C API and filled chunk by chunk, before anything else can see
-it (CPython only). Ciphertext is read from the store a chunk at a time; the only other
-plaintext is one chunk of scratch space, zeroed at the end. Nothing is written to disk.
+Each chunk's ciphertext is read straight into its place in that buffer and decrypted there,
+so the plaintext is never copied and needs no scratch space (but for the file's last few
+bytes, whose scratch is zeroed at the end). Nothing is written to disk. Every chunk is
+authenticated before the buffer is handed out; one that fails wipes the whole buffer.
 """
 
 from __future__ import annotations
 
-import ctypes
 import io
 import logging
 import os
-import resource
 from collections.abc import Mapping
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Protocol
 
 import numpy as np
@@ -36,109 +33,21 @@ from agent.confidential.envelope import (
     parse_header,
 )
 from agent.confidential.keywrap import Encryption
+from agent.confidential.plaintext import Plaintext, memlock_limit
+
+__all__ = ["Plaintext", "Weights", "decrypt_file", "memlock_limit", "open_version", "open_weights"]
 
 log = logging.getLogger(__name__)
 
-_new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
-_new_bytes.restype = ctypes.py_object
-_new_bytes.argtypes = (ctypes.c_char_p, ctypes.c_ssize_t)
-_bytes_address = ctypes.pythonapi.PyBytes_AsString
-_bytes_address.restype = ctypes.c_void_p
-_bytes_address.argtypes = (ctypes.py_object,)
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mlock.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
-_libc.munlock.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
-
-
-def memlock_limit() -> int | None:
-    """RLIMIT_MEMLOCK's soft limit in bytes (-1: unlimited; None: it cannot be read, as under
-    the unit's system call filter, which refuses prlimit64)."""
-    try:
-        soft, _hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
-    except OSError:
-        return None
-    return -1 if soft == resource.RLIM_INFINITY else soft
+# Room past a chunk's end that cryptography before 43 wants in an update_into buffer (a block
+# less one); a chunk with less plaintext than this after it is decrypted in scratch space.
+_ROOM = 15
 
 
 class Reader(Protocol):
     def read(self, size: int = -1, /) -> bytes: ...
 
-    def readinto(self, buffer: memoryview, /) -> int | None: ...
-
-
-class Plaintext:
-    """Decrypted bytes in one buffer; ``wipe`` (or leaving the ``with``) zeroes and drops it.
-
-    ``data`` is the buffer to hand to a runtime. A runtime that keeps using it (LiteRT reads
-    its model from the buffer for as long as the interpreter lives) must be given ``keep``:
-    the buffer is then left to the runtime (unlocked when wiped, not zeroed).
-
-    With ``align`` > 1 the plaintext starts ``lead`` bytes into ``data``, at an address that
-    is a multiple of ``align`` (the weights blob: its tensors' offsets are multiples of 64).
-    """
-
-    def __init__(self, size: int, where: str, align: int = 1) -> None:
-        if size <= 0:
-            raise DecryptionError(f"{where}: the plaintext is empty")
-        self.where = where
-        self.size = size
-        self.data: bytes = _new_bytes(None, size + align - 1)
-        self.lead = -_bytes_address(self.data) % align
-        self._address: int = _bytes_address(self.data) + self.lead
-        if align > 1:  # the padding around the plaintext: zeros, not leftover heap
-            ctypes.memset(_bytes_address(self.data), 0, self.lead)
-            ctypes.memset(self._address + size, 0, align - 1 - self.lead)
-        self.kept = False
-        self.locked = self._lock()
-
-    def _lock(self) -> bool:
-        if _libc.mlock(self._address, self.size) == 0:
-            return True
-        err = ctypes.get_errno()
-        limit = memlock_limit()
-        shown = "unknown" if limit is None else "unlimited" if limit < 0 else f"{limit // 1024} KiB"
-        log.warning(
-            "%s: could not lock the %d-byte plaintext in memory (%s; RLIMIT_MEMLOCK %s): it "
-            "may be swapped out; raise LimitMEMLOCK= for the service to prevent that",
-            self.where,
-            self.size,
-            os.strerror(err),
-            shown,
-        )
-        return False
-
-    def write(self, offset: int, chunk: bytearray | memoryview, length: int) -> None:
-        if offset < 0 or offset + length > self.size:
-            raise DecryptionError(f"{self.where}: a chunk past the plaintext's end")
-        ctypes.memmove(self._address + offset, (ctypes.c_char * length).from_buffer(chunk), length)
-
-    def keep(self) -> None:
-        """The runtime keeps reading ``data``: do not zero it when wiped."""
-        self.kept = True
-
-    def wipe(self) -> None:
-        if not self.size:
-            return
-        if not self.kept:
-            ctypes.memset(self._address, 0, self.size)
-        if self.locked:
-            _libc.munlock(self._address, self.size)
-        self.data = b""
-        self.size = 0
-
-    def __del__(self) -> None:
-        self.wipe()
-
-    def __enter__(self) -> Plaintext:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.wipe()
+    def readinto(self, buffer: memoryview | bytearray, /) -> int | None: ...
 
 
 def decrypt_stream(
@@ -163,21 +72,29 @@ def decrypt_stream(
     aes = algorithms.AES(file_key(key, path))
     spans = list(chunk_spans(total, header, where))
     plain_size = sum(sealed - TAG_BYTES for _, sealed, _ in spans)
-    sealed_buf = bytearray(header.chunk_bytes + TAG_BYTES)
-    scratch = bytearray(header.chunk_bytes + 16)
+    tag = bytearray(TAG_BYTES)
+    scratch = bytearray()
     out = Plaintext(plain_size, where, align)
+    view = out.view()
     try:
         offset = 0
         for index, sealed, final in spans:
-            view = memoryview(sealed_buf)[:sealed]
-            if reader.readinto(view) != sealed:
-                raise DecryptionError(f"{where}: the file ends inside chunk {index} (truncated)")
             body = sealed - TAG_BYTES
+            in_place = offset + body + _ROOM <= plain_size
+            if in_place:  # the ciphertext goes where its plaintext will be
+                source, target = view[offset : offset + body], view[offset : offset + body + _ROOM]
+            else:
+                if len(scratch) < body + _ROOM:
+                    scratch[:] = bytes(len(scratch))
+                    scratch = bytearray(header.chunk_bytes + _ROOM)
+                source = target = memoryview(scratch)
+            if reader.readinto(source[:body]) != body or reader.readinto(tag) != TAG_BYTES:
+                raise DecryptionError(f"{where}: the file ends inside chunk {index} (truncated)")
             decryptor = Cipher(
-                aes, modes.GCM(nonce(header.base_nonce, index), bytes(view[body:]))
+                aes, modes.GCM(nonce(header.base_nonce, index), bytes(tag))
             ).decryptor()
             decryptor.authenticate_additional_data(aad(head, index, final))
-            written = decryptor.update_into(view[:body], scratch)
+            decryptor.update_into(source[:body], target)  # in place
             try:
                 decryptor.finalize()
             except InvalidTag:
@@ -185,15 +102,18 @@ def decrypt_stream(
                     f"{where}: chunk {index} fails authentication (tampered, corrupt, or the "
                     "wrong key)"
                 ) from None
-            out.write(offset, scratch, written)
-            offset += written
+            if not in_place:
+                out.write(offset, scratch, body)
+            offset += body
         if reader.read(1):
             raise DecryptionError(f"{where}: bytes after the final chunk")
     except BaseException:
+        view.release()
         out.wipe()
         raise
     finally:
         scratch[:] = bytes(len(scratch))
+    view.release()
     return out
 
 

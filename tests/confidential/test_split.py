@@ -20,7 +20,7 @@ import pytest
 from tuf.api.exceptions import DownloadHTTPError
 
 import cloud_stub.split
-from agent.confidential import decrypt, identity, weights
+from agent.confidential import decrypt, identity, plaintext, weights
 from agent.confidential.envelope import HEADER_BYTES, DecryptionError
 from agent.models.runtime import RuntimeOptions
 from agent.models.slots import LoadedVersion
@@ -151,7 +151,7 @@ def test_a_split_version_loads_in_place_with_outputs_equal_to_the_clear_model(
     # ONNX Runtime reads the decrypted buffer in place: change W2 there, the outputs change.
     found = held(loaded)
     w2 = next(s for s in found.specs if s.name == "W2")
-    base = decrypt._bytes_address(found.plaintext.data) + found.plaintext.lead
+    base = plaintext._bytes_address(found.plaintext.data) + found.plaintext.lead
     assert all(a.ctypes.data % weights.ALIGN == 0 for a in found.arrays.values())  # aligned
     ctypes.memset(base + w2.offset, 0, w2.length)
     changed = loaded.session.run({"x": X})["probs"]
