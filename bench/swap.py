@@ -126,6 +126,12 @@ def main() -> int:
         "--gap-s", type=float, default=0.5, help="steady load between a commit and the next swap"
     )
     parser.add_argument("--probation-s", type=float, default=0.5, help="probation window")
+    parser.add_argument(
+        "--inline-threshold-us",
+        type=float,
+        default=None,
+        help="the fast path's warm-up bound (0: every request in the pool); default: the agent's",
+    )
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="edge-swap-"))
@@ -136,9 +142,14 @@ def main() -> int:
     sources = [float_model, int8_model]
 
     # The agent's own probation bounds (min requests, error rate, p99 ratio), a short window.
+    inline = (
+        {}
+        if args.inline_threshold_us is None
+        else {"inline_threshold_us": args.inline_threshold_us}
+    )
     config = Config(
         agent=AgentSection(state_dir=work / "state"),
-        serving=ServingSection(socket=work / "infer.sock"),
+        serving=ServingSection(socket=work / "infer.sock", **inline),
         models=ModelsSection(probation_window_s=args.probation_s),
     )
     store = ModelStore(config.store_dir)

@@ -13,7 +13,9 @@ measures both under the load actually seen, in epochs of requests:
 - **deciding**: a one-sided Mann-Whitney U test of the epochs' time per request, each way; a
   path wins when it is significantly faster (p < ``alpha``) and by at least ``min_gain``.
   When neither wins on throughput and requests did not overlap in the handler (``saturated``),
-  the same test on the epochs' request times. When neither wins at all, the pool (which
+  the same test on the epochs' request times. When neither wins, exploring goes on, ``pairs``
+  more of each, and the test is made again on all of them (more epochs, more power: a 1.3x
+  gap in noisy epochs needs more than ten of each), up to ``max_pairs``; then the pool (which
   never holds the loop). One slow request moves one epoch's
   median by nothing and its time per request by 1/``epoch_requests`` of itself.
 - **decided**: the chosen path serves; its epochs are still measured. After ``recheck_s``,
@@ -21,6 +23,12 @@ measures both under the load actually seen, in epochs of requests:
   changed: their median time per request more than ``drift`` times off, or most of them
   overlapping in the handler where the decision's did not, or the reverse), it explores
   again (at most once per ``min_recheck_s``).
+
+A new version of the same model, swapped in under the same load, starts from its predecessor's
+decision (``inherited``) instead of exploring from scratch: a swap every few seconds would
+otherwise spend much of each version's life on the slower path. The decision is watched as
+its own: the predecessor's level is the reference, so a version that costs another time per
+request is a changed load and is explored.
 
 Besides the choice, a ceiling: an inline epoch whose median run takes longer than
 ``max_inline_s`` (the model itself became slow: a throttled CPU, larger inputs) ends the
@@ -44,7 +52,8 @@ class PathPolicy:
     epoch_requests: int = 96
     epoch_max_s: float = 0.5  # an epoch also ends after this long, with min_epoch_requests
     min_epoch_requests: int = 8
-    pairs: int = 10  # epochs of each path per exploration
+    pairs: int = 10  # epochs of each path before the first test, and between tests
+    max_pairs: int = 40  # epochs of each path after which no winner means the pool
     alpha: float = 0.01
     min_gain: float = 0.05  # the winner is at least this much faster (5 %)
     recheck_s: float = 30.0
@@ -122,11 +131,21 @@ class PathChooser:
     def _explore(self, epoch: Epoch, now: float) -> None:
         self._epochs.append(epoch)
         counts = {p: sum(1 for e in self._epochs if e.path == p) for p in (INLINE, POOL)}
-        if min(counts.values()) < self.policy.pairs:
+        if min(counts.values()) % self.policy.pairs or counts[INLINE] != counts[POOL]:
             self.path = POOL if epoch.path == INLINE else INLINE
             self.reason = f"exploring: {counts[INLINE]} inline and {counts[POOL]} pool epochs"
+            if min(counts.values()) >= self.policy.pairs:
+                self.reason += "; no path measurably faster yet, measuring more"
             return
-        path, reason = decide(self._epochs, self.policy)
+        path, reason, conclusive = decide_with_evidence(self._epochs, self.policy)
+        if not conclusive and min(counts.values()) < self.policy.max_pairs:
+            # Not decided yet: the next ``pairs`` of each, then the test on all of them.
+            self.path = POOL if epoch.path == INLINE else INLINE
+            self.reason = (
+                f"exploring: no path measurably faster in {counts[INLINE]} inline and "
+                f"{counts[POOL]} pool epochs; measuring more"
+            )
+            return
         self.path, self.state, self.reason = path, "decided", reason
         self.decisions += 1
         self._decided_at = now
@@ -160,6 +179,21 @@ class PathChooser:
         overlapping = sum(e.median_s > e.per_request_s for e in recent) * 2 > len(recent)
         return max(ratio, 1 / ratio) > self.policy.drift or overlapping != self._decided_overlap
 
+    def inherited(self, version: int, now: float) -> PathChooser:
+        """The chooser of the version that replaces this one (``version``, now): decided on
+        this one's path when this one was decided, else exploring from scratch."""
+        if self.state != "decided":
+            return PathChooser(self.policy)
+        return PathChooser(
+            self.policy,
+            path=self.path,
+            state="decided",
+            reason=f"inherited from version {version}: {self.reason}",
+            _decided_at=now,
+            _decided_level=self._decided_level,
+            _decided_overlap=self._decided_overlap,
+        )
+
     def describe(self) -> dict[str, Any]:
         """For status: the path, the state and why."""
         return {
@@ -181,6 +215,12 @@ def _faster(one: list[float], other: list[float], policy: PathPolicy) -> tuple[b
 
 def decide(epochs: list[Epoch], policy: PathPolicy) -> tuple[str, str]:
     """The path the epochs of an exploration choose, and the reason with its evidence."""
+    path, reason, _ = decide_with_evidence(epochs, policy)
+    return path, reason
+
+
+def decide_with_evidence(epochs: list[Epoch], policy: PathPolicy) -> tuple[str, str, bool]:
+    """As ``decide``, and whether a path won (False: the pool by default)."""
     figures = {}
     for measure, what in (
         ("per_request_s", "{ratio:.2f}x the {other}'s requests per second (time per request"),
@@ -192,20 +232,23 @@ def decide(epochs: list[Epoch], policy: PathPolicy) -> tuple[str, str]:
         for path, other in ((INLINE, POOL), (POOL, INLINE)):
             wins, p, ratio = _faster(values[path], values[other], policy)
             if wins:
-                return path, (
+                reason = (
                     f"{path}: {what.format(ratio=ratio, other=other)}, median "
                     f"{statistics.median(values[path]) * 1e6:.0f} µs vs "
                     f"{statistics.median(values[other]) * 1e6:.0f} µs, Mann-Whitney p={p:.2g}, "
                     f"{len(values[path])} epochs each)"
                 )
+                return path, reason, True
         figures[measure] = (statistics.median(values[INLINE]), statistics.median(values[POOL]))
         if measure == "per_request_s" and saturated(epochs):
             break  # requests queue in the handler: its times say nothing about the clients'
     inline_s, pool_s = figures["per_request_s"]
-    return POOL, (
+    reason = (
         f"pool: no path measurably faster (time per request {inline_s * 1e6:.0f} µs inline, "
-        f"{pool_s * 1e6:.0f} µs pool); the pool never holds the loop"
+        f"{pool_s * 1e6:.0f} µs pool, {len(epochs) // 2} epochs each); the pool never holds "
+        "the loop"
     )
+    return POOL, reason, False
 
 
 def saturated(epochs: list[Epoch]) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -136,6 +137,11 @@ class Slot:
             self._versions[loaded.version] = loaded
             before = self._active
             if activate:
+                if before is not None and before.path_choice is not None:
+                    # The same load, a new version: its predecessor's path to start from.
+                    loaded.path_choice = before.path_choice.inherited(
+                        before.version, time.perf_counter()
+                    )
                 self._active = loaded
                 self.unavailable_reason = None
                 self.retry_after_s = None

@@ -75,9 +75,63 @@ def test_a_load_that_saturates_nothing_is_decided_by_request_time() -> None:
 def test_no_measurable_difference_chooses_the_pool_saying_so() -> None:
     same = {"gap_s": {INLINE: 1e-4, POOL: 1e-4}, "took_s": {INLINE: 1e-4, POOL: 1e-4}}
     chooser = PathChooser()
-    Server(**same).serve(chooser, 2500)  # type: ignore[arg-type]
+    server = Server(**same)  # type: ignore[arg-type]
+    server.serve(chooser, 2500)  # 13 pairs: no winner after 10, measuring on
+    assert chooser.state == "exploring"
+    assert chooser.reason == (
+        "exploring: 13 inline and 13 pool epochs; no path measurably faster yet, measuring more"
+    ), chooser.reason
+    server.serve(chooser, 6000)  # past 40 pairs
     assert chooser.state == "decided" and chooser.path == POOL
     assert chooser.reason.startswith("pool: no path measurably faster")
+    assert "40 epochs each" in chooser.reason
+
+
+class Drifting(Server):
+    """A server whose speed drifts every 64 requests (other work on the device, a swap's
+    validation): epochs differ by more than the two paths do."""
+
+    def jitter(self, value: float) -> float:
+        self.count = getattr(self, "count", 0) + 1
+        if self.count % 64 == 1:
+            self.factor = self.rng.uniform(0.5, 1.5)
+        return super().jitter(value) * self.factor
+
+
+def test_a_small_gain_under_a_drifting_load_is_found_by_measuring_longer() -> None:
+    """The loop 15 % faster under a drifting load: ten epochs of each are often not enough to
+    tell (the pool by default), forty are."""
+    gain = {"gap_s": {INLINE: 150e-6, POOL: 172e-6}, "took_s": {INLINE: 1e-4, POOL: 1e-4}}
+    found = {}
+    for pairs in (10, 40):
+        found[pairs] = 0
+        for seed in range(20):
+            chooser = PathChooser(PathPolicy(max_pairs=pairs))
+            Drifting(**gain, seed=seed).serve(chooser, 9000)  # type: ignore[arg-type]
+            found[pairs] += chooser.state == "decided" and chooser.path == INLINE
+    assert found[40] >= 18, found
+    assert found[10] <= 12, found  # what a fixed ten pairs would have chosen
+
+
+def test_a_new_version_starts_from_its_predecessors_decision() -> None:
+    chooser = PathChooser()
+    server = Server(**C16)  # type: ignore[arg-type]
+    server.serve(chooser, 2500)
+    assert (chooser.state, chooser.path) == ("decided", POOL)
+    successor = chooser.inherited(3, server.now)
+    assert (successor.state, successor.path, successor.explorations) == ("decided", POOL, 1)
+    assert successor.reason.startswith("inherited from version 3: pool: 1.9"), successor.reason
+    server.serve(successor, 2500)  # the same load: no exploring
+    assert (successor.state, successor.path, successor.explorations) == ("decided", POOL, 1)
+    # A successor that costs twice the time per request is a changed load: explored.
+    slower = chooser.inherited(3, server.now)
+    server.gap_s = {INLINE: 512e-6, POOL: 260e-6}
+    server.now += 10.0
+    server.serve(slower, 1000)
+    assert slower.explorations == 2, slower.reason
+    # A predecessor still exploring (or off the fast path) hands on nothing.
+    fresh = PathChooser().inherited(3, 0.0)
+    assert (fresh.state, fresh.reason) == ("exploring", "exploring: no epoch measured yet")
 
 
 def test_times_in_a_saturated_handler_are_not_compared() -> None:
@@ -85,7 +139,7 @@ def test_times_in_a_saturated_handler_are_not_compared() -> None:
     a worker): its times favour the loop only because the loop's wait is in the socket."""
     queued = {"gap_s": {INLINE: 1e-4, POOL: 1e-4}, "took_s": {INLINE: 55e-6, POOL: 1.6e-3}}
     chooser = PathChooser()
-    Server(**queued).serve(chooser, 2500)  # type: ignore[arg-type]
+    Server(**queued).serve(chooser, 8500)  # type: ignore[arg-type]
     assert chooser.path == POOL
     assert chooser.reason.startswith("pool: no path measurably faster")
 

@@ -78,3 +78,20 @@ def test_slots_registry() -> None:
     assert slots.ensure("a") is slots.get("a")
     with pytest.raises(NotFoundError, match="known: a, b"):
         slots.get("zzz")
+
+
+def test_a_swapped_in_version_starts_from_the_active_ones_path(matmul_onnx: Path) -> None:
+    from agent.models.pathchoice import POOL, PathChooser
+
+    slot = Slot("m")
+    v1, _ = loaded(matmul_onnx, 1)
+    v2, _ = loaded(matmul_onnx, 2)
+    v3, _ = loaded(matmul_onnx, 3)
+    slot.add(v1, activate=True)
+    v1.path_choice = PathChooser(path=POOL, state="decided", reason="pool: measured")
+    slot.add(v3, activate=False)  # loaded beside, not serving: nothing inherited
+    assert v3.path_choice is None
+    slot.add(v2, activate=True)
+    assert v2.path_choice is not None and v2.path_choice is not v1.path_choice
+    assert (v2.path_choice.state, v2.path_choice.path) == ("decided", POOL)
+    assert v2.path_choice.reason == "inherited from version 1: pool: measured"
