@@ -255,6 +255,8 @@ _SERVING_LIMITS = {
     "header_timeout_s": "seconds for a request head to arrive whole",
     "body_timeout_s": "seconds for a request body to arrive whole",
     "idle_timeout_s": "seconds a keep-alive connection may stay idle",
+    "solo_max_run_us": "slower models run on the event loop when one client is alone, up to "
+    "this median run (0: never)",
 }
 
 

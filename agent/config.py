@@ -94,18 +94,17 @@ class ServingSection:
     header_timeout_s: float = 10.0  # a request head must arrive whole within this
     body_timeout_s: float = 60.0  # a request body must arrive whole within this of its head
     idle_timeout_s: float = 120.0  # a keep-alive connection is closed after this idle
-    # Models faster than this on their warm-up input may run on the event loop, when measured
-    # faster there under the load seen (agent.models.pathchoice); 0: never.
+    # Models faster than this on their warm-up input may run on the event loop (0: never).
     inline_threshold_us: float = INLINE_THRESHOLD_US
+    solo_max_run_us: float = 4000.0  # slower ones too, when alone (serving/solo.py); 0: never
     # gRPC (KServe v2), loaded only when one of these is set (agent/serving/grpc/).
     grpc_socket: Path | None = None  # a Unix socket, with socket_mode and socket_group
     grpc_tcp: str = ""  # "127.0.0.1:8001"; loopback only unless grpc_tcp_remote
     grpc_tcp_remote: bool = False
     grpc_max_streams: int = 64  # calls open at once on one connection
     grpc_max_rpcs: int = 1024  # calls in flight in total
-    # Triton's system shared memory (agent/serving/shm/): per client, regions and their bytes.
-    shm_max_regions_per_peer: int = 32  # 0: the extension is off
-    shm_max_bytes_per_peer: int = 1024 * 1024 * 1024
+    shm_max_regions_per_peer: int = 32  # Triton's system shared memory per client; 0: off
+    shm_max_bytes_per_peer: int = 1024 * 1024 * 1024  # the bytes those regions span
 
     def __post_init__(self) -> None:
         checks = _Checks()
@@ -135,7 +134,8 @@ class ServingSection:
             )
         for name in ("grpc_max_streams", "grpc_max_rpcs"):
             checks.expect(getattr(self, name) > 0, name, "1 or more", getattr(self, name))
-        for name in ("workers", "intra_op_threads", "max_connections", "shm_max_regions_per_peer"):
+        counts = ("workers", "intra_op_threads", "max_connections", "shm_max_regions_per_peer")
+        for name in (*counts, "solo_max_run_us"):
             checks.expect(getattr(self, name) >= 0, name, "0 or more", getattr(self, name))
         sizes = ("max_body_bytes", "max_header_bytes", "max_buffered_body_bytes")
         for name in (*sizes, "shm_max_bytes_per_peer"):

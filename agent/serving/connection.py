@@ -29,6 +29,7 @@ from agent.serving.reader import RequestReader
 from agent.serving.shm import api as shm_api
 from agent.serving.shm.peer import tcp_peer_uid, unix_peer
 from agent.serving.shm.registry import PeerRegions, ShmRegistry
+from agent.serving.solo import Solo
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ class Server(Protocol):
     body_budget: ByteBudget
     draining: bool
     shm: ShmRegistry
+    solo: Solo
 
     @property
     def limits(self) -> Limits: ...
@@ -223,6 +225,9 @@ class HttpConnection(asyncio.BufferedProtocol):
         """Answer one request now, or start it and come back when it is done."""
         handler = self._handler
         admin = self._server.admin
+        solo = self._server.solo
+        now = time.perf_counter()
+        solo.started(id(self), now)
         try:
             try:
                 route = routes.match(request.path)  # once: the handler takes it as matched
@@ -238,8 +243,15 @@ class HttpConnection(asyncio.BufferedProtocol):
                 except AgentError as exc:
                     self._respond(request, error_response(exc))
                     return
-                if prepared.inline:
-                    self._respond(request, handler.run_inline(prepared))
+                key = (prepared.loaded.name, prepared.loaded.version)
+                if prepared.inline or (
+                    prepared.loaded.inline_elements <= 0  # not the fast path's (models/fastpath)
+                    and solo.allows(key, self._server.pool.in_flight == 0, now)
+                ):
+                    solo.solo_runs += not prepared.inline
+                    response = handler.run_inline(prepared)
+                    solo.observe(key, prepared.run_s)
+                    self._respond(request, response)
                     return
                 self._busy = True
                 self._inflight = request
@@ -279,6 +291,7 @@ class HttpConnection(asyncio.BufferedProtocol):
         request = self._inflight
         self._busy = False
         self._inflight = None
+        self._server.solo.observe((prepared.loaded.name, prepared.loaded.version), prepared.run_s)
         try:
             response = self._handler.finish_infer(prepared, results, error)
         except Exception as exc:

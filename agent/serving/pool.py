@@ -39,6 +39,7 @@ class InferencePool:
         ]
         self._started = False
         self._closed = False
+        self.in_flight = 0  # jobs submitted whose ``done`` has not run (the loop's count)
 
     def submit(self, job: Job, done: Done) -> None:
         """Run ``job`` on a worker; ``done(result, error)`` is then called on the loop."""
@@ -49,6 +50,7 @@ class InferencePool:
             for thread in self._threads:
                 thread.start()
             self._started = True
+        self.in_flight += 1
         self._jobs.put((job, done))
 
     def _work(self) -> None:
@@ -78,6 +80,7 @@ class InferencePool:
             batch = list(self._done)
             self._done.clear()
             self._scheduled = False
+        self.in_flight -= len(batch)
         for done, result, error in batch:
             try:
                 done(result, error)

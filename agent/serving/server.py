@@ -35,6 +35,7 @@ from agent.serving.connection import FRESH_S, HttpConnection
 from agent.serving.handler import OipHandler
 from agent.serving.pool import InferencePool
 from agent.serving.shm.registry import ShmLimits, ShmRegistry
+from agent.serving.solo import Solo, SoloPolicy
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ class ServerLimits:
     max_buffered_body_bytes: int = 96 * 1024 * 1024  # request bodies held, all clients
     shm_max_regions_per_peer: int = 32  # shared-memory regions per client; 0: extension off
     shm_max_bytes_per_peer: int = 1024 * 1024 * 1024  # bytes those regions span, per client
+    solo_max_run_us: float = SoloPolicy().max_run_s * 1e6  # agent/serving/solo.py; 0: never
 
 
 def server_limits(serving: ServingSection) -> ServerLimits:
@@ -77,6 +79,7 @@ def server_limits(serving: ServingSection) -> ServerLimits:
         max_buffered_body_bytes=serving.max_buffered_body_bytes,
         shm_max_regions_per_peer=serving.shm_max_regions_per_peer,
         shm_max_bytes_per_peer=serving.shm_max_bytes_per_peer,
+        solo_max_run_us=serving.solo_max_run_us,
     )
 
 
@@ -188,6 +191,7 @@ class InferenceServer:
         self.shm = ShmRegistry(
             ShmLimits(self.limits.shm_max_regions_per_peer, self.limits.shm_max_bytes_per_peer)
         )
+        self.solo = Solo(SoloPolicy(self.limits.solo_max_run_us * 1e-6))
         self.draining = False
         self.accepted = 0  # connections accepted, taken in or refused
         self.evicted = 0  # connections closed to make room for a newcomer
