@@ -268,6 +268,13 @@ def main() -> int:
     parser.add_argument("--soak", type=float, default=25.0, help="soak per stage, s")
     parser.add_argument("--connections", type=int, default=16, help="simulator's MQTT conns")
     parser.add_argument(
+        "--sim-probation",
+        type=float,
+        default=3.0,
+        help="simulated devices' probation, s (longer: the real canaries, slower to take a "
+        "version, have taken the bad one before the simulated ones condemn it)",
+    )
+    parser.add_argument(
         "--agents-nice",
         type=int,
         default=0,
@@ -359,7 +366,7 @@ def main() -> int:
                 "--health",
                 f"{args.health}s",
                 "--probation",
-                "3s",
+                f"{args.sim_probation:g}s",
                 "--fail-version",
                 "3",
                 "--fail-share",
