@@ -2,10 +2,11 @@
 buffer (``plaintext.Plaintext``) that is locked in RAM where the limit allows and zeroed when
 dropped.
 
-Each chunk's ciphertext is read straight into its place in that buffer and decrypted there,
-so the plaintext is never copied and needs no scratch space (but for the file's last few
-bytes, whose scratch is zeroed at the end). Nothing is written to disk. Every chunk is
-authenticated before the buffer is handed out; one that fails wipes the whole buffer.
+Each chunk's ciphertext is read straight into its place in that buffer, once that place is
+locked, and decrypted there, so the plaintext is never copied and needs no scratch space (but
+for the file's last few bytes, whose scratch is zeroed at the end). Nothing is written to
+disk. Every chunk is authenticated before the buffer is handed out; one that fails wipes the
+whole buffer.
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ def decrypt_stream(
                     scratch[:] = bytes(len(scratch))
                     scratch = bytearray(header.chunk_bytes + _ROOM)
                 source = target = memoryview(scratch)
+            out.ready(offset + body)  # locked before any plaintext goes there
             if reader.readinto(source[:body]) != body or reader.readinto(tag) != TAG_BYTES:
                 raise DecryptionError(f"{where}: the file ends inside chunk {index} (truncated)")
             decryptor = Cipher(
@@ -107,6 +109,7 @@ def decrypt_stream(
             offset += body
         if reader.read(1):
             raise DecryptionError(f"{where}: bytes after the final chunk")
+        out.settle()
     except BaseException:
         view.release()
         out.wipe()

@@ -1,26 +1,22 @@
 """The buffer decrypted bytes live in: one ``bytes`` object filled in place, locked in RAM
-where RLIMIT_MEMLOCK allows, on transparent huge pages where the kernel offers them, and
-zeroed when dropped.
+where RLIMIT_MEMLOCK allows, and zeroed when dropped.
 
 The buffer is a ``bytes`` object the runtimes take as is (ONNX Runtime's
 ``InferenceSession(bytes)``, LiteRT's ``model_content``), so the plaintext exists once: it is
 allocated empty through the C API and written through ``view`` before anything else can see
-it (CPython only). It is locked before the first plaintext byte is written, so no plaintext
-page can reach swap. A large buffer asks for transparent huge pages first
-(``madvise(MADV_HUGEPAGE)``): locking it faults in its memory, and the kernel clears one 2 MiB
-page far faster than 512 small ones (BENCHMARKS.md, "Encrypted model"); where the kernel has
-no THP, or its policy is ``never``, the advice does nothing.
+it (CPython only). Each part is locked before a plaintext byte is written there (``ready``),
+so no plaintext page can reach swap. Locking faults the memory in, which costs about as much
+as reading and decrypting it; for a large buffer a thread locks it segment by segment ahead
+of the writer, so the two overlap on a second core (BENCHMARKS.md, "Encrypted model").
 """
 
 from __future__ import annotations
 
 import ctypes
-import functools
 import logging
-import mmap
 import os
 import resource
-from pathlib import Path
+import threading
 from types import TracebackType
 
 from agent.confidential.envelope import DecryptionError
@@ -33,14 +29,11 @@ _new_bytes.argtypes = (ctypes.c_char_p, ctypes.c_ssize_t)
 _bytes_address = ctypes.pythonapi.PyBytes_AsString
 _bytes_address.restype = ctypes.c_void_p
 _bytes_address.argtypes = (ctypes.py_object,)
-_libc = ctypes.CDLL(None, use_errno=True)
+_libc = ctypes.CDLL(None, use_errno=True)  # its calls release the GIL
 _libc.mlock.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
 _libc.munlock.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
-_libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 
-THP_SIZE_FILE = Path("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size")
-MADV_HUGEPAGE: int | None = getattr(mmap, "MADV_HUGEPAGE", None)
-HUGE_MIN_PAGES = 2  # smaller buffers hold no whole aligned huge page worth asking for
+LOCK_SEGMENT_BYTES = 4 << 20  # a buffer of two segments or more is locked by a thread, ahead
 
 
 def memlock_limit() -> int | None:
@@ -53,30 +46,9 @@ def memlock_limit() -> int | None:
     return -1 if soft == resource.RLIM_INFINITY else soft
 
 
-@functools.cache
-def huge_page_bytes(source: Path = THP_SIZE_FILE) -> int | None:
-    """The kernel's transparent huge page size (None: no THP, or an unreadable or implausible
-    value: a power of two from 64 KiB to 1 GiB is expected)."""
-    try:
-        with source.open("rb") as fh:
-            size = int(fh.read(32).strip())
-    except (OSError, ValueError):
-        return None
-    if not (64 << 10) <= size <= (1 << 30) or size & (size - 1):
-        return None
-    return size
-
-
-def huge_span(address: int, size: int, page: int | None) -> tuple[int, int] | None:
-    """The (start, length) of the whole ``page``-aligned pages inside [address, address+size),
-    when there are at least ``HUGE_MIN_PAGES`` of them (pure)."""
-    if page is None:
-        return None
-    start = -(-address // page) * page
-    end = (address + size) // page * page
-    if end - start < HUGE_MIN_PAGES * page:
-        return None
-    return start, end - start
+def segments(size: int, step: int) -> list[tuple[int, int]]:
+    """(offset, length) of the ``step``-byte segments that cover ``size`` bytes (pure)."""
+    return [(offset, min(step, size - offset)) for offset in range(0, size, step)]
 
 
 class Plaintext:
@@ -101,23 +73,58 @@ class Plaintext:
         if align > 1:  # the padding around the plaintext: zeros, not leftover heap
             ctypes.memset(_bytes_address(self.data), 0, self.lead)
             ctypes.memset(self._address + size, 0, align - 1 - self.lead)
-        self.huge = self._advise_huge()
         self.kept = False
-        self.locked = self._lock()
+        self.locked = False  # the whole buffer, once ``settle`` has run
+        self._locked_bytes = 0  # locked from the start (a failed segment stops the locking)
+        self._lock_error = 0
+        self._lock_done = 0  # bytes the locking has dealt with, locked or not
+        self._progress = threading.Condition()
+        self._locker: threading.Thread | None = None
+        if size >= 2 * LOCK_SEGMENT_BYTES:
+            locker = threading.Thread(target=self._lock_all, name="plaintext-lock", daemon=True)
+            try:
+                locker.start()
+                self._locker = locker
+            except RuntimeError:  # no thread to be had: lock here
+                pass
+        if self._locker is None:
+            self._lock_all()
+            self.settle()
 
-    def _advise_huge(self) -> bool:
-        span = huge_span(self._address, self.size, huge_page_bytes())
-        if span is None or MADV_HUGEPAGE is None:
-            return False
-        if _libc.madvise(span[0], span[1], MADV_HUGEPAGE) != 0:  # no THP in this kernel
-            log.debug("%s: no huge pages: %s", self.where, os.strerror(ctypes.get_errno()))
-            return False
-        return True
+    def _lock_all(self) -> None:
+        for offset, length in segments(self.size, LOCK_SEGMENT_BYTES):
+            if not self._lock_error:
+                if _libc.mlock(self._address + offset, length) == 0:
+                    self._locked_bytes = offset + length
+                else:
+                    self._lock_error = ctypes.get_errno() or 1
+            with self._progress:
+                self._lock_done = offset + length
+                self._progress.notify_all()
 
-    def _lock(self) -> bool:
-        if _libc.mlock(self._address, self.size) == 0:
-            return True
-        err = ctypes.get_errno()
+    def ready(self, end: int) -> None:
+        """Wait until the locking has dealt with the buffer's first ``end`` bytes (locked
+        them, or failed: ``settle`` says so); write no plaintext there before."""
+        if self._lock_done >= end:
+            return
+        with self._progress:
+            self._progress.wait_for(lambda: self._lock_done >= end)
+
+    def settle(self) -> bool:
+        """Wait for the locking to end; whether the whole buffer is locked (a warning when it
+        could not be: some or all of it may be swapped out)."""
+        if self._locker is not None:
+            self._locker.join()
+            self._locker = None
+        else:
+            self.ready(self.size)
+        self.locked = self._locked_bytes == self.size
+        if self._lock_error and self.size:
+            self._warn(self._lock_error)
+            self._lock_error = 0
+        return self.locked
+
+    def _warn(self, err: int) -> None:
         limit = memlock_limit()
         shown = "unknown" if limit is None else "unlimited" if limit < 0 else f"{limit // 1024} KiB"
         log.warning(
@@ -128,7 +135,6 @@ class Plaintext:
             os.strerror(err),
             shown,
         )
-        return False
 
     def view(self) -> memoryview:
         """A writable view of the plaintext's ``size`` bytes (for filling it in place; it must
@@ -149,10 +155,14 @@ class Plaintext:
     def wipe(self) -> None:
         if not self.size:
             return
+        if self._locker is not None:  # the locking must not outlive the buffer
+            self._locker.join()
+            self._locker = None
         if not self.kept:
             ctypes.memset(self._address, 0, self.size)
-        if self.locked:
-            _libc.munlock(self._address, self.size)
+        if self._locked_bytes:
+            _libc.munlock(self._address, self._locked_bytes)
+            self._locked_bytes = 0
         self.data = b""
         self.size = 0
 

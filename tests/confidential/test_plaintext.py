@@ -1,8 +1,11 @@
-"""The plaintext buffer: huge pages for large buffers, in-place decryption of a real file."""
+"""The plaintext buffer: locked ahead of its writer, a real file decrypted into it in place."""
 
 from __future__ import annotations
 
 import os
+import resource
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,50 +17,23 @@ KEY = bytes(range(32))
 CID = b"p" * 16
 PATH = "models/m/1/weights.bin"
 MIB = 1 << 20
-THP_ENABLED = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize(
-    ("address", "size", "page", "expected"),
+    ("size", "step", "expected"),
     [
-        (0, 8 * MIB, 2 * MIB, (0, 8 * MIB)),
-        (16, 8 * MIB, 2 * MIB, (2 * MIB, 6 * MIB)),  # the unaligned head and tail left out
-        (16, 4 * MIB + 32, 2 * MIB, None),  # one whole page only: not asked
-        (4096, 7 * MIB, 2 * MIB, (2 * MIB, 4 * MIB)),
-        (0, 8 * MIB, None, None),  # no THP
-        (0, 3 * MIB, 2 * MIB, None),
+        (10, 4, [(0, 4), (4, 4), (8, 2)]),
+        (8, 4, [(0, 4), (4, 4)]),
+        (3, 4, [(0, 3)]),
     ],
 )
-def test_huge_span_is_the_whole_aligned_pages_inside(
-    address: int, size: int, page: int | None, expected: tuple[int, int] | None
-) -> None:
-    assert plaintext.huge_span(address, size, page) == expected
+def test_segments_cover_the_buffer(size: int, step: int, expected: list[tuple[int, int]]) -> None:
+    assert plaintext.segments(size, step) == expected
 
 
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        (b"2097152\n", 2 * MIB),
-        (b"65536", 64 << 10),
-        (b"536870912\n", 512 * MIB),  # arm64 with 64 KiB base pages
-        (b"3000000\n", None),  # not a power of two
-        (b"4096\n", None),  # below 64 KiB
-        (b"4294967296\n", None),  # over 1 GiB
-        (b"huge\n", None),
-        (b"", None),
-    ],
-)
-def test_the_huge_page_size_is_read_and_bounded(
-    tmp_path: Path, text: bytes, expected: int | None
-) -> None:
-    source = tmp_path / "hpage_pmd_size"
-    source.write_bytes(text)
-    assert plaintext.huge_page_bytes(source) == expected
-    assert plaintext.huge_page_bytes(tmp_path / "missing") is None
-
-
-def _anon_huge_kb(address: int) -> int:
-    """AnonHugePages of this process's mapping that holds ``address``."""
+def _vm_flags(address: int) -> list[str]:
+    """VmFlags of this process's mapping that holds ``address``."""
     inside = False
     with Path("/proc/self/smaps").open() as fh:
         for line in fh:
@@ -65,9 +41,30 @@ def _anon_huge_kb(address: int) -> int:
             if "-" in head and ":" not in head:
                 start, end = (int(x, 16) for x in head.split("-"))
                 inside = start <= address < end
-            elif inside and line.startswith("AnonHugePages:"):
-                return int(line.split()[1])
-    return 0
+            elif inside and line.startswith("VmFlags:"):
+                return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def _may_lock(size: int) -> bool:
+    soft, _hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    return os.geteuid() == 0 or soft == resource.RLIM_INFINITY or soft >= size + 8 * MIB
+
+
+def test_a_large_buffer_is_locked_ahead_each_segment_before_it_is_written() -> None:
+    size = 6 * plaintext.LOCK_SEGMENT_BYTES + 123
+    if not _may_lock(size):
+        pytest.skip("RLIMIT_MEMLOCK too low here to lock the buffer")
+    out = plaintext.Plaintext(size, "m", align=64)
+    try:
+        address = plaintext._bytes_address(out.data) + out.lead
+        for offset, length in plaintext.segments(size, plaintext.LOCK_SEGMENT_BYTES):
+            out.ready(offset + length)  # the writer's wait: this segment is locked by now
+            assert "lo" in _vm_flags(address + offset + length - 1)
+        assert out.settle()
+        assert out.locked
+    finally:
+        out.wipe()
 
 
 def seal_file(tmp_path: Path, data: bytes, chunk: int = MIB) -> Path:
@@ -78,31 +75,16 @@ def seal_file(tmp_path: Path, data: bytes, chunk: int = MIB) -> Path:
     return file
 
 
-def test_a_large_file_decrypts_in_place_on_huge_pages(tmp_path: Path) -> None:
+def test_a_large_file_decrypts_in_place_locked_then_is_wiped(tmp_path: Path) -> None:
     data = os.urandom(9 * MIB + 7)  # the last chunk 7 bytes: it and the one before via scratch
     file = seal_file(tmp_path, data)
     with decrypt.decrypt_file(file, KEY, PATH, CID, "model m version 1", align=64) as out:
         assert out.lead + out.size <= len(out.data) and out.size == len(data)
         assert out.data[out.lead : out.lead + out.size] == data
-        address = plaintext._bytes_address(out.data) + out.lead
-        assert address % 64 == 0
-        page = plaintext.huge_page_bytes()
-        if page is None or plaintext.MADV_HUGEPAGE is None:
-            assert not out.huge
-        else:
-            assert out.huge
-            modes = THP_ENABLED.read_text() if THP_ENABLED.exists() else ""
-            if "[never]" not in modes:  # the kernel honours the advice
-                assert _anon_huge_kb(address + page) >= page // 1024
+        assert (plaintext._bytes_address(out.data) + out.lead) % 64 == 0
+        assert out.locked == _may_lock(len(data))
         given = out.data
-    assert given[out.lead :] == bytes(len(given) - out.lead)  # wiped
-
-
-def test_a_small_buffer_asks_for_no_huge_pages(tmp_path: Path) -> None:
-    file = seal_file(tmp_path, b"graph" * 1000, 4096)
-    with decrypt.decrypt_file(file, KEY, PATH, CID, "m") as out:
-        assert not out.huge
-        assert out.data == b"graph" * 1000
+    assert given == bytes(len(given))  # wiped, the padding zeros too
 
 
 @pytest.mark.parametrize("damage", ["flip", "swap", "cut", "grow"])
@@ -160,3 +142,46 @@ def test_a_wiped_buffer_has_no_view() -> None:
     out.wipe()
     with pytest.raises(DecryptionError, match="wiped"):
         out.view()
+
+
+LIMITED = """
+import logging, os, sys
+logging.basicConfig(stream=sys.stdout, format="%(levelname)s %(message)s")
+from agent.confidential import decrypt, envelope
+
+def locked_mib():
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("VmLck:")) // 1024
+
+key, cid = bytes(32), b"c" * 16
+data = os.urandom(9 << 20)
+sealed = b"".join(envelope.encrypt(data, key, "p", cid))
+out = decrypt.decrypt_bytes(sealed, key, "p", cid, "model m version 1")
+print("locked", out.locked, out.data == data, "VmLck", locked_mib())
+out.wipe()
+print("after wipe VmLck", locked_mib())
+"""
+
+
+@pytest.mark.parametrize(("limit_mib", "locked_mib"), [(0, 0), (6, 4)])
+def test_a_limit_that_refuses_part_or_all_is_said_and_decryption_goes_on(
+    limit_mib: int, locked_mib: int
+) -> None:
+    # RLIMIT_MEMLOCK in a child, as root without CAP_IPC_LOCK (which ignores the limit): with
+    # 6 MiB the first 4 MiB segment is locked and the second refused.
+    prefix = ["setpriv", "--bounding-set=-ipc_lock", "--inh-caps=-ipc_lock"]
+    hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)[1]
+    soft = limit_mib * MIB
+    done = subprocess.run(
+        [*(prefix if os.geteuid() == 0 else []), sys.executable, "-c", LIMITED],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+        cwd=ROOT,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_MEMLOCK, (soft, hard)),
+    )
+    assert "WARNING model m version 1: could not lock the 9437184-byte plaintext" in done.stdout
+    assert f"RLIMIT_MEMLOCK {limit_mib * 1024} KiB" in done.stdout
+    assert f"locked False True VmLck {locked_mib}" in done.stdout
+    assert "after wipe VmLck 0" in done.stdout
