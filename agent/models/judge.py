@@ -20,7 +20,7 @@ relative and absolute. The verdicts:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -98,6 +98,16 @@ def _ms(value: float | None) -> str:
 
 def median(values: Sequence[float]) -> float | None:
     return float(np.median(np.asarray(values, dtype=np.float64))) if len(values) else None
+
+
+def small_median(values: Iterable[float]) -> float:
+    """The median of a few values (``statistics.median``'s answer, without importing it and
+    its ``decimal`` and ``fractions``: 0.65 MB of the idle agent). Raises on no values."""
+    ordered = sorted(values)
+    if not ordered:
+        raise ValueError("the median of no values")
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
 # -- tests ----------------------------------------------------------------------------------

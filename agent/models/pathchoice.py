@@ -38,11 +38,10 @@ fast path for the version, for good. Requests of the other path that finish duri
 
 from __future__ import annotations
 
-import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.models.judge import mann_whitney_greater
+from agent.models.judge import mann_whitney_greater, small_median
 
 INLINE, POOL = "inline", "pool"
 
@@ -112,8 +111,8 @@ class PathChooser:
             elapsed >= policy.epoch_max_s and self._count >= policy.min_epoch_requests
         ):
             return
-        epoch = Epoch(self.path, elapsed / self._count, statistics.median(self._times))
-        runs = statistics.median(self._runs) if self._runs else 0.0
+        epoch = Epoch(self.path, elapsed / self._count, small_median(self._times))
+        runs = small_median(self._runs) if self._runs else 0.0
         # The next epoch starts now: under load its first requests are already under way.
         self._started, self._count, self._times, self._runs = now, 0, [], []
         if inline and runs > policy.max_inline_s:
@@ -150,8 +149,8 @@ class PathChooser:
         self.decisions += 1
         self._decided_at = now
         chosen = [e for e in self._epochs if e.path == path]
-        self._decided_level = statistics.median(e.per_request_s for e in chosen)
-        self._decided_overlap = statistics.median(e.median_s for e in chosen) > self._decided_level
+        self._decided_level = small_median(e.per_request_s for e in chosen)
+        self._decided_overlap = small_median(e.median_s for e in chosen) > self._decided_level
         self._epochs, self._recent = [], []
 
     def _watch(self, epoch: Epoch, now: float) -> None:
@@ -175,7 +174,7 @@ class PathChooser:
         recent = self._recent
         if len(recent) < self.policy.drift_epochs or self._decided_level <= 0:
             return False
-        ratio = statistics.median(e.per_request_s for e in recent) / self._decided_level
+        ratio = small_median(e.per_request_s for e in recent) / self._decided_level
         overlapping = sum(e.median_s > e.per_request_s for e in recent) * 2 > len(recent)
         return max(ratio, 1 / ratio) > self.policy.drift or overlapping != self._decided_overlap
 
@@ -209,7 +208,7 @@ def _faster(one: list[float], other: list[float], policy: PathPolicy) -> tuple[b
     """Whether ``one`` is significantly and materially smaller than ``other``: (yes, p, ratio
     of the medians other / one)."""
     _, p = mann_whitney_greater(other, one)
-    ratio = statistics.median(other) / max(statistics.median(one), 1e-12)
+    ratio = small_median(other) / max(small_median(one), 1e-12)
     return p < policy.alpha and ratio >= 1 + policy.min_gain, p, ratio
 
 
@@ -234,12 +233,12 @@ def decide_with_evidence(epochs: list[Epoch], policy: PathPolicy) -> tuple[str, 
             if wins:
                 reason = (
                     f"{path}: {what.format(ratio=ratio, other=other)}, median "
-                    f"{statistics.median(values[path]) * 1e6:.0f} µs vs "
-                    f"{statistics.median(values[other]) * 1e6:.0f} µs, Mann-Whitney p={p:.2g}, "
+                    f"{small_median(values[path]) * 1e6:.0f} µs vs "
+                    f"{small_median(values[other]) * 1e6:.0f} µs, Mann-Whitney p={p:.2g}, "
                     f"{len(values[path])} epochs each)"
                 )
                 return path, reason, True
-        figures[measure] = (statistics.median(values[INLINE]), statistics.median(values[POOL]))
+        figures[measure] = (small_median(values[INLINE]), small_median(values[POOL]))
         if measure == "per_request_s" and saturated(epochs):
             break  # requests queue in the handler: its times say nothing about the clients'
     inline_s, pool_s = figures["per_request_s"]
@@ -257,7 +256,7 @@ def saturated(epochs: list[Epoch]) -> bool:
     the wait for a worker and the loop's exclude the wait in the socket."""
     for path in (INLINE, POOL):
         mine = [e for e in epochs if e.path == path]
-        gap = statistics.median(e.per_request_s for e in mine)
-        if statistics.median(e.median_s for e in mine) > gap:
+        gap = small_median(e.per_request_s for e in mine)
+        if small_median(e.median_s for e in mine) > gap:
             return True
     return False

@@ -18,9 +18,10 @@ request runs on the loop when it is alone:
 
 from __future__ import annotations
 
-import statistics
 from collections import deque
 from dataclasses import dataclass, field
+
+from agent.models.judge import small_median
 
 Key = tuple[str, int]  # model name, version
 
@@ -70,7 +71,7 @@ class Solo:
         runs = self._runs.get(key)
         if runs is None or len(runs) < policy.min_samples:
             return False
-        typical = statistics.median(runs)
+        typical = small_median(runs)
         if typical > policy.max_run_s:
             return False
         window = max(policy.min_window_s, policy.window_runs * typical)
