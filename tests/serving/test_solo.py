@@ -78,7 +78,7 @@ def run_server(tmp_path: Path, limits: ServerLimits, clients: int, rounds: int) 
 
     async def main() -> int:
         h = Harness(tmp_path, ProbationPolicy(window_s=0.2))
-        slow = slow_scale_model(tmp_path / "slow.onnx", 2.0, links=8, width=512)
+        slow = slow_scale_model(tmp_path / "slow.onnx", 2.0, links=16)
         install(h.store, tmp_path, 1, 2.0, model=slow)
         await h.deployer.start()
         await h.committed(1)
