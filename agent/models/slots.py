@@ -45,6 +45,7 @@ class LoadedVersion:
     # what it asked for, one line per device given up (agent.models.devices).
     device: str = "CPU"
     fallbacks: tuple[str, ...] = ()
+    solo_runs: int = 0  # requests run on the loop because they were alone (serving/solo.py)
 
     @property
     def name(self) -> str:

@@ -248,7 +248,9 @@ class HttpConnection(asyncio.BufferedProtocol):
                     prepared.loaded.inline_elements <= 0  # not the fast path's (models/fastpath)
                     and solo.allows(key, self._server.pool.in_flight == 0, now)
                 ):
-                    solo.solo_runs += not prepared.inline
+                    if not prepared.inline:
+                        solo.solo_runs += 1
+                        prepared.loaded.solo_runs += 1
                     response = handler.run_inline(prepared)
                     solo.observe(key, prepared.run_s)
                     self._respond(request, response)

@@ -18,7 +18,12 @@ def fast_path(loaded: LoadedVersion) -> dict[str, Any]:
         return loaded.path_choice.describe()
     if loaded.inline_elements > 0:
         return {"path": "inline", "state": "eligible", "reason": "no request yet"}
-    return {"path": "pool", "state": "not eligible", "reason": "warm-up runs over the threshold"}
+    return {
+        "path": "pool",
+        "state": "not eligible",
+        "reason": "warm-up runs over the threshold",
+        "solo_runs": loaded.solo_runs,  # on the loop all the same, alone (serving/solo.py)
+    }
 
 
 def version_fields(loaded: LoadedVersion) -> dict[str, Any]:
@@ -47,6 +52,7 @@ def render_prometheus(slots: Slots) -> bytes:
         ("edge_agent_model_device_fallbacks", "gauge", "Devices given up for the CPU at load."),
         ("edge_agent_model_inline", "gauge", "1 when the version's small requests run inline."),
         ("edge_agent_model_path_decisions_total", "counter", "Fast path decisions made."),
+        ("edge_agent_model_solo_runs_total", "counter", "Pool requests run on the loop, alone."),
     )
     lines: list[str] = []
     for metric, kind, help_text in gauges:
@@ -60,6 +66,8 @@ def render_prometheus(slots: Slots) -> bytes:
                 lines.append(f"{metric}{{{labels}}} {len(loaded.fallbacks)}")
             elif metric == "edge_agent_model_inline":
                 lines.append(f"{metric}{{{labels}}} {int(path['path'] == 'inline')}")
+            elif metric == "edge_agent_model_solo_runs_total":
+                lines.append(f"{metric}{{{labels}}} {loaded.solo_runs}")
             else:
                 lines.append(f"{metric}{{{labels}}} {path.get('decisions', 0)}")
     return ("\n".join(lines) + "\n").encode()

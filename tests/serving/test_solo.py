@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from agent.models.lifecycle import ProbationPolicy
+from agent.serving import modelinfo
 from agent.serving.client import AsyncInferenceClient
 from agent.serving.pool import InferencePool
 from agent.serving.server import InferenceServer, ServerLimits
@@ -94,6 +95,12 @@ def run_server(tmp_path: Path, limits: ServerLimits, clients: int, rounds: int) 
             for _ in range(rounds):
                 for client in opened:
                     assert (await client.infer("scale", {"x": x}))["y"].tolist() == (x * 2).tolist()
+            assert loaded.solo_runs == server.solo.solo_runs  # shown per version (modelinfo)
+            assert modelinfo.fast_path(loaded)["solo_runs"] == loaded.solo_runs
+            shown = (
+                f'edge_agent_model_solo_runs_total{{model="scale",version="1"}} {loaded.solo_runs}'
+            )
+            assert shown in modelinfo.render_prometheus(h.slots).decode()
         finally:
             for client in opened:
                 await client.close()
