@@ -427,7 +427,7 @@ def _cmd_update(args: argparse.Namespace, level: str | None) -> int:
 
 def _cmd_admin(args: argparse.Namespace) -> int:
     from agent.serving.client import InferenceClient, _error_for
-    from agent.serving.oip import decode_error
+    from agent.serving.oip.client import decode_error
 
     if args.command == "rollback":
         path = f"/agent/models/{args.model}/rollback"

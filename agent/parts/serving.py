@@ -21,7 +21,7 @@ from agent.models.store import RUNTIME_BY_SUFFIX, Manifest, ModelStore
 from agent.models.validation import zeros_for
 from agent.parts.base import Part
 from agent.serving.handler import OipHandler
-from agent.serving.oip import Limits
+from agent.serving.oip.codec import Limits
 from agent.serving.pool import InferencePool
 from agent.serving.server import InferenceServer, server_limits
 from agent.telemetry.metrics import Registry

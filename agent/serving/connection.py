@@ -23,7 +23,7 @@ from agent.serving.admin import AdminApi, peer_uid
 from agent.serving.admission import ByteBudget
 from agent.serving.framing import Failure, Phase, Request, frame
 from agent.serving.handler import OipHandler, PreparedInfer, Response, error_response
-from agent.serving.oip import encode_error
+from agent.serving.oip.server import encode_error
 from agent.serving.pool import InferencePool
 from agent.serving.reader import RequestReader
 from agent.serving.shm import api as shm_api

@@ -20,7 +20,7 @@ from agent.models.runtime import RuntimeOptions
 from agent.models.slots import Slots
 from agent.models.store import Manifest, ModelStore
 from agent.serving.handler import OipHandler, Response
-from agent.serving.oip import encode_infer_request
+from agent.serving.oip.client import encode_infer_request
 from agent.state import Event, StateDB
 from agent.telemetry.metrics import Registry
 from agent.tensors import TensorSpec

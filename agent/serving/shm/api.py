@@ -8,7 +8,7 @@ import json
 from agent.errors import AgentError, RequestError, UnsupportedError
 from agent.serving import routes
 from agent.serving.handler import Response, error_response
-from agent.serving.oip import encode_error
+from agent.serving.oip.server import encode_error
 from agent.serving.shm.registry import PeerRegions
 
 _OK = Response(200, b"{}")
