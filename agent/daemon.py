@@ -50,6 +50,8 @@ from agent.updates import UpdateLoop
 __all__ = ["Agent", "LocalModel", "load_version", "merge_reload"]
 
 log = logging.getLogger(__name__)
+# An admin call made while the agent starts waits this long for its models before a 503.
+ADMIN_START_WAIT_S = 10.0
 
 
 class Agent:
@@ -63,7 +65,7 @@ class Agent:
         self.slots = Slots()
         self.metrics = Registry()
         self.serving = Serving(config, self.slots, self.metrics)
-        self._admin_ready = False
+        self._admin_ready = asyncio.Event()  # set once start-up has loaded the models
         self.status = StatusBoard(self.slots)
         self.watchdog = Watchdog(self.slots, self._ping_watchdog, self.status.publish)
         self.trim = MemoryTrim(
@@ -195,7 +197,7 @@ class Agent:
                 f"repository.{f.name}" for f in dataclasses.fields(self.config.repository)
             )
             self.settings.add_live(["models.follow"])
-        self._admin_ready = True
+        self._admin_ready.set()
 
     def _delivery_event(self, event: DeliveryEvent) -> None:
         """An event the update child recorded in state.db and told at once: shown, and the
@@ -277,11 +279,15 @@ class Agent:
         return outcome.message
 
     async def _admin_operation(self, operation: Operation, origin: Origin) -> Outcome:
-        if not self._admin_ready:
-            raise UnavailableError(
-                "starting: the agent is loading its models; admin calls are taken once they are",
-                retry_after_s=1.0,
-            )
+        if not self._admin_ready.is_set():
+            try:  # a call made while the agent starts waits for it, a bounded time
+                await asyncio.wait_for(self._admin_ready.wait(), ADMIN_START_WAIT_S)
+            except TimeoutError:
+                raise UnavailableError(
+                    "starting: the agent is loading its models; admin calls are taken once "
+                    "they are",
+                    retry_after_s=1.0,
+                ) from None
         return await self.operations().execute(operation, origin)
 
     # -- settings -----------------------------------------------------------------------------

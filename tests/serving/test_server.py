@@ -735,13 +735,15 @@ def test_unknown_socket_group_is_a_precise_config_error(tmp_path: Path) -> None:
     assert not path.exists()  # refused before anything was bound
 
 
-def test_admin_call_while_starting_answers_503_then_is_taken(
+def test_admin_call_while_starting_waits_for_it_a_bounded_time(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The daemon listens before its deployments start: an admin call in between learns to
+    """The daemon listens before its deployments start: an admin call in between waits for
+    the start-up (and is then taken), up to ``ADMIN_START_WAIT_S``; past that it learns to
     retry (503 with Retry-After), not that the call does not exist (404)."""
     import asyncio
 
+    import agent.daemon
     from agent.config import AgentSection, Config, ServingSection
     from agent.daemon import Agent
     from agent.models.deployer import Deployer
@@ -754,29 +756,36 @@ def test_admin_call_while_starting_answers_503_then_is_taken(
         await real_start(self)
 
     monkeypatch.setattr(Deployer, "start", gated_start)
+    monkeypatch.setattr(agent.daemon, "ADMIN_START_WAIT_S", 0.2)
     sock = tmp_path / "s.sock"
     state = AgentSection(state_dir=tmp_path / "state")
-    agent = Agent(Config(agent=state, serving=ServingSection(socket=sock)))
+    agent_ = Agent(Config(agent=state, serving=ServingSection(socket=sock)))
     body = json.dumps({"to": None}).encode()
     answers: list[tuple[int, dict[str, str], bytes]] = []
+
+    def call() -> None:
+        with InferenceClient(str(sock)) as client:
+            status, headers, payload = client.request("POST", "/agent/models/mm/rollback", body)
+            answers.append((status, headers, bytes(payload)))
 
     def client_side(loop: asyncio.AbstractEventLoop) -> None:
         try:
             wait_for(sock.exists, timeout_s=30)
-            with InferenceClient(str(sock)) as client:
-                status, headers, payload = client.request("POST", "/agent/models/mm/rollback", body)
-                answers.append((status, headers, bytes(payload)))
-                gate.set()
-                wait_for(lambda: agent._admin_ready, timeout_s=30)
-                status, headers, payload = client.request("POST", "/agent/models/mm/rollback", body)
-                answers.append((status, headers, bytes(payload)))
+            call()  # the start-up held past the bound: 503
+            monkeypatch.setattr(agent.daemon, "ADMIN_START_WAIT_S", 60.0)
+            waiting = threading.Thread(target=call)
+            waiting.start()
+            time.sleep(0.5)  # the call is in the agent, waiting, before the start-up goes on
+            assert len(answers) == 1 and not agent_._admin_ready.is_set()
+            gate.set()
+            waiting.join(60)
         finally:
             gate.set()
-            loop.call_soon_threadsafe(agent.request_stop)
+            loop.call_soon_threadsafe(agent_.request_stop)
 
     async def main() -> None:
         # agent.run() installs signal handlers: it runs in the main thread, the client beside it.
-        running = asyncio.create_task(agent.run())
+        running = asyncio.create_task(agent_.run())
         await asyncio.to_thread(client_side, asyncio.get_running_loop())
         await running
 
@@ -785,4 +794,4 @@ def test_admin_call_while_starting_answers_503_then_is_taken(
     assert status == 503, payload
     assert b"starting" in payload
     assert "retry-after" in headers, headers
-    assert after == 404, later  # taken now: the model is unknown to this agent
+    assert after == 404, later  # waited, then taken: the model is unknown to this agent
