@@ -28,6 +28,7 @@ from agent.models.deployer import DeployConfig, Deployer
 from agent.models.probation import policy_of
 from agent.models.slots import Slots
 from agent.models.store import ModelStore
+from agent.models.withdrawal import Holds
 from agent.operations import Operation, Operations, Origin, Outcome
 from agent.parts import deploying
 from agent.parts.reporting import Reporting
@@ -77,6 +78,7 @@ class Agent:
         self.state: StateDB | None = None
         self.deployer: Deployer | None = None
         self.updates: UpdateLoop | None = None
+        self.withdraw_holds = Holds()  # versions a signed withdraw named before they served
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         # A deployment event this process recorded goes to each (the reporter is told a row
@@ -215,7 +217,8 @@ class Agent:
         summary told (``parts.deploying``), without reading the state database again."""
         assert self.deployer is not None
         self.reporting.forward_events()
-        await deploying.after_cycle(self.deployer, report)
+        await deploying.after_cycle(self.deployer, report, self.withdraw_holds.held)
+        self.withdraw_holds.cycle_done()
 
     async def deploy_new_versions(self) -> None:
         """After a reload without a repository: forward the events other processes wrote
@@ -225,7 +228,7 @@ class Agent:
         self.reporting.forward_events()
         names = set(self.config.models.follow) | set(self.slots.names())
         plan = await deploying.read_plan(self.deployer, names)
-        await deploying.deploy_plan(self.deployer, plan)
+        await deploying.deploy_plan(self.deployer, plan, self.withdraw_holds.held)
 
     def _on_event(self, event: Event) -> None:
         """A deployment event this process recorded: to every listener (MQTT, status, trim)."""
@@ -270,6 +273,7 @@ class Agent:
             update_now=self._update_now if self.updates is not None else None,
             set_config=self.settings.set_config,
             set_log_level=lambda level: logging.getLogger().setLevel(level.upper()),
+            holds=self.withdraw_holds,
         )
 
     async def run_command(self, command: Any) -> str:

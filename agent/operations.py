@@ -24,6 +24,7 @@ from agent.errors import AgentError, CommandError
 from agent.telemetry import remote_config
 
 if TYPE_CHECKING:
+    from agent.models import withdrawal
     from agent.models.deployer import Deployer
 
 log = logging.getLogger(__name__)
@@ -235,12 +236,14 @@ class Operations:
         update_now: Callable[[], Awaitable[dict[str, Any]]] | None = None,
         set_config: Callable[[dict[str, Any]], str] | None = None,
         set_log_level: Callable[[str], None] | None = None,
+        holds: withdrawal.Holds | None = None,
     ) -> None:
         self._deployer = deployer
         self._trigger_update = trigger_update
         self._update_now = update_now
         self._set_config = set_config
         self._set_log_level = set_log_level
+        self._holds = holds
 
     def _needs_deployer(self) -> Deployer:
         if self._deployer is None:
@@ -320,9 +323,16 @@ class Operations:
             if self._trigger_update is not None:
                 self._trigger_update()
             raise
-        if done.returned and self._trigger_update is not None:
+        message, held = done.message, False
+        if not done.returned and done.active != version and self._holds is not None:
+            # An update cycle under way may be installing it with metadata read before the
+            # halt: kept out until the metadata is read again (``withdrawal.Holds``).
+            self._holds.hold(model, version)
+            message += "; not deployed before an update cycle reads the signed metadata again"
+            held = True
+        if (done.returned or held) and self._trigger_update is not None:
             self._trigger_update()
         return Outcome(
-            done.message,
+            message,
             {"model": model, "withdrawn": version, "active_version": done.active},
         )

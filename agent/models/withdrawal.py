@@ -77,6 +77,37 @@ async def revert_withdrawn(
         return None
 
 
+HOLD_CYCLES = 2  # update cycles a held version waits for (the first may predate the command)
+MAX_HOLDS = 1_000
+
+
+class Holds:
+    """Versions a verified ``withdraw`` named while they did not serve here (yet): not deployed
+    until ``HOLD_CYCLES`` update cycles have completed since. The first may have started
+    before the command, with metadata read before the halt, and be installing that very
+    version; the second read the signed metadata after the command, which then decides. A
+    hold never moves anything; it only keeps a version out until the metadata is read again.
+    """
+
+    def __init__(self) -> None:
+        self._left: dict[tuple[str, int], int] = {}
+
+    def hold(self, name: str, version: int) -> None:
+        if len(self._left) >= MAX_HOLDS:
+            self._left.pop(next(iter(self._left)))  # the oldest goes: bounded
+        self._left[(name, version)] = HOLD_CYCLES
+
+    def held(self, name: str) -> frozenset[int]:
+        return frozenset(v for (n, v) in self._left if n == name)
+
+    def cycle_done(self) -> None:
+        """One update cycle completed (after its plan was acted on)."""
+        for key in list(self._left):
+            self._left[key] -= 1
+            if self._left[key] <= 0:
+                del self._left[key]
+
+
 class Withdrawing(Reverting, Protocol):
     """What a ``withdraw`` command needs besides: the pin rule, a rollback under a condition."""
 

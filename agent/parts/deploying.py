@@ -14,7 +14,7 @@ there is nothing to be told: ``read_plan`` reads the record on the I/O thread.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from agent import faults
 from agent.delivery.report import CycleReport
@@ -36,7 +36,15 @@ def told_plan(report: CycleReport) -> dict[str, Deployable] | None:
     }
 
 
-async def after_cycle(deployer: Deployer, report: CycleReport) -> None:
+def _no_holds(_name: str) -> frozenset[int]:
+    return frozenset()
+
+
+async def after_cycle(
+    deployer: Deployer,
+    report: CycleReport,
+    held_back: Callable[[str], frozenset[int]] = _no_holds,
+) -> None:
     """Act on the summary of one cycle (``report``): deploy what it says, or, when the child
     told none, record a ``failed`` event (forwarded like any) and deploy nothing."""
     if not report.told:
@@ -47,7 +55,7 @@ async def after_cycle(deployer: Deployer, report: CycleReport) -> None:
             log.error("update: cannot record the failed cycle: %s", exc)
     plan = told_plan(report)
     if plan is not None:
-        await deploy_plan(deployer, plan)
+        await deploy_plan(deployer, plan, held_back)
 
 
 async def read_plan(deployer: Deployer, names: Iterable[str]) -> dict[str, Deployable]:
@@ -62,11 +70,16 @@ async def read_plan(deployer: Deployer, names: Iterable[str]) -> dict[str, Deplo
     return await deployer.io.run(read)
 
 
-async def deploy_plan(deployer: Deployer, plan: Mapping[str, Deployable]) -> None:
+async def deploy_plan(
+    deployer: Deployer,
+    plan: Mapping[str, Deployable],
+    held_back: Callable[[str], frozenset[int]] = _no_holds,
+) -> None:
     """For each model not held by a pin: back from a withdrawn version that serves
     (``revert_withdrawn``), else the deployable version when it is newer than the active one.
     The pins are read in one job on the I/O thread; ``Deployer.deploy`` checks again under
-    the model's lock."""
+    the model's lock. A version ``held_back`` names (a signed ``withdraw`` named it, and the
+    metadata has not been read again since: ``withdrawal.Holds``) is not deployed."""
     selection = deployer.selection
     held = await deployer.io.run(lambda: {name: selection.held_by_pin(name) for name in plan})
     served = set(deployer.slots.names())
@@ -79,6 +92,13 @@ async def deploy_plan(deployer: Deployer, plan: Mapping[str, Deployable]) -> Non
         if withdrawn and await revert_withdrawn(deployer, name, step.withdrawn) is not None:
             continue
         version = step.newer_than(active.version if active is not None else None)
-        if version is not None:
+        if version is not None and version in held_back(name):
+            log.warning(
+                "model %s: version %d held back: a signed withdraw named it; waiting for the "
+                "signed metadata",
+                name,
+                version,
+            )
+        elif version is not None:
             faults.crash_point("after-verify")  # test hook: EDGE_AGENT_CRASH_AT
             await deployer.deploy(name, version)

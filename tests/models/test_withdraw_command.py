@@ -139,3 +139,41 @@ def test_an_unsigned_version_is_never_a_withdrawal_target(tmp_path: Path) -> Non
         h.close()
 
     asyncio.run(main())
+
+
+def test_a_version_named_before_it_serves_is_held_back_until_the_metadata_is_read_again(
+    tmp_path: Path,
+) -> None:
+    """The race of a halt: an update cycle that read the metadata before it is installing the
+    version when the withdraw comes ("not serving"). The daemon's deploy after that cycle
+    must not bring it in; after two completed cycles the metadata decides again."""
+    from agent.models.selection import Deployable
+    from agent.models.withdrawal import Holds
+    from agent.parts.deploying import deploy_plan
+
+    async def main() -> None:
+        h = Harness(tmp_path)
+        install(h.store, tmp_path, 1, 2.0)
+        await committed_first(h, LONG)
+        install(h.store, tmp_path, 2, 3.0)  # verified by a cycle that read the metadata early
+        holds, triggers = Holds(), Triggers()
+        ops = Operations(h.deployer, trigger_update=triggers, holds=holds)
+        outcome = await ops.execute(Withdraw("scale", 2), Origin.REMOTE)
+        assert outcome.message.endswith(
+            "nothing to do; not deployed before an update cycle reads the signed metadata again"
+        )
+        assert holds.held("scale") == {2} and triggers.count == 1
+        plan = {"scale": Deployable(2, frozenset())}  # what the early cycle told
+        await deploy_plan(h.deployer, plan, holds.held)
+        assert h.serving() == 1  # held back
+        holds.cycle_done()
+        await deploy_plan(h.deployer, plan, holds.held)
+        assert h.serving() == 1  # the cycle that completed first may have started before
+        holds.cycle_done()
+        assert holds.held("scale") == frozenset()
+        await deploy_plan(h.deployer, plan, holds.held)  # the metadata read since decides
+        assert h.serving() == 2
+        await h.deployer.close()
+        h.close()
+
+    asyncio.run(main())
