@@ -464,29 +464,47 @@ def main() -> int:
             flush=True,
         )
 
-        back_at: dict[str, float] = {}  # when each device was first seen back
-
-        def back() -> bool:  # every device that took it, as known now (late reports too)
+        # Watch for 3 poll intervals after the halt: a device that takes it late (an update
+        # under way at the halt) counts until it has left it. A device's return: the first
+        # look that found it on the previous version after the last that found it on 3.
+        real_in = [a for a in agents if bucket(a.name, MODEL) < first_bp]
+        last3: dict[str, float] = {}  # device -> the last look that found it serving 3
+        back_at: dict[str, float] = {}  # device -> the first look since that found it on 2
+        took_real = {a.name for a in real_in if 3 in a.versions or a.failures_by_phase}
+        first_look = time.time()
+        while time.time() < halted_at + 3 * args.poll:
+            looks: dict[str, int | None] = {a.name: a.active() for a in real_in}
             ctl.tracker.feed_many(feed.drain())
             took3.update(tracker.activated(3))
+            looks.update({d: tracker.devices[d].active for d in took3 if d not in looks})
             now = time.time()
-            for d in took3:
-                if tracker.devices[d].active == 2:
-                    back_at.setdefault(d, now)
-            return all(tracker.devices[d].active == 2 for d in took3)
+            for device, version in looks.items():
+                if version == 3:
+                    last3[device] = now
+                    back_at.pop(device, None)
+                    took_real.update([device] if device.startswith("real-") else [])
+                elif version == 2:
+                    back_at.setdefault(device, now)
+            time.sleep(0.2)
 
-        real_in = [a for a in agents if bucket(a.name, MODEL) < first_bp]
-        real_back = until(lambda: all(a.active() == 2 for a in real_in), 4 * args.poll)
+        def returned(devices: set[str]) -> tuple[float, list[str]]:
+            """The latest return (s after the halt) and the devices still on it."""
+            still = sorted(d for d in devices if d in last3 and d not in back_at)
+            latest = max((back_at[d] for d in devices if d in last3 and d in back_at), default=0)
+            return max(latest, first_look) - halted_at, still
+
+        real_s, real_still = returned(took_real)
+        all_s, all_still = returned(took3 | took_real)
         print(
-            f"  real agents in the stage ({len(real_in)}) back on version 2: {real_back} "
-            f"{time.time() - halted_at:.1f} s after the halt (they were serving version "
-            f"{sorted({v for a in real_in for v in a.versions})})",
+            f"  real agents of the stage that served it: {len(took_real)} of {len(real_in)}; "
+            f"the last left it {real_s:.1f} s after the halt, as its status says (still on it "
+            f"{3 * args.poll:g} s after the halt: {real_still})",
             flush=True,
         )
-        reverted = until(back, 4 * args.poll)
         print(
-            f"  devices that took it: {len(took3)}; all back on version 2: {reverted} "
-            f"{time.time() - halted_at:.1f} s after the halt (bar: {2 * args.poll:g} s)",
+            f"  devices that took it: {len(took3)}; the last left it {all_s:.1f} s after the "
+            f"halt, as the controller heard it or a real agent's status says (bar: "
+            f"{2 * args.poll:g} s; still on it: {all_still})",
             flush=True,
         )
         slowest = sorted(back_at.items(), key=lambda item: -item[1])[:3]
