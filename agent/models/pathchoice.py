@@ -33,7 +33,10 @@ request is a changed load and is explored.
 Besides the choice, a ceiling: an inline epoch whose median run takes longer than
 ``max_inline_s`` (the model itself became slow: a throttled CPU, larger inputs) ends the
 fast path for the version, for good. Requests of the other path that finish during an epoch
-(a hand-off still under way when the epoch switched) are not counted in it.
+(a hand-off still under way when the epoch switched) are not counted in it, and the epoch
+starts again after the last of them: otherwise their completions, run on the loop, made the
+loop's epochs look slower than they were (at concurrency 16, sixteen pool requests finish in the
+first loop epoch after a switch).
 """
 
 from __future__ import annotations
@@ -99,7 +102,13 @@ class PathChooser:
     def done(self, inline: bool, took_s: float, run_s: float, now: float) -> None:
         """A request of this version finished: ``took_s`` in the handler, ``run_s`` of it in
         the runtime."""
-        if self.state == "off" or inline != (self.path == INLINE) or self._started is None:
+        if self.state == "off" or self._started is None:
+            return
+        if inline != (self.path == INLINE):
+            # A request of the other path finishing late (a pool request under way when the
+            # epoch switched to the loop): its completion takes the loop's time in this epoch,
+            # which would count against this path. The epoch starts again after it.
+            self._started, self._count, self._times, self._runs = now, 0, [], []
             return
         self._count += 1
         self._times.append(took_s)

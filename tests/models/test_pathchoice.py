@@ -247,3 +247,27 @@ def test_requests_no_longer_queueing_in_the_handler_is_a_changed_load() -> None:
         assert chooser.explorations == (2 if changed else 1), chooser.reason
         if changed:
             assert chooser.reason.startswith("exploring again (the load changed)")
+
+
+def test_an_epoch_starts_again_after_the_other_paths_late_completions() -> None:
+    """Pool requests under way when the epoch switches to the loop finish on the loop's time:
+    the loop's epoch is measured from the last of them, not charged with them."""
+    chooser = PathChooser(PathPolicy(epoch_requests=10, min_epoch_requests=10, pairs=2))
+    now = 0.0
+    chooser.take(now)
+    for _ in range(10):  # an inline epoch: one request every 100 µs
+        now += 100e-6
+        chooser.done(True, 50e-6, 50e-6, now)
+    assert chooser.path == POOL
+    for _ in range(10):  # a pool epoch: one every 100 µs too
+        now += 100e-6
+        chooser.done(False, 1e-3, 50e-6, now)
+    assert chooser.path == INLINE
+    for _ in range(16):  # sixteen pool requests still under way finish, 200 µs of loop each
+        now += 200e-6
+        chooser.done(False, 1e-3, 50e-6, now)
+    for _ in range(10):
+        now += 100e-6
+        chooser.done(True, 50e-6, 50e-6, now)
+    inline_epochs = [e for e in chooser._epochs if e.path == INLINE]
+    assert [round(e.per_request_s * 1e6) for e in inline_epochs] == [100, 100]
