@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from agent.serving.client import InferenceClient
 from cloud_stub.operator import command, load_private
 from tests.rollout.agents import RealAgent
 from tests.rollout.conftest import MODEL, FleetWorld
@@ -47,6 +48,15 @@ def test_a_signed_withdraw_returns_a_real_agent_at_once_and_forgeries_are_refuse
 
     try:
         agent.wait_serving()
+
+        def committed(version: int) -> bool:
+            with InferenceClient(str(agent.socket), timeout_s=5) as client:
+                events = client.status()["recent_events"]
+            return any(e["kind"] == "committed" and e["version"] == version for e in events)
+
+        # Version 1 committed before 2 arrives: a version superseded in its probation was never
+        # committed, and a withdraw only ever returns to a committed one.
+        until(lambda: committed(1), 60)
         agent.start_load()
         world.publish(2, percent=100)
         send(json.dumps({"command": "check-update", "args": {}}))  # unsigned: it grants nothing
