@@ -146,7 +146,7 @@ class PathChooser:
             if min(counts.values()) >= self.policy.pairs:
                 self.reason += "; no path measurably faster yet, measuring more"
             return
-        path, reason, conclusive = decide_with_evidence(self._epochs, self.policy)
+        path, reason, conclusive = decide(self._epochs, self.policy)
         if not conclusive and min(counts.values()) < self.policy.max_pairs:
             # Not decided yet: the next ``pairs`` of each, then the test on all of them.
             self.path = POOL if epoch.path == INLINE else INLINE
@@ -222,14 +222,9 @@ def _faster(one: list[float], other: list[float], policy: PathPolicy) -> tuple[b
     return p < policy.alpha and ratio >= 1 + policy.min_gain, p, ratio
 
 
-def decide(epochs: list[Epoch], policy: PathPolicy) -> tuple[str, str]:
-    """The path the epochs of an exploration choose, and the reason with its evidence."""
-    path, reason, _ = decide_with_evidence(epochs, policy)
-    return path, reason
-
-
-def decide_with_evidence(epochs: list[Epoch], policy: PathPolicy) -> tuple[str, str, bool]:
-    """As ``decide``, and whether a path won (False: the loop by default)."""
+def decide(epochs: list[Epoch], policy: PathPolicy) -> tuple[str, str, bool]:
+    """The path the epochs of an exploration choose, the reason with its evidence, and whether
+    a path won (False: the loop by default)."""
     figures = {}
     for measure, what in (
         ("per_request_s", "{ratio:.2f}x the {other}'s requests per second (time per request"),

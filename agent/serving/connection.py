@@ -243,16 +243,17 @@ class HttpConnection(asyncio.BufferedProtocol):
                 except AgentError as exc:
                     self._respond(request, error_response(exc))
                     return
-                key = (prepared.loaded.name, prepared.loaded.version)
-                if prepared.inline or (
-                    prepared.loaded.inline_elements <= 0  # not the fast path's (models/fastpath)
-                    and solo.allows(key, self._server.pool.in_flight == 0, now)
+                if prepared.inline:
+                    self._respond(request, handler.run_inline(prepared))
+                    return
+                loaded = prepared.loaded
+                if loaded.inline_elements <= 0 and solo.allows(  # not the fast path's model
+                    (loaded.name, loaded.version), self._server.pool.in_flight == 0, now
                 ):
-                    if not prepared.inline:
-                        solo.solo_runs += 1
-                        prepared.loaded.solo_runs += 1
+                    solo.solo_runs += 1
+                    loaded.solo_runs += 1
                     response = handler.run_inline(prepared)
-                    solo.observe(key, prepared.run_s)
+                    self._observe_run(prepared)
                     self._respond(request, response)
                     return
                 self._busy = True
@@ -287,13 +288,19 @@ class HttpConnection(asyncio.BufferedProtocol):
         keep_alive = request.keep_alive and not self._server.draining
         self._write(response, keep_alive, request.method == "HEAD")
 
+    def _observe_run(self, prepared: PreparedInfer) -> None:
+        """A run of a model the fast path does not take: its time, for ``solo.allows``."""
+        loaded = prepared.loaded
+        if loaded.inline_elements <= 0:
+            self._server.solo.observe((loaded.name, loaded.version), prepared.run_s)
+
     def _infer_done(
         self, prepared: PreparedInfer, results: Any, error: BaseException | None
     ) -> None:
         request = self._inflight
         self._busy = False
         self._inflight = None
-        self._server.solo.observe((prepared.loaded.name, prepared.loaded.version), prepared.run_s)
+        self._observe_run(prepared)
         try:
             response = self._handler.finish_infer(prepared, results, error)
         except Exception as exc:

@@ -216,7 +216,7 @@ def test_decide_names_the_evidence() -> None:
 
     epochs = [Epoch(INLINE, 256e-6 + i * 1e-6, 55e-6) for i in range(10)]
     epochs += [Epoch(POOL, 130e-6 + i * 1e-6, 1.9e-3) for i in range(10)]
-    path, reason = decide(epochs, PathPolicy())
+    path, reason, _ = decide(epochs, PathPolicy())
     assert path == POOL
     assert reason.startswith(
         "pool: 1.94x the inline's requests per second (time per request, median 134 µs vs 260 µs"
