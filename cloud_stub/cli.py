@@ -198,6 +198,11 @@ def _cmd(args: argparse.Namespace) -> int:
             command_args["to"] = args.to
         if args.action == "pin":
             command_args["version"] = args.to
+        if args.action == "withdraw":
+            if not args.model or args.version is None:
+                print("edge-cloud: withdraw needs MODEL and --version N", file=sys.stderr)
+                return 2
+            command_args["version"] = args.version
         if args.level:
             command_args["level"] = args.level
         if args.action == "set-config":

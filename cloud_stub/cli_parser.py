@@ -222,13 +222,28 @@ def build_parser() -> argparse.ArgumentParser:
     cmd.add_argument("device", help="the device's id ([agent] device_id)")
     cmd.add_argument(
         "action",
-        choices=["rollback", "pin", "unpin", "check-update", "set-log-level", "set-config"],
+        choices=[
+            "rollback",
+            "pin",
+            "unpin",
+            "check-update",
+            "withdraw",
+            "set-log-level",
+            "set-config",
+        ],
         help="what the device is to do",
     )
     cmd.add_argument(
-        "model", nargs="?", default=None, help="the model, for rollback, pin and unpin"
+        "model", nargs="?", default=None, help="the model, for rollback, pin, unpin, withdraw"
     )
     cmd.add_argument("--to", type=int, default=None, help="rollback target / pinned version")
+    cmd.add_argument(
+        "--version",
+        type=int,
+        default=None,
+        help="withdraw: the withdrawn version (a device serving it returns to the version it "
+        "committed before)",
+    )
     cmd.add_argument("--level", default=None, help="set-log-level: debug, info, warning or error")
     cmd.add_argument(
         "--set",

@@ -1,10 +1,13 @@
 """The controller's signed ``withdraw`` on a real `edge-agent run` under inference load, over a
 real broker: a device serving the withdrawn version returns at once, without its update cycle
 (the repository is unreachable here), and a forged, replayed or unsigned withdrawal is refused
-with its acknowledgement and changes nothing."""
+with its acknowledgement and changes nothing. The valid one is the operator's, by hand:
+``edge-cloud command DEVICE withdraw MODEL --version N``."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import time
 from typing import Any
@@ -13,6 +16,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.serving.client import InferenceClient
+from cloud_stub import cli
 from cloud_stub.operator import command, load_private
 from tests.rollout.agents import RealAgent
 from tests.rollout.conftest import MODEL, FleetWorld
@@ -70,12 +74,37 @@ def test_a_signed_withdraw_returns_a_real_agent_at_once_and_forgeries_are_refuse
             ),
             (withdraw(2, seq + 1, Ed25519PrivateKey.generate()), "rejected", "bad signature"),
             (withdraw(1, seq + 2), "accepted", "model mm version 1 is not serving (version 2"),
-            (withdraw(2, seq + 3), "accepted", "model mm returned to version 1 from version 2"),
-            (withdraw(2, seq + 3), "rejected", "replayed command"),
+            (b"", "accepted", "model mm returned to version 1 from version 2"),  # by hand
+            (withdraw(2, seq + 3), "rejected", "replayed command"),  # below the CLI's seq
         ]
         for payload, _, _ in sent:
-            send(payload)
-            time.sleep(0.1)  # one at a time: the acks come in the order sent
+            if payload:
+                send(payload)
+                time.sleep(0.1)  # one at a time: the acks come in the order sent
+                continue
+            # The operator's own withdraw, signed by `edge-cloud command` (its seq: now, in ms).
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                code = cli.main(
+                    [
+                        "command",
+                        DEVICE,
+                        "withdraw",
+                        MODEL,
+                        "--version",
+                        "2",
+                        "--fleet",
+                        "sim",
+                        "--mqtt",
+                        f"127.0.0.1:{world.broker.port}",
+                        "--operator-key",
+                        str(world.operator_key),
+                        "--wait",
+                        "30",
+                    ]
+                )
+            assert code == 0, out.getvalue()
+            assert "returned to version 1 from version 2" in out.getvalue()
 
         def withdrawals() -> list[dict[str, Any]]:
             return [a for a in answers() if a["command"] == "withdraw"]
