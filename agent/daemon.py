@@ -155,6 +155,7 @@ class Agent:
     async def start_deployments(self) -> None:
         """Open the store and state database, serve what was committed, validate what is new."""
         self.state = await self.io.run(StateDB, self.config.state_db)
+        await self.withdraw_holds.attach(self.state, self.io)  # a restart keeps them
         store = await self.io.run(ModelStore, self.config.store_dir)
         self.deployer = Deployer(
             store,
@@ -217,8 +218,7 @@ class Agent:
         summary told (``parts.deploying``), without reading the state database again."""
         assert self.deployer is not None
         self.reporting.forward_events()
-        await deploying.after_cycle(self.deployer, report, self.withdraw_holds.held)
-        self.withdraw_holds.cycle_done()
+        await deploying.after_cycle(self.deployer, report, self.withdraw_holds)
 
     async def deploy_new_versions(self) -> None:
         """After a reload without a repository: forward the events other processes wrote

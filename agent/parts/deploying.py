@@ -21,7 +21,7 @@ from agent.delivery.report import CycleReport
 from agent.errors import AgentError
 from agent.models.deployer import Deployer
 from agent.models.selection import Deployable, deployable
-from agent.models.withdrawal import revert_withdrawn
+from agent.models.withdrawal import Holds, revert_withdrawn
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +40,10 @@ def _no_holds(_name: str) -> frozenset[int]:
     return frozenset()
 
 
-async def after_cycle(
-    deployer: Deployer,
-    report: CycleReport,
-    held_back: Callable[[str], frozenset[int]] = _no_holds,
-) -> None:
+async def after_cycle(deployer: Deployer, report: CycleReport, holds: Holds | None = None) -> None:
     """Act on the summary of one cycle (``report``): deploy what it says, or, when the child
-    told none, record a ``failed`` event (forwarded like any) and deploy nothing."""
+    told none, record a ``failed`` event (forwarded like any) and deploy nothing. Then the
+    ``withdraw`` holds count the cycle done."""
     if not report.told:
         log.error("update: %s; nothing deployed, the next cycle tries again", report.error)
         try:
@@ -55,7 +52,9 @@ async def after_cycle(
             log.error("update: cannot record the failed cycle: %s", exc)
     plan = told_plan(report)
     if plan is not None:
-        await deploy_plan(deployer, plan, held_back)
+        await deploy_plan(deployer, plan, holds.held if holds is not None else _no_holds)
+    if holds is not None:
+        holds.cycle_done()
 
 
 async def read_plan(deployer: Deployer, names: Iterable[str]) -> dict[str, Deployable]:

@@ -177,3 +177,49 @@ def test_a_version_named_before_it_serves_is_held_back_until_the_metadata_is_rea
         h.close()
 
     asyncio.run(main())
+
+
+def test_the_holds_survive_a_restart_bounded_and_checked(tmp_path: Path) -> None:
+    """A restart between the withdraw and the second cycle keeps the version out: the holds
+    are in the state database (one settings row, written on the I/O thread, in order). What a
+    previous run left is read back checked and bounded."""
+    from agent.iothread import IoThread
+    from agent.models import withdrawal
+    from agent.state import StateDB
+
+    async def run(steps: list[str]) -> tuple[frozenset[int], frozenset[int]]:
+        """A run of the agent: attach, then ``hold:V`` / ``cycle`` steps; what is held."""
+        io, state = IoThread(), StateDB(tmp_path / "state.db")
+        holds = withdrawal.Holds()
+        try:
+            await holds.attach(state, io)
+            for step in steps:
+                if step == "cycle":
+                    holds.cycle_done()
+                else:
+                    holds.hold("scale", int(step.split(":")[1]))
+            await io.run(lambda: None)  # the writes queued before it are done
+            return holds.held("scale"), holds.held("other")
+        finally:
+            await io.aclose()
+            state.close()
+
+    assert asyncio.run(run(["hold:2", "hold:3"])) == ({2, 3}, frozenset())
+    assert asyncio.run(run(["cycle"])) == ({2, 3}, frozenset())  # restored: one cycle left
+    assert asyncio.run(run([])) == ({2, 3}, frozenset())  # a restart alone changes nothing
+    assert asyncio.run(run(["cycle"])) == (frozenset(), frozenset())  # the second cycle
+    assert asyncio.run(run([])) == (frozenset(), frozenset())
+    state = StateDB(tmp_path / "state.db")
+    assert state.setting(withdrawal.HOLDS_KEY) is None  # nothing left behind
+    # Malformed rows, and rows past the bound, are dropped; the good ones kept.
+    rows: list[object] = [["scale", 4, 1], ["scale", -1, 1], ["scale", 5, 99], "x", ["", 6, 1]]
+    rows += [["other", v, 2] for v in range(1, withdrawal.MAX_HOLDS + 10)]
+    state.set_setting(withdrawal.HOLDS_KEY, rows)
+    state.close()
+    held, other = asyncio.run(run([]))
+    assert held == {4}
+    assert len(other) == withdrawal.MAX_HOLDS - 5  # the first MAX_HOLDS rows, 4 bad
+    state = StateDB(tmp_path / "state.db")
+    state.set_setting(withdrawal.HOLDS_KEY, {"not": "a list"})
+    state.close()
+    assert asyncio.run(run([])) == (frozenset(), frozenset())
