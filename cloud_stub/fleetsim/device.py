@@ -18,6 +18,9 @@ from agent.delivery.targets import ModelTarget
 from agent.telemetry import messages
 
 AGENT_VERSION = "0.1.0"
+HOLD_CYCLES = 2  # as agent.models.withdrawal: the first cycle may predate the command
+MAX_HOLDS = 1_000
+HELD = "; not deployed before an update cycle reads the signed metadata again"
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +53,7 @@ class SimDevice:
     quarantined: set[int] = field(default_factory=set)
     committed: set[int] = field(default_factory=set)  # every version it ever committed
     seen_withdrawn: set[int] = field(default_factory=set)  # as its update cycles found them
+    holds: dict[int, int] = field(default_factory=dict)  # version -> update cycles still held
     probation_until: float | None = None
     will_fail: bool = False
     dead: bool = False
@@ -199,8 +203,16 @@ class SimDevice:
             max_model_bytes=2**40,
             quarantined=lambda _n, v: v in self.quarantined,
         )
-        if isinstance(decision, ModelTarget):
+        if isinstance(decision, ModelTarget) and decision.version not in self.holds:
             self._install(now, decision.version)
+        self._cycle_done()
+
+    def _cycle_done(self) -> None:
+        """One update cycle completed: a withdraw's holds count down (``Holds.cycle_done``)."""
+        for version in list(self.holds):
+            self.holds[version] -= 1
+            if self.holds[version] <= 0:
+                del self.holds[version]
 
     def _install(self, now: float, version: int) -> None:
         self.stored.append(version)
@@ -241,12 +253,17 @@ class SimDevice:
     def withdraw(self, now: float, version: int) -> tuple[str, str]:
         """A verified ``withdraw`` command, as ``agent.models.withdrawal.revert_on_command``
         answers it: serving ``version``, return at once to the newest older version this
-        device committed (never forward); otherwise nothing. The outcome and reason of its
-        acknowledgement."""
+        device committed (never forward); otherwise hold it back for two update cycles
+        (``agent.models.withdrawal.Holds``). The outcome and reason of its acknowledgement."""
         if self.active != version:
+            # A poll may be about to install it from a listing read before the halt: held back
+            # until the listing is read twice more, as the agent's ``Holds``.
+            if len(self.holds) >= MAX_HOLDS:
+                self.holds.pop(next(iter(self.holds)))
+            self.holds[version] = HOLD_CYCLES
             return "accepted", (
                 f"model {self.model} version {version} is not serving "
-                f"(version {self.active} is); nothing to do"
+                f"(version {self.active} is); nothing to do{HELD}"
             )
         back = [
             v

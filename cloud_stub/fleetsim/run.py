@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import tempfile
 import threading
@@ -32,11 +33,13 @@ from agent.errors import CommandError
 from agent.operations import CheckUpdate, Withdraw
 from agent.telemetry import commands
 from agent.telemetry.inbox import load_operator_keys
-from cloud_stub.fleetsim.device import Profile, SimDevice, Timing
+from cloud_stub.fleetsim.device import HELD, Profile, SimDevice, Timing
+from cloud_stub.fleetsim.links import Links
 
 log = logging.getLogger(__name__)
 
 MAX_DEVICES = 100_000
+MAX_WORKERS = 64
 TICK_S = 0.2
 CHUNK = 256  # devices ticked between two looks at the commands that came in
 
@@ -86,6 +89,7 @@ class SimConfig:
     prefix: str = "sim"
     seed: int = 0
     listing_s: float = 2.0  # how often the shared listing is fetched (at most)
+    shard: tuple[int, int] = (0, 1)  # (k, n): this process drives the devices i with i % n == k
 
 
 class Listing:
@@ -136,25 +140,34 @@ class Fleet:
         if not 1 <= config.count <= MAX_DEVICES:
             raise ValueError(f"N must be 1 to {MAX_DEVICES}, found {config.count}")
         self.config = config
+        shard, shards = config.shard
+        if not 0 <= shard < shards <= MAX_WORKERS:
+            raise ValueError(f"shard must be k of n (0 <= k < n <= {MAX_WORKERS}), found {shard}")
         rng = random.Random(config.seed)  # noqa: S311 - a simulation
         now = time.time()
-        self.devices = [
-            SimDevice(
+        self.devices = []
+        for i in range(config.count):
+            # Every draw is made in every shard: a device is the same whichever process runs it.
+            profile = config.mix.profile(rng)
+            times = [rng.uniform(0, s) for s in (config.timing.poll_s, config.timing.health_s)]
+            flap = rng.uniform(0, config.mix.flap_s)
+            if i % shards != shard:
+                continue
+            device = SimDevice(
                 f"{config.prefix}-{i:05d}",
                 config.fleet,
                 config.model,
-                config.mix.profile(rng),
+                profile,
                 config.timing,
                 active=config.start_version,
                 previous=config.start_version,
                 stored=[config.start_version],
-                next_poll=now + rng.uniform(0, config.timing.poll_s),
-                next_health=now + rng.uniform(0, config.timing.health_s),
-                next_flap=now + rng.uniform(0, config.mix.flap_s),
+                next_poll=now + times[0],
+                next_health=now + times[1],
+                next_flap=now + flap,
                 last_tick=now,
             )
-            for i in range(config.count)
-        ]
+            self.devices.append(device)
         self.by_id = {d.device_id: d for d in self.devices}
         self.index = {d.device_id: i for i, d in enumerate(self.devices)}
         self.keys = load_operator_keys(config.operator_keys)
@@ -165,24 +178,15 @@ class Fleet:
         self.longest_pass_s = 0.0  # the longest pass over the fleet
         self.command_wait_s = 0.0  # the longest a command waited to be answered
         self._lock = threading.Lock()
-        self._clients = [self._connect(i) for i in range(max(1, config.connections))]
-        self.published = 0
-
-    def _connect(self, index: int) -> mqtt.Client:
-        client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2,
-            client_id=f"{self.config.prefix}-conn-{index}-{random.getrandbits(32):08x}",
-            protocol=mqtt.MQTTv5,
+        self.links = Links(
+            config.mqtt_host,
+            config.mqtt_port,
+            config.connections,
+            config.prefix,
+            f"edge/{config.fleet}/+/commands",
+            self._on_command,
         )
-        client.max_queued_messages_set(0)
-        client.max_inflight_messages_set(1000)
-        if index == 0:
-            topic = f"edge/{self.config.fleet}/+/commands"
-            client.on_connect = lambda c, *_: c.subscribe(topic, qos=1)
-            client.on_message = self._on_command
-        client.connect(self.config.mqtt_host, self.config.mqtt_port, keepalive=30)
-        client.loop_start()
-        return client
+        self.published = 0
 
     def _on_command(self, _c: mqtt.Client, _u: object, message: mqtt.MQTTMessage) -> None:
         device = message.topic.split("/")[2]
@@ -234,7 +238,7 @@ class Fleet:
         elif isinstance(operation, Withdraw):
             before = device.active
             outcome, reason = device.withdraw(now, operation.version)
-            if outcome == "failed" or device.active != before:
+            if outcome == "failed" or device.active != before or reason.endswith(HELD):
                 self._nudge(device_id, arrived)
             device.ack(now, command.name, command.seq, outcome, reason)
         else:
@@ -245,8 +249,7 @@ class Fleet:
         self._nudge_sent = max(self._nudge_sent, arrived)
 
     def _publish(self, index: int, topic: str, payload: bytes) -> None:
-        retain = topic.endswith("/status")
-        self._clients[index % len(self._clients)].publish(topic, payload, qos=1, retain=retain)
+        self.links.publish(index, topic, payload, retain=topic.endswith("/status"))
         self.published += 1
 
     def run(self, stop: Callable[[], bool], report: Path | None = None) -> None:
@@ -274,6 +277,7 @@ class Fleet:
                 poll_s = self.config.timing.poll_s
                 for i, device in enumerate(self.devices):
                     if i % CHUNK == CHUNK - 1:
+                        self.links.pump(0.0)  # acknowledgements in, commands in, queue out
                         self._handle_commands(time.time())
                     if due[i] > now and device.device_id not in nudged:
                         continue  # nothing to do yet: a 10,000-device tick stays cheap
@@ -286,7 +290,11 @@ class Fleet:
                     due[i] = device.due()
                 self.iterations += 1
                 self.longest_pass_s = max(self.longest_pass_s, time.time() - now)
-                time.sleep(max(0.0, TICK_S - (time.time() - now)))
+                # Until the next pass: a command that comes meanwhile is answered at once.
+                while (left := TICK_S - (time.time() - now)) > 0 and not stop():
+                    self.links.pump(left)
+                    self._handle_commands(time.time())
+                self.links.pump(0.0)
         finally:
             listing.close()
             if report is not None:
@@ -296,9 +304,7 @@ class Fleet:
                     "longest_command_wait_s": round(self.command_wait_s, 3),
                 }
                 write_report(report, self.devices, listing.fetches, loop)
-            for client in self._clients:
-                client.disconnect()
-                client.loop_stop()
+            self.links.close()
 
 
 def write_report(
@@ -312,6 +318,14 @@ def write_report(
             for d in devices
         },
     }
+    write_whole(path, doc)
+
+
+def write_whole(path: Path, doc: object) -> None:
+    """``doc`` as JSON at ``path``, whole or not at all (tmp, fsync, rename)."""
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(doc))
+    with tmp.open("w") as out:
+        json.dump(doc, out)
+        out.flush()
+        os.fsync(out.fileno())
     tmp.replace(path)

@@ -174,6 +174,13 @@ def add_parsers(sub: Any, repo_help: str) -> None:
     sim.add_argument("--flap-share", type=float, default=0.0, help="share that flap offline")
     sim.add_argument("--flap", type=duration, default="20s", help="their on/off period")
     sim.add_argument("--connections", type=int, default=8, help="MQTT connections shared")
+    sim.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes the devices are split over (each with its own connections and "
+        "listing): on a small machine beside real agents, one process is starved",
+    )
     sim.add_argument("--prefix", default="sim", help="device ids are PREFIX-00000 …")
     sim.add_argument("--seed", type=int, default=0, help="of the profile draw")
     sim.add_argument("--duration", type=duration, default=None, help="stop after (default: ^C)")
@@ -308,16 +315,29 @@ def _simulate(args: argparse.Namespace) -> int:
         prefix=args.prefix,
         seed=args.seed,
     )
-    try:
-        fleet = Fleet(config)
-    except ValueError as exc:
-        raise AgentError(str(exc)) from None
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     if args.duration is not None:
-        threading.Timer(args.duration, stop.set).start()
-    print(f"simulating {args.count} devices of fleet {args.fleet}", flush=True)
-    fleet.run(stop.is_set, args.report)
-    print(f"published {fleet.published} messages")
+        timer = threading.Timer(args.duration, stop.set)
+        timer.daemon = True
+        timer.start()
+    try:
+        if args.workers != 1:
+            from cloud_stub.fleetsim.workers import run_workers
+
+            print(
+                f"simulating {args.count} devices of fleet {args.fleet} in {args.workers} "
+                "processes",
+                flush=True,
+            )
+            published = run_workers(config, args.workers, stop.is_set, args.report)
+        else:
+            fleet = Fleet(config)
+            print(f"simulating {args.count} devices of fleet {args.fleet}", flush=True)
+            fleet.run(stop.is_set, args.report)
+            published = fleet.published
+    except ValueError as exc:
+        raise AgentError(str(exc)) from None
+    print(f"published {published} messages")
     return 0

@@ -3,6 +3,7 @@ over HTTPS, 200 simulated devices deciding with the agent's own selection code."
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -185,3 +186,67 @@ def test_at_a_halt_simulated_devices_leave_on_the_signed_withdraw_alone(
 
         until(reported, 10)
     feed.close()
+
+
+@pytest.mark.timeout(180)
+def test_the_fleet_split_over_worker_processes_is_one_fleet(fleet_world: FleetWorld) -> None:
+    """``simulate-fleet --workers 2``: each process drives every other device, with its own
+    connections; the controller hears one fleet, its nudges and its signed ``withdraw`` reach
+    the devices of both, and the report is one."""
+    from cloud_stub.fleetsim.workers import run_workers
+
+    fleet_world.publish(2)
+    stages = (2500, 10000)
+    slow = Timing(poll_s=3600.0, health_s=1.0, probation_s=0.5)
+    config = SimConfig(
+        count=40,
+        fleet="sim",
+        model=MODEL,
+        start_version=1,
+        mqtt_host="127.0.0.1",
+        mqtt_port=fleet_world.broker.port,
+        repo_url=fleet_world.server.url,
+        trusted_root=fleet_world.repo.metadata_dir / "1.root.json",
+        ca_file=fleet_world.pki.ca_cert,
+        operator_keys=(fleet_world.operator_pub,),
+        timing=slow,
+        connections=2,
+        listing_s=1.0,
+    )
+    with pytest.raises(ValueError, match="workers must be 1 to 40, found 41"):
+        run_workers(config, 41, lambda: True)
+    report = fleet_world.root / "sim.json"
+    done = threading.Event()
+    published: list[int] = []
+    thread = threading.Thread(
+        target=lambda: published.append(run_workers(config, 2, done.is_set, report))
+    )
+    thread.start()
+    feed = subscribe(fleet_world)
+    try:
+        ctl = controller(fleet_world, feed, Policy(stages, soak_s=600.0, deadline_s=900.0), 40)
+        assert sorted(ctl.tracker.devices) == [f"sim-{i:05d}" for i in range(40)]
+        canaries = [f"sim-{i:05d}" for i in range(40) if bucket(f"sim-{i:05d}", MODEL) < 2500]
+        assert {int(c[-5:]) % 2 for c in canaries} == {0, 1}  # in both workers
+        rollout = ctl.start(2, stages)
+
+        def seen(what: Callable[[str], bool]) -> bool:
+            ctl.tracker.feed_many(feed.drain())
+            return all(what(c) for c in canaries)
+
+        until(lambda: seen(lambda c: 2 in ctl.tracker.devices[c].committed), 60)
+        ctl.store.request(rollout.id, "halt", "carol")
+        assert ctl.step(rollout.id).state == "halted"
+        until(lambda: seen(lambda c: 2 in ctl.tracker.devices[c].rolled_back), 30)
+        assert all(ctl.tracker.devices[c].active == 1 for c in canaries)
+    finally:
+        done.set()
+        thread.join(90)
+        feed.close()
+    assert published and published[0] > 80  # births, health, events, acks
+    doc = json.loads(report.read_text())
+    assert doc["workers"] == 2 and len(doc["devices"]) == 40
+    for device, record in doc["devices"].items():
+        assert record["active"] == 1
+        assert record["activated"] == ([2] if device in canaries else [])
+    assert not list(fleet_world.root.glob("sim.worker*"))  # the parts are merged and gone

@@ -102,7 +102,8 @@ def test_a_withdraw_command_sends_a_device_back_at_once_never_forward() -> None:
     assert d.probation_until is not None  # still in probation on version 2
     assert d.withdraw(0.5, 3) == (
         "accepted",
-        "model mm version 3 is not serving (version 2 is); nothing to do",
+        "model mm version 3 is not serving (version 2 is); nothing to do; not deployed "
+        "before an update cycle reads the signed metadata again",
     )
     assert kinds(d) == [] and d.active == 2
     assert d.withdraw(1.0, 2) == ("accepted", "model mm returned to version 1 from version 2")
@@ -134,3 +135,23 @@ def test_a_withdraw_command_never_sends_a_device_to_a_version_it_never_committed
     assert d.active == 3
     assert d.withdraw(2.0, 3)[0] == "failed"  # 2 is older but was never committed here
     assert d.active == 3 and d.activated == [3]
+
+
+def test_a_version_a_withdraw_named_before_it_served_is_held_back_two_polls() -> None:
+    """As the agent's ``Holds``: a poll with a listing read before the halt (the version not
+    yet marked withdrawn) does not install it; after two polls the listing decides again."""
+    d = device(Profile())
+    outcome, reason = d.withdraw(0.0, 2)
+    assert outcome == "accepted" and reason.endswith(
+        "nothing to do; not deployed before an update cycle reads the signed metadata again"
+    )
+    early = [target(1), target(2)]  # read before the halt: not withdrawn there
+    d.tick(1.0, early, poll=True)
+    assert kinds(d) == [] and d.active == 1 and d.activated == []
+    d.tick(2.0, early, poll=True)
+    assert d.active == 1 and d.holds == {}  # two polls done: the hold is gone
+    d.tick(3.0, early, poll=True)  # the listing decides again (here: not withdrawn)
+    assert d.active == 2
+    for version in range(10, 10 + 1_005):
+        d.withdraw(4.0, version)
+    assert len(d.holds) == 1_000  # bounded: the oldest went
