@@ -95,7 +95,9 @@ class Queries:
         )
         return DevicePage(devices, int(total), int(online))
 
-    def device_models(self, model: str, version: int | None = None) -> list[DeviceModel]:
+    def device_models(
+        self, model: str, version: int | None = None, fleet: str | None = None
+    ) -> list[DeviceModel]:
         statement = (
             "SELECT m.device, m.model, m.version, m.since, m.requests, m.errors, m.p50, m.p99, "
             "m.reported, d.online, d.last_seen FROM device_models m "
@@ -105,6 +107,9 @@ class Queries:
         if version is not None:
             statement += " AND m.version = ?"
             params.append(version)
+        if fleet is not None:
+            statement += " AND d.fleet = ?"
+            params.append(fleet)
         return [
             DeviceModel(d, m, v, s, r, e, p50, p99, rep, bool(o), seen)
             for d, m, v, s, r, e, p50, p99, rep, o, seen in self._rows(
@@ -152,6 +157,23 @@ class Queries:
             [*params, max(1, min(limit, MAX_LIMIT))],
         )
         return [Event(*row) for row in found]
+
+    def events_received(
+        self,
+        fleet: str,
+        model: str,
+        since: float,
+        after: tuple[float, int] = (0.0, 0),
+        limit: int = 1000,
+    ) -> list[tuple[float, int, Event]]:
+        found = self._rows(
+            "SELECT e.received, e.id, e.device, e.seq, e.ts, e.kind, e.model, e.version, "
+            "e.reason FROM events e JOIN devices d ON d.device = e.device "
+            "WHERE e.received >= ? AND (e.received > ? OR (e.received = ? AND e.id > ?)) "
+            "AND d.fleet = ? AND e.model = ? ORDER BY e.received, e.id LIMIT ?",
+            [since, after[0], after[0], after[1], fleet, model, max(1, min(limit, MAX_LIMIT))],
+        )
+        return [(float(row[0]), int(row[1]), Event(*row[2:])) for row in found]
 
     def acks(self, limit: int = 20) -> list[Mapping[str, object]]:
         names = ("device", "ts", "command", "outcome", "reason")

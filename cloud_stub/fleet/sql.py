@@ -58,6 +58,7 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE INDEX IF NOT EXISTS events_model ON events (model, version, kind, ts);
 CREATE INDEX IF NOT EXISTS events_device ON events (device, id);
 CREATE INDEX IF NOT EXISTS events_ts ON events (ts);
+CREATE INDEX IF NOT EXISTS events_received ON events (received);
 CREATE TABLE IF NOT EXISTS health (
     device TEXT NOT NULL, seq {bigint} NOT NULL, ts {real} NOT NULL, cpu {real},
     memory {real}, rss {bigint}, p99 {real}, PRIMARY KEY (device, seq));

@@ -42,8 +42,10 @@ class FleetStore(Protocol):
 
     def device_page(self, query: DeviceQuery) -> DevicePage: ...
 
-    def device_models(self, model: str, version: int | None = None) -> list[DeviceModel]:
-        """Every device reporting ``model`` (on ``version`` when given)."""
+    def device_models(
+        self, model: str, version: int | None = None, fleet: str | None = None
+    ) -> list[DeviceModel]:
+        """Every device reporting ``model`` (on ``version``, in ``fleet`` when given)."""
         ...
 
     def versions(self, model: str) -> dict[int | None, int]:
@@ -63,6 +65,19 @@ class FleetStore(Protocol):
         limit: int = 1000,
     ) -> list[Event]:
         """Newest first; ``since`` compares with the device's ``ts``."""
+        ...
+
+    def events_received(
+        self,
+        fleet: str,
+        model: str,
+        since: float,
+        after: tuple[float, int] = (0.0, 0),
+        limit: int = 1000,
+    ) -> list[tuple[float, int, Event]]:
+        """The events of ``model`` in ``fleet`` the ingest received at or after ``since`` and
+        after ``after`` (received, row id), oldest first, with their received time and row id
+        (the controller's cursor, ``rollout.storefeed``)."""
         ...
 
     def acks(self, limit: int = 20) -> list[Mapping[str, object]]: ...

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import threading
 import time
@@ -121,6 +122,17 @@ def add_parsers(sub: Any, repo_help: str) -> None:
         "devices learn at their next poll)",
     )
     start.add_argument("--tick", type=float, default=1.0, help="seconds between decisions")
+    start.add_argument(
+        "--ingest",
+        action="store_true",
+        help="with --store: run the store's MQTT ingest in this process too (without it, the "
+        "dashboards' ingests fill the store the controller reads)",
+    )
+    start.add_argument(
+        "--group",
+        default=None,
+        help="with --ingest: the shared-subscription group of the dashboards on that store",
+    )
     start.add_argument("--ca-file", type=Path, default=None, help="the broker's CA (TLS)")
     start.add_argument(
         "--client-cert", type=Path, default=None, help="client certificate for the broker"
@@ -220,7 +232,7 @@ def _start(args: argparse.Namespace, store: Any) -> int:
     from cloud_stub.operator import tls_context
     from cloud_stub.repo import Repository
     from cloud_stub.rollout.controller import Controller
-    from cloud_stub.rollout.feed import MqttFeed
+    from cloud_stub.rollout.feed import DeviceFeed, MqttFeed
     from cloud_stub.rollout.tracker import Tracker
 
     logging.getLogger("cloud_stub.rollout").setLevel(logging.INFO)
@@ -239,7 +251,25 @@ def _start(args: argparse.Namespace, store: Any) -> int:
         min_committed=args.min_committed,
     )
     host, port = args.mqtt
-    feed = MqttFeed(host, port, args.fleet, tls=tls, operator_key=args.operator_key)
+    ingest: Any = None
+    feed: DeviceFeed
+    if args.store is not None:
+        # The devices as the fleet store holds them (what the dashboards' ingests, or this
+        # process's with --ingest, stored); the broker only carries the signed commands.
+        from cloud_stub.fleet.ingest import Ingest
+        from cloud_stub.rollout.storefeed import StoreFeed
+
+        if args.ingest:
+            ingest = Ingest(
+                store.store, host, port, f"rollout-{os.getpid()}", group=args.group, tls=tls
+            )
+            ingest.start()
+        commands = MqttFeed(
+            host, port, args.fleet, tls=tls, operator_key=args.operator_key, subscribe=False
+        )
+        feed = StoreFeed(store.store, args.fleet, args.name, commands)
+    else:
+        feed = MqttFeed(host, port, args.fleet, tls=tls, operator_key=args.operator_key)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -253,6 +283,8 @@ def _start(args: argparse.Namespace, store: Any) -> int:
         final = controller.run(rollout.id, args.tick, stop.is_set)
     finally:
         feed.close()
+        if ingest is not None:
+            ingest.stop()
     print(f"rollout {final.id}: {final.state} at stage {final.stage + 1} ({final.reason})")
     return 0 if final.state == "done" else 1
 

@@ -90,7 +90,7 @@ class Controller:
 
     def step(self, rid: str) -> Rollout:
         """Take in what the devices sent, carry out a request, decide and act once."""
-        self.tracker.feed_many(self.feed.drain())
+        self.feed.update(self.tracker)
         rollout = self.store.get(rid)
         now = self.clock()
         if rollout.requested is not None:

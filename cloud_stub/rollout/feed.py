@@ -1,7 +1,7 @@
 """Device messages for the controller, and its nudges: one paho MQTT 5 connection.
 
-``DeviceFeed`` is the small interface the controller reads through (the fleet store's ingest
-can implement it later); ``MqttFeed`` subscribes to the fleet's status, health and events
+``DeviceFeed`` is the small interface the controller reads through (``storefeed.StoreFeed``
+reads the fleet store instead); ``MqttFeed`` subscribes to the fleet's status, health and events
 itself, and publishes the signed commands: ``check-update`` nudges, and at a halt ``withdraw``
 (the devices that took the version leave it at once, without waiting for an update cycle).
 """
@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -24,6 +24,9 @@ from paho.mqtt.properties import Properties
 from agent.errors import AgentError
 from agent.telemetry.messages import Topics
 from cloud_stub.operator import command, load_private
+
+if TYPE_CHECKING:
+    from cloud_stub.rollout.tracker import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +39,12 @@ class FeedError(AgentError):
 
 
 class DeviceFeed(Protocol):
-    """Device messages as they arrive: ``(topic, payload, received)``, oldest first."""
+    """What the devices said, for the controller's ``Tracker``, and its commands to them:
+    ``MqttFeed`` (its own subscription) or ``storefeed.StoreFeed`` (the fleet store)."""
 
-    def drain(self, limit: int = 100_000) -> list[tuple[str, bytes, float]]: ...
+    def update(self, tracker: Tracker) -> None:
+        """Give ``tracker`` what the devices said since the last call."""
+        ...
 
     def nudge(self, devices: Iterable[str]) -> int:
         """Ask these devices to check for updates now; how many were asked."""
@@ -64,6 +70,7 @@ class MqttFeed:
         operator_key: Path | None = None,
         client_id: str = "",
         connect_timeout_s: float = 10.0,
+        subscribe: bool = True,
     ) -> None:
         self.fleet = fleet
         self._queue: collections.deque[tuple[str, bytes, float]] = collections.deque(
@@ -73,6 +80,7 @@ class MqttFeed:
         self._key_id = operator_key.stem if operator_key is not None else ""
         self._seqs: dict[str, int] = {}  # the last command seq sent to each device
         self._subscribed = threading.Event()
+        self._subscribe = subscribe  # False: commands only (the store feeds the tracker)
         self._refused: list[str] = []
         client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5
@@ -98,6 +106,9 @@ class MqttFeed:
         if reason.is_failure:
             self._refused.append(f"refused the connection ({reason})")
             return
+        if not self._subscribe:
+            self._subscribed.set()
+            return
         root = f"edge/{self.fleet}/+"
         client.subscribe([(f"{root}/{kind}", 1) for kind in ("status", "health", "events")])
 
@@ -109,6 +120,9 @@ class MqttFeed:
         while self._queue and len(out) < limit:
             out.append(self._queue.popleft())
         return out
+
+    def update(self, tracker: Tracker) -> None:
+        tracker.feed_many(self.drain())
 
     def nudge(self, devices: Iterable[str]) -> int:
         """A signed ``check-update`` to each device; none without an operator key (devices

@@ -103,17 +103,34 @@ class Tracker:
         version = _version(entry.get("active_version"))
         if version is None:
             return
+        p50 = entry.get("p50_ms")
+        self._usage(
+            device,
+            version,
+            _count(entry.get("requests")),
+            _count(entry.get("errors")),
+            float(p50) if isinstance(p50, int | float) and not isinstance(p50, bool) else None,
+            received,
+        )
+
+    def _usage(
+        self,
+        device: Device,
+        version: int,
+        requests: int | None,
+        errors: int | None,
+        p50: float | None,
+        received: float,
+    ) -> None:
         device.active = version
         device.took.setdefault(version, received)
-        requests, errors = _count(entry.get("requests")), _count(entry.get("errors"))
         if requests is not None and errors is not None:
             before = device.usage.get(version, (0, 0))
             device.usage[version] = (max(before[0], requests), max(before[1], errors))
             if errors > before[1]:  # new model errors: evidence, like a rollback
                 self._failed(version, received)
-        p50 = entry.get("p50_ms")
-        if isinstance(p50, int | float) and not isinstance(p50, bool) and 0 <= p50 < 1e7:
-            self.samples.setdefault(version, deque(maxlen=MAX_SAMPLES)).append(float(p50))
+        if p50 is not None and 0 <= p50 < 1e7:
+            self.samples.setdefault(version, deque(maxlen=MAX_SAMPLES)).append(p50)
 
     def _event(self, device: Device, doc: dict[str, Any], received: float) -> None:
         device.online = True
@@ -123,7 +140,10 @@ class Tracker:
         kind = doc.get("kind")
         if version is None or not isinstance(kind, str):
             return
-        reason = str(doc.get("reason", ""))[:500]
+        self._fact(device, kind, version, str(doc.get("reason", "")), received)
+
+    def _fact(self, device: Device, kind: str, version: int, reason: str, received: float) -> None:
+        reason = reason[:500]
         if kind == "activated":
             device.took.setdefault(version, received)
             device.active = version
@@ -138,6 +158,54 @@ class Tracker:
             device.rejected.add(version)
             device.reasons[version] = reason
             self._failed(version, received)
+
+    # -- intake from the fleet store (``storefeed``): the same facts, already parsed ----------
+
+    def _device(self, device_id: str) -> Device | None:
+        device = self.devices.get(device_id)
+        if device is None and len(self.devices) < MAX_DEVICES:
+            device = self.devices[device_id] = Device()
+        return device
+
+    def observe_presence(self, device_id: str, online: bool, last_seen: float) -> None:
+        """What the store says of a device: online (its status), when it was last heard."""
+        device = self._device(device_id)
+        if device is not None:
+            device.online = online
+            device.last_seen = max(device.last_seen, last_seen)
+
+    def observe_model(
+        self,
+        device_id: str,
+        version: int | None,
+        requests: int | None,
+        errors: int | None,
+        p50: float | None,
+        received: float,
+    ) -> None:
+        """The model's active version on a device and its figures, as of ``received`` (a
+        health message's or a birth's ``ts``)."""
+        device = self._device(device_id)
+        if device is not None and _version(version) is not None:
+            assert version is not None
+            self._usage(device, version, _count(requests), _count(errors), p50, received)
+
+    def observe_event(
+        self,
+        device_id: str,
+        kind: str,
+        model: str | None,
+        version: int | None,
+        reason: str,
+        received: float,
+    ) -> None:
+        """One stored event of a device (its ``received``: when the store's ingest got it)."""
+        device = self._device(device_id)
+        if device is None or model != self.model or _version(version) is None:
+            return
+        assert version is not None
+        device.last_seen = max(device.last_seen, received)
+        self._fact(device, kind, version, reason, received)
 
     def _failed(self, version: int, received: float) -> None:
         self.first_failure.setdefault(version, received)

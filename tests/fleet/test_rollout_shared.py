@@ -1,5 +1,6 @@
 """The rollout scenarios with the fleet store on PostgreSQL and two dashboard instances
-sharing one MQTT 5 shared subscription: the controller (its book in the store) widens a good
+sharing one MQTT 5 shared subscription: the controller (its book in the store, and the devices'
+state read from the store the two ingests fill: it subscribes to nothing) widens a good
 version through every stage and halts a bad one at its first stage; both dashboards show the
 whole simulated fleet and the rollout as the controller decided it, and an operator's pause
 through one dashboard reaches the controller."""
@@ -24,6 +25,7 @@ from cloud_stub.rollout.book import FleetBook
 from cloud_stub.rollout.controller import Controller
 from cloud_stub.rollout.decide import Policy
 from cloud_stub.rollout.feed import MqttFeed
+from cloud_stub.rollout.storefeed import StoreFeed
 from cloud_stub.rollout.tracker import Tracker
 from tests.cloud_stub.dashboard_http import DashboardHttp
 from tests.cloud_stub.test_dashboard import browser
@@ -65,13 +67,22 @@ def run(
     until(lambda: all(d.ingest.subscribed.is_set() for d in dashboards), 30)
     store = open_store(url)
     book = FleetBook(store)
-    feed = MqttFeed("127.0.0.1", world.broker.port, "sim", operator_key=world.operator_key)
+    # The controller subscribes to nothing: it reads what the dashboards' ingests stored (one
+    # shared subscription split between them), and only publishes its signed commands.
+    commands = MqttFeed(
+        "127.0.0.1",
+        world.broker.port,
+        "sim",
+        operator_key=world.operator_key,
+        subscribe=False,
+    )
+    feed = StoreFeed(store, "sim", MODEL, commands)
     try:
         with simulated(world, 1, mix) as fleet:
             ctl = Controller(world.repo, book, feed, Tracker("sim", MODEL), policy)
 
             def all_heard() -> bool:
-                ctl.tracker.feed_many(feed.drain())
+                feed.update(ctl.tracker)
                 return len(ctl.tracker.devices) >= N
 
             until(all_heard, 60)

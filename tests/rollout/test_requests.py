@@ -40,6 +40,9 @@ class Replay:
         out, self.queue = self.queue[:limit], self.queue[limit:]
         return out
 
+    def update(self, tracker: Tracker) -> None:
+        tracker.feed_many(self.drain())
+
     def nudge(self, devices: Iterable[str]) -> int:
         asked = list(devices)
         self.nudged.extend(asked)
