@@ -49,14 +49,18 @@ from agent.delivery.rollout import bucket  # noqa: E402
 from agent.errors import AgentError  # noqa: E402
 from agent.serving.client import InferenceClient  # noqa: E402
 from cloud_stub.certs import make_pki  # noqa: E402
+from cloud_stub.fleet.ingest import Ingest  # noqa: E402
+from cloud_stub.fleet.store import open_store  # noqa: E402
 from cloud_stub.operator import generate  # noqa: E402
 from cloud_stub.ports import free_port  # noqa: E402
 from cloud_stub.publish import publish  # noqa: E402
 from cloud_stub.repo import Repository  # noqa: E402
+from cloud_stub.rollout.book import FleetBook, RolloutBook  # noqa: E402
 from cloud_stub.rollout.controller import Controller  # noqa: E402
 from cloud_stub.rollout.decide import Policy  # noqa: E402
-from cloud_stub.rollout.feed import MqttFeed  # noqa: E402
+from cloud_stub.rollout.feed import DeviceFeed, MqttFeed  # noqa: E402
 from cloud_stub.rollout.state import Rollout, RolloutStore  # noqa: E402
+from cloud_stub.rollout.storefeed import StoreFeed  # noqa: E402
 from cloud_stub.rollout.tracker import Tracker  # noqa: E402
 from cloud_stub.samples import _save, matmul_model  # noqa: E402
 
@@ -251,8 +255,8 @@ def until(predicate: Callable[[], bool], timeout_s: float, step: float = 0.2) ->
     return False
 
 
-def rollout(ctl: Controller, feed: MqttFeed, version: int, tick: float) -> tuple[Rollout, float]:
-    ctl.tracker.feed_many(feed.drain())
+def rollout(ctl: Controller, feed: DeviceFeed, version: int, tick: float) -> tuple[Rollout, float]:
+    feed.update(ctl.tracker)
     started = time.time()
     record = ctl.start(version, STAGES)
     final = ctl.run(record.id, tick_s=tick)
@@ -282,6 +286,18 @@ def main() -> int:
         "nginx and controller stay at 0): on a small VM, equal priority starves the one "
         "process that stands in for 10,000 devices",
     )
+    parser.add_argument(
+        "--sim-workers",
+        type=int,
+        default=1,
+        help="processes the simulator splits its devices over (simulate-fleet --workers)",
+    )
+    parser.add_argument(
+        "--controller-store",
+        action="store_true",
+        help="the controller reads the devices from a SQLite fleet store that one ingest fills "
+        "(as beside a dashboard), instead of its own MQTT subscription",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args()
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -289,9 +305,11 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="edge-fleet-bench-"))
     procs: list[subprocess.Popen[bytes]] = []
     agents: list[Agent] = []
+    closers: list[Callable[[], None]] = []
     print(
         f"work: {work}; load before: {os.getloadavg()[0]:.2f}; real agents at nice "
-        f"{args.agents_nice}",
+        f"{args.agents_nice}; simulator in {args.sim_workers} process(es); the controller "
+        f"reads {'the fleet store' if args.controller_store else 'its own subscription'}",
         flush=True,
     )
     try:
@@ -375,6 +393,8 @@ def main() -> int:
                 "1.0",
                 "--connections",
                 str(args.connections),
+                "--workers",
+                str(args.sim_workers),
                 "--report",
                 str(sim_report),
             ],
@@ -382,16 +402,27 @@ def main() -> int:
             stderr=subprocess.STDOUT,
         )
         procs.append(sim)
-        feed = MqttFeed("127.0.0.1", mqtt_port, FLEET, operator_key=key)
+        feed: DeviceFeed
+        book: RolloutBook
+        if args.controller_store:
+            # One ingest into the fleet store (what a dashboard runs); the controller reads the
+            # devices and keeps its rollouts there, and subscribes to nothing itself.
+            store = open_store(work / "fleet.db")
+            ingest = Ingest(store, "127.0.0.1", mqtt_port, "bench-ingest")
+            ingest.start()
+            closers.append(ingest.stop)
+            commands = MqttFeed("127.0.0.1", mqtt_port, FLEET, operator_key=key, subscribe=False)
+            feed, book = StoreFeed(store, FLEET, MODEL, commands), FleetBook(store)
+        else:
+            feed = MqttFeed("127.0.0.1", mqtt_port, FLEET, operator_key=key)
+            book = RolloutStore(repo.root / "rollouts.db")
         total = args.devices + args.agents
         tracker = Tracker(FLEET, MODEL)
         policy = Policy(stages=STAGES, soak_s=args.soak, deadline_s=max(60.0, 4 * args.poll))
-        ctl = Controller(
-            Repository(repo.root), RolloutStore(repo.root / "rollouts.db"), feed, tracker, policy
-        )
+        ctl = Controller(Repository(repo.root), book, feed, tracker, policy)
 
         def heard() -> bool:
-            tracker.feed_many(feed.drain())
+            feed.update(tracker)
             return len(tracker.devices) >= total
 
         if not until(heard, 180, 0.5):
@@ -413,7 +444,7 @@ def main() -> int:
         until(lambda: all(a.active() == 2 for a in agents), 3 * args.poll)
 
         def all_on_two() -> bool:
-            ctl.tracker.feed_many(feed.drain())
+            feed.update(ctl.tracker)
             return tracker.versions().get(2, 0) >= len(tracker.devices)
 
         # "complete" means the last stage is signed and healthy; the rest follow on their polls.
@@ -474,7 +505,7 @@ def main() -> int:
         first_look = time.time()
         while time.time() < halted_at + 3 * args.poll:
             looks: dict[str, int | None] = {a.name: a.active() for a in real_in}
-            ctl.tracker.feed_many(feed.drain())
+            feed.update(ctl.tracker)
             took3.update(tracker.activated(3))
             looks.update({d: tracker.devices[d].active for d in took3 if d not in looks})
             now = time.time()
@@ -514,7 +545,7 @@ def main() -> int:
             flush=True,
         )
         time.sleep(args.poll * 1.2)  # one more poll for everyone
-        ctl.tracker.feed_many(feed.drain())
+        feed.update(ctl.tracker)
         outside = [d for d in tracker.activated(3) if bucket(d, MODEL) >= first_bp]
         real_outside = [
             a.name for a in agents if 3 in a.versions and bucket(a.name, MODEL) >= first_bp
@@ -547,9 +578,40 @@ def main() -> int:
             f"{report.get('loop')}; "
             f"devices outside the stage that activated it (its own record): {len(sim_outside)}"
         )
+        # Where the time of the return went, per simulated device that took it: the withdraw
+        # reaching the simulator, the simulator sending it back, the controller hearing it.
+        timeline = []
+        for device in sorted(took3):
+            record = report["devices"].get(device)
+            if record is None or record.get("returned_at") is None or device not in back_at:
+                continue
+            arrived = record.get("withdraw_arrived")
+            timeline.append(
+                (
+                    back_at[device] - halted_at,
+                    device,
+                    None if arrived is None else arrived - halted_at,
+                    record["returned_at"] - halted_at,
+                )
+            )
+        timeline.sort(reverse=True)
+        print(
+            "  simulated returns, s after the halt (withdraw at the simulator / back there / "
+            "heard back): "
+            + (
+                ", ".join(
+                    f"{d} {'-' if a is None else f'{a:.1f}'}/{r:.1f}/{h:.1f}"
+                    for h, d, a, r in timeline[:5]
+                )
+                or "none"
+            ),
+            flush=True,
+        )
         print(f"load after: {os.getloadavg()[0]:.2f}")
         return 0
     finally:
+        for close in closers:
+            close()
         for agent in agents:
             agent.close()
         for proc in reversed(procs):

@@ -67,6 +67,8 @@ class SimDevice:
     next_flap: float = 0.0
     last_tick: float = 0.0
     activated: list[int] = field(default_factory=list)  # every version it ever activated
+    withdraw_arrived: float | None = None  # when the last withdraw command came (the report's)
+    returned_at: float | None = None  # when it last left a version by a rollback's swap
     outbox: list[tuple[float, str, bytes]] = field(default_factory=list)  # (due, topic, body)
 
     def __post_init__(self) -> None:
@@ -177,6 +179,7 @@ class SimDevice:
             self.quarantined.add(version)
             self._event(now, "rolled_back", version, reason)
             self.active = self.previous
+            self.returned_at = now
             self._event(now, "activated", self.active, f"rolled back from version {version}")
             return
         self._event(now, "committed", version, "probation passed (simulated)")
@@ -243,6 +246,7 @@ class SimDevice:
         ``target`` committed."""
         self.probation_until = None
         self.will_fail = False
+        self.returned_at = now
         self.quarantined.add(version)
         self.active = target
         self.previous = target

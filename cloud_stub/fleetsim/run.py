@@ -236,6 +236,7 @@ class Fleet:
             unknown = f"unknown model {operation.model!r} (known: {device.model})"
             device.ack(now, command.name, command.seq, "failed", unknown)
         elif isinstance(operation, Withdraw):
+            device.withdraw_arrived = arrived
             before = device.active
             outcome, reason = device.withdraw(now, operation.version)
             if outcome == "failed" or device.active != before or reason.endswith(HELD):
@@ -314,7 +315,13 @@ def write_report(
         "listing_fetches": fetches,
         "loop": loop or {},
         "devices": {
-            d.device_id: {"active": d.active, "activated": d.activated, "profile": d.profile.name}
+            d.device_id: {
+                "active": d.active,
+                "activated": d.activated,
+                "profile": d.profile.name,
+                "withdraw_arrived": d.withdraw_arrived,
+                "returned_at": d.returned_at,
+            }
             for d in devices
         },
     }
