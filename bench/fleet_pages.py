@@ -42,9 +42,9 @@ def fill(store: FleetStore, devices: int) -> float:
             batch = []
     store.ingest(batch)
     now = time.time()
-    store.put_rollout(Rollout("vad-4", "vad", 4, (1, 5, 25, 100), 1, "running", now, now))
+    store.put_rollout(Rollout("vad-4", "vad", 4, (100, 500, 2500, 10000), 1, "running", now, now))
     for stage in range(2):
-        store.add_decision(Decision("vad-4", now, stage, "advance", "healthy", {"n": stage}))
+        store.add_decision(Decision("vad-4", now, stage, "advance", ("healthy",), {"n": stage}))
     return time.perf_counter() - began
 
 

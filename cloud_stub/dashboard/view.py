@@ -15,6 +15,7 @@ from cloud_stub.fleet.records import (
     DeviceQuery,
     FleetStoreError,
     IngestResult,
+    Rollout,
 )
 from cloud_stub.fleet.store import FleetStore
 
@@ -131,7 +132,7 @@ class FleetView:
     def rollout(self, rollout_id: str | None) -> dict[str, Any]:
         """The rollout page: every rollout, and the chosen one (newest by default) in full."""
         rollouts = self.store.rollouts()
-        doc: dict[str, Any] = {"rollouts": [asdict(r) for r in rollouts], "selected": None}
+        doc: dict[str, Any] = {"rollouts": [_shown(r) for r in rollouts], "selected": None}
         chosen = next((r for r in rollouts if r.id == rollout_id), None) if rollout_id else None
         if rollout_id and chosen is None:
             raise FleetStoreError(f"no rollout {rollout_id!r}")
@@ -146,14 +147,19 @@ class FleetView:
             limit=FAILURES_SHOWN,
         )
         doc["selected"] = {
-            **asdict(chosen),
-            "percent": chosen.stages[chosen.stage] if chosen.stages else None,
+            **_shown(chosen),
+            "percent": chosen.stage_bp / 100 if chosen.stages else None,
             "versions": [
                 {"version": v, "devices": n}
                 for v, n in sorted(versions.items(), key=lambda kv: (kv[0] is None, kv[0] or 0))
             ],
             "devices": sum(versions.values()),
             "failures": [asdict(e) for e in failures],
-            "decisions": [asdict(d) for d in self.store.decisions(chosen.id)],
+            "decisions": [d.to_dict() for d in self.store.decisions(chosen.id)],
         }
         return doc
+
+
+def _shown(rollout: Rollout) -> dict[str, Any]:
+    """A rollout for the page: its stages in percent of the fleet."""
+    return {**asdict(rollout), "stages": [bp / 100 for bp in rollout.stages]}

@@ -146,7 +146,10 @@ class SqlStore(Queries):
                 r.reason,
                 r.requested,
                 r.requested_by,
-                json.dumps(dict(r.detail), sort_keys=True),
+                json.dumps(
+                    {**r.detail, "stage_started": r.stage_started, "extensions": r.extensions},
+                    sort_keys=True,
+                ),
             ),
         )
 
@@ -192,6 +195,10 @@ class SqlStore(Queries):
                     decision.stage,
                     decision.action,
                     decision.reason,
-                    json.dumps(dict(decision.evidence), sort_keys=True, default=str),
+                    json.dumps(
+                        {**decision.evidence, "reasons": list(decision.reasons)},
+                        sort_keys=True,
+                        default=str,
+                    ),
                 ),
             )

@@ -32,7 +32,7 @@ class StoreControl:
                 time.time(),
                 rollout.stage,
                 f"requested-{action}",
-                f"an operator asked to {action} (through the {who})",
+                (f"an operator asked to {action} (through the {who})",),
                 {"by": who, "state": rollout.state},
             )
         )

@@ -200,19 +200,22 @@ class Queries:
     @staticmethod
     def rollout_of(row: Sequence[Any]) -> Rollout:
         rid, model, version, stages, stage, state, started, updated, reason, req, by, detail = row
+        extra = dict(json.loads(detail))  # the stage's start and extensions ride in ``detail``
         return Rollout(
             rid,
             model,
             int(version),
-            tuple(json.loads(stages)),
+            tuple(int(bp) for bp in json.loads(stages)),
             int(stage),
             state,
             started,
             updated,
+            float(extra.pop("stage_started", updated)),
+            int(extra.pop("extensions", 0)),
             reason,
             req,
             by,
-            json.loads(detail),
+            extra,
         )
 
     def rollout(self, rollout_id: str) -> Rollout | None:
@@ -231,4 +234,10 @@ class Queries:
             "WHERE rollout = ? ORDER BY id DESC LIMIT ?",
             [rollout_id, max(1, min(limit, MAX_LIMIT))],
         )
-        return [Decision(r, ts, st, a, why, json.loads(ev)) for r, ts, st, a, why, ev in found]
+        decisions = []
+        for r, ts, st, a, why, ev in found:
+            evidence = dict(json.loads(ev))
+            listed = evidence.pop("reasons", None)
+            reasons = tuple(str(x) for x in listed) if isinstance(listed, list) else (why,)
+            decisions.append(Decision(r, ts, st, a, reasons, evidence))
+        return decisions

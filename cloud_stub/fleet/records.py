@@ -119,11 +119,14 @@ class Event:
 
 @dataclass(frozen=True, slots=True)
 class Rollout:
-    """A staged rollout of one model version; the controller owns it, the dashboard asks.
+    """A staged rollout of one model version: the one record the controller steers
+    (``cloud_stub.rollout``), its SQLite file and the fleet store keep, and the dashboard shows.
 
-    ``stages``: percentages of the fleet (e.g. (1, 5, 25, 100)); ``stage``: index of the
-    current one. ``requested``: an operator's pending action (pause, resume, halt) that the
-    controller carries out and then clears."""
+    ``stages`` in basis points of the fleet (e.g. (100, 500, 2500, 10000): 1 % … 100 %);
+    ``stage`` indexes them; ``stage_started``: when the current stage began (its soak);
+    ``extensions``: inconclusive soaks added to it. ``requested``: an operator's pending
+    action (pause, resume, halt) that the controller carries out and then clears. ``detail``:
+    free JSON (the rollout's settings)."""
 
     id: str
     model: str
@@ -133,6 +136,8 @@ class Rollout:
     state: str
     started: float
     updated: float
+    stage_started: float = 0.0
+    extensions: int = 0
     reason: str = ""
     requested: str | None = None
     requested_by: str | None = None
@@ -147,6 +152,30 @@ class Rollout:
         if not 0 <= self.stage < max(1, len(self.stages)):
             raise FleetStoreError(f"stage {self.stage} outside stages {self.stages}")
 
+    @property
+    def stage_bp(self) -> int:
+        return self.stages[self.stage]
+
+    def to_dict(self) -> dict[str, Any]:
+        """For people and pages: the stages in percent."""
+        return {
+            "id": self.id,
+            "model": self.model,
+            "version": self.version,
+            "stages_percent": [bp / 100 for bp in self.stages],
+            "stage": self.stage,
+            "stage_percent": self.stage_bp / 100 if self.stages else None,
+            "state": self.state,
+            "started": self.started,
+            "updated": self.updated,
+            "stage_started": self.stage_started,
+            "extensions": self.extensions,
+            "reason": self.reason,
+            "requested": self.requested,
+            "requested_by": self.requested_by,
+            "detail": dict(self.detail),
+        }
+
 
 @dataclass(frozen=True, slots=True)
 class Decision:
@@ -155,6 +184,21 @@ class Decision:
     rollout: str
     ts: float
     stage: int
-    action: str  # advance, hold, halt, pause, resume, complete, requested-pause, …
-    reason: str
+    action: str  # start, wait, extend, widen, complete, halt, pause, resume, requested-…
+    reasons: tuple[str, ...]
     evidence: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def reason(self) -> str:
+        return "; ".join(self.reasons)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rollout": self.rollout,
+            "ts": self.ts,
+            "stage": self.stage,
+            "action": self.action,
+            "reason": self.reason,
+            "reasons": list(self.reasons),
+            "evidence": dict(self.evidence),
+        }

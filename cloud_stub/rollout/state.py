@@ -1,9 +1,11 @@
 """The rollout controller's state: a SQLite file beside the repository (``REPO/rollouts.db``).
 
 One row per rollout (its stage, its state, an operator's pending request) and every decision
-with its evidence. The CLI's ``pause``, ``resume`` and ``halt`` (and the dashboard) write a
-request here; the running controller carries it out and clears it, so the one process that
-signs metadata is the controller. WAL: readers never wait for the controller.
+with its evidence; the records (``Rollout``, ``Decision``) are the fleet store's
+(``cloud_stub.fleet.records``): one type wherever a rollout is kept. The CLI's ``pause``,
+``resume`` and ``halt`` (and the dashboard) write a request here; the running controller
+carries it out and clears it, so the one process that signs metadata is the controller. WAL:
+readers never wait for the controller.
 """
 
 from __future__ import annotations
@@ -12,16 +14,18 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from agent.errors import AgentError
+from cloud_stub.fleet.records import ACTIONS, ROLLOUT_STATES, Decision, Rollout
 
-STATES = frozenset({"running", "paused", "halted", "done"})
-ACTIONS = frozenset({"pause", "resume", "halt"})
+__all__ = ["Decision", "Rollout", "RolloutError", "RolloutStore", "rollout_id"]
+
+STATES = ROLLOUT_STATES
 MAX_DECISIONS = 10_000  # kept per rollout (the newest)
 
 SCHEMA = """
@@ -42,59 +46,6 @@ CREATE INDEX IF NOT EXISTS decisions_by_rollout ON decisions (rollout, id);
 
 class RolloutError(AgentError):
     """A rollout cannot be started or steered as asked (named in the message)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Rollout:
-    """A staged rollout of one model version. ``stages`` in basis points; ``stage`` indexes
-    them; ``requested``: an operator's pause/resume/halt the controller has not carried out."""
-
-    id: str
-    model: str
-    version: int
-    stages: tuple[int, ...]
-    stage: int
-    state: str
-    started: float
-    updated: float
-    stage_started: float
-    extensions: int = 0
-    reason: str = ""
-    requested: str | None = None
-    requested_by: str | None = None
-    settings: Mapping[str, Any] = field(default_factory=dict)
-
-    @property
-    def stage_bp(self) -> int:
-        return self.stages[self.stage]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "model": self.model,
-            "version": self.version,
-            "stages_percent": [bp / 100 for bp in self.stages],
-            "stage": self.stage,
-            "stage_percent": self.stage_bp / 100,
-            "state": self.state,
-            "started": self.started,
-            "updated": self.updated,
-            "stage_started": self.stage_started,
-            "extensions": self.extensions,
-            "reason": self.reason,
-            "requested": self.requested,
-            "requested_by": self.requested_by,
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class Decision:
-    rollout: str
-    ts: float
-    stage: int
-    action: str  # wait, widen, complete, halt, pause, resume, requested-…
-    reasons: tuple[str, ...]
-    evidence: Mapping[str, Any]
 
 
 def rollout_id(model: str, version: int) -> str:
@@ -265,7 +216,7 @@ def _row(r: Rollout) -> Sequence[Any]:
         r.reason,
         r.requested,
         r.requested_by,
-        json.dumps(dict(r.settings)),
+        json.dumps(dict(r.detail)),
     )
 
 
@@ -284,5 +235,5 @@ def _rollout(row: Sequence[Any]) -> Rollout:
         reason=row[10],
         requested=row[11],
         requested_by=row[12],
-        settings=json.loads(row[13]),
+        detail=json.loads(row[13]),
     )

@@ -44,13 +44,13 @@ def fill(db: Path) -> None:
     store.ingest(batch)
     now = time.time()
     store.put_rollout(
-        Rollout("vad-4", "vad", 4, (1, 5, 25, 100), 1, "running", now - 600, now,
-                "stage 2: 500 devices on version 4, soaking")
+        Rollout("vad-4", "vad", 4, (100, 500, 2500, 10000), 1, "running", now - 600, now,
+                now - 300, reason="stage 2: 500 devices on version 4, soaking")
     )  # fmt: skip
     evidence = {"devices": 100, "committed": 100, "rolled_back": 0, "p_latency": 0.41}
-    store.add_decision(Decision("vad-4", now - 300, 0, "advance", "stage 1 healthy", evidence))
+    store.add_decision(Decision("vad-4", now - 300, 0, "advance", ("stage 1 healthy",), evidence))
     evidence = {"devices": 500, "committed": 431, "rolled_back": 2, "p_failures": 0.12}
-    store.add_decision(Decision("vad-4", now - 10, 1, "hold", "2 rollbacks: not significant",
+    store.add_decision(Decision("vad-4", now - 10, 1, "hold", ("2 rollbacks: not significant",),
                                 evidence))  # fmt: skip
     store.close()
 

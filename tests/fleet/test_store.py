@@ -227,10 +227,11 @@ def test_events_for_the_controller(store: FleetStore) -> None:
 
 def test_rollouts_requests_and_decisions(store: FleetStore) -> None:
     now = time.time()
-    rollout = Rollout("vad-4", "vad", 4, (1, 5, 25, 100), 0, "running", now, now)
+    rollout = Rollout("vad-4", "vad", 4, (50, 500, 2500, 10000), 0, "running", now, now, now)
     store.put_rollout(rollout)
-    store.put_rollout(replace(rollout, stage=1, detail={"bucket": 5}))
-    assert store.rollout("vad-4") == replace(rollout, stage=1, detail={"bucket": 5})
+    moved = replace(rollout, stage=1, stage_started=now + 5, extensions=1, detail={"bucket": 5})
+    store.put_rollout(moved)
+    assert store.rollout("vad-4") == moved  # basis points (0.5 %), the soak's start: all kept
     assert store.rollout("nope") is None
     control = StoreControl(store)
     paused = control.act("vad-4", "pause", "dashboard")
@@ -249,10 +250,13 @@ def test_rollouts_requests_and_decisions(store: FleetStore) -> None:
     with pytest.raises(FleetStoreError, match="it is halted"):
         control.act("vad-4", "halt", "dashboard")
     evidence = {"canaries": 10, "committed": 9, "p_value": 0.01, "devices": ["dev-1"]}
-    store.add_decision(Decision("vad-4", now + 1, 0, "halt", "1 of 10 rolled back", evidence))
+    reasons = ("devices: 1 of 10 rolled back", "latency: no worse")
+    store.add_decision(Decision("vad-4", now + 1, 0, "halt", reasons, evidence))
     decisions = store.decisions("vad-4")
     assert [d.action for d in decisions] == ["halt", "requested-resume", "requested-pause"]
-    assert decisions[0].evidence == evidence
+    assert decisions[0] == Decision("vad-4", now + 1, 0, "halt", reasons, evidence)
+    assert decisions[0].reason == "devices: 1 of 10 rolled back; latency: no worse"
+    assert decisions[1].reasons == ("an operator asked to resume (through the dashboard)",)
     assert store.decisions("vad-4", limit=1)[0].action == "halt"
     assert [r.id for r in store.rollouts()] == ["vad-4"]
 
