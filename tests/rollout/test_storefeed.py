@@ -125,3 +125,53 @@ def test_an_event_committed_late_behind_the_cursor_is_taken_once(tmp_path: Path)
     assert "d" not in tracker.devices  # another fleet
     assert json.loads(json.dumps(sorted(tracker.devices))) == ["a", "b", "c"]
     store.close()
+
+
+@pytest.mark.timeout(180)
+def test_rollout_start_on_the_store_with_its_own_ingest(
+    fleet_world: FleetWorld, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``edge-cloud rollout start … --store DB --ingest``: no dashboard runs, the controller's
+    process fills the store and reads the devices from it; a bad version halts (exit 1)."""
+    from cloud_stub.cli import main
+
+    fleet_world.publish(2)
+    db = fleet_world.root / "fleet.db"
+    argv = [
+        "rollout",
+        "start",
+        str(fleet_world.repo.root),
+        "mm",
+        "2",
+        "--store",
+        str(db),
+        "--ingest",
+        "--stages",
+        "5,25,100",
+        "--soak",
+        "3s",
+        "--deadline",
+        "15s",
+        "--fleet",
+        "sim",
+        "--mqtt",
+        f"127.0.0.1:{fleet_world.broker.port}",
+        "--operator-key",
+        str(fleet_world.operator_key),
+        "--tick",
+        "0.2",
+    ]
+    with simulated(fleet_world, 1, Mix(failing=1.0, fail_version=2, fail_p=1.0)) as fleet:
+        time.sleep(1.0)  # the births are retained: the ingest gets them when it subscribes
+        assert main(argv) == 1
+        out = capsys.readouterr().out
+        assert "rollout mm-2: halted at stage 1 (devices: errors fail" in out, out
+        took = {d.device_id for d in fleet.devices if 2 in d.activated}
+        assert took and all(bucket(d, MODEL) < 500 for d in took)
+    store = open_store(db)
+    try:
+        record = store.rollout("mm-2")
+        assert record is not None and record.state == "halted"
+        assert len(store.device_models(MODEL, fleet="sim")) == N  # the one ingest stored them
+    finally:
+        store.close()
