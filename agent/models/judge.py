@@ -113,6 +113,49 @@ def small_median(values: Iterable[float]) -> float:
 # -- tests ----------------------------------------------------------------------------------
 
 
+# Up to this many values in all, the ranks are computed in Python: the fast path's chooser tests
+# a few dozen epochs, and numpy's sort and unique would fault in 1.6 MB of its library's code
+# for them (the agent's warm footprint, BENCHMARKS.md); the probation judge's thousands of
+# samples go through numpy. Both give the same rank sum and tie term (ranks are halves).
+PYTHON_RANKS_MAX = 256
+
+
+def _ranks_python(candidate: Sequence[float], baseline: Sequence[float]) -> tuple[float, float]:
+    """(the candidate's rank sum, the tie term Σ(t³ − t)) over both samples, midranks for
+    ties, in pure Python."""
+    values = [float(v) for v in candidate] + [float(v) for v in baseline]
+    order = sorted(range(len(values)), key=values.__getitem__)
+    ranks = [0.0] * len(values)
+    tie_term = 0.0
+    start = 0
+    while start < len(order):
+        end = start + 1
+        while end < len(order) and values[order[end]] == values[order[start]]:
+            end += 1
+        count = end - start
+        midrank = start + (count + 1) / 2.0  # 1-based ranks start + 1 .. end, averaged
+        for i in range(start, end):
+            ranks[order[i]] = midrank
+        tie_term += count**3 - count
+        start = end
+    return sum(ranks[: len(candidate)]), tie_term
+
+
+def _ranks_numpy(candidate: Sequence[float], baseline: Sequence[float]) -> tuple[float, float]:
+    """The same as ``_ranks_python``, on numpy (for thousands of values)."""
+    pooled = np.concatenate(
+        [np.asarray(candidate, dtype=np.float64), np.asarray(baseline, dtype=np.float64)]
+    )
+    order = np.argsort(pooled, kind="mergesort")
+    # Sorted, equal values form runs: each run shares its midrank (1-based).
+    _, first, counts = np.unique(pooled[order], return_index=True, return_counts=True)
+    ranks = np.empty(len(pooled), dtype=np.float64)
+    ranks[order] = np.repeat(first + (counts + 1) / 2.0, counts)
+    return float(ranks[: len(candidate)].sum()), float(
+        (counts.astype(np.float64) ** 3 - counts).sum()
+    )
+
+
 def mann_whitney_greater(
     candidate: Sequence[float], baseline: Sequence[float]
 ) -> tuple[float, float]:
@@ -124,17 +167,9 @@ def mann_whitney_greater(
     n1, n2 = len(candidate), len(baseline)
     if n1 == 0 or n2 == 0:
         return 0.0, 1.0
-    pooled = np.concatenate(
-        [np.asarray(candidate, dtype=np.float64), np.asarray(baseline, dtype=np.float64)]
-    )
     total = n1 + n2
-    order = np.argsort(pooled, kind="mergesort")
-    # Sorted, equal values form runs: each run shares its midrank (1-based).
-    _, first, counts = np.unique(pooled[order], return_index=True, return_counts=True)
-    ranks = np.empty(total, dtype=np.float64)
-    ranks[order] = np.repeat(first + (counts + 1) / 2.0, counts)
-    rank_sum = float(ranks[:n1].sum())
-    tie_term = float((counts.astype(np.float64) ** 3 - counts).sum())
+    ranks = _ranks_python if total <= PYTHON_RANKS_MAX else _ranks_numpy
+    rank_sum, tie_term = ranks(candidate, baseline)
     u = rank_sum - n1 * (n1 + 1) / 2.0
     mean = n1 * n2 / 2.0
     variance = n1 * n2 / 12.0 * ((total + 1) - tie_term / (total * (total - 1)))

@@ -7,6 +7,7 @@ import random
 
 import pytest
 
+from agent.models import judge
 from agent.models.judge import (
     Bounds,
     Outcome,
@@ -51,6 +52,24 @@ def test_mann_whitney_matches_a_permutation_test_with_ties(seed: int) -> None:
     u, p = mann_whitney_greater(candidate, baseline)
     assert u == pairs_u(candidate, baseline)
     assert p == pytest.approx(permutation_p(candidate, baseline, 6000), abs=0.02)
+
+
+@pytest.mark.parametrize("sizes", [(1, 1), (3, 40), (20, 20), (150, 106), (700, 900)])
+def test_the_python_and_numpy_ranks_agree_exactly(sizes: tuple[int, int]) -> None:
+    """Few values are ranked in Python (the fast path's chooser: no numpy sort code faulted
+    in), many on numpy (the probation judge): the same rank sum and tie term, to the bit."""
+    rng = random.Random(sum(sizes))
+    for grid in (0.0, 0.5):  # continuous values, then many ties
+        candidate = [rng.gauss(1.2, 1.0) for _ in range(sizes[0])]
+        baseline = [rng.gauss(1.0, 1.0) for _ in range(sizes[1])]
+        if grid:
+            candidate = [round(v / grid) * grid for v in candidate]
+            baseline = [round(v / grid) * grid for v in baseline]
+        python = judge._ranks_python(candidate, baseline)
+        assert python == judge._ranks_numpy(candidate, baseline)
+        if sum(sizes) <= judge.PYTHON_RANKS_MAX:
+            assert mann_whitney_greater(candidate, baseline)[0] == pairs_u(candidate, baseline)
+    assert judge._ranks_python([1.0, 1.0], [1.0]) == (4.0, 24.0)  # all tied: midrank 2
 
 
 def test_mann_whitney_exact_u_without_ties() -> None:
