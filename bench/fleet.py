@@ -19,13 +19,15 @@ Two rollouts in one run:
 
 The controller holds only the model's role key and snapshot/timestamp: root and top-level
 targets keys are deleted before it starts. Real agents: each `edge-agent run` with its own
-state directory and socket, a load thread each in this process (one request every 20 ms).
+state directory and socket, loaded by one thread each in a load process of their own (one
+request every 20 ms; not in the controller's process, whose GIL it would take).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import resource
 import shutil
@@ -38,6 +40,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
@@ -143,8 +146,85 @@ http {{ access_log off; sendfile on; client_body_temp_path {work}/b; proxy_temp_
     return process, port
 
 
+PHASES = ("good", "bad")  # which rollout a failed request belongs to
+SLOTS = 4  # per agent on the load board: requests, failed (good), failed (bad), versions seen
+
+
+def _load_main(
+    sockets: list[str],
+    poison: list[bool],
+    nice: int,
+    board: Any,
+    phase: Any,
+    stop: Any,
+) -> None:
+    """The load generator's process: one thread per agent, a request every 20 ms each. Not in
+    the controller's process: there its 20 threads took the GIL from the controller's MQTT
+    thread (its withdraws reached the last devices 21 s after the halt)."""
+    if nice:
+        os.nice(nice)
+
+    def load(i: int) -> None:
+        x = np.ones((1, 8), np.float32)
+        if poison[i]:
+            x[0, 0] = -1.0
+        with InferenceClient(sockets[i], timeout_s=30) as client:
+            while not stop.is_set():
+                try:
+                    response = client.infer_full(MODEL, {"x": x})
+                    with board.get_lock():
+                        board[i * SLOTS] += 1
+                        if response.model_version is not None:
+                            board[i * SLOTS + 3] |= 1 << min(62, int(response.model_version))
+                except (AgentError, OSError) as exc:
+                    if not board[i * SLOTS + 1] + board[i * SLOTS + 2]:
+                        print(f"load {i}: first failure: {exc}", file=sys.stderr, flush=True)
+                    with board.get_lock():
+                        board[i * SLOTS + 1 + phase.value] += 1
+                time.sleep(0.02)
+
+    threads = [threading.Thread(target=load, args=(i,), daemon=True) for i in range(len(sockets))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+class LoadBoard:
+    """The load generator's process and what it counted, per agent, in shared memory."""
+
+    def __init__(self, count: int) -> None:
+        self.context = multiprocessing.get_context("spawn")
+        self.board = self.context.Array("q", count * SLOTS)
+        self.phase = self.context.Value("i", 0)
+        self.stop = self.context.Event()
+        self.process: Any = None
+
+    def start(self, agents: list[Agent], nice: int) -> None:
+        self.process = self.context.Process(
+            target=_load_main,
+            args=(
+                [str(a.socket) for a in agents],
+                [a.poison for a in agents],
+                nice,
+                self.board,
+                self.phase,
+                self.stop,
+            ),
+            daemon=True,
+        )
+        self.process.start()
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.process is not None:
+            self.process.join(60)
+            if self.process.is_alive():
+                self.process.kill()
+
+
 class Agent:
-    """One real `edge-agent run` and its load thread."""
+    """One real `edge-agent run`; its load comes from the ``LoadBoard``'s process."""
 
     def __init__(
         self,
@@ -157,13 +237,16 @@ class Agent:
         operator_pub: Path,
         poll_s: float,
         health_s: float,
+        board: LoadBoard,
+        index: int,
         poison: bool = False,
         nice: int = 0,
     ) -> None:
         self.name = name
         self.poison = poison  # its requests start with -1: the bad version errors on them
-        self.nice = nice  # the agent (and its update children) and its load thread
-        self.phase = "good"  # which rollout its failures belong to
+        self.nice = nice  # the agent (and its update children)
+        self.board = board
+        self.index = index
         self.root = work / name
         self.root.mkdir()
         self.socket = Path(tempfile.mkdtemp(prefix="edge-fleet-")) / "infer.sock"
@@ -186,12 +269,26 @@ class Agent:
             stderr=self.log,
             preexec_fn=(lambda: os.nice(nice)) if nice else None,  # noqa: PLW1509
         )
-        self.requests = 0
-        self.failures: list[str] = []
-        self.failures_by_phase: dict[str, int] = {}
-        self.versions: dict[int, int] = {}
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._load, daemon=True)
+
+    def _slot(self, k: int) -> int:
+        return int(self.board.board[self.index * SLOTS + k])
+
+    @property
+    def requests(self) -> int:
+        return self._slot(0)
+
+    @property
+    def failures_by_phase(self) -> dict[str, int]:
+        return {p: n for k, p in enumerate(PHASES) if (n := self._slot(1 + k))}
+
+    @property
+    def failed(self) -> int:
+        return self._slot(1) + self._slot(2)
+
+    @property
+    def versions(self) -> set[int]:
+        mask = self._slot(3)
+        return {v for v in range(63) if mask >> v & 1}
 
     def active(self) -> int | None:
         try:
@@ -201,30 +298,7 @@ class Agent:
             return None
         return None if value is None else int(value)
 
-    def _load(self) -> None:
-        if self.nice:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.nice)
-        x = np.ones((1, 8), np.float32)
-        if self.poison:
-            x[0, 0] = -1.0
-        with InferenceClient(str(self.socket), timeout_s=30) as client:
-            while not self.stop.is_set():
-                try:
-                    response = client.infer_full(MODEL, {"x": x})
-                    self.requests += 1
-                    if response.model_version is not None:
-                        v = int(response.model_version)
-                        self.versions[v] = self.versions.get(v, 0) + 1
-                except (AgentError, OSError) as exc:
-                    self.failures.append(str(exc))
-                    phase = self.phase
-                    self.failures_by_phase[phase] = self.failures_by_phase.get(phase, 0) + 1
-                time.sleep(0.02)
-
     def close(self) -> None:
-        self.stop.set()
-        if self.thread.is_alive():
-            self.thread.join(30)
         self.process.terminate()
         try:
             self.process.wait(30)
@@ -305,7 +379,8 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="edge-fleet-bench-"))
     procs: list[subprocess.Popen[bytes]] = []
     agents: list[Agent] = []
-    closers: list[Callable[[], None]] = []
+    board = LoadBoard(args.agents)
+    closers: list[Callable[[], None]] = [board.close]
     print(
         f"work: {work}; load before: {os.getloadavg()[0]:.2f}; real agents at nice "
         f"{args.agents_nice}; simulator in {args.sim_workers} process(es); the controller "
@@ -334,7 +409,7 @@ def main() -> int:
         )
         procs.append(nginx)
         url = f"https://127.0.0.1:{https_port}"
-        for name, poisoned in agent_names(args.agents):
+        for index, (name, poisoned) in enumerate(agent_names(args.agents)):
             agents.append(
                 Agent(
                     work,
@@ -346,6 +421,8 @@ def main() -> int:
                     pub,
                     args.poll,
                     args.health,
+                    board,
+                    index,
                     poisoned,
                     args.agents_nice,
                 )
@@ -354,7 +431,7 @@ def main() -> int:
             if not until(lambda a=agent: a.active() == 1, 300):
                 tail = (agent.root / "agent.log").read_text()[-2000:]
                 raise RuntimeError(f"{agent.name} did not start:\n{tail}")
-            agent.thread.start()
+        board.start(agents, args.agents_nice)
         sim_report = work / "sim.json"
         sim = subprocess.Popen(
             [
@@ -455,7 +532,7 @@ def main() -> int:
             flush=True,
         )
         on_two = tracker.versions().get(2, 0)
-        failed = sum(len(a.failures) for a in agents)
+        failed = sum(a.failed for a in agents)
         print(
             f"  devices on version 2: {on_two} of {len(tracker.devices)}; real agents on 2: "
             f"{sum(a.active() == 2 for a in agents)} of {len(agents)}; real requests "
@@ -464,8 +541,7 @@ def main() -> int:
         )
 
         # 2. the bad version
-        for agent in agents:
-            agent.phase = "bad"
+        board.phase.value = PHASES.index("bad")
         final, took = rollout(ctl, feed, 3, 0.5)
         halted_at = ctl.halted_at or time.time()
         first_bp = STAGES[0]
@@ -558,7 +634,7 @@ def main() -> int:
         healthy_bad = sum(a.failures_by_phase.get("bad", 0) for a in agents if not a.poison)
         print(
             f"  real agents' failed requests over the whole run: "
-            f"{sum(len(a.failures) for a in agents)} of {sum(a.requests for a in agents)}: "
+            f"{sum(a.failed for a in agents)} of {sum(a.requests for a in agents)}: "
             f"good rollout {sum(a.failures_by_phase.get('good', 0) for a in agents)} (bar 0), "
             f"bad rollout on healthy agents {healthy_bad} (bar 0), on poisoned agents "
             f"{sum(a.failures_by_phase.get('bad', 0) for a in agents if a.poison)} (the bad "
