@@ -83,6 +83,7 @@ class Server(Protocol):
     draining: bool
     shm: ShmRegistry
     solo: Solo
+    routes: routes.RouteCache
 
     @property
     def limits(self) -> Limits: ...
@@ -230,7 +231,7 @@ class HttpConnection(asyncio.BufferedProtocol):
         solo.started(id(self), now)
         try:
             try:
-                route = routes.match(request.path)  # once: the handler takes it as matched
+                route = self._server.routes.match(request.path)  # the handler takes it as matched
             except AgentError as exc:
                 self._respond(request, error_response(exc))
                 return

@@ -150,6 +150,7 @@ class OipHandler:
         self.status_provider = status
         self._server_metadata = oip.server_metadata(__version__)
         self._plans = oip.PlanCache()  # checked headers of this handler's repeat requests
+        self._heads = oip.ResponseHeads()  # and the JSON headers of their answers
         self.started = time.time()
 
     # -- dispatch ---------------------------------------------------------------------------
@@ -291,6 +292,7 @@ class OipHandler:
                 prepared.request_id,
                 [(name, results[name], binary) for name, binary in prepared.outputs],
                 prepared.written,
+                self._heads,
             )
             self.observe_success(prepared)
             content_type = b"application/octet-stream" if header_length is not None else JSON

@@ -119,6 +119,36 @@ def match(target: str) -> Route:
     raise NotFoundError(f"no route for {path}")
 
 
+class RouteCache:
+    """The routes of recently seen paths (one per server): a client calls the same few paths
+    again and again. Bounded in count, and only short paths are kept; a path without a route
+    is matched (and refused) every time."""
+
+    MAX_ENTRIES = 256
+    MAX_PATH = 256
+
+    def __init__(self) -> None:
+        self._routes: dict[str, Route] = {}
+
+    def match(self, path: str) -> Route:
+        """``match(path)``, remembered.
+
+        Raises:
+            NotFoundError: no route has this path, naming it.
+        """
+        route = self._routes.get(path)
+        if route is None:
+            route = match(path)
+            if len(path) <= self.MAX_PATH:
+                if len(self._routes) >= self.MAX_ENTRIES:
+                    self._routes.pop(next(iter(self._routes), path), None)
+                self._routes[path] = route
+        return route
+
+    def __len__(self) -> int:
+        return len(self._routes)
+
+
 def _shm_route(path: str) -> Route:
     """``/v2/systemsharedmemory[/region/{name}]/{status|register|unregister}``."""
     parts = path[len(_SHM) + 1 :].split("/")

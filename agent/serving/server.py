@@ -29,6 +29,7 @@ from pathlib import Path
 
 from agent.config import ServingSection
 from agent.errors import ConfigError
+from agent.serving import routes
 from agent.serving.admin import AdminApi
 from agent.serving.admission import Admission, ByteBudget, Holder
 from agent.serving.connection import FRESH_S, HttpConnection
@@ -192,6 +193,7 @@ class InferenceServer:
             ShmLimits(self.limits.shm_max_regions_per_peer, self.limits.shm_max_bytes_per_peer)
         )
         self.solo = Solo(SoloPolicy(self.limits.solo_max_run_us * 1e-6))
+        self.routes = routes.RouteCache()  # the routes of the paths clients repeat
         self.draining = False
         self.accepted = 0  # connections accepted, taken in or refused
         self.evicted = 0  # connections closed to make room for a newcomer

@@ -297,3 +297,57 @@ def test_header_cache_is_bounded() -> None:
             2,
         )
     assert len(plans) == oip_server.PlanCache.MAX_ENTRIES
+
+
+def _answer(
+    outputs: list[tuple[str, np.ndarray[Any, Any], bool]],
+    heads: oip_server.ResponseHeads | None,
+    request_id: str | None = None,
+) -> bytes:
+    body, tail, _ = oip_server.encode_response_parts("m", "3", request_id, outputs, None, heads)
+    return body + b"".join(bytes(part) for part in tail)
+
+
+def test_repeated_answers_reuse_their_header_and_carry_their_own_values() -> None:
+    """The response header kept for a repeated answer must give the bytes a fresh encoding
+    gives, for new values and for outputs large enough to go as a separate tail."""
+    heads = oip_server.ResponseHeads()
+    rng = np.random.default_rng(3)
+    for shape in [(2, 3), (2, 3), (4, 3), (1, 20000), (1, 20000), (2, 3)]:
+        y = rng.standard_normal(shape).astype(np.float32)
+        flags = np.arange(shape[0], dtype=np.int64)
+        outputs = [("y", y, True), ("flags", flags, True)]
+        answer = _answer(outputs, heads)
+        assert answer == _answer(outputs, None)
+        header_length = oip_server.encode_response_parts("m", "3", None, outputs, None, heads)[2]
+        decoded = oip_client.decode_infer_response(answer, header_length)
+        np.testing.assert_array_equal(decoded.outputs["y"], y)
+        np.testing.assert_array_equal(decoded.outputs["flags"], flags)
+    assert len(heads) == 3  # one per distinct set of shapes
+    # Big-endian values are sent little-endian, as a fresh encoding sends them.
+    big = np.arange(6, dtype=">f4").reshape(2, 3)
+    assert _answer([("y", big, True)], heads) == _answer([("y", big, True)], None)
+
+
+def test_answers_whose_header_can_differ_are_not_kept() -> None:
+    heads = oip_server.ResponseHeads()
+    y = np.ones((2, 2), np.float32)
+    _answer([("y", y, True)], heads, request_id="r-1")  # the id is in the header
+    _answer([("y", y, False)], heads)  # JSON values are in the header
+    _answer([("y", y, True), ("names", np.array([b"a", b"bc"], dtype=object), True)], heads)
+    _answer([("s", np.array(["ab", "c"]), True)], heads)  # variable-length bytes
+    body, _, _ = oip_server.encode_response_parts(
+        "m", "3", None, [("y", y, True)], {"y": {"shared_memory_region": "r"}}, heads
+    )
+    assert len(heads) == 0
+    assert b"shared_memory_region" in body
+
+
+def test_kept_response_headers_are_bounded() -> None:
+    heads = oip_server.ResponseHeads()
+    for rows in range(1, oip_server.ResponseHeads.MAX_ENTRIES + 20):
+        _answer([("y", np.zeros((rows, 1), np.float32), True)], heads)
+    assert len(heads) == oip_server.ResponseHeads.MAX_ENTRIES
+    # The newest are the ones kept.
+    assert heads.get(("m", "3", ("y", "<f4", (rows, 1)))) is not None
+    assert heads.get(("m", "3", ("y", "<f4", (1, 1)))) is None

@@ -390,11 +390,19 @@ def _tensor_bytes(array: np.ndarray[Any, Any], datatype: str, view: bool = False
             parts.append(_LENGTH.pack(len(raw)))
             parts.append(raw)
         return b"".join(parts)
+    if view:
+        return tensor_view(array)
     if array.dtype.byteorder == ">":
         array = array.astype(array.dtype.newbyteorder("<"))
-    if view:
-        return np.ascontiguousarray(array).reshape(-1).data.cast("B")
     return np.ascontiguousarray(array).tobytes()
+
+
+def tensor_view(array: np.ndarray[Any, Any]) -> Buffer:
+    """The binary part of a fixed-size tensor as a view of its memory where it can be (a
+    contiguous little-endian array), else a little-endian copy."""
+    if array.dtype.byteorder == ">":
+        array = array.astype(array.dtype.newbyteorder("<"))
+    return np.ascontiguousarray(array).reshape(-1).data.cast("B")
 
 
 def _json_data(array: np.ndarray[Any, Any], datatype: str, name: str) -> list[Any]:

@@ -30,6 +30,7 @@ from agent.serving.oip.codec import (
     materialize,
     parts_of,
     split_body,
+    tensor_view,
 )
 from agent.serving.shm.keys import Placement, Regions, placement
 from agent.tensors import TensorSpec
@@ -101,28 +102,35 @@ class PlanCache:
 
     A client calling a model sends the same JSON header every time (names, datatypes, shapes,
     sizes): checking it once saves most of the decoding. Only headers without an ``id`` and
-    without JSON data are kept (those differ per request), bounded in count and size.
+    without JSON data are kept (those differ per request), bounded in count and size. The
+    plans hold for the limits they were checked against: other limits start afresh.
     """
 
     MAX_ENTRIES = 128
     MAX_HEADER_BYTES = 4096
 
     def __init__(self) -> None:
-        self._plans: dict[tuple[bytes, Limits], _RequestPlan] = {}
+        self._plans: dict[bytes, _RequestPlan] = {}
+        self._limits: Limits | None = None
 
     def __len__(self) -> int:
         return len(self._plans)
 
-    def get(self, key: tuple[bytes, Limits]) -> _RequestPlan | None:
-        return self._plans.get(key)
+    def get(self, header: bytes, limits: Limits) -> _RequestPlan | None:
+        if limits is not self._limits and limits != self._limits:
+            return None
+        return self._plans.get(header)
 
-    def put(self, key: tuple[bytes, Limits], plan: _RequestPlan) -> None:
+    def put(self, header: bytes, limits: Limits, plan: _RequestPlan) -> None:
         if plan.id is not None or any(t.size is None for t in plan.inputs):
             return
+        if limits is not self._limits and limits != self._limits:
+            self._plans = {}
+            self._limits = limits
         if len(self._plans) >= self.MAX_ENTRIES:
             # Oldest first; another thread may have evicted it already (dicts keep order).
-            self._plans.pop(next(iter(self._plans), key), None)
-        self._plans[key] = plan
+            self._plans.pop(next(iter(self._plans), header), None)
+        self._plans[header] = plan
 
 
 def decode_infer_request(
@@ -150,8 +158,8 @@ def decode_infer_request(
         ):
             view = memoryview(body)
             if header_length <= len(view) <= limits.max_body_bytes:
-                key = (bytes(view[:header_length]), limits)
-                plan = plans.get(key)
+                key = bytes(view[:header_length])
+                plan = plans.get(key, limits)
                 if plan is not None:
                     return plan.bind(Reader(view[header_length:]), regions)
         header, reader = split_body(body, header_length, limits)
@@ -159,7 +167,7 @@ def decode_infer_request(
         request = plan.bind(reader, regions)
         if key is not None:
             assert plans is not None
-            plans.put(key, plan)
+            plans.put(key, limits, plan)
         return request
     except Malformed as exc:
         if exc.too_large:
@@ -318,20 +326,75 @@ def encode_infer_response(
 TAIL_BYTES = 64 * 1024
 
 
+class ResponseHeads:
+    """JSON headers of recent all-binary responses, by what they declare (one per handler).
+
+    A model answering a client's repeated request returns outputs of the same names, datatypes
+    and shapes every time, so the response's JSON header is the same bytes: kept, it is not
+    encoded again. Only responses without an ``id`` or shared-memory placements whose outputs
+    are all binary and of fixed-size types are kept (their header depends on nothing else),
+    bounded in count.
+    """
+
+    MAX_ENTRIES = 128
+
+    def __init__(self) -> None:
+        self._heads: dict[tuple[Any, ...], bytes] = {}
+
+    def __len__(self) -> int:
+        return len(self._heads)
+
+    @staticmethod
+    def key(
+        model_name: str,
+        model_version: str | None,
+        outputs: Sequence[tuple[str, np.ndarray[Any, Any], bool]],
+    ) -> tuple[Any, ...] | None:
+        """What the header of these outputs depends on; None when it may depend on more."""
+        declared = []
+        for name, array, binary in outputs:
+            if not binary or array.dtype.hasobject or array.dtype.kind in "SU":
+                return None
+            declared.append((name, array.dtype.str, array.shape))
+        return (model_name, model_version, *declared)
+
+    def get(self, key: tuple[Any, ...]) -> bytes | None:
+        return self._heads.get(key)
+
+    def put(self, key: tuple[Any, ...], head: bytes) -> None:
+        if len(self._heads) >= self.MAX_ENTRIES:
+            # Oldest first; another thread may have evicted it already (dicts keep order).
+            self._heads.pop(next(iter(self._heads), key), None)
+        self._heads[key] = head
+
+
 def encode_response_parts(
     model_name: str,
     model_version: str | None,
     request_id: str | None,
     outputs: Sequence[tuple[str, np.ndarray[Any, Any], bool]],
     placed: Mapping[str, dict[str, Any]] | None = None,
+    heads: ResponseHeads | None = None,
 ) -> tuple[bytes, tuple[Buffer, ...], int | None]:
     """``encode_infer_response`` without the copies: (body, tail, JSON header length). Large
     binary parts (``TAIL_BYTES`` in total) are left as views of the output arrays in ``tail``,
-    to be sent after ``body``; smaller ones are joined into ``body``.
+    to be sent after ``body``; smaller ones are joined into ``body``. ``heads`` keeps the JSON
+    headers of repeated all-binary answers.
 
     Raises:
         InferenceError: a BYTES output asked for as JSON is not UTF-8.
     """
+    key = None
+    if heads is not None and request_id is None and not placed:
+        key = ResponseHeads.key(model_name, model_version, outputs)
+        head = heads.get(key) if key is not None else None
+        if head is not None:
+            parts: list[Buffer] = [head, *(tensor_view(array) for _, array, _ in outputs)]
+            header_length: int | None = len(head)
+            blobs = parts[1:]
+            if sum(len(blob) for blob in blobs) < TAIL_BYTES:
+                return b"".join(parts), (), header_length
+            return head, tuple(blobs), header_length
     entries, blobs = encode_tensors(outputs, placed, views=True)
     header: dict[str, Any] = {"model_name": model_name}
     if model_version is not None:
@@ -340,6 +403,9 @@ def encode_response_parts(
         header["id"] = request_id
     header["outputs"] = entries
     parts, header_length = parts_of(header, blobs)
+    if key is not None:
+        assert heads is not None
+        heads.put(key, bytes(parts[0]))
     if sum(len(blob) for blob in blobs) < TAIL_BYTES:
         return b"".join(parts), (), header_length
     return bytes(parts[0]), tuple(blobs), header_length
