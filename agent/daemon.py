@@ -187,7 +187,7 @@ class Agent:
                 self.slots.ensure(name).deactivate(
                     "loading: no verified version yet", retry_after_s=5.0
                 )
-        await self.deployer.start()
+        await self.deployer.start(self.withdraw_holds.held)
         if self.config.repository.url and self.config.models.follow:
             self.updates = UpdateLoop(self.config, self.after_cycle)
             self.updates.on_activity = self.status.on_update_activity

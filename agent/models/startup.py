@@ -8,6 +8,7 @@ What the state database and the store say of a model is read in one job on the I
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from agent.errors import AgentError
@@ -21,6 +22,10 @@ from agent.models.store import ModelStore, StoredModel
 from agent.state import StateDB
 
 log = logging.getLogger(__name__)
+
+
+def _no_holds(_name: str) -> frozenset[int]:
+    return frozenset()
 
 
 class _CrashPolicy(Protocol):
@@ -47,15 +52,19 @@ class Startup:
 
         async def deploy(self, name: str, version: int) -> bool: ...
 
-    async def start(self) -> None:
-        """Serve what was committed, then validate anything newer (resuming after a crash)."""
+    async def start(self, held_back: Callable[[str], frozenset[int]] = _no_holds) -> None:
+        """Serve what was committed, then validate anything newer (resuming after a crash),
+        unless ``held_back`` names it (a signed ``withdraw`` named it before the restart, and
+        the metadata has not been read twice since: ``withdrawal.Holds``)."""
         names = await self.io.run(self.store.names)
         for name in names:
             self.slots.ensure(name).deactivate("loading", retry_after_s=1.0)
         for name in names:
-            await self._start_model(name)
+            await self._start_model(name, held_back)
 
-    async def _start_model(self, name: str) -> None:
+    async def _start_model(
+        self, name: str, held_back: Callable[[str], frozenset[int]] = _no_holds
+    ) -> None:
         slot = self.slots.ensure(name)
 
         def read() -> tuple[list[int], list[VersionState], int | None, str | None]:
@@ -108,11 +117,18 @@ class Startup:
                 await self.journal.record(
                     name, plan.serve, Stage.ROLLED_BACK, f"no longer loads: {exc}"
                 )
-                await self._start_model(name)
+                await self._start_model(name, held_back)
                 return
             slot.add(loaded, activate=True)
             log.info("model %s version %d: serving (committed)", name, plan.serve)
-        if plan.validate is not None:
+        if plan.validate is not None and plan.validate in held_back(name):
+            log.warning(
+                "model %s version %d: held back at start: a signed withdraw named it; waiting "
+                "for the signed metadata",
+                name,
+                plan.validate,
+            )
+        elif plan.validate is not None:
             await self.deploy(name, plan.validate)
         if slot.active is None:
             slot.deactivate("no valid version in the store")

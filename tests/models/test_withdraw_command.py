@@ -223,3 +223,31 @@ def test_the_holds_survive_a_restart_bounded_and_checked(tmp_path: Path) -> None
     state.set_setting(withdrawal.HOLDS_KEY, {"not": "a list"})
     state.close()
     assert asyncio.run(run([])) == (frozenset(), frozenset())
+
+
+def test_a_held_version_is_not_validated_at_a_restart(tmp_path: Path) -> None:
+    """The agent restarts with version 2 verified in the store and held (a withdraw named it
+    while its update child installed it): start-up serves the committed version 1 and leaves
+    2 alone. Without the hold, the same start-up validates and serves 2."""
+
+    async def first_run() -> None:
+        h = Harness(tmp_path)
+        install(h.store, tmp_path, 1, 2.0)
+        await committed_first(h, LONG)
+        install(h.store, tmp_path, 2, 3.0)  # verified by a cycle, never deployed
+        await h.deployer.close()
+        h.close()
+
+    async def restart(held: frozenset[int]) -> tuple[int | None, dict[int, str]]:
+        h = Harness(tmp_path)
+        await h.deployer.start(lambda name: held if name == "scale" else frozenset())
+        serving, stages = h.serving(), h.stages()
+        await h.deployer.close()
+        h.close()
+        return serving, stages
+
+    asyncio.run(first_run())
+    serving, stages = asyncio.run(restart(frozenset({2})))
+    assert serving == 1 and stages[2] == "verified"
+    serving, _ = asyncio.run(restart(frozenset()))
+    assert serving == 2  # the metadata did not withdraw it: it goes on as before
