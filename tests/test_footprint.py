@@ -305,3 +305,32 @@ def test_the_fast_path_pauses_while_the_trim_runs(
     assert before == 64 and after == 64  # the fast path is back
     assert seen == [0]  # paused during the trim
     assert runs == 1  # the probe re-faulted the inference path
+
+
+def test_the_read_scratch_is_resident_only_where_reads_reached() -> None:
+    """The connection's scratch buffer (256 KiB, one per event loop thread) costs the pages a
+    read wrote, not its size: a small request leaves one page of it resident (mincore)."""
+    import ctypes
+    import threading
+
+    from agent.serving import reader
+
+    page = os.sysconf("SC_PAGE_SIZE")
+    counts: list[int] = []
+
+    def in_a_fresh_thread() -> None:
+        view = reader._scratch()
+        view[:300] = b"x" * 300  # what the kernel writes for a small request
+        address = np.frombuffer(view, dtype=np.uint8).ctypes.data
+        start = address - address % page  # mincore takes whole pages
+        length = address + len(view) - start
+        vector = (ctypes.c_ubyte * -(-length // page))()
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+        assert libc.mincore(start, length, vector) == 0, ctypes.get_errno()
+        counts.append(sum(v & 1 for v in vector))
+
+    thread = threading.Thread(target=in_a_fresh_thread)
+    thread.start()
+    thread.join()
+    assert counts == [1]  # a bytearray would have been zero-filled: every page resident
