@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -751,9 +752,9 @@ def test_admin_call_while_starting_waits_for_it_a_bounded_time(
     gate = threading.Event()
     real_start = Deployer.start
 
-    async def gated_start(self: Deployer) -> None:
+    async def gated_start(self: Deployer, *args: Any, **kwargs: Any) -> None:
         assert await asyncio.to_thread(gate.wait, 30)
-        await real_start(self)
+        await real_start(self, *args, **kwargs)
 
     monkeypatch.setattr(Deployer, "start", gated_start)
     monkeypatch.setattr(agent.daemon, "ADMIN_START_WAIT_S", 0.2)
