@@ -136,6 +136,8 @@ def compare(
 ) -> tuple[list[float], list[float], list[float], list[float], dict[str, list[float]]]:
     """Interleaved, the order alternated: the clear model's cycle, the encrypted one's + decryption.
 
+    ``runs`` pairs, rounded up to an even number so that each kind goes first in as many
+    pairs as the other (an odd count let the clear one go first once more).
     ``make_updater(device_dir, model, identity_dir)`` builds a ModelUpdater for one model.
     Returns the wall times of the clear, the encrypted (download + decryption) and of the
     decryption alone, of zeroing the weights buffer afterwards (the agent does that when the
@@ -145,7 +147,8 @@ def compare(
 
     clear, sealed, decrypting, wiping = [], [], [], []
     cpu: dict[str, list[float]] = {"clear": [], "encrypted": []}
-    for i in range(runs):
+    pairs = runs + runs % 2
+    for i in range(pairs):
         order = ("clear", "encrypted") if i % 2 == 0 else ("encrypted", "clear")
         for kind in order:  # alternated: neither always runs second
             device = work / f"dev-{kind}-{i}"
@@ -176,7 +179,7 @@ def compare(
                 cpu["encrypted"].append(_cpu() - cpu_started)
                 held.plaintext.wipe()  # the weights live as long as the session: at unload
                 wiping.append(time.perf_counter() - now)
-            if i < runs - 1:
+            if i < pairs - 1:
                 shutil.rmtree(device)
     return clear, sealed, decrypting, wiping, cpu
 
@@ -196,7 +199,7 @@ def rss_runs(work: Path, runs: int) -> dict[str, list[dict[str, float]]]:
     for _ in range(runs):
         for mode in RSS_MODES:
             kind, name = ("clear", "big") if mode == "clear" else ("encrypted", "bigenc")
-            store = work / f"dev-{kind}-{runs - 1}" / "models"
+            store = work / f"dev-{kind}-{runs + runs % 2 - 1}" / "models"
             done = subprocess.run(
                 [sys.executable, __file__, "rss", str(store), name, "1", mode],
                 capture_output=True,
@@ -226,7 +229,15 @@ def report(
     ratios = sorted(b / a for a, b in zip(clear, sealed, strict=True))
     print(
         f"  ratio (encrypted / clear): {s / c:.2f}x of the medians, per pair "
-        f"{', '.join(f'{r:.2f}' for r in ratios)} (bar: <= 1.2x); CPU {cs / cc:.2f}x"
+        f"{', '.join(f'{r:.2f}' for r in ratios)} (median {statistics.median(ratios):.2f}x; "
+        f"bar: <= 1.2x); CPU {cs / cc:.2f}x; {len(ratios)} pairs"
+    )
+    alone = sorted(
+        (b - d) / a for a, b, d in zip(clear, sealed, decrypting, strict=True)
+    )  # the same pair's cycles: is the encrypted download itself slower?
+    print(
+        f"  the encrypted cycle alone / the clear one, per pair: "
+        f"{', '.join(f'{r:.2f}' for r in alone)} (median {statistics.median(alone):.2f}x)"
     )
     print(f"  (with the zeroing at unload counted too: {(s + wipe) / c:.2f}x)")
     print("  load, each in a fresh process, interleaved (encrypted: graph + weights in place):")
