@@ -1,4 +1,5 @@
-"""Readings of the device itself: CPU, memory (cgroup-aware), disk, temperature, own RSS."""
+"""Readings of the device itself: CPU, memory (cgroup-aware), disk, temperature, own RSS
+(``procfs``: the files psutil would read, without its footprint)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-import psutil
+from agent.telemetry import procfs
 
 CGROUP = Path("/sys/fs/cgroup")
 PROC_SELF_CGROUP = Path("/proc/self/cgroup")
 # cgroup v1 says "no limit" with a huge number (PAGE_COUNTER_MAX pages), not with "max".
 V1_UNLIMITED = 1 << 60
+_cpu = procfs.CpuMeter()  # the first health message's CPU share counts from the start
 
 
 def parse_proc_cgroup(text: str) -> tuple[str | None, str | None]:
@@ -110,7 +112,7 @@ def cgroup_headroom(proc_cgroup: str, root: Path = CGROUP) -> int | None:
 def available_memory_bytes() -> int | None:
     """What a new model may still use: the tightest headroom of this process's cgroup and its
     ancestors when one is limited (never more than the system has), else the system's."""
-    system = int(psutil.virtual_memory().available)
+    system = procfs.memory().available
     try:
         proc_cgroup = PROC_SELF_CGROUP.read_text()
     except OSError:
@@ -120,14 +122,14 @@ def available_memory_bytes() -> int | None:
 
 
 def readings(state_dir: Path) -> dict[str, Any]:
-    memory = psutil.virtual_memory()
+    memory = procfs.memory()
     try:
-        disk = psutil.disk_usage(str(state_dir))
+        disk = procfs.disk(state_dir)
         disk_doc = {"total": disk.total, "free": disk.free, "percent": disk.percent}
     except OSError:
         disk_doc = {}
     doc: dict[str, Any] = {
-        "cpu_percent": psutil.cpu_percent(interval=None),
+        "cpu_percent": _cpu.percent(),
         "load_1m": round(os.getloadavg()[0], 2),
         "memory": {
             "total": memory.total,
@@ -136,15 +138,9 @@ def readings(state_dir: Path) -> dict[str, Any]:
             "agent_available": available_memory_bytes(),
         },
         "disk": disk_doc,
-        "agent_rss_bytes": psutil.Process().memory_info().rss,
+        "agent_rss_bytes": procfs.own_rss_bytes(),
     }
-    sensors = getattr(psutil, "sensors_temperatures", None)
-    if sensors is not None:
-        try:
-            temps = sensors()
-        except OSError:
-            temps = {}
-        values = [t.current for entries in temps.values() for t in entries if t.current]
-        if values:
-            doc["temperature_c"] = max(values)
+    temperature = procfs.max_temperature_c()
+    if temperature is not None:
+        doc["temperature_c"] = temperature
     return doc
