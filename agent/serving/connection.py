@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import time
 from collections import deque
@@ -21,8 +22,9 @@ from agent.errors import AgentError
 from agent.serving import routes
 from agent.serving.admin import AdminApi, peer_uid
 from agent.serving.admission import ByteBudget
-from agent.serving.framing import Failure, Phase, Request, frame
+from agent.serving.framing import MAX_IOV, Failure, Phase, Request, frame, unsent
 from agent.serving.handler import OipHandler, PreparedInfer, Response, error_response
+from agent.serving.oip.codec import Buffer
 from agent.serving.oip.server import encode_error
 from agent.serving.pool import InferencePool
 from agent.serving.reader import RequestReader
@@ -114,6 +116,7 @@ class HttpConnection(asyncio.BufferedProtocol):
         self.peer: int | None = None
         self.regions: PeerRegions | None = None  # the shared-memory regions its peer registered
         self.answered = 0  # responses written
+        self._fd = -1  # the socket's, for writing an answer's parts in one call
         self.last_answer = 0.0
         self._reader = RequestReader(
             self._limits.max_header_bytes,
@@ -139,6 +142,8 @@ class HttpConnection(asyncio.BufferedProtocol):
         self._transport = cast(asyncio.Transport, transport)
         self._reader.phase_since = time.monotonic()
         sock = transport.get_extra_info("socket")
+        if sock is not None:
+            self._fd = sock.fileno()
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         elif sock is not None:
@@ -339,13 +344,28 @@ class HttpConnection(asyncio.BufferedProtocol):
         transport = self._transport
         if transport is None or self._closing:
             return
-        for part in frame(response, keep_alive, head_only):
+        parts = frame(response, keep_alive, head_only)
+        if len(parts) > 1 and self._fd >= 0 and not transport.get_write_buffer_size():
+            parts = self._write_now(parts)
+        for part in parts:
             transport.write(part)  # writelines would join them (Python 3.11)
         self.answered += 1
         self.last_answer = time.monotonic()
         if not keep_alive:
             self._closing = True
             transport.close()
+
+    def _write_now(self, parts: list[Buffer]) -> list[Buffer]:
+        """Write an answer's parts in one system call, as the transport would write one buffer
+        (nothing of it is queued): one wake-up of the client, no joined copy. What the socket
+        did not take is left for the transport, in order."""
+        try:
+            sent = os.writev(self._fd, parts[:MAX_IOV])
+        except (BlockingIOError, InterruptedError):
+            return parts
+        except OSError:
+            return parts  # the transport's own write meets the error and handles it
+        return unsent(parts, sent)
 
     def _pause_reading(self) -> None:
         if not self._reading_paused and self._transport is not None:

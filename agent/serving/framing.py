@@ -69,6 +69,20 @@ def frame(response: Response, keep_alive: bool, head_only: bool) -> list[Buffer]
     return [b"".join(head) + response.body, *response.tail]
 
 
+MAX_IOV = 512  # buffers per writev, under any system's IOV_MAX
+
+
+def unsent(parts: list[Buffer], sent: int) -> list[Buffer]:
+    """What remains of ``parts`` once the first ``sent`` bytes of them have been written."""
+    for index, part in enumerate(parts):
+        size = len(part)  # bytes: a tensor's view is cast to unsigned bytes
+        if sent < size:
+            first = memoryview(part)[sent:] if sent else part
+            return [first, *parts[index + 1 :]]
+        sent -= size
+    return []
+
+
 def length(value: bytes, header: str) -> int:
     """A length header's value.
 

@@ -13,7 +13,7 @@ import onnxruntime as ort
 from agent.daemon import LocalModel
 from agent.serving.admission import ByteBudget
 from agent.serving.client import AsyncInferenceClient, InferenceClient
-from agent.serving.framing import Failure, Request
+from agent.serving.framing import Failure, Request, unsent
 from agent.serving.oip.client import encode_request_parts
 from agent.serving.oip.server import TAIL_BYTES, decode_infer_request, encode_response_parts
 from agent.serving.reader import DIRECT_BYTES, RequestReader
@@ -142,3 +142,18 @@ def test_large_tensors_both_ways_through_both_clients(tmp_path: Path, matmul_onn
 
             for got in asyncio.run(twice()):
                 np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_what_a_partial_write_leaves_is_the_rest_in_order() -> None:
+    """An answer's parts go in one writev; what the socket did not take goes to the
+    transport, from the first byte not written, as views (no copy)."""
+    tensor = np.arange(8, dtype=np.float32)
+    view = tensor.reshape(-1).data.cast("B")
+    parts: list[bytes | memoryview] = [b"HTTP/1.1 200 OK\r\n\r\n{}", view, b"tail"]
+    whole = b"".join(bytes(part) for part in parts)
+    for sent in range(len(whole) + 1):
+        rest = unsent(parts, sent)
+        assert b"".join(bytes(part) for part in rest) == whole[sent:]
+        assert all(len(part) for part in rest)
+    first, *_ = unsent(parts, len(parts[0]) + 4)
+    assert isinstance(first, memoryview) and np.shares_memory(np.asarray(first), tensor)

@@ -323,7 +323,7 @@ def encode_infer_response(
 
 
 # Binary parts at least this large in total are sent as views of the outputs, not joined.
-TAIL_BYTES = 64 * 1024
+TAIL_BYTES = 16 * 1024  # larger binary answers go as views, written with writev, never joined
 
 
 class ResponseHeads:
