@@ -33,11 +33,10 @@ class InferencePool:
         self._lock = threading.Lock()
         self._scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._threads = [
-            threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True)
-            for i in range(self.workers)
-        ]
-        self._started = False
+        self._name = name
+        # Started one at a time, when every running worker has a job (the footprint: a
+        # thread's stack and malloc arena are resident once it runs a model).
+        self._threads: list[threading.Thread] = []
         self._closed = False
         self.in_flight = 0  # jobs submitted whose ``done`` has not run (the loop's count)
 
@@ -45,11 +44,14 @@ class InferencePool:
         """Run ``job`` on a worker; ``done(result, error)`` is then called on the loop."""
         if self._closed:
             raise RuntimeError("the inference pool is closed")
-        if not self._started:
+        if self._loop is None:
             self._loop = asyncio.get_running_loop()
-            for thread in self._threads:
-                thread.start()
-            self._started = True
+        if len(self._threads) < self.workers and self.in_flight >= len(self._threads):
+            thread = threading.Thread(
+                target=self._work, name=f"{self._name}-{len(self._threads)}", daemon=True
+            )
+            thread.start()
+            self._threads.append(thread)
         self.in_flight += 1
         self._jobs.put((job, done))
 
@@ -94,6 +96,5 @@ class InferencePool:
         self._closed = True
         for _ in self._threads:
             self._jobs.put(None)
-        if self._started:
-            for thread in self._threads:
-                thread.join(30)
+        for thread in self._threads:
+            thread.join(30)

@@ -138,3 +138,41 @@ def test_the_loop_closed_under_a_running_job_is_not_an_error(
     release.set()
     pool.shutdown()
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_workers_start_one_at_a_time_when_all_running_ones_are_busy() -> None:
+    """Requests one after another use one worker (a thread's stack and malloc arena are
+    resident once it has run a model); jobs that overlap start more, up to ``workers``."""
+
+    async def main() -> None:
+        pool = InferencePool(3, name="lazy")
+        assert pool._threads == []
+
+        async def run(job: Any) -> Any:
+            future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            pool.submit(job, lambda result, error: future.set_result((result, error)))
+            return await future
+
+        for i in range(20):
+            assert await run(lambda i=i: i) == (i, None)
+        assert len(pool._threads) == 1
+        release = threading.Event()
+        started = threading.Semaphore(0)
+
+        def blocking() -> str:
+            started.release()
+            release.wait(10)
+            return "ok"
+
+        overlapping = [asyncio.ensure_future(run(blocking)) for _ in range(5)]
+        await asyncio.sleep(0)
+        for _ in range(3):  # three at once: every worker holds one
+            assert await asyncio.to_thread(started.acquire, True, 10)
+        assert len(pool._threads) == 3
+        release.set()
+        assert await asyncio.gather(*overlapping) == [("ok", None)] * 5
+        assert sorted(t.name for t in pool._threads) == ["lazy-0", "lazy-1", "lazy-2"]
+        await asyncio.to_thread(pool.shutdown)
+        assert not any(t.is_alive() for t in pool._threads)
+
+    asyncio.run(main())
