@@ -17,11 +17,10 @@ import logging
 import signal
 import socket
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent import systemd
 from agent.config import Config
-from agent.delivery.report import CycleReport, DeliveryEvent
 from agent.errors import UnavailableError
 from agent.iothread import IoThread
 from agent.models.deployer import DeployConfig, Deployer
@@ -29,7 +28,6 @@ from agent.models.probation import policy_of
 from agent.models.slots import Slots
 from agent.models.store import ModelStore
 from agent.models.withdrawal import Holds
-from agent.operations import Operation, Operations, Origin, Outcome
 from agent.parts import deploying
 from agent.parts.reporting import Reporting
 from agent.parts.serving import LocalModel, Serving, load_version
@@ -44,7 +42,11 @@ from agent.serving.server import InferenceServer
 from agent.state import Event, StateDB
 from agent.telemetry.metrics import Registry
 from agent.telemetry.system import available_memory_bytes
-from agent.updates import UpdateLoop
+
+if TYPE_CHECKING:  # imported when used: an update loop, a command or an admin call (footprint)
+    from agent.delivery.report import CycleReport, DeliveryEvent
+    from agent.operations import Operation, Operations, Origin, Outcome
+    from agent.updates import UpdateLoop
 
 # LocalModel, load_version and merge_reload are the API of ``edge-agent serve``, the tests and
 # the benchmarks, here since before the parts.
@@ -189,6 +191,8 @@ class Agent:
                 )
         await self.deployer.start(self.withdraw_holds.held)
         if self.config.repository.url and self.config.models.follow:
+            from agent.updates import UpdateLoop
+
             self.updates = UpdateLoop(self.config, self.after_cycle)
             self.updates.on_activity = self.status.on_update_activity
             # What the update child tells while it runs (agent.delivery.pipe), shown at once.
@@ -267,6 +271,8 @@ class Agent:
 
     def operations(self) -> Operations:
         """The one operations layer (agent.operations) over the parts this agent has now."""
+        from agent.operations import Operations
+
         return Operations(
             self.deployer,
             trigger_update=self.updates.trigger if self.updates is not None else None,
@@ -279,6 +285,8 @@ class Agent:
     async def run_command(self, command: Any) -> str:
         """A verified remote command (agent.telemetry.commands.Command): its typed operation,
         under the remote policy (only signed versions, no release of a quarantine)."""
+        from agent.operations import Origin
+
         outcome = await self.operations().execute(command.operation, Origin.REMOTE)
         return outcome.message
 

@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING
 
 from agent import faults
-from agent.delivery.report import CycleReport
 from agent.errors import AgentError
 from agent.models.deployer import Deployer
 from agent.models.selection import Deployable, deployable
 from agent.models.withdrawal import Holds, revert_withdrawn
+
+if TYPE_CHECKING:  # with an update loop only
+    from agent.delivery.report import CycleReport
 
 log = logging.getLogger(__name__)
 

@@ -18,12 +18,15 @@ import os
 import socket
 import struct
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from agent import operations
 from agent.errors import AgentError, CommandError, NotFoundError, RequestError
-from agent.operations import Operation, Origin, Outcome
 from agent.serving.handler import Response, error_response
+
+if TYPE_CHECKING:  # the operations are imported with the first admin call (the footprint)
+    from agent.operations import Operation, Origin, Outcome
+
+    Execute = Callable[[Operation, Origin], Awaitable[Outcome]]
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +41,6 @@ def peer_uid(sock: socket.socket | None) -> int | None:
         return None
     _pid, uid, _gid = struct.unpack("3i", raw)
     return int(uid)
-
-
-Execute = Callable[[Operation, Origin], Awaitable[Outcome]]
 
 
 class AdminApi:
@@ -63,12 +63,14 @@ class AdminApi:
                     f"{path} is an admin call, allowed only to root and the agent's user; "
                     f"refused for {who}"
                 )
+            from agent import operations
+
             name, args = route(path, self._body(body))
             try:
                 operation = operations.parse(name, args)
             except CommandError as exc:  # the request is malformed: 400, not a refusal
                 raise RequestError(str(exc)) from None
-            outcome = await self._execute(operation, Origin.LOCAL)
+            outcome = await self._execute(operation, operations.Origin.LOCAL)
             log.info("admin: %s", outcome.message)
             return Response(200, json.dumps(outcome.data).encode())
         except AgentError as exc:

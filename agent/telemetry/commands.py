@@ -27,19 +27,24 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from agent import operations
 from agent.errors import CommandError
-from agent.operations import Operation
 
 if TYPE_CHECKING:  # cryptography costs ~6 MB resident: imported when a signature is checked
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+    from agent.operations import Operation
+
 UNSIGNED_ALLOWED = frozenset({"check-update"})
-KNOWN = operations.KNOWN
 MAX_COMMAND_BYTES = 16 * 1024
 # RFC 8785 serialises numbers as IEEE 754 doubles: integers beyond this are not exact.
 MAX_SAFE_INTEGER = 2**53 - 1
 MAX_SEQ = MAX_SAFE_INTEGER
+
+
+def _check_update() -> Operation:
+    from agent.operations import CheckUpdate
+
+    return CheckUpdate()
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +53,7 @@ class Command:
     args: Mapping[str, Any] = field(default_factory=dict)
     seq: int | None = None
     signed: bool = False
-    operation: Operation = field(default_factory=operations.CheckUpdate)
+    operation: Operation = field(default_factory=_check_update)
 
 
 _ESCAPES = {
@@ -162,10 +167,13 @@ def verify(
             device's command, a sequence number out of range or replayed, an expired command,
             or arguments the schema refuses (each named).
     """
+    from agent import operations  # with the first command (the idle daemon's footprint)
+
     name = doc.get("command")
-    if not isinstance(name, str) or name not in KNOWN:
+    if not isinstance(name, str) or name not in operations.KNOWN:
         raise CommandError(
-            f"unknown command {operations.shown(name)} (known: {', '.join(sorted(KNOWN))})"
+            f"unknown command {operations.shown(name)} "
+            f"(known: {', '.join(sorted(operations.KNOWN))})"
         )
     args = doc.get("args", {})
     if not isinstance(args, dict):

@@ -10,7 +10,6 @@ from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent import operations
 from agent.errors import AgentError, CommandError, ConfigError
 from agent.iothread import IoThread
 from agent.telemetry import commands, messages
@@ -73,6 +72,8 @@ class Inbox:
         not run: bad JSON, signature, sequence, arguments …), failed (it ran and could not be
         done) or accepted; an unexpected exception is a failure with its reason, never
         silence."""
+        from agent import operations  # with the first command (the idle daemon's footprint)
+
         name, seq = "?", None
         try:
             doc = commands.parse(payload)
