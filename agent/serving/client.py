@@ -101,6 +101,7 @@ class InferenceClient(SharedMemoryCalls):
         self._chunk_view = memoryview(self._chunk)
         self._limits = Limits(max_body_bytes=max_response_bytes)
         self._regions = LocalRegions()  # shared-memory regions registered, by name
+        self._plans = oip.ResponsePlans()  # checked headers of the agent's repeated answers
 
     # -- connection -------------------------------------------------------------------------
 
@@ -331,7 +332,11 @@ class InferenceClient(SharedMemoryCalls):
             raise _error_for(status, oip.decode_error(payload))
         raw_length = headers.get("inference-header-content-length")
         return oip.decode_infer_response(
-            payload, int(raw_length) if raw_length else None, self._limits, self._regions
+            payload,
+            int(raw_length) if raw_length else None,
+            self._limits,
+            self._regions,
+            self._plans,
         )
 
     @staticmethod
@@ -366,6 +371,7 @@ class AsyncInferenceClient:
         self._replies = ResponseReader(max_response_bytes)
         self._lock = asyncio.Lock()
         self._limits = Limits(max_body_bytes=max_response_bytes)
+        self._plans = oip.ResponsePlans()
 
     async def _connect(self) -> None:
         try:
@@ -463,7 +469,7 @@ class AsyncInferenceClient:
             raise _error_for(status, oip.decode_error(payload))
         raw_length = headers.get("inference-header-content-length")
         response = oip.decode_infer_response(
-            payload, int(raw_length) if raw_length else None, self._limits
+            payload, int(raw_length) if raw_length else None, self._limits, None, self._plans
         )
         return response.outputs
 

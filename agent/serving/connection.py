@@ -346,7 +346,7 @@ class HttpConnection(asyncio.BufferedProtocol):
             return
         parts = frame(response, keep_alive, head_only)
         if len(parts) > 1 and self._fd >= 0 and not transport.get_write_buffer_size():
-            parts = self._write_now(parts)
+            parts = write_now(self._fd, parts)
         for part in parts:
             transport.write(part)  # writelines would join them (Python 3.11)
         self.answered += 1
@@ -354,18 +354,6 @@ class HttpConnection(asyncio.BufferedProtocol):
         if not keep_alive:
             self._closing = True
             transport.close()
-
-    def _write_now(self, parts: list[Buffer]) -> list[Buffer]:
-        """Write an answer's parts in one system call, as the transport would write one buffer
-        (nothing of it is queued): one wake-up of the client, no joined copy. What the socket
-        did not take is left for the transport, in order."""
-        try:
-            sent = os.writev(self._fd, parts[:MAX_IOV])
-        except (BlockingIOError, InterruptedError):
-            return parts
-        except OSError:
-            return parts  # the transport's own write meets the error and handles it
-        return unsent(parts, sent)
 
     def _pause_reading(self) -> None:
         if not self._reading_paused and self._transport is not None:
@@ -451,3 +439,16 @@ class HttpConnection(asyncio.BufferedProtocol):
         if self._transport is not None:
             self._closing = True
             self._transport.close()
+
+
+def write_now(fd: int, parts: list[Buffer]) -> list[Buffer]:
+    """Write an answer's parts in one system call, as the transport would write one buffer
+    when nothing of it is queued: one wake-up of the client, no joined copy. What the socket
+    did not take is left for the transport, in order."""
+    try:
+        sent = os.writev(fd, parts[:MAX_IOV])
+    except (BlockingIOError, InterruptedError):
+        return parts
+    except OSError:
+        return parts  # the transport's own write meets the error and handles it
+    return unsent(parts, sent)

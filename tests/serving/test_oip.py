@@ -316,7 +316,10 @@ def test_repeated_answers_reuse_their_header_and_carry_their_own_values() -> Non
     for shape in [(2, 3), (2, 3), (4, 3), (1, 20000), (1, 20000), (2, 3)]:
         y = rng.standard_normal(shape).astype(np.float32)
         flags = np.arange(shape[0], dtype=np.int64)
-        outputs = [("y", y, True), ("flags", flags, True)]
+        outputs: list[tuple[str, np.ndarray[Any, Any], bool]] = [
+            ("y", y, True),
+            ("flags", flags, True),
+        ]
         answer = _answer(outputs, heads)
         assert answer == _answer(outputs, None)
         header_length = oip_server.encode_response_parts("m", "3", None, outputs, None, heads)[2]
@@ -351,3 +354,47 @@ def test_kept_response_headers_are_bounded() -> None:
     # The newest are the ones kept.
     assert heads.get(("m", "3", ("y", "<f4", (rows, 1)))) is not None
     assert heads.get(("m", "3", ("y", "<f4", (1, 1)))) is None
+
+
+def test_repeated_answers_are_checked_once_by_the_client_and_bind_fresh_data() -> None:
+    """The client keeps checked headers of binary answers: a repeat reads its own values, and
+    still fails precisely on a truncated or overlong binary part or a smaller limit."""
+    plans = oip_client.ResponsePlans()
+    rng = np.random.default_rng(11)
+    answers = []
+    for _ in range(2):
+        y = rng.standard_normal((3, 4)).astype(np.float32)
+        body, length = oip_server.encode_infer_response("m", "2", None, [("y", y, True)])
+        answers.append((y, body, length))
+    assert answers[0][1][: answers[0][2]] == answers[1][1][: answers[1][2]]
+    for y, body, length in answers:
+        response = oip_client.decode_infer_response(body, length, LIMITS, None, plans)
+        np.testing.assert_array_equal(response.outputs["y"], y)
+        assert (response.model_name, response.model_version, response.id) == ("m", "2", None)
+    assert len(plans) == 1
+    _, body, length = answers[1]
+    with pytest.raises(InferenceError, match="truncated binary part"):
+        oip_client.decode_infer_response(body[:-4], length, LIMITS, None, plans)
+    with pytest.raises(InferenceError, match="4 bytes of binary data follow"):
+        oip_client.decode_infer_response(body + b"\0\0\0\0", length, LIMITS, None, plans)
+    small = oip_codec.Limits(max_body_bytes=20)
+    with pytest.raises(InferenceError, match="exceeds the limit"):
+        oip_client.decode_infer_response(body, length, small, None, plans)
+    # Answers that differ every time (an id, JSON data) are not kept.
+    y = np.ones((1, 2), np.float32)
+    body, length = oip_server.encode_infer_response("m", "2", "r-9", [("y", y, True)])
+    assert oip_client.decode_infer_response(body, length, LIMITS, None, plans).id == "r-9"
+    body, length = oip_server.encode_infer_response("m", "2", None, [("y", y, False)])
+    assert length is None
+    oip_client.decode_infer_response(body, len(body), LIMITS, None, plans)
+    assert len(plans) == 1
+
+
+def test_the_clients_answer_cache_is_bounded() -> None:
+    plans = oip_client.ResponsePlans()
+    for rows in range(1, oip_client.ResponsePlans.MAX_ENTRIES + 20):
+        y = np.zeros((rows, 1), np.float32)
+        body, length = oip_server.encode_infer_response("m", "1", None, [("y", y, True)])
+        response = oip_client.decode_infer_response(body, length, LIMITS, None, plans)
+        assert response.outputs["y"].shape == (rows, 1)
+    assert len(plans) == oip_client.ResponsePlans.MAX_ENTRIES

@@ -19,9 +19,12 @@ from agent.serving.oip.codec import (
     Buffer,
     Limits,
     Malformed,
-    decode_tensor,
+    Reader,
+    TensorPlan,
+    describe_tensor,
     encode_tensors,
     finish_binary,
+    materialize,
     parts_of,
     split_body,
 )
@@ -109,34 +112,102 @@ def encode_request_parts(
     return parts_of(header, blobs)
 
 
+@dataclass(frozen=True, slots=True)
+class _ResponsePlan:
+    """A checked response header; with the binary part it becomes an ``InferResponse``."""
+
+    model_name: str
+    model_version: str | None
+    id: str | None
+    outputs: tuple[TensorPlan, ...]
+
+    def bind(self, reader: Reader, regions: Regions | None) -> InferResponse:
+        outputs = {plan.name: materialize(plan, reader, regions) for plan in self.outputs}
+        finish_binary(reader)
+        return InferResponse(self.model_name, self.model_version, self.id, outputs)
+
+
+class ResponsePlans:
+    """Checked headers of recent binary responses, by their bytes (one per client).
+
+    The agent answers a client's repeated request with the same JSON header every time
+    (model, version, output names, datatypes, shapes, sizes): checking it once saves most of
+    the decoding. Only headers without an ``id`` and without JSON data are kept, bounded in
+    count and size, for the limits they were checked against.
+    """
+
+    MAX_ENTRIES = 64
+    MAX_HEADER_BYTES = 4096
+
+    def __init__(self) -> None:
+        self._plans: dict[bytes, _ResponsePlan] = {}
+        self._limits: Limits | None = None
+
+    def __len__(self) -> int:
+        return len(self._plans)
+
+    def get(self, header: bytes, limits: Limits) -> _ResponsePlan | None:
+        if limits is not self._limits and limits != self._limits:
+            return None
+        return self._plans.get(header)
+
+    def put(self, header: bytes, limits: Limits, plan: _ResponsePlan) -> None:
+        if plan.id is not None or any(t.size is None and t.shm is None for t in plan.outputs):
+            return
+        if limits is not self._limits and limits != self._limits:
+            self._plans = {}
+            self._limits = limits
+        if len(self._plans) >= self.MAX_ENTRIES:
+            self._plans.pop(next(iter(self._plans), header), None)
+        self._plans[header] = plan
+
+
 def decode_infer_response(
     body: bytes | bytearray | memoryview,
     header_length: int | None,
     limits: Limits = DEFAULT_LIMITS,
     regions: Regions | None = None,
+    plans: ResponsePlans | None = None,
 ) -> InferResponse:
     """Decode a response body; outputs the agent wrote into shared memory are views of the
-    client's ``regions``.
+    client's ``regions``; ``plans`` keeps checked binary headers for repeats.
 
     Raises:
         InferenceError: the response is malformed or exceeds ``limits``.
     """
     try:
+        key = None
+        if (
+            plans is not None
+            and header_length is not None
+            and 0 <= header_length <= ResponsePlans.MAX_HEADER_BYTES
+        ):
+            view = memoryview(body)
+            if header_length <= len(view) <= limits.max_body_bytes:
+                key = bytes(view[:header_length])
+                plan = plans.get(key, limits)
+                if plan is not None:
+                    return plan.bind(Reader(view[header_length:]), regions)
         header, reader = split_body(body, header_length, limits)
-        raw_outputs = header.get("outputs", [])
-        if not isinstance(raw_outputs, list):
-            raise Malformed("response 'outputs' is not a list")
-        seen: set[str] = set()
-        outputs = {}
-        for entry in raw_outputs:
-            name, _, _, array = decode_tensor(entry, "output", reader, limits, seen, regions)
-            outputs[name] = array
-        finish_binary(reader)
+        plan = _plan_response(header, limits)
+        response = plan.bind(reader, regions)
+        if key is not None:
+            assert plans is not None
+            plans.put(key, limits, plan)
+        return response
     except (Malformed, RequestError) as exc:
         raise InferenceError(exc.message) from None
+
+
+def _plan_response(header: dict[str, Any], limits: Limits) -> _ResponsePlan:
+    raw_outputs = header.get("outputs", [])
+    if not isinstance(raw_outputs, list):
+        raise Malformed("response 'outputs' is not a list")
+    seen: set[str] = set()
+    outputs = tuple(describe_tensor(entry, "output", limits, seen) for entry in raw_outputs)
     version = header.get("model_version")
     request_id = header.get("id")
-    return InferResponse(
+    return _ResponsePlan(
         model_name=str(header.get("model_name", "")),
         model_version=None if version is None else str(version),
         id=None if request_id is None else str(request_id),

@@ -318,18 +318,6 @@ def materialize(
     return np.frombuffer(chunk, dtype=dtype, count=count).reshape(plan.shape)
 
 
-def decode_tensor(
-    entry: Any,
-    kind: str,
-    reader: Reader,
-    limits: Limits,
-    seen: set[str],
-    regions: Regions | None = None,
-) -> tuple[str, str, tuple[int, ...], np.ndarray[Any, Any]]:
-    plan = describe_tensor(entry, kind, limits, seen)
-    return plan.name, plan.datatype, plan.shape, materialize(plan, reader, regions)
-
-
 def split_body(
     body: bytes | bytearray | memoryview,
     header_length: int | None,
