@@ -57,8 +57,20 @@ class DeviceFeed(Protocol):
     def close(self) -> None: ...
 
 
+# The feed's connections: what each subscribes to. Status and events (a few per device and
+# rollout step) do not queue behind health (every device every few seconds), and the signed
+# commands have a connection of their own: their PUBACKs must not wait behind a backlog of
+# device messages (with one connection, a controller that fell behind its fleet's health sent
+# 20 commands, then waited a minute for the broker's acknowledgements, measured in
+# bench/fleet.py).
+LINKS = {"events": ("status", "events"), "health": ("health",), "commands": ()}
+COMMANDS_INFLIGHT = 1000
+
+
 class MqttFeed:
-    """Subscribes to ``edge/{fleet}/+/status|health|events`` (QoS 1, MQTT 5)."""
+    """Subscribes to ``edge/{fleet}/+/status|events`` and ``…/health`` on two connections
+    (QoS 1, MQTT 5) and publishes its commands on a third; ``subscribe=False``: the commands'
+    connection alone."""
 
     def __init__(
         self,
@@ -73,52 +85,73 @@ class MqttFeed:
         subscribe: bool = True,
     ) -> None:
         self.fleet = fleet
-        self._queue: collections.deque[tuple[str, bytes, float]] = collections.deque(
-            maxlen=MAX_QUEUED
-        )
+        self._queues: dict[str, collections.deque[tuple[str, bytes, float]]] = {
+            name: collections.deque(maxlen=MAX_QUEUED) for name in LINKS
+        }
         self._key = load_private(operator_key) if operator_key is not None else None
         self._key_id = operator_key.stem if operator_key is not None else ""
         self._seqs: dict[str, int] = {}  # the last command seq sent to each device
-        self._subscribed = threading.Event()
-        self._subscribe = subscribe  # False: commands only (the store feeds the tracker)
         self._refused: list[str] = []
+        names = list(LINKS) if subscribe else ["commands"]
+        self._ready = {name: threading.Event() for name in names}
+        self._clients: dict[str, mqtt.Client] = {}
+        try:
+            for name in names:
+                suffix = f"-{name}" if client_id else ""
+                self._clients[name] = self._connect(host, port, tls, client_id + suffix, name)
+            for name, ready in self._ready.items():
+                if not ready.wait(connect_timeout_s):
+                    why = self._refused[0] if self._refused else "no subscription acknowledged"
+                    raise FeedError(
+                        f"broker {host}:{port}: {why} within {connect_timeout_s:g} s ({name})"
+                    )
+        except FeedError:
+            self.close()
+            raise
+        self._client = self._clients["commands"]
+
+    def _connect(
+        self, host: str, port: int, tls: ssl.SSLContext | None, client_id: str, name: str
+    ) -> mqtt.Client:
         client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5
         )
         if tls is not None:
             client.tls_set_context(tls)
-        client.on_connect = self._on_connect
-        client.on_subscribe = lambda *_: self._subscribed.set()
-        client.on_message = self._on_message
+        kinds = LINKS[name]
+        queue = self._queues[name]
+        ready = self._ready[name]
+
+        def on_connect(c: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+            if reason.is_failure:
+                self._refused.append(f"refused the connection ({reason})")
+            elif not kinds:
+                ready.set()
+            else:
+                c.subscribe([(f"edge/{self.fleet}/+/{kind}", 1) for kind in kinds])
+
+        def on_message(_c: mqtt.Client, _u: Any, message: mqtt.MQTTMessage) -> None:
+            queue.append((message.topic, bytes(message.payload), time.time()))
+
+        client.on_connect = on_connect
+        client.on_subscribe = lambda *_: ready.set()
+        client.on_message = on_message
         client.reconnect_delay_set(1, 10)
-        self._client = client
+        if not kinds:
+            client.max_inflight_messages_set(COMMANDS_INFLIGHT)
         try:
             client.connect(host, port, keepalive=30)
         except OSError as exc:
             raise FeedError(f"cannot reach the broker at {host}:{port}: {exc}") from exc
         client.loop_start()
-        if not self._subscribed.wait(connect_timeout_s):
-            client.loop_stop()
-            why = self._refused[0] if self._refused else "no subscription acknowledged"
-            raise FeedError(f"broker {host}:{port}: {why} within {connect_timeout_s:g} s")
-
-    def _on_connect(self, client: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
-        if reason.is_failure:
-            self._refused.append(f"refused the connection ({reason})")
-            return
-        if not self._subscribe:
-            self._subscribed.set()
-            return
-        root = f"edge/{self.fleet}/+"
-        client.subscribe([(f"{root}/{kind}", 1) for kind in ("status", "health", "events")])
-
-    def _on_message(self, _c: mqtt.Client, _u: Any, message: mqtt.MQTTMessage) -> None:
-        self._queue.append((message.topic, bytes(message.payload), time.time()))
+        return client
 
     def drain(self, limit: int = 100_000) -> list[tuple[str, bytes, float]]:
+        """What came in, statuses and events first (then health), each kind oldest first."""
         out: list[tuple[str, bytes, float]] = []
-        while self._queue and len(out) < limit:
-            out.append(self._queue.popleft())
+        for queue in self._queues.values():
+            while queue and len(out) < limit:
+                out.append(queue.popleft())
         return out
 
     def update(self, tracker: Tracker) -> None:
@@ -155,5 +188,6 @@ class MqttFeed:
         return count
 
     def close(self) -> None:
-        self._client.disconnect()
-        self._client.loop_stop()
+        for client in self._clients.values():
+            client.disconnect()
+            client.loop_stop()

@@ -82,7 +82,13 @@ class StoreFeed:
             self._cursor = max(self._cursor, (received, row_id))
             taken += 1
             tracker.observe_event(
-                event.device, event.kind, event.model, event.version, event.reason, received
+                event.device,
+                event.kind,
+                event.model,
+                event.version,
+                event.reason,
+                received,
+                event.ts,
             )
         self.events_read += taken
         return taken

@@ -30,6 +30,7 @@ class Device:
     online: bool = True
     last_seen: float = 0.0
     active: int | None = None
+    active_ts: float = 0.0  # the device's ``ts`` of the message that said ``active``
     took: dict[int, float] = field(default_factory=dict)  # version -> when it activated
     committed: set[int] = field(default_factory=set)
     rolled_back: set[int] = field(default_factory=set)
@@ -88,11 +89,11 @@ class Tracker:
         device.last_seen = max(device.last_seen, received)
         handler(device, doc, received)
 
-    def _status(self, device: Device, doc: dict[str, Any], _received: float) -> None:
+    def _status(self, device: Device, doc: dict[str, Any], received: float) -> None:
         device.online = doc.get("online") is True
         models = doc.get("models")
         if isinstance(models, dict) and _version(models.get(self.model)) is not None:
-            device.active = _version(models.get(self.model))
+            _set_active(device, _version(models.get(self.model)), _ts(doc, received))
 
     def _health(self, device: Device, doc: dict[str, Any], received: float) -> None:
         device.online = True
@@ -111,6 +112,7 @@ class Tracker:
             _count(entry.get("errors")),
             float(p50) if isinstance(p50, int | float) and not isinstance(p50, bool) else None,
             received,
+            _ts(doc, received),
         )
 
     def _usage(
@@ -121,8 +123,9 @@ class Tracker:
         errors: int | None,
         p50: float | None,
         received: float,
+        ts: float,
     ) -> None:
-        device.active = version
+        _set_active(device, version, ts)
         device.took.setdefault(version, received)
         if requests is not None and errors is not None:
             before = device.usage.get(version, (0, 0))
@@ -140,16 +143,18 @@ class Tracker:
         kind = doc.get("kind")
         if version is None or not isinstance(kind, str):
             return
-        self._fact(device, kind, version, str(doc.get("reason", "")), received)
+        self._fact(device, kind, version, str(doc.get("reason", "")), received, _ts(doc, received))
 
-    def _fact(self, device: Device, kind: str, version: int, reason: str, received: float) -> None:
+    def _fact(
+        self, device: Device, kind: str, version: int, reason: str, received: float, ts: float
+    ) -> None:
         reason = reason[:500]
         if kind == "activated":
             device.took.setdefault(version, received)
-            device.active = version
+            _set_active(device, version, ts)
         elif kind == "committed":
             device.committed.add(version)
-            device.active = version
+            _set_active(device, version, ts)
         elif kind == "rolled_back":
             device.rolled_back.add(version)
             device.reasons[version] = reason
@@ -188,7 +193,7 @@ class Tracker:
         device = self._device(device_id)
         if device is not None and _version(version) is not None:
             assert version is not None
-            self._usage(device, version, _count(requests), _count(errors), p50, received)
+            self._usage(device, version, _count(requests), _count(errors), p50, received, received)
 
     def observe_event(
         self,
@@ -198,14 +203,16 @@ class Tracker:
         version: int | None,
         reason: str,
         received: float,
+        ts: float | None = None,
     ) -> None:
-        """One stored event of a device (its ``received``: when the store's ingest got it)."""
+        """One stored event of a device (its ``received``: when the store's ingest got it;
+        ``ts``: the device's own time of it)."""
         device = self._device(device_id)
         if device is None or model != self.model or _version(version) is None:
             return
         assert version is not None
         device.last_seen = max(device.last_seen, received)
-        self._fact(device, kind, version, reason, received)
+        self._fact(device, kind, version, reason, received, received if ts is None else ts)
 
     def _failed(self, version: int, received: float) -> None:
         self.first_failure.setdefault(version, received)
@@ -324,6 +331,20 @@ def _silent(device: Device, version: int, now: float, deadline_s: float) -> bool
     if version not in device.took or version in device.committed or version in device.rolled_back:
         return False
     return now - device.took[version] > deadline_s
+
+
+def _ts(doc: dict[str, Any], received: float) -> float:
+    """The device's time of a message (its envelope's ``ts``), else when it was received."""
+    ts = doc.get("ts")
+    return float(ts) if isinstance(ts, int | float) and not isinstance(ts, bool) else received
+
+
+def _set_active(device: Device, version: int | None, ts: float) -> None:
+    """The active version, unless an older message says it (health and events may come on
+    different connections: a health message that left before a return's ``committed`` must
+    not undo it)."""
+    if version is not None and ts >= device.active_ts:
+        device.active, device.active_ts = version, ts
 
 
 def _version(value: Any) -> int | None:

@@ -76,3 +76,16 @@ def test_a_device_offline_on_the_previous_version_counts_against_the_baseline() 
     send(t, "d1", "status", messages.will("0.1.0"), 0.0)
     e = t.evidence(2, 0, 10000, elapsed_s=1.0, now=1.0, deadline_s=100.0)
     assert (e.baseline_devices, e.baseline_failed) == (2, 1)
+
+
+def test_a_message_older_than_the_one_that_set_the_version_does_not_undo_it() -> None:
+    """Health and events come on different connections: a health message the device sent
+    before its return (version 3) but that arrives after the return's ``committed`` event
+    (version 2) leaves the device on 2; a newer health message moves it as ever."""
+    t = Tracker("f", "mm")
+    send(t, "d0", "events", messages.event("committed", "mm", 2, "rollback target"), 20.0)
+    t.feed("edge/f/d0/health", messages.envelope("d0", 7, 18.0, health(3, 10, 0, 1.0)), 21.0)
+    assert t.devices["d0"].active == 2
+    t.feed("edge/f/d0/health", messages.envelope("d0", 9, 25.0, health(2, 10, 0, 1.0)), 25.0)
+    t.feed("edge/f/d0/health", messages.envelope("d0", 11, 30.0, health(3, 10, 0, 1.0)), 30.0)
+    assert t.devices["d0"].active == 3
