@@ -178,7 +178,7 @@ def _load_main(
                             board[i * SLOTS + 3] |= 1 << min(62, int(response.model_version))
                 except (AgentError, OSError) as exc:
                     if not board[i * SLOTS + 1] + board[i * SLOTS + 2]:
-                        print(f"load {i}: first failure: {exc}", file=sys.stderr, flush=True)
+                        print(f"load {i}: first failure: {str(exc)[:120]}", file=sys.stderr)
                     with board.get_lock():
                         board[i * SLOTS + 1 + phase.value] += 1
                 time.sleep(0.02)
@@ -557,7 +557,8 @@ def main() -> int:
                 f"  first failure (event, or model errors in health) -> halt: "
                 f"{halted_at - first:.2f} s; deciding evidence (last failure before the halt) "
                 f"-> halt: {halted_at - last:.2f} s "
-                f"(health interval {args.health:g} s)",
+                f"(health interval {args.health:g} s); by the time the device sent it: "
+                f"{halted_at - tracker.last_failure_sent.get(3, last):.2f} s",
                 flush=True,
             )
         took3 = set(tracker.activated(3))

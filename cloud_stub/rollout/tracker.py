@@ -60,6 +60,7 @@ class Tracker:
         # message) was first seen
         self.first_failure: dict[int, float] = {}
         self.last_failure: dict[int, float] = {}  # … and the latest
+        self.last_failure_sent: dict[int, float] = {}  # … the latest, by the device's ts
 
     # -- intake -----------------------------------------------------------------------------
 
@@ -131,7 +132,7 @@ class Tracker:
             before = device.usage.get(version, (0, 0))
             device.usage[version] = (max(before[0], requests), max(before[1], errors))
             if errors > before[1]:  # new model errors: evidence, like a rollback
-                self._failed(version, received)
+                self._failed(version, received, ts)
         if p50 is not None and 0 <= p50 < 1e7:
             self.samples.setdefault(version, deque(maxlen=MAX_SAMPLES)).append(p50)
 
@@ -158,11 +159,11 @@ class Tracker:
         elif kind == "rolled_back":
             device.rolled_back.add(version)
             device.reasons[version] = reason
-            self._failed(version, received)
+            self._failed(version, received, ts)
         elif kind == "rejected":
             device.rejected.add(version)
             device.reasons[version] = reason
-            self._failed(version, received)
+            self._failed(version, received, ts)
 
     # -- intake from the fleet store (``storefeed``): the same facts, already parsed ----------
 
@@ -214,9 +215,10 @@ class Tracker:
         device.last_seen = max(device.last_seen, received)
         self._fact(device, kind, version, reason, received, received if ts is None else ts)
 
-    def _failed(self, version: int, received: float) -> None:
+    def _failed(self, version: int, received: float, ts: float) -> None:
         self.first_failure.setdefault(version, received)
         self.last_failure[version] = received
+        self.last_failure_sent[version] = max(self.last_failure_sent.get(version, 0.0), ts)
 
     # -- questions --------------------------------------------------------------------------
 
