@@ -33,6 +33,9 @@ SMALL_BODY_BYTES = 64 * 1024
 _GROW_BYTES = 1024 * 1024  # chunked bodies reserve budget in steps of this
 DIRECT_BYTES = 64 * 1024  # a body with more than this still to come is received in place
 SCRATCH_BYTES = 256 * 1024  # what one read may bring (asyncio's own read size)
+# A new request's first read: its head and the start of its body. A large body's rest then
+# goes in place (``DIRECT_BYTES``) instead of through the scratch and a copy.
+FIRST_READ_BYTES = 16 * 1024
 _threads = threading.local()
 
 
@@ -87,6 +90,8 @@ class RequestReader:
         """Where the next read goes: the rest of a body received in place, or the scratch."""
         if self._direct:
             return memoryview(self._body)[self._filled :]
+        if self.phase is not Phase.BODY:
+            return _scratch()[:FIRST_READ_BYTES]
         return _scratch()[:]  # a view of its own: whoever releases it releases only that
 
     def received(self, count: int) -> Failure | None:

@@ -157,3 +157,28 @@ def test_what_a_partial_write_leaves_is_the_rest_in_order() -> None:
         assert all(len(part) for part in rest)
     first, *_ = unsent(parts, len(parts[0]) + 4)
     assert isinstance(first, memoryview) and np.shares_memory(np.asarray(first), tensor)
+
+
+def test_only_the_first_bytes_of_a_large_request_go_through_the_scratch() -> None:
+    """A new request's first read is small, so a face-sized body (196 KB, arriving whole in
+    the socket) is not read into the scratch and then copied: all but its first few KiB are
+    received in place."""
+    x = np.random.default_rng(1).standard_normal((1, 128, 128, 3)).astype(np.float32)
+    wire = request_wire(x)
+    delivered: list[Request] = []
+    target = reader(delivered)
+    through_scratch = 0
+    offset = 0
+    while offset < len(wire):
+        space = target.buffer()
+        count = min(len(space), len(wire) - offset)  # the socket holds it all: reads fill up
+        space[:count] = wire[offset : offset + count]
+        if not isinstance(space.obj, bytearray):  # the scratch, not a body
+            through_scratch += count
+        space.release()
+        offset += count
+        assert target.received(count) is None
+    assert len(delivered) == 1
+    assert through_scratch <= 32 * 1024 < len(wire) // 6
+    request = decode_infer_request(delivered[0].body, delivered[0].header_length)
+    np.testing.assert_array_equal(request.inputs[0].data, x)
