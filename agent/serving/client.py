@@ -102,6 +102,7 @@ class InferenceClient(SharedMemoryCalls):
         self._limits = Limits(max_body_bytes=max_response_bytes)
         self._regions = LocalRegions()  # shared-memory regions registered, by name
         self._plans = oip.ResponsePlans()  # checked headers of the agent's repeated answers
+        self._heads = oip.RequestHeads()  # and the headers of our repeated requests
 
     # -- connection -------------------------------------------------------------------------
 
@@ -319,6 +320,7 @@ class InferenceClient(SharedMemoryCalls):
             binary_output=binary,
             request_id=request_id,
             output_regions=output_regions,
+            heads=self._heads,
         )
         extra = (
             [("Inference-Header-Content-Length", str(header_length))]
@@ -372,6 +374,7 @@ class AsyncInferenceClient:
         self._lock = asyncio.Lock()
         self._limits = Limits(max_body_bytes=max_response_bytes)
         self._plans = oip.ResponsePlans()
+        self._heads = oip.RequestHeads()
 
     async def _connect(self) -> None:
         try:
@@ -456,7 +459,7 @@ class AsyncInferenceClient:
     ) -> dict[str, np.ndarray[Any, Any]]:
         """Like ``InferenceClient.infer``."""
         body, header_length = oip.encode_request_parts(
-            inputs, outputs, binary=binary, binary_output=binary
+            inputs, outputs, binary=binary, binary_output=binary, heads=self._heads
         )
         extra = (
             [("Inference-Header-Content-Length", str(header_length))]

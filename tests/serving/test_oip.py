@@ -398,3 +398,30 @@ def test_the_clients_answer_cache_is_bounded() -> None:
         response = oip_client.decode_infer_response(body, length, LIMITS, None, plans)
         assert response.outputs["y"].shape == (rows, 1)
     assert len(plans) == oip_client.ResponsePlans.MAX_ENTRIES
+
+
+def test_repeated_requests_reuse_their_header_and_send_their_own_values() -> None:
+    heads = oip_client.RequestHeads()
+    rng = np.random.default_rng(5)
+
+    def wire(inputs: dict[str, Any], kept: oip_client.RequestHeads | None, **kw: Any) -> bytes:
+        parts, _ = oip_client.encode_request_parts(inputs, heads=kept, **kw)
+        return b"".join(bytes(part) for part in parts)
+
+    for shape in [(1, 4), (1, 4), (3, 4), (1, 4)]:
+        inputs = {
+            "x": rng.standard_normal(shape).astype(np.float32),
+            "n": np.arange(shape[0], dtype=">i8"),
+        }
+        for kw in ({}, {"outputs": ["y"]}, {"binary_output": False}):
+            assert wire(inputs, heads, **kw) == wire(inputs, None, **kw)
+    assert len(heads) == 6  # two shapes, three ways to ask for the outputs
+    # What may differ per request is never kept.
+    x = {"x": np.ones((1, 4), np.float32)}
+    assert wire(x, heads, request_id="a") != wire(x, heads, request_id="b")
+    assert wire(x, heads, binary=False) == wire(x, None, binary=False)
+    wire({"s": np.array([b"ab"], dtype=object)}, heads)
+    assert len(heads) == 6
+    for rows in range(oip_client.RequestHeads.MAX_ENTRIES + 5):
+        wire({"x": np.zeros((rows + 10, 1), np.float32)}, heads)
+    assert len(heads) == oip_client.RequestHeads.MAX_ENTRIES
