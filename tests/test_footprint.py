@@ -193,6 +193,13 @@ NEVER_IMPORTED = (
 )
 
 
+# Imported when first used, not by an idle daemon (bench/footprint.py, BENCHMARKS.md "End of
+# stop 11"): psutil (the health readings come from /proc and /sys: agent.telemetry.procfs),
+# the operations layer (with the first command or admin call), the update loop and the
+# delivery side (with a followed repository).
+IMPORTED_WHEN_USED = ("psutil", "agent.operations", "agent.updates", "agent.delivery")
+
+
 def imported_modules(importtime_log: str) -> set[str]:
     """Module names from `python -X importtime` lines: "import time: self | cumulative | name"."""
     names = set()
@@ -256,6 +263,10 @@ def test_a_running_daemon_with_one_onnx_model_imports_no_heavy_extras(
         m for m in modules if any(m == h or m.startswith(h + ".") for h in NEVER_IMPORTED)
     )
     assert heavy == [], heavy
+    lazy = sorted(
+        m for m in modules if any(m == h or m.startswith(h + ".") for h in IMPORTED_WHEN_USED)
+    )
+    assert lazy == [], lazy
     libraries = set(re.findall(r"(/\S+\.so[.\d]*)$", maps, re.M))
     assert any("onnxruntime" in lib for lib in libraries)
     for fragment in ("ai_edge_litert", "tflite_runtime", "onnx_cpp2py_export"):
