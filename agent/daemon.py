@@ -16,7 +16,7 @@ import dataclasses
 import logging
 import signal
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from agent import systemd
@@ -53,6 +53,30 @@ if TYPE_CHECKING:  # imported when used: an update loop, a command or an admin c
 __all__ = ["Agent", "LocalModel", "load_version", "merge_reload"]
 
 log = logging.getLogger(__name__)
+
+
+# Imported when first used (the idle daemon's footprint, tests/test_footprint.py): the update
+# loop with a followed repository, the operations layer with a command or an admin call.
+def _update_loop(
+    config: Config, after_cycle: Callable[[CycleReport], Awaitable[None]]
+) -> UpdateLoop:
+    from agent.updates import UpdateLoop
+
+    return UpdateLoop(config, after_cycle)
+
+
+def _operations(deployer: Deployer | None, **parts: Any) -> Operations:
+    from agent.operations import Operations
+
+    return Operations(deployer, **parts)
+
+
+def _origin(name: str) -> Origin:
+    from agent.operations import Origin
+
+    return Origin(name)
+
+
 # An admin call made while the agent starts waits this long for its models before a 503.
 ADMIN_START_WAIT_S = 10.0
 
@@ -191,9 +215,7 @@ class Agent:
                 )
         await self.deployer.start(self.withdraw_holds.held)
         if self.config.repository.url and self.config.models.follow:
-            from agent.updates import UpdateLoop
-
-            self.updates = UpdateLoop(self.config, self.after_cycle)
+            self.updates = _update_loop(self.config, self.after_cycle)
             self.updates.on_activity = self.status.on_update_activity
             # What the update child tells while it runs (agent.delivery.pipe), shown at once.
             self.updates.on_progress = self.status.on_download
@@ -271,9 +293,7 @@ class Agent:
 
     def operations(self) -> Operations:
         """The one operations layer (agent.operations) over the parts this agent has now."""
-        from agent.operations import Operations
-
-        return Operations(
+        return _operations(
             self.deployer,
             trigger_update=self.updates.trigger if self.updates is not None else None,
             update_now=self._update_now if self.updates is not None else None,
@@ -285,9 +305,7 @@ class Agent:
     async def run_command(self, command: Any) -> str:
         """A verified remote command (agent.telemetry.commands.Command): its typed operation,
         under the remote policy (only signed versions, no release of a quarantine)."""
-        from agent.operations import Origin
-
-        outcome = await self.operations().execute(command.operation, Origin.REMOTE)
+        outcome = await self.operations().execute(command.operation, _origin("remote"))
         return outcome.message
 
     async def _admin_operation(self, operation: Operation, origin: Origin) -> Outcome:
