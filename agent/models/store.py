@@ -8,7 +8,8 @@ Layout::
 
 A version directory is built under ``.staging``, every file fsynced, then renamed into place and
 the parent directory fsynced, so after a crash a version directory is either complete or absent.
-Leftovers in ``.staging`` are removed on open.
+Leftovers in ``.staging`` are removed on open; an entry names the pid of the process that
+made it, and another running process's entry is work under way, left alone.
 """
 
 from __future__ import annotations
@@ -143,6 +144,30 @@ def _valid_name(name: str) -> bool:
     return bool(name) and name not in (".", "..") and "/" not in name and not name.startswith(".")
 
 
+def _staging_prefix(kind: str) -> str:
+    """A staging entry's name starts with its kind and the pid of the process that owns it."""
+    return f"{kind}-{os.getpid()}-"
+
+
+def _owner_alive(entry: str) -> bool:
+    """Whether the process named in a staging entry (``kind-pid-…``) is another, running one:
+    its entry is work under way, not a leftover. Entries without a pid are leftovers; a pid
+    reused by an unrelated process only delays the removal to a later open."""
+    parts = entry.split("-", 2)
+    if len(parts) < 3 or not parts[1].isdigit():
+        return False
+    pid = int(parts[1])
+    if pid == os.getpid() or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, another user's
+    return True
+
+
 class ModelStore:
     """Versions of models on disk. Not thread-safe for writers: one installer at a time."""
 
@@ -157,6 +182,8 @@ class ModelStore:
 
     def _clear_staging(self) -> None:
         for leftover in self.staging.iterdir():
+            if _owner_alive(leftover.name):
+                continue  # another process's install under way (`edge-agent update`, import)
             log.info("store: removing leftover %s from an interrupted install", leftover.name)
             if leftover.is_dir():
                 shutil.rmtree(leftover, ignore_errors=True)
@@ -206,7 +233,7 @@ class ModelStore:
 
     def new_staging_dir(self) -> Path:
         """A fresh directory on the store's filesystem for a download in progress."""
-        return Path(tempfile.mkdtemp(dir=self.staging, prefix="dl-"))
+        return Path(tempfile.mkdtemp(dir=self.staging, prefix=_staging_prefix("dl")))
 
     def install(self, manifest: Manifest, files: Mapping[str, Path]) -> StoredModel:
         """Move ``files`` (name in the version dir -> a file under ``staging``) into place.
@@ -226,7 +253,7 @@ class ModelStore:
         final = self.root / manifest.name / str(manifest.version)
         if final.exists():
             raise StoreError(f"model {manifest.name} version {manifest.version} is already stored")
-        build = Path(tempfile.mkdtemp(dir=self.staging, prefix="v-"))
+        build = Path(tempfile.mkdtemp(dir=self.staging, prefix=_staging_prefix("v")))
         try:
             for fname, src in files.items():
                 if not _valid_name(fname):
@@ -270,7 +297,7 @@ class ModelStore:
         final = self.root / name / str(version)
         if not final.exists():
             return
-        doomed = Path(tempfile.mkdtemp(dir=self.staging, prefix="rm-"))
+        doomed = Path(tempfile.mkdtemp(dir=self.staging, prefix=_staging_prefix("rm")))
         os.replace(final, doomed / "v")
         fsync_dir(final.parent)
         shutil.rmtree(doomed, ignore_errors=True)
