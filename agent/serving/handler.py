@@ -191,7 +191,7 @@ class OipHandler:
         if kind is routes.Kind.STATUS:
             return _json(self.status())  # without the agent's part: the server awaits that
         if kind is routes.Kind.INDEX:
-            return _repository_index(self.slots, body)
+            return _json(modelinfo.repository_index(self.slots, body))
         if kind is routes.Kind.MODEL:
             return self._model_metadata(route.model, route.version)
         if kind is routes.Kind.MODEL_READY:
@@ -457,44 +457,3 @@ class OipHandler:
             "models": models,
         }
         return doc
-
-
-def _repository_index(slots: Slots, body: bytes | bytearray) -> Response:
-    """The repository index document: every version loaded, or only the active ones."""
-    only_ready = False
-    if body.strip():
-        try:
-            raw = json.loads(body)
-        except (ValueError, RecursionError) as exc:
-            raise RequestError(f"repository index body is not JSON: {exc}") from None
-        if not isinstance(raw, dict):
-            raise RequestError("repository index body must be a JSON object")
-        flag = raw.get("ready", False)
-        if not isinstance(flag, bool):
-            raise RequestError(f"'ready' must be true or false, found {flag!r}")
-        only_ready = flag
-    index = []
-    for slot in slots:
-        active = slot.active
-        for version in slot.versions():
-            is_active = active is not None and active.version == version
-            if only_ready and not is_active:
-                continue
-            index.append(
-                {
-                    "name": slot.name,
-                    "version": str(version),
-                    "state": "READY" if is_active else "LOADED",
-                    "reason": "" if is_active else "loaded, not active",
-                }
-            )
-        if not slot.versions() and not only_ready:
-            index.append(
-                {
-                    "name": slot.name,
-                    "version": "",
-                    "state": "UNAVAILABLE",
-                    "reason": slot.unavailable_reason or "no version loaded",
-                }
-            )
-    return _json(index)

@@ -1,10 +1,12 @@
 """What each loaded version runs on and which path its requests take, for status, model
-metadata and /metrics (pure: reads the slots, writes nothing)."""
+metadata and /metrics, and the repository index (pure: reads the slots, writes nothing)."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
+from agent.errors import RequestError
 from agent.models.slots import LoadedVersion, Slots
 
 
@@ -71,3 +73,44 @@ def render_prometheus(slots: Slots) -> bytes:
             else:
                 lines.append(f"{metric}{{{labels}}} {path.get('decisions', 0)}")
     return ("\n".join(lines) + "\n").encode()
+
+
+def repository_index(slots: Slots, body: bytes | bytearray) -> list[dict[str, str]]:
+    """The repository index document: every version loaded, or only the active ones."""
+    only_ready = False
+    if body.strip():
+        try:
+            raw = json.loads(body)
+        except (ValueError, RecursionError) as exc:
+            raise RequestError(f"repository index body is not JSON: {exc}") from None
+        if not isinstance(raw, dict):
+            raise RequestError("repository index body must be a JSON object")
+        flag = raw.get("ready", False)
+        if not isinstance(flag, bool):
+            raise RequestError(f"'ready' must be true or false, found {flag!r}")
+        only_ready = flag
+    index: list[dict[str, str]] = []
+    for slot in slots:
+        active = slot.active
+        for version in slot.versions():
+            is_active = active is not None and active.version == version
+            if only_ready and not is_active:
+                continue
+            index.append(
+                {
+                    "name": slot.name,
+                    "version": str(version),
+                    "state": "READY" if is_active else "LOADED",
+                    "reason": "" if is_active else "loaded, not active",
+                }
+            )
+        if not slot.versions() and not only_ready:
+            index.append(
+                {
+                    "name": slot.name,
+                    "version": "",
+                    "state": "UNAVAILABLE",
+                    "reason": slot.unavailable_reason or "no version loaded",
+                }
+            )
+    return index
