@@ -142,9 +142,17 @@ class SimDevice:
 
     # -- the clock --------------------------------------------------------------------------
 
-    def tick(self, now: float, candidates: Sequence[ModelTarget] | None, poll: bool) -> None:
+    def tick(
+        self,
+        now: float,
+        candidates: Sequence[ModelTarget] | None,
+        poll: bool,
+        health_s: float | None = None,
+    ) -> None:
         """Advance to ``now``: serve, probation verdicts, health, and with ``poll`` (a poll or a
-        nudge) an update check against ``candidates`` (None: the repository is unreachable)."""
+        nudge) an update check against ``candidates`` (None: the repository is unreachable).
+        ``health_s``: the health interval for now (longer than the device's when the
+        simulator runs late and sheds routine work)."""
         if self.dead:
             return
         if self.profile.name == "flaps" and now >= self.next_flap:
@@ -166,7 +174,7 @@ class SimDevice:
         if poll and candidates is not None:
             self._check(now, candidates)
         if now >= self.next_health:
-            self.next_health = now + self.timing.health_s
+            self.next_health = now + max(self.timing.health_s, health_s or 0.0)
             self.health(now)
 
     def _verdict(self, now: float) -> None:

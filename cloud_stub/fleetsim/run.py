@@ -42,6 +42,7 @@ MAX_DEVICES = 100_000
 MAX_WORKERS = 64
 TICK_S = 0.2
 CHUNK = 256  # devices ticked between two looks at the commands that came in
+MAX_HEALTH_STRETCH = 6  # a late loop sends health at most this many times less often
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +177,8 @@ class Fleet:
         self._nudge_sent = 0.0  # when the newest command that asked for a poll arrived
         self.iterations = 0
         self.longest_pass_s = 0.0  # the longest pass over the fleet
+        self.last_pass_s = 0.0
+        self.shed_passes = 0  # passes that stretched the health interval (running late)
         self.command_wait_s = 0.0  # the longest a command waited to be answered
         self._lock = threading.Lock()
         self.links = Links(
@@ -245,6 +248,18 @@ class Fleet:
         else:
             device.ack(now, command.name, command.seq, "failed", "not simulated")
 
+    def _health_interval(self) -> float:
+        """Routine work is shed first when the loop runs late: health messages (most of what
+        the fleet sends) go out at most every two passes' time, up to ``MAX_HEALTH_STRETCH``
+        of the devices' interval, so that verdicts, events and commands keep their pace (a
+        device still reports more often than a controller's deadline)."""
+        health_s = self.config.timing.health_s
+        stretched = min(2 * self.last_pass_s, MAX_HEALTH_STRETCH * health_s)
+        if stretched > health_s and self.last_pass_s > health_s / 2:
+            self.shed_passes += 1
+            return stretched
+        return health_s
+
     def _nudge(self, device_id: str, arrived: float) -> None:
         self._nudged.add(device_id)
         self._nudge_sent = max(self._nudge_sent, arrived)
@@ -276,6 +291,7 @@ class Fleet:
                     candidates = listing.fetch()
                     fetched, next_listing = now, now + self.config.listing_s
                 poll_s = self.config.timing.poll_s
+                health_s = self._health_interval()
                 for i, device in enumerate(self.devices):
                     if i % CHUNK == CHUNK - 1:
                         self.links.pump(0.0)  # acknowledgements in, commands in, queue out
@@ -285,12 +301,13 @@ class Fleet:
                     poll = now >= device.next_poll or device.device_id in nudged
                     if poll:
                         device.next_poll = now + poll_s * random.uniform(0.8, 1.2)  # noqa: S311
-                    device.tick(now, candidates, poll)
+                    device.tick(now, candidates, poll, health_s)
                     for topic, payload in device.take(now):
                         self._publish(i, topic, payload)
                     due[i] = device.due()
                 self.iterations += 1
-                self.longest_pass_s = max(self.longest_pass_s, time.time() - now)
+                self.last_pass_s = time.time() - now
+                self.longest_pass_s = max(self.longest_pass_s, self.last_pass_s)
                 # Until the next pass: a command that comes meanwhile is answered at once.
                 while (left := TICK_S - (time.time() - now)) > 0 and not stop():
                     self.links.pump(left)
@@ -303,6 +320,7 @@ class Fleet:
                     "passes": self.iterations,
                     "longest_pass_s": round(self.longest_pass_s, 3),
                     "longest_command_wait_s": round(self.command_wait_s, 3),
+                    "passes_shedding_health": self.shed_passes,
                 }
                 write_report(report, self.devices, listing.fetches, loop)
             self.links.close()

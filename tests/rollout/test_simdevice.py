@@ -155,3 +155,15 @@ def test_a_version_a_withdraw_named_before_it_served_is_held_back_two_polls() ->
     for version in range(10, 10 + 1_005):
         d.withdraw(4.0, version)
     assert len(d.holds) == 1_000  # bounded: the oldest went
+
+
+def test_a_late_simulator_stretches_health_but_not_verdicts() -> None:
+    """Shedding routine work: with a longer health interval for now, the next health message
+    waits for it; a probation's verdict still comes at its time."""
+    d = device(Profile())
+    d.tick(0.0, [target(1), target(2)], poll=True, health_s=30.0)
+    health = [t for t, _ in d.take(1e9) if t.endswith("/health")]
+    assert len(health) == 1 and d.next_health == 30.0
+    d.tick(5.0, None, poll=False, health_s=30.0)  # TIMING's own interval is 5 s
+    assert [t for t, _ in d.take(1e9) if t.endswith("/health")] == []
+    assert 2 in d.committed and d.active == 2  # the verdict came at its time (probation 2 s)
