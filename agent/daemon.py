@@ -205,7 +205,7 @@ class Agent:
             self.serving.server.admin = AdminApi(self._admin_operation)
         self.status.deployment = lambda: deployer.activity
         self.serving.handler.status_provider = self._status_extra
-        stored = set(store.names())
+        stored = set(await self.io.run(store.names))
         for name in self.config.models.follow:
             if name not in stored:
                 # Its first version comes with an update cycle: a request waits, it is not
@@ -329,7 +329,7 @@ class Agent:
             return
         # Settings changed by signed set-config commands outlive restarts (remote_config).
         self.settings.config = self.settings.with_remote_config(self.config)
-        self.reporting.open(self.config)
+        await self.reporting.open(self.config)
         self.settings.add_live(self.reporting.live_keys)
         self.event_listeners.append(self.reporting.on_event)
 

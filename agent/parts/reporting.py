@@ -43,20 +43,29 @@ class Reporting(Part):
         self.outbox: Any = None
         self._state_dir: Any = None
 
-    def open(self, config: Config) -> None:
+    async def open(self, config: Config) -> None:
         """Set up the reporter (events queue from now on); the connection (and the birth
-        message) waits for ``start``, once the models are loaded."""
+        message) waits for ``start``, once the models are loaded. The keys' files and the
+        outbox's database are opened on the I/O thread: the server already answers."""
         from agent.telemetry.mqtt import Reporter, ReporterConfig, load_operator_keys
         from agent.telemetry.outbox import Outbox
 
         mqtt_config = config.mqtt
         self._state_dir = config.agent.state_dir
-        keys = load_operator_keys(mqtt_config.operator_keys)
-        self.outbox = Outbox(
-            config.agent.state_dir / "outbox.db",
-            mqtt_config.outbox_max_bytes,
-            mqtt_config.outbox_max_age_s,
-        )
+
+        def open_files() -> tuple[Any, Outbox]:
+            keys = load_operator_keys(mqtt_config.operator_keys)
+            outbox = Outbox(
+                config.agent.state_dir / "outbox.db",
+                mqtt_config.outbox_max_bytes,
+                mqtt_config.outbox_max_age_s,
+            )
+            return keys, outbox
+
+        if self.io is not None:
+            keys, self.outbox = await self.io.run(open_files)
+        else:
+            keys, self.outbox = open_files()
         self.reporter = Reporter(
             ReporterConfig(
                 host=mqtt_config.host,

@@ -95,8 +95,8 @@ class Serving(Part):
         if local is not None:
             names = {model.name for model in local}
         else:
-            store = await asyncio.to_thread(ModelStore, self.config.store_dir)
-            names = set(self.config.models.follow) | set(store.names())
+            stored = await asyncio.to_thread(lambda: ModelStore(self.config.store_dir).names())
+            names = set(self.config.models.follow) | set(stored)
         for name in sorted(names):
             self.slots.ensure(name).deactivate("loading", retry_after_s=1.0)
 

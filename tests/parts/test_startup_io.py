@@ -1,0 +1,55 @@
+"""The daemon's start-up reads nothing on the event loop once its socket answers (issue 11):
+the store's listing and the fleet reporting's files (operator keys, the outbox database) are
+opened on the I/O thread. A real Agent on a real state directory and store."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.config import AgentSection, Config, MqttSection, ServingSection
+from agent.daemon import Agent
+from agent.models.store import ModelStore
+from agent.telemetry.outbox import Outbox
+from cloud_stub.ports import free_port
+
+
+def test_start_up_lists_the_store_and_opens_the_outbox_off_the_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[tuple[str, int]] = []
+
+    def watched(what: str, real: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            seen.append((what, threading.get_ident()))
+            return real(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(ModelStore, "names", watched("ModelStore.names", ModelStore.names))
+    monkeypatch.setattr(Outbox, "__init__", watched("Outbox.__init__", Outbox.__init__))
+    config = Config(
+        agent=AgentSection(state_dir=tmp_path / "state"),
+        serving=ServingSection(socket=tmp_path / "s.sock"),
+        # No broker listens there: the reporter keeps retrying, the start-up goes on.
+        mqtt=MqttSection(host="127.0.0.1", port=free_port(), reconnect_max_s=1),
+    )
+    agent = Agent(config)
+
+    async def main() -> None:
+        loop_thread = threading.get_ident()
+        running = asyncio.create_task(agent.run())
+        while not agent._admin_ready.is_set():  # the deployments have started
+            assert not running.done(), running
+            await asyncio.sleep(0.05)
+        agent.request_stop()
+        await running
+        assert {what for what, _ in seen} == {"ModelStore.names", "Outbox.__init__"}
+        assert [what for what, thread in seen if thread == loop_thread] == []
+
+    asyncio.run(main())
