@@ -1,6 +1,6 @@
 """Footprint benchmark: resident memory of an idle agent, then warm, and its time to READY.
 
-    .venv/bin/python bench/footprint.py [--runs 3] [--requests 2000]
+    .venv/bin/python bench/footprint.py [--runs 3] [--requests 2000] [--compare TREE]
 
 Runs `edge-agent run` (one small ONNX model in the store, connected to a local Mosquitto,
 updater idle), medians of ``--runs`` starts each:
@@ -14,6 +14,9 @@ updater idle), medians of ``--runs`` starts each:
 
 The same with the trim off, without MQTT, with a LiteRT model (the MediaPipe face
 detector) instead, and with the gRPC listener on (``[serving] grpc_socket``: grpcio loaded).
+With ``--compare TREE`` (a checkout of another commit, e.g. ``git worktree add /tmp/base
+1fbf441``), each start of this tree's agent is followed by one of TREE's (same venv, models,
+broker and config; the first of the pair alternates), and both are printed with their ratio.
 Exits 1, naming the bar, when idle RSS with one small ONNX model and MQTT exceeds 64 MB or
 READY takes more than 1.5 s.
 
@@ -153,6 +156,7 @@ def run_agent(
     settle_s: float,
     requests: int,
     grpc: bool = False,
+    tree: Path = ROOT,
 ) -> dict[str, float]:
     state = work / "state"
     shutil.rmtree(state, ignore_errors=True)
@@ -178,8 +182,9 @@ def run_agent(
             "NOTIFY_SOCKET": str(notify_path),
             "WATCHDOG_USEC": "15000000",
             "PATH": "/usr/bin:/bin",
+            "PYTHONPATH": str(tree),
         },
-        cwd=ROOT,
+        cwd=tree,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -227,6 +232,9 @@ def main() -> int:
     parser.add_argument(
         "--only", type=int, nargs="*", default=None, help="rows to run (0-4; the bars need 0)"
     )
+    parser.add_argument(
+        "--compare", type=Path, default=None, help="another tree's agent, run in turn with this one"
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="edge-footprint-"))
     subprocess.run([sys.executable, "-c", PREPARE, str(work)], cwd=ROOT, check=True)
@@ -257,20 +265,44 @@ def main() -> int:
     )
     if args.only is not None:
         cases = tuple(cases[i] for i in args.only)
+    trees = [ROOT] + ([args.compare.resolve()] if args.compare else [])
     rows = []
+    compared = []
     try:
         for label, case, mqtt, trim, *grpc in cases:
-            runs = []
-            for _ in range(args.runs):
-                for attempt in range(4):  # wait out another process mapping the libraries
-                    run = run_agent(
-                        work, case, mqtt, trim, args.settle, args.requests, grpc=bool(grpc)
+            runs: dict[Path, list[dict[str, float]]] = {tree: [] for tree in trees}
+            for i in range(args.runs):
+                for tree in trees if i % 2 == 0 else trees[::-1]:  # who goes first alternates
+                    for attempt in range(4):  # wait out another process mapping the libraries
+                        run = run_agent(
+                            work,
+                            case,
+                            mqtt,
+                            trim,
+                            args.settle,
+                            args.requests,
+                            grpc=bool(grpc),
+                            tree=tree,
+                        )
+                        if not run["others"] or attempt == 3:
+                            break
+                        time.sleep(10)
+                    runs[tree].append(run)
+            medians = [
+                {k: statistics.median(r[k] for r in runs[tree]) for k in runs[tree][0]}
+                for tree in trees
+            ]
+            rows.append((label, medians[0]))
+            if args.compare:
+                compared.append((f"{label} ({args.compare.name})", medians[1]))
+                for tree in trees:
+                    print(
+                        tree,
+                        label,
+                        [round(r["idle_rss"], 1) for r in runs[tree]],
+                        [round(r["warm_rss"], 1) for r in runs[tree]],
+                        flush=True,
                     )
-                    if not run["others"] or attempt == 3:
-                        break
-                    time.sleep(10)
-                runs.append(run)
-            rows.append((label, {k: statistics.median(r[k] for r in runs) for k in runs[0]}))
     finally:
         broker.terminate()
         broker.wait(10)
@@ -279,14 +311,21 @@ def main() -> int:
         f"{'':<30} {'idle RSS':>8} {'USS':>6} {'anon':>6} {'file':>6} | {'first ms':>8} "
         f"{'p50 ms':>6} | {'warm RSS':>8} {'anon':>6} {'file':>6} | {'READY s':>7} {'other':>5}"
     )
-    for label, f in rows:
+    for label, f in rows + compared:
         print(
             f"{label:<30} {f['idle_rss']:>8.1f} {f['idle_uss']:>6.1f} {f['idle_anon']:>6.1f} "
             f"{f['idle_file']:>6.1f} | {f['first_ms']:>8.2f} {f['p50_ms']:>6.3f} | "
             f"{f['warm_rss']:>8.1f} {f['warm_anon']:>6.1f} {f['warm_file']:>6.1f} | "
             f"{f['ready_s']:>7.2f} {f['others']:>5.0f}"
         )
-    print(json.dumps(dict(rows)))
+    for (label, f), (_, g) in zip(rows, compared, strict=True):
+        print(
+            f"{label}: idle RSS {f['idle_rss']:.1f} vs {g['idle_rss']:.1f} MB "
+            f"({f['idle_rss'] - g['idle_rss']:+.1f}), anon {f['idle_anon'] - g['idle_anon']:+.1f}; "
+            f"warm RSS {f['warm_rss']:.1f} vs {g['warm_rss']:.1f} MB "
+            f"({f['warm_rss'] - g['warm_rss']:+.1f}), anon {f['warm_anon'] - g['warm_anon']:+.1f}"
+        )
+    print(json.dumps(dict(rows + compared)))
     print(
         f"bars: idle RSS with one small ONNX model and MQTT <= {IDLE_BAR_MB:.0f} MB; "
         f"start to READY <= {READY_BAR_S} s"
