@@ -224,6 +224,9 @@ def _user_name(uid: int) -> str:
 
 
 def _cmd_run(args: argparse.Namespace, level: str | None) -> int:
+    from agent.telemetry.pahoproxy import defer_urllib_request
+
+    defer_urllib_request()  # before paho's import: 1.8 MB the daemon does not use
     from agent.daemon import Agent
 
     config = load_config(args.config)

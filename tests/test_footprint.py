@@ -196,8 +196,16 @@ NEVER_IMPORTED = (
 # Imported when first used, not by an idle daemon (bench/footprint.py, BENCHMARKS.md "End of
 # stop 11"): psutil (the health readings come from /proc and /sys: agent.telemetry.procfs),
 # the operations layer (with the first command or admin call), the update loop and the
-# delivery side (with a followed repository).
-IMPORTED_WHEN_USED = ("psutil", "agent.operations", "agent.updates", "agent.delivery")
+# delivery side (with a followed repository), paho's urllib.request with http.client and email
+# (agent.telemetry.pahoproxy: with a proxy lookup that can find one).
+IMPORTED_WHEN_USED = (
+    "psutil",
+    "agent.operations",
+    "agent.updates",
+    "agent.delivery",
+    "http.client",
+    "email",
+)
 
 
 def imported_modules(importtime_log: str) -> set[str]:

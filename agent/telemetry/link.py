@@ -26,6 +26,7 @@ from paho.mqtt.properties import Properties
 
 from agent.telemetry import commands, messages
 from agent.telemetry.pacing import reconnect_delay
+from agent.telemetry.pahoproxy import skip_empty_proxy_lookup
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +129,7 @@ class Dialer:
             protocol=self.protocol,
             reconnect_on_failure=False,  # reconnecting is ours (run)
         )
+        skip_empty_proxy_lookup(client)  # urllib.request stays unloaded (pahoproxy)
         link = Link(client)
         client.user_data_set(link)
         # The broker publishes the will, not the device: it carries seq 0, outside the device's
