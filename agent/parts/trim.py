@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from agent import memory
+from agent.allocator import release_free_heap
 from agent.models.slots import Slots
 from agent.parts.base import Part, cancel
 from agent.state import Event
@@ -86,6 +87,7 @@ class MemoryTrim(Part):
         result = memory.trim()
         if result is not None:
             self._rewarm()  # its failures are the watchdog's to report
+        release_free_heap()  # what the start-up or the swap freed (agent/allocator.py)
         return result
 
     def cancel_pending(self) -> None:
