@@ -186,7 +186,10 @@ class HttpConnection(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         if self._closing or self._failed:
             return
-        self._parsed(self._reader.received(nbytes))
+        failure = self._reader.received(nbytes)
+        if failure is None and self._reader.in_place and self._fd >= 0:
+            failure = read_rest(self._fd, self._reader)
+        self._parsed(failure)
 
     def data_received(self, data: bytes) -> None:
         """Bytes handed over whole (a transport that does not read into buffers)."""
@@ -452,3 +455,21 @@ def write_now(fd: int, parts: list[Buffer]) -> list[Buffer]:
     except OSError:
         return parts  # the transport's own write meets the error and handles it
     return unsent(parts, sent)
+
+
+def read_rest(fd: int, reader: RequestReader) -> Failure | None:
+    """Read what the socket already holds of a body received in place, now rather than one
+    turn of the loop later. EOF and errors are left to the transport's next read."""
+    failure = None
+    while failure is None and reader.in_place:
+        view = reader.buffer()
+        try:
+            count = os.readv(fd, [view])
+        except OSError:  # BlockingIOError: not arrived yet
+            break
+        finally:
+            view.release()
+        if not count:
+            break
+        failure = reader.received(count)
+    return failure

@@ -86,6 +86,11 @@ class RequestReader:
         self._keep_alive = True
         self._reserved = 0
 
+    @property
+    def in_place(self) -> bool:
+        """Whether the rest of a body is being received straight into its buffer."""
+        return self._direct
+
     def buffer(self) -> memoryview:
         """Where the next read goes: the rest of a body received in place, or the scratch."""
         if self._direct:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import onnxruntime as ort
 from agent.daemon import LocalModel
 from agent.serving.admission import ByteBudget
 from agent.serving.client import AsyncInferenceClient, InferenceClient
+from agent.serving.connection import read_rest
 from agent.serving.framing import Failure, Request, unsent
 from agent.serving.oip.client import encode_request_parts
 from agent.serving.oip.server import TAIL_BYTES, decode_infer_request, encode_response_parts
@@ -182,3 +184,38 @@ def test_only_the_first_bytes_of_a_large_request_go_through_the_scratch() -> Non
     assert through_scratch <= 32 * 1024 < len(wire) // 6
     request = decode_infer_request(delivered[0].body, delivered[0].header_length)
     np.testing.assert_array_equal(request.inputs[0].data, x)
+
+
+def test_the_rest_of_a_body_already_in_the_socket_is_read_in_the_same_turn() -> None:
+    """After the first read, what the socket holds of a large body is read at once, into the
+    body; what has not arrived is left for the loop's next turn, and so is the end of the
+    stream."""
+    x = np.random.default_rng(2).standard_normal((1, 30_000)).astype(np.float32)  # 120 KB
+    wire = request_wire(x)
+    delivered: list[Request] = []
+    target = reader(delivered)
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        ours.setblocking(False)
+        half = len(wire) // 2
+        theirs.sendall(wire[:half])
+        space = target.buffer()  # the loop's first read
+        count = ours.recv_into(space)
+        space.release()
+        assert target.received(count) is None and target.in_place
+        assert read_rest(ours.fileno(), target) is None  # the first half read, then EAGAIN
+        assert target.in_place and not delivered
+        theirs.sendall(wire[half:])
+        assert read_rest(ours.fileno(), target) is None
+        assert not target.in_place and len(delivered) == 1
+        request = decode_infer_request(delivered[0].body, delivered[0].header_length)
+        np.testing.assert_array_equal(request.inputs[0].data, x)
+        # A body cut short by the peer: read_rest stops at EOF; the transport sees it next.
+        theirs.sendall(wire[:half])
+        space = target.buffer()
+        count = ours.recv_into(space)
+        space.release()
+        target.received(count)
+        theirs.shutdown(socket.SHUT_WR)
+        assert read_rest(ours.fileno(), target) is None
+        assert target.in_place and len(delivered) == 1
