@@ -348,8 +348,8 @@ class HttpConnection(asyncio.BufferedProtocol):
         if transport is None or self._closing:
             return
         parts = frame(response, keep_alive, head_only)
-        if len(parts) > 1 and self._fd >= 0 and not transport.get_write_buffer_size():
-            parts = write_now(self._fd, parts)
+        if len(parts) > 1 and self._fd >= 0:
+            parts = write_now(self._fd, parts, transport)
         for part in parts:
             transport.write(part)  # writelines would join them (Python 3.11)
         self.answered += 1
@@ -444,10 +444,13 @@ class HttpConnection(asyncio.BufferedProtocol):
             self._transport.close()
 
 
-def write_now(fd: int, parts: list[Buffer]) -> list[Buffer]:
+def write_now(fd: int, parts: list[Buffer], transport: asyncio.WriteTransport) -> list[Buffer]:
     """Write an answer's parts in one system call, as the transport would write one buffer
     when nothing of it is queued: one wake-up of the client, no joined copy. What the socket
-    did not take is left for the transport, in order."""
+    did not take is left for the transport, in order. Only while the transport holds nothing
+    and is not closing (until connection_lost, the descriptor is this connection's)."""
+    if transport.get_write_buffer_size() or transport.is_closing():
+        return parts
     try:
         sent = os.writev(fd, parts[:MAX_IOV])
     except (BlockingIOError, InterruptedError):
