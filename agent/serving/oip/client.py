@@ -29,6 +29,7 @@ from agent.serving.oip.codec import (
     split_body,
     tensor_view,
 )
+from agent.serving.oip.kept import CheckedHeaders, Kept
 from agent.serving.shm.client import PlacedTensor
 from agent.serving.shm.keys import Regions
 
@@ -68,27 +69,13 @@ def encode_infer_request(
     return b"".join(parts), header_length
 
 
-class RequestHeads:
+class RequestHeads(Kept[tuple[Any, ...], bytes]):
     """JSON headers of a client's recent all-binary requests, by what they declare (one per
     client): the same inputs' names, datatypes and shapes and the same outputs asked for make
     the same header bytes. Requests with an ``id``, shared memory or JSON values are not kept
-    (their header depends on more); bounded in count."""
+    (their header depends on more)."""
 
     MAX_ENTRIES = 64
-
-    def __init__(self) -> None:
-        self._heads: dict[tuple[Any, ...], bytes] = {}
-
-    def __len__(self) -> int:
-        return len(self._heads)
-
-    def get(self, key: tuple[Any, ...]) -> bytes | None:
-        return self._heads.get(key)
-
-    def put(self, key: tuple[Any, ...], head: bytes) -> None:
-        if len(self._heads) >= self.MAX_ENTRIES:
-            self._heads.pop(next(iter(self._heads), key), None)
-        self._heads[key] = head
 
 
 def _request_key(
@@ -190,39 +177,19 @@ class _ResponsePlan:
         return InferResponse(self.model_name, self.model_version, self.id, outputs)
 
 
-class ResponsePlans:
+class ResponsePlans(CheckedHeaders[_ResponsePlan]):
     """Checked headers of recent binary responses, by their bytes (one per client).
 
     The agent answers a client's repeated request with the same JSON header every time
     (model, version, output names, datatypes, shapes, sizes): checking it once saves most of
-    the decoding. Only headers without an ``id`` and without JSON data are kept, bounded in
-    count and size, for the limits they were checked against.
+    the decoding. Only headers without an ``id`` and without JSON data are kept.
     """
 
     MAX_ENTRIES = 64
-    MAX_HEADER_BYTES = 4096
 
-    def __init__(self) -> None:
-        self._plans: dict[bytes, _ResponsePlan] = {}
-        self._limits: Limits | None = None
-
-    def __len__(self) -> int:
-        return len(self._plans)
-
-    def get(self, header: bytes, limits: Limits) -> _ResponsePlan | None:
-        if limits is not self._limits and limits != self._limits:
-            return None
-        return self._plans.get(header)
-
-    def put(self, header: bytes, limits: Limits, plan: _ResponsePlan) -> None:
-        if plan.id is not None or any(t.size is None and t.shm is None for t in plan.outputs):
-            return
-        if limits is not self._limits and limits != self._limits:
-            self._plans = {}
-            self._limits = limits
-        if len(self._plans) >= self.MAX_ENTRIES:
-            self._plans.pop(next(iter(self._plans), header), None)
-        self._plans[header] = plan
+    def keep(self, header: bytes, limits: Limits, value: _ResponsePlan) -> None:
+        if value.id is None and all(t.size is not None or t.shm is not None for t in value.outputs):
+            super().keep(header, limits, value)
 
 
 def decode_infer_response(
@@ -243,12 +210,12 @@ def decode_infer_response(
         if (
             plans is not None
             and header_length is not None
-            and 0 <= header_length <= ResponsePlans.MAX_HEADER_BYTES
+            and 0 <= header_length <= plans.MAX_HEADER_BYTES
         ):
             view = memoryview(body)
             if header_length <= len(view) <= limits.max_body_bytes:
                 key = bytes(view[:header_length])
-                plan = plans.get(key, limits)
+                plan = plans.checked(key, limits)
                 if plan is not None:
                     return plan.bind(Reader(view[header_length:]), regions)
         header, reader = split_body(body, header_length, limits)
@@ -256,7 +223,7 @@ def decode_infer_response(
         response = plan.bind(reader, regions)
         if key is not None:
             assert plans is not None
-            plans.put(key, limits, plan)
+            plans.keep(key, limits, plan)
         return response
     except (Malformed, RequestError) as exc:
         raise InferenceError(exc.message) from None

@@ -32,6 +32,7 @@ from agent.serving.oip.codec import (
     split_body,
     tensor_view,
 )
+from agent.serving.oip.kept import CheckedHeaders, Kept
 from agent.serving.shm.keys import Placement, Regions, placement
 from agent.tensors import TensorSpec
 
@@ -97,40 +98,17 @@ class _RequestPlan:
         return InferRequest(self.id, inputs, self.outputs, self.binary_output, self.parameters)
 
 
-class PlanCache:
+class PlanCache(CheckedHeaders[_RequestPlan]):
     """Checked headers of recent binary requests, by their bytes (one per handler).
 
     A client calling a model sends the same JSON header every time (names, datatypes, shapes,
     sizes): checking it once saves most of the decoding. Only headers without an ``id`` and
-    without JSON data are kept (those differ per request), bounded in count and size. The
-    plans hold for the limits they were checked against: other limits start afresh.
+    without JSON data are kept (those differ per request), bounded in count and size.
     """
 
-    MAX_ENTRIES = 128
-    MAX_HEADER_BYTES = 4096
-
-    def __init__(self) -> None:
-        self._plans: dict[bytes, _RequestPlan] = {}
-        self._limits: Limits | None = None
-
-    def __len__(self) -> int:
-        return len(self._plans)
-
-    def get(self, header: bytes, limits: Limits) -> _RequestPlan | None:
-        if limits is not self._limits and limits != self._limits:
-            return None
-        return self._plans.get(header)
-
-    def put(self, header: bytes, limits: Limits, plan: _RequestPlan) -> None:
-        if plan.id is not None or any(t.size is None for t in plan.inputs):
-            return
-        if limits is not self._limits and limits != self._limits:
-            self._plans = {}
-            self._limits = limits
-        if len(self._plans) >= self.MAX_ENTRIES:
-            # Oldest first; another thread may have evicted it already (dicts keep order).
-            self._plans.pop(next(iter(self._plans), header), None)
-        self._plans[header] = plan
+    def keep(self, header: bytes, limits: Limits, value: _RequestPlan) -> None:
+        if value.id is None and all(t.size is not None for t in value.inputs):
+            super().keep(header, limits, value)
 
 
 def decode_infer_request(
@@ -154,12 +132,12 @@ def decode_infer_request(
         if (
             plans is not None
             and header_length is not None
-            and 0 <= header_length <= PlanCache.MAX_HEADER_BYTES
+            and 0 <= header_length <= plans.MAX_HEADER_BYTES
         ):
             view = memoryview(body)
             if header_length <= len(view) <= limits.max_body_bytes:
                 key = bytes(view[:header_length])
-                plan = plans.get(key, limits)
+                plan = plans.checked(key, limits)
                 if plan is not None:
                     return plan.bind(Reader(view[header_length:]), regions)
         header, reader = split_body(body, header_length, limits)
@@ -167,7 +145,7 @@ def decode_infer_request(
         request = plan.bind(reader, regions)
         if key is not None:
             assert plans is not None
-            plans.put(key, limits, plan)
+            plans.keep(key, limits, plan)
         return request
     except Malformed as exc:
         if exc.too_large:
@@ -326,23 +304,14 @@ def encode_infer_response(
 TAIL_BYTES = 16 * 1024  # larger binary answers go as views, written with writev, never joined
 
 
-class ResponseHeads:
+class ResponseHeads(Kept[tuple[Any, ...], bytes]):
     """JSON headers of recent all-binary responses, by what they declare (one per handler).
 
     A model answering a client's repeated request returns outputs of the same names, datatypes
     and shapes every time, so the response's JSON header is the same bytes: kept, it is not
     encoded again. Only responses without an ``id`` or shared-memory placements whose outputs
-    are all binary and of fixed-size types are kept (their header depends on nothing else),
-    bounded in count.
+    are all binary and of fixed-size types are kept (their header depends on nothing else).
     """
-
-    MAX_ENTRIES = 128
-
-    def __init__(self) -> None:
-        self._heads: dict[tuple[Any, ...], bytes] = {}
-
-    def __len__(self) -> int:
-        return len(self._heads)
 
     @staticmethod
     def key(
@@ -357,15 +326,6 @@ class ResponseHeads:
                 return None
             declared.append((name, array.dtype.str, array.shape))
         return (model_name, model_version, *declared)
-
-    def get(self, key: tuple[Any, ...]) -> bytes | None:
-        return self._heads.get(key)
-
-    def put(self, key: tuple[Any, ...], head: bytes) -> None:
-        if len(self._heads) >= self.MAX_ENTRIES:
-            # Oldest first; another thread may have evicted it already (dicts keep order).
-            self._heads.pop(next(iter(self._heads), key), None)
-        self._heads[key] = head
 
 
 def encode_response_parts(

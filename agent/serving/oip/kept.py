@@ -1,0 +1,54 @@
+"""Bounded maps of what a handler or a client saw recently (checked headers, encoded headers):
+a caller repeats the same few requests, so each is worked out once. Oldest out first."""
+
+from __future__ import annotations
+
+from typing import Generic, TypeVar
+
+from agent.serving.oip.codec import Limits
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class Kept(Generic[K, V]):
+    """At most ``MAX_ENTRIES`` entries; a new one pushes the oldest out."""
+
+    MAX_ENTRIES = 128
+
+    def __init__(self) -> None:
+        self._entries: dict[K, V] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: K) -> V | None:
+        return self._entries.get(key)
+
+    def put(self, key: K, value: V) -> None:
+        if len(self._entries) >= self.MAX_ENTRIES:
+            # Another thread may have evicted the oldest already (dicts keep their order).
+            self._entries.pop(next(iter(self._entries), key), None)
+        self._entries[key] = value
+
+
+class CheckedHeaders(Kept[bytes, V]):
+    """Checked JSON headers by their bytes, valid for the limits they were checked against:
+    other limits start afresh. Only headers up to ``MAX_HEADER_BYTES`` are kept."""
+
+    MAX_HEADER_BYTES = 4096
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._limits: Limits | None = None
+
+    def checked(self, header: bytes, limits: Limits) -> V | None:
+        if limits is not self._limits and limits != self._limits:
+            return None
+        return self.get(header)
+
+    def keep(self, header: bytes, limits: Limits, value: V) -> None:
+        if limits is not self._limits and limits != self._limits:
+            self._entries = {}
+            self._limits = limits
+        self.put(header, value)
