@@ -73,3 +73,33 @@ def test_ingest_batches_refuses_and_flushes_at_stop(tmp_path: Path) -> None:
         publisher.loop_stop()
         store.close()
         broker.stop()
+
+
+def test_health_comes_on_a_connection_of_its_own_and_never_holds_events_back(
+    tmp_path: Path,
+) -> None:
+    """A backlog of health (the bulk of a fleet's traffic) must not delay statuses, events and
+    acknowledgements: they come on the other connection and are taken first, and health goes
+    into each transaction in bounded slices. (Not started: no broker is needed to queue.)"""
+    store = open_store(tmp_path / "fleet.db")
+    ingest = Ingest(store, "127.0.0.1", 1, "split", group="g", batch=10)
+    assert ingest.client._client_id == b"split"
+    assert ingest.bulk._client_id == b"split-health"
+
+    def arrive(topic: str, bulk: bool) -> None:
+        message = mqtt.MQTTMessage(topic=topic.encode())
+        message.payload = b"{}"
+        ingest._on_message(ingest.bulk if bulk else ingest.client, bulk, message)
+
+    for i in range(95):
+        arrive(f"edge/t/d{i}/health", True)
+    arrive("edge/t/d1/events", False)
+    arrive("edge/t/d2/commands/ack", False)
+    first = ingest._take()
+    assert [m.topic for m in first[:2]] == ["edge/t/d1/events", "edge/t/d2/commands/ack"]
+    assert len(first) == 2 + 4 * 10  # four batches of health at most per transaction
+    assert ingest.pending() == 95 - 40
+    taken = [m.topic for m in ingest._take() + ingest._take()]
+    assert len(taken) == 55 and all(topic.endswith("/health") for topic in taken)
+    assert ingest.pending() == 0
+    store.close()
