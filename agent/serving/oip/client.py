@@ -26,10 +26,9 @@ from agent.serving.oip.codec import (
     finish_binary,
     materialize,
     parts_of,
-    split_body,
     tensor_view,
 )
-from agent.serving.oip.kept import CheckedHeaders, Kept
+from agent.serving.oip.kept import CheckedHeaders, Kept, decode_checked
 from agent.serving.shm.client import PlacedTensor
 from agent.serving.shm.keys import Regions
 
@@ -206,25 +205,14 @@ def decode_infer_response(
         InferenceError: the response is malformed or exceeds ``limits``.
     """
     try:
-        key = None
-        if (
-            plans is not None
-            and header_length is not None
-            and 0 <= header_length <= plans.MAX_HEADER_BYTES
-        ):
-            view = memoryview(body)
-            if header_length <= len(view) <= limits.max_body_bytes:
-                key = bytes(view[:header_length])
-                plan = plans.checked(key, limits)
-                if plan is not None:
-                    return plan.bind(Reader(view[header_length:]), regions)
-        header, reader = split_body(body, header_length, limits)
-        plan = _plan_response(header, limits)
-        response = plan.bind(reader, regions)
-        if key is not None:
-            assert plans is not None
-            plans.keep(key, limits, plan)
-        return response
+        return decode_checked(
+            body,
+            header_length,
+            limits,
+            plans,
+            _plan_response,
+            lambda plan, reader: plan.bind(reader, regions),
+        )
     except (Malformed, RequestError) as exc:
         raise InferenceError(exc.message) from None
 

@@ -3,12 +3,14 @@ a caller repeats the same few requests, so each is worked out once. Oldest out f
 
 from __future__ import annotations
 
-from typing import Generic, TypeVar
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
 
-from agent.serving.oip.codec import Limits
+from agent.serving.oip.codec import Limits, Reader, split_body
 
 K = TypeVar("K")
 V = TypeVar("V")
+R = TypeVar("R")
 
 
 class Kept(Generic[K, V]):
@@ -52,3 +54,38 @@ class CheckedHeaders(Kept[bytes, V]):
             self._entries = {}
             self._limits = limits
         self.put(header, value)
+
+
+def decode_checked(
+    body: bytes | bytearray | memoryview,
+    header_length: int | None,
+    limits: Limits,
+    checked: CheckedHeaders[V] | None,
+    plan_of: Callable[[dict[str, Any], Limits], V],
+    bind: Callable[[V, Reader], R],
+) -> R:
+    """A body's JSON header checked into a plan (``plan_of``), or the plan kept for the same
+    header bytes, then bound to the body's binary part (``bind``); the plan is offered to
+    ``checked`` for repeats (it keeps what it may).
+
+    Raises:
+        Malformed: from ``split_body``, ``plan_of`` or ``bind``.
+    """
+    key = None
+    if (
+        checked is not None
+        and header_length is not None
+        and 0 <= header_length <= checked.MAX_HEADER_BYTES
+    ):
+        view = memoryview(body)
+        if header_length <= len(view) <= limits.max_body_bytes:
+            key = bytes(view[:header_length])
+            plan = checked.checked(key, limits)
+            if plan is not None:
+                return bind(plan, Reader(view[header_length:]))
+    header, reader = split_body(body, header_length, limits)
+    plan = plan_of(header, limits)
+    result = bind(plan, reader)
+    if key is not None and checked is not None:
+        checked.keep(key, limits, plan)
+    return result

@@ -29,10 +29,9 @@ from agent.serving.oip.codec import (
     join,
     materialize,
     parts_of,
-    split_body,
     tensor_view,
 )
-from agent.serving.oip.kept import CheckedHeaders, Kept
+from agent.serving.oip.kept import CheckedHeaders, Kept, decode_checked
 from agent.serving.shm.keys import Placement, Regions, placement
 from agent.tensors import TensorSpec
 
@@ -128,25 +127,14 @@ def decode_infer_request(
         UnsupportedError: the request asks for an extension the agent does not offer.
     """
     try:
-        key = None
-        if (
-            plans is not None
-            and header_length is not None
-            and 0 <= header_length <= plans.MAX_HEADER_BYTES
-        ):
-            view = memoryview(body)
-            if header_length <= len(view) <= limits.max_body_bytes:
-                key = bytes(view[:header_length])
-                plan = plans.checked(key, limits)
-                if plan is not None:
-                    return plan.bind(Reader(view[header_length:]), regions)
-        header, reader = split_body(body, header_length, limits)
-        plan = _plan_request(header, limits)
-        request = plan.bind(reader, regions)
-        if key is not None:
-            assert plans is not None
-            plans.keep(key, limits, plan)
-        return request
+        return decode_checked(
+            body,
+            header_length,
+            limits,
+            plans,
+            _plan_request,
+            lambda plan, reader: plan.bind(reader, regions),
+        )
     except Malformed as exc:
         if exc.too_large:
             raise PayloadTooLargeError(exc.message) from None
