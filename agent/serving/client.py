@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import select
 import socket
 import struct
 import time
@@ -39,13 +40,14 @@ from agent.serving.oip.codec import Buffer, Limits
 from agent.serving.response_reader import MAX_HEAD, ClientError, Reply, ResponseReader
 from agent.serving.shm.calls import SHM_PATH, SharedMemoryCalls
 from agent.serving.shm.client import LocalRegions, PlacedTensor
-from agent.serving.spin import DEFAULT_SPIN_US, SpinPolicy
+from agent.serving.spin import DEFAULT_SPIN_US, SpinPolicy, WaitPlan
 
 __all__ = ["DEFAULT_SOCKET", "AsyncInferenceClient", "ClientError", "InferenceClient"]
 
 DEFAULT_SOCKET = "/run/edge-agent/infer.sock"
 _CHUNK = 256 * 1024
 _MAX_IOV = 512  # buffers per sendmsg, under any system's IOV_MAX
+_FD_SETSIZE = 1024  # select() takes no higher descriptor
 
 
 def _send_all(sock: socket.socket, buffers: Sequence[Buffer]) -> None:
@@ -77,8 +79,10 @@ class InferenceClient(SharedMemoryCalls):
 
     While it waits for a reply the client polls its socket for up to ``spin_us`` microseconds
     before it blocks (``agent.serving.spin``): a small model then answers in about a third
-    less time on a VM, at the price of that much CPU per call. The policy stops spinning by itself
-    for replies that take longer and on single-CPU machines; ``spin_us=0`` turns it off.
+    less time on a VM, at the price of that much CPU per call. For slower models it sleeps until
+    the reply is nearly due and polls from there. The policy stops spinning by itself for
+    replies that come later than its poll and on single-CPU machines; ``spin_us=0`` turns it
+    off.
     """
 
     def __init__(
@@ -93,8 +97,11 @@ class InferenceClient(SharedMemoryCalls):
         self.timeout_s = timeout_s
         self.max_response_bytes = max_response_bytes
         self.spin = SpinPolicy(spin_us)
+        self._sleep_until = 0.0
         self._spin_until = 0.0
         self._blocked = False
+        self._sent = 0.0
+        self._waited: float | None = None
         self._sock: socket.socket | None = None
         self._replies = ResponseReader(max_response_bytes)
         self._chunk = bytearray(_CHUNK)
@@ -176,11 +183,11 @@ class InferenceClient(SharedMemoryCalls):
                         self._register(region)
             try:
                 _send_all(self._sock, payload)
-                spin_s = self.spin.spin_s()
-                self._spin_until = time.perf_counter() + spin_s if spin_s else 0.0
-                self._blocked = False
+                plan = self.spin.plan()
+                self._await(plan)
                 response = self._read_response()
-                self.spin.observe(spun=spin_s > 0, hit=not self._blocked)
+                waited = self._waited if self._waited is not None else 0.0
+                self.spin.observe(waited_s=waited, spun=plan.spin_s > 0, hit=not self._blocked)
                 return response
             except (ConnectionError, _StaleConnectionError) as exc:
                 self.close()
@@ -194,9 +201,32 @@ class InferenceClient(SharedMemoryCalls):
                 ) from exc
         raise AssertionError("unreachable")
 
+    def _await(self, plan: WaitPlan) -> None:
+        self._sent = now = time.perf_counter()
+        self._waited = None
+        self._blocked = False
+        self._sleep_until = now + plan.sleep_s if plan.sleep_s else 0.0
+        self._spin_until = now + plan.sleep_s + plan.spin_s if plan.spin_s else 0.0
+
+    def _nap(self, sock: socket.socket) -> None:
+        """Sleep until the poll is due, woken at once by the reply."""
+        timeout = self._sleep_until - time.perf_counter()
+        self._sleep_until = 0.0
+        if timeout <= 0:
+            return
+        fd = sock.fileno()
+        if fd < _FD_SETSIZE:  # select's timeout is in µs, poll's in ms
+            select.select((fd,), (), (), timeout)
+        else:
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            poller.poll(int(timeout * 1000))
+
     def _recv_more(self) -> None:
         sock = self._sock
         assert sock is not None
+        if self._sleep_until:
+            self._nap(sock)
         space = self._replies.body_space()
         if space is not None and len(space) > _CHUNK:
             # The rest of a large body: straight into its buffer, no copy after the kernel's.
@@ -222,6 +252,8 @@ class InferenceClient(SharedMemoryCalls):
             count = sock.recv_into(self._chunk)
         if not count:
             raise _StaleConnectionError("the agent closed the connection")
+        if self._waited is None:
+            self._waited = time.perf_counter() - self._sent
         self._replies.feed(self._chunk_view[:count])
 
     def _read_response(self) -> Reply:

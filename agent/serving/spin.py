@@ -2,21 +2,29 @@
 
 A thread that blocks in ``recv`` lets its CPU go idle; on a VM an idle vCPU halts, and waking
 it when the reply lands costs more than a small model's whole inference (about 90 µs here, see
-BENCHMARKS.md). Polling the socket for a short, bounded time first keeps the CPU awake for
-replies that arrive soon, and falls back to a blocking ``recv`` for those that do not. The
-policy spins only where it can pay off: on more than one CPU (on one, spinning would take the
-CPU from the server it waits for), and while replies keep arriving within the budget. After a
-miss it backs off exponentially (skip 1, 2, 4 … 64 calls before trying again), so a client of
-a slow model spends on average less than 1/64 of the budget per call.
+BENCHMARKS.md), and the agent's send pays for the wake-up too. Polling the socket for a short,
+bounded time keeps the CPU awake for the reply, and falls back to a blocking ``recv`` for one
+that does not come. The poll is placed where the reply is due: the client sleeps (a reply
+arriving meanwhile wakes it) until shortly before the earliest of its recent replies, then
+polls, so a 1 ms model costs the same few hundred µs of polling per call as a 50 µs one.
+The policy spins only where it can pay off: on more than one CPU (on one, spinning would take
+the CPU from the server it waits for), and while replies keep arriving within the budget.
+After a miss it backs off exponentially (skip 1, 2, 4 … 64 calls before trying again), so a
+client of an erratic model spends on average less than 1/64 of the budget per call.
 """
 
 from __future__ import annotations
 
 import os
+from collections import deque
 from dataclasses import dataclass, field
 
 DEFAULT_SPIN_US = 300.0
 MAX_SKIP = 64
+# How long before the earliest recent reply the sleep ends: the timer's default slack (50 µs)
+# and the thread's own wake-up, with room to spare.
+LEAD_US = 200.0
+RECENT = 8  # replies whose waits predict the next one
 
 
 def usable_cpus() -> int:
@@ -26,29 +34,48 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
+@dataclass(frozen=True, slots=True)
+class WaitPlan:
+    """How to wait for one reply: sleep ``sleep_s`` (woken early by the reply), then poll for
+    up to ``spin_s``, then block. ``spin_s == 0``: block at once."""
+
+    sleep_s: float = 0.0
+    spin_s: float = 0.0
+
+
+BLOCK = WaitPlan()
+
+
 @dataclass
 class SpinPolicy:
-    """Per-connection spin budget, adapted to whether replies arrive within it."""
+    """Per-connection spin budget, placed by recent replies' waits and adapted to whether
+    replies arrive within it."""
 
     budget_us: float = DEFAULT_SPIN_US
     cpus: int = field(default_factory=usable_cpus)
     skip: int = 0
     misses: int = 0
+    recent: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT))
     # Totals, for benchmarks and diagnostics.
     spins: int = 0
     hits: int = 0
 
-    def spin_s(self) -> float:
-        """Seconds to poll before blocking, for the reply about to be awaited (0: block)."""
+    def plan(self) -> WaitPlan:
+        """How to wait for the reply about to be awaited."""
         if self.budget_us <= 0 or self.cpus < 2:
-            return 0.0
+            return BLOCK
         if self.skip > 0:
             self.skip -= 1
-            return 0.0
-        return self.budget_us / 1e6
+            return BLOCK
+        # A full window of waits, so that one reply does not decide; the earliest of them,
+        # so that a reply a little faster than usual is still caught.
+        due_s = min(self.recent) if len(self.recent) == RECENT else 0.0
+        return WaitPlan(max(0.0, due_s - LEAD_US / 1e6), self.budget_us / 1e6)
 
-    def observe(self, *, spun: bool, hit: bool) -> None:
-        """Record whether a reply came while spinning (``hit``) or needed a blocking wait."""
+    def observe(self, *, waited_s: float, spun: bool, hit: bool) -> None:
+        """Record how long the reply took (``waited_s``, from the send to its first bytes) and
+        whether it came before the poll ended (``hit``) or needed a blocking wait."""
+        self.recent.append(waited_s)
         if not spun:
             return
         self.spins += 1

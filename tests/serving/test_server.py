@@ -20,6 +20,7 @@ import pytest
 
 from agent.errors import NotFoundError, RequestError, UnavailableError
 from agent.serving.client import ClientError, InferenceClient
+from agent.serving.spin import RECENT
 from tests.telemetry.agents import wait_for
 
 from .conftest import RunningAgent
@@ -511,6 +512,28 @@ def test_spinning_client_results_and_fallback_to_blocking(
         for name in a:
             np.testing.assert_array_equal(a[name], b[name])
         assert blocking.spin.spins == 0
+
+
+def test_spinning_client_sleeps_until_a_slow_reply_is_due(tmp_path: Path) -> None:
+    """Replies 20 ms after each request with a 5 ms budget: once eight waits are known the
+    client sleeps until shortly before the reply is due and polls from there, so it catches
+    replies that a poll started at the send would miss."""
+    with (
+        slow_server(tmp_path / "slow.sock", delay_s=0.02) as slow,
+        InferenceClient(str(slow), spin_us=5000) as client,
+    ):
+        client.spin.cpus = 2
+        for _ in range(RECENT):  # the waits that place the poll; these spin and miss
+            assert client.request("GET", "/v2/health/ready")[0] == 200
+        client.spin.skip = client.spin.misses = 0
+        placed = client.spin.plan()
+        assert placed.sleep_s > 0.015
+        spins, hits = client.spin.spins, client.spin.hits
+        for _ in range(20):
+            assert client.request("GET", "/v2/health/ready")[0] == 200
+        # A poll started at the send ends 15 ms before the reply: any hit is the sleep's.
+        assert client.spin.hits - hits >= 1
+        assert client.spin.spins - spins >= client.spin.hits - hits
 
 
 def test_spinning_client_still_times_out(tmp_path: Path) -> None:
