@@ -197,7 +197,9 @@ NEVER_IMPORTED = (
 # stop 11"): psutil (the health readings come from /proc and /sys: agent.telemetry.procfs),
 # the operations layer (with the first command or admin call), the update loop and the
 # delivery side (with a followed repository), paho's urllib.request with http.client and email
-# (agent.telemetry.pahoproxy: with a proxy lookup that can find one).
+# (agent.telemetry.pahoproxy: with a proxy lookup that can find one), the shared-memory
+# extension (agent.serving.shmview: with the first request that names a region or calls it;
+# the daemon below answers an inference over the socket first).
 IMPORTED_WHEN_USED = (
     "psutil",
     "agent.operations",
@@ -205,6 +207,7 @@ IMPORTED_WHEN_USED = (
     "agent.delivery",
     "http.client",
     "email",
+    "agent.serving.shm",
 )
 
 

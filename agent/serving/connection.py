@@ -16,10 +16,10 @@ import socket
 import time
 from collections import deque
 from functools import partial
-from typing import Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from agent.errors import AgentError
-from agent.serving import routes
+from agent.serving import routes, shmview
 from agent.serving.admin import AdminApi, peer_uid
 from agent.serving.admission import ByteBudget
 from agent.serving.framing import MAX_IOV, Failure, Phase, Request, frame, unsent
@@ -28,10 +28,11 @@ from agent.serving.oip.codec import Buffer
 from agent.serving.oip.server import encode_error
 from agent.serving.pool import InferencePool
 from agent.serving.reader import RequestReader
-from agent.serving.shm import api as shm_api
-from agent.serving.shm.peer import tcp_peer_uid, unix_peer
-from agent.serving.shm.registry import PeerRegions, ShmRegistry
+from agent.serving.shmview import LazyRegions
 from agent.serving.solo import Solo
+
+if TYPE_CHECKING:  # the shared-memory modules load when a request first uses them
+    from agent.serving.shm.registry import ShmRegistry
 
 log = logging.getLogger(__name__)
 
@@ -40,22 +41,6 @@ FRESH_S = 0.5
 _SHM_ROUTES = frozenset(
     {routes.Kind.SHM_STATUS, routes.Kind.SHM_REGISTER, routes.Kind.SHM_UNREGISTER}
 )
-
-
-def _regions(
-    registry: ShmRegistry, sock: socket.socket | None, connection: object
-) -> PeerRegions | None:
-    """The shared-memory view of a new connection: on a Unix socket its peer is the process
-    (SO_PEERCRED pid and uid), on TCP the connection itself (its uid read at registration)."""
-    if sock is None or not registry.enabled:
-        return None
-    if sock.family == socket.AF_UNIX:
-        cred = unix_peer(sock)
-        if cred is None:
-            return None
-        pid, uid = cred
-        return registry.peer(("unix", uid, pid), connection, lambda: uid)
-    return registry.peer(("tcp", id(connection)), connection, lambda: tcp_peer_uid(sock))
 
 
 class Limits(Protocol):
@@ -73,6 +58,8 @@ class Limits(Protocol):
     def header_timeout_s(self) -> float: ...
     @property
     def body_timeout_s(self) -> float: ...
+    @property
+    def shm_max_regions_per_peer(self) -> int: ...
 
 
 class Server(Protocol):
@@ -83,12 +70,13 @@ class Server(Protocol):
     admin: AdminApi | None
     body_budget: ByteBudget
     draining: bool
-    shm: ShmRegistry
     solo: Solo
     routes: routes.RouteCache
 
     @property
     def limits(self) -> Limits: ...
+    @property
+    def shm(self) -> ShmRegistry: ...
     def admit(self, connection: HttpConnection) -> str | None: ...
     def unregister(self, connection: HttpConnection) -> None: ...
     def connection_closed(self) -> None: ...
@@ -114,10 +102,11 @@ class HttpConnection(asyncio.BufferedProtocol):
         self._registered = False
         self.listener = listener
         self.peer: int | None = None
-        self.regions: PeerRegions | None = None  # the shared-memory regions its peer registered
+        self.regions: LazyRegions | None = None  # its peer's shared memory (None: not offered)
         self.answered = 0  # responses written
         self._fd = -1  # the socket's, for writing an answer's parts in one call
         self.last_answer = 0.0
+        self._id = id(self)  # who started a request, for the server's Solo
         self._reader = RequestReader(
             self._limits.max_header_bytes,
             self._limits.max_body_bytes,
@@ -148,7 +137,8 @@ class HttpConnection(asyncio.BufferedProtocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         elif sock is not None:
             self.peer = peer_uid(sock)
-        self.regions = _regions(self._server.shm, sock, self)
+        if sock is not None and self._limits.shm_max_regions_per_peer > 0:
+            self.regions = LazyRegions(self._server, sock, self)
         refusal = self._server.admit(self)
         if refusal is not None:
             self._write(Response(503, encode_error(refusal), retry_after_s=1.0), False, False)
@@ -186,9 +176,10 @@ class HttpConnection(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         if self._closing or self._failed:
             return
-        failure = self._reader.received(nbytes)
-        if failure is None and self._reader.in_place and self._fd >= 0:
-            failure = read_rest(self._fd, self._reader)
+        reader = self._reader
+        failure = reader.received(nbytes)
+        if failure is None and reader.in_place and self._fd >= 0:
+            failure = read_rest(self._fd, reader)
         self._parsed(failure)
 
     def data_received(self, data: bytes) -> None:
@@ -227,7 +218,7 @@ class HttpConnection(asyncio.BufferedProtocol):
                 self._write(response, False, item.head_only)
                 return
             self._answer(item)
-        if not self._queue and not self._writing_paused and not self._failed:
+        if self._reading_paused and not (self._queue or self._writing_paused or self._failed):
             self._resume_reading()
 
     def _answer(self, request: Request) -> None:
@@ -236,7 +227,7 @@ class HttpConnection(asyncio.BufferedProtocol):
         admin = self._server.admin
         solo = self._server.solo
         now = time.perf_counter()
-        solo.started(id(self), now)
+        solo.started(self._id, now)
         try:
             try:
                 route = self._server.routes.match(request.path)  # the handler takes it as matched
@@ -247,7 +238,7 @@ class HttpConnection(asyncio.BufferedProtocol):
             if post and route.kind is routes.Kind.INFER:
                 try:
                     prepared = handler.prepare_infer(
-                        route, request.body, request.header_length, self.regions
+                        route, request.body, request.header_length, self.regions, now
                     )
                 except AgentError as exc:
                     self._respond(request, error_response(exc))
@@ -281,7 +272,7 @@ class HttpConnection(asyncio.BufferedProtocol):
                 task = self._loop.create_task(handler.handle_status(request.method, route))
                 task.add_done_callback(self._admin_done)
             elif route.kind in _SHM_ROUTES:
-                answer = shm_api.handle(request.method, route, request.body, self.regions)
+                answer = shmview.handle(request.method, route, request.body, self.regions)
                 self._respond(request, answer)
             else:
                 self._respond(request, handler.handle(request.method, route, request.body))
@@ -292,8 +283,9 @@ class HttpConnection(asyncio.BufferedProtocol):
             self._respond(request, Response(500, encode_error(f"internal error: {exc}")))
 
     def _respond(self, request: Request, response: Response) -> None:
-        self._server.body_budget.release(request.reserved)
-        request.reserved = 0
+        if request.reserved:
+            self._server.body_budget.release(request.reserved)
+            request.reserved = 0
         keep_alive = request.keep_alive and not self._server.draining
         self._write(response, keep_alive, request.method == "HEAD")
 
@@ -315,6 +307,10 @@ class HttpConnection(asyncio.BufferedProtocol):
         except Exception as exc:
             log.exception("server: encoding the answer of %s failed", prepared.loaded.name)
             response = Response(500, encode_error(f"internal error: {exc}"))
+        self._finished(request, response)
+
+    def _finished(self, request: Request | None, response: Response) -> None:
+        """A request answered off the loop's turn (pool, admin call): write, go on."""
         if request is None:
             return
         if self._transport is None:
@@ -333,13 +329,7 @@ class HttpConnection(asyncio.BufferedProtocol):
             response = Response(500, encode_error(f"admin call failed: {error or 'cancelled'}"))
         else:
             response = task.result()
-        if request is None:
-            return
-        if self._transport is None:
-            self._server.body_budget.release(request.reserved)
-            return
-        self._respond(request, response)
-        self._process()
+        self._finished(request, response)
 
     # -- writing ----------------------------------------------------------------------------
 

@@ -9,7 +9,10 @@ from http import HTTPStatus
 from agent.serving.handler import Response
 from agent.serving.oip.codec import Buffer
 
-_REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
+_STATUS_LINES = {
+    status.value: b"HTTP/1.1 %d %s\r\n" % (status.value, status.phrase.encode())
+    for status in HTTPStatus
+}
 
 
 class Phase(enum.Enum):
@@ -51,22 +54,26 @@ class ParseAbortError(Exception):
 def frame(response: Response, keep_alive: bool, head_only: bool) -> list[Buffer]:
     """The buffers of one answer, to be written in order: status line, headers and the body
     unless ``head_only``, then the body's tail (large binary parts, never joined)."""
-    size = len(response.body) + sum(len(part) for part in response.tail)
-    head = [
-        b"HTTP/1.1 %d %s\r\n" % (response.status, _REASONS.get(response.status, b"Unknown")),
-        b"Content-Type: %s\r\nContent-Length: %d\r\n" % (response.content_type, size),
-    ]
+    tail = response.tail
+    size = len(response.body)
+    for part in tail:
+        size += len(part)
+    try:
+        head = _STATUS_LINES[response.status]
+    except KeyError:
+        head = b"HTTP/1.1 %d Unknown\r\n" % response.status
+    head += b"Content-Type: %s\r\nContent-Length: %d\r\n" % (response.content_type, size)
     if response.header_length is not None:
-        head.append(b"Inference-Header-Content-Length: %d\r\n" % response.header_length)
+        head += b"Inference-Header-Content-Length: %d\r\n" % response.header_length
     if response.retry_after_s is not None:
-        head.append(b"Retry-After: %d\r\n" % max(1, round(response.retry_after_s)))
-    if not keep_alive:
-        head.append(b"Connection: close\r\n")
-    head.append(b"\r\n")
+        head += b"Retry-After: %d\r\n" % max(1, round(response.retry_after_s))
+    head += b"\r\n" if keep_alive else b"Connection: close\r\n\r\n"
     # A HEAD answer has the headers GET would have, and no body (RFC 9110 §9.3.2).
     if head_only:
-        return [b"".join(head)]
-    return [b"".join(head) + response.body, *response.tail]
+        return [head]
+    if tail:
+        return [head + response.body, *tail]
+    return [head + response.body]
 
 
 MAX_IOV = 512  # buffers per writev, under any system's IOV_MAX

@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -30,9 +30,11 @@ from agent.models.slots import LoadedVersion, Slot, Slots
 from agent.serving import modelinfo, routes
 from agent.serving.oip import server as oip
 from agent.serving.oip.codec import Buffer, Limits
-from agent.serving.shm.keys import Regions
-from agent.serving.shm.tensors import Placed, placed_outputs, write_outputs
 from agent.telemetry.metrics import Registry, render_prometheus
+
+if TYPE_CHECKING:  # the shared-memory modules load with the first request naming a region
+    from agent.serving.shm.keys import Regions
+    from agent.serving.shm.tensors import Placed
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +74,10 @@ class PreparedInfer:
         started = time.perf_counter()
         try:
             results = self.loaded.session.run(self.feeds, [name for name, _ in self.outputs])
-            self.written = write_outputs(self.placed, results)
+            if self.placed is not None:
+                from agent.serving.shm.tensors import write_outputs
+
+                self.written = write_outputs(self.placed, results)
             return results
         finally:
             self.run_s = time.perf_counter() - started
@@ -104,32 +109,46 @@ def _matched(target: str | routes.Route) -> routes.Route:
     return target if isinstance(target, routes.Route) else routes.match(target)
 
 
+def _lease(
+    slots: Slots, metrics: Registry, name: str, version: int | None
+) -> tuple[Slot, LoadedVersion]:
+    """A lease on ``name``'s ``version`` (else its active one), counted as rejected when no
+    model has that name.
+
+    Raises:
+        NotFoundError, UnavailableError: from the slots.
+    """
+    try:
+        slot = slots.get(name)
+    except NotFoundError:
+        metrics.rejected_requests += 1
+        raise
+    return slot, slot.acquire(version)
+
+
+def _refuse(
+    metrics: Registry, slot: Slot, loaded: LoadedVersion, name: str, exc: BaseException
+) -> None:
+    """A request refused before the model ran (the client's mistake, never the version's
+    error): count it and release the lease, for the caller to re-raise ``exc``. Raises a
+    ``RequestError`` in its place when it is not an agent error (decoding input that no check
+    foresaw: a defect of ours, logged as one, answered as a bad request)."""
+    metrics.model(loaded.name, str(loaded.version)).observe_client_error()
+    slot.release(loaded)
+    if isinstance(exc, AgentError) or not isinstance(exc, Exception):
+        return
+    log.exception("infer %s: decoding the request failed unexpectedly", name)
+    raise RequestError(
+        f"model {name!r}: the request could not be decoded ({type(exc).__name__}: {str(exc)[:200]})"
+    ) from exc
+
+
 def _json(value: Any, status: int = 200) -> Response:
     return Response(status, json.dumps(value, separators=(",", ":")).encode())
 
 
 # The agent's part of the status document, awaited: its reads run off the loop (the I/O thread).
 StatusProvider = Callable[[], Awaitable[Mapping[str, Any]]]
-
-
-@dataclass(slots=True)
-class _Decode:
-    """Decodes a REST request body; keeps the outputs it places in shared memory."""
-
-    body: bytes | bytearray | memoryview
-    header_length: int | None
-    limits: Limits
-    plans: oip.PlanCache
-    regions: Regions | None
-    model: str
-    placed: Placed | None = None
-
-    def __call__(self) -> oip.InferRequest:
-        request = oip.decode_infer_request(
-            self.body, self.header_length, self.limits, self.plans, self.regions
-        )
-        self.placed = placed_outputs(oip.output_placements(request), self.regions, self.model)
-        return request
 
 
 class OipHandler:
@@ -217,20 +236,46 @@ class OipHandler:
         body: bytes | bytearray | memoryview,
         header_length: int | None,
         regions: Regions | None = None,
+        started: float | None = None,
     ) -> PreparedInfer:
-        """Decode and check a request (tensors may be in shared ``regions``), lease its version.
+        """Decode and check a request (tensors may be in shared ``regions``), lease its version
+        (``started``: its ``time.perf_counter()``, when the caller has read it).
 
         Raises:
             AgentError: a request, not-found or unavailable error, ready to become a response.
         """
-        started = time.perf_counter()
-        route = _matched(path)
+        if started is None:
+            started = time.perf_counter()
+        # The steps of prepare_request, written out: this is every REST request's path.
+        route = path if isinstance(path, routes.Route) else routes.match(path)
         if route.kind is not routes.Kind.INFER:
             raise NotFoundError(f"no inference route {route.path}")
-        decode = _Decode(body, header_length, self.limits, self._plans, regions, route.model)
-        prepared = self.prepare_request(route.model, route.version, decode, started)
-        prepared.placed = decode.placed
-        return prepared
+        name = route.model
+        slot, loaded = _lease(self.slots, self.metrics, name, route.version)
+        try:
+            request = oip.decode_infer_request(
+                body, header_length, self.limits, self._plans, regions
+            )
+            placed = None
+            if request.outputs is not None:  # some may go into the client's shared memory
+                placements = oip.output_placements(request)
+                if placements:
+                    from agent.serving.shm.tensors import placed_outputs
+
+                    placed = placed_outputs(placements, regions, name)
+            session = loaded.session
+            feeds = oip.check_inputs(request, session.inputs, name)
+            outputs = oip.check_outputs(request, session.outputs, name)
+        except BaseException as exc:
+            _refuse(self.metrics, slot, loaded, name, exc)
+            raise
+        elements = 0
+        for tensor in request.inputs:
+            elements += tensor.data.size
+        inline = fastpath.route(loaded, elements, self.inline_threshold_us, time.perf_counter())
+        return PreparedInfer(
+            slot, loaded, request.id, feeds, outputs, started, inline, placed=placed
+        )
 
     def prepare_request(
         self,
@@ -240,36 +285,22 @@ class OipHandler:
         started: float | None = None,
     ) -> PreparedInfer:
         """Lease ``name`` (``version``, else the active one), ``decode`` the request and check
-        it against that version's signature: any transport's way in (REST body, gRPC message).
+        it against that version's signature: any transport's way in (a gRPC message; REST
+        bodies take the same steps in ``prepare_infer``).
 
         Raises:
             AgentError: a request, not-found or unavailable error, ready to become a response.
         """
         if started is None:
             started = time.perf_counter()
-        try:
-            slot = self.slots.get(name)
-        except NotFoundError:
-            self.metrics.rejected_requests += 1
-            raise
-        loaded = slot.acquire(version)
+        slot, loaded = _lease(self.slots, self.metrics, name, version)
         try:
             request = decode()
             feeds = oip.check_inputs(request, loaded.session.inputs, name)
             outputs = oip.check_outputs(request, loaded.session.outputs, name)
         except BaseException as exc:
-            # The client's mistake, refused before the model ran: never the version's error.
-            self.metrics.model(loaded.name, str(loaded.version)).observe_client_error()
-            slot.release(loaded)
-            if isinstance(exc, AgentError) or not isinstance(exc, Exception):
-                raise
-            # Decoding input that no check foresaw (a defect of ours, logged as one); the
-            # request is still the one that made it fail, so it is answered as a bad request.
-            log.exception("infer %s: decoding the request failed unexpectedly", name)
-            raise RequestError(
-                f"model {name!r}: the request could not be decoded ({type(exc).__name__}: "
-                f"{str(exc)[:200]})"
-            ) from exc
+            _refuse(self.metrics, slot, loaded, name, exc)
+            raise
         elements = sum(value.size for value in feeds.values())
         inline = fastpath.route(loaded, elements, self.inline_threshold_us, time.perf_counter())
         return PreparedInfer(slot, loaded, request.id, feeds, outputs, started, inline)
@@ -286,15 +317,17 @@ class OipHandler:
             if error is not None:
                 return error_response(self.failure(prepared, error))
             assert results is not None
+            manifest = loaded.manifest
+            version = str(manifest.version)
             body, tail, header_length = oip.encode_response_parts(
-                loaded.name,
-                str(loaded.version),
+                manifest.name,
+                version,
                 prepared.request_id,
                 [(name, results[name], binary) for name, binary in prepared.outputs],
                 prepared.written,
                 self._heads,
             )
-            self.observe_success(prepared)
+            self.observe_success(prepared, version)
             content_type = b"application/octet-stream" if header_length is not None else JSON
             return Response(200, body, content_type, header_length, tail=tail)
         finally:
@@ -314,17 +347,22 @@ class OipHandler:
         self._observe(loaded, prepared.started, failed=True, seconds=prepared.run_s)
         return exc
 
-    def observe_success(self, prepared: PreparedInfer) -> None:
-        """Count a request answered with its outputs."""
-        self._observe(prepared.loaded, prepared.started, failed=False, seconds=prepared.run_s)
-        now = time.perf_counter()  # and what its path delivered (models/pathchoice.py)
-        took_s = now - prepared.started
-        fastpath.finished(prepared.loaded, prepared.inline, took_s, prepared.run_s, now)
+    def observe_success(self, prepared: PreparedInfer, version: str | None = None) -> None:
+        """Count a request answered with its outputs (``version``: the version's as text)."""
+        loaded = prepared.loaded
+        now = time.perf_counter()
+        metrics = self.metrics.model(loaded.manifest.name, version or str(loaded.version))
+        metrics.observe(prepared.run_s or (now - prepared.started), failed=False)  # see _observe
+        # And what its path delivered (models/pathchoice.py).
+        fastpath.finished(loaded, prepared.inline, now - prepared.started, prepared.run_s, now)
 
     def run_inline(self, prepared: PreparedInfer) -> Response:
-        """Run a prepared request on the calling thread and finish it."""
-        results, error = self.run_here(prepared)
-        return self.finish_infer(prepared, results, error)
+        """Run a prepared request on the calling thread and finish it (``run_here``'s)."""
+        try:
+            results = prepared.run()
+        except BaseException as exc:  # the response names the failure; nothing is lost
+            return self.finish_infer(prepared, None, exc)
+        return self.finish_infer(prepared, results, None)
 
     def run_here(
         self, prepared: PreparedInfer

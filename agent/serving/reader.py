@@ -53,6 +53,18 @@ def _scratch() -> memoryview:
 class RequestReader:
     """Feeds one connection's bytes to httptools; ``deliver`` gets each whole request."""
 
+    # Each message's, set by _reset.
+    _url: bytes
+    _header_bytes: int
+    _header_length: int | None
+    _content_length: int | None
+    _expect_continue: bool
+    _body: bytearray
+    _filled: int  # bytes of a body of known length received (it is allocated whole)
+    _method: bytes
+    _keep_alive: bool
+    _reserved: int
+
     def __init__(
         self,
         max_header_bytes: int,
@@ -69,50 +81,35 @@ class RequestReader:
         self._may_continue = may_continue  # no earlier answer is still owed
         self._send_continue = send_continue
         self._parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
+        self._scratch = _scratch()  # the loop thread's (readers are made and fed there)
         self.phase = Phase.IDLE
-        self.phase_since = time.monotonic()
+        self.phase_since = self._now = time.monotonic()  # _now: when the bytes being parsed came
+        self.in_place = False  # the kernel writes the rest of the body into it, no parser
         self._reset()
 
-    def _reset(self) -> None:
-        self._url = b""
-        self._header_bytes = 0
-        self._header_length: int | None = None
-        self._content_length: int | None = None
-        self._expect_continue = False
-        self._body = bytearray()
-        self._filled = 0  # bytes of a body of known length received (it is allocated whole)
-        self._direct = False  # the kernel writes the rest of the body into it, no parser
-        self._method = b""
-        self._keep_alive = True
-        self._reserved = 0
-
-    @property
-    def in_place(self) -> bool:
-        """Whether the rest of a body is being received straight into its buffer."""
-        return self._direct
-
     def buffer(self) -> memoryview:
-        """Where the next read goes: the rest of a body received in place, or the scratch."""
-        if self._direct:
+        """Where the next read goes: the rest of a body received in place, or the scratch (a
+        view of its own each time: whoever releases it releases only that)."""
+        if self.in_place:
             return memoryview(self._body)[self._filled :]
         if self.phase is not Phase.BODY:
-            return _scratch()[:FIRST_READ_BYTES]
-        return _scratch()[:]  # a view of its own: whoever releases it releases only that
+            return self._scratch[:FIRST_READ_BYTES]
+        return self._scratch[:]
 
     def received(self, count: int) -> Failure | None:
         """``count`` bytes were read into ``buffer()``."""
-        if not self._direct:
-            failure = self.feed(_scratch()[:count])
-            parser = self._parser
-            if failure is None and parser is not None and self.phase is Phase.BODY:
-                self._go_direct(parser)
+        if not self.in_place:
+            failure = self.feed(self._scratch[:count])
+            if failure is None and self.phase is Phase.BODY and self._parser is not None:
+                self._go_direct(self._parser)
             return failure
         self._filled += count
         if self._filled < len(self._body):
             return None
-        self._direct = False
+        self.in_place = False
         # The parser never saw the body: the next request gets a fresh one.
         self._parser = httptools.HttpRequestParser(self)
+        self._now = time.monotonic()
         try:
             self._complete(self._method, self._keep_alive)
         except ParseAbortError as exc:
@@ -123,7 +120,7 @@ class RequestReader:
         """Receive the rest of a body of known length in place, when enough of it remains."""
         if self._content_length is None or len(self._body) - self._filled <= DIRECT_BYTES:
             return
-        self._direct = True
+        self.in_place = True
         self._method = parser.get_method()
         self._keep_alive = parser.should_keep_alive()
 
@@ -132,9 +129,11 @@ class RequestReader:
         parser = self._parser
         if parser is None:
             return None
+        # One reading of the clock for what these bytes start or complete (they came together).
+        self._now = now = time.monotonic()
         if self.phase is Phase.IDLE:
             self.phase = Phase.HEAD
-            self.phase_since = time.monotonic()
+            self.phase_since = now
         try:
             parser.feed_data(data)
         except ParseAbortError as exc:
@@ -164,7 +163,7 @@ class RequestReader:
         self._budget.release(self._reserved)
         self._reserved = 0
         self._body = bytearray()
-        self._direct = False
+        self.in_place = False
         self._parser = None
         # The callbacks are the connection's bound methods: the same kind of cycle.
         self._deliver = _ignore
@@ -177,7 +176,19 @@ class RequestReader:
         self._reset()
         if self.phase is Phase.IDLE:
             self.phase = Phase.HEAD
-            self.phase_since = time.monotonic()
+            self.phase_since = self._now
+
+    def _reset(self) -> None:
+        self._url = b""
+        self._header_bytes = 0
+        self._header_length = None
+        self._content_length = None
+        self._expect_continue = False
+        self._body = bytearray()
+        self._filled = 0
+        self._method = b""
+        self._keep_alive = True
+        self._reserved = 0
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -192,16 +203,29 @@ class RequestReader:
                 431, f"request headers larger than {self._max_header_bytes} bytes"
             )
         lowered = name.lower()
+        # The lengths parsed here, without a call: framing.length words the refusals.
         if lowered == b"inference-header-content-length":
-            self._header_length = length(value, "Inference-Header-Content-Length")
+            try:
+                size = int(value)
+            except ValueError:
+                size = -1
+            if size < 0:
+                length(value, "Inference-Header-Content-Length")
+            self._header_length = size
         elif lowered == b"content-length":
-            self._content_length = length(value, "Content-Length")
+            try:
+                size = int(value)
+            except ValueError:
+                size = -1
+            if size < 0:
+                length(value, "Content-Length")
+            self._content_length = size
         elif lowered == b"expect" and value.strip().lower() == b"100-continue":
             self._expect_continue = True
 
     def on_headers_complete(self) -> None:
         self.phase = Phase.BODY
-        self.phase_since = time.monotonic()
+        self.phase_since = self._now
         size = self._content_length
         if size is not None:
             if size > self._max_body_bytes:
@@ -249,7 +273,7 @@ class RequestReader:
             raise ParseAbortError(400, "request URL is not ASCII") from None
         request = Request(
             method=method,
-            path=path_of(target),
+            path=path_of(target) if "?" in target or "#" in target else target,
             body=self._body,  # handed over, not copied: the next message gets a new buffer
             header_length=self._header_length,
             keep_alive=keep_alive,
@@ -258,7 +282,7 @@ class RequestReader:
         self._body = bytearray()
         self._reserved = 0
         self.phase = Phase.IDLE
-        self.phase_since = time.monotonic()
+        self.phase_since = self._now
         self._deliver(request)
 
     def _reserve(self, size: int) -> None:

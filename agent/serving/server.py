@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent.config import ServingSection
 from agent.errors import ConfigError
@@ -35,8 +36,10 @@ from agent.serving.admission import Admission, ByteBudget, Holder
 from agent.serving.connection import FRESH_S, HttpConnection
 from agent.serving.handler import OipHandler
 from agent.serving.pool import InferencePool
-from agent.serving.shm.registry import ShmLimits, ShmRegistry
 from agent.serving.solo import Solo, SoloPolicy
+
+if TYPE_CHECKING:  # the shared-memory modules load with the extension's first use
+    from agent.serving.shm.registry import ShmRegistry
 
 log = logging.getLogger(__name__)
 
@@ -189,9 +192,7 @@ class InferenceServer:
             self.limits.max_connections, self.limits.max_connections_per_peer
         )
         self.body_budget = ByteBudget(self.limits.max_buffered_body_bytes)
-        self.shm = ShmRegistry(
-            ShmLimits(self.limits.shm_max_regions_per_peer, self.limits.shm_max_bytes_per_peer)
-        )
+        self._shm: ShmRegistry | None = None
         self.solo = Solo(SoloPolicy(self.limits.solo_max_run_us * 1e-6))
         self.routes = routes.RouteCache()  # the routes of the paths clients repeat
         self.draining = False
@@ -204,6 +205,19 @@ class InferenceServer:
         self._rebalance: asyncio.TimerHandle | None = None
         self._closed_event = asyncio.Event()
         self.addresses: list[str] = []
+
+    @property
+    def shm(self) -> ShmRegistry:
+        """Every peer's shared-memory regions (made, and the shm modules loaded, at the first
+        request that names a region or calls the extension)."""
+        if self._shm is None:
+            from agent.serving.shm.registry import ShmLimits, ShmRegistry
+
+            limits = self.limits
+            self._shm = ShmRegistry(
+                ShmLimits(limits.shm_max_regions_per_peer, limits.shm_max_bytes_per_peer)
+            )
+        return self._shm
 
     # -- connections ------------------------------------------------------------------------
 

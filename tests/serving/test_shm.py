@@ -33,6 +33,7 @@ from agent.serving.shm.registry import ShmLimits, ShmRegistry
 from tests.serving.conftest import RunningAgent, start_agent
 
 X_BYTES = 64 * 4  # matmul's x: 1 x 64 FP32
+INFER = "/v2/models/matmul/infer"
 
 
 @pytest.fixture
@@ -367,6 +368,33 @@ def test_regions_go_with_the_connection(shm_agent: RunningAgent, key: str) -> No
                 break
             time.sleep(0.01)
         assert registry.mapped == 0
+
+
+def test_the_registry_is_made_when_a_request_first_names_a_region(
+    shm_agent: RunningAgent, key: str
+) -> None:
+    """Requests that name no region leave the extension unloaded (tests/test_footprint.py
+    checks the idle daemon imports none of agent.serving.shm); the first that names one makes
+    the registry and is answered as before; regions still go with the connection."""
+    server = shm_agent.agent.server
+    data = {"name": "x", "datatype": "FP32", "shape": [1, 64], "data": [0.5] * 64}
+    with unix(shm_agent) as sock:
+        status, answer = raw(sock, "POST", INFER, json.dumps({"inputs": [data]}).encode())
+        assert status == 200 and answer["outputs"][0]["name"] == "y"
+        assert server._shm is None
+        status, answer = raw(sock, "POST", INFER, infer_body("nope"))
+        assert status == 400 and "no shared-memory region 'nope'" in answer["error"]
+        assert server._shm is not None
+    make_object(key, 4096)
+    with unix(shm_agent) as sock:  # a connection's view is made at its first extension call
+        path = "/v2/systemsharedmemory/region/r/register"
+        assert raw(sock, "POST", path, register_body(key, 4096))[0] == 200
+        assert server.shm.mapped == 1
+    for _ in range(200):
+        if server.shm.mapped == 0:
+            break
+        time.sleep(0.01)
+    assert server.shm.mapped == 0
 
 
 def test_caps_per_peer(shm_agent: RunningAgent, key: str) -> None:

@@ -211,7 +211,8 @@ def decode_infer_response(
             limits,
             plans,
             _plan_response,
-            lambda plan, reader: plan.bind(reader, regions),
+            _ResponsePlan.bind,
+            regions,
         )
     except (Malformed, RequestError) as exc:
         raise InferenceError(exc.message) from None

@@ -17,13 +17,15 @@ import math
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from agent.errors import InferenceError, RequestError
-from agent.serving.shm.keys import Placement, Regions, placement
 from agent.tensors import OIP_TO_NUMPY, oip_datatype
+
+if TYPE_CHECKING:  # the shared-memory modules load with the first tensor naming a region
+    from agent.serving.shm.keys import Placement, Regions
 
 _SEPARATORS = (",", ":")
 _LENGTH = struct.Struct("<I")
@@ -259,10 +261,7 @@ def describe_tensor(entry: Any, kind: str, limits: Limits, seen: set[str]) -> Te
     params = entry.get("parameters") or {}
     if not isinstance(params, dict):
         raise Malformed(f"{what}: 'parameters' must be an object")
-    try:
-        shm = placement(params, what)
-    except RequestError as exc:
-        raise Malformed(exc.message) from None
+    shm = placement(params, what) if params else None
     if shm is not None:
         if datatype != "BYTES":
             expected = math.prod(shape) * OIP_TO_NUMPY[datatype].itemsize
@@ -293,6 +292,27 @@ def describe_tensor(entry: Any, kind: str, limits: Limits, seen: set[str]) -> Te
     return TensorPlan(name, datatype, shape, what, None, entry["data"])
 
 
+def placement(params: dict[str, Any], what: str) -> Placement | None:
+    """The shared-memory placement in a tensor's ``parameters`` (``agent.serving.shm.keys``),
+    or None when they name none: the shared-memory modules load with the first that does.
+
+    Raises:
+        Malformed: a malformed placement.
+    """
+    if (
+        "shared_memory_region" not in params
+        and "shared_memory_byte_size" not in params
+        and "shared_memory_offset" not in params
+    ):
+        return None
+    from agent.serving.shm import keys
+
+    try:
+        return keys.placement(params, what)
+    except RequestError as exc:
+        raise Malformed(exc.message) from None
+
+
 def materialize(
     plan: TensorPlan, reader: Reader, regions: Regions | None = None
 ) -> np.ndarray[Any, Any]:
@@ -311,11 +331,12 @@ def materialize(
         return _from_json(plan.data, plan.datatype, plan.shape, plan.what)
     else:
         chunk = reader.take(plan.size, plan.what)
-    count = math.prod(plan.shape)
     if plan.datatype == "BYTES":
+        count = math.prod(plan.shape)
         return _decode_bytes_elements(chunk, count, plan.what).reshape(plan.shape)
-    dtype = OIP_TO_NUMPY[plan.datatype]
-    return np.frombuffer(chunk, dtype=dtype, count=count).reshape(plan.shape)
+    # The plan checked the size against the shape (binary_data_size, shared_memory_byte_size):
+    # the chunk holds exactly the tensor's bytes.
+    return np.ndarray(plan.shape, OIP_TO_NUMPY[plan.datatype], chunk)
 
 
 def split_body(
@@ -390,6 +411,8 @@ def tensor_view(array: np.ndarray[Any, Any]) -> Buffer:
     contiguous little-endian array), else a little-endian copy."""
     if array.dtype.byteorder == ">":
         array = array.astype(array.dtype.newbyteorder("<"))
+    elif array.size and array.flags.c_contiguous:  # (a view of no bytes cannot be cast)
+        return array.data.cast("B")
     return np.ascontiguousarray(array).reshape(-1).data.cast("B")
 
 

@@ -11,6 +11,7 @@ from agent.serving.oip.codec import Limits, Reader, split_body
 K = TypeVar("K")
 V = TypeVar("V")
 R = TypeVar("R")
+C = TypeVar("C")
 
 
 class Kept(Generic[K, V]):
@@ -47,7 +48,7 @@ class CheckedHeaders(Kept[bytes, V]):
     def checked(self, header: bytes, limits: Limits) -> V | None:
         if limits is not self._limits and limits != self._limits:
             return None
-        return self.get(header)
+        return self._entries.get(header)
 
     def keep(self, header: bytes, limits: Limits, value: V) -> None:
         if limits is not self._limits and limits != self._limits:
@@ -62,11 +63,12 @@ def decode_checked(
     limits: Limits,
     checked: CheckedHeaders[V] | None,
     plan_of: Callable[[dict[str, Any], Limits], V],
-    bind: Callable[[V, Reader], R],
+    bind: Callable[[V, Reader, C], R],
+    context: C,
 ) -> R:
     """A body's JSON header checked into a plan (``plan_of``), or the plan kept for the same
-    header bytes, then bound to the body's binary part (``bind``); the plan is offered to
-    ``checked`` for repeats (it keeps what it may).
+    header bytes, then bound to the body's binary part (``bind(plan, reader, context)``); the
+    plan is offered to ``checked`` for repeats (it keeps what it may).
 
     Raises:
         Malformed: from ``split_body``, ``plan_of`` or ``bind``.
@@ -82,10 +84,10 @@ def decode_checked(
             key = bytes(view[:header_length])
             plan = checked.checked(key, limits)
             if plan is not None:
-                return bind(plan, Reader(view[header_length:]))
+                return bind(plan, Reader(view[header_length:]), context)
     header, reader = split_body(body, header_length, limits)
     plan = plan_of(header, limits)
-    result = bind(plan, reader)
+    result = bind(plan, reader, context)
     if key is not None and checked is not None:
         checked.keep(key, limits, plan)
     return result

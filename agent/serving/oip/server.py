@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -29,11 +29,14 @@ from agent.serving.oip.codec import (
     join,
     materialize,
     parts_of,
+    placement,
     tensor_view,
 )
 from agent.serving.oip.kept import CheckedHeaders, Kept, decode_checked
-from agent.serving.shm.keys import Placement, Regions, placement
 from agent.tensors import TensorSpec
+
+if TYPE_CHECKING:  # the shared-memory modules load with the first request naming a region
+    from agent.serving.shm.keys import Placement, Regions
 
 _SEPARATORS = (",", ":")
 
@@ -90,10 +93,13 @@ class _RequestPlan:
 
     def bind(self, reader: Reader, regions: Regions | None = None) -> InferRequest:
         inputs = tuple(
-            InferInput(t.name, t.datatype, t.shape, materialize(t, reader, regions))
-            for t in self.inputs
+            [
+                InferInput(t.name, t.datatype, t.shape, materialize(t, reader, regions))
+                for t in self.inputs
+            ]
         )
-        finish_binary(reader)
+        if reader.offset != len(reader.view):
+            finish_binary(reader)  # raises: bytes no tensor declared
         return InferRequest(self.id, inputs, self.outputs, self.binary_output, self.parameters)
 
 
@@ -133,7 +139,8 @@ def decode_infer_request(
             limits,
             plans,
             _plan_request,
-            lambda plan, reader: plan.bind(reader, regions),
+            _RequestPlan.bind,
+            regions,
         )
     except Malformed as exc:
         if exc.too_large:
@@ -182,10 +189,7 @@ def _plan_request(header: dict[str, Any], limits: Limits) -> _RequestPlan:
             binary = params.get("binary_data")
             if binary is not None and not isinstance(binary, bool):
                 raise Malformed(f"output {entry['name']!r}: binary_data must be true or false")
-            try:
-                shm = placement(params, f"output {brief(entry['name'])}")
-            except RequestError as exc:
-                raise Malformed(exc.message) from None
+            shm = placement(params, f"output {brief(entry['name'])}") if params else None
             parsed.append(RequestedOutput(entry["name"], binary, shm))
         outputs = tuple(parsed)
     return _RequestPlan(request_id, inputs, outputs, binary_output, parameters)
@@ -214,7 +218,16 @@ def check_inputs(
                 f"model {model!r}: input {spec.name!r} has datatype {tensor.datatype}, "
                 f"expected {spec.datatype}"
             )
-        if not spec.accepts_shape(tensor.shape):
+        # spec.accepts_shape(shape), written out (every request): same rank, and equal on
+        # every fixed dimension (-1: any size).
+        shape = tensor.shape
+        fits = len(shape) == len(spec.shape)
+        if fits:
+            for want, got in zip(spec.shape, shape, strict=True):
+                if want not in (got, -1):
+                    fits = False
+                    break
+        if not fits:
             raise RequestError(
                 f"model {model!r}: input {spec.name!r} has shape {list(tensor.shape)}, "
                 f"expected {list(spec.shape)} (-1: any size)"
@@ -337,12 +350,13 @@ def encode_response_parts(
         key = ResponseHeads.key(model_name, model_version, outputs)
         head = heads.get(key) if key is not None else None
         if head is not None:
-            parts: list[Buffer] = [head, *(tensor_view(array) for _, array, _ in outputs)]
-            header_length: int | None = len(head)
-            blobs = parts[1:]
-            if sum(len(blob) for blob in blobs) < TAIL_BYTES:
-                return b"".join(parts), (), header_length
-            return head, tuple(blobs), header_length
+            views = [tensor_view(array) for _, array, _ in outputs]
+            size = 0
+            for view in views:
+                size += len(view)
+            if size < TAIL_BYTES:
+                return b"".join([head, *views]), (), len(head)
+            return head, tuple(views), len(head)
     entries, blobs = encode_tensors(outputs, placed, views=True)
     header: dict[str, Any] = {"model_name": model_name}
     if model_version is not None:
