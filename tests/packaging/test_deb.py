@@ -172,7 +172,7 @@ def test_arm64_package_carries_only_arm64_wheels(tmp_path: Path) -> None:
                 with archive.open(name) as member:
                     assert elf_machine(member.read(20)) == EM_AARCH64, f"{wheel.name}: {name}"
                 native += 1
-    assert native >= 10  # onnxruntime, numpy, LiteRT, psutil, httptools …
+    assert native >= 10  # onnxruntime, numpy, LiteRT, httptools, cryptography …
 
 
 EM_AARCH64 = 183
