@@ -191,7 +191,15 @@ class ModelStore:
                 leftover.unlink(missing_ok=True)
 
     def names(self) -> list[str]:
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and _valid_name(p.name))
+        return self.names_in(self.root)
+
+    @staticmethod
+    def names_in(root: Path) -> list[str]:
+        """The names of the models stored under ``root``, read without opening the store
+        (which clears the staging area: the daemon opens it once, for its deployments)."""
+        if not root.is_dir():
+            return []
+        return sorted(p.name for p in root.iterdir() if p.is_dir() and _valid_name(p.name))
 
     def versions(self, name: str) -> list[int]:
         """Complete versions of ``name``, ascending."""

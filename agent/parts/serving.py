@@ -95,7 +95,7 @@ class Serving(Part):
         if local is not None:
             names = {model.name for model in local}
         else:
-            stored = await asyncio.to_thread(lambda: ModelStore(self.config.store_dir).names())
+            stored = await asyncio.to_thread(ModelStore.names_in, self.config.store_dir)
             names = set(self.config.models.follow) | set(stored)
         for name in sorted(names):
             self.slots.ensure(name).deactivate("loading", retry_after_s=1.0)

@@ -1,6 +1,7 @@
 """The daemon's start-up reads nothing on the event loop once its socket answers (issue 11):
 the store's listing and the fleet reporting's files (operator keys, the outbox database) are
-opened on the I/O thread. A real Agent on a real state directory and store."""
+opened on the I/O thread, and the store is opened once. A real Agent on a real state directory
+and store."""
 
 from __future__ import annotations
 
@@ -31,7 +32,10 @@ def test_start_up_lists_the_store_and_opens_the_outbox_off_the_loop(
 
         return call
 
-    monkeypatch.setattr(ModelStore, "names", watched("ModelStore.names", ModelStore.names))
+    monkeypatch.setattr(
+        ModelStore, "names_in", staticmethod(watched("ModelStore.names_in", ModelStore.names_in))
+    )
+    monkeypatch.setattr(ModelStore, "__init__", watched("ModelStore.__init__", ModelStore.__init__))
     monkeypatch.setattr(Outbox, "__init__", watched("Outbox.__init__", Outbox.__init__))
     config = Config(
         agent=AgentSection(state_dir=tmp_path / "state"),
@@ -49,7 +53,13 @@ def test_start_up_lists_the_store_and_opens_the_outbox_off_the_loop(
             await asyncio.sleep(0.05)
         agent.request_stop()
         await running
-        assert {what for what, _ in seen} == {"ModelStore.names", "Outbox.__init__"}
+        assert {what for what, _ in seen} == {
+            "ModelStore.names_in",
+            "ModelStore.__init__",
+            "Outbox.__init__",
+        }
         assert [what for what, thread in seen if thread == loop_thread] == []
+        # Opened once: each opening clears the staging area of dead owners' installs.
+        assert [what for what, _ in seen].count("ModelStore.__init__") == 1
 
     asyncio.run(main())
