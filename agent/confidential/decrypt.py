@@ -36,7 +36,15 @@ from agent.confidential.envelope import (
 from agent.confidential.keywrap import Encryption
 from agent.confidential.plaintext import Plaintext, memlock_limit
 
-__all__ = ["Plaintext", "Weights", "decrypt_file", "memlock_limit", "open_version", "open_weights"]
+__all__ = [
+    "Plaintext",
+    "Weights",
+    "decrypt_file",
+    "memlock_limit",
+    "open_all",
+    "open_version",
+    "open_weights",
+]
 
 log = logging.getLogger(__name__)
 
@@ -210,6 +218,42 @@ def open_version(
         raise DecryptionError(f"{where}: {model_file} is not among the encrypted files")
     keys_dir = identity_dir or identity.beside_version(version_dir)
     key = content_key(version_dir, name, version, info, keys_dir)
+    return _open_model(version_dir, name, version, info, model_file, key)
+
+
+def open_all(
+    version_dir: Path,
+    name: str,
+    version: int,
+    custom: Mapping[str, Any],
+    model_file: str,
+    identity_dir: Path | None = None,
+) -> tuple[Plaintext, bytes | None, Weights | None]:
+    """``open_version`` and ``open_weights`` with the content key unwrapped once (an X25519
+    exchange and a key derivation per unwrap).
+
+    Raises:
+        DecryptionError (KeyUnavailableError among them): naming the model and version.
+    """
+    where = f"model {name} version {version}"
+    info = keywrap.parse_encryption(custom.get("encryption"), name, version, where)
+    if model_file not in info.files:
+        raise DecryptionError(f"{where}: {model_file} is not among the encrypted files")
+    keys_dir = identity_dir or identity.beside_version(version_dir)
+    key = content_key(version_dir, name, version, info, keys_dir)
+    model, smoke = _open_model(version_dir, name, version, info, model_file, key)
+    try:
+        held = _open_weights(version_dir, name, version, info, key)
+    except BaseException:
+        model.wipe()
+        raise
+    return model, smoke, held
+
+
+def _open_model(
+    version_dir: Path, name: str, version: int, info: Encryption, model_file: str, key: bytes
+) -> tuple[Plaintext, bytes | None]:
+    where = f"model {name} version {version}"
     smoke: bytes | None = None
     if "smoke.json" in info.files:
         smoke_file = version_dir / "smoke.json"
@@ -274,6 +318,15 @@ def open_weights(
         return None
     keys_dir = identity_dir or identity.beside_version(version_dir)
     key = content_key(version_dir, name, version, info, keys_dir)
+    return _open_weights(version_dir, name, version, info, key)
+
+
+def _open_weights(
+    version_dir: Path, name: str, version: int, info: Encryption, key: bytes
+) -> Weights | None:
+    if weights.WEIGHTS_FILE not in info.files:
+        return None
+    where = f"model {name} version {version}"
     path = f"models/{name}/{version}/{weights.WEIGHTS_FILE}"
     plaintext = decrypt_file(
         version_dir / weights.WEIGHTS_FILE, key, path, info.content_id, where, weights.ALIGN

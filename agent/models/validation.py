@@ -117,9 +117,9 @@ def validate_version(
     arena = devices.memory_arena(configured, options.memory_arena)
     if arena != options.memory_arena and manifest.runtime == "onnx":
         log.info("%s: ONNX Runtime memory arena %s (agent.toml)", where, "on" if arena else "off")
-    plaintext, smoke = _decrypted(stored, where)  # an encrypted version: in memory only
+    # An encrypted version: in memory only; a split ONNX one's weights are kept by the sessions.
+    plaintext, smoke, weights = _decrypted(stored, where)
     model = plaintext.data if plaintext is not None else None
-    weights = _weights(stored, plaintext)  # a split one: the sessions keep it
     reached: set[Stage] = set()
 
     def once(stage: Stage) -> None:  # each attempt warms up; the stage is reached once
@@ -159,19 +159,21 @@ def validate_version(
             plaintext.wipe()  # zeroed (unless kept), unlocked, dropped: the session is built
 
 
-def _decrypted(stored: StoredModel, where: str) -> tuple[Any, dict[str, Any] | None]:
-    """The decrypted model (a ``Plaintext``) and smoke document of an encrypted version;
-    (None, None) for a version in clear."""
+def _decrypted(stored: StoredModel, where: str) -> tuple[Any, dict[str, Any] | None, Any]:
+    """The decrypted model (a ``Plaintext``), smoke document and weights (a split ONNX
+    version's, else None) of an encrypted version; (None, None, None) for one in clear."""
     if "encryption" not in stored.manifest.custom:
-        return None, None
-    from agent.confidential.decrypt import open_version
+        return None, None, None
+    from agent.confidential.decrypt import open_all, open_version
 
     manifest = stored.manifest
-    plaintext, smoke = open_version(
-        stored.directory, manifest.name, manifest.version, manifest.custom, manifest.model_file
-    )
+    args = (stored.directory, manifest.name, manifest.version, manifest.custom)
+    if manifest.runtime == "onnx":
+        plaintext, smoke, weights = open_all(*args, manifest.model_file)
+    else:
+        (plaintext, smoke), weights = open_version(*args, manifest.model_file), None
     if smoke is None:
-        return plaintext, None
+        return plaintext, None, weights
     try:
         doc = json.loads(smoke)
     except ValueError as exc:
@@ -180,21 +182,7 @@ def _decrypted(stored: StoredModel, where: str) -> tuple[Any, dict[str, Any] | N
     if not isinstance(doc, dict):
         plaintext.wipe()
         raise ModelError(f"{where}: the decrypted smoke test is not a JSON object")
-    return plaintext, doc
-
-
-def _weights(stored: StoredModel, plaintext: Any) -> Any:
-    """The decrypted weights of a split encrypted ONNX version (None for any other)."""
-    if plaintext is None or stored.manifest.runtime != "onnx":
-        return None
-    from agent.confidential.decrypt import open_weights
-
-    manifest = stored.manifest
-    try:
-        return open_weights(stored.directory, manifest.name, manifest.version, manifest.custom)
-    except BaseException:
-        plaintext.wipe()
-        raise
+    return plaintext, doc, weights
 
 
 def available_providers(manifest: Manifest) -> list[str] | None:

@@ -149,6 +149,34 @@ def open_model(repo: Repository, name: str, version: int, keys: Path) -> bytes:
         return joined(bytes(memoryview(plaintext.data)), held.arrays)  # a copy: zeroed on exit
 
 
+def test_a_split_version_opens_with_one_unwrap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``open_all`` (what validation uses) gives the graph, smoke test and weights that
+    ``open_version`` and ``open_weights`` give, unwrapping the content key once, not twice."""
+    repo = Repository.init(tmp_path / "repo")
+    keys, public = new_device(tmp_path, "dev-1")
+    enroll.enroll(repo.root, "dev-1", public)
+    publish(repo, matmul_model(tmp_path / "m.onnx", k=64, n=64), "m", 1, encrypt="devices")
+    want = open_model(repo, "m", 1, keys)  # places the version's files in device-view/
+    unwraps: list[str] = []
+    real = keywrap.unwrap
+
+    def counted(*args: Any) -> bytes:
+        unwraps.append(args[-1])
+        return real(*args)
+
+    monkeypatch.setattr(keywrap, "unwrap", counted)
+    info = {t.path: t for _, t in repo.targets()}["models/m/1/model.onnx"]
+    version_dir = repo.root / "device-view" / "m" / "1"
+    graph, smoke, held = decrypt.open_all(version_dir, "m", 1, info.custom, "model.onnx", keys)
+    assert len(unwraps) == 1
+    assert smoke is not None and "inputs" in json.loads(smoke)
+    assert held is not None
+    with graph:
+        assert joined(bytes(memoryview(graph.data)), held.arrays) == want
+
+
 def joined(graph: bytes, arrays: dict[str, np.ndarray[Any, Any]]) -> bytes:
     """The ONNX model a split graph and its weights make, back in one protobuf."""
     proto = onnx.load_from_string(graph)
