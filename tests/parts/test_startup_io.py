@@ -13,7 +13,14 @@ from typing import Any
 
 import pytest
 
-from agent.config import AgentSection, Config, MqttSection, ServingSection
+from agent.config import (
+    AgentSection,
+    Config,
+    ModelsSection,
+    MqttSection,
+    RepositorySection,
+    ServingSection,
+)
 from agent.daemon import Agent
 from agent.models.store import ModelStore
 from agent.telemetry.outbox import Outbox
@@ -63,3 +70,32 @@ def test_start_up_lists_the_store_and_opens_the_outbox_off_the_loop(
         assert [what for what, _ in seen].count("ModelStore.__init__") == 1
 
     asyncio.run(main())
+
+
+def test_a_configuration_built_in_memory_runs_no_update_loop(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The update child is given the configuration file; built in memory there is none, so
+    the daemon says once that updates are off instead of failing a cycle every interval."""
+    config = Config(
+        agent=AgentSection(state_dir=tmp_path / "state"),
+        serving=ServingSection(socket=tmp_path / "s.sock"),
+        mqtt=MqttSection(host="127.0.0.1", port=free_port(), reconnect_max_s=1),
+        repository=RepositorySection(url="https://127.0.0.1:9", trusted_root=tmp_path / "r.json"),
+        models=ModelsSection(follow=["face"]),
+    )
+    assert config.source is None
+    agent = Agent(config)
+
+    async def main() -> None:
+        running = asyncio.create_task(agent.run())
+        while not agent._admin_ready.is_set():
+            assert not running.done(), running
+            await asyncio.sleep(0.05)
+        assert agent.updates is None
+        agent.request_stop()
+        await running
+
+    with caplog.at_level("WARNING", logger="agent.daemon"):
+        asyncio.run(main())
+    assert "updates off: the configuration was not read from a file" in caplog.text
