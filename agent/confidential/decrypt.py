@@ -212,12 +212,7 @@ def open_version(
     Raises:
         DecryptionError (KeyUnavailableError among them): naming the model and version.
     """
-    where = f"model {name} version {version}"
-    info = keywrap.parse_encryption(custom.get("encryption"), name, version, where)
-    if model_file not in info.files:
-        raise DecryptionError(f"{where}: {model_file} is not among the encrypted files")
-    keys_dir = identity_dir or identity.beside_version(version_dir)
-    key = content_key(version_dir, name, version, info, keys_dir)
+    info, key = _unwrapped(version_dir, name, version, custom, model_file, identity_dir)
     return _open_model(version_dir, name, version, info, model_file, key)
 
 
@@ -235,12 +230,7 @@ def open_all(
     Raises:
         DecryptionError (KeyUnavailableError among them): naming the model and version.
     """
-    where = f"model {name} version {version}"
-    info = keywrap.parse_encryption(custom.get("encryption"), name, version, where)
-    if model_file not in info.files:
-        raise DecryptionError(f"{where}: {model_file} is not among the encrypted files")
-    keys_dir = identity_dir or identity.beside_version(version_dir)
-    key = content_key(version_dir, name, version, info, keys_dir)
+    info, key = _unwrapped(version_dir, name, version, custom, model_file, identity_dir)
     model, smoke = _open_model(version_dir, name, version, info, model_file, key)
     try:
         held = _open_weights(version_dir, name, version, info, key)
@@ -248,6 +238,23 @@ def open_all(
         model.wipe()
         raise
     return model, smoke, held
+
+
+def _unwrapped(
+    version_dir: Path,
+    name: str,
+    version: int,
+    custom: Mapping[str, Any],
+    model_file: str,
+    identity_dir: Path | None,
+) -> tuple[Encryption, bytes]:
+    """The version's encryption record and its content key, unwrapped."""
+    where = f"model {name} version {version}"
+    info = keywrap.parse_encryption(custom.get("encryption"), name, version, where)
+    if model_file not in info.files:
+        raise DecryptionError(f"{where}: {model_file} is not among the encrypted files")
+    keys_dir = identity_dir or identity.beside_version(version_dir)
+    return info, content_key(version_dir, name, version, info, keys_dir)
 
 
 def _open_model(
