@@ -100,7 +100,7 @@ def _shape(raw: Any, what: str, limits: Limits) -> tuple[int, ...]:
     if len(raw) > limits.max_rank:
         raise Malformed(f"{what}: rank {len(raw)} exceeds the limit of {limits.max_rank}")
     for dim in raw:
-        if not isinstance(dim, int) or isinstance(dim, bool) or dim < 0:
+        if dim.__class__ is not int or dim < 0:  # (a bool is not an int here)
             raise Malformed(f"{what}: 'shape' must hold non-negative integers, found {brief(raw)}")
     shape = tuple(raw)
     if math.prod(shape) > limits.max_elements:
@@ -248,7 +248,9 @@ def describe_tensor(entry: Any, kind: str, limits: Limits, seen: set[str]) -> Te
     name = entry.get("name")
     if not isinstance(name, str) or not name:
         raise Malformed(f"{kind} without a 'name' string: {brief(entry, 120)}")
-    what = f"{kind} {brief(name)}"
+    # brief(name), without its calls for a short printable name (at most 2 characters each
+    # in its repr: never cut at 80).
+    what = f"{kind} {name!r}" if len(name) <= 38 and name.isprintable() else f"{kind} {brief(name)}"
     if name in seen:
         raise Malformed(f"{what} appears twice")
     seen.add(name)
@@ -363,7 +365,13 @@ def split_body(
             too_large=True,
         )
     try:
-        header = json.loads(bytes(view[:header_length]))
+        raw = bytes(view[:header_length])
+        # UTF-8 (an object's "{" not followed by a NUL): decoded here as json.loads would,
+        # without its detection of UTF-16 and UTF-32, which takes the rest.
+        if raw[:1] == b"{" and raw[1:2] != b"\0":
+            header = json.loads(raw.decode("utf-8", "surrogatepass"))
+        else:
+            header = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise Malformed(f"the body is not valid JSON: {exc}") from None
     except RecursionError:

@@ -166,7 +166,7 @@ def _plan_request(header: dict[str, Any], limits: Limits) -> _RequestPlan:
             f"{len(raw_inputs)} inputs exceed the limit of {limits.max_tensors}", too_large=True
         )
     seen: set[str] = set()
-    inputs = tuple(describe_tensor(entry, "input", limits, seen) for entry in raw_inputs)
+    inputs = tuple([describe_tensor(entry, "input", limits, seen) for entry in raw_inputs])
     outputs = None
     raw_outputs = header.get("outputs")
     if raw_outputs is not None:
