@@ -70,6 +70,12 @@ class SimDevice:
     withdraw_arrived: float | None = None  # when the last withdraw command came (the report's)
     returned_at: float | None = None  # when it last left a version by a rollback's swap
     outbox: list[tuple[float, str, bytes]] = field(default_factory=list)  # (due, topic, body)
+    # The report's timeline of each version it took: when it took it, when its probation
+    # ended with a verdict (the device's clock), when the fleet handed the verdict to the
+    # broker connection (``verdict_sent``, set by the simulator's loop)
+    took_at: dict[int, float] = field(default_factory=dict)
+    verdict_at: dict[int, float] = field(default_factory=dict)
+    verdict_sent: dict[int, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.previous is not None:
@@ -177,10 +183,22 @@ class SimDevice:
             self.next_health = now + max(self.timing.health_s, health_s or 0.0)
             self.health(now)
 
+    def settle(self, now: float) -> bool:
+        """The probation's verdict if it is due by ``now`` (and nothing else): the fleet's loop
+        sends it when the probation ends, not at the device's turn in its pass, as an agent's
+        probation reports when it ends. Whether a verdict was made."""
+        if self.dead or not self.online or self.probation_until is None:
+            return False
+        if now < self.probation_until:
+            return False
+        self._verdict(now)
+        return True
+
     def _verdict(self, now: float) -> None:
         self.probation_until = None
         version = self.active
         assert version is not None
+        self.verdict_at[version] = now
         if self.will_fail and self.previous is not None:
             self.errors[version] = self.errors.get(version, 0) + 10
             reason = "errors fail: failure rate 10.00% of 100 vs 0.00% of 1000 (simulated)"
@@ -232,6 +250,7 @@ class SimDevice:
         before = self.active
         self.active = version
         self.activated.append(version)
+        self.took_at.setdefault(version, now)
         self._event(now, "activated", version, f"replaced version {before}")
         if self.profile.name == "dies":
             self.dead = True

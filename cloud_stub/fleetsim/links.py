@@ -91,6 +91,11 @@ class Links:
         waits before it, else queued for ``pump``."""
         self.clients[index % len(self.clients)].publish(topic, payload, qos=1, retain=retain)
 
+    def backlog(self) -> int:
+        """Messages published and not yet acknowledged by the broker, every connection
+        together (paho's own count, written or still queued)."""
+        return sum(len(c._out_messages) for c in self.clients)
+
     def pump(self, timeout: float) -> None:
         """Read what came (acknowledgements, commands: ``on_command`` runs here), write what
         waits, for at most ``timeout`` s when nothing comes."""

@@ -13,6 +13,7 @@ code (``agent.telemetry.commands``) and acknowledged once each.
 
 from __future__ import annotations
 
+import heapq
 import json
 import logging
 import os
@@ -180,6 +181,12 @@ class Fleet:
         self.last_pass_s = 0.0
         self.shed_passes = 0  # passes that stretched the health interval (running late)
         self.command_wait_s = 0.0  # the longest a command waited to be answered
+        self.largest_backlog = 0  # messages unacknowledged by the broker, at a pass's end
+        # (probation end, device index): verdicts sent when due, between chunks of a pass and
+        # while the loop waits, ahead of the devices' routine work
+        self._verdicts: list[tuple[float, int]] = []
+        self.verdicts_early = 0  # verdicts sent as their probation ended, not at the device's turn
+        self._probation_seen: list[float | None] = [None] * len(self.devices)
         self._lock = threading.Lock()
         self.links = Links(
             config.mqtt_host,
@@ -248,6 +255,31 @@ class Fleet:
         else:
             device.ack(now, command.name, command.seq, "failed", "not simulated")
 
+    def _watch_probation(self, index: int, device: SimDevice) -> None:
+        """Note a probation that began (or ended) since the device was last looked at."""
+        until = device.probation_until
+        if until != self._probation_seen[index]:
+            self._probation_seen[index] = until
+            if until is not None:
+                heapq.heappush(self._verdicts, (until, index))
+
+    def _due_verdicts(self) -> None:
+        """Send the verdicts of the probations that ended by now (those of another probation
+        since, or already given, are skipped)."""
+        now = time.time()
+        while self._verdicts and self._verdicts[0][0] <= now:
+            until, index = heapq.heappop(self._verdicts)
+            device = self.devices[index]
+            version = device.active
+            if device.probation_until != until or not device.settle(now):
+                continue
+            self._probation_seen[index] = None
+            self.verdicts_early += 1
+            for topic, payload in device.take(now):
+                self._publish(index, topic, payload)
+            if version is not None:
+                device.verdict_sent.setdefault(version, time.time())
+
     def _health_interval(self) -> float:
         """Routine work is shed first when the loop runs late: health messages (most of what
         the fleet sends) go out at most every two passes' time, up to ``MAX_HEALTH_STRETCH``
@@ -296,6 +328,7 @@ class Fleet:
                     if i % CHUNK == CHUNK - 1:
                         self.links.pump(0.0)  # acknowledgements in, commands in, queue out
                         self._handle_commands(time.time())
+                        self._due_verdicts()
                     if due[i] > now and device.device_id not in nudged:
                         continue  # nothing to do yet: a 10,000-device tick stays cheap
                     poll = now >= device.next_poll or device.device_id in nudged
@@ -304,14 +337,22 @@ class Fleet:
                     device.tick(now, candidates, poll, health_s)
                     for topic, payload in device.take(now):
                         self._publish(i, topic, payload)
+                    self._watch_probation(i, device)
+                    if len(device.verdict_sent) < len(device.verdict_at):
+                        sent = time.time()
+                        for version in device.verdict_at.keys() - device.verdict_sent.keys():
+                            device.verdict_sent[version] = sent
                     due[i] = device.due()
                 self.iterations += 1
+                self.largest_backlog = max(self.largest_backlog, self.links.backlog())
                 self.last_pass_s = time.time() - now
                 self.longest_pass_s = max(self.longest_pass_s, self.last_pass_s)
                 # Until the next pass: a command that comes meanwhile is answered at once.
                 while (left := TICK_S - (time.time() - now)) > 0 and not stop():
-                    self.links.pump(left)
+                    until_due = self._verdicts[0][0] - time.time() if self._verdicts else left
+                    self.links.pump(max(0.0, min(left, until_due)))
                     self._handle_commands(time.time())
+                    self._due_verdicts()
                 self.links.pump(0.0)
         finally:
             listing.close()
@@ -321,6 +362,8 @@ class Fleet:
                     "longest_pass_s": round(self.longest_pass_s, 3),
                     "longest_command_wait_s": round(self.command_wait_s, 3),
                     "passes_shedding_health": self.shed_passes,
+                    "largest_backlog": self.largest_backlog,
+                    "verdicts_when_due": self.verdicts_early,
                 }
                 write_report(report, self.devices, listing.fetches, loop)
             self.links.close()
@@ -339,6 +382,11 @@ def write_report(
                 "profile": d.profile.name,
                 "withdraw_arrived": d.withdraw_arrived,
                 "returned_at": d.returned_at,
+                # version -> [took it, its verdict, the verdict handed to the broker connection]
+                "timeline": {
+                    str(v): [t, d.verdict_at.get(v), d.verdict_sent.get(v)]
+                    for v, t in d.took_at.items()
+                },
             }
             for d in devices
         },

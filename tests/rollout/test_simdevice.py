@@ -167,3 +167,33 @@ def test_a_late_simulator_stretches_health_but_not_verdicts() -> None:
     d.tick(5.0, None, poll=False, health_s=30.0)  # TIMING's own interval is 5 s
     assert [t for t, _ in d.take(1e9) if t.endswith("/health")] == []
     assert 2 in d.committed and d.active == 2  # the verdict came at its time (probation 2 s)
+
+
+def test_a_probation_ends_with_its_verdict_alone_and_once() -> None:
+    """``settle``: what the simulator's loop sends when a probation ends, ahead of the device's
+    turn in its pass: the verdict's events, nothing routine (no health), and only once."""
+    d = device(Profile())
+    d.tick(0.0, [target(1), target(2)], poll=True)
+    d.take(1e9)
+    assert not d.settle(1.0) and d.take(1e9) == []  # TIMING's probation: 2 s
+    assert d.settle(2.5)
+    sent = [(t.rsplit("/", 1)[1], json.loads(p)) for t, p in d.take(1e9)]
+    assert [(k, doc["kind"], doc["version"]) for k, doc in sent] == [
+        ("events", "committed", 2),
+        ("events", "retired", 1),
+    ]
+    assert all(doc["ts"] == 2.5 for _, doc in sent)
+    assert (d.took_at, d.verdict_at) == ({2: 0.0}, {2: 2.5})
+    assert not d.settle(9.0) and d.take(1e9) == []
+
+
+def test_a_failing_or_dead_device_settles_as_it_would_on_its_turn() -> None:
+    failing = device(Profile("failing", fail_version=2, fail_p=1.0))
+    failing.tick(0.0, [target(1), target(2)], poll=True)
+    failing.take(1e9)
+    assert failing.settle(2.0)
+    assert kinds(failing) == [("rolled_back", 2), ("activated", 1)] and failing.active == 1
+    dead = device(Profile("dies"))
+    dead.tick(0.0, [target(1), target(2)], poll=True)
+    dead.take(1e9)
+    assert not dead.settle(100.0) and dead.take(1e9) == []  # silent for good: never a verdict
