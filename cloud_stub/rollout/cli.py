@@ -277,7 +277,7 @@ def _start(args: argparse.Namespace, store: Any) -> int:
         controller = Controller(
             Repository(args.repo), store, feed, Tracker(args.fleet, args.name), policy
         )
-        time.sleep(min(2.0, args.tick * 2))  # births (retained) first: who is out there
+        feed.wait(min(2.0, args.tick * 2))  # births (retained) first: who is out there
         rollout = controller.start(args.version, args.stages)
         print(f"rollout {rollout.id} started at {rollout.stage_bp / 100:g}%", flush=True)
         final = controller.run(rollout.id, args.tick, stop.is_set)

@@ -93,6 +93,10 @@ class Controller:
         self.feed.update(self.tracker)
         rollout = self.store.get(rid)
         now = self.clock()
+        # Silence is judged up to what the controller has read: a verdict that the broker
+        # delivered and that waits in a socket is not silence.
+        heard = self.feed.heard_until()
+        judged = now if heard is None else min(now, heard)
         if rollout.requested is not None:
             rollout = self._carry_out(rollout, now)
         if rollout.state not in ("running", "paused"):
@@ -102,7 +106,7 @@ class Controller:
             rollout.stage,
             rollout.stage_bp,
             now - rollout.stage_started,
-            now,
+            judged,
             self.policy.deadline_s,
             rollout.extensions,
         )
@@ -145,7 +149,7 @@ class Controller:
             rollout = self.step(rid)
             if rollout.state in ("done", "halted") or stop():
                 return rollout
-            time.sleep(tick_s)
+            self.feed.wait(tick_s)
 
     # -- actions ----------------------------------------------------------------------------
 

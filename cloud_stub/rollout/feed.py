@@ -1,4 +1,5 @@
-"""Device messages for the controller, and its nudges: one paho MQTT 5 connection.
+"""Device messages for the controller, and its nudges: paho MQTT 5 connections read in the
+controller's own thread (``pump``).
 
 ``DeviceFeed`` is the small interface the controller reads through (``storefeed.StoreFeed``
 reads the fleet store instead); ``MqttFeed`` subscribes to the fleet's status, health and events
@@ -11,7 +12,6 @@ from __future__ import annotations
 import collections
 import logging
 import ssl
-import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -24,6 +24,7 @@ from paho.mqtt.properties import Properties
 from agent.errors import AgentError
 from agent.telemetry.messages import Topics
 from cloud_stub.operator import command, load_private
+from cloud_stub.rollout.pump import Pump
 
 if TYPE_CHECKING:
     from cloud_stub.rollout.tracker import Tracker
@@ -31,6 +32,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_QUEUED = 2_000_000  # messages waiting for the controller's next tick (then the oldest go)
+# How long one read may spend on a connection before the next is read (each is read until
+# its socket is empty, or this long): events first, then the commands' acknowledgements, then
+# health (latest-value: the broker holds it meanwhile, and drops the oldest past its queue).
+# What is read goes to the tracker at the end of the read: a read of 10 s while the events
+# of the last stage kept coming held them 6.5 s from the tracker (bench/fleet.py --trace).
+READ_BUDGET_S = {"events": 1.0, "commands": 0.5, "health": 0.5}
 COMMAND_TTL_S = 300  # a command left with the broker for an offline device expires then
 
 
@@ -54,6 +61,16 @@ class DeviceFeed(Protocol):
         """Tell these devices that ``version`` of ``model`` is withdrawn; how many were told."""
         ...
 
+    def heard_until(self) -> float | None:
+        """The time up to which what the devices sent has been given to the tracker (None:
+        up to now). The controller judges silence only up to then: a verdict the broker has
+        delivered and the controller not yet read is not silence."""
+        ...
+
+    def wait(self, seconds: float) -> None:
+        """Between the controller's steps: keep the connections alive, send the commands."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -64,13 +81,17 @@ class DeviceFeed(Protocol):
 # 20 commands, then waited a minute for the broker's acknowledgements, measured in
 # bench/fleet.py).
 LINKS = {"events": ("status", "events"), "health": ("health",), "commands": ()}
+# Health is latest-value and comes again within an interval: taken at QoS 0 (no acknowledgement
+# to send back: a quarter less of the controller's work per message, most of its messages).
+QOS = {"events": 1, "health": 0, "commands": 1}
 COMMANDS_INFLIGHT = 1000
 
 
 class MqttFeed:
     """Subscribes to ``edge/{fleet}/+/status|events`` and ``…/health`` on two connections
     (QoS 1, MQTT 5) and publishes its commands on a third; ``subscribe=False``: the commands'
-    connection alone."""
+    connection alone. No network threads: ``update``, ``drain`` and ``wait`` read the sockets
+    (events first, each until it is empty) and write the commands."""
 
     def __init__(
         self,
@@ -92,23 +113,29 @@ class MqttFeed:
         self._key_id = operator_key.stem if operator_key is not None else ""
         self._seqs: dict[str, int] = {}  # the last command seq sent to each device
         self._refused: list[str] = []
-        names = list(LINKS) if subscribe else ["commands"]
-        self._ready = {name: threading.Event() for name in names}
-        self._clients: dict[str, mqtt.Client] = {}
+        self._names = list(LINKS) if subscribe else ["commands"]
+        self.received = dict.fromkeys(LINKS, 0)  # messages taken in, per connection
+        self._ready: set[str] = set()
+        self._pump = Pump()
         try:
-            for name in names:
+            for name in self._names:
                 suffix = f"-{name}" if client_id else ""
-                self._clients[name] = self._connect(host, port, tls, client_id + suffix, name)
-            for name, ready in self._ready.items():
-                if not ready.wait(connect_timeout_s):
-                    why = self._refused[0] if self._refused else "no subscription acknowledged"
-                    raise FeedError(
-                        f"broker {host}:{port}: {why} within {connect_timeout_s:g} s ({name})"
-                    )
+                self._pump.add(name, self._connect(host, port, tls, client_id + suffix, name))
+            deadline = time.monotonic() + connect_timeout_s
+            while len(self._ready) < len(self._names) and not self._refused:
+                if time.monotonic() > deadline:
+                    break
+                self._pump.wait(0.05, self._names, _budget)
+            if len(self._ready) < len(self._names):
+                why = self._refused[0] if self._refused else "no subscription acknowledged"
+                missing = ", ".join(n for n in self._names if n not in self._ready)
+                raise FeedError(
+                    f"broker {host}:{port}: {why} within {connect_timeout_s:g} s ({missing})"
+                )
         except FeedError:
             self.close()
             raise
-        self._client = self._clients["commands"]
+        self._client = self._pump.clients["commands"]
 
     def _connect(
         self, host: str, port: int, tls: ssl.SSLContext | None, client_id: str, name: str
@@ -120,34 +147,34 @@ class MqttFeed:
             client.tls_set_context(tls)
         kinds = LINKS[name]
         queue = self._queues[name]
-        ready = self._ready[name]
 
         def on_connect(c: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
             if reason.is_failure:
                 self._refused.append(f"refused the connection ({reason})")
             elif not kinds:
-                ready.set()
+                self._ready.add(name)
             else:
-                c.subscribe([(f"edge/{self.fleet}/+/{kind}", 1) for kind in kinds])
+                c.subscribe([(f"edge/{self.fleet}/+/{kind}", QOS[name]) for kind in kinds])
 
         def on_message(_c: mqtt.Client, _u: Any, message: mqtt.MQTTMessage) -> None:
             queue.append((message.topic, bytes(message.payload), time.time()))
+            self.received[name] += 1
 
         client.on_connect = on_connect
-        client.on_subscribe = lambda *_: ready.set()
+        client.on_subscribe = lambda *_: self._ready.add(name)
         client.on_message = on_message
-        client.reconnect_delay_set(1, 10)
         if not kinds:
             client.max_inflight_messages_set(COMMANDS_INFLIGHT)
         try:
             client.connect(host, port, keepalive=30)
         except OSError as exc:
             raise FeedError(f"cannot reach the broker at {host}:{port}: {exc}") from exc
-        client.loop_start()
         return client
 
-    def drain(self, limit: int = 100_000) -> list[tuple[str, bytes, float]]:
-        """What came in, statuses and events first (then health), each kind oldest first."""
+    def drain(self, limit: int = 1_000_000) -> list[tuple[str, bytes, float]]:
+        """Read the sockets, then what came in: statuses and events first (then health),
+        each kind oldest first."""
+        self._pump.pump(self._names, _budget)
         out: list[tuple[str, bytes, float]] = []
         for queue in self._queues.values():
             while queue and len(out) < limit:
@@ -156,6 +183,23 @@ class MqttFeed:
 
     def update(self, tracker: Tracker) -> None:
         tracker.feed_many(self.drain())
+
+    def heard_until(self) -> float | None:
+        """Everything received before this time is in the tracker: per subscription, when its
+        socket was last read empty, or the oldest message still queued here if one is."""
+        marks = []
+        for name, kinds in LINKS.items():
+            if kinds and name in self._pump.emptied:
+                queue = self._queues[name]
+                marks.append(queue[0][2] if queue else self._pump.emptied[name])
+        return min(marks) if marks else None
+
+    def pump(self) -> None:
+        """Read the sockets and write the commands once (``drain`` does it too)."""
+        self._pump.pump(self._names, _budget)
+
+    def wait(self, seconds: float) -> None:
+        self._pump.wait(seconds, self._names, _budget)
 
     def nudge(self, devices: Iterable[str]) -> int:
         """A signed ``check-update`` to each device; none without an operator key (devices
@@ -188,6 +232,8 @@ class MqttFeed:
         return count
 
     def close(self) -> None:
-        for client in self._clients.values():
-            client.disconnect()
-            client.loop_stop()
+        self._pump.close()
+
+
+def _budget(name: str) -> float:
+    return READ_BUDGET_S[name]

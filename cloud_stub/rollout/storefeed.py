@@ -48,6 +48,7 @@ class StoreFeed:
     def update(self, tracker: Tracker) -> None:
         """The devices' state, then their events: an event is newer than the state it may
         change (a return's ``committed`` after the health that still showed the version)."""
+        self.commands.pump()  # the commands' acknowledgements, and what waits to be sent
         for row in self.store.device_models(self.model, fleet=self.fleet):
             tracker.observe_presence(row.device, row.online, row.last_seen)
             if row.health_ts is not None and self._health.get(row.device) != row.health_ts:
@@ -92,6 +93,12 @@ class StoreFeed:
             )
         self.events_read += taken
         return taken
+
+    def heard_until(self) -> float | None:
+        return None  # the store's ingest does not say how far behind it is: up to now
+
+    def wait(self, seconds: float) -> None:
+        self.commands.wait(seconds)
 
     def nudge(self, devices: Iterable[str]) -> int:
         return self.commands.nudge(devices)

@@ -28,6 +28,7 @@ class Replay:
     def __init__(self) -> None:
         self.queue: list[tuple[str, bytes, float]] = []
         self.nudged: list[str] = []
+        self.heard: float | None = None
         self.withdrawn: list[tuple[str, str, int]] = []
         self.seq = 0
 
@@ -42,6 +43,12 @@ class Replay:
 
     def update(self, tracker: Tracker) -> None:
         tracker.feed_many(self.drain())
+
+    def heard_until(self) -> float | None:
+        return self.heard  # None: everything sent is here
+
+    def wait(self, seconds: float) -> None:
+        pass
 
     def nudge(self, devices: Iterable[str]) -> int:
         asked = list(devices)
@@ -140,6 +147,36 @@ def test_a_silent_canary_fails_the_stage_after_its_deadline(repo: Repository) ->
     evidence = store.decisions(rollout.id, 1)[0].evidence
     assert evidence["silent"] == len(canaries)
     assert metadata.published(repo, "mm", 2)["withdrawn"] is True
+    store.close()
+
+
+def test_silence_is_judged_only_up_to_what_the_feed_has_read(repo: Repository) -> None:
+    """A verdict the broker delivered and the controller has not read yet is not silence: past
+    the deadline by the clock but not by what the feed has read, the canaries are pending; once
+    the feed has read up to now, the ones that never reported count as failed."""
+    feed, clock = Replay(), Clock()
+    store = RolloutStore(repo.root / "rollouts.db")
+    policy = Policy(stages=(2500, 10000), soak_s=30.0, deadline_s=120.0)
+    ctl = Controller(repo, store, feed, Tracker("f", "mm"), policy, clock)
+    for device in DEVICES:
+        feed.send(device, "status", messages.birth("0.1.0", {"mm": 1}), clock.now)
+    ctl.tracker.feed_many(feed.drain())
+    rollout = ctl.start(2, policy.stages)
+    canaries = [d for d in DEVICES if ctl.tracker.in_stage(d, 2500)]
+    took = clock.now
+    for device in canaries:
+        feed.send(device, "events", messages.event("activated", "mm", 2, ""), took)
+    clock.now += 200  # past the deadline by the clock
+    feed.heard = took + 100  # the feed is behind: read up to 100 s after they took it
+    waiting = ctl.step(rollout.id)
+    assert waiting.state == "running"
+    assert ctl.tracker.evidence(2, 0, 2500, 200, took + 100, 120).pending == len(canaries)
+    feed.heard = None  # caught up: nothing came from them
+    for device in set(DEVICES) - set(canaries):
+        feed.send(device, "status", messages.birth("0.1.0", {"mm": 1}), clock.now)
+    halted = ctl.step(rollout.id)
+    assert halted.state == "halted"
+    assert store.decisions(rollout.id, 1)[0].evidence["silent"] == len(canaries)
     store.close()
 
 
