@@ -51,6 +51,7 @@ sys.path.insert(0, str(ROOT))
 from agent.delivery.rollout import bucket  # noqa: E402
 from agent.errors import AgentError  # noqa: E402
 from agent.serving.client import InferenceClient  # noqa: E402
+from bench.fleetbench import trace  # noqa: E402
 from cloud_stub.certs import make_pki  # noqa: E402
 from cloud_stub.fleet.ingest import Ingest  # noqa: E402
 from cloud_stub.fleet.store import open_store  # noqa: E402
@@ -320,12 +321,18 @@ def agent_names(count: int) -> list[tuple[str, bool]]:
     return [(n, n in poisoned) for n in chosen + outside[: count - count // 2]]
 
 
-def until(predicate: Callable[[], bool], timeout_s: float, step: float = 0.2) -> bool:
+def until(
+    predicate: Callable[[], bool],
+    timeout_s: float,
+    step: float = 0.2,
+    pause: Callable[[float], None] = time.sleep,
+) -> bool:
+    """``pause``: the feed's ``wait`` while it is open (its connections have no threads)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if predicate():
             return True
-        time.sleep(step)
+        pause(step)
     return False
 
 
@@ -372,6 +379,12 @@ def main() -> int:
         help="the controller reads the devices from a SQLite fleet store that one ingest fills "
         "(as beside a dashboard), instead of its own MQTT subscription",
     )
+    parser.add_argument(
+        "--trace",
+        action="store_true",
+        help="time each simulated verdict at the simulator, a plain subscriber and the "
+        "controller, and print where it went (bench/fleetbench/trace.py)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args()
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -403,6 +416,11 @@ def main() -> int:
         key, pub = generate(work / "operator")
         broker, mqtt_port = start_broker(work)
         procs.append(broker)
+        listener = (
+            trace.start_listener(mqtt_port, FLEET, work / "events.log") if args.trace else None
+        )
+        if listener is not None:
+            procs.append(listener)
         (work / "nginx").mkdir()
         nginx, https_port = start_nginx(
             work / "nginx", repo.public, pki.server_cert, pki.server_key
@@ -491,7 +509,8 @@ def main() -> int:
             commands = MqttFeed("127.0.0.1", mqtt_port, FLEET, operator_key=key, subscribe=False)
             feed, book = StoreFeed(store, FLEET, MODEL, commands), FleetBook(store)
         else:
-            feed = MqttFeed("127.0.0.1", mqtt_port, FLEET, operator_key=key)
+            kind = trace.TracedFeed if args.trace else MqttFeed
+            feed = kind("127.0.0.1", mqtt_port, FLEET, operator_key=key)
             book = RolloutStore(repo.root / "rollouts.db")
         total = args.devices + args.agents
         tracker = Tracker(FLEET, MODEL)
@@ -502,12 +521,21 @@ def main() -> int:
             feed.update(tracker)
             return len(tracker.devices) >= total
 
-        if not until(heard, 180, 0.5):
+        if not until(heard, 180, 0.5, feed.wait):
             print(f"only {len(tracker.devices)} of {total} devices heard", flush=True)
         print(f"devices heard: {len(tracker.devices)}; load: {os.getloadavg()[0]:.2f}", flush=True)
 
         # 1. the good version
+        cpu = resource.getrusage(resource.RUSAGE_SELF)
         final, took = rollout(ctl, feed, 2, 0.5)
+        used = resource.getrusage(resource.RUSAGE_SELF)
+        used_s = used.ru_utime - cpu.ru_utime + used.ru_stime - cpu.ru_stime
+        print(
+            f"  controller's process: {used_s:.1f} s of CPU in the good rollout "
+            f"({100 * used_s / took:.0f} % of a core); messages taken in: "
+            f"{getattr(feed, 'received', '(the store)')}",
+            flush=True,
+        )
         stages = [
             d
             for d in reversed(ctl.store.decisions(f"{MODEL}-2", 10_000))
@@ -518,14 +546,19 @@ def main() -> int:
             + ", ".join(f"{d.ts - stages[0].ts:.0f} s" for d in stages),
             flush=True,
         )
-        until(lambda: all(a.active() == 2 for a in agents), 3 * args.poll)
+        if final.state == "halted":
+            kinds: dict[str, int] = {}
+            for failure in tracker.failures(2, time.time(), policy.deadline_s):
+                kinds[failure.kind] = kinds.get(failure.kind, 0) + 1
+            print(f"  HALTED: {final.reason}; failures now: {kinds}", flush=True)
+        until(lambda: all(a.active() == 2 for a in agents), 3 * args.poll, pause=feed.wait)
 
         def all_on_two() -> bool:
             feed.update(ctl.tracker)
             return tracker.versions().get(2, 0) >= len(tracker.devices)
 
         # "complete" means the last stage is signed and healthy; the rest follow on their polls.
-        all_there = until(all_on_two, 6 * args.poll, 0.5)
+        all_there = until(all_on_two, 6 * args.poll, 0.5, feed.wait)
         print(
             f"  every device on version 2: {all_there}, {time.time() - final.updated:.1f} s "
             "after the rollout completed",
@@ -593,7 +626,7 @@ def main() -> int:
                     took_real.update([device] if device.startswith("real-") else [])
                 elif version == 2:
                     back_at.setdefault(device, now)
-            time.sleep(0.2)
+            feed.wait(0.2)
 
         def returned(devices: set[str]) -> tuple[float, list[str]]:
             """The latest return (s after the halt) and the devices still on it."""
@@ -621,7 +654,7 @@ def main() -> int:
             + ", ".join(f"{d} {t - halted_at:.1f} s" for d, t in slowest),
             flush=True,
         )
-        time.sleep(args.poll * 1.2)  # one more poll for everyone
+        feed.wait(args.poll * 1.2)  # one more poll for everyone
         feed.update(ctl.tracker)
         outside = [d for d in tracker.activated(3) if bucket(d, MODEL) >= first_bp]
         real_outside = [
@@ -684,6 +717,16 @@ def main() -> int:
             ),
             flush=True,
         )
+        if listener is not None and isinstance(feed, trace.TracedFeed):
+            listener.terminate()
+            listener.wait(10)
+            trace.save(feed, work / "controller-times.json")
+            for version in (2, 3):
+                times = trace.broker_times(work / "events.log", version)
+                for line in trace.report(
+                    version, report, times, feed, args.sim_probation, policy.deadline_s
+                ):
+                    print(line, flush=True)
         print(f"load after: {os.getloadavg()[0]:.2f}")
         return 0
     finally:
