@@ -59,7 +59,19 @@ log = logging.getLogger(__name__)
 # loop with a followed repository, the operations layer with a command or an admin call.
 def _update_loop(
     config: Config, after_cycle: Callable[[CycleReport], Awaitable[None]]
-) -> UpdateLoop:
+) -> UpdateLoop | None:
+    """The loop of update cycles, when a repository is followed (else None)."""
+    if not (config.repository.url and config.models.follow):
+        return None
+    if config.source is None:
+        # The update child reads its configuration from the file (it parses network input in
+        # a process of its own); a configuration built in memory has none to give it.
+        log.warning(
+            "updates off: the configuration was not read from a file, so the update child "
+            "cannot be given it; %s served from the store only",
+            ", ".join(config.models.follow),
+        )
+        return None
     from agent.updates import UpdateLoop
 
     return UpdateLoop(config, after_cycle)
@@ -214,16 +226,8 @@ class Agent:
                     "loading: no verified version yet", retry_after_s=5.0
                 )
         await self.deployer.start(self.withdraw_holds.held)
-        if self.config.repository.url and self.config.models.follow and not self.config.source:
-            # The update child reads its configuration from the file (it parses network input
-            # in a process of its own); a configuration built in memory has none to give it.
-            log.warning(
-                "updates off: the configuration was not read from a file, so the update "
-                "child cannot be given it; %s served from the store only",
-                ", ".join(self.config.models.follow),
-            )
-        elif self.config.repository.url and self.config.models.follow:
-            self.updates = _update_loop(self.config, self.after_cycle)
+        self.updates = _update_loop(self.config, self.after_cycle)
+        if self.updates is not None:
             self.updates.on_activity = self.status.on_update_activity
             # What the update child tells while it runs (agent.delivery.pipe), shown at once.
             self.updates.on_progress = self.status.on_download

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import select
 import socket
 import struct
 import time
@@ -40,14 +39,13 @@ from agent.serving.oip.codec import Buffer, Limits
 from agent.serving.response_reader import MAX_HEAD, ClientError, Reply, ResponseReader
 from agent.serving.shm.calls import SHM_PATH, SharedMemoryCalls
 from agent.serving.shm.client import LocalRegions, PlacedTensor
-from agent.serving.spin import DEFAULT_SPIN_US, SpinPolicy, WaitPlan
+from agent.serving.spin import DEFAULT_SPIN_US, SpinPolicy, WaitPlan, nap
 
 __all__ = ["DEFAULT_SOCKET", "AsyncInferenceClient", "ClientError", "InferenceClient"]
 
 DEFAULT_SOCKET = "/run/edge-agent/infer.sock"
 _CHUNK = 256 * 1024
 _MAX_IOV = 512  # buffers per sendmsg, under any system's IOV_MAX
-_FD_SETSIZE = 1024  # select() takes no higher descriptor
 
 
 def _send_all(sock: socket.socket, buffers: Sequence[Buffer]) -> None:
@@ -208,25 +206,12 @@ class InferenceClient(SharedMemoryCalls):
         self._sleep_until = now + plan.sleep_s if plan.sleep_s else 0.0
         self._spin_until = now + plan.sleep_s + plan.spin_s if plan.spin_s else 0.0
 
-    def _nap(self, sock: socket.socket) -> None:
-        """Sleep until the poll is due, woken at once by the reply."""
-        timeout = self._sleep_until - time.perf_counter()
-        self._sleep_until = 0.0
-        if timeout <= 0:
-            return
-        fd = sock.fileno()
-        if fd < _FD_SETSIZE:  # select's timeout is in µs, poll's in ms
-            select.select((fd,), (), (), timeout)
-        else:
-            poller = select.poll()
-            poller.register(fd, select.POLLIN)
-            poller.poll(int(timeout * 1000))
-
     def _recv_more(self) -> None:
         sock = self._sock
         assert sock is not None
-        if self._sleep_until:
-            self._nap(sock)
+        if self._sleep_until:  # until the poll is due, woken at once by the reply
+            nap(sock.fileno(), self._sleep_until - time.perf_counter())
+            self._sleep_until = 0.0
         space = self._replies.body_space()
         if space is not None and len(space) > _CHUNK:
             # The rest of a large body: straight into its buffer, no copy after the kernel's.

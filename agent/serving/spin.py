@@ -16,6 +16,7 @@ client of an erratic model spends on average less than 1/64 of the budget per ca
 from __future__ import annotations
 
 import os
+import select
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -25,6 +26,7 @@ MAX_SKIP = 64
 # and the thread's own wake-up, with room to spare.
 LEAD_US = 200.0
 RECENT = 8  # replies whose waits predict the next one
+_FD_SETSIZE = 1024  # select() takes no higher descriptor
 
 
 def usable_cpus() -> int:
@@ -85,3 +87,15 @@ class SpinPolicy:
         else:
             self.misses += 1
             self.skip = min(2 ** (self.misses - 1), MAX_SKIP)
+
+
+def nap(fd: int, timeout_s: float) -> None:
+    """Sleep up to ``timeout_s`` or until ``fd`` is readable, whichever comes first."""
+    if timeout_s <= 0:
+        return
+    if fd < _FD_SETSIZE:  # select's timeout is in µs, poll's in ms
+        select.select((fd,), (), (), timeout_s)
+    else:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        poller.poll(int(timeout_s * 1000))
