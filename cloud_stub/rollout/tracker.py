@@ -329,7 +329,9 @@ class Tracker:
 def _silent(device: Device, version: int, now: float, deadline_s: float) -> bool:
     """Took ``version`` and no verdict (committed, rolled back) within the deadline: failed,
     whether it went quiet or hangs (hawkbit#693: never "proceeding" forever). The deadline
-    must exceed the devices' longest probation."""
+    must exceed the devices' longest probation plus their verdict's way to the controller;
+    ``now`` is the time up to which the controller has read its feed (``heard_until``), not
+    past it: a verdict still in a socket is not silence."""
     if version not in device.took or version in device.committed or version in device.rolled_back:
         return False
     return now - device.took[version] > deadline_s
