@@ -232,7 +232,7 @@ def _cmd_run(args: argparse.Namespace, level: str | None) -> int:
     config = load_config(args.config)
     _setup_logging(level or config.agent.log_level)
     log.info("edge-agent %s starting with %s", __version__, args.config)
-    identity_cli.ensure_at_start(config.agent.state_dir)  # the device key pair, first start
+    identity_cli.ensure_at_start(config.agent.state_dir)  # the key pair, first start: not awaited
     asyncio.run(Agent(config).run())
     return 0
 

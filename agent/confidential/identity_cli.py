@@ -9,6 +9,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -35,33 +36,51 @@ def add_parser(sub: Any, config_default: Path, config_help: str) -> None:
     ident.add_argument("--json", action="store_true", help="print one JSON object")
 
 
-def ensure_at_start(state_dir: Path) -> None:
-    """Make the key pair on the agent's first start; a failure is logged, never fatal (only
-    encrypted models need the key, and they say so when it is missing). ``cryptography`` is
+def ensure_at_start(state_dir: Path) -> threading.Thread | None:
+    """Start making the key pair on the agent's first start, without waiting for it (the
+    thread returned waits and logs); a failure is logged, never fatal (only encrypted models
+    need the key, and they say so when it is missing; a device is enrolled with a public key
+    that exists, so no version is wrapped for one still being made). ``cryptography`` is
     imported only when there is a pair to make (the daemon's footprint)."""
     directory = state_dir / "identity"  # identity.identity_dir, without importing it
     if (directory / "device.key").exists():
-        return
+        return None
     if (directory / "device.pub").exists():
         log.error(
             "identity: %s is missing (its public key is there): encrypted models cannot be "
             "opened; restore it, or remove device.pub to make a new pair and enrol it again",
             directory / "device.key",
         )
-        return
+        return None
     # In a child process: the daemon itself never imports cryptography (its footprint). -I
     # (isolated), as the update child: the working directory does not decide what it imports.
-    done = subprocess.run(
-        [sys.executable, "-I", "-m", "agent.confidential.identity_cli", str(directory)],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    if done.returncode != 0:
-        log.error("identity: cannot create the device key pair in %s: %s", directory, done.stderr)
-    else:
-        log.info("identity: created the device key pair in %s", directory)
+    # Not waited for: the first start's READY would come ~80 ms later (an interpreter's start).
+    try:
+        child = subprocess.Popen(
+            [sys.executable, "-I", "-m", "agent.confidential.identity_cli", str(directory)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    except OSError as exc:
+        log.error("identity: cannot create the device key pair in %s: %s", directory, exc)
+        return None
+
+    def reap() -> None:
+        try:
+            _, errors = child.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            _, errors = child.communicate()
+        if child.returncode != 0:
+            log.error("identity: cannot create the device key pair in %s: %s", directory, errors)
+        else:
+            log.info("identity: created the device key pair in %s", directory)
+
+    thread = threading.Thread(target=reap, name="identity", daemon=True)
+    thread.start()
+    return thread
 
 
 def run(args: argparse.Namespace, config: Any) -> int:

@@ -309,3 +309,19 @@ def test_the_command_lines_enrol_publish_for_the_fleet_and_rewrap(tmp_path: Path
     assert cli("unenroll", str(repo), "shop-7").returncode == 0
     refused = cli("rewrap", str(repo), "--name", "m", "--version", "2")
     assert refused.returncode != 0 and "no device is enrolled" in refused.stderr
+
+
+def test_the_first_start_makes_the_key_pair_without_waiting_for_it(tmp_path: Path) -> None:
+    """``edge-agent run`` starts the key pair's child and goes on (READY is not held by an
+    interpreter's start); the thread it returns reaps the child. The next start makes none."""
+    from agent.confidential import identity_cli
+
+    state = tmp_path / "state"
+    reaper = identity_cli.ensure_at_start(state)
+    assert reaper is not None and reaper.daemon
+    reaper.join(60)
+    assert not reaper.is_alive()
+    keys = state / "identity"
+    assert stat.S_IMODE((keys / "device.key").stat().st_mode) == 0o600
+    assert len(base64.b64decode((keys / "device.pub").read_text())) == 32
+    assert identity_cli.ensure_at_start(state) is None
