@@ -94,12 +94,13 @@ def length(value: bytes, header: str) -> int:
     """A length header's value.
 
     Raises:
-        ParseAbortError: 400, not a non-negative integer.
+        ParseAbortError: 400, not a non-negative decimal integer.
     """
-    try:
-        size = int(value)
-    except ValueError:
-        raise ParseAbortError(400, f"{header} must be an integer, found {value[:40]!r}") from None
-    if size < 0:
-        raise ParseAbortError(400, f"{header} must not be negative")
-    return size
+    # Decimal digits only (RFC 9110's 1*DIGIT): int() would also take "+12", " 12" and "1_2".
+    if not value.isdigit() or not value.isascii():
+        if value.startswith(b"-") and value[1:].isdigit():
+            raise ParseAbortError(400, f"{header} must not be negative")
+        raise ParseAbortError(
+            400, f"{header} must be a decimal integer, found {value[:40]!r}"
+        ) from None
+    return int(value)

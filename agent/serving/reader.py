@@ -205,21 +205,14 @@ class RequestReader:
         lowered = name.lower()
         # The lengths parsed here, without a call: framing.length words the refusals.
         if lowered == b"inference-header-content-length":
-            try:
-                size = int(value)
-            except ValueError:
-                size = -1
-            if size < 0:
+            # framing.length's rule (decimal digits only), without its call when it holds.
+            if not value.isdigit() or not value.isascii():
                 length(value, "Inference-Header-Content-Length")
-            self._header_length = size
+            self._header_length = int(value)
         elif lowered == b"content-length":
-            try:
-                size = int(value)
-            except ValueError:
-                size = -1
-            if size < 0:
+            if not value.isdigit() or not value.isascii():
                 length(value, "Content-Length")
-            self._content_length = size
+            self._content_length = int(value)
         elif lowered == b"expect" and value.strip().lower() == b"100-continue":
             self._expect_continue = True
 

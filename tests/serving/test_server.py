@@ -305,6 +305,22 @@ def assert_still_serving(served: RunningAgent) -> None:
             400,
             b"Inference-Header-Content-Length",
         ),
+        *(
+            (
+                b"POST /v2/models/matmul/infer HTTP/1.1\r\nInference-Header-Content-Length: "
+                + value
+                + b"\r\nContent-Length: 2\r\n\r\n{}",
+                400,
+                b"Inference-Header-Content-Length must be a decimal integer",
+            )
+            for value in (b"+2", b"1_0", b"2 2", "\u0662".encode())
+        ),
+        (
+            b"POST /v2/models/matmul/infer HTTP/1.1\r\nInference-Header-Content-Length: -2\r\n"
+            b"Content-Length: 2\r\n\r\n{}",
+            400,
+            b"Inference-Header-Content-Length must not be negative",
+        ),
         (b"GET /v2/nothing/here HTTP/1.1\r\nConnection: close\r\n\r\n", 404, b"no route"),
         (b"DELETE /v2/health/live HTTP/1.1\r\nConnection: close\r\n\r\n", 405, b"not allowed"),
     ],
@@ -315,6 +331,11 @@ def assert_still_serving(served: RunningAgent) -> None:
         "oversized-body",
         "bad-json",
         "bad-ihcl",
+        "ihcl-plus",
+        "ihcl-underscore",
+        "ihcl-space",
+        "ihcl-arabic-digit",
+        "ihcl-negative",
         "no-route",
         "bad-method",
     ],
