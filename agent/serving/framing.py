@@ -100,7 +100,5 @@ def length(value: bytes, header: str) -> int:
     if not value.isdigit() or not value.isascii():
         if value.startswith(b"-") and value[1:].isdigit():
             raise ParseAbortError(400, f"{header} must not be negative")
-        raise ParseAbortError(
-            400, f"{header} must be a decimal integer, found {value[:40]!r}"
-        ) from None
+        raise ParseAbortError(400, f"{header} must be a decimal integer, found {value[:40]!r}")
     return int(value)

@@ -327,7 +327,7 @@ class OipHandler:
                 prepared.written,
                 self._heads,
             )
-            self.observe_success(prepared, version)
+            self.observe_success(prepared)
             content_type = b"application/octet-stream" if header_length is not None else JSON
             return Response(200, body, content_type, header_length, tail=tail)
         finally:
@@ -347,12 +347,11 @@ class OipHandler:
         self._observe(loaded, prepared.started, failed=True, seconds=prepared.run_s)
         return exc
 
-    def observe_success(self, prepared: PreparedInfer, version: str | None = None) -> None:
-        """Count a request answered with its outputs (``version``: the version's as text)."""
+    def observe_success(self, prepared: PreparedInfer) -> None:
+        """Count a request answered with its outputs."""
         loaded = prepared.loaded
         now = time.perf_counter()
-        metrics = self.metrics.model(loaded.manifest.name, version or str(loaded.version))
-        metrics.observe(prepared.run_s or (now - prepared.started), failed=False)  # see _observe
+        self._observe(loaded, prepared.started, failed=False, seconds=prepared.run_s)
         # And what its path delivered (models/pathchoice.py).
         fastpath.finished(loaded, prepared.inline, now - prepared.started, prepared.run_s, now)
 

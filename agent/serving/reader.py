@@ -203,16 +203,10 @@ class RequestReader:
                 431, f"request headers larger than {self._max_header_bytes} bytes"
             )
         lowered = name.lower()
-        # The lengths parsed here, without a call: framing.length words the refusals.
         if lowered == b"inference-header-content-length":
-            # framing.length's rule (decimal digits only), without its call when it holds.
-            if not value.isdigit() or not value.isascii():
-                length(value, "Inference-Header-Content-Length")
-            self._header_length = int(value)
+            self._header_length = length(value, "Inference-Header-Content-Length")
         elif lowered == b"content-length":
-            if not value.isdigit() or not value.isascii():
-                length(value, "Content-Length")
-            self._content_length = int(value)
+            self._content_length = length(value, "Content-Length")
         elif lowered == b"expect" and value.strip().lower() == b"100-continue":
             self._expect_continue = True
 

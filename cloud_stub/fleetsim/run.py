@@ -270,15 +270,13 @@ class Fleet:
         while self._verdicts and self._verdicts[0][0] <= now:
             until, index = heapq.heappop(self._verdicts)
             device = self.devices[index]
-            version = device.active
             if device.probation_until != until or not device.settle(now):
                 continue
             self._probation_seen[index] = None
             self.verdicts_early += 1
             for topic, payload in device.take(now):
                 self._publish(index, topic, payload)
-            if version is not None:
-                device.verdict_sent.setdefault(version, time.time())
+            _stamp_sent(device)
 
     def _health_interval(self) -> float:
         """Routine work is shed first when the loop runs late: health messages (most of what
@@ -338,10 +336,7 @@ class Fleet:
                     for topic, payload in device.take(now):
                         self._publish(i, topic, payload)
                     self._watch_probation(i, device)
-                    if len(device.verdict_sent) < len(device.verdict_at):
-                        sent = time.time()
-                        for version in device.verdict_at.keys() - device.verdict_sent.keys():
-                            device.verdict_sent[version] = sent
+                    _stamp_sent(device)
                     due[i] = device.due()
                 self.iterations += 1
                 self.largest_backlog = max(self.largest_backlog, self.links.backlog())
@@ -367,6 +362,15 @@ class Fleet:
                 }
                 write_report(report, self.devices, listing.fetches, loop)
             self.links.close()
+
+
+def _stamp_sent(device: SimDevice) -> None:
+    """The report's timeline: when each verdict the device made was handed to the broker
+    connection (its messages were just published)."""
+    if len(device.verdict_sent) < len(device.verdict_at):
+        sent = time.time()
+        for version in device.verdict_at.keys() - device.verdict_sent.keys():
+            device.verdict_sent[version] = sent
 
 
 def write_report(
