@@ -232,8 +232,11 @@ def _cmd_run(args: argparse.Namespace, level: str | None) -> int:
     config = load_config(args.config)
     _setup_logging(level or config.agent.log_level)
     log.info("edge-agent %s starting with %s", __version__, args.config)
-    identity_cli.ensure_at_start(config.agent.state_dir)  # the key pair, first start: not awaited
-    asyncio.run(Agent(config).run())
+    agent = Agent(config)
+    # The first start's key pair: its child (an interpreter, cryptography) starts once READY
+    # is sent; started before, it took a core from the start-up (~90 ms of READY on 2 cores).
+    agent.after_ready.append(lambda: identity_cli.ensure_at_start(config.agent.state_dir))
+    asyncio.run(agent.run())
     return 0
 
 

@@ -126,6 +126,8 @@ class Agent:
             self.trim.on_event,
         ]
         self.settings.listeners.append(self._apply_settings)
+        # Jobs for the I/O thread once READY is sent (`edge-agent run`: the key pair's child).
+        self.after_ready: list[Callable[[], object]] = []
         # The shutdown, in reverse order of this list: the server closes first (a connection
         # that arrives from now on stays in the listening socket's backlog: with socket
         # activation systemd keeps the socket, and the next agent accepts it), so every
@@ -334,17 +336,6 @@ class Agent:
 
     # -- settings -----------------------------------------------------------------------------
 
-    async def prepare_reporting(self) -> None:
-        """Set up fleet reporting when a broker is configured (events queue from now on);
-        the connection (and the birth message) waits until the models are loaded."""
-        if not self.config.mqtt.host:
-            return
-        # Settings changed by signed set-config commands outlive restarts (remote_config).
-        self.settings.config = self.settings.with_remote_config(self.config)
-        await self.reporting.open(self.config)
-        self.settings.add_live(self.reporting.live_keys)
-        self.event_listeners.append(self.reporting.on_event)
-
     def _apply_settings(self, config: Config, changed: set[str]) -> None:
         """The parts that take live keys: the reporter, the update loop."""
         self.reporting.apply(config, changed)
@@ -393,7 +384,7 @@ class Agent:
                 # Our own socket: listen at once, so status calls work during a long load and
                 # inference requests learn why they must wait (503 with Retry-After).
                 await self.listen()
-            await self.prepare_reporting()
+            await self.reporting.prepare(self.settings)  # the reporter itself after READY
             if models is None:
                 await self.start_deployments()
             else:
@@ -403,15 +394,22 @@ class Agent:
                 # wait in the socket's backlog, and are accepted once the models have loaded,
                 # so a restart fails no request.
                 await self.listen(activated)
-            await self.reporting.start()
             if self.updates is not None:
                 self._tasks.append(loop.create_task(self.updates.run_forever(), name="updates"))
             self.status.ready()
             log.info("ready: %s", self.status.line())
+            for job in self.after_ready:
+                self.io.run_soon(job)
             self.watchdog.start(self.notifier.watchdog_period())
             if local is None:
                 # The device daemon, not `serve` (development and benchmarks, no config file).
                 self.trim.schedule()
+            if self.config.mqtt.host:
+                # Serving does not wait for paho and the reporter (~20 ms of a start); the
+                # events recorded before are forwarded all the same (the outbox's cursor).
+                await self.reporting.open(self.config)
+                self.event_listeners.append(self.reporting.on_event)
+                await self.reporting.start()
             await self._stop.wait()
             log.info("stopping: draining in-flight requests")
             self.notifier.stopping()

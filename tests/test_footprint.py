@@ -211,6 +211,17 @@ IMPORTED_WHEN_USED = (
 )
 
 
+# Imported once the agent serves, not before READY (BENCHMARKS.md "Stop 13: time to READY"):
+# paho with the MQTT reporter and its outbox (built after READY, agent.daemon start_reporting),
+# the start-up trim's module (2 s after READY).
+IMPORTED_AFTER_READY = (
+    "paho",
+    "agent.telemetry.mqtt",
+    "agent.telemetry.outbox",
+    "agent.memory",
+)
+
+
 def imported_modules(importtime_log: str) -> set[str]:
     """Module names from `python -X importtime` lines: "import time: self | cumulative | name"."""
     names = set()
@@ -278,6 +289,15 @@ def test_a_running_daemon_with_one_onnx_model_imports_no_heavy_extras(
         m for m in modules if any(m == h or m.startswith(h + ".") for h in IMPORTED_WHEN_USED)
     )
     assert lazy == [], lazy
+    # The log line "ready: ..." follows READY=1 on the same thread (stderr, unbuffered).
+    before_ready = imported_modules(log.partition(" agent.daemon: ready: ")[0])
+    assert "agent.daemon" in before_ready and len(before_ready) < len(modules)
+    early = sorted(
+        m
+        for m in before_ready
+        if any(m == h or m.startswith(h + ".") for h in IMPORTED_AFTER_READY)
+    )
+    assert early == [], early
     libraries = set(re.findall(r"(/\S+\.so[.\d]*)$", maps, re.M))
     assert any("onnxruntime" in lib for lib in libraries)
     for fragment in ("ai_edge_litert", "tflite_runtime", "onnx_cpp2py_export"):

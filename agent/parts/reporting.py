@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -11,6 +12,7 @@ from agent.config import Config
 from agent.iothread import IoThread
 from agent.models.slots import Slots
 from agent.parts.base import Part
+from agent.parts.settings import LiveSettings
 from agent.serving import modelinfo
 from agent.state import Event, StateDB
 from agent.telemetry.metrics import Registry
@@ -22,9 +24,11 @@ LIVE_REPORTER_KEYS = ("health_interval_s", "drain_per_s")
 
 
 class Reporting(Part):
-    """Builds the reporter and its outbox when a broker is configured (``open``); the events
-    table is its queue: the reporter forwards every row above its durable cursor, whoever
-    wrote it, and a row this process writes (``on_event``) only makes it look now."""
+    """Builds the reporter and its outbox when a broker is configured (``open``, once the
+    agent serves: the operator keys are read before, ``load_keys``); the events table is its
+    queue: the reporter forwards every row above its durable cursor, whoever wrote it (the
+    rows of the start-up too), and a row this process writes (``on_event``) only makes it look
+    now."""
 
     def __init__(
         self,
@@ -42,30 +46,55 @@ class Reporting(Part):
         self.reporter: Any = None
         self.outbox: Any = None
         self._state_dir: Any = None
+        self._keys: dict[str, Any] | None = None  # the operator keys, by id (``load_keys``)
+
+    async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` on the I/O thread (in place without one)."""
+        return await self.io.run(fn, *args) if self.io is not None else fn(*args)
+
+    async def prepare(self, settings: LiveSettings) -> None:
+        """Before the deployments, when a broker is configured: the settings of set-config
+        commands (they may change the models' keys) and the operator keys; the reporter is
+        built once the agent serves (``open``)."""
+        if not settings.config.mqtt.host:
+            return
+        # Settings changed by signed set-config commands outlive restarts (remote_config).
+        settings.config = settings.with_remote_config(settings.config)
+        await self.load_keys(settings.config)
+        settings.add_live(self.live_keys)
+
+    async def load_keys(self, config: Config) -> None:
+        """Read the operator keys that sign commands, on the I/O thread: a missing or bad file
+        is a configuration error, and the start fails with it before READY."""
+        paths = config.mqtt.operator_keys
+        if not paths:
+            self._keys = {}
+            return
+        from agent.telemetry.inbox import load_operator_keys
+
+        self._keys = await self._run(load_operator_keys, paths)
 
     async def open(self, config: Config) -> None:
-        """Set up the reporter (events queue from now on); the connection (and the birth
-        message) waits for ``start``, once the models are loaded. The keys' files and the
-        outbox's database are opened on the I/O thread: the server already answers."""
-        from agent.telemetry.mqtt import Reporter, ReporterConfig, load_operator_keys
+        """Set up the reporter (events are forwarded from now on); the connection (and the
+        birth message) waits for ``start``. paho and the reporter's modules are imported and
+        the outbox's database opened on the I/O thread: the server already answers."""
+        await self._run(importlib.import_module, "agent.telemetry.mqtt")
+        from agent.telemetry.mqtt import Reporter, ReporterConfig
         from agent.telemetry.outbox import Outbox
 
         mqtt_config = config.mqtt
         self._state_dir = config.agent.state_dir
+        if self._keys is None:  # built without the start-up's ``load_keys``
+            await self.load_keys(config)
 
-        def open_files() -> tuple[Any, Outbox]:
-            keys = load_operator_keys(mqtt_config.operator_keys)
-            outbox = Outbox(
+        def open_outbox() -> Outbox:
+            return Outbox(
                 config.agent.state_dir / "outbox.db",
                 mqtt_config.outbox_max_bytes,
                 mqtt_config.outbox_max_age_s,
             )
-            return keys, outbox
 
-        if self.io is not None:
-            keys, self.outbox = await self.io.run(open_files)
-        else:
-            keys, self.outbox = open_files()
+        self.outbox = await self._run(open_outbox)
         self.reporter = Reporter(
             ReporterConfig(
                 host=mqtt_config.host,
@@ -86,14 +115,16 @@ class Reporting(Part):
             models=self.active_versions,
             health=self.health,
             on_command=self._on_command,
-            operator_keys=keys,
+            operator_keys=self._keys or {},
             events_after=self._events_after,
             io=self.io,
         )
 
     @property
     def live_keys(self) -> set[str]:
-        return {f"mqtt.{key}" for key in LIVE_REPORTER_KEYS} if self.reporter is not None else set()
+        """The keys it takes live once it is set up (``load_keys``: before the reporter)."""
+        ready = self._keys is not None or self.reporter is not None
+        return {f"mqtt.{key}" for key in LIVE_REPORTER_KEYS} if ready else set()
 
     def apply(self, config: Config, changed: set[str]) -> None:
         """The live settings' listener: the reporter's keys that changed."""

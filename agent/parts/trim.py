@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from agent import memory
 from agent.allocator import release_free_heap
 from agent.models.slots import Slots
 from agent.parts.base import Part, cancel
 from agent.state import Event
+
+if TYPE_CHECKING:  # imported at the first trim, after READY
+    from agent import memory
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +86,8 @@ class MemoryTrim(Part):
             log.info("memory: %s", result.describe())
 
     def _trim_and_rewarm(self) -> memory.TrimResult | None:
+        from agent import memory
+
         result = memory.trim()
         if result is not None:
             self._rewarm()  # its failures are the watchdog's to report

@@ -55,7 +55,8 @@ def test_start_up_lists_the_store_and_opens_the_outbox_off_the_loop(
     async def main() -> None:
         loop_thread = threading.get_ident()
         running = asyncio.create_task(agent.run())
-        while not agent._admin_ready.is_set():  # the deployments have started
+        # The deployments have started, then (after READY) the reporter is built.
+        while not agent._admin_ready.is_set() or agent.reporting.reporter is None:
             assert not running.done(), running
             await asyncio.sleep(0.05)
         agent.request_stop()
