@@ -90,12 +90,8 @@ def route(loaded: LoadedVersion, elements: int, threshold_us: float, now: float)
 def finished(loaded: LoadedVersion, inline: bool, took_s: float, run_s: float, now: float) -> None:
     """A request answered: fold it into the version's epochs; log a decision once made."""
     chooser = loaded.path_choice
-    if chooser is None:
-        return
-    before = (chooser.state, chooser.path, chooser.decisions)
-    chooser.done(inline, took_s, run_s, now)
-    if (chooser.state, chooser.path, chooser.decisions) == before or chooser.state == "exploring":
-        return
+    if chooser is None or not chooser.done(inline, took_s, run_s, now):
+        return  # nothing decided (most requests: an epoch goes on)
     if chooser.state == "off":
         loaded.inline_elements = 0
         log.warning("model %s version %d: %s", loaded.name, loaded.version, chooser.reason)

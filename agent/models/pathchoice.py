@@ -100,28 +100,30 @@ class PathChooser:
             self._started = now
         return self.path == INLINE
 
-    def done(self, inline: bool, took_s: float, run_s: float, now: float) -> None:
+    def done(self, inline: bool, took_s: float, run_s: float, now: float) -> bool:
         """A request of this version finished: ``took_s`` in the handler, ``run_s`` of it in
-        the runtime."""
-        if self.state == "off" or self._started is None:
-            return
+        the runtime. True when this made a decision or ended the fast path (worth a log line);
+        the other changes of path are exploration."""
+        started = self._started
+        if started is None or self.state == "off":
+            return False
         if inline != (self.path == INLINE):
             # A request of the other path finishing late (a pool request under way when the
             # epoch switched to the loop): its completion takes the loop's time in this epoch,
             # which would count against this path. The epoch starts again after it.
             self._started, self._count, self._times, self._runs = now, 0, [], []
-            return
-        self._count += 1
+            return False
+        count = self._count = self._count + 1
         self._times.append(took_s)
         if inline:
             self._runs.append(run_s)
-        elapsed = now - self._started
+        elapsed = now - started
         policy = self.policy
-        if self._count < policy.epoch_requests and not (
-            elapsed >= policy.epoch_max_s and self._count >= policy.min_epoch_requests
+        if count < policy.epoch_requests and (
+            elapsed < policy.epoch_max_s or count < policy.min_epoch_requests
         ):
-            return
-        epoch = Epoch(self.path, elapsed / self._count, small_median(self._times))
+            return False
+        epoch = Epoch(self.path, elapsed / count, small_median(self._times))
         runs = small_median(self._runs) if self._runs else 0.0
         # The next epoch starts now: under load its first requests are already under way.
         self._started, self._count, self._times, self._runs = now, 0, [], []
@@ -131,13 +133,14 @@ class PathChooser:
                 f"inline runs took {runs * 1e6:.0f} µs (median of an epoch), over "
                 f"{policy.max_inline_s * 1e6:.0f} µs: in the pool for good"
             )
-            return
+            return True
         if self.state == "exploring":
-            self._explore(epoch, now)
-        else:
-            self._watch(epoch, now)
+            return self._explore(epoch, now)
+        self._watch(epoch, now)
+        return False
 
-    def _explore(self, epoch: Epoch, now: float) -> None:
+    def _explore(self, epoch: Epoch, now: float) -> bool:
+        """Fold an epoch of exploration in; True when it made the decision."""
         self._epochs.append(epoch)
         counts = {p: sum(1 for e in self._epochs if e.path == p) for p in (INLINE, POOL)}
         if min(counts.values()) % self.policy.pairs or counts[INLINE] != counts[POOL]:
@@ -145,7 +148,7 @@ class PathChooser:
             self.reason = f"exploring: {counts[INLINE]} inline and {counts[POOL]} pool epochs"
             if min(counts.values()) >= self.policy.pairs:
                 self.reason += "; no path measurably faster yet, measuring more"
-            return
+            return False
         path, reason, conclusive = decide(self._epochs, self.policy)
         if not conclusive and min(counts.values()) < self.policy.max_pairs:
             # Not decided yet: the next ``pairs`` of each, then the test on all of them.
@@ -154,7 +157,7 @@ class PathChooser:
                 f"exploring: no path measurably faster in {counts[INLINE]} inline and "
                 f"{counts[POOL]} pool epochs; measuring more"
             )
-            return
+            return False
         self.path, self.state, self.reason = path, "decided", reason
         self.decisions += 1
         self._decided_at = now
@@ -162,6 +165,7 @@ class PathChooser:
         self._decided_level = small_median(e.per_request_s for e in chosen)
         self._decided_overlap = small_median(e.median_s for e in chosen) > self._decided_level
         self._epochs, self._recent = [], []
+        return True
 
     def _watch(self, epoch: Epoch, now: float) -> None:
         policy = self.policy

@@ -41,6 +41,7 @@ FRESH_S = 0.5
 _SHM_ROUTES = frozenset(
     {routes.Kind.SHM_STATUS, routes.Kind.SHM_REGISTER, routes.Kind.SHM_UNREGISTER}
 )
+_INFER = routes.Kind.INFER  # read per request: an Enum member is slower to reach by name
 
 
 class Limits(Protocol):
@@ -180,7 +181,10 @@ class HttpConnection(asyncio.BufferedProtocol):
         failure = reader.received(nbytes)
         if failure is None and reader.in_place and self._fd >= 0:
             failure = read_rest(self._fd, reader)
-        self._parsed(failure)
+        if failure is None:
+            self._process()
+        else:
+            self._parsed(failure)
 
     def data_received(self, data: bytes) -> None:
         """Bytes handed over whole (a transport that does not read into buffers)."""
@@ -224,7 +228,6 @@ class HttpConnection(asyncio.BufferedProtocol):
     def _answer(self, request: Request) -> None:
         """Answer one request now, or start it and come back when it is done."""
         handler = self._handler
-        admin = self._server.admin
         solo = self._server.solo
         now = time.perf_counter()
         solo.started(self._id, now)
@@ -235,7 +238,7 @@ class HttpConnection(asyncio.BufferedProtocol):
                 self._respond(request, error_response(exc))
                 return
             post = request.method == "POST"
-            if post and route.kind is routes.Kind.INFER:
+            if post and route.kind is _INFER:
                 try:
                     prepared = handler.prepare_infer(
                         route, request.body, request.header_length, self.regions, now
@@ -247,8 +250,10 @@ class HttpConnection(asyncio.BufferedProtocol):
                     self._respond(request, handler.run_inline(prepared))
                     return
                 loaded = prepared.loaded
-                if loaded.inline_elements <= 0 and solo.allows(  # not the fast path's model
-                    (loaded.name, loaded.version), self._server.pool.in_flight == 0, now
+                if (
+                    loaded.inline_elements <= 0  # not the fast path's model
+                    and self._server.pool.in_flight == 0  # (solo.allows wants an idle pool)
+                    and solo.allows((loaded.name, loaded.version), True, now)
                 ):
                     solo.solo_runs += 1
                     loaded.solo_runs += 1
@@ -259,7 +264,8 @@ class HttpConnection(asyncio.BufferedProtocol):
                 self._busy = True
                 self._inflight = request
                 self._server.pool.submit(prepared.run, partial(self._infer_done, prepared))
-            elif post and admin is not None and route.kind is routes.Kind.ADMIN:
+            elif post and route.kind is routes.Kind.ADMIN and self._server.admin is not None:
+                admin = self._server.admin
                 self._busy = True
                 self._inflight = request
                 task = self._loop.create_task(

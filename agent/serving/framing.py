@@ -15,6 +15,11 @@ _STATUS_LINES = {
 }
 
 
+# Status line, Content-Type, Content-Length, the optional headers, the end, the body: one
+# formatting for the whole answer (its body copied once, as the concatenation did).
+_HEAD = b"%sContent-Type: %s\r\nContent-Length: %d\r\n%s%s%s"
+
+
 class Phase(enum.Enum):
     IDLE = 0  # between requests: nothing of the next one has arrived
     HEAD = 1  # request line and headers arriving
@@ -56,24 +61,25 @@ def frame(response: Response, keep_alive: bool, head_only: bool) -> list[Buffer]
     unless ``head_only``, then the body's tail (large binary parts, never joined)."""
     tail = response.tail
     size = len(response.body)
-    for part in tail:
-        size += len(part)
-    try:
-        head = _STATUS_LINES[response.status]
-    except KeyError:
-        head = b"HTTP/1.1 %d Unknown\r\n" % response.status
-    head += b"Content-Type: %s\r\nContent-Length: %d\r\n" % (response.content_type, size)
+    if tail:
+        for part in tail:
+            size += len(part)
+    status = _STATUS_LINES.get(response.status)
+    if status is None:
+        status = b"HTTP/1.1 %d Unknown\r\n" % response.status
+    more = b""  # the headers only some answers have
     if response.header_length is not None:
-        head += b"Inference-Header-Content-Length: %d\r\n" % response.header_length
+        more = b"Inference-Header-Content-Length: %d\r\n" % response.header_length
     if response.retry_after_s is not None:
-        head += b"Retry-After: %d\r\n" % max(1, round(response.retry_after_s))
-    head += b"\r\n" if keep_alive else b"Connection: close\r\n\r\n"
+        more += b"Retry-After: %d\r\n" % max(1, round(response.retry_after_s))
+    end = b"\r\n" if keep_alive else b"Connection: close\r\n\r\n"
     # A HEAD answer has the headers GET would have, and no body (RFC 9110 §9.3.2).
     if head_only:
-        return [head]
+        return [_HEAD % (status, response.content_type, size, more, end, b"")]
+    head = _HEAD % (status, response.content_type, size, more, end, response.body)
     if tail:
-        return [head + response.body, *tail]
-    return [head + response.body]
+        return [head, *tail]
+    return [head]
 
 
 MAX_IOV = 512  # buffers per writev, under any system's IOV_MAX

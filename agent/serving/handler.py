@@ -39,6 +39,7 @@ if TYPE_CHECKING:  # the shared-memory modules load with the first request namin
 log = logging.getLogger(__name__)
 
 JSON = b"application/json"
+_INFER = routes.Kind.INFER  # read per request: an Enum member is slower to reach by name
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,7 +249,7 @@ class OipHandler:
             started = time.perf_counter()
         # The steps of prepare_request, written out: this is every REST request's path.
         route = path if isinstance(path, routes.Route) else routes.match(path)
-        if route.kind is not routes.Kind.INFER:
+        if route.kind is not _INFER:
             raise NotFoundError(f"no inference route {route.path}")
         name = route.model
         slot, loaded = _lease(self.slots, self.metrics, name, route.version)
@@ -269,13 +270,14 @@ class OipHandler:
         except BaseException as exc:
             _refuse(self.metrics, slot, loaded, name, exc)
             raise
-        elements = 0
-        for tensor in request.inputs:
-            elements += tensor.data.size
-        inline = fastpath.route(loaded, elements, self.inline_threshold_us, time.perf_counter())
-        return PreparedInfer(
-            slot, loaded, request.id, feeds, outputs, started, inline, placed=placed
-        )
+        inline = False
+        if loaded.inline_elements > 0:  # a fast-path model (else fastpath.route says no)
+            elements = 0
+            for tensor in request.inputs:
+                elements += tensor.data.size
+            # The request's start stands for now: the chooser reads it only to start an epoch.
+            inline = fastpath.route(loaded, elements, self.inline_threshold_us, started)
+        return PreparedInfer(slot, loaded, request.id, feeds, outputs, started, inline, 0.0, placed)
 
     def prepare_request(
         self,

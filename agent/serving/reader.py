@@ -37,6 +37,9 @@ SCRATCH_BYTES = 256 * 1024  # what one read may bring (asyncio's own read size)
 # goes in place (``DIRECT_BYTES``) instead of through the scratch and a copy.
 FIRST_READ_BYTES = 16 * 1024
 _threads = threading.local()
+# The phases as plain names: an Enum's members are read through its metaclass' __getattr__
+# hook, several times slower than a global, and every request reads them several times.
+_IDLE, _HEAD, _BODY = Phase.IDLE, Phase.HEAD, Phase.BODY
 
 
 def _scratch() -> memoryview:
@@ -82,9 +85,13 @@ class RequestReader:
         self._send_continue = send_continue
         self._parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
         self._scratch = _scratch()  # the loop thread's (readers are made and fed there)
-        self.phase = Phase.IDLE
+        self.phase = _IDLE
         self.phase_since = self._now = time.monotonic()  # _now: when the bytes being parsed came
         self.in_place = False  # the kernel writes the rest of the body into it, no parser
+        self._body = bytearray()
+        self._reserved = 0
+        self._method = b""
+        self._keep_alive = True
         self._reset()
 
     def buffer(self) -> memoryview:
@@ -92,7 +99,7 @@ class RequestReader:
         view of its own each time: whoever releases it releases only that)."""
         if self.in_place:
             return memoryview(self._body)[self._filled :]
-        if self.phase is not Phase.BODY:
+        if self.phase is not _BODY:
             return self._scratch[:FIRST_READ_BYTES]
         return self._scratch[:]
 
@@ -100,7 +107,7 @@ class RequestReader:
         """``count`` bytes were read into ``buffer()``."""
         if not self.in_place:
             failure = self.feed(self._scratch[:count])
-            if failure is None and self.phase is Phase.BODY and self._parser is not None:
+            if failure is None and self.phase is _BODY and self._parser is not None:
                 self._go_direct(self._parser)
             return failure
         self._filled += count
@@ -131,8 +138,8 @@ class RequestReader:
             return None
         # One reading of the clock for what these bytes start or complete (they came together).
         self._now = now = time.monotonic()
-        if self.phase is Phase.IDLE:
-            self.phase = Phase.HEAD
+        if self.phase is _IDLE:
+            self.phase = _HEAD
             self.phase_since = now
         try:
             parser.feed_data(data)
@@ -174,21 +181,20 @@ class RequestReader:
 
     def on_message_begin(self) -> None:
         self._reset()
-        if self.phase is Phase.IDLE:
-            self.phase = Phase.HEAD
+        if self.phase is _IDLE:
+            self.phase = _HEAD
             self.phase_since = self._now
 
     def _reset(self) -> None:
+        """A message's header fields. Its body (empty, none reserved) was left so by the
+        message before (``_complete``) or by ``__init__``; its method and keep-alive are read
+        when they are needed (``_go_direct``)."""
         self._url = b""
         self._header_bytes = 0
         self._header_length = None
         self._content_length = None
         self._expect_continue = False
-        self._body = bytearray()
         self._filled = 0
-        self._method = b""
-        self._keep_alive = True
-        self._reserved = 0
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -211,7 +217,7 @@ class RequestReader:
             self._expect_continue = True
 
     def on_headers_complete(self) -> None:
-        self.phase = Phase.BODY
+        self.phase = _BODY
         self.phase_since = self._now
         size = self._content_length
         if size is not None:
@@ -259,16 +265,16 @@ class RequestReader:
         except UnicodeDecodeError:
             raise ParseAbortError(400, "request URL is not ASCII") from None
         request = Request(
-            method=method,
-            path=path_of(target) if "?" in target or "#" in target else target,
-            body=self._body,  # handed over, not copied: the next message gets a new buffer
-            header_length=self._header_length,
-            keep_alive=keep_alive,
-            reserved=self._reserved,
+            method,
+            path_of(target) if "?" in target or "#" in target else target,
+            self._body,  # handed over, not copied: the next message gets a new buffer
+            self._header_length,
+            keep_alive,
+            self._reserved,
         )
         self._body = bytearray()
         self._reserved = 0
-        self.phase = Phase.IDLE
+        self.phase = _IDLE
         self.phase_since = self._now
         self._deliver(request)
 

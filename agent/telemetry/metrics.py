@@ -97,11 +97,12 @@ class Samples:
 
     def add(self, seconds: float) -> None:
         with self._lock:
-            if len(self._ring) < self.capacity:
-                self._ring.append(seconds)
+            held = self.count - self._base  # samples since the ring (re)started
+            if held < self.capacity:
+                self._ring.append(seconds)  # (it holds ``held`` of them)
             else:
-                self._ring[(self.count - self._base) % self.capacity] = seconds
-            self.count += 1
+                self._ring[held % self.capacity] = seconds
+            self.count = held + self._base + 1
 
     def recent(self) -> list[float]:
         """Every sample the ring holds, oldest first."""

@@ -28,6 +28,9 @@ if TYPE_CHECKING:  # the shared-memory modules load with the first tensor naming
     from agent.serving.shm.keys import Placement, Regions
 
 _SEPARATORS = (",", ":")
+# One of each, not one per call (json.dumps with separators builds an encoder every time).
+_ENCODER = json.JSONEncoder(separators=_SEPARATORS)
+_DECODER = json.JSONDecoder()
 _LENGTH = struct.Struct("<I")
 
 # JSON element kinds numpy may produce for each datatype's data (np.array(data).dtype.kind).
@@ -369,7 +372,7 @@ def split_body(
         # UTF-8 (an object's "{" not followed by a NUL): decoded here as json.loads would,
         # without its detection of UTF-16 and UTF-32, which takes the rest.
         if raw[:1] == b"{" and raw[1:2] != b"\0":
-            header = json.loads(raw.decode("utf-8", "surrogatepass"))
+            header = _loads(raw.decode("utf-8", "surrogatepass"))
         else:
             header = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -381,6 +384,18 @@ def split_body(
     if not isinstance(header, dict):
         raise Malformed(f"the JSON body must be an object, found {type(header).__name__}")
     return header, Reader(view[header_length:])
+
+
+def _loads(text: str) -> Any:
+    """``json.loads(text)``: a document that fills ``text`` exactly is decoded by the decoder's
+    ``raw_decode`` (json.loads' own steps are a third of a small header's decoding); anything
+    else (surrounding whitespace, extra data, an error) goes through json.loads, for its
+    result and its error messages."""
+    try:
+        value, end = _DECODER.raw_decode(text)
+    except ValueError:
+        end = -1
+    return value if end == len(text) else json.loads(text)
 
 
 def finish_binary(reader: Reader) -> None:
@@ -477,7 +492,7 @@ def join(header: dict[str, Any], blobs: Sequence[Buffer]) -> tuple[bytes, int | 
 def parts_of(header: dict[str, Any], blobs: Sequence[Buffer]) -> tuple[list[Buffer], int | None]:
     """A body as its parts, not joined: the JSON header, then the binary parts; and the
     header's length when there are binary parts."""
-    head = json.dumps(header, separators=_SEPARATORS).encode()
+    head = _ENCODER.encode(header).encode()
     if not blobs:
         return [head], None
     return [head, *blobs], len(head)

@@ -219,20 +219,23 @@ def check_inputs(
                 f"expected {spec.datatype}"
             )
         # spec.accepts_shape(shape), written out (every request): same rank, and equal on
-        # every fixed dimension (-1: any size).
+        # every fixed dimension (-1: any size). Equal shapes fit (a model of fixed shapes).
         shape = tensor.shape
-        fits = len(shape) == len(spec.shape)
-        if fits:
-            for want, got in zip(spec.shape, shape, strict=True):
-                if want not in (got, -1):
-                    fits = False
-                    break
-        if not fits:
-            raise RequestError(
-                f"model {model!r}: input {spec.name!r} has shape {list(tensor.shape)}, "
-                f"expected {list(spec.shape)} (-1: any size)"
-            )
+        if shape != spec.shape:
+            fits = len(shape) == len(spec.shape)
+            if fits:
+                for want, got in zip(spec.shape, shape, strict=True):
+                    if want not in (got, -1):
+                        fits = False
+                        break
+            if not fits:
+                raise RequestError(
+                    f"model {model!r}: input {spec.name!r} has shape {list(tensor.shape)}, "
+                    f"expected {list(spec.shape)} (-1: any size)"
+                )
         feeds[spec.name] = tensor.data
+        if not spec.symbols:  # the model names no dimension of this input
+            continue
         for symbol, size in zip(spec.symbols, tensor.shape, strict=False):
             if symbol is None:
                 continue
@@ -365,10 +368,15 @@ def encode_response_parts(
         header["id"] = request_id
     header["outputs"] = entries
     parts, header_length = parts_of(header, blobs)
+    if not blobs:  # JSON only: the header is the body
+        return bytes(parts[0]), (), header_length  # (the same bytes object: no copy)
     if key is not None:
         assert heads is not None
         heads.put(key, bytes(parts[0]))
-    if sum(len(blob) for blob in blobs) < TAIL_BYTES:
+    size = 0
+    for blob in blobs:
+        size += len(blob)
+    if size < TAIL_BYTES:
         return b"".join(parts), (), header_length
     return bytes(parts[0]), tuple(blobs), header_length
 
