@@ -37,6 +37,7 @@ from agent.errors import (
 from agent.serving.oip import client as oip
 from agent.serving.oip.codec import Buffer, Limits
 from agent.serving.response_reader import MAX_HEAD, ClientError, Reply, ResponseReader
+from agent.serving.sending import send_request
 from agent.serving.shm.calls import SHM_PATH, SharedMemoryCalls
 from agent.serving.shm.client import LocalRegions, PlacedTensor
 from agent.serving.spin import DEFAULT_SPIN_US, SpinPolicy, WaitPlan, nap
@@ -45,20 +46,6 @@ __all__ = ["DEFAULT_SOCKET", "AsyncInferenceClient", "ClientError", "InferenceCl
 
 DEFAULT_SOCKET = "/run/edge-agent/infer.sock"
 _CHUNK = 256 * 1024
-_MAX_IOV = 512  # buffers per sendmsg, under any system's IOV_MAX
-
-
-def _send_all(sock: socket.socket, buffers: Sequence[Buffer]) -> None:
-    """Send every buffer in order with as few ``sendmsg`` calls as the kernel allows."""
-    views = [memoryview(b) for b in buffers if len(b)]
-    while views:
-        sent = sock.sendmsg(views[:_MAX_IOV])
-        while sent:
-            if sent >= len(views[0]):
-                sent -= len(views.pop(0))
-            else:
-                views[0] = views[0][sent:]
-                sent = 0
 
 
 def _error_for(status: int, message: str) -> AgentError:
@@ -180,7 +167,7 @@ class InferenceClient(SharedMemoryCalls):
                     for region in self._regions.by_name.values():
                         self._register(region)
             try:
-                _send_all(self._sock, payload)
+                send_request(self._sock, payload)
                 plan = self.spin.plan()
                 self._await(plan)
                 response = self._read_response()
