@@ -22,12 +22,13 @@ from agent.errors import AgentError
 from agent.serving import routes, shmview
 from agent.serving.admin import AdminApi, peer_uid
 from agent.serving.admission import ByteBudget
-from agent.serving.framing import MAX_IOV, Failure, Phase, Request, frame, unsent
+from agent.serving.framing import Failure, Phase, Request, frame, unsent
 from agent.serving.handler import OipHandler, PreparedInfer, Response, error_response
 from agent.serving.oip.codec import Buffer
 from agent.serving.oip.server import encode_error
 from agent.serving.pool import InferencePool
 from agent.serving.reader import RequestReader
+from agent.serving.sending import MAX_IOV, head_first
 from agent.serving.shmview import LazyRegions
 from agent.serving.solo import Solo
 
@@ -441,13 +442,21 @@ class HttpConnection(asyncio.BufferedProtocol):
 
 
 def write_now(fd: int, parts: list[Buffer], transport: asyncio.WriteTransport) -> list[Buffer]:
-    """Write an answer's parts in one system call, as the transport would write one buffer
-    when nothing of it is queued: one wake-up of the client, no joined copy. What the socket
-    did not take is left for the transport, in order. Only while the transport holds nothing
-    and is not closing (until connection_lost, the descriptor is this connection's)."""
+    """Write an answer's parts in one system call (a large answer's head in one of its own
+    before it: ``sending.head_first``), as the transport would write one buffer when nothing
+    of it is queued, without joining them. What the socket did not take is left for the
+    transport, in order. Only while the transport holds nothing and is not closing (until
+    connection_lost, the descriptor is this connection's)."""
     if transport.get_write_buffer_size() or transport.is_closing():
         return parts
     try:
+        lead = head_first(parts)  # a large answer's head wakes the client first
+        if lead:
+            sent = os.writev(fd, parts[:lead])
+            head = sum(len(part) for part in parts[:lead])
+            if sent < head:
+                return unsent(parts, sent)
+            parts = parts[lead:]
         sent = os.writev(fd, parts[:MAX_IOV])
     except (BlockingIOError, InterruptedError):
         return parts

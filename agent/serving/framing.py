@@ -82,9 +82,6 @@ def frame(response: Response, keep_alive: bool, head_only: bool) -> list[Buffer]
     return [head]
 
 
-MAX_IOV = 512  # buffers per writev, under any system's IOV_MAX
-
-
 def unsent(parts: list[Buffer], sent: int) -> list[Buffer]:
     """What remains of ``parts`` once the first ``sent`` bytes of them have been written."""
     for index, part in enumerate(parts):

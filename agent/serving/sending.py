@@ -1,4 +1,4 @@
-"""How the client puts a request into its socket: few system calls, a large body after its head."""
+"""How a message's parts go into a socket: few system calls, and a large body after its head."""
 
 from __future__ import annotations
 
@@ -8,26 +8,40 @@ from collections.abc import Sequence
 from agent.serving.oip.codec import Buffer
 
 MAX_IOV = 512  # buffers per sendmsg, under any system's IOV_MAX
-# A body at least this large goes in a call of its own after its head (see send_request).
-SPLIT_BODY_BYTES = 64 * 1024
+# A body at least this large goes in a call of its own after its head (see head_first).
+SPLIT_BODY_BYTES = 32 * 1024
 # Heads up to this size go first: the agent's first read of a request (reader.FIRST_READ_BYTES).
 HEAD_BYTES = 16 * 1024
 
 
-def send_request(sock: socket.socket, parts: Sequence[Buffer]) -> None:
-    """Send ``parts`` in order. When small leading parts (the HTTP head and the inference
-    header) are followed by a large body, they go in a first call and the body in a second:
-    the first wakes the agent, which reads and parses the head while this thread copies the
-    body into the socket. In one call the copy comes first and the agent's wake-up after it;
-    on a VM that wake-up (an idle vCPU's, 40-100 µs) then adds to every large request.
-    Measured with the face detector's 196 KB input: 1.36-1.40x its in-process time in one call,
-    1.29-1.32x split (BENCHMARKS.md, issue #13)."""
-    views = [memoryview(part) for part in parts if len(part)]
+def head_first(parts: Sequence[Buffer]) -> int:
+    """How many leading parts to send in a call of their own, before the rest (0: all in one).
+
+    Small leading parts (the HTTP head, the inference header) followed by a large body go
+    first: they wake the peer, which reads and parses them while the sender copies the body
+    into the socket, and the peer then receives the body straight into its buffer. In one call
+    the copy comes first and the peer's wake-up after it; on a VM that wake-up (an idle vCPU's,
+    40-100 µs) then adds to every large message. Face detector through the socket (BENCHMARKS.md,
+    issue #13): its 196 KB request in one call 1.35-1.40x in-process, split 1.29-1.32x; its
+    61 KB answer split another 0.02-0.04x less.
+    """
     lead = head = 0
-    while lead < len(views) and head + len(views[lead]) <= HEAD_BYTES:
-        head += len(views[lead])
+    while lead < len(parts) and head + len(parts[lead]) <= HEAD_BYTES:
+        head += len(parts[lead])
         lead += 1
-    if 0 < lead < len(views) and sum(len(view) for view in views[lead:]) >= SPLIT_BODY_BYTES:
+    if lead == 0 or lead == len(parts):
+        return 0
+    body = 0
+    for part in parts[lead:]:
+        body += len(part)
+    return lead if body >= SPLIT_BODY_BYTES else 0
+
+
+def send_request(sock: socket.socket, parts: Sequence[Buffer]) -> None:
+    """Send ``parts`` in order, a large body after its heads (``head_first``)."""
+    views = [memoryview(part) for part in parts if len(part)]
+    lead = head_first(views)
+    if lead:
         send_all(sock, views[:lead])
         del views[:lead]
     send_all(sock, views)

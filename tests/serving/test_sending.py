@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 
-from agent.serving.sending import HEAD_BYTES, SPLIT_BODY_BYTES, send_request
+from agent.serving.sending import HEAD_BYTES, SPLIT_BODY_BYTES, head_first, send_request
 
 
 class Recorded:
@@ -77,3 +77,14 @@ def test_what_a_call_did_not_take_is_sent_next_in_order() -> None:
     assert calls[0] == b"headheader"  # the next part would make the lead too large
     assert [len(call) for call in calls[1:-1]] == [100_003] * (len(calls) - 2)
     assert received == b"".join(parts)
+
+
+def test_which_leading_parts_go_first() -> None:
+    head, header, big = b"h" * 100, b"j" * 200, b"b" * SPLIT_BODY_BYTES
+    assert head_first([head, header, big]) == 2  # the answer's head and JSON header, then data
+    assert head_first([head, header, big[:1000], big]) == 3  # small data rides along
+    assert head_first([head, header, big[:-1]]) == 0  # not large enough to be worth a call
+    assert head_first([head, big, big]) == 1
+    assert head_first([b"h" * (HEAD_BYTES + 1), big]) == 0  # the head is no small first read
+    assert head_first([head, header]) == 0  # nothing after the heads
+    assert head_first([]) == 0
