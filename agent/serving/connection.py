@@ -248,7 +248,8 @@ class HttpConnection(asyncio.BufferedProtocol):
                     self._respond(request, error_response(exc))
                     return
                 if prepared.inline:
-                    self._respond(request, handler.run_inline(prepared))
+                    self._respond(request, handler.run_inline(prepared, observe=False))
+                    handler.observe_sent(prepared)
                     return
                 loaded = prepared.loaded
                 if (
@@ -258,9 +259,9 @@ class HttpConnection(asyncio.BufferedProtocol):
                 ):
                     solo.solo_runs += 1
                     loaded.solo_runs += 1
-                    response = handler.run_inline(prepared)
+                    self._respond(request, handler.run_inline(prepared, observe=False))
+                    handler.observe_sent(prepared)
                     self._observe_run(prepared)
-                    self._respond(request, response)
                     return
                 self._busy = True
                 self._inflight = request
@@ -310,11 +311,12 @@ class HttpConnection(asyncio.BufferedProtocol):
         self._inflight = None
         self._observe_run(prepared)
         try:
-            response = self._handler.finish_infer(prepared, results, error)
+            response = self._handler.finish_infer(prepared, results, error, observe=False)
         except Exception as exc:
             log.exception("server: encoding the answer of %s failed", prepared.loaded.name)
             response = Response(500, encode_error(f"internal error: {exc}"))
         self._finished(request, response)
+        self._handler.observe_sent(prepared)
 
     def _finished(self, request: Request | None, response: Response) -> None:
         """A request answered off the loop's turn (pool, admin call): write, go on."""

@@ -68,6 +68,7 @@ class PreparedInfer:
     run_s: float = 0.0
     placed: Placed | None = None  # outputs to write into the client's shared memory
     written: dict[str, dict[str, Any]] | None = None  # their response parameters, once written
+    unobserved: bool = False  # answered, its success to be counted after the answer is sent
 
     def run(self) -> dict[str, np.ndarray[Any, Any]]:
         """The blocking runtime call (and the outputs' writes into shared memory); run it off
@@ -312,8 +313,10 @@ class OipHandler:
         prepared: PreparedInfer,
         results: dict[str, np.ndarray[Any, Any]] | None,
         error: BaseException | None,
+        observe: bool = True,
     ) -> Response:
-        """Encode the runtime's results (or its failure) and release the lease."""
+        """Encode the runtime's results (or its failure) and release the lease. With
+        ``observe=False`` a success is counted later, by ``observe_sent``."""
         loaded = prepared.loaded
         try:
             if error is not None:
@@ -329,7 +332,10 @@ class OipHandler:
                 prepared.written,
                 self._heads,
             )
-            self.observe_success(prepared)
+            if observe:
+                self.observe_success(prepared)
+            else:
+                prepared.unobserved = True
             content_type = b"application/octet-stream" if header_length is not None else JSON
             return Response(200, body, content_type, header_length, tail=tail)
         finally:
@@ -357,13 +363,21 @@ class OipHandler:
         # And what its path delivered (models/pathchoice.py).
         fastpath.finished(loaded, prepared.inline, now - prepared.started, prepared.run_s, now)
 
-    def run_inline(self, prepared: PreparedInfer) -> Response:
+    def run_inline(self, prepared: PreparedInfer, observe: bool = True) -> Response:
         """Run a prepared request on the calling thread and finish it (``run_here``'s)."""
         try:
             results = prepared.run()
         except BaseException as exc:  # the response names the failure; nothing is lost
             return self.finish_infer(prepared, None, exc)
-        return self.finish_infer(prepared, results, None)
+        return self.finish_infer(prepared, results, None, observe)
+
+    def observe_sent(self, prepared: PreparedInfer) -> None:
+        """Count a success left uncounted by ``finish_infer(observe=False)``: the server counts
+        it once the answer is written, so the client does not wait for the bookkeeping (after
+        a model's run it touches memory the run evicted: 10-20 µs of a face request)."""
+        if prepared.unobserved:
+            prepared.unobserved = False
+            self.observe_success(prepared)
 
     def run_here(
         self, prepared: PreparedInfer

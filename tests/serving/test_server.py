@@ -18,12 +18,13 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from agent.daemon import LocalModel
 from agent.errors import NotFoundError, RequestError, UnavailableError
 from agent.serving.client import ClientError, InferenceClient
 from agent.serving.spin import RECENT
 from tests.telemetry.agents import wait_for
 
-from .conftest import RunningAgent
+from .conftest import RunningAgent, start_agent
 
 
 def raw_exchange(path: Path, payload: bytes, timeout: float = 10.0) -> bytes:
@@ -840,3 +841,36 @@ def test_admin_call_while_starting_waits_for_it_a_bounded_time(
     assert b"starting" in payload
     assert "retry-after" in headers, headers
     assert after == 404, later  # waited, then taken: the model is unknown to this agent
+
+
+@pytest.mark.parametrize(
+    ("serving", "path"),
+    [
+        ({}, "inline"),  # the fast path
+        ({"inline_threshold_us": 0.0}, "solo"),  # alone on the loop
+        ({"inline_threshold_us": 0.0, "solo_max_run_us": 0.0}, "pool"),
+    ],
+)
+def test_each_path_counts_a_success_before_the_next_request_is_read(
+    tmp_path: Path, matmul_onnx: Path, serving: dict[str, float], path: str
+) -> None:
+    """Successes are counted after their answer is written (the client does not wait for the
+    bookkeeping), yet before the connection's next request: a client reading its metrics right
+    after its answers sees every one of them."""
+    x = np.ones((1, 64), np.float32)
+    for agent in start_agent([LocalModel("mm", matmul_onnx)], tmp_path / "s.sock", **serving):
+        with InferenceClient(str(agent.socket)) as client:
+            for count in range(1, 13):
+                client.infer("mm", {"x": x})
+                text = client.metrics()
+                assert f'edge_agent_requests_total{{model="mm",version="1"}} {count}' in text
+                assert (
+                    f'edge_agent_request_duration_seconds_count{{model="mm",version="1"}} {count}'
+                    in text
+                )
+        loaded = agent.agent.slots.get("mm").active
+        assert loaded is not None
+        if path == "solo":  # once its runs are known (the first ones go to the pool)
+            assert loaded.solo_runs > 0
+        elif path == "pool":
+            assert loaded.solo_runs == 0
