@@ -46,6 +46,7 @@ __all__ = ["DEFAULT_SOCKET", "AsyncInferenceClient", "ClientError", "InferenceCl
 
 DEFAULT_SOCKET = "/run/edge-agent/infer.sock"
 _CHUNK = 256 * 1024
+_IN_PLACE_BYTES = 16 * 1024  # a body's rest larger than this is received in place
 
 
 def _error_for(status: int, message: str) -> AgentError:
@@ -199,34 +200,36 @@ class InferenceClient(SharedMemoryCalls):
         if self._sleep_until:  # until the poll is due, woken at once by the reply
             nap(sock.fileno(), self._sleep_until - time.perf_counter())
             self._sleep_until = 0.0
+        # The rest of a body of some size straight into its buffer, no copy after the kernel's;
+        # anything else into a reused buffer (recv(n) allocates n bytes per call).
         space = self._replies.body_space()
-        if space is not None and len(space) > _CHUNK:
-            # The rest of a large body: straight into its buffer, no copy after the kernel's.
-            count = sock.recv_into(space)
-            space.release()
-            if not count:
-                raise _StaleConnectionError("the agent closed the connection")
-            self._replies.filled(count)
-            return
-        # recv_into a reused buffer: recv(n) allocates n bytes per call (a 256 KiB mmap).
-        if self._spin_until:
-            while True:
-                try:
-                    count = sock.recv_into(self._chunk, 0, socket.MSG_DONTWAIT)
-                    break
-                except BlockingIOError:
-                    if time.perf_counter() >= self._spin_until:
-                        self._spin_until = 0.0
-                        self._blocked = True
-                        count = sock.recv_into(self._chunk)
-                        break
-        else:
-            count = sock.recv_into(self._chunk)
+        into = space if space is not None and len(space) > _IN_PLACE_BYTES else self._chunk_view
+        try:
+            count = self._receive(sock, into)
+        finally:
+            if space is not None:
+                space.release()
         if not count:
             raise _StaleConnectionError("the agent closed the connection")
         if self._waited is None:
             self._waited = time.perf_counter() - self._sent
-        self._replies.feed(self._chunk_view[:count])
+        if into is space:
+            self._replies.filled(count)
+        else:
+            self._replies.feed(self._chunk_view[:count])
+
+    def _receive(self, sock: socket.socket, into: memoryview) -> int:
+        """One receive, polled until the poll's end (``spin``), then blocking."""
+        if self._spin_until:
+            while True:
+                try:
+                    return sock.recv_into(into, 0, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    if time.perf_counter() >= self._spin_until:
+                        self._spin_until = 0.0
+                        self._blocked = True
+                        return sock.recv_into(into)
+        return sock.recv_into(into)
 
     def _read_response(self) -> Reply:
         replies = self._replies
