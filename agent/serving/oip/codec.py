@@ -15,8 +15,10 @@ from __future__ import annotations
 import json
 import math
 import struct
+from _json import make_encoder  # what JSONEncoder.encode builds for each call
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from json.encoder import encode_basestring_ascii
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -28,9 +30,11 @@ if TYPE_CHECKING:  # the shared-memory modules load with the first tensor naming
     from agent.serving.shm.keys import Placement, Regions
 
 _SEPARATORS = (",", ":")
-# One of each, not one per call (json.dumps with separators builds an encoder every time).
+# Made once, not per call as json.dumps with separators and json.loads' steps do (``_dumps``
+# takes the encoder's ``default``: the error for a value JSON cannot hold).
 _ENCODER = json.JSONEncoder(separators=_SEPARATORS)
 _DECODER = json.JSONDecoder()
+
 _LENGTH = struct.Struct("<I")
 
 # JSON element kinds numpy may produce for each datatype's data (np.array(data).dtype.kind).
@@ -489,10 +493,20 @@ def join(header: dict[str, Any], blobs: Sequence[Buffer]) -> tuple[bytes, int | 
     return bytes(parts[0]) if len(parts) == 1 else b"".join(parts), header_length
 
 
+def _dumps(doc: dict[str, Any]) -> str:
+    """``json.dumps(doc, separators=(",", ":"))``: the C encoder JSONEncoder.encode would make
+    (circular references checked, NaN allowed, ASCII), called without its Python steps (they
+    cost as much as encoding a small answer's header)."""
+    encode = make_encoder(
+        {}, _ENCODER.default, encode_basestring_ascii, None, ":", ",", False, False, True
+    )
+    return "".join(encode(doc, 0))
+
+
 def parts_of(header: dict[str, Any], blobs: Sequence[Buffer]) -> tuple[list[Buffer], int | None]:
     """A body as its parts, not joined: the JSON header, then the binary parts; and the
     header's length when there are binary parts."""
-    head = _ENCODER.encode(header).encode()
+    head = _dumps(header).encode()
     if not blobs:
         return [head], None
     return [head, *blobs], len(head)
