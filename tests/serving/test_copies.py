@@ -12,13 +12,14 @@ import numpy as np
 import onnxruntime as ort
 
 from agent.daemon import LocalModel
+from agent.serving import reader as reader_module
 from agent.serving.admission import ByteBudget
 from agent.serving.client import AsyncInferenceClient, InferenceClient
 from agent.serving.connection import read_rest
 from agent.serving.framing import Failure, Request, unsent
 from agent.serving.oip.client import encode_request_parts
 from agent.serving.oip.server import TAIL_BYTES, decode_infer_request, encode_response_parts
-from agent.serving.reader import DIRECT_BYTES, RequestReader
+from agent.serving.reader import DIRECT_BYTES, SMALL_BODY_BYTES, SPARE_BYTES, RequestReader
 from agent.serving.response_reader import ResponseReader
 from tests.serving.conftest import start_agent
 
@@ -219,3 +220,37 @@ def test_the_rest_of_a_body_already_in_the_socket_is_read_in_the_same_turn() -> 
         theirs.shutdown(socket.SHUT_WR)
         assert read_rest(ours.fileno(), target) is None
         assert target.in_place and len(delivered) == 1
+
+
+def test_a_large_body_reuses_the_buffer_no_request_holds_any_more() -> None:
+    """A face-sized body takes the buffer of the last body of its size once nothing refers to
+    it, and a new one while anything does (an array made on it, the request itself): what a
+    held request reads never changes under it."""
+    delivered: list[Request] = []
+    target = reader(delivered)
+    rng = np.random.default_rng(4)
+    first_x, second_x, third_x = (rng.standard_normal((1, 50_001), np.float32) for _ in "abc")
+    receive(target, request_wire(first_x), 1 << 20)
+    held = decode_infer_request(delivered[0].body, delivered[0].header_length).inputs[0].data
+    first_buffer = id(delivered[0].body)
+    delivered.clear()  # the request is gone; an array made on its body is still held
+    receive(target, request_wire(second_x), 1 << 20)
+    assert id(delivered[0].body) != first_buffer
+    np.testing.assert_array_equal(held, first_x)  # untouched by the second request
+    delivered.clear()
+    del held  # nothing refers to the first buffer any more
+    receive(target, request_wire(third_x), 1 << 20)
+    assert id(delivered[0].body) == first_buffer
+    request = decode_infer_request(delivered[0].body, delivered[0].header_length)
+    np.testing.assert_array_equal(request.inputs[0].data, third_x)
+
+
+def test_buffers_kept_for_reuse_are_bounded_in_all_and_small_bodies_not_kept() -> None:
+    delivered: list[Request] = []
+    target = reader(delivered)
+    for size in range(SMALL_BODY_BYTES // 4 - 100, SPARE_BYTES // 4 * 3, 40_000):
+        receive(target, request_wire(np.zeros((1, size), np.float32)), 1 << 20)
+        delivered.clear()
+    kept = reader_module._threads.spares
+    assert kept and sum(len(buffer) for buffer in kept.values()) <= SPARE_BYTES
+    assert all(len(buffer) > SMALL_BODY_BYTES for buffer in kept.values())
