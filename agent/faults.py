@@ -9,7 +9,8 @@ passes them:
 
     download      the update child wrote the first chunk of a model into ``.partial/``
     after-verify  the update child recorded the version ``verified``; nothing loaded yet
-    loading       ``loading`` recorded, before the candidate's session is created
+    loading       ``loading`` recorded (the candidate's session may be under way: the
+                  validation does not wait for its records, agent/models/trail.py)
     warming       ``warming`` recorded (the signature matched), warm-up under way
     after-swap    the slot serves the candidate; the database still says ``validated``
     probation     the database says ``active``; first check of its probation window

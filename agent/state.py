@@ -11,7 +11,9 @@ locking serialises their writes, and ``busy_timeout`` makes a writer wait instea
 
 Two connections: one for writes (and the reads inside a write's transaction), one for reads.
 In WAL mode a reader never waits for a writer, so a read on the daemon's event loop is never
-held up by a commit's fsync running on its I/O thread (``agent.iothread``).
+held up by a commit's fsync running on its I/O thread (``agent.iothread``). Writes made
+together go in one transaction (``batch``): one commit, one fsync; a read inside it, in the
+thread that holds it, sees what it wrote.
 """
 
 from __future__ import annotations
@@ -104,6 +106,7 @@ class StateDB:
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open state database {path}: {exc}") from exc
         self._lock = threading.RLock()
+        self._in_tx: int | None = None  # the thread inside a transaction (``_tx``), if any
         self._migrate()
         try:
             # Opened after the migration: the schema it reads exists.
@@ -125,7 +128,14 @@ class StateDB:
 
     @contextmanager
     def _reading(self) -> Iterator[sqlite3.Connection]:
-        """The connection for reads outside a transaction (never waits for a commit)."""
+        """The connection for reads outside a transaction (never waits for a commit); inside
+        one (a ``batch``, in the thread that holds it), the writer's, which sees its writes."""
+        if self._in_tx == threading.get_ident():
+            try:
+                yield self._db
+            except sqlite3.Error as exc:
+                raise StoreError(f"state database {self.path}: {exc}") from exc
+            return
         with self._read_lock:
             try:
                 yield self._reader
@@ -133,8 +143,25 @@ class StateDB:
                 raise StoreError(f"state database {self.path}: {exc}") from exc
 
     @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Every write inside is one transaction (one commit, one fsync), all or nothing.
+
+        Raises:
+            StoreError: the database refused; nothing of the batch was written.
+        """
+        with self._tx():
+            yield
+
+    @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
+            if self._in_tx == threading.get_ident():  # inside a batch: its transaction
+                try:
+                    yield self._db
+                except sqlite3.Error as exc:
+                    raise StoreError(f"state database {self.path}: {exc}") from exc
+                return
+            self._in_tx = threading.get_ident()
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 yield self._db
@@ -148,6 +175,8 @@ class StateDB:
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
                 raise
+            finally:
+                self._in_tx = None
 
     def _migrate(self) -> None:
         with self._tx() as db:

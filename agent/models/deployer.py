@@ -1,7 +1,9 @@
 """The lifecycle driver: validate a stored version off the loop, swap it in, watch its probation.
 
-Every step is recorded in the state database before the next one starts, so a restart at any
-point resumes from what is recorded (``lifecycle.plan_start``). One deployment per model at a
+Every step is recorded in the state database, in order, so a restart at any point resumes from
+what is recorded (``lifecycle.plan_start``): the validation's stages are queued as it goes
+(``trail``: what is durable is always a prefix), the swap waits for ``validated`` to be durable
+and the probation starts once ``active`` is. One deployment per model at a
 time (a lock per model). The active version keeps serving until the candidate has loaded,
 matched its signed signature, warmed up and passed its smoke test; then one reference swap
 makes it active. The last committed version stays loaded until probation ends, so a rollback
@@ -13,8 +15,8 @@ The parts, one concern each: ``validation`` (load, signature, warm-up, smoke tes
 budget: blocking, in a worker thread), ``probation`` (watching the window, the verdict),
 ``drain`` (memory-aware swaps), ``journal`` (recording transitions and events),
 ``selection`` (what may serve: rollback targets, pins, the previous committed version),
-``manual`` (rollback and pin by hand), ``retention`` (which files go) and, pure,
-``lifecycle``.
+``manual`` (rollback and pin by hand), ``retention`` (which files go), ``trail`` (a
+validation's records) and, pure, ``lifecycle``.
 
 Nothing here blocks the event loop: the state database's writes, the manifest reads and the
 removals of retention run on the daemon's one I/O thread (``agent.iothread``, injected), the
@@ -24,6 +26,8 @@ validation on a worker thread.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextvars
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -46,6 +50,7 @@ from agent.models.selection import Selection
 from agent.models.slots import LoadedVersion, Slots
 from agent.models.startup import Startup
 from agent.models.store import ModelStore, StoredModel
+from agent.models.trail import Trail
 from agent.models.validation import validate_version, what_was_checked, zeros_for
 from agent.state import Event, StateDB
 
@@ -71,43 +76,53 @@ class DeployConfig:
     devices: Mapping[str, DeviceRequest] = field(default_factory=dict)
 
 
-async def _validated(
+def _validated(
     deployer: Deployer,
-    stored: Callable[[], StoredModel | None],
-    on_stage: Callable[[Stage], None],
+    name: str,
+    version: int,
+    stored: Callable[[Trail], StoredModel | None],
     *,
     record: bool,
-) -> LoadedVersion | None:
-    """``stored`` (the manifest, read on the I/O thread; None: stop there) and
-    ``validate_version``, then each device it gave up for the CPU an event and, with
-    ``record``, ``validated`` (one job on the I/O thread): all in one worker thread, one
-    hand-off from a busy loop, not one per step."""
+) -> Trail:
+    """Start the validation of ``version`` in a worker thread: ``stored`` (the manifest, read
+    on the I/O thread; None: stop there), then ``validate_version``; with ``record``, its
+    stages queued on the I/O thread as it goes (``agent.models.trail``), and its end
+    (``validated``, each device given up for the CPU an event) one more job, which resolves
+    the trail's ``done``: from a busy loop one hand-off out and one back, none in between."""
     config = deployer.config
     loop = asyncio.get_running_loop()
+    trail = Trail(deployer.journal, loop)
 
-    def run() -> LoadedVersion | None:
-        found = stored()
-        if found is None:
-            return None
-        loaded = validate_version(
-            found,
-            deployer.options,
-            config.warmup_runs,
-            on_stage,
-            config.inline_threshold_us,
-            config.devices.get(found.name),
-        )
-        name, version = loaded.name, loaded.version
+    def on_stage(stage: Stage) -> None:  # from the validation (warming): queued, not awaited
+        if record:
+            trail.record([Step(name, version, stage)], stage.value)
+
+    def run() -> None:
+        try:
+            found = stored(trail)
+            if found is None:
+                trail.finish(None)
+                return
+            loaded = validate_version(
+                found,
+                deployer.options,
+                config.warmup_runs,
+                on_stage,
+                config.inline_threshold_us,
+                config.devices.get(found.name),
+            )
+        except BaseException as exc:  # handed to the loop after the records before it
+            trail.finish(None, exc)
+            return
         events = [
             (name, version, "device_fallback", f"{fallback}; runs on {loaded.device}")
             for fallback in loaded.fallbacks
         ]
         steps = [Step(name, version, Stage.VALIDATED, what_was_checked(loaded))] if record else []
-        if events or steps:
-            deployer.journal.record_from_worker(steps, loop, events)
-        return loaded
+        trail.finish(loaded, None, steps, events)
 
-    return await asyncio.to_thread(run)
+    loop.run_in_executor(None, contextvars.copy_context().run, run)
+    return trail
 
 
 class Deployer(Startup, ManualActions, Retention):
@@ -161,32 +176,36 @@ class Deployer(Startup, ManualActions, Retention):
         (or is quarantined, or the model is pinned to another version).
 
         Its checks and reads (``preparation.prepare``) are one job on the I/O thread, asked
-        from the validation's worker thread: two hand-offs to the loop in all (the
-        validation's, the swap's record), none of them a read on the loop."""
+        from the validation's worker thread, which goes on as soon as they are read (the same
+        job then writes ``verified`` and ``loading``). The validation's stages are queued
+        (``agent.models.trail``); the swap waits for ``validated`` to be durable, and its
+        record (``active``, the replaced version ``retired``: one transaction) is durable
+        before the probation starts. The loop reads nothing and hands off three times: the
+        validation out, its end back, the swap's record."""
         async with self._lock(name):
             slot = self.slots.ensure(name)
             active = slot.active
             replaced = active.version if active is not None else None
             before, self.activity = self.activity, Activity("validating", name, version)
-            loop = asyncio.get_running_loop()
             ready: list[Prepared] = []
 
-            def first() -> StoredModel | None:  # in the validation's worker thread
-                prep = self.io.call(self._prepare, name, version, replaced)
+            def first(trail: Trail) -> StoredModel | None:  # in the validation's worker thread
+                answer: concurrent.futures.Future[Prepared] = concurrent.futures.Future()
+                self.io.run_soon(self._prepare, trail, answer, name, version, replaced)
+                prep = answer.result()
                 ready.append(prep)
-                self.journal.announce_soon(prep.written, loop)
                 if not prep.goes_on:
                     return None
                 if prep.error is not None:
                     raise prep.error  # no manifest: rejected
-                crash_point(Stage.LOADING.value)
                 return prep.stored
 
+            trail = _validated(self, name, version, first, record=True)
             try:
-                loaded = await self._validate_with(name, version, first)
+                loaded = await trail.done
             except AgentError as exc:
-                if not ready:  # the checks themselves failed (the database): nothing decided
-                    self.activity = before
+                if not ready or trail.early:  # the checks or their records failed (the
+                    self.activity = before  # database): nothing decided
                     raise
                 await self._record(name, version, Stage.REJECTED, str(exc))
                 self.activity = IDLE
@@ -216,7 +235,7 @@ class Deployer(Startup, ManualActions, Retention):
             for other in slot.versions():
                 if other not in (version, fallback):
                     self._unload(name, other)
-            steps = []  # one trip to the I/O thread
+            steps = []  # one trip to the I/O thread, one transaction
             if replaced is not None and prep.replaced_active:
                 steps.append(
                     Step(name, replaced, Stage.RETIRED, f"superseded by version {version}")
@@ -233,57 +252,53 @@ class Deployer(Startup, ManualActions, Retention):
             self.activity = Activity("probation", name, version)
             return True
 
-    def _prepare(self, name: str, version: int, replaced: int | None) -> Prepared:
-        """On the I/O thread: ``preparation.prepare`` for this deployer."""
-        return prepare(
-            self.selection, self.store, self.journal, self._must_drain, name, version, replaced
-        )
+    def _prepare(
+        self,
+        trail: Trail,
+        answer: concurrent.futures.Future[Prepared],
+        name: str,
+        version: int,
+        replaced: int | None,
+    ) -> None:
+        """On the I/O thread: ``preparation.prepare`` for this deployer, its answer handed to
+        the waiting worker, then its steps recorded (``loading``'s crash point after them)."""
+        try:
+            prep = prepare(self.selection, self.store, self._must_drain, name, version, replaced)
+        except BaseException as exc:
+            answer.set_exception(exc)
+            return
+        answer.set_result(prep)
+        crash = Stage.LOADING.value if prep.goes_on and prep.error is None else None
+        trail.write(prep.steps, crash, early=True)
 
     async def _validate(
         self, name: str, version: int, *, record: bool, stored: StoredModel | None = None
     ) -> LoadedVersion:
         """Validate ``version`` (``stored``: its manifest, already read), recording its stages
         with ``record``."""
-        loop = asyncio.get_running_loop()
 
-        def first() -> StoredModel:
+        def first(trail: Trail) -> StoredModel:
             found = stored or self.io.call(self.store.get, name, version)  # StoreError: rejected
-            if record:  # stored (on the I/O thread) before it goes on, then its crash point
-                self.journal.reached(name, version, Stage.LOADING, loop)
+            if record:  # queued before it goes on, then its crash point
+                trail.record([Step(name, version, Stage.LOADING)], Stage.LOADING.value)
             return found
 
-        loaded = await self._validate_with(name, version, first, record=record)
+        loaded = await _validated(self, name, version, first, record=record).done
         assert loaded is not None
         return loaded
 
-    async def _validate_with(
-        self,
-        name: str,
-        version: int,
-        first: Callable[[], StoredModel | None],
-        *,
-        record: bool = True,
-    ) -> LoadedVersion | None:
-        loop = asyncio.get_running_loop()
-
-        def on_stage(stage: Stage) -> None:
-            # From the validation thread (warming): stored (on the I/O thread) before it goes
-            # on, then its crash point.
-            if record:
-                self.journal.reached(name, version, stage, loop)
-
-        return await _validated(self, first, on_stage, record=record)
-
-    def _must_drain(self, name: str, version: int) -> bool:
-        """True when the device cannot hold ``version`` beside what is loaded now."""
+    def _must_drain(self, name: str, version: int, stored: StoredModel | None = None) -> bool:
+        """True when the device cannot hold ``version`` (``stored``: its manifest, if read)
+        beside what is loaded now."""
         available = self._available_memory()
         if available is None:
             return False
         try:
-            stored = self.store.get(name, version)
+            stored = stored or self.store.get(name, version)
             size = stored.model_path.stat().st_size
-            blob = stored.directory / "weights.bin"  # a split encrypted ONNX model's weights
-            size += blob.stat().st_size if blob.is_file() else 0
+            if "encryption" in stored.manifest.custom:
+                blob = stored.directory / "weights.bin"  # a split encrypted ONNX model's weights
+                size += blob.stat().st_size if blob.is_file() else 0
         except (OSError, StoreError):
             return False
         return drain.must_drain(

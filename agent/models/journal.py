@@ -11,8 +11,9 @@ Every write runs on the daemon's I/O thread (``agent.iothread``): a commit with
 methods that write are awaitable; each returns once the row is durable, so a step is recorded
 before the next one starts, as before. What a write depends on (the stored stage, the pin, the
 other committed versions) is read in the same job, so nothing here reads on the event loop;
-``stage`` is for other threads (the I/O thread's jobs, tests). A worker thread (the
-validation's) records through ``record_from_worker``: one job, announced on the loop.
+``stage`` is for other threads (the I/O thread's jobs, tests). Steps written together are one
+transaction (one fsync); ``write_announced`` is for jobs already on the I/O thread (a
+validation's records, queued from its worker thread: ``agent.models.trail``).
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from agent.faults import crash_point
+from agent.errors import StoreError
 from agent.iothread import IoThread
 from agent.models import lifecycle
-from agent.models.lifecycle import Stage
+from agent.models.lifecycle import Stage, TransitionError
 from agent.models.selection import Selection, pin_key
 from agent.state import Event, StateDB
 
@@ -86,11 +87,38 @@ class Journal:
         return stage in lifecycle.QUARANTINED and self.selection.pinned(name) == version
 
     async def record_steps(self, steps: Sequence[Step]) -> None:
-        """Several transitions in one trip to the I/O thread (each its own transaction, in
-        order), then each announced as ``record`` does. A step the lifecycle refuses stops the
-        rest: those before it stay recorded and announced, then its error is raised."""
+        """Several transitions in one trip to the I/O thread (one transaction, in order), then
+        each announced as ``record`` does. A step the lifecycle refuses stops the rest: those
+        before it stay recorded and announced, then its error is raised."""
         if steps:
             await self.announce_all(steps, *await self.io.run(self.write_all, steps))
+
+    def write_announced(
+        self,
+        steps: Sequence[Step],
+        loop: asyncio.AbstractEventLoop,
+        events: Sequence[tuple[str, int | None, str, str]] = (),
+    ) -> None:
+        """On the I/O thread: ``events`` (name, version, kind, reason) and ``steps`` in one
+        transaction, each announced on ``loop``; no pin is cleared (no quarantine comes here).
+
+        Raises:
+            Exception: the error of a step the lifecycle refuses (those before it stay), or
+                the database's (nothing written).
+        """
+        written: list[Event] = []
+
+        def add_events() -> None:
+            written.extend(self.state.add_event(*event) for event in events)
+
+        recorded, error, _ = self.write_all(steps, add_events)
+        if isinstance(error, StoreError):
+            raise error  # rolled back: nothing of it was written, nothing to announce
+        for (name, version, kind, reason), event in zip(events, written, strict=False):
+            loop.call_soon_threadsafe(self._told, name, version, kind, reason, event)
+        self.announce_soon(list(zip(steps, recorded, strict=False)), loop)
+        if error is not None:
+            raise error
 
     async def announce_all(
         self,
@@ -110,49 +138,31 @@ class Journal:
             raise error
 
     def write_all(
-        self, steps: Sequence[Step]
+        self, steps: Sequence[Step], first: Callable[[], None] | None = None
     ) -> tuple[list[Event | None], Exception | None, list[Step]]:
-        """On the I/O thread: each step in order until one is refused; the steps whose
-        version loses its pin (quarantined while pinned)."""
+        """On the I/O thread: in one transaction (after ``first``, in it too), each step in
+        order until one is refused; the steps whose version loses its pin (quarantined while
+        pinned). The database's error writes nothing (none recorded, the error handed back)."""
         recorded: list[Event | None] = []
         error: Exception | None = None
-        for step in steps:
-            try:
-                recorded.append(self.write(step))
-            except Exception as exc:  # handed back with what was written before it
-                error = exc
-                break
+        try:
+            with self.state.batch():
+                if first is not None:
+                    first()
+                for step in steps:
+                    try:
+                        recorded.append(self.write(step))
+                    except TransitionError as exc:  # handed back with what was before it
+                        error = exc
+                        break
+        except StoreError as exc:  # rolled back: nothing of the transaction was written
+            return [], exc, []
         unpin = [s for s in steps[: len(recorded)] if self._pins(s.name, s.version, s.stage)]
         return recorded, error, unpin
 
     def write(self, step: Step) -> Event | None:
         """On the I/O thread: one step checked and written (``record`` without the rest)."""
         return self._write(step.name, step.version, step.stage, step.reason, step.event, None)
-
-    def record_from_worker(
-        self,
-        steps: Sequence[Step],
-        loop: asyncio.AbstractEventLoop,
-        events: Sequence[tuple[str, int | None, str, str]] = (),
-    ) -> None:
-        """From a worker thread (never the loop): ``events`` (name, version, kind, reason)
-        and ``steps`` written in one job on the I/O thread, each announced on ``loop``.
-
-        Raises:
-            Exception: the error of a step the lifecycle refuses (those before it stay).
-        """
-
-        def write() -> tuple[list[Event], list[Event | None], Exception | None]:
-            written = [self.state.add_event(*event) for event in events]
-            recorded, error, _ = self.write_all(steps)  # no quarantined stage comes this way
-            return written, recorded, error
-
-        written, recorded, error = self.io.call(write)
-        for (name, version, kind, reason), event in zip(events, written, strict=True):
-            loop.call_soon_threadsafe(self._told, name, version, kind, reason, event)
-        self.announce_soon(list(zip(steps, recorded, strict=False)), loop)
-        if error is not None:
-            raise error
 
     def announce_soon(
         self, written: Sequence[tuple[Step, Event | None]], loop: asyncio.AbstractEventLoop
@@ -200,16 +210,6 @@ class Journal:
                 self._on_event(event)
             except Exception:
                 log.exception("model %s version %s: event hook failed", name, version)
-
-    def reached(
-        self, name: str, version: int, stage: Stage, loop: asyncio.AbstractEventLoop
-    ) -> None:
-        """A stage reported by the validation thread (warming): stored before the thread goes
-        on (it waits for the I/O thread), announced on ``loop``, then its crash point (a test
-        hook, ``agent.faults``)."""
-        recorded = self.io.call(self._write, name, version, stage, "", None, None)
-        loop.call_soon_threadsafe(self._announce, name, version, stage, "", recorded)
-        crash_point(stage.value)
 
     async def event(self, name: str, version: int | None, kind: str, reason: str) -> None:
         """An event that changes no stage (pins, drains): recorded and passed on."""

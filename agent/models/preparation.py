@@ -3,10 +3,11 @@
 Under the model's lock the deployer needs to know whether the version may be deployed (not
 quarantined, not held off by a pin on another version), what a failed probation would fall
 back to, whether the version it replaces is in probation, whether memory is too short to hold
-both (a drain first), and the version's manifest. All of it is read, and ``verified`` and
-``loading`` recorded, in one job on the daemon's I/O thread, asked from the validation's worker
-thread (``Deployer.deploy``): nothing of it reads the state database or the store on the event
-loop, and it costs no hand-off of its own.
+both (a drain first), and the version's manifest. All of it is read in one job on the daemon's
+I/O thread, asked from the validation's worker thread (``Deployer.deploy``): nothing of it
+reads the state database or the store on the event loop. The stages the deployment's stored
+rows call for (``verified`` for a version the database did not know, ``loading`` once it goes
+on) are ``steps``: the same job writes them, after it has handed these answers to the worker.
 """
 
 from __future__ import annotations
@@ -16,20 +17,15 @@ from dataclasses import dataclass, field
 
 from agent.errors import StoreError
 from agent.models import lifecycle
-from agent.models.journal import Journal, Step
+from agent.models.journal import Step
 from agent.models.lifecycle import Stage
 from agent.models.selection import Selection
 from agent.models.store import ModelStore, StoredModel
-from agent.state import Event
 
 
 @dataclass(slots=True)
 class Prepared:
-    """What the checks found (``refusal``: why the version is not deployed, "" if it goes on).
-
-    ``written``: the steps recorded by the job (``verified`` for a version the database did
-    not know, ``loading`` once it goes on), with their events, for the loop to announce.
-    """
+    """What the checks found (``refusal``: why the version is not deployed, "" if it goes on)."""
 
     refusal: str = ""
     same: bool = False  # the version already serves: nothing to do
@@ -38,7 +34,7 @@ class Prepared:
     must_drain: bool = False
     stored: StoredModel | None = None
     error: StoreError | None = None  # no manifest: the validation rejects the version
-    written: list[tuple[Step, Event | None]] = field(default_factory=list)
+    steps: list[Step] = field(default_factory=list)  # to record, in this order
 
     @property
     def goes_on(self) -> bool:
@@ -49,16 +45,16 @@ class Prepared:
 def prepare(
     selection: Selection,
     store: ModelStore,
-    journal: Journal,
-    must_drain: Callable[[str, int], bool],
+    must_drain: Callable[[str, int, StoredModel], bool],
     name: str,
     version: int,
     replaced: int | None,
 ) -> Prepared:
     """On the I/O thread: the checks of ``Deployer.deploy`` before it validates ``version``
-    of ``name`` (``replaced``: the version serving now), with ``loading`` recorded when the
-    validation starts at once."""
-    stage = selection.stage(name, version)
+    of ``name`` (``replaced``: the version serving now), and the steps to record (``loading``
+    when the validation starts at once). One read of the model's rows serves every check."""
+    stages = {row.version: Stage(row.stage) for row in selection.state.deployments(name)}
+    stage = stages.get(version)
     if stage in lifecycle.QUARANTINED:
         assert stage is not None
         return Prepared(refusal=f"version {version} is quarantined ({stage.value})")
@@ -69,22 +65,18 @@ def prepare(
         return Prepared(same=True)
     found = Prepared()
     if stage is None:
-        found.written.append(
-            _write(journal, Step(name, version, Stage.VERIFIED, "found in the store"))
-        )
-    fallback = selection.committed(name, exclude=version)
-    found.fallback = fallback if fallback is not None else replaced
-    if replaced is not None:
-        found.replaced_active = selection.stage(name, replaced) is Stage.ACTIVE
-        found.must_drain = must_drain(name, version)
+        found.steps.append(Step(name, version, Stage.VERIFIED, "found in the store"))
+    # What a failed probation goes back to: the newest committed version still in the store
+    # (``Selection.committed``); with none, the version that serves.
+    committed = sorted(v for v, s in stages.items() if s is Stage.COMMITTED and v != version)
+    found.fallback = next((v for v in reversed(committed) if store.has(name, v)), replaced)
     try:
         found.stored = store.get(name, version)
     except StoreError as exc:
         found.error = exc
+    if replaced is not None:
+        found.replaced_active = stages.get(replaced) is Stage.ACTIVE
+        found.must_drain = found.stored is not None and must_drain(name, version, found.stored)
     if found.goes_on and found.error is None:
-        found.written.append(_write(journal, Step(name, version, Stage.LOADING)))
+        found.steps.append(Step(name, version, Stage.LOADING))
     return found
-
-
-def _write(journal: Journal, step: Step) -> tuple[Step, Event | None]:
-    return step, journal.write(step)

@@ -212,6 +212,10 @@ class ModelStore:
                 found.append(int(entry.name))
         return sorted(found)
 
+    def has(self, name: str, version: int) -> bool:
+        """True when ``version`` of ``name`` is complete in the store (one ``stat``)."""
+        return _valid_name(name) and (self.root / name / str(version) / MANIFEST).is_file()
+
     def get(self, name: str, version: int) -> StoredModel:
         """Read one version's manifest.
 

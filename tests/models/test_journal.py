@@ -155,28 +155,9 @@ def test_make_committed_records_the_missing_steps_and_retires_the_others(tmp_pat
     asyncio.run(main())
 
 
-def test_a_stage_reached_in_another_thread_is_stored_before_it_goes_on(tmp_path: Path) -> None:
-    async def main() -> None:
-        book = Book(tmp_path)
-        await book.journal.record("m", 1, Stage.VERIFIED)
-        await book.journal.record("m", 1, Stage.LOADING)
-        loop = asyncio.get_running_loop()
-
-        def validation_thread() -> str:
-            book.journal.reached("m", 1, Stage.WARMING, loop)
-            row = book.state.get("m", 1)  # stored already, before the thread went on
-            return row.stage if row else ""
-
-        assert await asyncio.to_thread(validation_thread) == "warming"
-        await asyncio.sleep(0)  # the announcement was handed to the loop
-        assert book.kinds()[-1] == (1, "warming")
-        assert book.heard[-1][1] == threading.get_ident()
-        book.close()
-
-    asyncio.run(main())
-
-
-def test_steps_go_in_one_trip_and_a_refused_one_stops_the_rest(tmp_path: Path) -> None:
+def test_steps_go_in_one_trip_and_one_transaction_and_a_refused_one_stops_the_rest(
+    tmp_path: Path,
+) -> None:
     async def main() -> None:
         book = Book(tmp_path)
         trips = 0
@@ -187,11 +168,20 @@ def test_steps_go_in_one_trip_and_a_refused_one_stops_the_rest(tmp_path: Path) -
             trips += 1
             return write_all(steps)  # type: ignore[arg-type]
 
+        commits = 0
+
+        def count_commits(statement: str) -> None:
+            nonlocal commits
+            commits += statement == "COMMIT"
+
+        book.io.call(book.state._db.set_trace_callback, count_commits)
+
         book.journal.write_all = counted  # type: ignore[method-assign]
         await book.journal.record_steps(
             [Step("m", 1, Stage.VERIFIED), Step("m", 1, Stage.LOADING, "", None)]
         )
         assert trips == 1 and book.stages() == {1: "loading"}
+        assert commits == 1  # both steps and their events: one transaction, one fsync
         with pytest.raises(TransitionError, match="loading → committed is not allowed"):
             await book.journal.record_steps(
                 [

@@ -50,8 +50,8 @@ class Watch:
 
 def test_a_deploy_its_commit_and_retention_read_nothing_on_the_loop(tmp_path: Path) -> None:
     """v1 committed; v2 deployed, judged, committed, v1 retired, retention run: many reads,
-    none on the loop; the deploy's only trip to the I/O thread
-    from the loop is the swap's record (its checks and ``validated`` go from the worker)."""
+    none on the loop; the deploy's only trip to the I/O thread from the loop is the swap's
+    record (its checks and its validation's records go from the worker)."""
 
     async def main() -> None:
         h = Harness(tmp_path)
@@ -77,7 +77,8 @@ def test_a_deploy_its_commit_and_retention_read_nothing_on_the_loop(tmp_path: Pa
         assert watch.threads, "the watch saw no read at all"
         assert {"StateDB.get", "StateDB.setting", "ModelStore.get"} <= {w for w, _ in watch.threads}
         assert ("StateDB.events", h.io.ident) in watch.threads  # retention's history
-        assert len(deploy_trips) == 1 and "record_steps" not in deploy_trips[0], deploy_trips
+        # From the loop, one trip: the swap's record (one transaction).
+        assert deploy_trips == ["Journal.write_all"], deploy_trips
         assert h.stages() == {1: "retired", 2: "committed"}
         assert h.store.versions("scale") == [1, 2]  # v1: the previous committed one
         assert h.kinds()[-4:] == [
@@ -112,7 +113,7 @@ def test_a_refused_deploy_decides_off_the_loop(tmp_path: Path) -> None:
         assert await h.deployer.deploy("scale", 1)  # serving already
         watch.on = False
         assert watch.on_thread(threading.get_ident()) == []
-        assert {w for w, _ in watch.threads} >= {"StateDB.get", "StateDB.setting"}
+        assert {w for w, _ in watch.threads} >= {"StateDB.deployments", "StateDB.setting"}
         assert h.serving() == 1
         assert len(h.events) == events
         assert h.stages() == {1: "committed", 2: "rejected"}  # v3 not even recorded
