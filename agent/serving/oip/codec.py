@@ -15,25 +15,18 @@ from __future__ import annotations
 import json
 import math
 import struct
-from _json import make_encoder  # what JSONEncoder.encode builds for each call
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from json.encoder import encode_basestring_ascii
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from agent.errors import InferenceError, RequestError
+from agent.serving.oip import jsontext
 from agent.tensors import OIP_TO_NUMPY, oip_datatype
 
 if TYPE_CHECKING:  # the shared-memory modules load with the first tensor naming a region
     from agent.serving.shm.keys import Placement, Regions
-
-_SEPARATORS = (",", ":")
-# Made once, not per call as json.dumps with separators and json.loads' steps do (``_dumps``
-# takes the encoder's ``default``: the error for a value JSON cannot hold).
-_ENCODER = json.JSONEncoder(separators=_SEPARATORS)
-_DECODER = json.JSONDecoder()
 
 _LENGTH = struct.Struct("<I")
 
@@ -376,7 +369,7 @@ def split_body(
         # UTF-8 (an object's "{" not followed by a NUL): decoded here as json.loads would,
         # without its detection of UTF-16 and UTF-32, which takes the rest.
         if raw[:1] == b"{" and raw[1:2] != b"\0":
-            header = _loads(raw.decode("utf-8", "surrogatepass"))
+            header = jsontext.loads(raw.decode("utf-8", "surrogatepass"))
         else:
             header = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -388,18 +381,6 @@ def split_body(
     if not isinstance(header, dict):
         raise Malformed(f"the JSON body must be an object, found {type(header).__name__}")
     return header, Reader(view[header_length:])
-
-
-def _loads(text: str) -> Any:
-    """``json.loads(text)``: a document that fills ``text`` exactly is decoded by the decoder's
-    ``raw_decode`` (json.loads' own steps are a third of a small header's decoding); anything
-    else (surrounding whitespace, extra data, an error) goes through json.loads, for its
-    result and its error messages."""
-    try:
-        value, end = _DECODER.raw_decode(text)
-    except ValueError:
-        end = -1
-    return value if end == len(text) else json.loads(text)
 
 
 def finish_binary(reader: Reader) -> None:
@@ -493,20 +474,10 @@ def join(header: dict[str, Any], blobs: Sequence[Buffer]) -> tuple[bytes, int | 
     return bytes(parts[0]) if len(parts) == 1 else b"".join(parts), header_length
 
 
-def _dumps(doc: dict[str, Any]) -> str:
-    """``json.dumps(doc, separators=(",", ":"))``: the C encoder JSONEncoder.encode would make
-    (circular references checked, NaN allowed, ASCII), called without its Python steps (they
-    cost as much as encoding a small answer's header)."""
-    encode = make_encoder(
-        {}, _ENCODER.default, encode_basestring_ascii, None, ":", ",", False, False, True
-    )
-    return "".join(encode(doc, 0))
-
-
 def parts_of(header: dict[str, Any], blobs: Sequence[Buffer]) -> tuple[list[Buffer], int | None]:
     """A body as its parts, not joined: the JSON header, then the binary parts; and the
     header's length when there are binary parts."""
-    head = _dumps(header).encode()
+    head = jsontext.dumps(header).encode()
     if not blobs:
         return [head], None
     return [head, *blobs], len(head)
