@@ -182,10 +182,7 @@ class HttpConnection(asyncio.BufferedProtocol):
         failure = reader.received(nbytes)
         if failure is None and reader.in_place and self._fd >= 0:
             failure = read_rest(self._fd, reader)
-        if failure is None:
-            self._process()
-        else:
-            self._parsed(failure)
+        self._parsed(failure)
 
     def data_received(self, data: bytes) -> None:
         """Bytes handed over whole (a transport that does not read into buffers)."""
@@ -252,11 +249,9 @@ class HttpConnection(asyncio.BufferedProtocol):
                     handler.observe_sent(prepared)
                     return
                 loaded = prepared.loaded
-                if (
-                    loaded.inline_elements <= 0  # not the fast path's model
-                    and self._server.pool.in_flight == 0  # (solo.allows wants an idle pool)
-                    and solo.allows((loaded.name, loaded.version), True, now)
-                ):
+                # A pool model (not the fast path's) with the pool idle: alone, by solo.allows?
+                idle = self._server.pool.in_flight == 0 and loaded.inline_elements <= 0
+                if idle and solo.allows((loaded.name, loaded.version), True, now):
                     solo.solo_runs += 1
                     loaded.solo_runs += 1
                     self._respond(request, handler.run_inline(prepared, observe=False))
@@ -267,11 +262,10 @@ class HttpConnection(asyncio.BufferedProtocol):
                 self._inflight = request
                 self._server.pool.submit(prepared.run, partial(self._infer_done, prepared))
             elif post and route.kind is routes.Kind.ADMIN and self._server.admin is not None:
-                admin = self._server.admin
                 self._busy = True
                 self._inflight = request
                 task = self._loop.create_task(
-                    admin.handle(request.path, bytes(request.body), self.peer)
+                    self._server.admin.handle(request.path, bytes(request.body), self.peer)
                 )
                 task.add_done_callback(self._admin_done)
             elif route.kind is routes.Kind.STATUS:  # the agent's part is read off the loop
@@ -306,9 +300,7 @@ class HttpConnection(asyncio.BufferedProtocol):
     def _infer_done(
         self, prepared: PreparedInfer, results: Any, error: BaseException | None
     ) -> None:
-        request = self._inflight
-        self._busy = False
-        self._inflight = None
+        request, self._inflight, self._busy = self._inflight, None, False
         self._observe_run(prepared)
         try:
             response = self._handler.finish_infer(prepared, results, error, observe=False)
@@ -329,9 +321,7 @@ class HttpConnection(asyncio.BufferedProtocol):
         self._process()
 
     def _admin_done(self, task: asyncio.Task[Response]) -> None:
-        request = self._inflight
-        self._busy = False
-        self._inflight = None
+        request, self._inflight, self._busy = self._inflight, None, False
         error = None if task.cancelled() else task.exception()
         if task.cancelled() or error is not None:
             log.error("admin call failed: %s", error or "cancelled", exc_info=error)

@@ -271,13 +271,11 @@ class OipHandler:
         except BaseException as exc:
             _refuse(self.metrics, slot, loaded, name, exc)
             raise
-        inline = False
-        if loaded.inline_elements > 0:  # a fast-path model (else fastpath.route says no)
-            elements = 0
-            for tensor in request.inputs:
-                elements += tensor.data.size
-            # The request's start stands for now: the chooser reads it only to start an epoch.
-            inline = fastpath.route(loaded, elements, self.inline_threshold_us, started)
+        # Only a fast-path model's requests are routed; the chooser reads the time (the
+        # request's start stands for now) only to start an epoch.
+        inline = loaded.inline_elements > 0 and fastpath.route(
+            loaded, sum([t.data.size for t in request.inputs]), self.inline_threshold_us, started
+        )
         return PreparedInfer(slot, loaded, request.id, feeds, outputs, started, inline, 0.0, placed)
 
     def prepare_request(
@@ -449,24 +447,7 @@ class OipHandler:
         return _json({"name": name, "ready": ready}, 200 if ready else 503)
 
     def _model_stats(self, name: str) -> Response:
-        slot = self.slots.get(name)
-        stats = []
-        for version in slot.versions():
-            summary = self.metrics.model(name, str(version)).summary()
-            stats.append(
-                {
-                    "name": name,
-                    "version": str(version),
-                    "inference_count": summary.requests,
-                    "error_count": summary.errors,
-                    "latency_ms": {
-                        "p50": summary.p50_ms,
-                        "p95": summary.p95_ms,
-                        "p99": summary.p99_ms,
-                    },
-                }
-            )
-        return _json({"model_stats": stats})
+        return _json(modelinfo.model_stats(name, self.slots.get(name).versions(), self.metrics))
 
     async def handle_status(self, method: str, route: routes.Route) -> Response:
         """``GET /agent/status`` with the agent's part, read off the loop (on the I/O thread)."""

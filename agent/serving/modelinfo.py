@@ -1,13 +1,15 @@
 """What each loaded version runs on and which path its requests take, for status, model
-metadata and /metrics, and the repository index (pure: reads the slots, writes nothing)."""
+metadata and /metrics; the repository index and statistics (pure: reads, writes nothing)."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import Any
 
 from agent.errors import RequestError
 from agent.models.slots import LoadedVersion, Slots
+from agent.telemetry.metrics import Registry
 
 
 def _escape(value: str) -> str:
@@ -35,6 +37,28 @@ def version_fields(loaded: LoadedVersion) -> dict[str, Any]:
         "device_fallbacks": list(loaded.fallbacks),
         "fast_path": fast_path(loaded),
     }
+
+
+def model_stats(name: str, versions: Iterable[int], metrics: Registry) -> dict[str, Any]:
+    """The statistics extension's document (``GET /v2/models/{name}/stats``) for ``name``'s
+    loaded ``versions``, from their metrics."""
+    stats = []
+    for version in versions:
+        summary = metrics.model(name, str(version)).summary()
+        stats.append(
+            {
+                "name": name,
+                "version": str(version),
+                "inference_count": summary.requests,
+                "error_count": summary.errors,
+                "latency_ms": {
+                    "p50": summary.p50_ms,
+                    "p95": summary.p95_ms,
+                    "p99": summary.p99_ms,
+                },
+            }
+        )
+    return {"model_stats": stats}
 
 
 def metadata_parameters(loaded: LoadedVersion) -> dict[str, Any]:
