@@ -62,6 +62,9 @@ def ensure_at_start(state_dir: Path) -> threading.Thread | None:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
+            # Its own session: a terminal's Ctrl-C to the agent's group stops the agent, not a
+            # key pair half made (it starts after READY, when a user may well press it).
+            start_new_session=True,
         )
     except OSError as exc:
         log.error("identity: cannot create the device key pair in %s: %s", directory, exc)

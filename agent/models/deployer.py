@@ -296,9 +296,8 @@ class Deployer(Startup, ManualActions, Retention):
         try:
             stored = stored or self.store.get(name, version)
             size = stored.model_path.stat().st_size
-            if "encryption" in stored.manifest.custom:
-                blob = stored.directory / "weights.bin"  # a split encrypted ONNX model's weights
-                size += blob.stat().st_size if blob.is_file() else 0
+            blob = stored.directory / "weights.bin"  # a split ONNX model's weights
+            size += blob.stat().st_size if blob.is_file() else 0
         except (OSError, StoreError):
             return False
         return drain.must_drain(
