@@ -32,6 +32,8 @@ from agent.state import Event, StateDB
 
 log = logging.getLogger(__name__)
 
+EventRow = tuple[str, int | None, str, str]  # an event to add: name, version, kind, reason
+
 
 @dataclass(frozen=True, slots=True)
 class Step:
@@ -97,7 +99,7 @@ class Journal:
         self,
         steps: Sequence[Step],
         loop: asyncio.AbstractEventLoop,
-        events: Sequence[tuple[str, int | None, str, str]] = (),
+        events: Sequence[EventRow] = (),
     ) -> None:
         """On the I/O thread: ``events`` (name, version, kind, reason) and ``steps`` in one
         transaction, each announced on ``loop``; no pin is cleared (no quarantine comes here).

@@ -53,7 +53,7 @@ def prepare(
     """On the I/O thread: the checks of ``Deployer.deploy`` before it validates ``version``
     of ``name`` (``replaced``: the version serving now), and the steps to record (``loading``
     when the validation starts at once). One read of the model's rows serves every check."""
-    stages = {row.version: Stage(row.stage) for row in selection.state.deployments(name)}
+    stages = selection.stages(name)
     stage = stages.get(version)
     if stage in lifecycle.QUARANTINED:
         assert stage is not None
@@ -66,10 +66,9 @@ def prepare(
     found = Prepared()
     if stage is None:
         found.steps.append(Step(name, version, Stage.VERIFIED, "found in the store"))
-    # What a failed probation goes back to: the newest committed version still in the store
-    # (``Selection.committed``); with none, the version that serves.
-    committed = sorted(v for v, s in stages.items() if s is Stage.COMMITTED and v != version)
-    found.fallback = next((v for v in reversed(committed) if store.has(name, v)), replaced)
+    # What a failed probation goes back to; with no committed version, the one that serves.
+    fallback = selection.committed(name, exclude=version, stages=stages)
+    found.fallback = fallback if fallback is not None else replaced
     try:
         found.stored = store.get(name, version)
     except StoreError as exc:

@@ -94,16 +94,15 @@ class Selection:
             if e.kind == Stage.COMMITTED.value and e.version is not None
         ]
 
-    def committed(self, name: str, exclude: int | None = None) -> int | None:
+    def committed(
+        self, name: str, exclude: int | None = None, stages: dict[int, Stage] | None = None
+    ) -> int | None:
         """The newest version the database holds as committed and the store still has: what a
-        failed probation rolls back to."""
-        stored = set(self.store.versions(name))
-        committed = [
-            d.version
-            for d in self.state.deployments(name)
-            if Stage(d.stage) is Stage.COMMITTED and d.version != exclude and d.version in stored
-        ]
-        return max(committed, default=None)
+        failed probation rolls back to (``stages``: the model's, when already read)."""
+        if stages is None:
+            stages = self.stages(name)
+        committed = sorted(v for v, s in stages.items() if s is Stage.COMMITTED and v != exclude)
+        return next((v for v in reversed(committed) if self.store.has(name, v)), None)
 
     def previous_committed(self, name: str, active: int | None) -> int | None:
         """The version a rollback from ``active`` goes to (``lifecycle.previous_committed``)."""

@@ -22,12 +22,10 @@ import logging
 from collections.abc import Sequence
 
 from agent.faults import crash_point
-from agent.models.journal import Journal, Step
+from agent.models.journal import EventRow, Journal, Step
 from agent.models.slots import LoadedVersion
 
 log = logging.getLogger(__name__)
-
-FallbackEvent = tuple[str, int | None, str, str]  # name, version, kind, reason
 
 
 class Trail:
@@ -62,7 +60,7 @@ class Trail:
         loaded: LoadedVersion | None,
         error: BaseException | None = None,
         steps: Sequence[Step] = (),
-        events: Sequence[FallbackEvent] = (),
+        events: Sequence[EventRow] = (),
     ) -> None:
         """From the worker, at its end: ``events`` and ``steps`` queued, then ``done``
         resolved with ``loaded`` (or the first error: of a record, else ``error``)."""
@@ -76,7 +74,7 @@ class Trail:
         loaded: LoadedVersion | None,
         error: BaseException | None,
         steps: Sequence[Step],
-        events: Sequence[FallbackEvent],
+        events: Sequence[EventRow],
     ) -> None:
         if self.error is None and error is None and (steps or events):
             try:

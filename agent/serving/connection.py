@@ -28,6 +28,7 @@ from agent.serving.oip.codec import Buffer
 from agent.serving.oip.server import encode_error
 from agent.serving.pool import InferencePool
 from agent.serving.reader import RequestReader
+from agent.serving.routes import INFER
 from agent.serving.sending import MAX_IOV, head_first
 from agent.serving.shmview import LazyRegions
 from agent.serving.solo import Solo
@@ -42,7 +43,6 @@ FRESH_S = 0.5
 _SHM_ROUTES = frozenset(
     {routes.Kind.SHM_STATUS, routes.Kind.SHM_REGISTER, routes.Kind.SHM_UNREGISTER}
 )
-_INFER = routes.Kind.INFER  # read per request: an Enum member is slower to reach by name
 
 
 class Limits(Protocol):
@@ -236,7 +236,7 @@ class HttpConnection(asyncio.BufferedProtocol):
                 self._respond(request, error_response(exc))
                 return
             post = request.method == "POST"
-            if post and route.kind is _INFER:
+            if post and route.kind is INFER:
                 try:
                     prepared = handler.prepare_infer(
                         route, request.body, request.header_length, self.regions, now

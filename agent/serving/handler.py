@@ -30,6 +30,7 @@ from agent.models.slots import LoadedVersion, Slot, Slots
 from agent.serving import modelinfo, routes
 from agent.serving.oip import server as oip
 from agent.serving.oip.codec import Buffer, Limits
+from agent.serving.routes import INFER
 from agent.telemetry.metrics import Registry, render_prometheus
 
 if TYPE_CHECKING:  # the shared-memory modules load with the first request naming a region
@@ -39,7 +40,6 @@ if TYPE_CHECKING:  # the shared-memory modules load with the first request namin
 log = logging.getLogger(__name__)
 
 JSON = b"application/json"
-_INFER = routes.Kind.INFER  # read per request: an Enum member is slower to reach by name
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,7 +250,7 @@ class OipHandler:
             started = time.perf_counter()
         # The steps of prepare_request, written out: this is every REST request's path.
         route = path if isinstance(path, routes.Route) else routes.match(path)
-        if route.kind is not _INFER:
+        if route.kind is not INFER:
             raise NotFoundError(f"no inference route {route.path}")
         name = route.model
         slot, loaded = _lease(self.slots, self.metrics, name, route.version)

@@ -33,6 +33,10 @@ class Kind(Enum):
     SHM_UNREGISTER = "shm_unregister"
 
 
+# Read per request: an Enum member is reached through its metaclass, slower than a global.
+INFER = Kind.INFER
+
+
 # The method each route answers; HEAD is answered wherever GET is.
 METHODS: dict[Kind, str] = {
     Kind.LIVE: "GET",
