@@ -97,7 +97,16 @@ def _ms(value: float | None) -> str:
 
 
 def median(values: Sequence[float]) -> float | None:
-    return float(np.median(np.asarray(values, dtype=np.float64))) if len(values) else None
+    """``np.median``'s answer by ``np.partition``: ``np.median`` imports ``numpy.ma`` on its
+    first call (7-14 ms, on the event loop at the first probation verdict, and ~1 MB kept)."""
+    if not len(values):
+        return None
+    array = np.asarray(values, dtype=np.float64)
+    middle = len(array) // 2
+    if len(array) % 2:
+        return float(np.partition(array, middle)[middle])
+    below, above = np.partition(array, (middle - 1, middle))[middle - 1 : middle + 1]
+    return float((below + above) / 2.0)
 
 
 def small_median(values: Iterable[float]) -> float:
