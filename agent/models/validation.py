@@ -219,8 +219,9 @@ def _validate_on(
         smoke = decode_smoke(smoke_doc) if smoke_doc is not None else None
         feeds = smoke.inputs if smoke is not None else zeros_for(session.inputs)
         latencies = []
+        cpu = []  # the same runs' CPU time: the fast path's first runs (fastpath.inline_budget)
         for _ in range(max(1, warmup_runs)):
-            started = time.perf_counter()
+            started, started_cpu = time.perf_counter(), time.thread_time()
             try:
                 results = session.run(feeds)
             except AgentError as exc:
@@ -230,6 +231,7 @@ def _validate_on(
                     break
                 raise ModelError(f"{where}: warm-up failed: {exc}") from exc
             latencies.append(time.perf_counter() - started)
+            cpu.append(time.thread_time() - started_cpu)
         if smoke is not None:
             check_smoke(smoke, results, where)
         budget = manifest.custom.get("latency_budget_ms")
@@ -240,7 +242,9 @@ def _validate_on(
                     f"{where}: p95 latency over warm-up {p95_ms:.2f} ms exceeds the signed "
                     f"budget of {budget} ms"
                 )
-        inline = inline_budget(session, feeds, inline_threshold_us) if latencies else 0
+        inline = 0
+        if latencies:
+            inline = inline_budget(session, feeds, inline_threshold_us, warmup_cpu_s=cpu)
     except BaseException:
         session.close()
         raise
