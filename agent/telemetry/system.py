@@ -13,6 +13,10 @@ CGROUP = Path("/sys/fs/cgroup")
 PROC_SELF_CGROUP = Path("/proc/self/cgroup")
 # cgroup v1 says "no limit" with a huge number (PAGE_COUNTER_MAX pages), not with "max".
 V1_UNLIMITED = 1 << 60
+READ_BYTES = 64 * 1024
+# A cgroup level: its directory, limit files, usage file and memory.stat's inactive key.
+Level = tuple[Path, tuple[str, ...], str, str]
+_found: dict[tuple[Path, Path], list[Level]] = {}  # _own_levels, by where they were read
 _cpu = procfs.CpuMeter()  # the first health message's CPU share counts from the start
 
 
@@ -47,9 +51,23 @@ def _levels(mount: Path, path: str) -> list[Path]:
     return [mount.joinpath(*parts[:depth]) for depth in range(len(parts), -1, -1)]
 
 
+def _read(path: Path) -> str:
+    """A small kernel file's text in three system calls (open, read, close) and a last empty
+    read, where ``Path.read_text`` makes nine: each one lets go of the interpreter lock, and
+    off the event loop each one waits to get it back from a loop that is serving."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while chunk := os.read(fd, READ_BYTES):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks).decode("ascii", "replace")
+
+
 def _read_number(path: Path) -> int | None:
     try:
-        raw = path.read_text().strip()
+        raw = _read(path).strip()
     except OSError:
         return None
     if raw == "max":
@@ -62,7 +80,7 @@ def _read_number(path: Path) -> int | None:
 
 def _stat_value(path: Path, key: str) -> int:
     try:
-        text = path.read_text()
+        text = _read(path)
     except OSError:
         return 0
     for line in text.splitlines():
@@ -72,18 +90,40 @@ def _stat_value(path: Path, key: str) -> int:
     return 0
 
 
-def _headroom(level: Path, limits: tuple[str, ...], usage: str, inactive: str) -> int | None:
+def _headroom(level: Level) -> int | None:
     """Limit minus usage at one cgroup level (None: no limit there). Inactive page cache is
     not counted as used: the kernel reclaims it before it fails an allocation."""
-    found = [v for name in limits if (v := _read_number(level / name)) is not None]
+    directory, limits, usage, inactive = level
+    found = [v for name in limits if (v := _read_number(directory / name)) is not None]
     found = [v for v in found if v < V1_UNLIMITED]
     if not found:
         return None
-    used = _read_number(level / usage)
+    used = _read_number(directory / usage)
     if used is None:
         return None
-    used = max(0, used - _stat_value(level / "memory.stat", inactive))
+    used = max(0, used - _stat_value(directory / "memory.stat", inactive))
     return max(0, min(found) - used)
+
+
+def _cgroup_levels(proc_cgroup: str, root: Path) -> list[Level]:
+    """The levels to read for ``cgroup_headroom``, innermost first in each hierarchy."""
+    v2, v1 = parse_proc_cgroup(proc_cgroup)
+    levels: list[Level] = []
+    if v2 is not None:
+        v2_limits = ("memory.max", "memory.high")
+        levels += [(d, v2_limits, "memory.current", "inactive_file") for d in _levels(root, v2)]
+    if v1 is not None:
+        v1_limits = ("memory.limit_in_bytes",)
+        levels += [
+            (d, v1_limits, "memory.usage_in_bytes", "total_inactive_file")
+            for d in _levels(root / "memory", v1)
+        ]
+    return levels
+
+
+def _tightest(levels: list[Level]) -> int | None:
+    room = [r for level in levels if (r := _headroom(level)) is not None]
+    return min(room) if room else None
 
 
 def cgroup_headroom(proc_cgroup: str, root: Path = CGROUP) -> int | None:
@@ -94,30 +134,35 @@ def cgroup_headroom(proc_cgroup: str, root: Path = CGROUP) -> int | None:
     ``memory.current``) and v1 (``root/memory/<path>/memory.limit_in_bytes`` and
     ``memory.usage_in_bytes``) are both read; a hybrid host has both. None: no limit anywhere.
     """
-    v2, v1 = parse_proc_cgroup(proc_cgroup)
-    levels: list[tuple[Path, tuple[str, ...], str, str]] = []
-    if v2 is not None:
-        v2_limits = ("memory.max", "memory.high")
-        levels += [(d, v2_limits, "memory.current", "inactive_file") for d in _levels(root, v2)]
-    if v1 is not None:
-        v1_limits = ("memory.limit_in_bytes",)
-        levels += [
-            (d, v1_limits, "memory.usage_in_bytes", "total_inactive_file")
-            for d in _levels(root / "memory", v1)
+    return _tightest(_cgroup_levels(proc_cgroup, root))
+
+
+def _own_levels() -> list[Level]:
+    """This process's levels, found once per (``PROC_SELF_CGROUP``, ``CGROUP``): its cgroup
+    paths, without the levels that have none of the limit files (a v2 root, the v2 paths of a
+    hybrid host's v1 mount). The agent is started in its cgroup (a systemd unit, a container)
+    and not moved out of it; the limits and the usage are read at every call."""
+    key = (PROC_SELF_CGROUP, CGROUP)
+    levels = _found.get(key)
+    if levels is None:
+        try:
+            proc_cgroup = _read(PROC_SELF_CGROUP)
+        except OSError:
+            proc_cgroup = ""
+        levels = [
+            level
+            for level in _cgroup_levels(proc_cgroup, CGROUP)
+            if any((level[0] / name).exists() for name in level[1])
         ]
-    room = [r for level in levels if (r := _headroom(*level)) is not None]
-    return min(room) if room else None
+        _found[key] = levels
+    return levels
 
 
 def available_memory_bytes() -> int | None:
     """What a new model may still use: the tightest headroom of this process's cgroup and its
     ancestors when one is limited (never more than the system has), else the system's."""
-    system = procfs.memory().available
-    try:
-        proc_cgroup = PROC_SELF_CGROUP.read_text()
-    except OSError:
-        proc_cgroup = ""
-    headroom = cgroup_headroom(proc_cgroup, CGROUP)
+    system = procfs.parse_meminfo(_read(procfs.PROC / "meminfo")).available
+    headroom = _tightest(_own_levels())
     return system if headroom is None else min(system, headroom)
 
 

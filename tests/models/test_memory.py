@@ -117,3 +117,19 @@ def test_on_this_machine_it_is_a_positive_number() -> None:
     available = available_memory_bytes()
     assert isinstance(available, int) and available > 0
     assert available <= psutil.virtual_memory().total
+
+
+def test_own_cgroup_is_found_once_and_its_limits_read_each_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The process's cgroup path is read once (a memory check during a swap reads the limit
+    and usage files, not /proc/self/cgroup again); a limit that changes is seen at once."""
+    write(tmp_path / "svc", memory_max=64 * MiB, memory_current=4 * MiB)
+    proc_cgroup = tmp_path / "proc-cgroup"
+    proc_cgroup.write_text("0::/svc\n")
+    monkeypatch.setattr(system, "CGROUP", tmp_path)
+    monkeypatch.setattr(system, "PROC_SELF_CGROUP", proc_cgroup)
+    assert available_memory_bytes() == 60 * MiB
+    proc_cgroup.unlink()
+    write(tmp_path / "svc", memory_max=32 * MiB)
+    assert available_memory_bytes() == 28 * MiB
