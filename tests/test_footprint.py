@@ -114,6 +114,15 @@ def test_only_clean_read_only_file_pages_are_chosen() -> None:
     # heap-like anonymous mapping, shared memory, nothing resident, locked, deleted, [vdso].
 
 
+def test_the_trim_chooses_what_the_parse_and_the_selection_choose() -> None:
+    """``pageout_candidates`` (the trim's one pass over the text) against ``parse_smaps`` and
+    ``select_pageout``: the sample above and this process's own smaps."""
+    for text in (SMAPS, memory._read_all(memory.SMAPS)):
+        expected = memory.select_pageout(memory.parse_smaps(text.splitlines()))
+        assert memory.pageout_candidates(text) == expected
+    assert memory.pageout_candidates("") == []
+
+
 def test_pageout_advises_each_range_and_notices_an_old_kernel() -> None:
     chosen = memory.select_pageout(memory.parse_smaps(SMAPS.splitlines()))
     calls: list[tuple[int, int, int]] = []
