@@ -83,15 +83,20 @@ def _validated(
     stored: Callable[[Trail], StoredModel | None],
     *,
     record: bool,
+    start: Callable[[Trail], None] | None = None,
 ) -> Trail:
     """Start the validation of ``version`` in a worker thread: ``stored`` (the manifest, read
     on the I/O thread; None: stop there), then ``validate_version``; with ``record``, its
     stages queued on the I/O thread as it goes (``agent.models.trail``), and its end
     (``validated``, each device given up for the CPU an event) one more job, which resolves
-    the trail's ``done``: from a busy loop one hand-off out and one back, none in between."""
+    the trail's ``done``: from a busy loop one hand-off out and one back, none in between.
+    ``start``: called on the loop with the trail before the worker starts (a job queued for
+    the I/O thread at once, not one hand-off later from the worker)."""
     config = deployer.config
     loop = asyncio.get_running_loop()
     trail = Trail(deployer.journal, loop)
+    if start is not None:
+        start(trail)
 
     def on_stage(stage: Stage) -> None:  # from the validation (warming): queued, not awaited
         if record:
@@ -175,9 +180,9 @@ class Deployer(Startup, ManualActions, Retention):
         """Validate ``version``, swap it in and start its probation. False if it was rejected
         (or is quarantined, or the model is pinned to another version).
 
-        Its checks and reads (``preparation.prepare``) are one job on the I/O thread, asked
-        from the validation's worker thread, which goes on as soon as they are read (the same
-        job then writes ``verified`` and ``loading``). The validation's stages are queued
+        Its checks and reads (``preparation.prepare``) are one job on the I/O thread, queued
+        as the validation's worker thread starts; the worker goes on as soon as they are read
+        (the same job then writes ``verified`` and ``loading``). The validation's stages are queued
         (``agent.models.trail``); the swap waits for ``validated`` to be durable, and its
         record (``active``, the replaced version ``retired``: one transaction) is durable
         before the probation starts. The loop reads nothing and hands off three times: the
@@ -188,10 +193,12 @@ class Deployer(Startup, ManualActions, Retention):
             replaced = active.version if active is not None else None
             before, self.activity = self.activity, Activity("validating", name, version)
             ready: list[Prepared] = []
+            answer: concurrent.futures.Future[Prepared] = concurrent.futures.Future()
 
-            def first(trail: Trail) -> StoredModel | None:  # in the validation's worker thread
-                answer: concurrent.futures.Future[Prepared] = concurrent.futures.Future()
+            def start(trail: Trail) -> None:  # the checks queued from the loop, not waited for
                 self.io.run_soon(self._prepare, trail, answer, name, version, replaced)
+
+            def first(_trail: Trail) -> StoredModel | None:  # in the validation's worker thread
                 prep = answer.result()
                 ready.append(prep)
                 if not prep.goes_on:
@@ -200,7 +207,7 @@ class Deployer(Startup, ManualActions, Retention):
                     raise prep.error  # no manifest: rejected
                 return prep.stored
 
-            trail = _validated(self, name, version, first, record=True)
+            trail = _validated(self, name, version, first, record=True, start=start)
             try:
                 loaded = await trail.done
             except AgentError as exc:
