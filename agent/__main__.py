@@ -1,5 +1,14 @@
-"""``python -m agent`` runs the edge-agent CLI."""
+"""``python -m agent`` and the ``edge-agent`` command: the CLI, in a process set up to serve."""
 
-from agent.cli import main
+from agent.allocator import single_arena
 
-raise SystemExit(main())
+
+def main() -> int:
+    single_arena()  # before any thread allocates (numpy's BLAS threads start on import)
+    from agent.cli import main as cli_main
+
+    return cli_main()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

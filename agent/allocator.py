@@ -9,6 +9,11 @@ against 14-23 µs with the thresholds below; a 6.2 MB frame 12.8 ms against 1.8 
 ``edge-agent serve`` the face detector's socket round trip went from 1.74x to 1.56-1.61x its
 in-process time (BENCHMARKS.md).
 
+Threads get malloc arenas of their own, whose heaps glibc maps and unmaps by itself, below
+these thresholds: an inference worker running ONNX Runtime (its arena off, as the agent's
+default) then faults its intermediates onto fresh pages on every run. ``single_arena`` keeps
+every thread on the main heap; it must run before any thread allocates (``agent.__main__``).
+
 The price is memory the process keeps instead of returning: up to ``TRIM_THRESHOLD_BYTES`` of
 free heap top, and freed blocks under ``MMAP_THRESHOLD_BYTES`` reused from the heap rather than
 unmapped. Elsewhere than glibc (musl has no ``mallopt``), or when a call fails, nothing
@@ -24,6 +29,7 @@ log = logging.getLogger(__name__)
 
 M_TRIM_THRESHOLD = -1  # glibc's malloc.h
 M_MMAP_THRESHOLD = -3
+M_ARENA_MAX = -8
 MMAP_THRESHOLD_BYTES = 16 * 1024 * 1024  # glibc's cap is 32 MiB on 64-bit, 16 MiB on 32-bit
 MAX_THRESHOLD_BYTES = 1 << 30  # and mallopt takes an int
 TRIM_THRESHOLD_BYTES = 32 * 1024 * 1024
@@ -68,6 +74,25 @@ def tune_allocator(
         trim_threshold >> 20,
     )
     return True
+
+
+def single_arena() -> bool:
+    """Let every thread allocate from the main heap (glibc's ``M_ARENA_MAX`` = 1); whether set.
+
+    A thread's own arena lives in heaps glibc unmaps when their top is free, whatever the trim
+    threshold: the pool worker serving bench/models.py's 1080p frame model (after two other
+    models) took 2,047 page faults per request and ran it in 10.1 ms, against 0.03 faults and
+    6.3 ms on the main heap (its in-process time: 6.4 ms; BENCHMARKS.md, issue #13). Arenas
+    made before the call stay, and later threads may be given them: call it first thing. The
+    cost is one lock for every thread's allocations, which the interpreter lock mostly
+    serialises already."""
+    libc = _glibc()
+    if libc is None:
+        return False
+    mallopt = libc.mallopt
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return bool(mallopt(M_ARENA_MAX, 1))
 
 
 def release_free_heap() -> bool:

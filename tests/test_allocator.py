@@ -97,3 +97,65 @@ def test_release_free_heap_gives_back_what_the_thresholds_keep() -> None:
     assert done.returncode == 0, done.stderr
     freed, released = (int(v) for v in done.stdout.split())
     assert freed - released > 12 * 1024, (freed, released)
+
+
+# Threads that allocate, one after another, each get an arena of their own unless M_ARENA_MAX
+# says otherwise; glibc's malloc_stats lists one "Arena N:" per arena on stderr.
+ARENAS = textwrap.dedent(
+    """
+    import ctypes, sys, threading
+    from agent.allocator import single_arena
+
+    if sys.argv[1] == "single":
+        assert single_arena()
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype = ctypes.c_void_p
+    libc.malloc.argtypes = [ctypes.c_size_t]
+    held = []
+
+    def allocate():
+        held.append(libc.malloc(1 << 20))
+
+    for _ in range(4):
+        thread = threading.Thread(target=allocate)
+        thread.start()
+        thread.join()
+    libc.malloc_stats()
+    """
+)
+
+
+def arenas(mode: str) -> int:
+    done = subprocess.run(
+        [sys.executable, "-c", ARENAS, mode],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if done.returncode and "gnu_get_libc_version" in done.stderr:
+        pytest.skip("not glibc")
+    assert done.returncode == 0, done.stderr
+    return sum(line.startswith("Arena ") for line in done.stderr.splitlines())
+
+
+def test_with_a_single_arena_threads_allocate_from_the_main_heap() -> None:
+    """A worker's own arena is unmapped and faulted in again under a model's intermediates
+    (agent/allocator.py); after ``single_arena`` no thread gets one."""
+    assert arenas("default") > 1  # the test can tell: threads do get arenas of their own
+    assert arenas("single") == 1
+
+
+def test_the_agent_command_sets_a_single_arena_before_anything_else() -> None:
+    """``python -m agent`` and the ``edge-agent`` script (pyproject's entry) go through
+    agent.__main__.main, which sets the arena before the CLI's imports start threads."""
+    import tomllib
+    from pathlib import Path
+
+    import agent.__main__ as entry
+
+    root = Path(__file__).resolve().parent.parent
+    scripts = tomllib.loads((root / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["edge-agent"] == "agent.__main__:main"
+    source = Path(entry.__file__).read_text()
+    assert source.index("single_arena()") < source.index("from agent.cli import")
