@@ -18,6 +18,7 @@ import concurrent.futures
 import logging
 import threading
 from collections.abc import Callable
+from functools import partial
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
@@ -47,12 +48,17 @@ class IoThread:
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(*args)`` on the worker and wait for it without blocking the loop.
 
-        A cancelled caller does not stop a job that has started: it completes (a database
-        transaction is all or nothing either way) and its result is dropped.
+        A cancelled caller stops nothing: the job runs to its end even if it had not started
+        (a write queued behind others is not dropped because the task that asked for it was
+        cancelled, at shutdown for one; ``asyncio.wrap_future`` would cancel it), and its
+        result is dropped, its failure logged.
         """
         if self.on_worker():  # from inside a job: already on the worker, run it in place
             return fn(*args)
-        return await asyncio.wrap_future(self._executor.submit(fn, *args))
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[T] = loop.create_future()
+        self._executor.submit(fn, *args).add_done_callback(partial(_relay, loop, waiter))
+        return await waiter
 
     def run_soon(self, fn: Callable[..., object], *args: Any) -> None:
         """Submit ``fn(*args)`` and do not wait (its order is kept; an error is logged)."""
@@ -84,6 +90,30 @@ class IoThread:
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+
+def _relay(
+    loop: asyncio.AbstractEventLoop,
+    waiter: asyncio.Future[Any],
+    job: concurrent.futures.Future[Any],
+) -> None:
+    """Hand a finished job's outcome to the loop's ``waiter`` (one way: cancelling the waiter
+    does not reach the job)."""
+
+    def settle() -> None:
+        if waiter.cancelled():
+            _log_failure(job)
+        elif job.cancelled():
+            waiter.cancel()
+        elif (error := job.exception()) is not None:
+            waiter.set_exception(error)
+        else:
+            waiter.set_result(job.result())
+
+    try:
+        loop.call_soon_threadsafe(settle)
+    except RuntimeError:  # the loop is closed: nobody waits any more
+        _log_failure(job)
 
 
 def _log_failure(future: concurrent.futures.Future[object]) -> None:

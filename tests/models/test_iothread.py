@@ -61,6 +61,35 @@ def test_errors_reach_the_caller_and_close_finishes_what_was_submitted() -> None
     asyncio.run(main())
 
 
+def test_a_cancelled_caller_does_not_drop_its_queued_job(caplog: pytest.LogCaptureFixture) -> None:
+    """A write queued behind a running job still runs when the task awaiting it is cancelled
+    (at shutdown, the tasks go first and the I/O thread last); a failure nobody awaits any
+    more is logged."""
+
+    async def main() -> list[str]:
+        io = IoThread()
+        release = threading.Event()
+        written: list[str] = []
+        busy = asyncio.ensure_future(io.run(release.wait))  # the worker is busy meanwhile
+        queued = asyncio.ensure_future(io.run(written.append, "row"))
+        failing = asyncio.ensure_future(io.run(lambda: 1 // 0))
+        await asyncio.sleep(0.05)
+        queued.cancel()
+        failing.cancel()
+        release.set()
+        await busy
+        for task in (queued, failing):
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        await io.aclose()  # the jobs submitted are finished
+        await asyncio.sleep(0)  # their outcomes reach the loop
+        return written
+
+    with caplog.at_level("ERROR", logger="agent.iothread"):
+        assert asyncio.run(main()) == ["row"]
+    assert "io: a job failed" in caplog.text
+
+
 def test_a_commit_with_a_large_retention_removal_leaves_the_loop_free(tmp_path: Path) -> None:
     """The commit of version 3 removes version 1 (keep_versions=0), a directory of 3,000 files.
     The removal runs on the I/O thread, and while it runs the loop goes on running callbacks:
