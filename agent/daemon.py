@@ -108,7 +108,10 @@ class Agent:
         self.status = StatusBoard(self.slots)
         self.watchdog = Watchdog(self.slots, self._ping_watchdog, self.status.publish)
         self.trim = MemoryTrim(
-            self.slots, lambda: self.config.agent.trim_memory, self.watchdog.probe_models
+            self.slots,
+            lambda: self.config.agent.trim_memory,
+            self.watchdog.probe_models,
+            self.metrics.answered,
         )
         self.reporting = Reporting(
             self.slots, self.metrics, lambda: self.state, self.run_command, self.io
@@ -128,12 +131,11 @@ class Agent:
         self.settings.listeners.append(self._apply_settings)
         # Jobs for the I/O thread once READY is sent (`edge-agent run`: the key pair's child).
         self.after_ready: list[Callable[[], object]] = []
-        # The shutdown, in reverse order of this list: the server closes first (a connection
-        # that arrives from now on stays in the listening socket's backlog: with socket
-        # activation systemd keeps the socket, and the next agent accepts it), so every
-        # request already accepted is answered by models still loaded; then the background
-        # tasks, the deployer, the reporter, the pool, the sessions, the state database (closed
-        # on the I/O thread) and last the I/O thread.
+        # The shutdown, in reverse order of this list: the server closes first (a connection that
+        # arrives from now on stays in the listening socket's backlog: with socket activation
+        # systemd keeps the socket, and the next agent accepts it), so every request accepted is
+        # answered by models still loaded; then the tasks, the deployer, the reporter, the pool,
+        # the sessions, the state database (closed on the I/O thread) and last the I/O thread.
         self._exits = contextlib.AsyncExitStack()
         self._exits.push_async_exit(self.io)
         self._exits.push_async_callback(self._close_state)

@@ -27,7 +27,8 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-MADV_PAGEOUT = 21  # <asm-generic/mman-common.h>, Linux 5.4+
+MADV_COLD = 20  # <asm-generic/mman-common.h>, Linux 5.4+
+MADV_PAGEOUT = 21
 SMAPS = Path("/proc/self/smaps")
 STATUS = Path("/proc/self/status")
 # Names with an inode that are not regular files' page cache: shared memory (paging it out
@@ -182,10 +183,12 @@ class TrimResult:
     rss_before_kb: int
     rss_after_kb: int
     seconds: float
+    cold: bool = False  # marked cold (MADV_COLD, while serving), not paged out
 
     def describe(self) -> str:
+        done = "marked cold (serving)" if self.cold else "paged out"
         return (
-            f"paged out start-up pages of {self.advised} file mappings "
+            f"{done} start-up pages of {self.advised} file mappings "
             f"({self.candidates_kb / 1024:.1f} MB resident): RSS "
             f"{self.rss_before_kb / 1024:.1f} -> {self.rss_after_kb / 1024:.1f} MB "
             f"in {self.seconds * 1000:.0f} ms"
@@ -222,13 +225,15 @@ def _libc_madvise() -> Madvise | None:
     return madvise
 
 
-def pageout(mappings: Sequence[Mapping], madvise: Madvise) -> tuple[int, bool]:
+def pageout(
+    mappings: Sequence[Mapping], madvise: Madvise, advice: int = MADV_PAGEOUT
+) -> tuple[int, bool]:
     """Advise each mapping; returns (how many were advised, whether the kernel knows the
     advice). EINVAL on every call means a kernel without MADV_PAGEOUT; ENOMEM a mapping
     that went away meanwhile (a library unloaded with its model): skipped."""
     advised = refused = 0
     for m in mappings:
-        error = madvise(m.start, m.length, MADV_PAGEOUT)
+        error = madvise(m.start, m.length, advice)
         if error == 0:
             advised += 1
         elif error == errno.EINVAL:
@@ -236,8 +241,17 @@ def pageout(mappings: Sequence[Mapping], madvise: Madvise) -> tuple[int, bool]:
     return advised, not (refused and not advised)
 
 
-def trim(smaps: Path = SMAPS, madvise: Madvise | None = None) -> TrimResult | None:
+def trim(
+    smaps: Path = SMAPS, madvise: Madvise | None = None, *, serving: bool = False
+) -> TrimResult | None:
     """Page out this process's start-up-only library pages; None when it cannot here.
+
+    ``serving``: requests are being answered. MADV_PAGEOUT reclaims every page it is given,
+    the ones requests are running through too (it clears their accessed bits first), and
+    every request in flight then waits for them to fault back in: 10-30 ms stalls of all 16
+    connections after each swap in bench/swap.py (BENCHMARKS.md, stop 14). While serving, the
+    pages are only marked cold (MADV_COLD): first to go when memory runs short, kept, with no
+    stall, while the kernel has room; those requests keep using stay in use.
 
     Blocking (reads smaps, some ms): call it off the event loop.
     """
@@ -253,7 +267,7 @@ def trim(smaps: Path = SMAPS, madvise: Madvise | None = None) -> TrimResult | No
     if madvise is None:
         return None
     before = rss_kb()
-    advised, supported = pageout(candidates, madvise)
+    advised, supported = pageout(candidates, madvise, MADV_COLD if serving else MADV_PAGEOUT)
     if not supported:
         log.info("memory: this kernel has no MADV_PAGEOUT (Linux < 5.4); not trimming")
         return None
@@ -263,4 +277,5 @@ def trim(smaps: Path = SMAPS, madvise: Madvise | None = None) -> TrimResult | No
         rss_before_kb=before,
         rss_after_kb=rss_kb(),
         seconds=time.monotonic() - started,
+        cold=serving,
     )

@@ -326,7 +326,8 @@ def test_the_fast_path_pauses_while_the_trim_runs(
 
     seen: list[int] = []
 
-    def fake_trim() -> memory.TrimResult:
+    def fake_trim(serving: bool = False) -> memory.TrimResult:
+        assert not serving  # no request since it was scheduled
         seen.append(agent.slots.get("mm").active.inline_elements)  # type: ignore[union-attr]
         return memory.TrimResult(1, 4, 8, 4, 0.001)
 

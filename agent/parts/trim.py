@@ -26,31 +26,43 @@ class MemoryTrim(Part):
     with ``rewarm`` (the watchdog's probes) before a request has to."""
 
     def __init__(
-        self, slots: Slots, enabled: Callable[[], bool], rewarm: Callable[[], Any]
+        self,
+        slots: Slots,
+        enabled: Callable[[], bool],
+        rewarm: Callable[[], Any],
+        answered: Callable[[], int] = lambda: 0,
     ) -> None:
         self.slots = slots
         self._enabled = enabled  # read at each schedule: a reload may turn it off
         self._rewarm = rewarm
+        # Requests answered so far: any during the delay, and the trim only marks pages cold
+        # (memory.trim's ``serving``).
+        self._answered = answered
+        self._answered_at = 0
+        self._cold_if_serving = False
         self._handle: asyncio.TimerHandle | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
     def on_event(self, event: Event) -> None:
-        """A swap: trim soon after."""
+        """A swap: trim soon after (pages only marked cold if requests keep coming)."""
         if event.kind not in ("activated", "rolled_back"):
             return
         try:
             asyncio.get_running_loop()
         except RuntimeError:
             return
-        self.schedule()
+        self.schedule(cold_if_serving=True)
 
-    def schedule(self, delay_s: float = TRIM_DELAY_S) -> None:
+    def schedule(self, delay_s: float = TRIM_DELAY_S, *, cold_if_serving: bool = False) -> None:
         """Trim in ``delay_s``; a later call postpones the pending trim, so a burst of swaps
-        costs one."""
+        costs one. ``cold_if_serving`` (after a swap; the start-up trim pages out whatever
+        comes): if requests are answered meanwhile, the pages are only marked cold."""
         if not self._enabled():
             return
+        self._cold_if_serving = cold_if_serving
         if self._handle is not None:
             self._handle.cancel()
+        self._answered_at = self._answered()
         loop = asyncio.get_running_loop()
         self._handle = loop.call_later(delay_s, self._start)
 
@@ -64,18 +76,21 @@ class MemoryTrim(Part):
         While it runs, the models on the fast path go through the pool: an inline run that
         faulted its pages back in would look slow and end its fast path for good
         (``fastpath.finished``). This runs on the loop, so no inline run is under way when
-        the fast path is paused or resumed.
+        the fast path is paused or resumed. When requests were answered since the trim was
+        scheduled, the pages are only marked cold (``memory.trim``'s ``serving``): nothing to
+        fault back in, nothing paused.
         """
         self._handle = None
+        serving = self._cold_if_serving and self._answered() != self._answered_at
         paused = [
             (active, active.inline_elements)
             for slot in self.slots
-            if (active := slot.active) is not None and active.inline_elements
+            if (active := slot.active) is not None and active.inline_elements and not serving
         ]
         for loaded, _ in paused:
             loaded.inline_elements = 0
         try:
-            result = await asyncio.to_thread(self._trim_and_rewarm)
+            result = await asyncio.to_thread(self._trim_and_rewarm, serving)
         except Exception:  # never worth more than a log line
             log.exception("memory: trim failed")
             return
@@ -85,11 +100,11 @@ class MemoryTrim(Part):
         if result is not None:
             log.info("memory: %s", result.describe())
 
-    def _trim_and_rewarm(self) -> memory.TrimResult | None:
+    def _trim_and_rewarm(self, serving: bool = False) -> memory.TrimResult | None:
         from agent import memory
 
-        result = memory.trim()
-        if result is not None:
+        result = memory.trim(serving=serving)
+        if result is not None and not serving:
             self._rewarm()  # its failures are the watchdog's to report
         release_free_heap()  # what the start-up or the swap freed (agent/allocator.py)
         return result

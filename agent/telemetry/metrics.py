@@ -190,6 +190,10 @@ class Registry:
         with self._lock:
             return sorted(self._models.items())
 
+    def answered(self) -> int:
+        """Requests that reached a runtime so far, every model and version together."""
+        return sum(metrics.latency.total for _, metrics in self.items())
+
 
 def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
