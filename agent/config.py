@@ -66,6 +66,7 @@ class AgentSection:
     log_level: str = "info"
     # Page out start-up-only library pages after READY and model swaps (agent/memory.py).
     trim_memory: bool = True
+    trim_cold_when_serving: bool = False  # after a swap under load: marked cold, not paged out
 
     def __post_init__(self) -> None:
         checks = _Checks()

@@ -109,7 +109,7 @@ class Agent:
         self.watchdog = Watchdog(self.slots, self._ping_watchdog, self.status.publish)
         self.trim = MemoryTrim(
             self.slots,
-            lambda: self.config.agent.trim_memory,
+            lambda: self.config.agent,
             self.watchdog.probe_models,
             self.metrics.answered,
         )

@@ -15,7 +15,7 @@ from agent.telemetry import remote_config
 log = logging.getLogger(__name__)
 
 # Keys every agent applies without a restart.
-ALWAYS_LIVE = frozenset({"agent.log_level", "agent.trim_memory"})
+ALWAYS_LIVE = frozenset({"agent.log_level", "agent.trim_memory", "agent.trim_cold_when_serving"})
 
 
 class LiveSettings:

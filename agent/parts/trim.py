@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from agent.allocator import release_free_heap
+from agent.config import AgentSection
 from agent.models.slots import Slots
 from agent.parts.base import Part, cancel
 from agent.state import Event
@@ -28,12 +29,12 @@ class MemoryTrim(Part):
     def __init__(
         self,
         slots: Slots,
-        enabled: Callable[[], bool],
+        settings: Callable[[], AgentSection],
         rewarm: Callable[[], Any],
         answered: Callable[[], int] = lambda: 0,
     ) -> None:
         self.slots = slots
-        self._enabled = enabled  # read at each schedule: a reload may turn it off
+        self._settings = settings  # read at each schedule: a reload may change them
         self._rewarm = rewarm
         # Requests answered so far: any during the delay, and the trim only marks pages cold
         # (memory.trim's ``serving``).
@@ -44,7 +45,8 @@ class MemoryTrim(Part):
         self._tasks: list[asyncio.Task[None]] = []
 
     def on_event(self, event: Event) -> None:
-        """A swap: trim soon after (pages only marked cold if requests keep coming)."""
+        """A swap: trim soon after (with ``trim_cold_when_serving``, pages only marked cold if
+        requests keep coming)."""
         if event.kind not in ("activated", "rolled_back"):
             return
         try:
@@ -56,10 +58,12 @@ class MemoryTrim(Part):
     def schedule(self, delay_s: float = TRIM_DELAY_S, *, cold_if_serving: bool = False) -> None:
         """Trim in ``delay_s``; a later call postpones the pending trim, so a burst of swaps
         costs one. ``cold_if_serving`` (after a swap; the start-up trim pages out whatever
-        comes): if requests are answered meanwhile, the pages are only marked cold."""
-        if not self._enabled():
+        comes): if ``trim_cold_when_serving`` is set and requests are answered meanwhile, the
+        pages are only marked cold (no stall, more RSS: BENCHMARKS.md, stop 14)."""
+        settings = self._settings()
+        if not settings.trim_memory:
             return
-        self._cold_if_serving = cold_if_serving
+        self._cold_if_serving = cold_if_serving and settings.trim_cold_when_serving
         if self._handle is not None:
             self._handle.cancel()
         self._answered_at = self._answered()

@@ -1,5 +1,5 @@
-"""The memory trim after a swap: pages paged out when the agent is quiet, only marked cold
-while requests keep coming (a page-out then stalls every request in flight)."""
+"""The memory trim after a swap: pages paged out, or with ``trim_cold_when_serving`` only
+marked cold while requests keep coming (a page-out then stalls every request in flight)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from agent import memory
+from agent.config import AgentSection
 from agent.models.slots import Slots
 from agent.parts.trim import MemoryTrim
 
@@ -33,11 +34,20 @@ def test_the_trim_marks_pages_cold_while_serving_and_pages_them_out_otherwise() 
 
 
 @pytest.mark.parametrize(
-    ("after_swap", "requests_meanwhile", "serving"),
-    [(True, 3, True), (True, 0, False), (False, 3, False)],  # the start-up trim pages out
+    ("after_swap", "requests_meanwhile", "option", "serving"),
+    [
+        (True, 3, True, True),
+        (True, 0, True, False),
+        (False, 3, True, False),  # the start-up trim pages out
+        (True, 3, False, False),  # the default: page out, whatever the traffic
+    ],
 )
 def test_a_trim_after_a_swap_is_cold_when_requests_came_meanwhile(
-    monkeypatch: pytest.MonkeyPatch, after_swap: bool, requests_meanwhile: int, serving: bool
+    monkeypatch: pytest.MonkeyPatch,
+    after_swap: bool,
+    requests_meanwhile: int,
+    option: bool,
+    serving: bool,
 ) -> None:
     calls: list[bool] = []
     rewarmed: list[int] = []
@@ -48,7 +58,8 @@ def test_a_trim_after_a_swap_is_cold_when_requests_came_meanwhile(
 
     monkeypatch.setattr(memory, "trim", fake_trim)
     answered = [10]
-    trim = MemoryTrim(Slots(), lambda: True, lambda: rewarmed.append(1), lambda: answered[0])
+    settings = AgentSection(trim_cold_when_serving=option)
+    trim = MemoryTrim(Slots(), lambda: settings, lambda: rewarmed.append(1), lambda: answered[0])
 
     async def main() -> None:
         trim.schedule(3600, cold_if_serving=after_swap)  # run by hand below
