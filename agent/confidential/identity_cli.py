@@ -130,4 +130,8 @@ def run(args: argparse.Namespace, config: Any) -> int:
 if __name__ == "__main__":  # ensure_at_start's child: make the key pair in sys.argv[1]
     from agent.confidential import identity
 
-    identity.ensure(Path(sys.argv[1]))
+    try:
+        identity.ensure(Path(sys.argv[1]))
+    except OSError as exc:  # a full disk, a read-only state directory: one line, for reap's log
+        print(f"{exc.strerror or exc}: {exc.filename or sys.argv[1]}", file=sys.stderr)
+        raise SystemExit(1) from None

@@ -325,3 +325,21 @@ def test_the_first_start_makes_the_key_pair_without_waiting_for_it(tmp_path: Pat
     assert stat.S_IMODE((keys / "device.key").stat().st_mode) == 0o600
     assert len(base64.b64decode((keys / "device.pub").read_text())) == 32
     assert identity_cli.ensure_at_start(state) is None
+
+
+def test_a_key_pair_that_cannot_be_written_is_one_line_in_the_log(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A full disk or a state directory that cannot be written: the child says why in one
+    line, which the agent logs; no traceback (the daemon goes on either way)."""
+    from agent.confidential import identity_cli
+
+    blocker = tmp_path / "state"
+    blocker.write_text("a file where the state directory's identity/ would be made")
+    with caplog.at_level("ERROR", logger="agent.confidential.identity_cli"):
+        reaper = identity_cli.ensure_at_start(blocker)
+        assert reaper is not None
+        reaper.join(60)
+    assert "identity: cannot create the device key pair in" in caplog.text
+    assert "Not a directory" in caplog.text
+    assert "Traceback" not in caplog.text
