@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,18 @@ def _glibc() -> ctypes.CDLL | None:
     return libc
 
 
+def _mallopt() -> Any | None:
+    """glibc's ``mallopt(param, value)``, typed (it answers 1 on success, 0 when it refuses a
+    value); None elsewhere."""
+    libc = _glibc()
+    if libc is None:
+        return None
+    mallopt = libc.mallopt
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return mallopt
+
+
 def tune_allocator(
     mmap_threshold: int = MMAP_THRESHOLD_BYTES, trim_threshold: int = TRIM_THRESHOLD_BYTES
 ) -> bool:
@@ -54,14 +67,10 @@ def tune_allocator(
             f"thresholds out of order or over {MAX_THRESHOLD_BYTES} bytes: "
             f"mmap {mmap_threshold}, trim {trim_threshold}"
         )
-    libc = _glibc()
-    if libc is None:
+    mallopt = _mallopt()
+    if mallopt is None:
         log.info("allocator: not glibc, thresholds left as they are")
         return False
-    mallopt = libc.mallopt
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
-    # mallopt answers 1 on success, 0 when it refuses (a value over its cap).
     if not mallopt(M_MMAP_THRESHOLD, mmap_threshold):
         log.warning("allocator: mallopt refused an mmap threshold of %d bytes", mmap_threshold)
         return False
@@ -86,13 +95,8 @@ def single_arena() -> bool:
     made before the call stay, and later threads may be given them: call it first thing. The
     cost is one lock for every thread's allocations, which the interpreter lock mostly
     serialises already."""
-    libc = _glibc()
-    if libc is None:
-        return False
-    mallopt = libc.mallopt
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
-    return bool(mallopt(M_ARENA_MAX, 1))
+    mallopt = _mallopt()
+    return mallopt is not None and bool(mallopt(M_ARENA_MAX, 1))
 
 
 def release_free_heap() -> bool:

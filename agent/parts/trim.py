@@ -31,13 +31,13 @@ class MemoryTrim(Part):
         slots: Slots,
         settings: Callable[[], AgentSection],
         rewarm: Callable[[], Any],
-        answered: Callable[[], int] = lambda: 0,
+        answered: Callable[[], int],
     ) -> None:
         self.slots = slots
         self._settings = settings  # read at each schedule: a reload may change them
         self._rewarm = rewarm
-        # Requests answered so far: any during the delay, and the trim only marks pages cold
-        # (memory.trim's ``serving``).
+        # Requests answered so far: with trim_cold_when_serving, any during a swap's delay and
+        # the trim only marks pages cold (memory.trim's ``serving``).
         self._answered = answered
         self._answered_at = 0
         self._cold_if_serving = False
