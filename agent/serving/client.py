@@ -85,6 +85,7 @@ class InferenceClient(SharedMemoryCalls):
         self.spin = SpinPolicy(spin_us)
         self._sleep_until = 0.0
         self._spin_until = 0.0
+        self._spin_s = 0.0
         self._blocked = False
         self._sent = 0.0
         self._waited: float | None = None
@@ -193,6 +194,7 @@ class InferenceClient(SharedMemoryCalls):
         self._blocked = False
         self._sleep_until = now + plan.sleep_s if plan.sleep_s else 0.0
         self._spin_until = now + plan.sleep_s + plan.spin_s if plan.spin_s else 0.0
+        self._spin_s = plan.spin_s
 
     def _recv_more(self) -> None:
         sock = self._sock
@@ -200,6 +202,8 @@ class InferenceClient(SharedMemoryCalls):
         if self._sleep_until:  # until the poll is due, woken at once by the reply
             nap(sock.fileno(), self._sleep_until - time.perf_counter())
             self._sleep_until = 0.0
+            if self._spin_until:  # the poll's budget starts when the nap really ended
+                self._spin_until = time.perf_counter() + self._spin_s
         # The rest of a body of some size straight into its buffer, no copy after the kernel's;
         # anything else into a reused buffer (recv(n) allocates n bytes per call).
         space = self._replies.body_space()

@@ -7,6 +7,10 @@ bounded time keeps the CPU awake for the reply, and falls back to a blocking ``r
 that does not come. The poll is placed where the reply is due: the client sleeps (a reply
 arriving meanwhile wakes it) until shortly before the earliest of its recent replies, then
 polls, so a 1 ms model costs the same few hundred µs of polling per call as a 50 µs one.
+The poll's budget counts from the moment the sleep really ended: a sleep ends up to 100 µs
+late here (timer slack, the vCPU's wake-up), and a budget counted from when it was planned
+lost that much, so four in ten of a face detector's replies came after the poll and paid the
+wake-up (BENCHMARKS.md, issue #13).
 The policy spins only where it can pay off: on more than one CPU (on one, spinning would take
 the CPU from the server it waits for), and while replies keep arriving within the budget.
 After a miss it backs off exponentially (skip 1, 2, 4 … 64 calls before trying again), so a

@@ -8,13 +8,16 @@ import asyncio
 import contextlib
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from agent.errors import UnavailableError
+from agent.serving import client as client_module
 from agent.serving.client import AsyncInferenceClient, ClientError, InferenceClient
+from agent.serving.spin import RECENT
 
 METADATA = b'{"name":"edge-agent","version":"1","extensions":[]}'
 
@@ -98,3 +101,39 @@ def test_async_client_reads_split_answers_and_reconnects_once(tmp_path: Path, fa
     with scripted(tmp_path, family, script) as (address, served):
         assert asyncio.run(main(address)) == [True, False, True]
     assert served == [0, 1, 2]
+
+
+def test_the_poll_budget_starts_when_the_nap_really_ends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A nap that ends late (timer slack, a halted vCPU's wake-up) must not use up the poll: a
+    reply due shortly after the nap is caught by polling, not by a blocking receive."""
+    napped = threading.Event()
+
+    def late_nap(fd: int, timeout_s: float) -> None:
+        time.sleep(timeout_s + 0.3)  # past the whole planned window (sleep + budget)
+        napped.set()
+
+    monkeypatch.setattr(client_module, "nap", late_nap)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(tmp_path / "s.sock"))
+    listener.listen()
+
+    def serve() -> None:
+        conn = listener.accept()[0]
+        with conn, contextlib.suppress(OSError):
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += conn.recv(65536)
+            napped.wait(10)
+            conn.sendall(answer(200, b""))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    with InferenceClient(str(tmp_path / "s.sock"), spin_us=200_000) as client:
+        client.spin.cpus = 2  # the policy polls only with another CPU for the server
+        client.spin.recent.extend([0.05] * RECENT)  # replies due 50 ms after the send
+        assert client.ready()
+        assert (client.spin.spins, client.spin.hits) == (1, 1)
+    listener.close()
+    thread.join(10)
