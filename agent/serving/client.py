@@ -36,6 +36,7 @@ from agent.errors import (
 )
 from agent.serving.oip import client as oip
 from agent.serving.oip.codec import Buffer, Limits
+from agent.serving.oip.kept import Kept
 from agent.serving.response_reader import MAX_HEAD, ClientError, Reply, ResponseReader
 from agent.serving.sending import send_request
 from agent.serving.shm.calls import SHM_PATH, SharedMemoryCalls
@@ -97,6 +98,7 @@ class InferenceClient(SharedMemoryCalls):
         self._regions = LocalRegions()  # shared-memory regions registered, by name
         self._plans = oip.ResponsePlans()  # checked headers of the agent's repeated answers
         self._heads = oip.RequestHeads()  # and the headers of our repeated requests
+        self._http_heads: Kept[tuple[Any, ...], bytes] = Kept()  # and their HTTP heads
 
     # -- connection -------------------------------------------------------------------------
 
@@ -156,10 +158,17 @@ class InferenceClient(SharedMemoryCalls):
         """Send one request on the persistent connection; reconnect once if it went stale.
         ``body`` may be given as its parts (sent one after the other, not joined)."""
         parts = [body] if isinstance(body, bytes | memoryview) else list(body)
-        size = sum(len(part) for part in parts)
-        head = [f"{method} {path} HTTP/1.1", "Host: localhost", f"Content-Length: {size}"]
-        head += [f"{name}: {value}" for name, value in extra_headers]
-        payload = [("\r\n".join(head) + "\r\n\r\n").encode(), *parts]
+        size = 0
+        for part in parts:
+            size += len(part)
+        key = (method, path, size, *extra_headers)
+        http_head = self._http_heads.get(key)
+        if http_head is None:
+            head = [f"{method} {path} HTTP/1.1", "Host: localhost", f"Content-Length: {size}"]
+            head += [f"{name}: {value}" for name, value in extra_headers]
+            http_head = ("\r\n".join(head) + "\r\n\r\n").encode()
+            self._http_heads.put(key, http_head)
+        payload = [http_head, *parts]
         for attempt in (0, 1):
             fresh = self._sock is None
             if self._sock is None:
@@ -386,6 +395,7 @@ class AsyncInferenceClient:
         self._limits = Limits(max_body_bytes=max_response_bytes)
         self._plans = oip.ResponsePlans()
         self._heads = oip.RequestHeads()
+        self._http_heads: Kept[tuple[Any, ...], bytes] = Kept()
 
     async def _connect(self) -> None:
         try:
@@ -421,10 +431,17 @@ class AsyncInferenceClient:
         extra_headers: Sequence[tuple[str, str]] = (),
     ) -> Reply:
         parts = [body] if isinstance(body, bytes | memoryview) else list(body)
-        size = sum(len(part) for part in parts)
-        head = [f"{method} {path} HTTP/1.1", "Host: localhost", f"Content-Length: {size}"]
-        head += [f"{name}: {value}" for name, value in extra_headers]
-        payload = [("\r\n".join(head) + "\r\n\r\n").encode(), *parts]
+        size = 0
+        for part in parts:
+            size += len(part)
+        key = (method, path, size, *extra_headers)
+        http_head = self._http_heads.get(key)
+        if http_head is None:
+            head = [f"{method} {path} HTTP/1.1", "Host: localhost", f"Content-Length: {size}"]
+            head += [f"{name}: {value}" for name, value in extra_headers]
+            http_head = ("\r\n".join(head) + "\r\n\r\n").encode()
+            self._http_heads.put(key, http_head)
+        payload = [http_head, *parts]
         async with self._lock:
             for attempt in (0, 1):
                 fresh = self._writer is None

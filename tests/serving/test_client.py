@@ -137,3 +137,36 @@ def test_the_poll_budget_starts_when_the_nap_really_ends(
         assert (client.spin.spins, client.spin.hits) == (1, 1)
     listener.close()
     thread.join(10)
+
+
+def test_kept_request_heads_follow_each_body_size(tmp_path: Path) -> None:
+    """The client keeps the HTTP heads of repeated requests: a body of another size gets its
+    own Content-Length, never a kept head's."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(tmp_path / "s.sock"))
+    listener.listen()
+    bodies: list[bytes] = []
+
+    def serve() -> None:
+        conn = listener.accept()[0]
+        with conn, contextlib.suppress(OSError):
+            pending = b""
+            for _ in range(3):
+                while b"\r\n\r\n" not in pending:
+                    pending += conn.recv(65536)
+                head, _, pending = pending.partition(b"\r\n\r\n")
+                size = int(head.lower().partition(b"content-length: ")[2].split(b"\r\n")[0])
+                while len(pending) < size:
+                    pending += conn.recv(65536)
+                bodies.append(pending[:size])
+                pending = pending[size:]
+                conn.sendall(answer(200, b"{}"))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    with InferenceClient(str(tmp_path / "s.sock"), spin_us=0) as client:
+        for body in (b"ab", b"abc", b"ab"):
+            assert client.request("POST", "/v2/x", body)[0] == 200
+    thread.join(10)
+    listener.close()
+    assert bodies == [b"ab", b"abc", b"ab"]
