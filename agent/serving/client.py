@@ -36,9 +36,8 @@ from agent.errors import (
 )
 from agent.serving.oip import client as oip
 from agent.serving.oip.codec import Buffer, Limits
-from agent.serving.oip.kept import Kept
 from agent.serving.response_reader import MAX_HEAD, ClientError, Reply, ResponseReader
-from agent.serving.sending import send_request
+from agent.serving.sending import RequestHttpHeads, send_request
 from agent.serving.shm.calls import SHM_PATH, SharedMemoryCalls
 from agent.serving.shm.client import LocalRegions, PlacedTensor
 from agent.serving.spin import DEFAULT_SPIN_US, SpinPolicy, WaitPlan, nap
@@ -98,7 +97,7 @@ class InferenceClient(SharedMemoryCalls):
         self._regions = LocalRegions()  # shared-memory regions registered, by name
         self._plans = oip.ResponsePlans()  # checked headers of the agent's repeated answers
         self._heads = oip.RequestHeads()  # and the headers of our repeated requests
-        self._http_heads: Kept[tuple[Any, ...], bytes] = Kept()  # and their HTTP heads
+        self._http_heads = RequestHttpHeads()  # and their HTTP heads
 
     # -- connection -------------------------------------------------------------------------
 
@@ -158,17 +157,7 @@ class InferenceClient(SharedMemoryCalls):
         """Send one request on the persistent connection; reconnect once if it went stale.
         ``body`` may be given as its parts (sent one after the other, not joined)."""
         parts = [body] if isinstance(body, bytes | memoryview) else list(body)
-        size = 0
-        for part in parts:
-            size += len(part)
-        key = (method, path, size, *extra_headers)
-        http_head = self._http_heads.get(key)
-        if http_head is None:
-            head = [f"{method} {path} HTTP/1.1", "Host: localhost", f"Content-Length: {size}"]
-            head += [f"{name}: {value}" for name, value in extra_headers]
-            http_head = ("\r\n".join(head) + "\r\n\r\n").encode()
-            self._http_heads.put(key, http_head)
-        payload = [http_head, *parts]
+        payload = [self._http_heads.head(method, path, parts, extra_headers), *parts]
         for attempt in (0, 1):
             fresh = self._sock is None
             if self._sock is None:
@@ -395,7 +384,7 @@ class AsyncInferenceClient:
         self._limits = Limits(max_body_bytes=max_response_bytes)
         self._plans = oip.ResponsePlans()
         self._heads = oip.RequestHeads()
-        self._http_heads: Kept[tuple[Any, ...], bytes] = Kept()
+        self._http_heads = RequestHttpHeads()
 
     async def _connect(self) -> None:
         try:
@@ -431,17 +420,7 @@ class AsyncInferenceClient:
         extra_headers: Sequence[tuple[str, str]] = (),
     ) -> Reply:
         parts = [body] if isinstance(body, bytes | memoryview) else list(body)
-        size = 0
-        for part in parts:
-            size += len(part)
-        key = (method, path, size, *extra_headers)
-        http_head = self._http_heads.get(key)
-        if http_head is None:
-            head = [f"{method} {path} HTTP/1.1", "Host: localhost", f"Content-Length: {size}"]
-            head += [f"{name}: {value}" for name, value in extra_headers]
-            http_head = ("\r\n".join(head) + "\r\n\r\n").encode()
-            self._http_heads.put(key, http_head)
-        payload = [http_head, *parts]
+        payload = [self._http_heads.head(method, path, parts, extra_headers), *parts]
         async with self._lock:
             for attempt in (0, 1):
                 fresh = self._writer is None

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Sequence
+from typing import Any
 
 from agent.serving.oip.codec import Buffer
+from agent.serving.oip.kept import Kept
 
 MAX_IOV = 512  # buffers per sendmsg, under any system's IOV_MAX
 # A body at least this large goes in a call of its own after its head (see head_first).
@@ -58,3 +60,27 @@ def send_all(sock: socket.socket, views: list[memoryview]) -> None:
             else:
                 views[0] = views[0][sent:]
                 sent = 0
+
+
+class RequestHttpHeads(Kept[tuple[Any, ...], bytes]):
+    """The HTTP heads of a client's repeated requests (one per client), by method, path, body
+    size and extra headers: formatted once, not on every call."""
+
+    def head(
+        self,
+        method: str,
+        path: str,
+        parts: Sequence[Buffer],
+        extra_headers: Sequence[tuple[str, str]],
+    ) -> bytes:
+        size = 0
+        for part in parts:
+            size += len(part)
+        key = (method, path, size, *extra_headers)
+        kept = self.get(key)
+        if kept is None:
+            head = [f"{method} {path} HTTP/1.1", "Host: localhost", f"Content-Length: {size}"]
+            head += [f"{name}: {value}" for name, value in extra_headers]
+            kept = ("\r\n".join(head) + "\r\n\r\n").encode()
+            self.put(key, kept)
+        return kept
