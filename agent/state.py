@@ -88,6 +88,19 @@ class Event:
         }
 
 
+# Pages each connection caches. The state is a few pages, and SQLite's first read sets aside
+# room for 20 at once (86 kB per connection; 2 MiB is its default bound): 8, set after the
+# first read (the migration), that room given back: 90 kB less in the idle daemon. A
+# write re-reads a page now and then: record and set_setting 35.5 against 33.6 us without
+# the fsync, which takes milliseconds.
+CACHE_PAGES = 8
+
+
+def _small_cache(db: sqlite3.Connection) -> None:
+    db.execute(f"PRAGMA cache_size={CACHE_PAGES}")
+    db.execute("PRAGMA shrink_memory")
+
+
 class StateDB:
     """Thread-safe access to the state database (one connection, serialised by a lock)."""
 
@@ -115,6 +128,8 @@ class StateDB:
             )
             self._reader.execute("PRAGMA busy_timeout=10000")
             self._reader.execute("PRAGMA query_only=ON")
+            for db in (self._db, self._reader):
+                _small_cache(db)
         except sqlite3.Error as exc:
             self._db.close()
             raise StoreError(f"cannot open state database {path}: {exc}") from exc
