@@ -313,6 +313,68 @@ def test_a_running_daemon_with_one_onnx_model_imports_no_heavy_extras(
         assert [lib for lib in libraries if fragment in lib] == [], fragment
 
 
+# Without a broker, also not imported by a daemon that served (bench/footprint.py): the
+# health readings' procfs (the memory check of a deployment, or a health message, imports it),
+# the set-config settings (with MQTT, or at a reload), the smoke test's module (with a signed
+# version's smoke test), paho and the reporter.
+IMPORTED_WITH_MQTT_OR_WHEN_USED = (
+    "agent.telemetry.procfs",
+    "agent.telemetry.remote_config",
+    "agent.models.smoke",
+    "paho",
+    "agent.telemetry.mqtt",
+    "agent.telemetry.outbox",
+)
+
+
+def test_a_daemon_without_mqtt_that_served_imports_no_reporting_modules(
+    tmp_path: Path, matmul_onnx: Path
+) -> None:
+    state = tmp_path / "state"
+    ModelStore(state / "models").install_local("mm", 1, matmul_onnx)
+    config = tmp_path / "agent.toml"
+    sock = tmp_path / "infer.sock"
+    config.write_text(f'[agent]\nstate_dir = "{state}"\n[serving]\nsocket = "{sock}"\n')
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(60)
+    stderr = tmp_path / "agent.err"
+    with stderr.open("wb") as err:
+        agent = subprocess.Popen(
+            [sys.executable, "-X", "importtime", "-m", "agent", "run", "--config", str(config)],
+            env={"NOTIFY_SOCKET": str(tmp_path / "notify"), "PATH": "/usr/bin:/bin"},
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+    try:
+        while not notify.recv(4096).startswith(b"READY=1"):
+            pass
+        deadline = time.monotonic() + 20
+        while "memory: paged out" not in stderr.read_text():
+            assert time.monotonic() < deadline, stderr.read_text()[-3000:]
+            time.sleep(0.1)
+        with InferenceClient(str(sock)) as client:
+            for _ in range(200):  # the fast path's choice, the probation's first verdicts
+                assert client.infer("mm", {"x": np.ones((1, 64), np.float32)})["y"].shape == (1, 64)
+            assert client.status()["models"]
+        log = stderr.read_text()
+    finally:
+        agent.terminate()
+        agent.wait(20)
+        notify.close()
+    modules = imported_modules(log)
+    assert {"onnxruntime", "agent.daemon", "agent.telemetry.system", "agent.memory"} <= modules
+    lazy = sorted(
+        m
+        for m in modules
+        if any(
+            m == h or m.startswith(h + ".")
+            for h in IMPORTED_WHEN_USED + IMPORTED_WITH_MQTT_OR_WHEN_USED
+        )
+    )
+    assert lazy == [], lazy
+
+
 def test_the_fast_path_pauses_while_the_trim_runs(
     tmp_path: Path, matmul_onnx: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

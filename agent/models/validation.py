@@ -24,7 +24,6 @@ from agent.models.fastpath import inline_budget
 from agent.models.lifecycle import Stage
 from agent.models.runtime import RuntimeOptions, load_session
 from agent.models.slots import LoadedVersion
-from agent.models.smoke import check_smoke, decode_smoke
 from agent.models.store import Manifest, StoredModel
 from agent.tensors import check_signature, numpy_dtype
 
@@ -216,7 +215,11 @@ def _validate_on(
             raise SignatureError(exc.message) from exc
         on_stage(Stage.WARMING)
         smoke_doc = smoke_doc if smoke_doc is not None else read_smoke(stored)
-        smoke = decode_smoke(smoke_doc) if smoke_doc is not None else None
+        smoke = None
+        if smoke_doc is not None:  # a signed version's: the module only then (footprint)
+            from agent.models.smoke import check_smoke, decode_smoke
+
+            smoke = decode_smoke(smoke_doc)
         feeds = smoke.inputs if smoke is not None else zeros_for(session.inputs)
         latencies = []
         cpu = []  # the same runs' CPU time: the fast path's first runs (fastpath.inline_budget)

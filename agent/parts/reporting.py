@@ -15,6 +15,7 @@ from agent.parts.base import Part
 from agent.parts.settings import LiveSettings
 from agent.serving import modelinfo
 from agent.state import Event, StateDB
+from agent.telemetry import system
 from agent.telemetry.metrics import Registry
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ class Reporting(Part):
         built once the agent serves (``open``)."""
         if not settings.config.mqtt.host:
             return
+        system.start_cpu_meter()  # the first health message's CPU share counts from the start
         # Settings changed by signed set-config commands outlive restarts (remote_config).
         settings.config = settings.with_remote_config(settings.config)
         await self.load_keys(settings.config)
@@ -155,8 +157,6 @@ class Reporting(Part):
         return {slot.name: slot.active.version if slot.active else None for slot in self.slots}
 
     def health(self) -> dict[str, Any]:
-        from agent.telemetry.system import readings
-
         models = {}
         for slot in self.slots:
             active = slot.active
@@ -174,7 +174,7 @@ class Reporting(Part):
                 "device": active.device if active else None,
                 "fast_path": modelinfo.fast_path(active)["path"] if active else None,
             }
-        return {**readings(self._state_dir), "models": models}
+        return {**system.readings(self._state_dir), "models": models}
 
     async def start(self) -> None:
         if self.reporter is not None:

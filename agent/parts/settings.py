@@ -10,7 +10,6 @@ from typing import Any
 from agent.config import Config
 from agent.config import load as load_config
 from agent.errors import AgentError
-from agent.telemetry import remote_config
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +39,8 @@ class LiveSettings:
 
     def with_remote_config(self, file_config: Config) -> Config:
         """``file_config`` with the settings of accepted set-config commands laid over it."""
+        from agent.telemetry import remote_config  # with MQTT or at a reload (footprint)
+
         self.file_config = file_config
         overrides = remote_config.load(remote_config.path_for(file_config.agent.state_dir))
         if not overrides:
@@ -66,6 +67,8 @@ class LiveSettings:
 
     def set_config(self, changes: dict[str, Any]) -> str:
         """A verified set-config (keys checked by remote_config): persist, then apply."""
+        from agent.telemetry import remote_config
+
         path = remote_config.path_for(self.config.agent.state_dir)
         resolved = remote_config.resolve(changes, self.file_config)
         try:

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from agent.telemetry import procfs
+if TYPE_CHECKING:
+    from agent.telemetry.procfs import CpuMeter
 
 CGROUP = Path("/sys/fs/cgroup")
 PROC_SELF_CGROUP = Path("/proc/self/cgroup")
@@ -17,7 +18,9 @@ READ_BYTES = 64 * 1024
 # A cgroup level: its directory, limit files, usage file and memory.stat's inactive key.
 Level = tuple[Path, tuple[str, ...], str, str]
 _found: dict[tuple[Path, Path], list[Level]] = {}  # _own_levels, by where they were read
-_cpu = procfs.CpuMeter()  # the first health message's CPU share counts from the start
+# procfs (its readers and records) is imported with the first reading: an agent without MQTT
+# takes none but the memory check of a deployment (footprint: tests/test_footprint.py).
+_cpu: CpuMeter | None = None  # made by start_cpu_meter, or by the first reading
 
 
 def parse_proc_cgroup(text: str) -> tuple[str | None, str | None]:
@@ -158,15 +161,30 @@ def _own_levels() -> list[Level]:
     return levels
 
 
+def start_cpu_meter() -> None:
+    """The CPU share of the first health message counts from here (the reporter's start)."""
+    global _cpu
+    from agent.telemetry import procfs
+
+    if _cpu is None:
+        _cpu = procfs.CpuMeter()
+
+
 def available_memory_bytes() -> int | None:
     """What a new model may still use: the tightest headroom of this process's cgroup and its
     ancestors when one is limited (never more than the system has), else the system's."""
+    from agent.telemetry import procfs
+
     system = procfs.parse_meminfo(_read(procfs.PROC / "meminfo")).available
     headroom = _tightest(_own_levels())
     return system if headroom is None else min(system, headroom)
 
 
 def readings(state_dir: Path) -> dict[str, Any]:
+    from agent.telemetry import procfs
+
+    start_cpu_meter()
+    assert _cpu is not None
     memory = procfs.memory()
     try:
         disk = procfs.disk(state_dir)
