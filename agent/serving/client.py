@@ -19,6 +19,7 @@ import socket
 import struct
 import time
 from collections.abc import Mapping, Sequence
+from functools import partial
 from types import TracebackType
 from typing import Any
 from urllib.parse import quote
@@ -40,7 +41,7 @@ from agent.serving.response_reader import MAX_HEAD, ClientError, Reply, Response
 from agent.serving.sending import RequestHttpHeads, send_request
 from agent.serving.shm.calls import SHM_PATH, SharedMemoryCalls
 from agent.serving.shm.client import LocalRegions, PlacedTensor
-from agent.serving.spin import DEFAULT_SPIN_US, SpinPolicy, WaitPlan, nap
+from agent.serving.spin import DEFAULT_SPIN_US, Rehearsal, SpinPolicy, WaitPlan, nap
 
 __all__ = ["DEFAULT_SOCKET", "AsyncInferenceClient", "ClientError", "InferenceClient"]
 
@@ -83,6 +84,7 @@ class InferenceClient(SharedMemoryCalls):
         self.timeout_s = timeout_s
         self.max_response_bytes = max_response_bytes
         self.spin = SpinPolicy(spin_us)
+        self._rehearsal = Rehearsal()  # what the poll also does (spin.py)
         self._sleep_until = 0.0
         self._spin_until = 0.0
         self._spin_s = 0.0
@@ -227,6 +229,8 @@ class InferenceClient(SharedMemoryCalls):
                 try:
                     return sock.recv_into(into, 0, socket.MSG_DONTWAIT)
                 except BlockingIOError:
+                    if self._rehearsal.run():  # the poll's time put to use, once
+                        continue
                     if time.perf_counter() >= self._spin_until:
                         self._spin_until = 0.0
                         self._blocked = True
@@ -336,19 +340,23 @@ class InferenceClient(SharedMemoryCalls):
             if header_length is not None
             else []
         )
+        self._rehearsal.arm()
         status, headers, payload = self.request(
             "POST", self._model_path(name, version) + "/infer", body, extra
         )
         if status != 200:
             raise _error_for(status, oip.decode_error(payload))
         raw_length = headers.get("inference-header-content-length")
-        return oip.decode_infer_response(
+        decode = partial(
+            oip.decode_infer_response,
             payload,
             int(raw_length) if raw_length else None,
             self._limits,
             self._regions,
             self._plans,
         )
+        self._rehearsal.keep(decode, len(payload))
+        return decode()
 
     @staticmethod
     def _model_path(name: str, version: int | None) -> str:

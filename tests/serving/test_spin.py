@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from agent.serving.spin import LEAD_US, MAX_SKIP, RECENT, SpinPolicy, WaitPlan
+from agent.serving.spin import (
+    LEAD_US,
+    MAX_SKIP,
+    RECENT,
+    REHEARSE_MAX_BYTES,
+    Rehearsal,
+    SpinPolicy,
+    WaitPlan,
+)
 
 
 def test_spins_for_its_budget_at_once_until_it_knows_the_replies() -> None:
@@ -66,3 +74,30 @@ def test_calls_that_did_not_spin_teach_only_their_wait() -> None:
     policy.observe(waited_s=2e-3, spun=False, hit=False)
     assert (policy.spins, policy.misses, policy.skip) == (0, 0, 0)
     assert list(policy.recent) == [2e-3]
+
+
+def test_a_rehearsal_runs_once_per_armed_call_and_never_fails_the_call() -> None:
+    calls: list[str] = []
+    rehearsal = Rehearsal()
+    rehearsal.arm()
+    assert not rehearsal.run()  # nothing answered yet
+    rehearsal.keep(lambda: calls.append("decoded"), size=1000)
+    assert not rehearsal.run()  # kept for the next call, not armed in this one
+    rehearsal.arm()
+    assert rehearsal.run()
+    assert not rehearsal.run()  # once per call
+    assert calls == ["decoded"]
+
+    def broken() -> None:
+        raise ValueError("the region was unregistered since")
+
+    rehearsal.keep(broken, size=10)
+    rehearsal.arm()
+    assert rehearsal.run()  # its failure is the real decoding's to report, not this one's
+
+
+def test_large_answers_are_not_kept_for_a_rehearsal() -> None:
+    rehearsal = Rehearsal()
+    rehearsal.keep(lambda: None, size=REHEARSE_MAX_BYTES + 1)
+    rehearsal.arm()
+    assert not rehearsal.run()
