@@ -352,8 +352,8 @@ def test_kept_response_headers_are_bounded() -> None:
         _answer([("y", np.zeros((rows, 1), np.float32), True)], heads)
     assert len(heads) == oip_server.ResponseHeads.MAX_ENTRIES
     # The newest are the ones kept.
-    assert heads.get(("m", "3", ("y", "<f4", (rows, 1)))) is not None
-    assert heads.get(("m", "3", ("y", "<f4", (1, 1)))) is None
+    assert heads.get(("m", "3", ("y", "f", (rows, 1)))) is not None
+    assert heads.get(("m", "3", ("y", "f", (1, 1)))) is None
 
 
 def test_repeated_answers_are_checked_once_by_the_client_and_bind_fresh_data() -> None:

@@ -326,9 +326,13 @@ class ResponseHeads(Kept[tuple[Any, ...], bytes]):
         """What the header of these outputs depends on; None when it may depend on more."""
         declared = []
         for name, array, binary in outputs:
-            if not binary or array.dtype.hasobject or array.dtype.kind in "SU":
+            dtype = array.dtype
+            # Numbers and booleans only; their one-letter code is a cached string (``str``
+            # is made anew per call). Codes of one datatype in either byte order or of one
+            # width (l, q) give the same header: the same bytes kept twice at most.
+            if not binary or dtype.kind not in "biufc":
                 return None
-            declared.append((name, array.dtype.str, array.shape))
+            declared.append((name, dtype.char, array.shape))
         return (model_name, model_version, *declared)
 
 
