@@ -425,3 +425,8 @@ def test_repeated_requests_reuse_their_header_and_send_their_own_values() -> Non
     for rows in range(oip_client.RequestHeads.MAX_ENTRIES + 5):
         wire({"x": np.zeros((rows + 10, 1), np.float32)}, heads)
     assert len(heads) == oip_client.RequestHeads.MAX_ENTRIES
+    # One datatype in either byte order is one key (its one-letter code): the same header,
+    # its values sent little-endian either way.
+    little = {"x": np.linspace(0, 1, 8, dtype="<f4").reshape(2, 4)}
+    big = {"x": little["x"].astype(">f4")}
+    assert wire(little, heads) == wire(big, heads) == wire(big, None)

@@ -84,9 +84,12 @@ def _request_key(
 ) -> tuple[Any, ...] | None:
     declared: list[Any] = [binary_output, tuple(outputs or ())]
     for name, array in inputs.items():
-        if not isinstance(array, np.ndarray) or array.dtype.hasobject or array.dtype.kind in "SU":
+        if not isinstance(array, np.ndarray):
             return None
-        declared.append((name, array.dtype.str, array.shape))
+        dtype = array.dtype
+        if dtype.kind not in "biufc":  # numbers and booleans only (as ResponseHeads.key)
+            return None
+        declared.append((name, dtype.char, array.shape))
     return tuple(declared)
 
 
