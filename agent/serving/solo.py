@@ -46,6 +46,9 @@ class Solo:
     _last_client: int | None = None
     _switched_at: float = float("-inf")
     _runs: dict[Key, deque[float]] = field(default_factory=dict)
+    # Each version's median run, computed when a run is observed (after its answer is sent),
+    # not when the next request asks (before its run).
+    _typical: dict[Key, float] = field(default_factory=dict)
 
     def started(self, client: int, now: float) -> None:
         """A request from ``client`` (a connection's id) starts being answered."""
@@ -59,20 +62,21 @@ class Solo:
         runs = self._runs.get(key)
         if runs is None:
             if len(self._runs) >= self.policy.max_versions:
-                self._runs.pop(next(iter(self._runs)))  # the oldest version first
+                oldest = next(iter(self._runs))  # the oldest version first
+                del self._runs[oldest]
+                self._typical.pop(oldest, None)
             runs = self._runs[key] = deque(maxlen=self.policy.samples)
         runs.append(run_s)
+        if len(runs) >= self.policy.min_samples:
+            self._typical[key] = small_median(runs)
 
     def allows(self, key: Key, pool_idle: bool, now: float) -> bool:
         """Whether a request of ``key`` that would go to the pool runs on the loop instead."""
         policy = self.policy
         if not pool_idle or policy.max_run_s <= 0:
             return False
-        runs = self._runs.get(key)
-        if runs is None or len(runs) < policy.min_samples:
-            return False
-        typical = small_median(runs)
-        if typical > policy.max_run_s:
+        typical = self._typical.get(key)
+        if typical is None or typical > policy.max_run_s:
             return False
         window = max(policy.min_window_s, policy.window_runs * typical)
         return now - self._switched_at > window

@@ -71,6 +71,7 @@ def test_versions_kept_are_bounded() -> None:
         warmed(solo, 1e-3, key=("m", version))
     assert not solo.allows(("m", 0), True, 1.0)  # forgotten: the oldest go first
     assert solo.allows(("m", 9), True, 1.0)
+    assert len(solo._runs) == len(solo._typical) == 3  # the medians kept are bounded too
 
 
 def run_server(tmp_path: Path, limits: ServerLimits, clients: int, rounds: int) -> int:
