@@ -355,7 +355,7 @@ class InferenceClient(SharedMemoryCalls):
             self._regions,
             self._plans,
         )
-        self._rehearsal.keep(decode, len(payload))
+        self._rehearsal.keep((self._replies.rehearse, decode), len(payload))
         return decode()
 
     @staticmethod

@@ -23,7 +23,7 @@ class ClientError(AgentError):
 class ResponseReader:
     """Responses framed by Content-Length, read from the bytes fed in, in order."""
 
-    __slots__ = ("_body", "_buffer", "_filled", "_head", "max_body_bytes")
+    __slots__ = ("_body", "_buffer", "_filled", "_head", "_last_head", "_spare", "max_body_bytes")
 
     def __init__(self, max_body_bytes: int) -> None:
         self.max_body_bytes = max_body_bytes
@@ -31,6 +31,8 @@ class ResponseReader:
         self._head: tuple[int, dict[str, str], int] | None = None  # parsed, body pending
         self._body = bytearray()  # the pending body, its full length
         self._filled = 0  # bytes of it received
+        self._last_head = b""  # the last head's bytes (``rehearse``)
+        self._spare: bytearray | None = None  # a fresh buffer made ahead for the next body
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
@@ -54,6 +56,15 @@ class ResponseReader:
         """``count`` more bytes of the pending body were received into ``body_space``."""
         self._filled += count
 
+    def rehearse(self) -> None:
+        """While the client waits: parse the last head again (its code back in the caches)
+        and make a buffer of the last body's length ahead, for the next body of that length
+        (``spin.Rehearsal``). Never handed out before: a fresh, zeroed buffer."""
+        if self._last_head:
+            length = _parse_head(self._last_head, self.max_body_bytes)[2]
+            if length and (self._spare is None or len(self._spare) != length):
+                self._spare = bytearray(length)
+
     def clear(self) -> None:
         """Forget everything: the connection the bytes came from is gone."""
         self._buffer.clear()
@@ -75,9 +86,13 @@ class ResponseReader:
                 if len(buffer) > MAX_HEAD:
                     raise ClientError("response headers too large")
                 return None
-            head = _parse_head(bytes(buffer[:end]), self.max_body_bytes)
+            self._last_head = raw = bytes(buffer[:end])
+            head = _parse_head(raw, self.max_body_bytes)
             del buffer[: end + 4]
-            self._body = bytearray(head[2])
+            spare, self._spare = self._spare, None
+            if spare is None or len(spare) != head[2]:
+                spare = bytearray(head[2])
+            self._body = spare
             self._filled = 0
         status, headers, length = head
         if buffer:

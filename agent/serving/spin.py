@@ -23,7 +23,7 @@ import contextlib
 import os
 import select
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 DEFAULT_SPIN_US = 300.0
@@ -109,7 +109,8 @@ def nap(fd: int, timeout_s: float) -> None:
 
 
 class Rehearsal:
-    """What a polling client does with one poll of its time: its last answer decoded again, and
+    """What a polling client does with one poll of its time: its last answer read again (the
+    head parsed, a buffer of its body's length made ahead for the next) and decoded, and
     discarded. The real decoding follows the model's run on the other side, and the client's
     own work before that (an in-process model, a camera frame), which have pushed the decoder's
     code and objects out of the CPU's caches; rehearsed while the client polls, the decoding
@@ -118,12 +119,13 @@ class Rehearsal:
     ``REHEARSE_MAX_BYTES``: the last one is kept alive until the next call."""
 
     def __init__(self) -> None:
-        self._last: Callable[[], object] | None = None
-        self._due: Callable[[], object] | None = None
+        self._last: Sequence[Callable[[], object]] = ()
+        self._due: Sequence[Callable[[], object]] = ()
 
-    def keep(self, decode: Callable[[], object], size: int) -> None:
-        """``decode`` (the last answer's, ``size`` bytes) is the next call's rehearsal."""
-        self._last = decode if size <= REHEARSE_MAX_BYTES else None
+    def keep(self, steps: Sequence[Callable[[], object]], size: int) -> None:
+        """``steps`` (reading the last answer, ``size`` bytes, again) are the next call's
+        rehearsal, in order."""
+        self._last = steps if size <= REHEARSE_MAX_BYTES else ()
 
     def arm(self) -> None:
         """A call that may rehearse starts."""
@@ -132,9 +134,10 @@ class Rehearsal:
     def run(self) -> bool:
         """Rehearse once, if armed; False when there was nothing to rehearse. Its failures are
         ignored (a region since unregistered): the real decoding reports its own."""
-        due, self._due = self._due, None
-        if due is None:
+        due, self._due = self._due, ()
+        if not due:
             return False
         with contextlib.suppress(Exception):
-            due()
+            for step in due:
+                step()
         return True

@@ -72,3 +72,22 @@ def test_clear_forgets_a_half_read_response() -> None:
     reader.clear()
     reader.feed(answer(201, b"new"))
     assert reader.next_response() == (201, {"content-length": "3"}, b"new")
+
+
+def test_a_rehearsal_makes_the_next_body_buffer_ahead_never_one_handed_out() -> None:
+    reader = ResponseReader(1024)
+    reader.rehearse()  # nothing read yet: nothing to rehearse
+    reader.feed(answer(200, b"first"))
+    first = reader.next_response()
+    assert first is not None and first[2] == b"first"
+    reader.rehearse()  # while waiting for the next answer
+    made = reader._spare
+    assert made is not None and len(made) == 5 and made is not first[2]
+    reader.feed(answer(200, b"again"))
+    again = reader.next_response()
+    assert again is not None and again[2] == b"again"
+    assert again[2] is made  # the buffer made ahead, not the one the caller holds
+    reader.rehearse()
+    reader.feed(answer(200, b"longer body"))  # another length: its own buffer, the same bytes
+    longer = reader.next_response()
+    assert longer is not None and longer[2] == b"longer body"

@@ -81,23 +81,23 @@ def test_a_rehearsal_runs_once_per_armed_call_and_never_fails_the_call() -> None
     rehearsal = Rehearsal()
     rehearsal.arm()
     assert not rehearsal.run()  # nothing answered yet
-    rehearsal.keep(lambda: calls.append("decoded"), size=1000)
+    rehearsal.keep((lambda: calls.append("parsed"), lambda: calls.append("decoded")), size=1000)
     assert not rehearsal.run()  # kept for the next call, not armed in this one
     rehearsal.arm()
     assert rehearsal.run()
     assert not rehearsal.run()  # once per call
-    assert calls == ["decoded"]
+    assert calls == ["parsed", "decoded"]
 
     def broken() -> None:
         raise ValueError("the region was unregistered since")
 
-    rehearsal.keep(broken, size=10)
+    rehearsal.keep((broken,), size=10)
     rehearsal.arm()
     assert rehearsal.run()  # its failure is the real decoding's to report, not this one's
 
 
 def test_large_answers_are_not_kept_for_a_rehearsal() -> None:
     rehearsal = Rehearsal()
-    rehearsal.keep(lambda: None, size=REHEARSE_MAX_BYTES + 1)
+    rehearsal.keep((lambda: None,), size=REHEARSE_MAX_BYTES + 1)
     rehearsal.arm()
     assert not rehearsal.run()
