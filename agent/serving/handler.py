@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 JSON = b"application/json"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: its __init__ would set each field through object.__setattr__
 class Response:
     """What the transport writes back."""
 

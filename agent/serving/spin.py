@@ -43,7 +43,7 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # one per call: not frozen (object.__setattr__ per field)
 class WaitPlan:
     """How to wait for one reply: sleep ``sleep_s`` (woken early by the reply), then poll for
     up to ``spin_s``, then block. ``spin_s == 0``: block at once."""

@@ -33,7 +33,7 @@ from agent.serving.shm.client import PlacedTensor
 from agent.serving.shm.keys import Regions
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # one per call: not frozen (object.__setattr__ per field)
 class InferResponse:
     model_name: str
     model_version: str | None

@@ -57,7 +57,7 @@ _TRITON_TYPES = {
 }
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # one per request: not frozen (object.__setattr__ per field)
 class InferInput:
     name: str
     datatype: str
@@ -72,7 +72,7 @@ class RequestedOutput:
     shm: Placement | None = None  # to be written into a shared-memory region
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # one per request: not frozen (object.__setattr__ per field)
 class InferRequest:
     id: str | None
     inputs: tuple[InferInput, ...]
