@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -242,19 +244,17 @@ def imported_modules(importtime_log: str) -> set[str]:
     return names
 
 
-def test_a_running_daemon_with_one_onnx_model_imports_no_heavy_extras(
-    tmp_path: Path, matmul_onnx: Path
-) -> None:
-    broker = Broker(tmp_path)
-    broker.start()
+@contextlib.contextmanager
+def importtime_agent(
+    tmp_path: Path, matmul_onnx: Path, mqtt: str = ""
+) -> Iterator[tuple[subprocess.Popen[bytes], Path, Path]]:
+    """``edge-agent run`` with one ONNX model under ``-X importtime`` (``mqtt``: its [mqtt]
+    section), once READY: the process, its stderr's file and its socket; stopped after."""
     state = tmp_path / "state"
     ModelStore(state / "models").install_local("mm", 1, matmul_onnx)
     config = tmp_path / "agent.toml"
     sock = tmp_path / "infer.sock"
-    config.write_text(
-        f'[agent]\nstate_dir = "{state}"\n[serving]\nsocket = "{sock}"\n'
-        f'[mqtt]\nhost = "127.0.0.1"\nport = {broker.port}\nhealth_interval_s = 0.3\n'
-    )
+    config.write_text(f'[agent]\nstate_dir = "{state}"\n[serving]\nsocket = "{sock}"\n' + mqtt)
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(tmp_path / "notify"))
     notify.settimeout(60)
@@ -270,43 +270,54 @@ def test_a_running_daemon_with_one_onnx_model_imports_no_heavy_extras(
     try:
         while not notify.recv(4096).startswith(b"READY=1"):
             pass
-        with InferenceClient(str(sock)) as client:
-            assert client.infer("mm", {"x": np.ones((1, 64), np.float32)})["y"].shape == (1, 64)
-            deadline = time.monotonic() + 20
-            while not (client.status().get("mqtt") or {}).get("connected"):
-                assert time.monotonic() < deadline, "the agent did not connect to the broker"
-                time.sleep(0.1)
-        deadline = time.monotonic() + 20
-        while "memory: paged out" not in stderr.read_text():  # after READY, by default
-            assert time.monotonic() < deadline, stderr.read_text()[-3000:]
-            time.sleep(0.1)
-        time.sleep(1.0)  # a few health messages: psutil readings, the outbox, paho
-        maps = Path(f"/proc/{agent.pid}/maps").read_text()
-        log = stderr.read_text()
+        yield agent, stderr, sock
     finally:
         agent.terminate()
         agent.wait(20)
         notify.close()
+
+
+def wait_for_trim(stderr: Path) -> None:
+    deadline = time.monotonic() + 20
+    while "memory: paged out" not in stderr.read_text():  # after READY, by default
+        assert time.monotonic() < deadline, stderr.read_text()[-3000:]
+        time.sleep(0.1)
+
+
+def under(modules: set[str], prefixes: tuple[str, ...]) -> list[str]:
+    """The modules that are one of ``prefixes`` or inside one, sorted."""
+    return sorted(m for m in modules if any(m == p or m.startswith(p + ".") for p in prefixes))
+
+
+def test_a_running_daemon_with_one_onnx_model_imports_no_heavy_extras(
+    tmp_path: Path, matmul_onnx: Path
+) -> None:
+    broker = Broker(tmp_path)
+    broker.start()
+    mqtt = f'[mqtt]\nhost = "127.0.0.1"\nport = {broker.port}\nhealth_interval_s = 0.3\n'
+    try:
+        with importtime_agent(tmp_path, matmul_onnx, mqtt) as (agent, stderr, sock):
+            with InferenceClient(str(sock)) as client:
+                x = np.ones((1, 64), np.float32)
+                assert client.infer("mm", {"x": x})["y"].shape == (1, 64)
+                deadline = time.monotonic() + 20
+                while not (client.status().get("mqtt") or {}).get("connected"):
+                    assert time.monotonic() < deadline, "the agent did not connect to the broker"
+                    time.sleep(0.1)
+            wait_for_trim(stderr)
+            time.sleep(1.0)  # a few health messages: psutil readings, the outbox, paho
+            maps = Path(f"/proc/{agent.pid}/maps").read_text()
+            log = stderr.read_text()
+    finally:
         broker.stop()
     modules = imported_modules(log)
     assert {"onnxruntime", "numpy", "paho.mqtt.client", "agent.daemon"} <= modules
-    heavy = sorted(
-        m for m in modules if any(m == h or m.startswith(h + ".") for h in NEVER_IMPORTED)
-    )
-    assert heavy == [], heavy
-    lazy = sorted(
-        m for m in modules if any(m == h or m.startswith(h + ".") for h in IMPORTED_WHEN_USED)
-    )
-    assert lazy == [], lazy
+    assert under(modules, NEVER_IMPORTED) == []
+    assert under(modules, IMPORTED_WHEN_USED) == []
     # The log line "ready: ..." follows READY=1 on the same thread (stderr, unbuffered).
     before_ready = imported_modules(log.partition(" agent.daemon: ready: ")[0])
     assert "agent.daemon" in before_ready and len(before_ready) < len(modules)
-    early = sorted(
-        m
-        for m in before_ready
-        if any(m == h or m.startswith(h + ".") for h in IMPORTED_AFTER_READY)
-    )
-    assert early == [], early
+    assert under(before_ready, IMPORTED_AFTER_READY) == []
     libraries = set(re.findall(r"(/\S+\.so[.\d]*)$", maps, re.M))
     assert any("onnxruntime" in lib for lib in libraries)
     for fragment in ("ai_edge_litert", "tflite_runtime", "onnx_cpp2py_export"):
@@ -330,49 +341,16 @@ IMPORTED_WITH_MQTT_OR_WHEN_USED = (
 def test_a_daemon_without_mqtt_that_served_imports_no_reporting_modules(
     tmp_path: Path, matmul_onnx: Path
 ) -> None:
-    state = tmp_path / "state"
-    ModelStore(state / "models").install_local("mm", 1, matmul_onnx)
-    config = tmp_path / "agent.toml"
-    sock = tmp_path / "infer.sock"
-    config.write_text(f'[agent]\nstate_dir = "{state}"\n[serving]\nsocket = "{sock}"\n')
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(str(tmp_path / "notify"))
-    notify.settimeout(60)
-    stderr = tmp_path / "agent.err"
-    with stderr.open("wb") as err:
-        agent = subprocess.Popen(
-            [sys.executable, "-X", "importtime", "-m", "agent", "run", "--config", str(config)],
-            env={"NOTIFY_SOCKET": str(tmp_path / "notify"), "PATH": "/usr/bin:/bin"},
-            stdout=subprocess.DEVNULL,
-            stderr=err,
-        )
-    try:
-        while not notify.recv(4096).startswith(b"READY=1"):
-            pass
-        deadline = time.monotonic() + 20
-        while "memory: paged out" not in stderr.read_text():
-            assert time.monotonic() < deadline, stderr.read_text()[-3000:]
-            time.sleep(0.1)
+    with importtime_agent(tmp_path, matmul_onnx) as (_, stderr, sock):
+        wait_for_trim(stderr)
         with InferenceClient(str(sock)) as client:
             for _ in range(200):  # the fast path's choice, the probation's first verdicts
                 assert client.infer("mm", {"x": np.ones((1, 64), np.float32)})["y"].shape == (1, 64)
             assert client.status()["models"]
         log = stderr.read_text()
-    finally:
-        agent.terminate()
-        agent.wait(20)
-        notify.close()
     modules = imported_modules(log)
     assert {"onnxruntime", "agent.daemon", "agent.telemetry.system", "agent.memory"} <= modules
-    lazy = sorted(
-        m
-        for m in modules
-        if any(
-            m == h or m.startswith(h + ".")
-            for h in IMPORTED_WHEN_USED + IMPORTED_WITH_MQTT_OR_WHEN_USED
-        )
-    )
-    assert lazy == [], lazy
+    assert under(modules, IMPORTED_WHEN_USED + IMPORTED_WITH_MQTT_OR_WHEN_USED) == []
 
 
 def test_the_fast_path_pauses_while_the_trim_runs(
