@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import logging
 import queue
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -129,13 +130,36 @@ def _delegates(cls: Any, options: RuntimeOptions) -> list[Any]:
     return loaded
 
 
+class _Idle:
+    """The idle interpreters, the one given back last taken first: one client at a time then
+    always gets the same one, its buffers still in the caches (a queue would take turns).
+    The queue holds one token per idle interpreter, for blocking; the stack, the order."""
+
+    def __init__(self) -> None:
+        self._stack: deque[_Interp] = deque()
+        self._tokens: queue.SimpleQueue[None] = queue.SimpleQueue()
+
+    def put(self, interp: _Interp) -> None:
+        self._stack.append(interp)
+        self._tokens.put(None)
+
+    def get(self) -> _Interp:
+        self._tokens.get()
+        return self._stack.pop()
+
+    def get_nowait(self) -> _Interp:
+        """Raises: queue.Empty: every interpreter is busy."""
+        self._tokens.get_nowait()
+        return self._stack.pop()
+
+
 class LiteRTSession:
     platform = "tensorflow_lite"
 
     def __init__(self, path: Path, options: RuntimeOptions, model: bytes | None = None) -> None:
         self.path = path
         cls = select_interpreter()
-        self._pool: queue.SimpleQueue[_Interp] = queue.SimpleQueue()
+        self._pool = _Idle()
         self.device = "+".join(d.library for d in options.delegates) or "CPU"
         try:
             first = _Interp(cls, path, options.intra_op_threads, _delegates(cls, options), model)

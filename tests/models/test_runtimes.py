@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import queue
 import subprocess
 import sys
 import threading
@@ -67,6 +68,35 @@ def test_litert_concurrent_runs_match_sequential(face_landmark_tflite: Path) -> 
     for t in threads:
         t.join()
     assert failures == []
+
+
+def test_litert_reuses_the_interpreter_given_back_last(face_detector_tflite: Path) -> None:
+    """One caller at a time gets the same interpreter every run (its buffers still in the
+    caches); concurrent callers still get one each, and a busy pool is refused, not waited
+    for, by ``get_nowait``."""
+    session = load_session(face_detector_tflite, "tflite", RuntimeOptions(interpreters=3))
+    pool = session._pool  # type: ignore[attr-defined]
+    spec = session.inputs[0]
+    x = np.zeros(spec.shape, np.float32)
+    used = []
+    for _ in range(4):
+        session.run({spec.name: x})
+        interp = pool.get()
+        used.append(interp)
+        pool.put(interp)
+    assert len({id(i) for i in used}) == 1
+    held = [pool.get_nowait() for _ in range(3)]
+    assert len({id(i) for i in held}) == 3
+    with pytest.raises(queue.Empty):
+        pool.get_nowait()
+    got: list[object] = []
+    waiter = threading.Thread(target=lambda: got.append(pool.get()))
+    waiter.start()
+    pool.put(held.pop())
+    waiter.join(10)
+    assert got and got[0] is not None
+    for interp in [*held, *got]:
+        pool.put(interp)
 
 
 def test_silero_vad_signature_and_bit_exact(silero_vad_onnx: Path) -> None:
