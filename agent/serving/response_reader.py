@@ -12,6 +12,7 @@ from __future__ import annotations
 from agent.errors import AgentError
 
 MAX_HEAD = 64 * 1024
+SPARE_MAX_BYTES = 256 * 1024  # bodies up to this size get a buffer made ahead (``rehearse``)
 
 Reply = tuple[int, dict[str, str], bytearray]  # status, headers (names lower-cased), body
 
@@ -62,7 +63,9 @@ class ResponseReader:
         (``spin.Rehearsal``). Never handed out before: a fresh, zeroed buffer."""
         if self._last_head:
             length = _parse_head(self._last_head, self.max_body_bytes)[2]
-            if length and (self._spare is None or len(self._spare) != length):
+            if 0 < length <= SPARE_MAX_BYTES and (
+                self._spare is None or len(self._spare) != length
+            ):
                 self._spare = bytearray(length)
 
     def clear(self) -> None:

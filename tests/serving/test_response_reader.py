@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.serving.response_reader import MAX_HEAD, ClientError, ResponseReader
+from agent.serving.response_reader import MAX_HEAD, SPARE_MAX_BYTES, ClientError, ResponseReader
 
 
 def answer(status: int, body: bytes, *headers: str) -> bytes:
@@ -91,3 +91,14 @@ def test_a_rehearsal_makes_the_next_body_buffer_ahead_never_one_handed_out() -> 
     reader.feed(answer(200, b"longer body"))  # another length: its own buffer, the same bytes
     longer = reader.next_response()
     assert longer is not None and longer[2] == b"longer body"
+
+
+def test_no_large_buffer_is_made_ahead() -> None:
+    """Only bodies up to SPARE_MAX_BYTES get a buffer ahead: after a large answer (a raw
+    request's), a rehearsal must not hold that much memory for a guess."""
+    reader = ResponseReader(64 * 1024 * 1024)
+    body = bytes(SPARE_MAX_BYTES + 1)
+    reader.feed(answer(200, body))
+    assert reader.next_response() is not None
+    reader.rehearse()
+    assert reader._spare is None
