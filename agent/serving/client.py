@@ -193,7 +193,8 @@ class InferenceClient(SharedMemoryCalls):
         self._waited = None
         self._blocked = False
         self._sleep_until = now + plan.sleep_s if plan.sleep_s else 0.0
-        self._spin_until = now + plan.sleep_s + plan.spin_s if plan.spin_s else 0.0
+        # After a nap the poll's end is set again from when the nap ended (_recv_more).
+        self._spin_until = now + plan.spin_s if plan.spin_s else 0.0
         self._spin_s = plan.spin_s
 
     def _recv_more(self) -> None:

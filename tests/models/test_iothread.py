@@ -73,7 +73,7 @@ def test_a_cancelled_caller_does_not_drop_its_queued_job(caplog: pytest.LogCaptu
         busy = asyncio.ensure_future(io.run(release.wait))  # the worker is busy meanwhile
         queued = asyncio.ensure_future(io.run(written.append, "row"))
         failing = asyncio.ensure_future(io.run(lambda: 1 // 0))
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0)  # each task runs to its await: the three jobs are submitted
         queued.cancel()
         failing.cancel()
         release.set()

@@ -92,9 +92,10 @@ def test_litert_reuses_the_interpreter_given_back_last(face_detector_tflite: Pat
     got: list[object] = []
     waiter = threading.Thread(target=lambda: got.append(pool.get()))
     waiter.start()
-    pool.put(held.pop())
+    returned = held.pop()
+    pool.put(returned)
     waiter.join(10)
-    assert got and got[0] is not None
+    assert got == [returned]  # the waiter blocked until one was given back, and got it
     for interp in [*held, *got]:
         pool.put(interp)
 

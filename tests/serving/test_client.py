@@ -9,7 +9,7 @@ import contextlib
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -103,6 +103,39 @@ def test_async_client_reads_split_answers_and_reconnects_once(tmp_path: Path, fa
     assert served == [0, 1, 2]
 
 
+@contextlib.contextmanager
+def one_connection(tmp_path: Path, handle: Callable[[socket.socket], None]) -> Iterator[str]:
+    """A Unix socket whose first connection ``handle`` serves on a thread; yields its path."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(tmp_path / "s.sock"))
+    listener.listen()
+
+    def serve() -> None:
+        conn = listener.accept()[0]
+        with conn, contextlib.suppress(OSError):
+            handle(conn)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield str(tmp_path / "s.sock")
+    finally:
+        thread.join(10)
+        listener.close()
+
+
+def read_request(conn: socket.socket, pending: bytes) -> tuple[bytes, bytes]:
+    """The body of the next request on ``conn`` (after ``pending``, bytes read before), and
+    the bytes read past it."""
+    while b"\r\n\r\n" not in pending:
+        pending += conn.recv(65536)
+    head, _, pending = pending.partition(b"\r\n\r\n")
+    size = int(head.lower().partition(b"content-length: ")[2].split(b"\r\n")[0])
+    while len(pending) < size:
+        pending += conn.recv(65536)
+    return pending[:size], pending[size:]
+
+
 def test_the_poll_budget_starts_when_the_nap_really_ends(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -114,59 +147,38 @@ def test_the_poll_budget_starts_when_the_nap_really_ends(
         time.sleep(timeout_s + 0.3)  # past the whole planned window (sleep + budget)
         napped.set()
 
+    def handle(conn: socket.socket) -> None:
+        read_request(conn, b"")
+        napped.wait(10)
+        conn.sendall(answer(200, b""))
+
     monkeypatch.setattr(client_module, "nap", late_nap)
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(tmp_path / "s.sock"))
-    listener.listen()
-
-    def serve() -> None:
-        conn = listener.accept()[0]
-        with conn, contextlib.suppress(OSError):
-            request = b""
-            while b"\r\n\r\n" not in request:
-                request += conn.recv(65536)
-            napped.wait(10)
-            conn.sendall(answer(200, b""))
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    with InferenceClient(str(tmp_path / "s.sock"), spin_us=200_000) as client:
+    with (
+        one_connection(tmp_path, handle) as address,
+        InferenceClient(address, spin_us=200_000) as client,
+    ):
         client.spin.cpus = 2  # the policy polls only with another CPU for the server
         client.spin.recent.extend([0.05] * RECENT)  # replies due 50 ms after the send
         assert client.ready()
         assert (client.spin.spins, client.spin.hits) == (1, 1)
-    listener.close()
-    thread.join(10)
 
 
 def test_kept_request_heads_follow_each_body_size(tmp_path: Path) -> None:
     """The client keeps the HTTP heads of repeated requests: a body of another size gets its
     own Content-Length, never a kept head's."""
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(tmp_path / "s.sock"))
-    listener.listen()
     bodies: list[bytes] = []
 
-    def serve() -> None:
-        conn = listener.accept()[0]
-        with conn, contextlib.suppress(OSError):
-            pending = b""
-            for _ in range(3):
-                while b"\r\n\r\n" not in pending:
-                    pending += conn.recv(65536)
-                head, _, pending = pending.partition(b"\r\n\r\n")
-                size = int(head.lower().partition(b"content-length: ")[2].split(b"\r\n")[0])
-                while len(pending) < size:
-                    pending += conn.recv(65536)
-                bodies.append(pending[:size])
-                pending = pending[size:]
-                conn.sendall(answer(200, b"{}"))
+    def handle(conn: socket.socket) -> None:
+        pending = b""
+        for _ in range(3):
+            body, pending = read_request(conn, pending)
+            bodies.append(body)
+            conn.sendall(answer(200, b"{}"))
 
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    with InferenceClient(str(tmp_path / "s.sock"), spin_us=0) as client:
+    with (
+        one_connection(tmp_path, handle) as address,
+        InferenceClient(address, spin_us=0) as client,
+    ):
         for body in (b"ab", b"abc", b"ab"):
             assert client.request("POST", "/v2/x", body)[0] == 200
-    thread.join(10)
-    listener.close()
     assert bodies == [b"ab", b"abc", b"ab"]
