@@ -266,6 +266,15 @@ def main() -> int:
     if args.only is not None:
         cases = tuple(cases[i] for i in args.only)
     trees = [ROOT] + ([args.compare.resolve()] if args.compare else [])
+    for tree in trees:
+        if (tree / "agent" / "nodoc.py").exists():  # as the package's install does
+            subprocess.run(
+                [sys.executable, "-m", "agent.nodoc"],
+                cwd=tree,
+                env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(tree)},
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
     rows = []
     compared = []
     try:

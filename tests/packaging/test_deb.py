@@ -88,6 +88,12 @@ def test_install_serve_upgrade_purge(amd64_deb: Path, tmp_path: Path, matmul_onn
     assert (root / "lib/systemd/system/edge-agent.service").exists()
     assert re.search(r"^edge-agent:", (root / "etc/passwd").read_text(), re.M)
     assert (root / "var/lib/edge-agent").is_dir()
+    # The daemon's bytecode without docstrings, which its own user could not write
+    assert list(
+        (root / "opt/edge-agent/venv").glob(
+            "lib/python3*/site-packages/agent/__pycache__/daemon.*.opt-nodoc.pyc"
+        )
+    )
     # The installed agent, from its own virtualenv, serves an inference through its socket,
     # and over gRPC when asked: the package installs the [grpc] extra from its wheelhouse.
     sock, grpc_sock = tmp_path / "infer.sock", tmp_path / "grpc.sock"
