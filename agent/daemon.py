@@ -24,11 +24,10 @@ from agent.config import Config
 from agent.errors import UnavailableError
 from agent.iothread import IoThread
 from agent.models.deployer import DeployConfig, Deployer
+from agent.models.holds import Holds
 from agent.models.probation import policy_of
 from agent.models.slots import Slots
 from agent.models.store import ModelStore
-from agent.models.withdrawal import Holds
-from agent.parts import deploying
 from agent.parts.reporting import Reporting
 from agent.parts.serving import LocalModel, Serving, load_version
 from agent.parts.settings import LiveSettings, merge_reload
@@ -41,7 +40,6 @@ from agent.serving.pool import InferencePool
 from agent.serving.server import InferenceServer
 from agent.state import Event, StateDB
 from agent.telemetry.metrics import Registry
-from agent.telemetry.system import available_memory_bytes
 
 if TYPE_CHECKING:  # imported when used: an update loop, a command or an admin call (footprint)
     from agent.delivery.report import CycleReport, DeliveryEvent
@@ -56,7 +54,8 @@ log = logging.getLogger(__name__)
 
 
 # Imported when first used (the idle daemon's footprint, tests/test_footprint.py): the update
-# loop with a followed repository, the operations layer with a command or an admin call.
+# loop with a followed repository, the operations layer with a command or an admin call, what
+# is deployed after an update cycle or a reload (parts.deploying, models.withdrawal).
 def _update_loop(
     config: Config, after_cycle: Callable[[CycleReport], Awaitable[None]]
 ) -> UpdateLoop | None:
@@ -75,6 +74,28 @@ def _update_loop(
     from agent.updates import UpdateLoop
 
     return UpdateLoop(config, after_cycle)
+
+
+def _available_memory() -> int | None:
+    """What a new model may still use (``telemetry.system``: its readings are imported with the
+    first swap that checks it, or with MQTT's health messages)."""
+    from agent.telemetry.system import available_memory_bytes
+
+    return available_memory_bytes()
+
+
+async def _after_cycle(deployer: Deployer, report: CycleReport, holds: Holds) -> None:
+    from agent.parts import deploying
+
+    await deploying.after_cycle(deployer, report, holds)
+
+
+async def _deploy_recorded(deployer: Deployer, names: set[str], holds: Holds) -> None:
+    """Without an update child: the newest verified versions the record holds, deployed."""
+    from agent.parts import deploying
+
+    plan = await deploying.read_plan(deployer, names)
+    await deploying.deploy_plan(deployer, plan, holds.held)
 
 
 def _operations(deployer: Deployer | None, **parts: Any) -> Operations:
@@ -213,7 +234,7 @@ class Agent:
                 devices=self.config.devices,
             ),
             on_event=self._on_event,
-            available_memory=available_memory_bytes,
+            available_memory=_available_memory,
             io=self.io,
         )
         deployer = self.deployer
@@ -260,7 +281,7 @@ class Agent:
         summary told (``parts.deploying``), without reading the state database again."""
         assert self.deployer is not None
         self.reporting.forward_events()
-        await deploying.after_cycle(self.deployer, report, self.withdraw_holds)
+        await _after_cycle(self.deployer, report, self.withdraw_holds)
 
     async def deploy_new_versions(self) -> None:
         """After a reload without a repository: forward the events other processes wrote
@@ -269,8 +290,7 @@ class Agent:
         assert self.deployer is not None
         self.reporting.forward_events()
         names = set(self.config.models.follow) | set(self.slots.names())
-        plan = await deploying.read_plan(self.deployer, names)
-        await deploying.deploy_plan(self.deployer, plan, self.withdraw_holds.held)
+        await _deploy_recorded(self.deployer, names, self.withdraw_holds)
 
     def _on_event(self, event: Event) -> None:
         """A deployment event this process recorded: to every listener (MQTT, status, trim)."""

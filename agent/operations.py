@@ -24,8 +24,8 @@ from agent.errors import AgentError, CommandError
 from agent.telemetry import remote_config
 
 if TYPE_CHECKING:
-    from agent.models import withdrawal
     from agent.models.deployer import Deployer
+    from agent.models.holds import Holds
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +236,7 @@ class Operations:
         update_now: Callable[[], Awaitable[dict[str, Any]]] | None = None,
         set_config: Callable[[dict[str, Any]], str] | None = None,
         set_log_level: Callable[[str], None] | None = None,
-        holds: withdrawal.Holds | None = None,
+        holds: Holds | None = None,
     ) -> None:
         self._deployer = deployer
         self._trigger_update = trigger_update
@@ -326,7 +326,7 @@ class Operations:
         message, held = done.message, False
         if not done.returned and done.active != version and self._holds is not None:
             # An update cycle under way may be installing it with metadata read before the
-            # halt: kept out until the metadata is read again (``withdrawal.Holds``).
+            # halt: kept out until the metadata is read again (``holds.Holds``).
             self._holds.hold(model, version)
             message += "; not deployed before an update cycle reads the signed metadata again"
             held = True

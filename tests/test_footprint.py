@@ -210,7 +210,9 @@ NEVER_IMPORTED = (
 # delivery side (with a followed repository), paho's urllib.request with http.client and email
 # (agent.telemetry.pahoproxy: with a proxy lookup that can find one), the shared-memory
 # extension (agent.serving.shmview: with the first request that names a region or calls it;
-# the daemon below answers an inference over the socket first).
+# the daemon below answers an inference over the socket first), what is deployed after an update
+# cycle or a reload (agent.parts.deploying, agent.models.withdrawal: the withdraw holds are
+# agent.models.holds), the drain (with a swap), the other subcommands of the CLI.
 IMPORTED_WHEN_USED = (
     "psutil",
     "agent.operations",
@@ -219,6 +221,10 @@ IMPORTED_WHEN_USED = (
     "http.client",
     "email",
     "agent.serving.shm",
+    "agent.parts.deploying",
+    "agent.models.withdrawal",
+    "agent.models.drain",
+    "agent.subcommands",
 )
 
 
@@ -325,14 +331,16 @@ def test_a_running_daemon_with_one_onnx_model_imports_no_heavy_extras(
 
 
 # Without a broker, also not imported by a daemon that served (bench/footprint.py): the
-# health readings' procfs (the memory check of a deployment, or a health message, imports it),
-# the set-config settings (with MQTT, or at a reload), the smoke test's module (with a signed
-# version's smoke test), paho and the reporter.
+# health readings (agent.telemetry.system and its procfs: the memory check of a swap, or a
+# health message, imports them), the set-config settings (with MQTT, or at a reload), the smoke
+# test's module (with a signed version's smoke test), paho, its urllib stand-in and the reporter.
 IMPORTED_WITH_MQTT_OR_WHEN_USED = (
+    "agent.telemetry.system",
     "agent.telemetry.procfs",
     "agent.telemetry.remote_config",
     "agent.models.smoke",
     "paho",
+    "agent.telemetry.pahoproxy",
     "agent.telemetry.mqtt",
     "agent.telemetry.outbox",
 )
@@ -349,7 +357,7 @@ def test_a_daemon_without_mqtt_that_served_imports_no_reporting_modules(
             assert client.status()["models"]
         log = stderr.read_text()
     modules = imported_modules(log)
-    assert {"onnxruntime", "agent.daemon", "agent.telemetry.system", "agent.memory"} <= modules
+    assert {"onnxruntime", "agent.daemon", "agent.models.holds", "agent.memory"} <= modules
     assert under(modules, IMPORTED_WHEN_USED + IMPORTED_WITH_MQTT_OR_WHEN_USED) == []
 
 

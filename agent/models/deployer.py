@@ -36,7 +36,6 @@ from agent.activity import IDLE, Activity
 from agent.errors import AgentError, StoreError
 from agent.faults import crash_point
 from agent.iothread import IoThread
-from agent.models import drain
 from agent.models.devices import DeviceRequest
 from agent.models.fastpath import DEFAULT_THRESHOLD_US
 from agent.models.journal import Journal, Step
@@ -307,6 +306,8 @@ class Deployer(Startup, ManualActions, Retention):
             size += blob.stat().st_size if blob.is_file() else 0
         except (OSError, StoreError):
             return False
+        from agent.models import drain  # with a swap only (the idle daemon's footprint)
+
         return drain.must_drain(
             available,
             size,
@@ -317,6 +318,8 @@ class Deployer(Startup, ManualActions, Retention):
 
     async def _drain(self, name: str, version: int, reason: str) -> None:
         """Make room for another version of ``name`` (``drain.drain``), recorded as drained."""
+        from agent.models import drain
+
         self.activity = Activity("draining", name, version, reason)
         await drain.drain(
             self.slots.get(name),

@@ -55,7 +55,7 @@ class Startup:
     async def start(self, held_back: Callable[[str], frozenset[int]] = _no_holds) -> None:
         """Serve what was committed, then validate anything newer (resuming after a crash),
         unless ``held_back`` names it (a signed ``withdraw`` named it before the restart, and
-        the metadata has not been read twice since: ``withdrawal.Holds``)."""
+        the metadata has not been read twice since: ``holds.Holds``)."""
         names = await self.io.run(self.store.names)
         for name in names:
             self.slots.ensure(name).deactivate("loading", retry_after_s=1.0)

@@ -21,10 +21,11 @@ from agent import faults
 from agent.errors import AgentError
 from agent.models.deployer import Deployer
 from agent.models.selection import Deployable, deployable
-from agent.models.withdrawal import Holds, revert_withdrawn
+from agent.models.withdrawal import revert_withdrawn
 
-if TYPE_CHECKING:  # with an update loop only
-    from agent.delivery.report import CycleReport
+if TYPE_CHECKING:
+    from agent.delivery.report import CycleReport  # with an update loop only
+    from agent.models.holds import Holds
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ async def deploy_plan(
     (``revert_withdrawn``), else the deployable version when it is newer than the active one.
     The pins are read in one job on the I/O thread; ``Deployer.deploy`` checks again under
     the model's lock. A version ``held_back`` names (a signed ``withdraw`` named it, and the
-    metadata has not been read again since: ``withdrawal.Holds``) is not deployed."""
+    metadata has not been read again since: ``holds.Holds``) is not deployed."""
     selection = deployer.selection
     held = await deployer.io.run(lambda: {name: selection.held_by_pin(name) for name in plan})
     served = set(deployer.slots.names())

@@ -15,13 +15,20 @@ from agent.parts.base import Part
 from agent.parts.settings import LiveSettings
 from agent.serving import modelinfo
 from agent.state import Event, StateDB
-from agent.telemetry import system
 from agent.telemetry.metrics import Registry
 
 log = logging.getLogger(__name__)
 
 # What the MQTT reporter takes without reconnecting (Reporter.reconfigure).
 LIVE_REPORTER_KEYS = ("health_interval_s", "drain_per_s")
+
+
+def _import_reporter() -> None:
+    """paho and the reporter's modules, without paho's eager ``urllib.request``."""
+    from agent.telemetry.pahoproxy import defer_urllib_request
+
+    defer_urllib_request()  # before paho's import: 1.8 MB the daemon does not use
+    importlib.import_module("agent.telemetry.mqtt")
 
 
 class Reporting(Part):
@@ -59,6 +66,8 @@ class Reporting(Part):
         built once the agent serves (``open``)."""
         if not settings.config.mqtt.host:
             return
+        from agent.telemetry import system  # the health readings: with MQTT only
+
         system.start_cpu_meter()  # the first health message's CPU share counts from the start
         # Settings changed by signed set-config commands outlive restarts (remote_config).
         settings.config = settings.with_remote_config(settings.config)
@@ -80,7 +89,7 @@ class Reporting(Part):
         """Set up the reporter (events are forwarded from now on); the connection (and the
         birth message) waits for ``start``. paho and the reporter's modules are imported and
         the outbox's database opened on the I/O thread: the server already answers."""
-        await self._run(importlib.import_module, "agent.telemetry.mqtt")
+        await self._run(_import_reporter)
         from agent.telemetry.mqtt import Reporter, ReporterConfig
         from agent.telemetry.outbox import Outbox
 
@@ -157,6 +166,8 @@ class Reporting(Part):
         return {slot.name: slot.active.version if slot.active else None for slot in self.slots}
 
     def health(self) -> dict[str, Any]:
+        from agent.telemetry import system
+
         models = {}
         for slot in self.slots:
             active = slot.active

@@ -147,8 +147,8 @@ def test_a_version_named_before_it_serves_is_held_back_until_the_metadata_is_rea
     """The race of a halt: an update cycle that read the metadata before it is installing the
     version when the withdraw comes ("not serving"). The daemon's deploy after that cycle
     must not bring it in; after two completed cycles the metadata decides again."""
+    from agent.models.holds import Holds
     from agent.models.selection import Deployable
-    from agent.models.withdrawal import Holds
     from agent.parts.deploying import deploy_plan
 
     async def main() -> None:
@@ -184,13 +184,13 @@ def test_the_holds_survive_a_restart_bounded_and_checked(tmp_path: Path) -> None
     are in the state database (one settings row, written on the I/O thread, in order). What a
     previous run left is read back checked and bounded."""
     from agent.iothread import IoThread
-    from agent.models import withdrawal
+    from agent.models import holds as withdrawal_holds
     from agent.state import StateDB
 
     async def run(steps: list[str]) -> tuple[frozenset[int], frozenset[int]]:
         """A run of the agent: attach, then ``hold:V`` / ``cycle`` steps; what is held."""
         io, state = IoThread(), StateDB(tmp_path / "state.db")
-        holds = withdrawal.Holds()
+        holds = withdrawal_holds.Holds()
         try:
             await holds.attach(state, io)
             for step in steps:
@@ -210,17 +210,17 @@ def test_the_holds_survive_a_restart_bounded_and_checked(tmp_path: Path) -> None
     assert asyncio.run(run(["cycle"])) == (frozenset(), frozenset())  # the second cycle
     assert asyncio.run(run([])) == (frozenset(), frozenset())
     state = StateDB(tmp_path / "state.db")
-    assert state.setting(withdrawal.HOLDS_KEY) is None  # nothing left behind
+    assert state.setting(withdrawal_holds.HOLDS_KEY) is None  # nothing left behind
     # Malformed rows, and rows past the bound, are dropped; the good ones kept.
     rows: list[object] = [["scale", 4, 1], ["scale", -1, 1], ["scale", 5, 99], "x", ["", 6, 1]]
-    rows += [["other", v, 2] for v in range(1, withdrawal.MAX_HOLDS + 10)]
-    state.set_setting(withdrawal.HOLDS_KEY, rows)
+    rows += [["other", v, 2] for v in range(1, withdrawal_holds.MAX_HOLDS + 10)]
+    state.set_setting(withdrawal_holds.HOLDS_KEY, rows)
     state.close()
     held, other = asyncio.run(run([]))
     assert held == {4}
-    assert len(other) == withdrawal.MAX_HOLDS - 5  # the first MAX_HOLDS rows, 4 bad
+    assert len(other) == withdrawal_holds.MAX_HOLDS - 5  # the first MAX_HOLDS rows, 4 bad
     state = StateDB(tmp_path / "state.db")
-    state.set_setting(withdrawal.HOLDS_KEY, {"not": "a list"})
+    state.set_setting(withdrawal_holds.HOLDS_KEY, {"not": "a list"})
     state.close()
     assert asyncio.run(run([])) == (frozenset(), frozenset())
 
