@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from agent.records import record
 
 # The line shown for each kind of activity (systemd's STATUS=, the status document).
 TEXTS = {
@@ -27,7 +27,7 @@ TEXTS = {
 }
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Activity:
     """One thing under way: its kind (a key of ``TEXTS``), the model and version it concerns,
     a detail (a reason, another version), the bytes of a download."""

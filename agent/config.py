@@ -1,11 +1,10 @@
-"""The agent's configuration: a TOML file parsed once into frozen dataclasses.
+"""The agent's configuration: a TOML file parsed once into immutable records (agent.records).
 
-Every section is a dataclass whose defaults are the production paths and bounds (units in the
+Every section is a record whose defaults are the production paths and bounds (units in the
 names). Parsing collects every problem before failing, so ``edge-agent check-config`` reports
-each bad key in one run, as ``FILE: [section] key: expected …, found …``.
-
-A section checks its values in ``__post_init__`` with ``_Checks``: each failed check names its
-key, and all of them are raised together (``BadKeysError``), so one bad key never hides the next.
+each bad key in one run, as ``FILE: [section] key: expected …, found …``. A section checks its
+values in ``__post_init__`` with ``_Checks``: each failed check names its key, and all are
+raised together (``BadKeysError``), so one bad key never hides the next.
 """
 
 from __future__ import annotations
@@ -17,12 +16,13 @@ import tomllib
 import types
 import typing
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Any
 
 from agent.errors import AgentError, ConfigError
 from agent.models.devices import TABLE_KEYS, DeviceRequest, parse_request
+from agent.records import record
 
 DEFAULT_CONFIG = Path("/etc/edge-agent/agent.toml")
 
@@ -58,7 +58,7 @@ class _Checks:
             raise BadKeysError(self.problems)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class AgentSection:
     device_id: str = ""  # empty: /etc/machine-id, else the host name
     fleet: str = "default"
@@ -79,7 +79,7 @@ class AgentSection:
         checks.done()
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ServingSection:
     socket: Path = Path("/run/edge-agent/infer.sock")
     socket_mode: str = "0660"
@@ -166,7 +166,7 @@ class ServingSection:
         return self.workers or (os.cpu_count() or 1)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ModelsSection:
     follow: tuple[str, ...] = ()  # model names taken from the repository
     keep_versions: int = 1  # besides the active and the previous committed version
@@ -245,7 +245,7 @@ class ModelsSection:
         checks.done()
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class RepositorySection:
     url: str = ""  # base URL; metadata under {url}/metadata/, targets under {url}/targets/
     trusted_root: Path = Path("/etc/edge-agent/root.json")
@@ -272,7 +272,7 @@ class RepositorySection:
         checks.done()
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class MqttSection:
     host: str = ""  # empty: no fleet reporting
     port: int = 1883
@@ -308,7 +308,7 @@ class MqttSection:
         checks.done()
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Config:
     agent: AgentSection = field(default_factory=AgentSection)
     serving: ServingSection = field(default_factory=ServingSection)

@@ -22,8 +22,9 @@ import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
+
+from agent.records import record
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ STATUS = Path("/proc/self/status")
 _NOT_FILES = ("/memfd:", "/dev/", "/SYSV", "/anon_hugepage", "/dmabuf")
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Mapping:
     """One line of ``/proc/PID/maps`` with the smaps figures the selection needs (kB)."""
 
@@ -176,7 +177,7 @@ def _read_all(path: Path) -> str:
     return b"".join(chunks).decode("utf-8", "replace")
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class TrimResult:
     advised: int  # mappings advised
     candidates_kb: int  # their resident size before

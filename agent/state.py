@@ -25,11 +25,11 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from agent.errors import StoreError
+from agent.records import record
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ _MIGRATIONS: tuple[str, ...] = (
 )
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Deployment:
     name: str
     version: int
@@ -68,7 +68,7 @@ class Deployment:
     updated: float
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Event:
     id: int
     ts: float

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any
 
 import numpy as np
 
 from agent.errors import ModelError, RequestError
+from agent.records import record
 
 # OIP datatype -> numpy dtype, little-endian as the binary extension sends it.
 OIP_TO_NUMPY: dict[str, np.dtype[Any]] = {
@@ -73,7 +74,7 @@ def oip_datatype(dtype: np.dtype[Any]) -> str:
         raise ModelError(f"dtype {dtype} has no Open Inference Protocol datatype") from None
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class TensorSpec:
     """One input or output of a model: name, OIP datatype and shape (-1 for a dynamic dim)."""
 

@@ -20,13 +20,13 @@ from __future__ import annotations
 import os
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from agent.errors import ModelError
+from agent.records import record
 
 MAGIC = b"EDGEENC1"
 _HEADER = struct.Struct("!8sI12s16s")
@@ -44,7 +44,7 @@ class DecryptionError(ModelError):
     """An encrypted file cannot be decrypted: bad format, wrong key, or tampered bytes."""
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Header:
     chunk_bytes: int
     base_nonce: bytes

@@ -26,7 +26,6 @@ import binascii
 import json
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
@@ -37,6 +36,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from agent.confidential.envelope import CONTENT_ID_BYTES, KEY_BYTES, DecryptionError
+from agent.records import record
 
 SCHEMA = 1
 SCHEME = "x25519-hkdf-sha256-aes256gcm"
@@ -84,7 +84,7 @@ def _kek(shared: bytes, ephemeral: bytes, recipient: bytes, ctx: bytes) -> bytes
     ).derive(shared)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Recipient:
     """One wrapped copy of the content key."""
 
@@ -135,7 +135,7 @@ def unwrap(entry: Recipient, private_key: X25519PrivateKey, ctx: bytes, where: s
     return key
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class KeysDocument:
     name: str
     version: int
@@ -232,7 +232,7 @@ def parse(data: bytes, name: str, version: int, where: str) -> KeysDocument:
 ENVELOPE = "aes-256-gcm-chunked-v1"
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Encryption:
     """The ``encryption`` block of a signed target's ``custom``."""
 

@@ -17,12 +17,12 @@ from __future__ import annotations
 import json
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from agent.confidential.envelope import DecryptionError
+from agent.records import record
 
 WEIGHTS_FILE = "weights.bin"
 MAGIC = b"EDGEWTS1"
@@ -36,7 +36,7 @@ DTYPES = frozenset(
 )
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class WeightSpec:
     """One tensor of the blob."""
 

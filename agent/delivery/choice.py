@@ -9,7 +9,6 @@ and the listing enforces them here too, reporting what falls outside.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 
 from tuf.api.metadata import DelegatedRole, TargetFile
 
@@ -17,9 +16,10 @@ from agent.delivery import rollout
 from agent.delivery.report import DeliveryEvent
 from agent.delivery.targets import ModelTarget, parse_target
 from agent.errors import TrustError
+from agent.records import record
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Listing:
     """One model's published versions: the targets that parse, and the refused ones."""
 

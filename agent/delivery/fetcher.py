@@ -26,7 +26,6 @@ import socket
 import ssl
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -34,11 +33,12 @@ from tuf.api.exceptions import DownloadError, DownloadHTTPError, SlowRetrievalEr
 from tuf.ngclient import FetcherInterface
 
 from agent import __version__
+from agent.records import record
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class FetchConfig:
     """Transport settings; every wait has a bound."""
 

@@ -20,11 +20,11 @@ dropped whole (``LineSplitter``), an unknown kind, a missing or mistyped field, 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import Any
 
 from agent.delivery.report import CycleReport, DeliveryEvent
 from agent.errors import AgentError
+from agent.records import record
 
 # One line at most (the summary is the long one: every installed and rejected version with
 # its reason); the daemon read at most this much of the summary before the pipe carried lines.
@@ -38,7 +38,7 @@ class PipeError(AgentError):
     """A line from the update child that is not one of ours (logged; the daemon goes on)."""
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Progress:
     """A download under way: ``done`` of ``total`` bytes (the signed length) of one version."""
 

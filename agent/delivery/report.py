@@ -13,8 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent.records import record
 
-@dataclass(frozen=True, slots=True)
+
+@record
 class DeliveryEvent:
     kind: str  # downloaded | installed | rejected | failed | up_to_date
     name: str
@@ -22,7 +24,7 @@ class DeliveryEvent:
     reason: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ModelOutcome:
     """One model at the end of a cycle, as the child read it back from the state database once
     it had recorded everything: what the daemon acts on (deploy, or return from a withdrawn

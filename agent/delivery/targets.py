@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from agent.errors import ModelError, TrustError
+from agent.records import record
 from agent.tensors import TensorSpec
 
 RUNTIME_FILES = {"onnx": "model.onnx", "tflite": "model.tflite"}
 SCHEMA = 1
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ModelTarget:
     """One published model version, as its signed metadata describes it."""
 

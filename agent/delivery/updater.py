@@ -17,7 +17,6 @@ import logging
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from tuf.api import exceptions as tuf_errors
@@ -33,6 +32,7 @@ from agent.delivery.report import CycleReport, DeliveryEvent
 from agent.delivery.targets import ModelTarget
 from agent.errors import AgentError, DownloadError, StoreError, TrustError
 from agent.models.store import Manifest, ModelStore
+from agent.records import record
 
 __all__ = [
     "CycleReport",
@@ -45,7 +45,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class UpdaterConfig:
     metadata_url: str
     targets_url: str

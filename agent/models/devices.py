@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from agent.errors import ModelError
+from agent.records import record
 
 CPU = "CPUExecutionProvider"
 CPU_DEVICE = "CPU"  # the device name a LiteRT model without a delegate reports
@@ -38,7 +38,7 @@ MAX_TEXT = 4096  # a name, a library path, an option's key or value
 TABLE_KEYS = ("providers", "provider_options", "delegates", "memory_arena")  # [models.<name>]
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Delegate:
     """A LiteRT delegate: its shared library (a path or a name the loader finds) and options."""
 
@@ -46,7 +46,7 @@ class Delegate:
     options: tuple[tuple[str, str], ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class DeviceRequest:
     """What one model asks to run on, and who asked (``agent.toml``, ``signed``, ``default``)."""
 
@@ -68,7 +68,7 @@ class DeviceRequest:
 DEFAULT = DeviceRequest()
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Attempt:
     """One way to load a model: ONNX providers in order, or LiteRT delegates (none: the CPU)."""
 

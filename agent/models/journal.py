@@ -21,13 +21,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 from agent.errors import StoreError
 from agent.iothread import IoThread
 from agent.models import lifecycle
 from agent.models.lifecycle import Stage, TransitionError
 from agent.models.selection import Selection, pin_key
+from agent.records import record
 from agent.state import Event, StateDB
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 EventRow = tuple[str, int | None, str, str]  # an event to add: name, version, kind, reason
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Step:
     """One transition to record (``Journal.record_steps``)."""
 

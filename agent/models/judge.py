@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from enum import StrEnum
 
 import numpy as np
+
+from agent.records import record
 
 
 class Outcome(StrEnum):
@@ -33,7 +34,7 @@ class Outcome(StrEnum):
     INCONCLUSIVE = "inconclusive"
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Bounds:
     """Significance and effect-size floors (units in the names)."""
 
@@ -48,7 +49,7 @@ class Bounds:
     min_failures: int = 3
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Judgement:
     """One metric's verdict with its evidence."""
 

@@ -15,13 +15,13 @@ what is allowed and what to do next. Every function takes the facts (and ``now``
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from enum import StrEnum
 
 from agent.config import PROBATION_WINDOW_S
 from agent.errors import AgentError
 from agent.models import judge
 from agent.models.judge import Outcome
+from agent.records import record
 
 
 class Stage(StrEnum):
@@ -77,7 +77,7 @@ def check_transition(current: Stage | None, target: Stage) -> None:
         raise TransitionError(f"transition {current.value} → {target.value} is not allowed")
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class VersionState:
     """What the state database says about one version."""
 
@@ -86,7 +86,7 @@ class VersionState:
     crashes: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class StartPlan:
     """What to do with one model when the agent starts."""
 
@@ -150,7 +150,7 @@ def plan_start(
 # -- probation ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ProbationPolicy:
     """When a freshly activated version is committed, kept on probation, or rolled back.
 
@@ -201,7 +201,7 @@ class ProbationPolicy:
         )
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Window:
     """What a version served over the span judged: requests the model ran, the ones it failed
     (never a client's refused requests) and the latencies of the successful ones (the newest,
@@ -305,7 +305,7 @@ def judge_probation(
     return Verdict.COMMIT, f"{why}; committed after {elapsed_s:.0f} s; {evidence}"
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Mark:
     """A version's counters at one moment: where a probation window starts."""
 

@@ -46,11 +46,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.models.judge import mann_whitney_greater, small_median
+from agent.records import record
 
 INLINE, POOL = "inline", "pool"
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class PathPolicy:
     epoch_requests: int = 96
     epoch_max_s: float = 0.5  # an epoch also ends after this long, with min_epoch_requests
@@ -66,7 +67,7 @@ class PathPolicy:
     max_inline_s: float = 300e-6
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Epoch:
     path: str
     per_request_s: float  # wall time of the epoch / its requests

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -12,10 +11,11 @@ import numpy as np
 
 from agent.errors import ModelError
 from agent.models.devices import Delegate
+from agent.records import record
 from agent.tensors import TensorSpec
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class RuntimeOptions:
     """How a backend builds a session. ``intra_op_threads`` 0 lets the runtime decide."""
 

@@ -8,12 +8,11 @@ superseded during its probation is ``retired`` exactly like one that had been co
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from agent.errors import CommandError, NotFoundError, StoreError
 from agent.models import lifecycle
 from agent.models.lifecycle import Stage
 from agent.models.store import ModelStore
+from agent.records import record
 from agent.state import StateDB
 
 # How far back the history is read for the previous committed version (events of one model;
@@ -38,7 +37,7 @@ def withdrawn_versions(state: StateDB, name: str) -> frozenset[int]:
     return frozenset(v for v in raw if isinstance(v, int) and not isinstance(v, bool))
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Deployable:
     """What the record says of one model for the daemon's next step: the newest verified
     version that may serve (never quarantined nor withdrawn; None: none) and the versions the

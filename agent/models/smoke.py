@@ -15,18 +15,18 @@ import base64
 import binascii
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from agent.errors import ModelError, SmokeTestError
+from agent.records import record
 from agent.tensors import OIP_TO_NUMPY
 
 MAX_SMOKE_ELEMENTS = 16 * 1024 * 1024
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Smoke:
     inputs: dict[str, np.ndarray[Any, Any]]
     outputs: dict[str, np.ndarray[Any, Any]]

@@ -20,11 +20,12 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Any
 
 from agent.errors import StoreError
+from agent.records import record
 from agent.tensors import TensorSpec
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ MANIFEST = "manifest.json"
 RUNTIME_BY_SUFFIX = {".onnx": "onnx", ".tflite": "tflite"}
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Manifest:
     """What is known about one stored version; from signed metadata, or from the file itself."""
 
@@ -95,7 +96,7 @@ class Manifest:
             raise StoreError(f"manifest {where} is invalid: {exc}") from exc
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class StoredModel:
     """One complete version directory."""
 

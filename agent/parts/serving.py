@@ -7,7 +7,6 @@ import asyncio
 import logging
 import socket
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +19,7 @@ from agent.models.slots import LoadedVersion, Slots
 from agent.models.store import RUNTIME_BY_SUFFIX, Manifest, ModelStore
 from agent.models.validation import zeros_for
 from agent.parts.base import Part
+from agent.records import record
 from agent.serving.handler import OipHandler
 from agent.serving.oip.codec import Limits
 from agent.serving.pool import InferencePool
@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # grpcio is imported only when a gRPC address is configured (
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class LocalModel:
     """A model file served as is (``edge-agent serve``): no signature, no store."""
 

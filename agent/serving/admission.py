@@ -14,8 +14,9 @@ a newcomer make room at once, and only when every holder is working on a request
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
 from typing import Protocol
+
+from agent.records import record
 
 
 class Holder(Protocol):
@@ -33,7 +34,7 @@ class Holder(Protocol):
         ...
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Decision:
     admitted: bool
     evict: tuple[Holder, ...] = ()  # must give way now

@@ -8,11 +8,11 @@ split, so ``/`` inside a name stays part of the name.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from enum import Enum
 from urllib.parse import unquote
 
 from agent.errors import NotFoundError
+from agent.records import record
 
 
 class Kind(Enum):
@@ -84,7 +84,7 @@ ADMIN_PREFIX = "/agent/"
 MAX_VERSION = 2**63 - 1
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Route:
     kind: Kind
     path: str  # without query string

@@ -24,12 +24,12 @@ import socket
 import stat
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from agent.config import ServingSection
 from agent.errors import ConfigError
+from agent.records import record
 from agent.serving import routes
 from agent.serving.admin import AdminApi
 from agent.serving.admission import Admission, ByteBudget, Holder
@@ -52,7 +52,7 @@ SETTLE_TURNS = 8
 SETTLE_S = 0.05
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ServerLimits:
     """Bounds on what clients can make the server hold, per client and in total."""
 

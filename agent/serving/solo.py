@@ -22,11 +22,12 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from agent.models.judge import small_median
+from agent.records import record
 
 Key = tuple[str, int]  # model name, version
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class SoloPolicy:
     max_run_s: float = 4e-3  # 0: never run a pool model on the loop
     samples: int = 32

@@ -24,10 +24,11 @@ import base64
 import binascii
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import TYPE_CHECKING, Any
 
 from agent.errors import CommandError
+from agent.records import record
 
 if TYPE_CHECKING:  # cryptography costs ~6 MB resident: imported when a signature is checked
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -47,7 +48,7 @@ def _check_update() -> Operation:
     return CheckUpdate()
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Command:
     name: str
     args: Mapping[str, Any] = field(default_factory=dict)

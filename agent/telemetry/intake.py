@@ -12,11 +12,11 @@ import threading
 import time
 from collections import deque
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 from agent.errors import StoreError
+from agent.records import record
 from agent.telemetry import messages
 from agent.telemetry.outbox import Outbox
 
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 MAX_HELD = 10_000
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class _Held:
     """A message waiting for the outbox: numbered and stored when the outbox takes it."""
 

@@ -16,7 +16,6 @@ import logging
 import ssl
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -24,6 +23,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from agent.records import record
 from agent.telemetry import commands, messages
 from agent.telemetry.pacing import reconnect_delay
 from agent.telemetry.pahoproxy import skip_empty_proxy_lookup
@@ -38,7 +38,7 @@ MAX_PACKET_BYTES = commands.MAX_COMMAND_BYTES + 4096
 UNSUPPORTED_PROTOCOL = frozenset({1, 132})
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ReporterConfig:
     host: str
     port: int = 1883

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
+
+from agent.records import record
 
 SCHEMA = 1
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Topics:
     """``edge/{fleet}/{device}/…``"""
 

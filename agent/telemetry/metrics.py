@@ -7,7 +7,8 @@ import math
 import threading
 from array import array
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+
+from agent.records import record
 
 # Seconds. Edge inference spans from tens of microseconds (tiny MLPs) to seconds (big CNNs on a Pi).
 DEFAULT_BUCKETS_S: tuple[float, ...] = (
@@ -29,7 +30,7 @@ DEFAULT_BUCKETS_S: tuple[float, ...] = (
 )
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Summary:
     """A snapshot of one model version's figures (for health messages and status)."""
 

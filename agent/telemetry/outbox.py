@@ -26,17 +26,17 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from agent.errors import StoreError
+from agent.records import record
 from agent.state import Event
 
 NEVER_DROPPED = frozenset({"event", "ack", "status"})
 EVENT_CURSOR = "event_cursor"
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Message:
     id: int
     topic: str
@@ -306,7 +306,7 @@ def forward_events(
     return forwarded
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class _EventPayload:
     """``put_message``'s payload builder for one event."""
 

@@ -9,8 +9,9 @@ take their roots as arguments so that tests can point them at sample files.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
+
+from agent.records import record
 
 PROC = Path("/proc")
 SYS_CLASS = Path("/sys/class")
@@ -19,7 +20,7 @@ MAX_FILE_BYTES = 1 << 20
 MAX_SENSORS = 256
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Memory:
     total: int
     available: int
@@ -30,14 +31,14 @@ class Memory:
         return percent(self.total - self.available, self.total)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Disk:
     total: int
     free: int  # available to an unprivileged user, as psutil's ``disk_usage().free``
     percent: float
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class CpuTimes:
     total: float
     busy: float

@@ -22,9 +22,9 @@ At most ``max_inflight`` messages are unacknowledged at a time.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from agent.records import record
 from agent.telemetry.pacing import RateLimit, drain_burst
 
 if TYPE_CHECKING:
@@ -37,7 +37,7 @@ BACKLOG_KINDS = ("event", "health", "ack")
 IDLE_S = 1.0
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Window:
     """One read of the outbox: up to ``limit`` messages with ``after < id <= upto``, of
     ``kinds``, oldest first (``Outbox.pending``)."""
@@ -48,7 +48,7 @@ class Window:
     upto: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Reads:
     """What the plan must see of the outbox at ``now``: the status messages, the live ones and
     the part of the backlog that may go (None: none may)."""
@@ -59,7 +59,7 @@ class Reads:
     backlog: Window | None
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Turn:
     """What to publish now, in this order: ``urgent`` messages (status, then live), then the
     backlog's. ``granted`` sends were taken from the rate limit for the backlog; ``exhausted``:

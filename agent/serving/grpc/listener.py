@@ -13,13 +13,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 from grpc import aio
 
 from agent.config import ServingSection
 from agent.errors import ConfigError
+from agent.records import record
 from agent.serving.grpc.service import InferenceService
 from agent.serving.handler import OipHandler
 from agent.serving.pool import InferencePool
@@ -28,7 +28,7 @@ from agent.serving.server import free_socket_path, socket_gid
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class GrpcLimits:
     """Bounds on what gRPC clients can make the agent hold."""
 

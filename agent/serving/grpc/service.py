@@ -12,7 +12,6 @@ import asyncio
 import json
 import logging
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import grpc
@@ -20,6 +19,7 @@ from google.protobuf.message import DecodeError
 from grpc import aio
 
 from agent.errors import AgentError, InferenceError, NotFoundError, RequestError
+from agent.records import record
 from agent.serving import routes
 from agent.serving.grpc import grpc_predict_v2_pb2 as pb
 from agent.serving.grpc import tensors, triton
@@ -274,7 +274,7 @@ class InferenceService:
         )
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Undecodable:
     """A request whose bytes are not the method's message (answered INVALID_ARGUMENT)."""
 

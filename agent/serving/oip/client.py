@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from agent.errors import InferenceError, RequestError
+from agent.records import record
 from agent.serving.oip.codec import (
     DEFAULT_LIMITS,
     Buffer,
@@ -164,7 +165,7 @@ def _encode_request_parts(
     return parts_of(header, blobs)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class _ResponsePlan:
     """A checked response header; with the binary part it becomes an ``InferResponse``."""
 

@@ -16,12 +16,12 @@ import json
 import math
 import struct
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from agent.errors import InferenceError, RequestError
+from agent.records import record
 from agent.serving.oip import jsontext
 from agent.tensors import OIP_TO_NUMPY, oip_datatype
 
@@ -56,7 +56,7 @@ class Malformed(Exception):  # noqa: N818 (internal: converted to an AgentError 
         self.too_large = too_large
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Limits:
     """Bounds on what one body may make its reader allocate."""
 
@@ -229,7 +229,7 @@ def _from_json(data: Any, datatype: str, shape: tuple[int, ...], what: str) -> n
         return raw.astype(dtype, copy=False).reshape(shape)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class TensorPlan:
     """One tensor of a JSON header, checked: where its values come from and what they are."""
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from agent.errors import PayloadTooLargeError, RequestError, UnsupportedError
+from agent.records import record
 from agent.serving.oip.codec import (
     DEFAULT_LIMITS,
     Buffer,
@@ -65,7 +66,7 @@ class InferInput:
     data: np.ndarray[Any, Any]
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class RequestedOutput:
     name: str
     binary: bool | None  # None: the request's default
@@ -81,7 +82,7 @@ class InferRequest:
     parameters: Mapping[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class _RequestPlan:
     """A checked request header; with the binary part it becomes an ``InferRequest``."""
 

@@ -7,18 +7,18 @@ import contextlib
 import math
 import mmap
 import os
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from agent.errors import RequestError
+from agent.records import record
 from agent.serving.shm.keys import Placement, check_bounds, check_name, key_file
 from agent.serving.shm.region import SHM_DIR
 from agent.tensors import numpy_dtype, oip_datatype
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class PlacedTensor:
     """A tensor in a region: where, and what it is."""
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 from agent.errors import RequestError
+from agent.records import record
 
 MAX_NAME_CHARS = 128  # a region's name (the client's label)
 MAX_KEY_CHARS = 255  # a POSIX shm name: one file name under /dev/shm (NAME_MAX)
@@ -18,7 +18,7 @@ class ShmAccessError(RequestError):
     status = 403
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Placement:
     """Where a tensor lives: ``byte_size`` bytes at ``offset`` of the region named ``region``."""
 

@@ -15,13 +15,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.errors import PayloadTooLargeError, RequestError, UnavailableError, UnsupportedError
+from agent.records import record
 from agent.serving.shm.keys import Placement, ShmAccessError, check_name, size_field
 from agent.serving.shm.region import Region
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ShmLimits:
     """Per peer: how many regions it may register and how many bytes they may span in total."""
 
