@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import gc
 import logging
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from agent import __version__
 from agent.confidential import identity_cli
@@ -57,8 +59,45 @@ def _address(args: argparse.Namespace) -> str:
     return str(ServingSection().socket)
 
 
+def _columns() -> int:
+    """``shutil.get_terminal_size().columns``: $COLUMNS, else the terminal's, else 80."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns or 80
+
+
+class _Formatter(argparse.HelpFormatter):
+    """argparse's help at the width argparse would choose, found without importing shutil:
+    argparse imports it (with bz2, lzma and zlib, ~230 kB) at the first ``add_argument``."""
+
+    def __init__(
+        self,
+        prog: str,
+        indent_increment: int = 2,
+        max_help_position: int = 24,
+        width: int | None = None,
+    ) -> None:
+        width = _columns() - 2 if width is None else width
+        super().__init__(prog, indent_increment, max_help_position, width)
+
+
+class _Parser(argparse.ArgumentParser):
+    """A parser whose help (and its subcommands') uses ``_Formatter``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edge-agent", description=__doc__)
+    parser = _Parser(prog="edge-agent", description=__doc__)
     parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
     parser.add_argument("--log-level", default=None, help="debug, info, warning, error")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -174,6 +213,9 @@ _CONFIG_HELP = f"the agent's configuration file (default: {DEFAULT_CONFIG})"
 
 
 def _cmd_run(args: argparse.Namespace, level: str | None) -> int:
+    # The parser's cycles, freed now: the imports that follow reuse their memory (~70 kB, which
+    # would wait for a full collection and stay resident as holes). Young: 0.6 ms, not 3.
+    gc.collect(1)
     from agent.daemon import Agent
 
     config = load_config(args.config)

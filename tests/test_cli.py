@@ -354,3 +354,34 @@ def test_the_agent_stops_cleanly_on_ctrl_c_to_its_group(
     code, left = terminal.stop(proc, lambda pgid: os.killpg(pgid, signal.SIGINT))
     assert (code, left) == (0, []), terminal.tail(log)
     assert "Traceback" not in log.read_text()
+
+
+@pytest.mark.parametrize("columns", [None, "57", "132", "0", "wide"])
+def test_the_help_is_wrapped_as_argparse_wraps_it(
+    columns: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The parser's formatter finds the terminal's width without importing shutil (with bz2,
+    lzma and zlib: the daemon's footprint); every help reads as with argparse's own."""
+    import argparse
+
+    import agent.cli
+
+    if columns is None:
+        monkeypatch.delenv("COLUMNS", raising=False)
+    else:
+        monkeypatch.setenv("COLUMNS", columns)
+
+    def helps() -> list[str]:
+        """The help of edge-agent and of each of its subcommands."""
+        todo, found = [build_parser()], []
+        while todo:
+            parser = todo.pop()
+            found.append(parser.format_help())
+            for action in parser._actions:
+                if isinstance(action, argparse._SubParsersAction):
+                    todo += action.choices.values()
+        return found
+
+    ours = helps()
+    monkeypatch.setattr(agent.cli, "_Formatter", argparse.HelpFormatter)
+    assert helps() == ours

@@ -17,8 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import field
 from pathlib import Path
@@ -29,6 +27,8 @@ from agent.records import record
 from agent.tensors import TensorSpec
 
 log = logging.getLogger(__name__)
+# shutil and tempfile (with bz2, lzma, zlib and random: ~400 kB) are imported by the functions
+# that write the store: a daemon that only serves what it has never calls them.
 
 MANIFEST = "manifest.json"
 RUNTIME_BY_SUFFIX = {".onnx": "onnx", ".tflite": "tflite"}
@@ -127,6 +127,8 @@ def fsync_dir(path: Path) -> None:
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the whole new one."""
+    import tempfile
+
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -187,6 +189,8 @@ class ModelStore:
                 continue  # another process's install under way (`edge-agent update`, import)
             log.info("store: removing leftover %s from an interrupted install", leftover.name)
             if leftover.is_dir():
+                import shutil
+
                 shutil.rmtree(leftover, ignore_errors=True)
             else:
                 leftover.unlink(missing_ok=True)
@@ -246,6 +250,8 @@ class ModelStore:
 
     def new_staging_dir(self) -> Path:
         """A fresh directory on the store's filesystem for a download in progress."""
+        import tempfile
+
         return Path(tempfile.mkdtemp(dir=self.staging, prefix=_staging_prefix("dl")))
 
     def install(self, manifest: Manifest, files: Mapping[str, Path]) -> StoredModel:
@@ -266,6 +272,9 @@ class ModelStore:
         final = self.root / manifest.name / str(manifest.version)
         if final.exists():
             raise StoreError(f"model {manifest.name} version {manifest.version} is already stored")
+        import shutil
+        import tempfile
+
         build = Path(tempfile.mkdtemp(dir=self.staging, prefix=_staging_prefix("v")))
         try:
             for fname, src in files.items():
@@ -296,6 +305,8 @@ class ModelStore:
         runtime = RUNTIME_BY_SUFFIX.get(model_file.suffix)
         if runtime is None:
             raise StoreError(f"{model_file}: unknown model type, expected .onnx or .tflite")
+        import shutil
+
         staging = self.new_staging_dir()
         try:
             staged = staging / f"model{model_file.suffix}"
@@ -310,6 +321,9 @@ class ModelStore:
         final = self.root / name / str(version)
         if not final.exists():
             return
+        import shutil
+        import tempfile
+
         doomed = Path(tempfile.mkdtemp(dir=self.staging, prefix=_staging_prefix("rm")))
         os.replace(final, doomed / "v")
         fsync_dir(final.parent)
