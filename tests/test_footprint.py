@@ -335,8 +335,10 @@ def test_a_running_daemon_with_one_onnx_model_imports_no_heavy_extras(
 # health message, imports them), the set-config settings (with MQTT, or at a reload), the smoke
 # test's module (with a signed version's smoke test), paho, its urllib stand-in and the reporter;
 # shutil and tempfile with random, bz2 and lzma (the store's writes, remote_config: argparse's
-# own import of shutil is avoided by agent.cli's formatter).
+# own import of shutil is avoided by agent.cli's formatter); http's HTTPStatus (with the first
+# answer other than 200).
 IMPORTED_WITH_MQTT_OR_WHEN_USED = (
+    "http",
     "shutil",
     "tempfile",
     "random",

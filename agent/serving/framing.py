@@ -4,15 +4,24 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from http import HTTPStatus
 
 from agent.serving.handler import Response
 from agent.serving.oip.codec import Buffer
 
-_STATUS_LINES = {
-    status.value: b"HTTP/1.1 %d %s\r\n" % (status.value, status.phrase.encode())
-    for status in HTTPStatus
-}
+# Each status's line, made the first time it is answered (``_status_line``): http.HTTPStatus
+# (an enum of 60 members, ~65 kB) is not imported by a daemon that has only answered 200.
+_STATUS_LINES = {200: b"HTTP/1.1 200 OK\r\n"}
+
+
+def _status_line(status: int) -> bytes:
+    from http import HTTPStatus
+
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        phrase = "Unknown"
+    line = _STATUS_LINES[status] = b"HTTP/1.1 %d %s\r\n" % (status, phrase.encode())
+    return line
 
 
 # Status line, Content-Type, Content-Length, the optional headers, the end, the body: one
@@ -64,9 +73,7 @@ def frame(response: Response, keep_alive: bool, head_only: bool) -> list[Buffer]
     if tail:
         for part in tail:
             size += len(part)
-    status = _STATUS_LINES.get(response.status)
-    if status is None:
-        status = b"HTTP/1.1 %d Unknown\r\n" % response.status
+    status = _STATUS_LINES.get(response.status) or _status_line(response.status)
     more = b""  # the headers only some answers have
     if response.header_length is not None:
         more = b"Inference-Header-Content-Length: %d\r\n" % response.header_length
