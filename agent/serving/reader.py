@@ -44,11 +44,13 @@ _threads = threading.local()
 _IDLE, _HEAD, _BODY = Phase.IDLE, Phase.HEAD, Phase.BODY
 
 
-def _scratch() -> memoryview:
+def thread_scratch() -> memoryview:
     """This thread's scratch buffer: one per event loop, shared by its connections (the parser
     reads it within the callback that filled it). An anonymous mapping, not a bytearray (which
     is zero-filled at once): only the pages a read reached are resident, 4 KiB for small
-    requests instead of the whole 256 KiB (the agent's warm footprint)."""
+    requests instead of the whole 256 KiB (the agent's warm footprint). The server makes it
+    when it starts listening: made by the first request, after the start-up trim paged out
+    the ``mmap`` module's code, it cost that request two more major page faults."""
     view: memoryview | None = getattr(_threads, "scratch", None)
     if view is None:
         view = _threads.scratch = memoryview(mmap.mmap(-1, SCRATCH_BYTES))
@@ -109,7 +111,7 @@ class RequestReader:
         self._may_continue = may_continue  # no earlier answer is still owed
         self._send_continue = send_continue
         self._parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
-        self._scratch = _scratch()  # the loop thread's (readers are made and fed there)
+        self._scratch = thread_scratch()  # the loop thread's (readers are made and fed there)
         self.phase = _IDLE
         self.phase_since = self._now = time.monotonic()  # _now: when the bytes being parsed came
         self.in_place = False  # the kernel writes the rest of the body into it, no parser

@@ -36,6 +36,7 @@ from agent.serving.admission import Admission, ByteBudget, Holder
 from agent.serving.connection import FRESH_S, HttpConnection
 from agent.serving.handler import OipHandler
 from agent.serving.pool import InferencePool
+from agent.serving.reader import thread_scratch
 from agent.serving.solo import Solo, SoloPolicy
 
 if TYPE_CHECKING:  # the shared-memory modules load with the extension's first use
@@ -300,6 +301,7 @@ class InferenceServer:
         loop = asyncio.get_running_loop()
         sock.setblocking(False)
         _raise_fd_limit(self._fd_need(1))
+        thread_scratch()  # the loop thread's read buffer, before the first request needs it
         # asyncio calls listen() again with this backlog (its default is 100): a burst of
         # connections (a reconnecting attacker) must not fill it before clients get in.
         if sock.family == socket.AF_UNIX:

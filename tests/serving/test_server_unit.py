@@ -111,3 +111,27 @@ def test_closing_answers_the_request_in_flight_then_refuses(tmp_path: Path) -> N
         h.close()
 
     asyncio.run(main())
+
+
+def test_listening_makes_the_loop_thread_s_read_buffer(tmp_path: Path) -> None:
+    """Made by the first request instead, after the daemon's start-up trim paged out the mmap
+    module's code, it cost that request more major page faults."""
+    from agent.serving import reader
+
+    made: list[bool] = []
+
+    async def main() -> None:
+        h = Harness(tmp_path, ProbationPolicy(window_s=0.2))
+        pool = InferencePool(1)
+        server = InferenceServer(h.handler, pool)
+        made.append(hasattr(reader._threads, "scratch"))
+        await server.listen_unix(tmp_path / "s.sock", 0o660)
+        made.append(hasattr(reader._threads, "scratch"))
+        await server.close()
+        await asyncio.to_thread(pool.shutdown)
+        h.close()
+
+    thread = threading.Thread(target=asyncio.run, args=(main(),))  # a loop thread of its own
+    thread.start()
+    thread.join()
+    assert made == [False, True]
