@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from agent.errors import AgentError, CommandError
+from agent.records import record
 from agent.telemetry import remote_config
 
 if TYPE_CHECKING:
@@ -39,14 +40,14 @@ class Origin(StrEnum):
     LOCAL = "local"  # an admin call on the agent's Unix socket
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class CheckUpdate:
     """Run an update cycle: started in the background, or waited for (``wait``)."""
 
     wait: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Rollback:
     """Serve ``to`` (default: the previous committed version); quarantine the one left."""
 
@@ -54,18 +55,18 @@ class Rollback:
     to: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Pin:
     model: str
     version: int
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Unpin:
     model: str
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ReleaseQuarantine:
     """Make a rejected or rolled-back version a target of rollbacks and pins again."""
 
@@ -73,7 +74,7 @@ class ReleaseQuarantine:
     version: int
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Withdraw:
     """``version`` of ``model`` was withdrawn (a halted rollout): leave it now if it serves."""
 
@@ -81,12 +82,12 @@ class Withdraw:
     version: int
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class SetLogLevel:
     level: str
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class SetConfig:
     changes: Mapping[str, Any] = field(default_factory=dict)
 
@@ -129,7 +130,7 @@ def _flag(value: Any) -> bool:
     return value
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Arg:
     name: str
     check: Callable[[Any], Any]
@@ -215,7 +216,7 @@ def check_policy(operation: Operation, origin: Origin) -> None:
 # -- execution ----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Outcome:
     """What an operation did: one line for an acknowledgement or the log, and the admin
     API's JSON answer."""

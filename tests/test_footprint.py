@@ -428,7 +428,7 @@ def test_the_read_scratch_is_resident_only_where_reads_reached() -> None:
     counts: list[int] = []
 
     def in_a_fresh_thread() -> None:
-        view = reader._scratch()
+        view = reader.thread_scratch()
         view[:300] = b"x" * 300  # what the kernel writes for a small request
         address = np.frombuffer(view, dtype=np.uint8).ctypes.data
         start = address - address % page  # mincore takes whole pages

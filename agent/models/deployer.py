@@ -30,7 +30,7 @@ import concurrent.futures
 import contextvars
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import field
 
 from agent.activity import IDLE, Activity
 from agent.errors import AgentError, StoreError
@@ -51,6 +51,7 @@ from agent.models.startup import Startup
 from agent.models.store import ModelStore, StoredModel
 from agent.models.trail import Trail
 from agent.models.validation import validate_version, what_was_checked, zeros_for
+from agent.records import record
 from agent.state import Event, StateDB
 
 __all__ = ["DeployConfig", "Deployer", "zeros_for"]  # zeros_for: for the daemon's probes
@@ -58,7 +59,7 @@ __all__ = ["DeployConfig", "Deployer", "zeros_for"]  # zeros_for: for the daemon
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class DeployConfig:
     """Bounds of validation, swap and probation (units in the names)."""
 

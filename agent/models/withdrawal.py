@@ -9,13 +9,13 @@ and committed, and only while the withdrawn version is the one serving."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Protocol
 
 from agent.errors import AgentError, NotFoundError
 from agent.iothread import IoThread
 from agent.models.selection import Selection, withdrawn_versions
 from agent.models.slots import Slots
+from agent.records import record
 from agent.state import StateDB
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ def command_target(selection: Selection, name: str, version: int) -> int | None:
     return None
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class CommandRevert:
     """What a ``withdraw`` command did: the version now serving and whether it changed."""
 
