@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import importlib
 import logging
 import signal
 import socket
@@ -85,6 +86,8 @@ def _available_memory() -> int | None:
 
 
 async def _after_cycle(deployer: Deployer, report: CycleReport, holds: Holds) -> None:
+    # Its first import (with models.withdrawal, ~1 ms) on the I/O thread, not on the loop.
+    await deployer.io.run(importlib.import_module, "agent.parts.deploying")
     from agent.parts import deploying
 
     await deploying.after_cycle(deployer, report, holds)
@@ -92,6 +95,7 @@ async def _after_cycle(deployer: Deployer, report: CycleReport, holds: Holds) ->
 
 async def _deploy_recorded(deployer: Deployer, names: set[str], holds: Holds) -> None:
     """Without an update child: the newest verified versions the record holds, deployed."""
+    await deployer.io.run(importlib.import_module, "agent.parts.deploying")
     from agent.parts import deploying
 
     plan = await deploying.read_plan(deployer, names)
