@@ -34,7 +34,7 @@ from agent.serving.routes import INFER
 from agent.telemetry.metrics import Registry, render_prometheus
 
 if TYPE_CHECKING:  # the shared-memory modules load with the first request naming a region
-    from agent.serving.shm.keys import Regions
+    from agent.serving.shm.keys import OutputRegions
     from agent.serving.shm.tensors import Placed
 
 log = logging.getLogger(__name__)
@@ -237,7 +237,7 @@ class OipHandler:
         path: str | routes.Route,
         body: bytes | bytearray | memoryview,
         header_length: int | None,
-        regions: Regions | None = None,
+        regions: OutputRegions | None = None,
         started: float | None = None,
     ) -> PreparedInfer:
         """Decode and check a request (tensors may be in shared ``regions``), lease its version

@@ -216,7 +216,11 @@ class InferenceServer:
 
             limits = self.limits
             self._shm = ShmRegistry(
-                ShmLimits(limits.shm_max_regions_per_peer, limits.shm_max_bytes_per_peer)
+                ShmLimits(
+                    limits.shm_max_regions_per_peer,
+                    limits.shm_max_bytes_per_peer,
+                    max_copy_bytes=limits.max_buffered_body_bytes,
+                )
             )
         return self._shm
 

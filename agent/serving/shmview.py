@@ -41,7 +41,7 @@ def peer_regions(
 
 
 class LazyRegions:
-    """The regions one connection may use (``agent.serving.shm.keys.Regions``): its peer's
+    """The regions one connection may use (``agent.serving.shm.keys.OutputRegions``): its peer's
     ``PeerRegions``, made at the first request that names a region or calls the extension."""
 
     __slots__ = ("_connection", "_made", "_server", "_sock", "_view")
@@ -63,8 +63,11 @@ class LazyRegions:
     def read(self, where: Placement, what: str) -> memoryview:
         return self._needed(what).read(where, what)
 
-    def write(self, where: Placement, what: str) -> memoryview:
-        return self._needed(what).write(where, what)
+    def writable(self, where: Placement, what: str) -> None:
+        self._needed(what).writable(where, what)
+
+    def put(self, where: Placement, data: memoryview, what: str) -> None:
+        self._needed(what).put(where, data, what)
 
     def _needed(self, what: str) -> PeerRegions:
         view = self.view()

@@ -105,8 +105,6 @@ class SharedRegion:
         check_bounds(where.offset, where.byte_size, self.byte_size, self.name, what)
         return memoryview(self._map)[where.offset : where.offset + where.byte_size]
 
-    write = read
-
     def close(self, unlink: bool = True) -> None:
         """Unmap (once no view of it is left) and remove the object."""
         with contextlib.suppress(BufferError):
@@ -128,7 +126,4 @@ class LocalRegions:
         return region
 
     def read(self, where: Placement, what: str) -> memoryview:
-        return self._get(where, what).read(where, what)
-
-    def write(self, where: Placement, what: str) -> memoryview:
         return self._get(where, what).read(where, what)

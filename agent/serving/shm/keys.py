@@ -121,9 +121,17 @@ class Regions(Protocol):
     """The regions one request may use: its peer's (``agent.serving.shm.registry.PeerRegions``)."""
 
     def read(self, where: Placement, what: str) -> memoryview:
-        """A read-only view of the placement's bytes."""
+        """The placement's bytes, read-only."""
         ...
 
-    def write(self, where: Placement, what: str) -> memoryview:
-        """A writable view of the placement's bytes."""
+
+class OutputRegions(Regions, Protocol):
+    """Regions the agent may also write outputs into."""
+
+    def writable(self, where: Placement, what: str) -> None:
+        """Check, before the model runs, that an output may be written at ``where``."""
+        ...
+
+    def put(self, where: Placement, data: memoryview, what: str) -> None:
+        """Write ``data`` (bytes, at most the placement's size) at the placement."""
         ...

@@ -1,22 +1,28 @@
-"""One registered region: a POSIX shm object mapped read-only for inputs and, only once an
-output is placed in it, read-write; its size checked against the object at every use.
+"""One registered region: a descriptor of a POSIX shm object, read and written with
+``pread``/``pwrite`` at every use, never mapped.
 
-What the check cannot close: a peer that cuts its own object short *while* one of its requests
-runs makes the agent touch a page past the object's end, and the kernel kills the agent with
-SIGBUS (systemd restarts it; every client's regions go). POSIX shm objects cannot be sealed
-against shrinking (memfd seals can, but Triton's protocol names objects by key); Triton maps
-them the same way. Only a client allowed on the socket can do it, to requests of its own."""
+Mapped, an object its owner cuts short while a request reads or writes it would make the agent
+touch a page past its end, and the kernel would kill the agent with SIGBUS (every client's
+requests and regions gone, for one peer's doing). POSIX shm objects cannot be sealed against
+shrinking (memfd seals can, but Triton's protocol names objects by key). Read, a shrunk object
+gives a short read, answered as the request's error. The price is one copy of each input
+(about memcpy's speed; a body sent on the socket is copied by the kernel too), held in the
+agent's memory while the request runs: those copies are bounded across all clients
+(``CopyBudget``)."""
 
 from __future__ import annotations
 
 import contextlib
-import mmap
 import os
 import stat
-from dataclasses import dataclass, field
+import threading
+import weakref
+from dataclasses import dataclass
 from pathlib import Path
 
-from agent.errors import RequestError, UnavailableError
+import numpy as np
+
+from agent.errors import PayloadTooLargeError, RequestError, UnavailableError
 from agent.serving.shm.keys import ShmAccessError, check_bounds, key_file
 
 SHM_DIR = Path("/dev/shm")  # noqa: S108 (where POSIX shm objects live, by definition)
@@ -37,17 +43,46 @@ def _open(path: Path, flags: int, key: str) -> int:
         raise RequestError(f"shared-memory key {key!r}: cannot open it: {exc.strerror}") from None
 
 
-def _map(fd: int, size: int, prot: int, offset: int, key: str) -> mmap.mmap:
-    try:
-        return mmap.mmap(fd, size, mmap.MAP_SHARED, prot, offset=offset)
-    except OSError as exc:  # out of address space or mappings (vm.max_map_count)
+class CopyBudget:
+    """Bytes of inputs copied out of regions and still held by a request, across all clients.
+
+    Released when the copy is freed (the request's tensors dropped), on whichever thread that
+    happens: hence the lock."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def take(self, size: int, what: str) -> None:
+        """Reserve ``size`` bytes.
+
+        Raises:
+            PayloadTooLargeError: more than the whole budget.
+            UnavailableError: not now (other requests hold the rest).
+        """
+        if size > self.total:
+            raise PayloadTooLargeError(
+                f"{what}: {size} bytes in shared memory exceed what the agent copies for all "
+                f"requests together (serving.max_buffered_body_bytes, {self.total})"
+            )
+        with self._lock:
+            if self.used + size <= self.total:
+                self.used += size
+                return
+            used = self.used
         raise UnavailableError(
-            f"shared-memory key {key!r}: the agent cannot map it now: {exc.strerror}",
-            retry_after_s=1.0,
-        ) from None
+            f"{what}: other requests hold {used} of the {self.total} bytes the agent copies "
+            "out of shared memory; retry later",
+            retry_after_s=0.1,
+        )
+
+    def give(self, size: int) -> None:
+        with self._lock:
+            self.used = max(0, self.used - size)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Region:
     """``byte_size`` bytes at ``offset`` of the shm object ``key``, registered as ``name``."""
 
@@ -58,14 +93,21 @@ class Region:
     owner_uid: int
     _path: Path
     _fd: int
-    _ro: mmap.mmap
-    _start: int  # where the region starts in the mapping (mappings start on a page)
-    _rw: mmap.mmap | None = field(default=None)
+    _copies: CopyBudget
+    _wfd: int = -1  # opened read-write when an output is first placed in the region
 
     @classmethod
-    def open(cls, name: str, key: str, offset: int, byte_size: int, peer_uid: int | None) -> Region:
-        """Open and map the object read-only, checking it is a regular file big enough and
-        owned by ``peer_uid`` (any owner for root; ``None``: the peer is unknown, refused).
+    def open(
+        cls,
+        name: str,
+        key: str,
+        offset: int,
+        byte_size: int,
+        peer_uid: int | None,
+        copies: CopyBudget,
+    ) -> Region:
+        """Open the object read-only, checking it is a regular file big enough and owned by
+        ``peer_uid`` (any owner for root; ``None``: the peer is unknown, refused).
 
         Raises:
             RequestError: missing, not a regular file, too small.
@@ -83,71 +125,100 @@ class Region:
                     f"registering it (uid {peer_uid if peer_uid is not None else 'unknown'})"
                 )
             check_bounds(offset, byte_size, info.st_size, key, f"register {name!r}")
-            start = offset % mmap.ALLOCATIONGRANULARITY
-            ro = _map(fd, start + byte_size, mmap.PROT_READ, offset - start, key)
         except BaseException:
             os.close(fd)
             raise
-        return cls(name, key, offset, byte_size, info.st_uid, path, fd, ro, start)
+        return cls(name, key, offset, byte_size, info.st_uid, path, fd, copies)
 
-    def _check_object(self, offset: int, size: int, what: str) -> None:
-        check_bounds(offset, size, self.byte_size, self.name, what)
-        # The object may have been cut short since: touching a page past its end is SIGBUS.
-        now = os.fstat(self._fd).st_size
-        if now < self.offset + self.byte_size:
-            raise RequestError(
-                f"{what}: region {self.name!r} was registered with {self.byte_size} bytes at "
-                f"offset {self.offset} but its object {self.key!r} now has only {now} bytes"
-            )
+    def _shrunk(self, what: str) -> RequestError:
+        try:
+            now = f"only {os.fstat(self._fd).st_size}"
+        except OSError:
+            now = "an unknown number of"
+        return RequestError(
+            f"{what}: region {self.name!r} was registered with {self.byte_size} bytes at "
+            f"offset {self.offset} but its object {self.key!r} now has {now} bytes"
+        )
 
     def read(self, offset: int, size: int, what: str) -> memoryview:
-        """A read-only view of ``size`` bytes at ``offset`` of the region.
+        """A read-only copy of ``size`` bytes at ``offset`` of the region (its memory counted
+        in the copy budget until it is freed).
 
         Raises:
             RequestError: out of the region's bounds, or the object shrank.
+            PayloadTooLargeError, UnavailableError: past the copy budget.
         """
-        self._check_object(offset, size, what)
-        begin = self._start + offset
-        return memoryview(self._ro)[begin : begin + size]
+        check_bounds(offset, size, self.byte_size, self.name, what)
+        self._copies.take(size, what)
+        try:
+            copy = np.empty(size, np.uint8)
+        except MemoryError:
+            self._copies.give(size)
+            raise UnavailableError(
+                f"{what}: no memory for {size} bytes now", retry_after_s=1.0
+            ) from None
+        weakref.finalize(copy, self._copies.give, size)
+        view = copy.data
+        position, done = self.offset + offset, 0
+        while done < size:
+            try:
+                got = os.preadv(self._fd, [view[done:]], position + done)
+            except OSError as exc:
+                raise RequestError(f"{what}: reading region {self.name!r}: {exc}") from None
+            if got == 0:  # the end of the object: it shrank since registration
+                raise self._shrunk(what)
+            done += got
+        return view.toreadonly()
 
-    def write(self, offset: int, size: int, what: str) -> memoryview:
-        """A writable view of ``size`` bytes at ``offset``; the object is opened read-write on
-        the first call (the same file: its inode is checked against the registered one).
+    def writable(self, offset: int, size: int, what: str) -> None:
+        """Check that ``size`` bytes at ``offset`` may be written, opening the object
+        read-write on the first call (the same file: its inode is checked against the
+        registered one).
 
         Raises:
-            RequestError: out of bounds, or the object shrank or was replaced.
+            RequestError: out of bounds, or the object was replaced.
             ShmAccessError: the agent may not write it.
         """
-        self._check_object(offset, size, what)
-        if self._rw is None:
-            fd = _open(self._path, os.O_RDWR, self.key)
-            try:
-                first, now = os.fstat(self._fd), os.fstat(fd)
-                if (first.st_dev, first.st_ino) != (now.st_dev, now.st_ino):
-                    raise RequestError(
-                        f"{what}: shared-memory key {self.key!r} names another object than the "
-                        f"one registered as {self.name!r}; register it again"
-                    )
-                rw = mmap.PROT_READ | mmap.PROT_WRITE
-                size = self._start + self.byte_size
-                self._rw = _map(fd, size, rw, self.offset - self._start, self.key)
-            finally:
-                os.close(fd)
-        begin = self._start + offset
-        return memoryview(self._rw)[begin : begin + size]
+        check_bounds(offset, size, self.byte_size, self.name, what)
+        if self._wfd >= 0:
+            return
+        fd = _open(self._path, os.O_RDWR, self.key)
+        first, now = os.fstat(self._fd), os.fstat(fd)
+        if (first.st_dev, first.st_ino) != (now.st_dev, now.st_ino):
+            os.close(fd)
+            raise RequestError(
+                f"{what}: shared-memory key {self.key!r} names another object than the "
+                f"one registered as {self.name!r}; register it again"
+            )
+        self._wfd = fd
 
-    def close(self) -> bool:
-        """Unmap; False while a tensor still refers to the mapping (retry later)."""
-        for mapping in (self._ro, self._rw):
-            if mapping is not None and not mapping.closed:
-                try:
-                    mapping.close()
-                except BufferError:
-                    return False
-        with contextlib.suppress(OSError):
-            os.close(self._fd)
-        self._fd = -1
-        return True
+    def put(self, offset: int, data: memoryview, what: str) -> None:
+        """Write ``data`` (bytes) at ``offset`` of the region, once ``writable`` said yes.
+
+        Raises:
+            RequestError: out of bounds, the object shrank, or the write failed.
+        """
+        check_bounds(offset, data.nbytes, self.byte_size, self.name, what)
+        if os.fstat(self._wfd).st_size < self.offset + offset + data.nbytes:
+            # Written anyway, the object would grow back, charged to the agent's memory.
+            raise self._shrunk(what)
+        position, done = self.offset + offset, 0
+        while done < data.nbytes:
+            try:
+                wrote = os.pwritev(self._wfd, [data[done:]], position + done)
+            except OSError as exc:
+                raise RequestError(f"{what}: writing region {self.name!r}: {exc}") from None
+            if wrote == 0:
+                raise RequestError(f"{what}: region {self.name!r} takes no more bytes")
+            done += wrote
+
+    def close(self) -> None:
+        """Close the object's descriptors (copies already made stay the requests')."""
+        for fd in (self._fd, self._wfd):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._fd = self._wfd = -1
 
     def status(self) -> dict[str, object]:
         return {

@@ -17,7 +17,7 @@ from typing import Any
 from agent.errors import PayloadTooLargeError, RequestError, UnavailableError, UnsupportedError
 from agent.records import record
 from agent.serving.shm.keys import Placement, ShmAccessError, check_name, size_field
-from agent.serving.shm.region import Region
+from agent.serving.shm.region import CopyBudget, Region
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +28,11 @@ class ShmLimits:
 
     max_regions_per_peer: int = 32  # 0: the extension is off
     max_bytes_per_peer: int = 1024 * 1024 * 1024
-    # All peers together: each region holds a file descriptor and a mapping, and on TCP every
-    # connection is a peer of its own.
+    # All peers together: each region holds file descriptors, and on TCP every connection is a
+    # peer of its own.
     max_regions_total: int = 1024
+    # Inputs copied out of regions and held by requests in flight, all peers together.
+    max_copy_bytes: int = 96 * 1024 * 1024
 
 
 @dataclass(eq=False, slots=True)
@@ -45,7 +47,7 @@ class ShmRegistry:
     def __init__(self, limits: ShmLimits | None = None) -> None:
         self.limits = limits or ShmLimits()
         self._peers: dict[Hashable, dict[str, _Entry]] = {}
-        self._retired: list[Region] = []  # unmapping waits for tensors still using them
+        self.copies = CopyBudget(self.limits.max_copy_bytes)
 
     @property
     def enabled(self) -> bool:
@@ -77,22 +79,16 @@ class ShmRegistry:
             self._retire(table.pop(n).region)
         if not table:
             self._peers.pop(owner, None)
-        self.sweep()
         return len(names)
 
     def _retire(self, region: Region) -> None:
         log.info("shm: unregistered region %r (key %r)", region.name, region.key)
-        if not region.close():
-            self._retired.append(region)
-
-    def sweep(self) -> None:
-        """Unmap retired regions no tensor refers to any more."""
-        self._retired = [region for region in self._retired if not region.close()]
+        region.close()
 
     @property
-    def mapped(self) -> int:
-        """Regions mapped (registered, or unregistered while a tensor still used them)."""
-        return sum(len(t) for t in self._peers.values()) + len(self._retired)
+    def held(self) -> int:
+        """Regions registered, of all peers (each holds the object open)."""
+        return sum(len(t) for t in self._peers.values())
 
 
 class PeerRegions:
@@ -146,9 +142,9 @@ class PeerRegions:
                 f"{what}: this client already has {len(table)} regions, the limit "
                 f"(serving.shm_max_regions_per_peer) is {limits.max_regions_per_peer}"
             )
-        if registry.mapped >= limits.max_regions_total:
+        if registry.held >= limits.max_regions_total:
             raise UnavailableError(
-                f"{what}: the agent holds {registry.mapped} regions of all its clients, its "
+                f"{what}: the agent holds {registry.held} regions of all its clients, its "
                 f"limit; retry later",
                 retry_after_s=1.0,
             )
@@ -163,7 +159,7 @@ class PeerRegions:
             raise RequestError(
                 f"{what}: 'key' must be a string (a POSIX shm name), found {key!r:.60}"
             )
-        region = Region.open(name, key, offset, byte_size, self._uid())
+        region = Region.open(name, key, offset, byte_size, self._uid(), registry.copies)
         registry.add(self._owner, self._connection, region)
         log.info(
             "shm: registered region %r: key %r, %d bytes at offset %d",
@@ -202,8 +198,11 @@ class PeerRegions:
     def read(self, where: Placement, what: str) -> memoryview:
         return self._find(where.region, what).read(where.offset, where.byte_size, what)
 
-    def write(self, where: Placement, what: str) -> memoryview:
-        return self._find(where.region, what).write(where.offset, where.byte_size, what)
+    def writable(self, where: Placement, what: str) -> None:
+        self._find(where.region, what).writable(where.offset, where.byte_size, what)
+
+    def put(self, where: Placement, data: memoryview, what: str) -> None:
+        self._find(where.region, what).put(where.offset, data, what)
 
     def close(self) -> None:
         """The connection closed: its regions go."""

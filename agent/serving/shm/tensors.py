@@ -7,18 +7,19 @@ from typing import Any
 import numpy as np
 
 from agent.errors import RequestError
-from agent.serving.shm.keys import Placement, Regions
+from agent.records import record
+from agent.serving.shm.keys import OutputRegions, Placement
 from agent.tensors import oip_datatype
 
 
 def write_output(
-    view: memoryview, array: np.ndarray[Any, Any], where: Placement, what: str
+    regions: OutputRegions, array: np.ndarray[Any, Any], where: Placement, what: str
 ) -> dict[str, Any]:
-    """Write ``array`` at the start of ``view`` (the placement's writable bytes); returns the
-    parameters its response entry carries.
+    """Write ``array`` (little-endian, C order) at the placement; returns the parameters its
+    response entry carries.
 
     Raises:
-        RequestError: the output is larger than the placement, or BYTES.
+        RequestError: the output is larger than the placement, BYTES, or the object shrank.
     """
     if oip_datatype(array.dtype) == "BYTES":
         raise RequestError(f"{what}: BYTES outputs cannot be placed in shared memory")
@@ -28,22 +29,28 @@ def write_output(
             f"{what}: the output has {size} bytes (shape {list(array.shape)}, "
             f"{oip_datatype(array.dtype)}) but shared_memory_byte_size is {where.byte_size}"
         )
-    target = np.frombuffer(view, dtype=array.dtype.newbyteorder("<"), count=array.size)
-    np.copyto(target.reshape(array.shape), array, casting="no" if array.dtype.isnative else "equiv")
+    # No copy when the array already is what the wire wants (native little-endian, C order).
+    data = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+    regions.put(where, data.reshape(-1).view(np.uint8).data, what)
     params: dict[str, Any] = {"shared_memory_region": where.region, "shared_memory_byte_size": size}
     if where.offset:
         params["shared_memory_offset"] = where.offset
     return params
 
 
-Placed = dict[str, tuple[Placement, memoryview]]  # output name -> placement, writable view
+@record
+class Placed:
+    """The outputs a request placed in its client's regions, checked before the model ran."""
+
+    regions: OutputRegions
+    where: dict[str, Placement]  # output name -> placement
 
 
 def placed_outputs(
-    placements: dict[str, Placement], regions: Regions | None, model: str
+    placements: dict[str, Placement], regions: OutputRegions | None, model: str
 ) -> Placed | None:
-    """The outputs to write into shared memory, each with its writable view, checked now so
-    that a bad placement is refused before the model runs.
+    """The outputs to write into shared memory, each checked now so that a bad placement is
+    refused before the model runs.
 
     Raises:
         RequestError: no regions on this connection, or a placement the peer cannot use.
@@ -52,10 +59,9 @@ def placed_outputs(
         return None
     if regions is None:
         raise RequestError(f"model {model!r}: shared memory is not offered on this connection")
-    return {
-        name: (where, regions.write(where, f"output {name!r}"))
-        for name, where in placements.items()
-    }
+    for name, where in placements.items():
+        regions.writable(where, f"output {name!r}")
+    return Placed(regions, placements)
 
 
 def write_outputs(
@@ -64,11 +70,11 @@ def write_outputs(
     """Write each placed output; the parameters of their response entries.
 
     Raises:
-        RequestError: an output larger than its placement, or BYTES.
+        RequestError: an output larger than its placement, BYTES, or an object that shrank.
     """
     if not placed:
         return None
     return {
-        name: write_output(view, results[name], where, f"output {name!r}")
-        for name, (where, view) in placed.items()
+        name: write_output(placed.regions, results[name], where, f"output {name!r}")
+        for name, where in placed.where.items()
     }
