@@ -279,9 +279,11 @@ def main() -> int:
     compared = []
     try:
         for label, case, mqtt, trim, *grpc in cases:
-            runs: dict[Path, list[dict[str, float]]] = {tree: [] for tree in trees}
+            # A tree from before the gRPC listener (issue #15) has no gRPC row to compare.
+            ours = [t for t in trees if not grpc or (t / "agent" / "serving" / "grpc").is_dir()]
+            runs: dict[Path, list[dict[str, float]]] = {tree: [] for tree in ours}
             for i in range(args.runs):
-                for tree in trees if i % 2 == 0 else trees[::-1]:  # who goes first alternates
+                for tree in ours if i % 2 == 0 else ours[::-1]:  # who goes first alternates
                     for attempt in range(4):  # wait out another process mapping the libraries
                         run = run_agent(
                             work,
@@ -299,12 +301,12 @@ def main() -> int:
                     runs[tree].append(run)
             medians = [
                 {k: statistics.median(r[k] for r in runs[tree]) for k in runs[tree][0]}
-                for tree in trees
+                for tree in ours
             ]
             rows.append((label, medians[0]))
-            if args.compare:
-                compared.append((f"{label} ({args.compare.name})", medians[1]))
-                for tree in trees:
+            if len(ours) > 1:
+                compared.append((label, medians[1]))
+                for tree in ours:
                     print(
                         tree,
                         label,
@@ -320,21 +322,22 @@ def main() -> int:
         f"{'':<30} {'idle RSS':>8} {'USS':>6} {'anon':>6} {'file':>6} | {'first ms':>8} "
         f"{'p50 ms':>6} | {'warm RSS':>8} {'anon':>6} {'file':>6} | {'READY s':>7} {'other':>5}"
     )
-    for label, f in rows + compared:
+    for label, f in rows + [(f"{lab} ({args.compare.name})", g) for lab, g in compared]:
         print(
             f"{label:<30} {f['idle_rss']:>8.1f} {f['idle_uss']:>6.1f} {f['idle_anon']:>6.1f} "
             f"{f['idle_file']:>6.1f} | {f['first_ms']:>8.2f} {f['p50_ms']:>6.3f} | "
             f"{f['warm_rss']:>8.1f} {f['warm_anon']:>6.1f} {f['warm_file']:>6.1f} | "
             f"{f['ready_s']:>7.2f} {f['others']:>5.0f}"
         )
-    for (label, f), (_, g) in zip(rows, compared, strict=True):
+    for label, g in compared:
+        f = dict(rows)[label]
         print(
             f"{label}: idle RSS {f['idle_rss']:.1f} vs {g['idle_rss']:.1f} MB "
             f"({f['idle_rss'] - g['idle_rss']:+.1f}), anon {f['idle_anon'] - g['idle_anon']:+.1f}; "
             f"warm RSS {f['warm_rss']:.1f} vs {g['warm_rss']:.1f} MB "
             f"({f['warm_rss'] - g['warm_rss']:+.1f}), anon {f['warm_anon'] - g['warm_anon']:+.1f}"
         )
-    print(json.dumps(dict(rows + compared)))
+    print(json.dumps(dict(rows + [(f"{lab} ({args.compare.name})", g) for lab, g in compared])))
     print(
         f"bars: idle RSS with one small ONNX model and MQTT <= {IDLE_BAR_MB:.0f} MB; "
         f"start to READY <= {READY_BAR_S} s"
