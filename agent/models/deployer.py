@@ -39,7 +39,7 @@ from agent.iothread import IoThread
 from agent.models.devices import DeviceRequest
 from agent.models.fastpath import DEFAULT_THRESHOLD_US
 from agent.models.journal import Journal, Step
-from agent.models.lifecycle import ProbationPolicy, Stage, Verdict
+from agent.models.lifecycle import IN_FLIGHT, ProbationPolicy, Stage, Verdict
 from agent.models.manual import ManualActions
 from agent.models.preparation import Prepared, prepare
 from agent.models.probation import Probations, Statistics
@@ -412,28 +412,31 @@ class Deployer(Startup, ManualActions, Retention):
         self.statistics(name, version).samples.clear()
 
     async def close(self, *, clean: bool = True) -> None:
-        """Stop the probations. After a ``clean`` stop, one cut short starts over on restart.
+        """Stop the probations. After a ``clean`` stop, a probation or validation cut short
+        (the daemon cancelled its tasks first) starts over on restart.
 
-        Only a probation cut short by a crash counts against its version (``plan_start``
-        rolls back after repeated crashes); an operator's restart must not. A stop that is not
-        clean (the agent leaving through an error) records nothing and so counts as a crash.
+        Only one cut short by a crash counts against its version (``plan_start`` quarantines
+        it after repeated crashes); an operator's restart must not. A stop that is not clean
+        (the agent leaving through an error) records nothing and so counts as a crash.
         """
         running = await self.probations.stop()
-        for name in running if clean else []:
+        for name in dict.fromkeys([*running, *self.slots.names()]) if clean else []:
             try:
                 for row in await self.io.run(self.state.deployments, name):
-                    if Stage(row.stage) is Stage.ACTIVE:
+                    stage = Stage(row.stage)
+                    if stage in IN_FLIGHT or (stage is Stage.ACTIVE and name in running):
+                        phase = "probation" if stage is Stage.ACTIVE else "validation"
                         await self._record(
                             name,
                             row.version,
                             Stage.VERIFIED,
-                            "probation interrupted by a clean stop; it starts over on restart",
+                            f"{phase} interrupted by a clean stop; it starts over on restart",
                             event="recovered",
                         )
             except AgentError as exc:
                 log.error(
-                    "model %s: cannot record the end of its probation (%s); after the restart "
-                    "it counts as interrupted by a crash",
+                    "model %s: cannot record that its validation or probation was cut short "
+                    "(%s); after the restart it counts as interrupted by a crash",
                     name,
                     exc,
                 )

@@ -103,27 +103,29 @@ def plan_start(
 ) -> StartPlan:
     """Decide, after a (re)start, what serves and what still needs validating.
 
-    A version that was in probation when the agent died is counted as a crash; after
-    ``max_probation_crashes`` it is rolled back instead of tried again. Versions in the middle
-    of validation go back to ``verified``. Only versions whose files are in the store count.
+    A version that was being validated or on probation when the agent died (a clean stop
+    records that it was not: ``Deployer.close``) is counted as a crash: one that kills the
+    agent as it loads, warms up or serves (a runtime's crash on its graph, the OOM killer)
+    must not make the device crash again at every start. After ``max_probation_crashes`` of
+    them it is rejected (during validation) or rolled back (during probation) instead of tried
+    again. Only versions whose files are in the store count.
     """
     present = set(stored)
     by_version = {s.version: s for s in states if s.version in present}
     resets: list[tuple[int, Stage, str]] = []
     for state in by_version.values():
-        if state.stage in IN_FLIGHT:
-            resets.append((state.version, Stage.VERIFIED, "validation interrupted by a restart"))
-        elif state.stage is Stage.ACTIVE:
-            if state.crashes + 1 >= max_probation_crashes:
-                resets.append(
-                    (
-                        state.version,
-                        Stage.ROLLED_BACK,
-                        f"the agent stopped during its probation {state.crashes + 1} times",
-                    )
+        if state.stage in IN_FLIGHT or state.stage is Stage.ACTIVE:
+            phase = "probation" if state.stage is Stage.ACTIVE else "validation"
+            stops = state.crashes + 1
+            if stops >= max_probation_crashes:
+                quarantine = Stage.ROLLED_BACK if phase == "probation" else Stage.REJECTED
+                reason = (
+                    f"the agent stopped during its {phase} ({stops} times in all while it was "
+                    "validated or on probation)"
                 )
+                resets.append((state.version, quarantine, reason))
             else:
-                resets.append((state.version, Stage.VERIFIED, "probation interrupted by a restart"))
+                resets.append((state.version, Stage.VERIFIED, f"{phase} interrupted by a restart"))
     after = {s.version: s.stage for s in by_version.values()}
     for version, stage, _ in resets:
         after[version] = stage

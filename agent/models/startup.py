@@ -91,7 +91,7 @@ class Startup:
         known = {state.version: state for state in states}
         for version, stage, reason in plan.resets:
             crashes = None
-            if known[version].stage is Stage.ACTIVE:
+            if known[version].stage is Stage.ACTIVE or known[version].stage in lifecycle.IN_FLIGHT:
                 crashes = known[version].crashes + 1
             await self.journal.record(
                 name,

@@ -137,6 +137,73 @@ def test_crashes_during_probation_roll_back(tmp_path: Path) -> None:
     asyncio.run(main())
 
 
+def test_a_version_that_kills_the_agent_in_validation_is_rejected_the_second_time(
+    tmp_path: Path,
+) -> None:
+    """What kill -9 while a version loads leaves (its row at ``loading``, nothing else
+    recorded): the first restart validates it again; after a second such death it is rejected
+    and the committed version serves, instead of the agent dying at every start."""
+
+    async def main() -> None:
+        h = Harness(tmp_path)
+        install(h.store, tmp_path, 1, 2.0)
+        await h.deployer.start()
+        await h.committed(1)
+        install(h.store, tmp_path, 2, 3.0)
+        h.state.record("scale", 2, "loading", "validating", event="loading")
+        await crash(h)
+        h2 = Harness(tmp_path)
+        await h2.deployer.start()  # validated again from the start; it passes this time
+        row = h2.state.get("scale", 2)
+        assert row is not None and row.crashes == 1
+        assert "recovered" in [e.kind for e in h2.events]
+        await h2.committed(2)
+        install(h2.store, tmp_path, 3, 4.0)
+        h2.state.record("scale", 3, "loading", "validating", event="loading", crashes=1)
+        await crash(h2)
+        h3 = Harness(tmp_path)
+        await h3.deployer.start()
+        assert h3.stage(3) == "rejected"
+        row = h3.state.get("scale", 3)
+        assert row is not None and row.crashes == 2
+        assert "stopped during its validation (2 times" in row.reason
+        active = h3.slots.get("scale").active
+        assert active is not None and active.version == 2
+        assert h3.infer()[0] == 200
+        await h3.deployer.close()
+        h3.close()
+
+    asyncio.run(main())
+
+
+def test_a_clean_stop_during_validation_is_not_a_crash(tmp_path: Path) -> None:
+    """An operator's restart while a version is being validated: it starts over on the next
+    start, its count of crashes untouched."""
+
+    async def main() -> None:
+        h = Harness(tmp_path)
+        install(h.store, tmp_path, 1, 2.0)
+        await h.deployer.start()
+        await h.committed(1)
+        install(h.store, tmp_path, 2, 3.0)
+        h.state.record("scale", 2, "warming", "validating", event="warming")
+        await h.deployer.close()  # clean: the daemon cancelled the validation's task first
+        row = h.state.get("scale", 2)
+        assert row is not None and (row.stage, row.crashes) == ("verified", 0)
+        assert row.reason == "validation interrupted by a clean stop; it starts over on restart"
+        assert h.stage(1) == "committed"
+        h.close()
+        h2 = Harness(tmp_path)
+        await h2.deployer.start()
+        await h2.committed(2)
+        row = h2.state.get("scale", 2)
+        assert row is not None and row.crashes == 0
+        await h2.deployer.close()
+        h2.close()
+
+    asyncio.run(main())
+
+
 def test_clean_restarts_during_probation_start_it_over(tmp_path: Path) -> None:
     """An operator restarting the service (systemctl restart) is not a crash: however often
     it happens during probation, the version is revalidated, never rolled back."""

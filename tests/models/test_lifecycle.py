@@ -78,6 +78,29 @@ def test_plan_after_crash_mid_validation_and_probation() -> None:
     assert twice.resets[0][1] is Stage.ROLLED_BACK
 
 
+@pytest.mark.parametrize("stage", [Stage.LOADING, Stage.WARMING, Stage.VALIDATED])
+def test_a_version_the_agent_dies_validating_is_rejected_the_second_time(stage: Stage) -> None:
+    """A version that kills the agent as it loads or warms up (a runtime's crash on its graph,
+    the OOM killer) must not make it crash again at every start."""
+    once = plan_start([VersionState(2, Stage.COMMITTED), VersionState(3, stage, 0)], [2, 3])
+    assert once.resets == ((3, Stage.VERIFIED, "validation interrupted by a restart"),)
+    assert once.validate == 3
+    twice = plan_start([VersionState(2, Stage.COMMITTED), VersionState(3, stage, 1)], [2, 3])
+    assert twice.validate is None and twice.serve == 2
+    ((version, quarantine, reason),) = twice.resets
+    assert (version, quarantine) == (3, Stage.REJECTED)
+    assert reason == (
+        "the agent stopped during its validation (2 times in all while it was validated or "
+        "on probation)"
+    )
+    # A crash in validation and one in probation are two stops while working on the version.
+    mixed = plan_start([VersionState(2, Stage.COMMITTED), VersionState(3, Stage.ACTIVE, 1)], [2, 3])
+    assert mixed.resets[0][1] is Stage.ROLLED_BACK
+    # Allowed more, it is tried again.
+    lenient = plan_start([VersionState(3, stage, 1)], [3], max_probation_crashes=3)
+    assert lenient.validate == 3
+
+
 def test_plan_ignores_records_without_files_and_adopts_unrecorded_files() -> None:
     # Version 4 was recorded but its directory never appeared (crash before the rename);
     # version 5 was renamed into place but not recorded (crash before the record).

@@ -97,6 +97,34 @@ AT_KILL = {
 }
 
 
+@pytest.mark.parametrize("point", ["loading", "warming"])
+def test_a_version_that_kills_the_agent_twice_is_rejected(device: Device, point: str) -> None:
+    """A signed version that kills the agent while it is validated (as a runtime's crash on
+    its graph or the OOM killer would) does not make it die at every start: tried once more
+    after the first death, rejected after the second, and the committed version serves."""
+    device.start()
+    assert device.wait_serving() == 1
+    device.wait_for(lambda: device.stages().get(1) == "committed")
+    device.stop()
+    device.publish(2)
+    for _ in range(2):
+        device.start(crash_at=point)
+        device.wait_killed()
+        assert stage_at_kill(device, 2) == AT_KILL[point], device.stages()
+    device.start()
+    device.wait_for(lambda: device.stages().get(2) == "rejected")
+    assert device.wait_serving() == 1
+    check_consistent(device, 1)
+    infer_ok(device)
+    state = StateDB(device.root / "state" / "state.db")
+    try:
+        row = state.get("mm", 2)
+        assert row is not None and row.crashes == 2
+        assert "stopped during its validation (2 times" in row.reason
+    finally:
+        state.close()
+
+
 @pytest.mark.parametrize("point", faults.POINTS)
 def test_kill_9_at_each_named_point_of_an_update(device: Device, point: str) -> None:
     device.start()
