@@ -137,6 +137,18 @@ def test_crashes_during_probation_roll_back(tmp_path: Path) -> None:
     asyncio.run(main())
 
 
+async def validating_2(tmp_path: Path, stage: str) -> Harness:
+    """Version 1 committed, version 2 installed and recorded at ``stage``, as a validation of it
+    under way leaves the database."""
+    h = Harness(tmp_path)
+    install(h.store, tmp_path, 1, 2.0)
+    await h.deployer.start()
+    await h.committed(1)
+    install(h.store, tmp_path, 2, 3.0)
+    h.state.record("scale", 2, stage, "validating", event=stage)
+    return h
+
+
 def test_a_version_that_kills_the_agent_in_validation_is_rejected_the_second_time(
     tmp_path: Path,
 ) -> None:
@@ -145,12 +157,7 @@ def test_a_version_that_kills_the_agent_in_validation_is_rejected_the_second_tim
     and the committed version serves, instead of the agent dying at every start."""
 
     async def main() -> None:
-        h = Harness(tmp_path)
-        install(h.store, tmp_path, 1, 2.0)
-        await h.deployer.start()
-        await h.committed(1)
-        install(h.store, tmp_path, 2, 3.0)
-        h.state.record("scale", 2, "loading", "validating", event="loading")
+        h = await validating_2(tmp_path, "loading")
         await crash(h)
         h2 = Harness(tmp_path)
         await h2.deployer.start()  # validated again from the start; it passes this time
@@ -181,12 +188,7 @@ def test_a_clean_stop_during_validation_is_not_a_crash(tmp_path: Path) -> None:
     start, its count of crashes untouched."""
 
     async def main() -> None:
-        h = Harness(tmp_path)
-        install(h.store, tmp_path, 1, 2.0)
-        await h.deployer.start()
-        await h.committed(1)
-        install(h.store, tmp_path, 2, 3.0)
-        h.state.record("scale", 2, "warming", "validating", event="warming")
+        h = await validating_2(tmp_path, "warming")
         await h.deployer.close()  # clean: the daemon cancelled the validation's task first
         row = h.state.get("scale", 2)
         assert row is not None and (row.stage, row.crashes) == ("verified", 0)
