@@ -85,9 +85,14 @@ def _available_memory() -> int | None:
     return available_memory_bytes()
 
 
-async def _after_cycle(deployer: Deployer, report: CycleReport, holds: Holds) -> None:
-    # Its first import (with models.withdrawal, ~1 ms) on the I/O thread, not on the loop.
+async def _import_deploying(deployer: Deployer) -> None:
+    """``agent.parts.deploying``'s first import (with models.withdrawal, ~1 ms) on the I/O
+    thread, not on the loop."""
     await deployer.io.run(importlib.import_module, "agent.parts.deploying")
+
+
+async def _after_cycle(deployer: Deployer, report: CycleReport, holds: Holds) -> None:
+    await _import_deploying(deployer)
     from agent.parts import deploying
 
     await deploying.after_cycle(deployer, report, holds)
@@ -95,7 +100,7 @@ async def _after_cycle(deployer: Deployer, report: CycleReport, holds: Holds) ->
 
 async def _deploy_recorded(deployer: Deployer, names: set[str], holds: Holds) -> None:
     """Without an update child: the newest verified versions the record holds, deployed."""
-    await deployer.io.run(importlib.import_module, "agent.parts.deploying")
+    await _import_deploying(deployer)
     from agent.parts import deploying
 
     plan = await deploying.read_plan(deployer, names)

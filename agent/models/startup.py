@@ -89,17 +89,14 @@ class Startup:
             pinned = None
         plan = lifecycle.plan_start(states, stored, pinned, self.config.max_probation_crashes)
         known = {state.version: state for state in states}
-        for version, stage, reason in plan.resets:
-            crashes = None
-            if known[version].stage is Stage.ACTIVE or known[version].stage in lifecycle.IN_FLIGHT:
-                crashes = known[version].crashes + 1
+        for version, stage, reason in plan.resets:  # each one a version the agent died on
             await self.journal.record(
                 name,
                 version,
                 stage,
                 reason,
                 event="recovered" if stage is Stage.VERIFIED else stage.value,
-                crashes=crashes,
+                crashes=known[version].crashes + 1,
             )
         for version in stored:
             if version not in known:

@@ -50,7 +50,7 @@ def thread_scratch() -> memoryview:
     is zero-filled at once): only the pages a read reached are resident, 4 KiB for small
     requests instead of the whole 256 KiB (the agent's warm footprint). The server makes it
     when it starts listening: made by the first request, after the start-up trim paged out
-    the ``mmap`` module's code, it cost that request two more major page faults."""
+    the ``mmap`` module's code, it cost that request three more major page faults."""
     view: memoryview | None = getattr(_threads, "scratch", None)
     if view is None:
         view = _threads.scratch = memoryview(mmap.mmap(-1, SCRATCH_BYTES))

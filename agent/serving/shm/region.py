@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from agent.errors import PayloadTooLargeError, RequestError, UnavailableError
+from agent.serving.admission import ByteBudget
 from agent.serving.shm.keys import ShmAccessError, check_bounds, key_file
 
 SHM_DIR = Path("/dev/shm")  # noqa: S108 (where POSIX shm objects live, by definition)
@@ -44,15 +45,21 @@ def _open(path: Path, flags: int, key: str) -> int:
 
 
 class CopyBudget:
-    """Bytes of inputs copied out of regions and still held by a request, across all clients.
-
-    Released when the copy is freed (the request's tensors dropped), on whichever thread that
-    happens: hence the lock."""
+    """Bytes of inputs copied out of regions and still held by a request, across all clients:
+    the bodies' ``ByteBudget``, under a lock, as a copy is given back when it is freed (the
+    request's tensors dropped) on whichever thread that happens."""
 
     def __init__(self, total: int) -> None:
-        self.total = total
-        self.used = 0
+        self._bytes = ByteBudget(total)
         self._lock = threading.Lock()
+
+    @property
+    def total(self) -> int:
+        return self._bytes.total
+
+    @property
+    def used(self) -> int:
+        return self._bytes.used
 
     def take(self, size: int, what: str) -> None:
         """Reserve ``size`` bytes.
@@ -67,10 +74,9 @@ class CopyBudget:
                 f"requests together (serving.max_buffered_body_bytes, {self.total})"
             )
         with self._lock:
-            if self.used + size <= self.total:
-                self.used += size
+            if self._bytes.reserve(size):
                 return
-            used = self.used
+            used = self._bytes.used
         raise UnavailableError(
             f"{what}: other requests hold {used} of the {self.total} bytes the agent copies "
             "out of shared memory; retry later",
@@ -79,7 +85,7 @@ class CopyBudget:
 
     def give(self, size: int) -> None:
         with self._lock:
-            self.used = max(0, self.used - size)
+            self._bytes.release(size)
 
 
 @dataclass(eq=False, slots=True)
