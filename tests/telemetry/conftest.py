@@ -54,7 +54,11 @@ class Broker:
     def stop(self) -> None:
         if self.process is not None:
             self.process.terminate()
-            self.process.wait(10)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
             self.process = None
 
 
@@ -66,6 +70,19 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
         yield b
     finally:
         b.stop()
+
+
+def end_subscriber(process: subprocess.Popen[bytes]) -> None:
+    """Stop a mosquitto_sub: SIGTERM, and SIGKILL if it does not go."""
+    # Its SIGTERM handler calls mosquitto_disconnect(), which takes libmosquitto's own
+    # lock: a signal landing while the loop holds it leaves the process waiting on itself
+    # (seen once in CI). What it printed is on disk already.
+    process.terminate()
+    try:
+        process.wait(5)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(5)
 
 
 class Subscriber:
@@ -104,6 +121,5 @@ class Subscriber:
         return pairs
 
     def close(self) -> None:
-        self.process.terminate()
-        self.process.wait(5)
+        end_subscriber(self.process)
         self.handle.close()

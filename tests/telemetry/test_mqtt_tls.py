@@ -17,7 +17,7 @@ from cloud_stub.dashboard.server import Dashboard
 from cloud_stub.operator import generate, tls_context
 
 from .agents import mosquitto_pub, wait_for
-from .conftest import Broker
+from .conftest import Broker, end_subscriber
 
 
 def test_tls_client_certificates_and_per_device_acl(tmp_path: Path, matmul_onnx: Path) -> None:
@@ -165,6 +165,5 @@ def test_tls_client_certificates_and_per_device_acl(tmp_path: Path, matmul_onnx:
         dashboard.stop(server)
         agent.terminate()
         agent.wait(20)
-        subscriber.terminate()
-        subscriber.wait(5)
+        end_subscriber(subscriber)
         broker.stop()
