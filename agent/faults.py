@@ -15,6 +15,9 @@ passes them:
     after-swap    the slot serves the candidate; the database still says ``validated``
     probation     the database says ``active``; first check of its probation window
 
+and one point of a start: ``start``, the committed version about to load (its count of starts
+not survived already one more: ``agent.models.startup``).
+
 In the update child (``edge-agent update --once`` started by the daemon), a crash point kills
 the daemon as well, as a crash of the device would: the daemon passes its pid in
 ``EDGE_AGENT_CRASH_PARENT`` (``child_environment``), and only while a crash point is armed.
@@ -30,6 +33,7 @@ from typing import IO, Any
 ENV = "EDGE_AGENT_CRASH_AT"
 PARENT_ENV = "EDGE_AGENT_CRASH_PARENT"
 POINTS = ("download", "after-verify", "loading", "warming", "after-swap", "probation")
+START = "start"
 
 _ARMED = os.environ.get(ENV, "")
 
@@ -51,8 +55,9 @@ def _disarmed(name: str, *flush: IO[Any]) -> None:
     """Unarmed: nothing to do."""
 
 
-if _ARMED and _ARMED not in POINTS:
-    sys.stderr.write(f"edge-agent: {ENV}={_ARMED!r} names no crash point {POINTS}; ignored\n")
+if _ARMED and _ARMED not in (*POINTS, START):
+    points = (*POINTS, START)
+    sys.stderr.write(f"edge-agent: {ENV}={_ARMED!r} names no crash point {points}; ignored\n")
     _ARMED = ""
 
 # crash_point(name, *files): SIGKILL here when EDGE_AGENT_CRASH_AT names this point (after

@@ -255,6 +255,14 @@ class StateDB:
         assert event_id is not None
         return Event(event_id, now, name, version, event, reason)
 
+    def set_crashes(self, name: str, version: int, crashes: int) -> None:
+        """Set a recorded version's count of crashes, its stage and reason unchanged."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE deployments SET crashes=? WHERE name=? AND version=?",
+                (crashes, name, version),
+            )
+
     def add_event(self, name: str, version: int | None, kind: str, reason: str = "") -> Event:
         now = time.time()
         with self._tx() as db:

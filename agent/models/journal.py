@@ -44,6 +44,7 @@ class Step:
     stage: Stage
     reason: str = ""
     event: str | None = None
+    crashes: int | None = None  # the version's count of crashes set with it (None: kept)
 
 
 class Journal:
@@ -164,7 +165,9 @@ class Journal:
 
     def write(self, step: Step) -> Event | None:
         """On the I/O thread: one step checked and written (``record`` without the rest)."""
-        return self._write(step.name, step.version, step.stage, step.reason, step.event, None)
+        return self._write(
+            step.name, step.version, step.stage, step.reason, step.event, step.crashes
+        )
 
     def announce_soon(
         self, written: Sequence[tuple[Step, Event | None]], loop: asyncio.AbstractEventLoop
@@ -222,6 +225,11 @@ class Journal:
         log.info("model %s version %s: %s (%s)", name, version, kind, reason)
         self._pass_on(name, version, event)
 
+    async def count_start(self, name: str, version: int, crashes: int) -> None:
+        """Set the count of starts the committed ``version`` did not survive (durable on
+        return): one more before it loads at start, none once it serves."""
+        await self.io.run(self.state.set_crashes, name, version, crashes)
+
     async def set_pin(self, name: str, version: int | None) -> None:
         """Store (``None``: clear) the pin of ``name``."""
         await self.io.run(self.state.set_setting, pin_key(name), version)
@@ -246,7 +254,9 @@ class Journal:
         committed version retired (read and written in one job on the I/O thread)."""
 
         def write() -> tuple[list[Step], list[Event | None], Exception | None, list[Step]]:
-            steps = [Step(name, version, Stage.COMMITTED, reason)]
+            # Committed, its count starts again: from now on it counts the starts it did not
+            # survive (``lifecycle.plan_start``), not the crashes before its probation ended.
+            steps = [Step(name, version, Stage.COMMITTED, reason, crashes=0)]
             for other in self.state.deployments(name):
                 if other.version != version and Stage(other.stage) is Stage.COMMITTED:
                     why = f"superseded by version {version}"
@@ -269,7 +279,7 @@ class Journal:
                 steps.append(Step(name, version, step, reason, event))
             stage = Stage.ACTIVE
         if stage is not Stage.COMMITTED:
-            steps.append(Step(name, version, Stage.COMMITTED, reason))
+            steps.append(Step(name, version, Stage.COMMITTED, reason, crashes=0))
         for other in self.state.deployments(name):
             if other.version != version and Stage(other.stage) in (Stage.COMMITTED, Stage.ACTIVE):
                 why = f"superseded: {name} serves {version}"

@@ -108,7 +108,11 @@ def plan_start(
     agent as it loads, warms up or serves (a runtime's crash on its graph, the OOM killer)
     must not make the device crash again at every start. After ``max_probation_crashes`` of
     them it is rejected (during validation) or rolled back (during probation) instead of tried
-    again. Only versions whose files are in the store count.
+    again. The committed version's count is of the starts it did not survive (one more is
+    recorded before it loads at start, none once it serves: ``agent.models.startup``): at as
+    many it is rolled back, and what is left serves (the newest verified, else the newest
+    retired, validated first), rather than the device dying at every start. Only versions
+    whose files are in the store count.
     """
     present = set(stored)
     by_version = {s.version: s for s in states if s.version in present}
@@ -126,6 +130,9 @@ def plan_start(
                 resets.append((state.version, quarantine, reason))
             else:
                 resets.append((state.version, Stage.VERIFIED, f"{phase} interrupted by a restart"))
+        elif state.stage is Stage.COMMITTED and state.crashes >= max_probation_crashes:
+            reason = f"the agent died loading it at start ({state.crashes} times in a row)"
+            resets.append((state.version, Stage.ROLLED_BACK, reason))
     after = {s.version: s.stage for s in by_version.values()}
     for version, stage, _ in resets:
         after[version] = stage

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from agent.errors import AgentError
+from agent.faults import crash_point
 from agent.iothread import IoThread
 from agent.models import lifecycle
 from agent.models.journal import Journal
@@ -90,18 +91,26 @@ class Startup:
         plan = lifecycle.plan_start(states, stored, pinned, self.config.max_probation_crashes)
         known = {state.version: state for state in states}
         for version, stage, reason in plan.resets:  # each one a version the agent died on
+            # A committed version's death was counted before it loaded (below).
+            died = known[version].stage is not Stage.COMMITTED
             await self.journal.record(
                 name,
                 version,
                 stage,
                 reason,
                 event="recovered" if stage is Stage.VERIFIED else stage.value,
-                crashes=known[version].crashes + 1,
+                crashes=known[version].crashes + 1 if died else None,
             )
         for version in stored:
             if version not in known:
                 await self.journal.record(name, version, Stage.VERIFIED, "found in the store")
         if plan.serve is not None:
+            # Counted before it loads, durably: a version that kills the agent as it loads
+            # (a runtime's crash on its graph, the OOM killer) is rolled back at the next
+            # start but one (``lifecycle.plan_start``), not loaded again at every start.
+            starts = known[plan.serve].crashes if plan.serve in known else 0
+            await self.journal.count_start(name, plan.serve, starts + 1)
+            crash_point("start")  # test hook: EDGE_AGENT_CRASH_AT (agent/faults.py)
             try:
                 loaded = await self._validate(name, plan.serve, record=False)
             except AgentError as exc:
@@ -117,6 +126,7 @@ class Startup:
                 await self._start_model(name, held_back)
                 return
             slot.add(loaded, activate=True)
+            await self.journal.count_start(name, plan.serve, 0)
             log.info("model %s version %d: serving (committed)", name, plan.serve)
         if plan.validate is not None and plan.validate in held_back(name):
             log.warning(

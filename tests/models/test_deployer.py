@@ -206,6 +206,48 @@ def test_a_clean_stop_during_validation_is_not_a_crash(tmp_path: Path) -> None:
     asyncio.run(main())
 
 
+def test_a_committed_version_the_agent_dies_loading_at_start_is_rolled_back(
+    tmp_path: Path,
+) -> None:
+    """A start counts the committed version's load before it begins and clears the count once
+    it serves; a count left by two deaths at start rolls it back and the retired version
+    serves (validated first), instead of the agent dying at every start."""
+
+    async def main() -> None:
+        h = Harness(tmp_path)
+        install(h.store, tmp_path, 1, 2.0)
+        await h.deployer.start()
+        await h.committed(1)
+        install(h.store, tmp_path, 2, 3.0)
+        assert await h.deployer.deploy("scale", 2)
+        await h.committed(2)
+        await h.deployer.close()
+        h.close()
+        h2 = Harness(tmp_path)
+        await h2.deployer.start()  # survived: counted, then cleared
+        row = h2.state.get("scale", 2)
+        assert row is not None and (row.stage, row.crashes) == ("committed", 0)
+        await h2.deployer.close()
+        # What two deaths while it loaded at start leave: its count at 2.
+        h2.state.set_crashes("scale", 2, 2)
+        h2.close()
+        h3 = Harness(tmp_path)
+        await h3.deployer.start()
+        assert h3.stage(2) == "rolled_back"
+        row = h3.state.get("scale", 2)
+        assert row is not None and row.crashes == 2
+        assert row.reason == "the agent died loading it at start (2 times in a row)"
+        assert "rolled_back" in [kind for _, kind in h3.kinds()]
+        active = h3.slots.get("scale").active
+        assert active is not None and active.version == 1
+        assert h3.infer()[0] == 200
+        await h3.committed(1)
+        await h3.deployer.close()
+        h3.close()
+
+    asyncio.run(main())
+
+
 def test_clean_restarts_during_probation_start_it_over(tmp_path: Path) -> None:
     """An operator restarting the service (systemctl restart) is not a crash: however often
     it happens during probation, the version is revalidated, never rolled back."""

@@ -101,6 +101,29 @@ def test_a_version_the_agent_dies_validating_is_rejected_the_second_time(stage: 
     assert lenient.validate == 3
 
 
+def test_a_committed_version_the_agent_dies_loading_at_start_is_rolled_back() -> None:
+    """Its count is of the starts it did not survive (one more before each load at start):
+    below the limit it serves again; at the limit it is rolled back and the newest verified
+    version, else the newest retired one, is validated instead of the agent dying at every
+    start."""
+    once = plan_start([VersionState(1, Stage.RETIRED), VersionState(2, Stage.COMMITTED, 1)], [1, 2])
+    assert once.serve == 2 and once.resets == ()
+    states = [VersionState(1, Stage.RETIRED), VersionState(2, Stage.COMMITTED, 2)]
+    twice = plan_start(states, [1, 2])
+    assert twice.resets == (
+        (2, Stage.ROLLED_BACK, "the agent died loading it at start (2 times in a row)"),
+    )
+    assert twice.serve is None and twice.validate == 1
+    newer = plan_start([*states, VersionState(3, Stage.VERIFIED)], [1, 2, 3])
+    assert newer.serve is None and newer.validate == 3
+    # A pin does not bring it back; nothing else stored: nothing serves.
+    pinned = plan_start(states, [1, 2], pinned=2)
+    assert pinned.serve is None and pinned.validate == 1
+    alone = plan_start([VersionState(2, Stage.COMMITTED, 2)], [2])
+    assert alone.serve is None and alone.validate is None
+    assert plan_start(states, [1, 2], max_probation_crashes=3).serve == 2
+
+
 def test_plan_ignores_records_without_files_and_adopts_unrecorded_files() -> None:
     # Version 4 was recorded but its directory never appeared (crash before the rename);
     # version 5 was renamed into place but not recorded (crash before the record).

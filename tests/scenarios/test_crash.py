@@ -125,6 +125,41 @@ def test_a_version_that_kills_the_agent_twice_is_rejected(device: Device, point:
         state.close()
 
 
+def test_a_committed_version_that_kills_the_agent_at_start_twice_is_rolled_back(
+    device: Device,
+) -> None:
+    """The committed version kills the agent as it loads at start (after a runtime's upgrade,
+    or the OOM killer on a fuller device): the next start tries it once more; after the
+    second death it is rolled back and the version before it serves, validated first,
+    instead of the device dying at every start and saying nothing."""
+    device.start()
+    assert device.wait_serving() == 1
+    device.wait_for(lambda: device.stages().get(1) == "committed")
+    device.stop()
+    device.publish(2)
+    device.start()  # its first update cycle fetches version 2
+    device.wait_for(lambda: device.stages().get(2) == "committed", 90)
+    device.stop()
+    for _ in range(2):
+        device.start(crash_at=faults.START)
+        device.wait_killed()
+        assert f"{faults.ENV}={faults.START}: killing the agent" in device.log_tail()
+        assert device.stages().get(2) == "committed"
+    device.start()
+    device.wait_for(lambda: device.stages().get(2) == "rolled_back")
+    assert device.wait_serving() == 1
+    check_consistent(device, 1)
+    infer_ok(device)
+    device.wait_for(lambda: device.stages().get(1) == "committed")
+    state = StateDB(device.root / "state" / "state.db")
+    try:
+        row = state.get("mm", 2)
+        assert row is not None and row.crashes == 2
+        assert row.reason == "the agent died loading it at start (2 times in a row)"
+    finally:
+        state.close()
+
+
 @pytest.mark.parametrize("point", faults.POINTS)
 def test_kill_9_at_each_named_point_of_an_update(device: Device, point: str) -> None:
     device.start()
