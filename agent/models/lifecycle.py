@@ -63,6 +63,10 @@ QUARANTINED = frozenset({Stage.REJECTED, Stage.ROLLED_BACK})
 IN_FLIGHT = frozenset({Stage.LOADING, Stage.WARMING, Stage.VALIDATED})
 
 
+# Stages a start can serve from, directly or after validating.
+_USABLE = frozenset({Stage.VERIFIED, Stage.COMMITTED, Stage.RETIRED})
+
+
 class TransitionError(AgentError):
     """A lifecycle step was asked for in a stage that does not allow it (a bug, or a race)."""
 
@@ -110,9 +114,9 @@ def plan_start(
     them it is rejected (during validation) or rolled back (during probation) instead of tried
     again. The committed version's count is of the starts it did not survive (one more is
     recorded before it loads at start, none once it serves: ``agent.models.startup``): at as
-    many it is rolled back, and what is left serves (the newest verified, else the newest
-    retired, validated first), rather than the device dying at every start. Only versions
-    whose files are in the store count.
+    many it is rolled back when another version is stored, and that serves (the newest
+    verified, else the newest retired, validated first), rather than the device dying at every
+    start. Only versions whose files are in the store count.
     """
     present = set(stored)
     by_version = {s.version: s for s in states if s.version in present}
@@ -130,9 +134,6 @@ def plan_start(
                 resets.append((state.version, quarantine, reason))
             else:
                 resets.append((state.version, Stage.VERIFIED, f"{phase} interrupted by a restart"))
-        elif state.stage is Stage.COMMITTED and state.crashes >= max_probation_crashes:
-            reason = f"the agent died loading it at start ({state.crashes} times in a row)"
-            resets.append((state.version, Stage.ROLLED_BACK, reason))
     after = {s.version: s.stage for s in by_version.values()}
     for version, stage, _ in resets:
         after[version] = stage
@@ -140,6 +141,15 @@ def plan_start(
     # the rename and the record) are verified: only verified bytes are ever installed.
     for version in present - set(after):
         after[version] = Stage.VERIFIED
+    for state in by_version.values():
+        if state.stage is Stage.COMMITTED and state.crashes >= max_probation_crashes:
+            # Only for another version: a kill -9 that is not the model's doing can land in
+            # the load twice too, and a device with one version must go on trying it.
+            others = [v for v, stage in after.items() if v != state.version and stage in _USABLE]
+            if others:
+                reason = f"the agent died loading it at start ({state.crashes} times in a row)"
+                resets.append((state.version, Stage.ROLLED_BACK, reason))
+                after[state.version] = Stage.ROLLED_BACK
     if pinned is not None and pinned in present and after.get(pinned) not in QUARANTINED:
         serve = pinned if after[pinned] is Stage.COMMITTED else None
         validate = None if serve is not None else pinned

@@ -109,6 +109,14 @@ class Startup:
             # (a runtime's crash on its graph, the OOM killer) is rolled back at the next
             # start but one (``lifecycle.plan_start``), not loaded again at every start.
             starts = known[plan.serve].crashes if plan.serve in known else 0
+            if starts:
+                log.warning(
+                    "model %s version %d: the agent died loading it at start (%d times in a "
+                    "row); loading it again",
+                    name,
+                    plan.serve,
+                    starts,
+                )
             await self.journal.count_start(name, plan.serve, starts + 1)
             crash_point("start")  # test hook: EDGE_AGENT_CRASH_AT (agent/faults.py)
             try:

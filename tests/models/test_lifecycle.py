@@ -103,9 +103,9 @@ def test_a_version_the_agent_dies_validating_is_rejected_the_second_time(stage: 
 
 def test_a_committed_version_the_agent_dies_loading_at_start_is_rolled_back() -> None:
     """Its count is of the starts it did not survive (one more before each load at start):
-    below the limit it serves again; at the limit it is rolled back and the newest verified
-    version, else the newest retired one, is validated instead of the agent dying at every
-    start."""
+    below the limit it serves again; at the limit, when another version is stored, it is rolled
+    back and the newest verified version, else the newest retired one, is validated instead of
+    the agent dying at every start."""
     once = plan_start([VersionState(1, Stage.RETIRED), VersionState(2, Stage.COMMITTED, 1)], [1, 2])
     assert once.serve == 2 and once.resets == ()
     states = [VersionState(1, Stage.RETIRED), VersionState(2, Stage.COMMITTED, 2)]
@@ -119,8 +119,13 @@ def test_a_committed_version_the_agent_dies_loading_at_start_is_rolled_back() ->
     # A pin does not bring it back; nothing else stored: nothing serves.
     pinned = plan_start(states, [1, 2], pinned=2)
     assert pinned.serve is None and pinned.validate == 1
-    alone = plan_start([VersionState(2, Stage.COMMITTED, 2)], [2])
-    assert alone.serve is None and alone.validate is None
+    # The only version stored: tried again (the deaths may not have been its doing).
+    alone = plan_start([VersionState(2, Stage.COMMITTED, 5)], [2])
+    assert alone.serve == 2 and alone.resets == ()
+    quarantined = plan_start(
+        [VersionState(1, Stage.REJECTED), VersionState(2, Stage.COMMITTED, 2)], [1, 2]
+    )
+    assert quarantined.serve == 2 and quarantined.resets == ()
     assert plan_start(states, [1, 2], max_probation_crashes=3).serve == 2
 
 
