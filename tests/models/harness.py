@@ -263,3 +263,13 @@ async def committed_first(h: Harness, policy: ProbationPolicy, version: int = 1)
     await h.deployer.start()
     await h.committed(version)
     h.set_policy(policy)
+
+
+async def two_committed(h: Harness, tmp_path: Path) -> None:
+    """Versions 1 then 2 of "scale" installed, each validated and committed in turn."""
+    install(h.store, tmp_path, 1, 2.0)
+    await h.deployer.start()
+    await h.committed(1)
+    install(h.store, tmp_path, 2, 3.0)
+    assert await h.deployer.deploy("scale", 2)
+    await h.committed(2)

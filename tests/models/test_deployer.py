@@ -10,7 +10,7 @@ import pytest
 
 from agent.errors import NotFoundError
 from agent.models.lifecycle import ProbationPolicy
-from tests.models.harness import Harness, faulty_scale_model, install, wait_for
+from tests.models.harness import Harness, faulty_scale_model, install, two_committed, wait_for
 
 
 def test_first_version_validates_activates_and_commits(tmp_path: Path) -> None:
@@ -215,12 +215,7 @@ def test_a_committed_version_the_agent_dies_loading_at_start_is_rolled_back(
 
     async def main() -> None:
         h = Harness(tmp_path)
-        install(h.store, tmp_path, 1, 2.0)
-        await h.deployer.start()
-        await h.committed(1)
-        install(h.store, tmp_path, 2, 3.0)
-        assert await h.deployer.deploy("scale", 2)
-        await h.committed(2)
+        await two_committed(h, tmp_path)
         await h.deployer.close()
         h.close()
         h2 = Harness(tmp_path)

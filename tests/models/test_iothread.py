@@ -13,7 +13,7 @@ from agent.iothread import IoThread
 from agent.models.lifecycle import ProbationPolicy
 from agent.models.store import ModelStore
 from agent.state import StateDB
-from tests.models.harness import Harness, install
+from tests.models.harness import Harness, install, two_committed
 
 # How long a job on the I/O thread waits for the loop to show it is alive: generous (a busy
 # machine), and never reached when the loop is free; reached, it fails the test.
@@ -99,12 +99,7 @@ def test_a_commit_with_a_large_retention_removal_leaves_the_loop_free(tmp_path: 
 
     async def main() -> None:
         h = Harness(tmp_path, ProbationPolicy(window_s=0.2), keep_versions=0)
-        install(h.store, tmp_path, 1, 2.0)
-        await h.deployer.start()
-        await h.committed(1)
-        install(h.store, tmp_path, 2, 3.0)
-        assert await h.deployer.deploy("scale", 2)
-        await h.committed(2)
+        await two_committed(h, tmp_path)
         assert h.store.versions("scale") == [1, 2]
         bulk = h.store.root / "scale" / "1" / "bulk"
         bulk.mkdir()
