@@ -215,20 +215,8 @@ class Ingest:
                     return
 
     def _write(self, taken: list[Message]) -> None:
-        for attempt in range(5):
-            try:
-                result = self.store.ingest(taken)
-                break
-            except Exception as exc:  # a lost connection, a deadlock: the batch is retried
-                log.warning(
-                    "fleet ingest: writing %d messages failed (%s), attempt %d of 5",
-                    len(taken),
-                    exc,
-                    attempt + 1,
-                )
-                time.sleep(0.2 * 2**attempt)
-        else:
-            log.error("fleet ingest: %d messages could not be stored", len(taken))
+        result = self._store(taken)
+        if result is None:
             return
         self.stored += result.stored
         self.duplicates += result.duplicates
@@ -236,6 +224,51 @@ class Ingest:
         self.flushes += 1
         if self.on_flush is not None:
             self.on_flush(result)
+
+    def _store(self, taken: list[Message], attempts: int = 5) -> IngestResult | None:
+        """``taken`` in one transaction, retried while the store is away. When the store
+        answers but the batch fails, it is written in halves: a message the store refuses
+        (``rows`` checks for what it knows of) then costs only itself, not the messages of
+        other devices in its batch."""
+        for attempt in range(attempts):
+            try:
+                return self.store.ingest(taken)
+            except Exception as exc:  # a lost connection, a deadlock, a refused value
+                log.warning(
+                    "fleet ingest: writing %d messages failed (%s), attempt %d of %d",
+                    len(taken),
+                    exc,
+                    attempt + 1,
+                    attempts,
+                )
+                if len(taken) > 1 and self._store_answers():
+                    half = len(taken) // 2
+                    done = [
+                        part
+                        for part in (self._store(taken[:half], 2), self._store(taken[half:], 2))
+                        if part is not None
+                    ]
+                    return IngestResult(
+                        sum(part.stored for part in done),
+                        sum(part.duplicates for part in done),
+                        tuple(refusal for part in done for refusal in part.refused),
+                    )
+                if attempt + 1 < attempts:
+                    time.sleep(0.05 if attempts < 5 else 0.2 * 2**attempt)
+        topics = sorted({message.topic for message in taken})
+        log.error(
+            "fleet ingest: %d messages could not be stored (%s); dropped",
+            len(taken),
+            ", ".join(topics[:5]),
+        )
+        return None
+
+    def _store_answers(self) -> bool:
+        try:
+            self.store.device_count()
+        except Exception:
+            return False
+        return True
 
     def _prune(self) -> None:
         try:

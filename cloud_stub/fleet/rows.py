@@ -1,9 +1,16 @@
 """Device messages into table rows (pure): the checks of docs/mqtt.md's formats, and why a
-message is refused. A refused message is reported (topic and reason), never half stored."""
+message is refused. A refused message is reported (topic and reason), never half stored.
+
+Whatever passes here must store: a value a database refuses (a non-finite number, a NUL or a
+lone surrogate in a string) would fail the whole batch's transaction, and with it every other
+device's messages in it. A device's clock is its own: a timestamp ahead of the message's
+arrival by more than ``MAX_AHEAD_S`` is taken as that, so that one device cannot sort its rows
+above every other's for good."""
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,6 +20,7 @@ MAX_PAYLOAD = 64 * 1024
 MAX_MODELS = 64
 MAX_TEXT = 1024
 KINDS = ("status", "health", "events", "commands/ack")
+MAX_AHEAD_S = 300.0  # a device's clock may run this far ahead of the dashboard's
 
 
 class RefusedError(ValueError):
@@ -65,7 +73,28 @@ def _num(doc: dict[str, Any], key: str, *, optional: bool = True) -> float | Non
         return None
     if not isinstance(value, int | float) or isinstance(value, bool):
         raise RefusedError(f"{key}: expected a number, found {value!r}")
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise RefusedError(f"{key}: expected a finite number")
+    return number
+
+
+def _ts(doc: dict[str, Any], received: float, *, optional: bool = False) -> float | None:
+    ts = _num(doc, "ts", optional=optional)
+    return None if ts is None else min(ts, received + MAX_AHEAD_S)
+
+
+def _storable(value: str, where: str) -> str:
+    if "\x00" in value:
+        raise RefusedError(f"{where}: a string with a NUL character")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RefusedError(f"{where}: a string with a lone surrogate (not UTF-8)") from None
+    return value
 
 
 def _text(doc: dict[str, Any], key: str) -> str | None:
@@ -74,6 +103,24 @@ def _text(doc: dict[str, Any], key: str) -> str | None:
         return None
     if not isinstance(value, str) or len(value) > MAX_TEXT:
         raise RefusedError(f"{key}: expected a string of at most {MAX_TEXT} characters")
+    return _storable(value, key)
+
+
+def _name(value: str) -> str:
+    """A model's name (a key of ``models``)."""
+    if not value or len(value) > MAX_TEXT:
+        raise RefusedError(f"models: a model name of 1 to {MAX_TEXT} characters, found {value!r}")
+    return _storable(value, "models")
+
+
+def _refuse_constant(token: str) -> Any:
+    raise RefusedError(f"not JSON: {token} is not a number JSON allows")
+
+
+def _finite_float(token: str) -> float:
+    value = float(token)
+    if not math.isfinite(value):
+        raise RefusedError(f"not JSON: {token} overflows a number")
     return value
 
 
@@ -109,7 +156,15 @@ def _add(batch: Batch, message: Message) -> None:
     if len(message.payload) > MAX_PAYLOAD:
         raise RefusedError(f"payload of {len(message.payload)} bytes (at most {MAX_PAYLOAD})")
     try:
-        doc = json.loads(message.payload)
+        text = message.payload.decode("utf-8")  # json.loads would take UTF-16 and UTF-32 too
+    except UnicodeDecodeError as exc:
+        raise RefusedError(f"not UTF-8: {exc}") from None
+    try:
+        doc = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise RefusedError("not JSON: nested too deeply") from None
+    except RefusedError:
+        raise
     except ValueError as exc:
         raise RefusedError(f"not JSON: {exc}") from None
     if not isinstance(doc, dict):
@@ -121,9 +176,9 @@ def _add(batch: Batch, message: Message) -> None:
         _status(batch, device, doc, message.retained, now)
     else:
         seq = _int(doc, "seq")
-        ts = _num(doc, "ts", optional=False)
+        ts = _ts(doc, now)
         if kind == "health":
-            _health(batch, device, seq, ts, doc, message.payload, now)
+            _health(batch, device, seq, ts, doc, text, now)
         elif kind == "events":
             event_kind = _text(doc, "kind")
             if not event_kind:
@@ -160,13 +215,13 @@ def _status(batch: Batch, device: str, doc: dict[str, Any], retained: bool, now:
     online = doc.get("online")
     if not isinstance(online, bool):
         raise RefusedError(f"online: expected true or false, found {online!r}")
-    ts = _num(doc, "ts") or now
+    ts = _ts(doc, now, optional=True) or now
     models_json = None
     if online and "models" in doc:
         models = _models(doc["models"])
         for name, version in models.items():
             batch.models.append(
-                (device, name, _version(version, f"models.{name}"), now, *([None] * 4), ts)
+                (device, _name(name), _version(version, f"models.{name}"), now, *([None] * 4), ts)
             )
         models_json = json.dumps(models, separators=(",", ":"))
     flag = int(online)
@@ -190,7 +245,7 @@ def _health(
     seq: int | None,
     ts: float | None,
     doc: dict[str, Any],
-    payload: bytes,
+    payload: str,
     now: float,
 ) -> None:
     models = _models(doc.get("models", {}))
@@ -198,6 +253,7 @@ def _health(
     worst: float | None = None
     rows = []
     for name, figures in models.items():
+        _name(name)
         if not isinstance(figures, dict):
             raise RefusedError(f"models.{name}: expected an object")
         version = _version(figures.get("active_version"), f"models.{name}.active_version")
@@ -218,7 +274,7 @@ def _health(
     batch.health.append((device, seq, ts, cpu, percent, rss, worst))
     batch.latest.append(
         (
-            payload.decode(),
+            payload,
             json.dumps(active, separators=(",", ":")),
             ts,
             cpu,

@@ -4,12 +4,15 @@ counted without holding the good ones back, what is queued written at stop."""
 from __future__ import annotations
 
 import json
+import sqlite3
+from collections.abc import Sequence
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
 
 from cloud_stub.fleet.ingest import Ingest, topics
-from cloud_stub.fleet.records import DeviceQuery
+from cloud_stub.fleet.records import DeviceQuery, IngestResult, Message
+from cloud_stub.fleet.sqlite import SqliteStore
 from cloud_stub.fleet.store import open_store
 from cloud_stub.fleet.stream import fleet_stream
 from tests.telemetry.agents import wait_for
@@ -102,4 +105,48 @@ def test_health_comes_on_a_connection_of_its_own_and_never_holds_events_back(
     taken = [m.topic for m in ingest._take() + ingest._take()]
     assert len(taken) == 55 and all(topic.endswith("/health") for topic in taken)
     assert ingest.pending() == 0
+    store.close()
+
+
+def test_a_batch_the_store_refuses_is_split_to_keep_the_good_messages(tmp_path: Path) -> None:
+    """A message that passes the checks but fails the store's transaction (a value the checks
+    do not know of) costs only itself: the batch is written in halves while the store
+    answers. With the store away, the batch is kept whole and retried, never split."""
+
+    class Refusing(SqliteStore):
+        refuse = "edge/t/bad/events"
+        away = False
+
+        def ingest(self, messages: Sequence[Message]) -> IngestResult:
+            if self.away or any(m.topic == self.refuse for m in messages):
+                raise sqlite3.IntegrityError("NOT NULL constraint failed: events.ts")
+            return super().ingest(messages)
+
+        def device_count(self) -> int:
+            if self.away:
+                raise sqlite3.OperationalError("unable to open database file")
+            return super().device_count()
+
+    store = Refusing(tmp_path / "fleet.db")
+    ingest = Ingest(store, "127.0.0.1", 9, "split-test")  # never connected: _store alone
+    doc = {"seq": 1, "ts": 1.0, "kind": "activated", "model": "vad", "version": 2}
+    good = [
+        Message(f"edge/t/dev-{n}/events", json.dumps(doc).encode(), received=1.0) for n in range(7)
+    ]
+    bad = Message("edge/t/bad/events", json.dumps(doc).encode(), received=1.0)
+    result = ingest._store([*good[:3], bad, *good[3:]])
+    assert result is not None and result.stored == 7
+    assert sorted(e.device for e in store.events()) == [f"dev-{n}" for n in range(7)]
+    # The store away: retried whole (5 attempts), then dropped with a log line, not split.
+    calls = []
+    store.away = True
+    original = store.ingest
+
+    def counted(messages: Sequence[Message]) -> IngestResult:
+        calls.append(len(messages))
+        return original(messages)
+
+    store.ingest = counted  # type: ignore[method-assign]
+    assert ingest._store(good[:4]) is None
+    assert calls == [4] * 5
     store.close()

@@ -114,6 +114,61 @@ def test_refuses_bad_messages_with_their_reason_and_keeps_the_rest(store: FleetS
     assert store.device_count() == 1
 
 
+def test_values_a_database_refuses_are_refused_alone(store: FleetStore) -> None:
+    """A value SQLite or PostgreSQL would refuse (NaN stored as NULL in a NOT NULL column, a
+    NUL in PostgreSQL text, a lone surrogate in UTF-8) would fail the batch's transaction and
+    every other device's messages in it: each is refused alone, with its reason."""
+    good = [event("dev-1", 1, "downloaded", 2), health("dev-2", 1, 1.0, 2)]
+    raw = b'{"seq": 4, "ts": %s, "kind": "x"}'
+    bad = [
+        Message("edge/f/dev-3/events", raw % b"NaN"),
+        Message("edge/f/dev-3/events", raw % b"-Infinity"),
+        Message("edge/f/dev-3/events", raw % b"1e999"),
+        Message("edge/f/dev-3/events", raw % str(10**400).encode()),
+        Message("edge/f/dev-3/health", b'{"seq": 5, "ts": 1.0, "cpu_percent": %d}' % 10**400),
+        Message("edge/f/dev-3/events", '{"seq": 6, "ts": 1.0, "kind": "x"}'.encode("utf-16")),
+        msg("dev-3", "events", {"seq": 7, "ts": 1.0, "kind": "x", "reason": "a\x00b"}),
+        Message("edge/f/dev-3/events", b'{"seq": 8, "ts": 1.0, "kind": "x\\ud800"}'),
+        msg("dev-3", "status", {"online": True, "models": {"v\x00d": 1}}),
+        Message("edge/f/dev-3/events", b"[" * 30_000 + b"]" * 30_000),
+    ]
+    result = store.ingest([bad[0], good[0], *bad[1:], good[1]])
+    assert result.stored == 2
+    reasons = [reason for _, reason in result.refused]
+    expected = [
+        "not JSON: NaN is not a number JSON allows",
+        "not JSON: -Infinity is not a number JSON allows",
+        "not JSON: 1e999 overflows a number",
+        "ts: expected a finite number",
+        "cpu_percent: expected a finite number",
+        "not UTF-8",
+        "reason: a string with a NUL character",
+        "kind: a string with a lone surrogate",
+        "models: a string with a NUL character",
+        "not JSON",
+    ]
+    assert len(reasons) == len(expected), reasons
+    for reason, start in zip(reasons, expected, strict=True):
+        assert reason.startswith(start), (reason, start)
+    assert [e.kind for e in store.events()] == ["downloaded"]
+    assert store.device_count() == 2
+
+
+def test_a_clock_far_ahead_does_not_put_a_device_first_for_good(store: FleetStore) -> None:
+    """Timestamps more than five minutes ahead of arrival are taken as arrival + 5 min: one
+    device's clock (or a rogue one) cannot sort its events and acknowledgements above every
+    other device's until the history is pruned."""
+    now = time.time()
+    ahead = event("rogue", 1, "activated", 2, ts=1e12)
+    ack = msg("rogue", "commands/ack", {"seq": 2, "ts": 1e12, "command": "x", "outcome": "ok"})
+    store.ingest([replace(ahead, received=now), replace(ack, received=now)])
+    later = event("dev-1", 1, "committed", 2, ts=now + 400)
+    store.ingest([replace(later, received=now + 200)])
+    assert [e.device for e in store.events()] == ["dev-1", "rogue"]
+    assert store.events()[1].ts == pytest.approx(now + 300)
+    assert max(a["ts"] for a in store.acks(10)) == pytest.approx(now + 300)
+
+
 def test_online_comes_only_from_status_and_the_newest_health_wins(store: FleetStore) -> None:
     store.ingest([health("dev-9", 10, 10.0, 3)])
     assert store.device_page(DeviceQuery()).devices[0].online is False  # never born
