@@ -4,12 +4,16 @@ every request (pure: a request's method, path and headers in, a session out or a
 The operator logs in once with the secret printed at start (``/login?token=…``), which sets a
 session cookie (HttpOnly, SameSite=Strict). Cookies are not scoped by port, so another origin
 on the same host (``http://127.0.0.1:OTHER``) is *same-site* and the browser sends the cookie
-with its requests: the cookie alone never allows a change. A change (any method but GET/HEAD)
-also needs the dashboard's own ``Origin``, the session's CSRF token in ``X-CSRF-Token`` (only
-the dashboard's page has it) and a JSON body, which no page of another origin can send without
-a CORS preflight that the dashboard refuses. ``Host`` must be one of the dashboard's names, so
-a DNS-rebound name cannot reach it either. Sessions are stateless: the cookie and the CSRF
-token are HMACs keyed by the secret, so a dashboard restarted with the same secret keeps them.
+with its requests: in a browser the cookie alone never allows a change. A change (any method
+but GET/HEAD) also needs the dashboard's own ``Origin``, the session's CSRF token in
+``X-CSRF-Token`` (only the dashboard's page has it) and a JSON body, which no page of another
+origin can send without a CORS preflight that the dashboard refuses. ``Host`` must be one of
+the dashboard's names, so a DNS-rebound name cannot reach it either. What the browser cannot
+stop: a *process* on the host that receives the cookie (a server on another port the browser
+is sent to) can replay it outside a browser, with any headers; so a session ends after
+``SESSION_MAX_AGE_S`` (the cookie carries when it was issued, under its MAC), and changing the
+secret ends every session at once. Sessions are stateless: the cookie and the CSRF token are
+HMACs keyed by the secret, so a dashboard restarted with the same secret keeps them.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -24,6 +29,8 @@ from agent.errors import AgentError
 
 SAFE_METHODS = frozenset({"GET", "HEAD"})
 CSRF_HEADER = "x-csrf-token"
+SESSION_MAX_AGE_S = 12 * 3600  # an operator's working day, then the login URL again
+CLOCK_SKEW_S = 60  # a cookie issued this far in the future is still taken
 
 
 class NotLoggedInError(AgentError):
@@ -100,7 +107,7 @@ class Guard:
     def _mac(self, purpose: str, sid: str) -> str:
         return hmac.new(self._key, f"{purpose}:{sid}".encode(), hashlib.sha256).hexdigest()
 
-    def login(self, token: str) -> str:
+    def login(self, token: str, now: float | None = None) -> str:
         """The ``Set-Cookie`` value for a browser that presented ``token``.
 
         Raises:
@@ -108,9 +115,12 @@ class Guard:
         """
         if not hmac.compare_digest(token.encode(), self._secret):
             raise NotLoggedInError("wrong login token: use the login URL the dashboard printed")
-        sid = secrets.token_urlsafe(16)
+        sid = f"{secrets.token_urlsafe(16)}.{int(time.time() if now is None else now)}"
         value = f"{sid}.{self._mac('session', sid)}"
-        return f"{self.cookie_name}={value}; Path=/; HttpOnly; SameSite=Strict"
+        return (
+            f"{self.cookie_name}={value}; Path=/; Max-Age={SESSION_MAX_AGE_S}; HttpOnly; "
+            "SameSite=Strict"
+        )
 
     def check_host(self, request: Request) -> str:
         """The request's ``Host``, if it is one of the dashboard's names.
@@ -125,7 +135,7 @@ class Guard:
             )
         return host
 
-    def authorize(self, request: Request) -> Session:
+    def authorize(self, request: Request, now: float | None = None) -> Session:
         """The session of a request allowed to do what it asks.
 
         Raises:
@@ -140,10 +150,17 @@ class Guard:
             # A browser says where a request comes from; only the page itself uses the API.
             raise ForeignRequestError(f"a request from another origin (Sec-Fetch-Site: {site})")
         cookie = _cookies(request.headers.get("cookie", "")).get(self.cookie_name, "")
-        sid, _, mac = cookie.partition(".")
+        sid, _, mac = cookie.rpartition(".")
         if not sid or not hmac.compare_digest(mac.encode(), self._mac("session", sid).encode()):
             raise NotLoggedInError(
                 "not logged in: open the login URL the dashboard printed at start"
+            )
+        issued = sid.rpartition(".")[2]
+        age = (time.time() if now is None else now) - int(issued) if issued.isdigit() else -1e9
+        if not -CLOCK_SKEW_S <= age <= SESSION_MAX_AGE_S:
+            raise NotLoggedInError(
+                "the session has ended (sessions last "
+                f"{SESSION_MAX_AGE_S // 3600} h): open the login URL again"
             )
         session = Session(sid, self._mac("csrf", sid))
         if request.method in SAFE_METHODS:

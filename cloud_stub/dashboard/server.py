@@ -46,16 +46,19 @@ from cloud_stub.dashboard.auth import (
     host_names,
     new_secret,
 )
+from cloud_stub.dashboard.bounded import BoundedServer
 from cloud_stub.dashboard.view import FleetView, parse_query
 from cloud_stub.fleet.control import RolloutControl, StoreControl
 from cloud_stub.fleet.ingest import Ingest
-from cloud_stub.fleet.records import DeviceQuery, FleetStoreError
+from cloud_stub.fleet.records import FleetStoreError
 from cloud_stub.fleet.store import open_store
 
 log = logging.getLogger(__name__)
 
 MAX_BODY = 16 * 1024
 STREAM_INTERVAL_S = 0.5
+# A request's head and body, and an idle keep-alive connection, get this long between reads.
+IO_TIMEOUT_S = 15.0
 STATUS_OF = {NotLoggedInError: 401, ForeignRequestError: 403, NotJsonError: 403}
 
 
@@ -65,6 +68,10 @@ def default_client_id(db: Path | str, group: str | None = None) -> str:
     where = db if "://" in str(db) else Path(db).resolve()
     digest = hashlib.sha256(f"{socket.gethostname()}:{where}:{group or ''}".encode())
     return f"edge-dashboard-{digest.hexdigest()[:16]}"
+
+
+class UnknownDeviceError(AgentError):
+    """A command for a device the fleet store has never heard from: 404."""
 
 
 class Dashboard:
@@ -119,10 +126,18 @@ class Dashboard:
             )
 
     def fleet_of(self, device: str) -> str:
-        for found in self.state.store.device_page(DeviceQuery(search=device, limit=500)).devices:
-            if found.device == device:
-                return found.fleet
-        return "default"
+        """The fleet of a device the store knows (its topics are ``edge/{fleet}/…``).
+
+        Raises:
+            UnknownDeviceError: it never reported here; there is no topic it would read.
+        """
+        fleet = self.state.store.fleet_of(device)
+        if fleet is None:
+            raise UnknownDeviceError(
+                f"device {device!r} has never reported to this dashboard: no fleet, no topic "
+                "it reads"
+            )
+        return fleet
 
     def send_command(self, device: str, name: str, args: dict[str, Any]) -> str:
         if self.operator_key is None:
@@ -145,6 +160,7 @@ class Dashboard:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            timeout = IO_TIMEOUT_S  # the socket's, set by StreamRequestHandler.setup
 
             def log_message(self, format: str, *args: Any) -> None:
                 log.debug(format, *args)
@@ -247,6 +263,17 @@ class Dashboard:
                 self._send(303, b"", "text/plain", [("Set-Cookie", cookie), ("Location", "/")])
 
             def _stream(self) -> None:
+                assert isinstance(self.server, BoundedServer)
+                streams = self.server.streams
+                if not streams.acquire(blocking=False):
+                    self._error(503, f"{self.server.max_streams} event streams are open already")
+                    return
+                try:
+                    self._stream_changes()
+                finally:
+                    streams.release()
+
+            def _stream_changes(self) -> None:
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
                 self.send_header("Cache-Control", "no-cache")
@@ -283,9 +310,17 @@ class Dashboard:
                 if path not in {"/api/command", "/api/rollout"}:
                     self._error(404, "not found")
                     return
-                length = int(self.headers.get("Content-Length", "0"))
+                declared = self.headers.get_all("Content-Length") or ["0"]
+                text = declared[0].strip()
+                if len(declared) > 1 or not text.isdigit() or not text.isascii():
+                    self._error(400, f"bad Content-Length {', '.join(declared)!r}")
+                    return
+                length = int(text)
                 if length > MAX_BODY:
                     self._error(413, f"body too large ({length} bytes, at most {MAX_BODY})")
+                    return
+                if self.headers.get("Transfer-Encoding"):
+                    self._error(411, "a body needs a Content-Length (no Transfer-Encoding)")
                     return
                 if path == "/api/rollout":
                     self._rollout(length)
@@ -297,6 +332,9 @@ class Dashboard:
                     )
                 except PermissionError as exc:
                     self._error(403, str(exc))
+                    return
+                except UnknownDeviceError as exc:
+                    self._error(404, str(exc))
                     return
                 except (ValueError, KeyError, TypeError) as exc:
                     self._error(400, f"bad command request: {exc}")
@@ -318,8 +356,7 @@ class Dashboard:
                 log.info("dashboard: asked to %s rollout %s", action, rollout_id)
                 self._send(200, json.dumps({"rollout": rollout.id, "requested": action}).encode())
 
-        server = ThreadingHTTPServer((host, port), Handler)
-        server.daemon_threads = True
+        server = BoundedServer((host, port), Handler)
         bound = int(server.server_address[1])
         self.guard = Guard(self.secret, bound, host_names(host, bound, self.allow_hosts))
         shown = "127.0.0.1" if host in {"", "0.0.0.0"} else host

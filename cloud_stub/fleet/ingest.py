@@ -32,6 +32,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from cloud_stub.fleet.records import IngestResult, Message
+from cloud_stub.fleet.rows import MAX_PACKET_BYTES
 from cloud_stub.fleet.store import FleetStore
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,9 @@ class Ingest:
         client.reconnect_delay_set(1, RECONNECT_MAX_S)
         connect = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         connect.SessionExpiryInterval = SESSION_EXPIRY_S
+        # The broker drops a bigger message for us instead of sending it: one device cannot
+        # make the dashboard hold megabytes that its checks would refuse anyway.
+        connect.MaximumPacketSize = MAX_PACKET_BYTES
         client.connect_async(host, port, 30, clean_start=False, properties=connect)
         return client
 

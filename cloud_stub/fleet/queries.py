@@ -190,6 +190,11 @@ class Queries:
         )
         return [dict(zip(names, row, strict=True)) for row in found]
 
+    def fleet_of(self, device: str) -> str | None:
+        """The fleet ``device`` last reported in (None: the store has never heard of it)."""
+        found = self._rows("SELECT fleet FROM devices WHERE device = ?", [device])
+        return str(found[0][0]) if found else None
+
     def latest_health(self, device: str) -> Mapping[str, Any] | None:
         found = self._rows("SELECT health FROM devices WHERE device = ?", [device])
         if not found or found[0][0] is None:

@@ -17,6 +17,7 @@ from typing import Any
 from cloud_stub.fleet.records import Message
 
 MAX_PAYLOAD = 64 * 1024
+MAX_PACKET_BYTES = MAX_PAYLOAD + 4096  # the largest device message, its topic and header
 MAX_MODELS = 64
 MAX_TEXT = 1024
 KINDS = ("status", "health", "events", "commands/ack")

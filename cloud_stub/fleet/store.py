@@ -40,6 +40,10 @@ class FleetStore(Protocol):
 
     def device_count(self) -> int: ...
 
+    def fleet_of(self, device: str) -> str | None:
+        """The fleet ``device`` last reported in (None: never heard of)."""
+        ...
+
     def device_page(self, query: DeviceQuery) -> DevicePage: ...
 
     def device_models(

@@ -23,6 +23,7 @@ from paho.mqtt.properties import Properties
 
 from agent.errors import AgentError
 from agent.telemetry.messages import Topics
+from cloud_stub.fleet.rows import MAX_PACKET_BYTES
 from cloud_stub.operator import command, load_private
 from cloud_stub.rollout.pump import Pump
 
@@ -165,8 +166,12 @@ class MqttFeed:
         client.on_message = on_message
         if not kinds:
             client.max_inflight_messages_set(COMMANDS_INFLIGHT)
+        connect = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        # The broker drops a bigger message for us instead of sending it (one device cannot
+        # make the controller hold megabytes its checks would refuse anyway).
+        connect.MaximumPacketSize = MAX_PACKET_BYTES
         try:
-            client.connect(host, port, keepalive=30)
+            client.connect(host, port, keepalive=30, properties=connect)
         except OSError as exc:
             raise FeedError(f"cannot reach the broker at {host}:{port}: {exc}") from exc
         return client

@@ -14,6 +14,7 @@ import pytest
 from agent.errors import ConfigError
 from cloud_stub.dashboard import secretfile
 from cloud_stub.dashboard.auth import (
+    SESSION_MAX_AGE_S,
     ForeignRequestError,
     Guard,
     NotJsonError,
@@ -22,6 +23,7 @@ from cloud_stub.dashboard.auth import (
     host_names,
 )
 from cloud_stub.dashboard.server import Dashboard
+from cloud_stub.fleet.records import Message
 from cloud_stub.operator import generate
 from tests.cloud_stub.dashboard_http import DashboardHttp
 from tests.telemetry.conftest import Broker, Subscriber
@@ -111,6 +113,24 @@ def test_login_compares_the_secret() -> None:
     assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "Path=/" in cookie
 
 
+def test_a_session_ends_after_its_max_age() -> None:
+    """A cookie replayed outside a browser (a process that received it) is good for one
+    working day at most; its issue time is under the MAC, so it cannot be moved."""
+    g = guard()
+    cookie = g.login("s3cret", now=1_000_000.0).split(";")[0]
+    request = Request("GET", "/api/fleet", {"host": HOST, "cookie": cookie})
+    g.authorize(request, now=1_000_000.0 + SESSION_MAX_AGE_S)
+    for now in (1_000_000.0 + SESSION_MAX_AGE_S + 1, 1_000_000.0 - 3600):
+        with pytest.raises(NotLoggedInError, match="the session has ended"):
+            g.authorize(request, now=now)
+    name, _, value = cookie.partition("=")
+    sid, issued, mac = value.split(".")
+    moved = f"{name}={sid}.{int(issued) + SESSION_MAX_AGE_S}.{mac}"
+    with pytest.raises(NotLoggedInError, match="not logged in"):
+        g.authorize(Request("GET", "/", {"host": HOST, "cookie": moved}), now=1_000_000.0)
+    assert f"Max-Age={SESSION_MAX_AGE_S}" in g.login("s3cret")
+
+
 def test_host_names() -> None:
     assert host_names("127.0.0.1", 80) >= {"127.0.0.1", "localhost:80", "[::1]:80"}
     assert host_names("10.0.0.5", 8080, ["dash.example"]) == {
@@ -193,6 +213,11 @@ def test_every_refusal_over_http(tmp_path: Path, dashboard: tuple[Dashboard, Bro
         assert status == 403
         assert watch.lines() == [], "a refused request must publish nothing"
 
+        # A device the dashboard never heard from has no topic it reads: refused, not sent to
+        # a guessed fleet.
+        status, answer = operator.command({**rollback, "args": {"model": "ok"}})
+        assert status == 404 and "never reported" in answer["error"], answer
+        board.state.store.ingest([Message("edge/default/dev-1/status", b'{"online": true}')])
         # The page's own request goes through: signed, on the device's command topic. It is
         # the only one: one published by mistake before it would have arrived before it.
         status, answer = operator.command({**rollback, "args": {"model": "ok"}})
