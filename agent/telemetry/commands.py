@@ -13,9 +13,10 @@ within ±(2^53 − 1), no fractions; a signed command with any other number is r
 a document with a duplicate key or a lone surrogate. ``check-update`` grants no authority and
 may come unsigned; every other command must be signed by an operator key the device trusts
 (separate from the broker's credentials), name this device, carry a sequence number above the
-last one accepted (0 to 2^53 − 1), and not be expired. Its arguments are then checked against
-the schema of ``agent.operations``, the same as the local admin API's. Verification returns
-the command or raises; it never returns a bool.
+last one accepted (0 to 2^53 − 1) and not ahead of the device's clock in milliseconds by more
+than a day, and not be expired nor expire more than a day ahead. Its arguments are then
+checked against the schema of ``agent.operations``, the same as the local admin API's.
+Verification returns the command or raises; it never returns a bool.
 """
 
 from __future__ import annotations
@@ -40,6 +41,11 @@ MAX_COMMAND_BYTES = 16 * 1024
 # RFC 8785 serialises numbers as IEEE 754 doubles: integers beyond this are not exact.
 MAX_SAFE_INTEGER = 2**53 - 1
 MAX_SEQ = MAX_SAFE_INTEGER
+# A signed command is good for a day at most, by this device's clock (the operator's default
+# is 5 minutes); and its seq, milliseconds since the epoch when the operator tools make it, may
+# not run further ahead of the clock than that: one accepted far ahead would refuse every later
+# command as replayed until real time caught up.
+MAX_LIFETIME_S = 24 * 3600
 
 
 def _check_update() -> Operation:
@@ -148,6 +154,8 @@ def parse(payload: bytes) -> dict[str, Any]:
         doc = json.loads(payload, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
     except (ValueError, UnicodeDecodeError) as exc:
         raise CommandError(f"command is not JSON: {exc}") from None
+    except RecursionError:
+        raise CommandError("command is not JSON the agent reads: nested too deeply") from None
     if not isinstance(doc, dict):
         raise CommandError("command must be a JSON object")
     return doc
@@ -179,6 +187,8 @@ def verify(
     args = doc.get("args", {})
     if not isinstance(args, dict):
         raise CommandError(f"{name}: 'args' must be an object, found {type(args).__name__}")
+    if "device" in doc and doc["device"] != device_id:
+        raise CommandError(f"command is for device {doc.get('device')!r}, this is {device_id!r}")
     if "signature" not in doc:
         if name in UNSIGNED_ALLOWED:
             return Command(name, args, operation=operations.parse(name, args))
@@ -211,6 +221,16 @@ def verify(
         raise CommandError("signed command without an integer 'expires' (unix seconds)")
     if expires < now:
         raise CommandError(f"command expired at {expires}, now {now:.0f}")
+    if expires > now + MAX_LIFETIME_S:
+        raise CommandError(
+            f"command expires at {expires}, more than {MAX_LIFETIME_S // 3600} h after now "
+            f"({now:.0f}): a signed command is good for a day at most"
+        )
+    if seq > (now + MAX_LIFETIME_S) * 1000:
+        raise CommandError(
+            f"seq {seq} is ahead of this device's clock by more than a day (seq is at most "
+            f"milliseconds since the epoch, {now * 1000:.0f} now)"
+        )
     operation = operations.parse(name, args)
     operations.check_policy(operation, operations.Origin.REMOTE)
     if isinstance(operation, operations.SetConfig):

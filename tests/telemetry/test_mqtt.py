@@ -114,6 +114,14 @@ def test_command_verification(operator: Ed25519PrivateKey) -> None:
         "expired": signed(operator, expires=int(time.time()) - 1),
         "must be signed": {"command": "rollback", "args": {}},
         "unknown command": {"command": "format-disk"},
+        # Good for a day at most; a seq (milliseconds when the tools make it) at most a day
+        # ahead of this device's clock, or one accepted would refuse every later command.
+        "good for a day at most": signed(operator, expires=int(time.time()) + 2 * 86400),
+        "ahead of this device's clock": signed(
+            operator, seq=int(time.time() * 1000) + 2 * 86400_000
+        ),
+        # Unsigned check-update for another device: not this device's to run.
+        "this is 'dev-1'": {"command": "check-update", "device": "dev-2"},
     }
     for needle, doc in cases.items():
         with pytest.raises(CommandError, match=needle):
@@ -122,6 +130,10 @@ def test_command_verification(operator: Ed25519PrivateKey) -> None:
         {"command": "check-update"}, device_id="dev-1", keys=keys, last_seq=4, now=time.time()
     )
     assert unsigned.signed is False
+    soon = signed(operator, seq=int(time.time() * 1000), expires=int(time.time()) + 86000)
+    assert commands.verify(soon, device_id="dev-1", keys=keys, last_seq=4, now=time.time()).seq
+    with pytest.raises(CommandError, match="nested too deeply"):
+        commands.parse(b"[" * 5000 + b"]" * 5000)
 
 
 # -- against Mosquitto, with the real agent as a subprocess ------------------------------
