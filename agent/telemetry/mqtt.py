@@ -365,11 +365,9 @@ class Reporter:
         if generation != self._link_generation or link is not self._dialer.link:
             return 0.0  # the connection changed meanwhile: read again for the new one
         acked = self._acked
-        status, live, backlog = (
-            [m for m in found if m.id not in acked] for found in (status, live, backlog)
-        )
+        status, live = ([m for m in found if m.id not in acked] for found in (status, live))
+        turn = self._plan.choose(reads, status, live, backlog, acked)
         acked -= deleted  # read after their delete: they will not be read again
-        turn = self._plan.choose(reads, status, live, backlog)
         mids: list[int] = []
         try:
             for message in turn.messages:

@@ -21,7 +21,7 @@ At most ``max_inflight`` messages are unacknowledged at a time.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from agent.records import record
@@ -63,12 +63,14 @@ class Reads:
 class Turn:
     """What to publish now, in this order: ``urgent`` messages (status, then live), then the
     backlog's. ``granted`` sends were taken from the rate limit for the backlog; ``exhausted``:
-    the backlog ends with these messages."""
+    the backlog ends with these messages; ``through``: once they all go, every backlog id up
+    to it is handed over or acknowledged (None: they are not all the window read)."""
 
     messages: tuple[Message, ...]
     urgent: int
     granted: int
     exhausted: bool
+    through: int | None = None
 
 
 class SendPlan:
@@ -144,17 +146,29 @@ class SendPlan:
         status: Sequence[Message],
         live: Sequence[Message],
         backlog: Sequence[Message],
+        acked: Collection[int] = (),
     ) -> Turn:
-        """What to publish now, from what ``reads``' windows held. Takes the backlog's sends
-        from the rate limit: ``handed`` must follow (it gives back what did not go)."""
+        """What to publish now, from what ``reads``' windows held (``backlog``: the window as
+        read; ``acked``: ids acknowledged since, not to go again). Takes the backlog's sends
+        from the rate limit: ``handed`` must follow (it gives back what did not go).
+
+        The backlog ends only where its read came back short of the window: acknowledgements
+        that land while the window is read make room for more than it holds, and that is no
+        sign of its end (taken as one, the rest of the backlog waited for the next connection
+        while newer events went first)."""
         handed = set(self.inflight.values())
         room = self.room
         urgent = [m for m in (*status, *live) if m.id not in handed][:room]
         if self.backlog_cursor >= self.backlog_end:
             return Turn(tuple(urgent), len(urgent), 0, False)
-        granted = self.rate.take(reads.now, room - len(urgent))
-        batch = list(backlog[:granted])
-        return Turn(tuple(urgent + batch), len(urgent), granted, len(batch) < granted)
+        pending = [m for m in backlog if m.id not in acked and m.id not in handed]
+        granted = self.rate.take(reads.now, min(room - len(urgent), len(pending)))
+        batch = pending[:granted]
+        window = reads.backlog
+        took_all = len(batch) == len(pending)
+        exhausted = took_all and window is not None and len(backlog) < window.limit
+        through = backlog[-1].id if took_all and backlog else None
+        return Turn(tuple(urgent + batch), len(urgent), granted, exhausted, through)
 
     def handed(self, turn: Turn, mids: Sequence[int]) -> float:
         """The first ``len(mids)`` of ``turn.messages`` went to the broker as these paho mids,
@@ -172,8 +186,11 @@ class SendPlan:
         sent = len(mids) - turn.urgent
         if sent:
             self.backlog_cursor = turn.messages[len(mids) - 1].id
-        if sent == len(turn.messages) - turn.urgent and turn.exhausted:
-            self.backlog_cursor = self.backlog_end  # the backlog is all handed over
+        if sent == len(turn.messages) - turn.urgent:
+            if turn.exhausted:
+                self.backlog_cursor = self.backlog_end  # the backlog is all handed over
+            elif turn.through is not None:
+                self.backlog_cursor = max(self.backlog_cursor, turn.through)
         self.rate.give_back(turn.granted - sent)
         if self.backlog_cursor >= self.backlog_end:
             return 0.0  # events queued since the connect may go now

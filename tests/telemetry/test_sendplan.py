@@ -263,3 +263,58 @@ def test_the_rate_limit_can_be_read_without_taking() -> None:
     assert rate.available(0.05) == 1
     assert rate.available(0.1) == 2
     assert rate.available(100.0) == 3  # never above the burst
+
+
+def test_acks_that_land_while_the_backlog_is_read_do_not_end_it(outbox: Outbox) -> None:
+    """Acknowledgements handled on the loop while the window is read on the I/O thread make
+    room for more than the window holds; that is not the backlog's end. Taken as one, the
+    cursor jumped to the end: 75 of 100 events waited for the next connection while newer
+    events went first."""
+    events = [Drive(outbox).put("event") for _ in range(100)]
+    drive = Drive(outbox, max_inflight=20, drain_per_s=200.0)
+    drive.plan.connected(outbox.last_ids(), 0.0)
+
+    def turn(now: float, acks_during_read: int = 0) -> list[int]:
+        reads = drive.plan.reads(now)
+        assert reads is not None
+        window = reads.backlog
+        backlog = (
+            []
+            if window is None
+            else outbox.pending(window.limit, window.after, upto=window.upto, kinds=window.kinds)
+        )
+        acked = set()
+        for mid in list(drive.in_flight)[:acks_during_read]:  # PUBACKs during the read
+            drive.in_flight.pop(mid)
+            message_id = drive.plan.acked(mid)
+            assert message_id is not None
+            acked.add(message_id)
+        chosen = drive.plan.choose(reads, [], [], backlog, acked)
+        mids = []
+        for message in chosen.messages:
+            mid = next(drive.mids)
+            drive.in_flight[mid] = message
+            drive.published.append(message)
+            mids.append(mid)
+        drive.plan.handed(chosen, mids)
+        for message_id in acked:
+            outbox.delete(message_id)
+        return [m.id for m in chosen.messages]
+
+    assert turn(0.0) == events[:20]
+    for mid in list(drive.in_flight)[:5]:  # 5 acks: room for 5
+        drive.in_flight.pop(mid)
+        outbox.delete(drive.plan.acked(mid) or 0)
+    assert turn(0.2, acks_during_read=10) == events[20:25]
+    assert drive.plan.backlog_cursor == events[24]
+    now = 0.2
+    while drive.plan.backlog_cursor < drive.plan.backlog_end:
+        now += 0.2
+        drive.ack_all()
+        turn(now)
+    drive.ack_all()
+    assert [m.id for m in drive.published] == events  # every one, in order
+    assert outbox.pending(1000) == []
+    late = drive.put("event")
+    ids, _ = drive.turn(now + 0.2)
+    assert ids == [late]
