@@ -70,13 +70,14 @@ def test_unpin_of_a_non_ascii_model_signed_by_an_independent_signer() -> None:
     assert doc["args"]["model"] == "modèle"
     good = {**doc, "signature": base64.b64encode(key.sign(jcs)).decode()}
     keys = {"ops": key.public_key()}
-    command = commands.verify(good, device_id="dev-1", keys=keys, last_seq=0, now=time.time())
+    now = 4_000_000_000 - 60  # a minute before it expires (a day at most is taken)
+    command = commands.verify(good, device_id="dev-1", keys=keys, last_seq=0, now=now)
     assert command.operation == operations.Unpin("modèle")
     ascii_form = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
     assert b"\\u00e8" in ascii_form
     escaped = {**doc, "signature": base64.b64encode(key.sign(ascii_form)).decode()}
     with pytest.raises(CommandError, match=r"bad signature on unpin .*RFC 8785"):
-        commands.verify(escaped, device_id="dev-1", keys=keys, last_seq=0, now=time.time())
+        commands.verify(escaped, device_id="dev-1", keys=keys, last_seq=0, now=now)
 
 
 def test_parse_refuses_duplicate_keys_and_non_json_constants() -> None:
