@@ -255,6 +255,7 @@ class Deployer(Startup, ManualActions, Retention):
                 why = "first version"
             steps.append(Step(name, version, Stage.ACTIVE, why, "activated"))
             await self.journal.record_steps(steps)
+            slot.baseline = fallback
             self.probations.start(name, version, fallback)
             self.activity = Activity("probation", name, version)
             return True
@@ -354,6 +355,7 @@ class Deployer(Startup, ManualActions, Retention):
         a restart serves it too), and the failure is reported: a ``probation_failed`` event
         (stored, sent over MQTT, in ``status``), a warning in the log and the status text.
         """
+        self.slots.get(name).baseline = None
         if verdict is Verdict.COMMIT:
             await self._commit(name, version, reason)
         elif previous is None:

@@ -303,8 +303,14 @@ def judge_errors(
             note,
         )
 
-    if total_c < bounds.min_samples or (baseline is not None and total_b < bounds.min_samples):
+    # Both tests are exact at any size, and ``min_failures`` keeps a fluke from failing a
+    # version: the candidate needs no minimum of requests (12 failures in 12 requests against
+    # a clean record is a regression however few they are). The previous version does: its
+    # rate is the reference.
+    if baseline is not None and total_b < bounds.min_samples:
         return verdict(Outcome.INCONCLUSIVE, 1.0, f"too few samples (< {bounds.min_samples})")
+    if total_c == 0:
+        return verdict(Outcome.INCONCLUSIVE, 1.0, "too few samples (no request yet)")
     large = rate_c - rate_b >= bounds.error_min_increase and (rate_c >= bounds.error_ratio * rate_b)
     floors = f"floors ×{bounds.error_ratio:g} and +{bounds.error_min_increase:.1%}"
     if baseline is None:

@@ -306,9 +306,24 @@ def judge_probation(
         return Verdict.EXTEND, "inconclusive, probation extended: " + "; ".join(
             j.reason for j in unsure
         )
+    # A quiet device: the candidate served too little to compare its latencies with the
+    # previous version's. More windows may bring enough; a commit without them says so.
+    needed = max(1, policy.min_requests)
+    starved = latency.too_few and latency_base is not None and len(latency_base) >= needed
+    if starved and not capped and extensions < policy.max_extensions:
+        return Verdict.EXTEND, (
+            f"too few requests to judge its latency ({len(candidate.latencies_s)} served, "
+            f"{needed} needed), probation extended"
+        )
     evidence = f"{latency.reason}; {errors.reason}"
     if unsure:
         evidence = f"still inconclusive after {extensions} extensions; {evidence}"
+    if due and starved:
+        return Verdict.COMMIT, (
+            f"committed without a latency verdict: {candidate.requests} requests "
+            f"({candidate.errors} errors) in {elapsed_s:.0f} s, too few to judge its latency "
+            f"({needed} needed); {evidence}"
+        )
     if due:
         return Verdict.COMMIT, (
             f"probation passed: {candidate.requests} requests, {candidate.errors} errors "

@@ -66,6 +66,10 @@ class Slot:
         self._active: LoadedVersion | None = None
         self.unavailable_reason: str | None = None
         self.retry_after_s: float | None = None
+        # While a version is on probation, the version it is compared with (still loaded): a
+        # request the candidate fails is run on it too, to tell a regression from a bad input
+        # (``agent.serving.handler``). None outside probations.
+        self.baseline: int | None = None
 
     @property
     def active(self) -> LoadedVersion | None:

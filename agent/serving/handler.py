@@ -69,6 +69,10 @@ class PreparedInfer:
     placed: Placed | None = None  # outputs to write into the client's shared memory
     written: dict[str, dict[str, Any]] | None = None  # their response parameters, once written
     unobserved: bool = False  # answered, its success to be counted after the answer is sent
+    # A failed run during a probation, run again on the version compared with: True, it
+    # served this input (a regression); False, it failed too (the input's fault); None: not
+    # run (no probation, or that version does not take these inputs).
+    baseline_ok: bool | None = None
 
     def run(self) -> dict[str, np.ndarray[Any, Any]]:
         """The blocking runtime call (and the outputs' writes into shared memory); run it off
@@ -76,13 +80,39 @@ class PreparedInfer:
         started = time.perf_counter()
         try:
             results = self.loaded.session.run(self.feeds, [name for name, _ in self.outputs])
-            if self.placed is not None:
-                from agent.serving.shm.tensors import write_outputs
-
-                self.written = write_outputs(self.placed, results)
-            return results
-        finally:
+        except Exception:
             self.run_s = time.perf_counter() - started
+            self.baseline_ok = _run_on_baseline(self)
+            raise
+        self.run_s = time.perf_counter() - started
+        if self.placed is not None:
+            from agent.serving.shm.tensors import write_outputs
+
+            self.written = write_outputs(self.placed, results)
+        return results
+
+
+def _run_on_baseline(prepared: PreparedInfer) -> bool | None:
+    """Run a request the candidate failed on the version its probation compares with (on the
+    same thread, off the event loop but for the fast path's tiny models): did that one serve
+    it? None when there is no probation, or that version takes other inputs."""
+    slot, candidate = prepared.slot, prepared.loaded
+    version = slot.baseline
+    if version is None or version == candidate.version or slot.active is not candidate:
+        return None
+    try:
+        baseline = slot.acquire(version)
+    except AgentError:
+        return None  # unloaded meanwhile (the probation ended)
+    try:
+        if {spec.name for spec in baseline.session.inputs} != set(prepared.feeds):
+            return None
+        baseline.session.run(prepared.feeds, None)
+    except Exception:
+        return False
+    finally:
+        slot.release(baseline)
+    return True
 
 
 def error_response(exc: AgentError) -> Response:
@@ -344,12 +374,18 @@ class OipHandler:
         version's); the caller still releases the lease."""
         loaded = prepared.loaded
         exc = _named_failure(loaded, error)
-        if isinstance(exc, RequestError):
-            # The runtime refused the values (an index past a table …): the client's.
-            log.info("infer %s version %d refused: %s", loaded.name, loaded.version, exc)
+        # On probation, the version compared with ran the same input: what it did decides
+        # whose fault this is (a rollback must rest on regressions, not on bad inputs).
+        shared = prepared.baseline_ok
+        if shared is False or (shared is None and isinstance(exc, RequestError)):
+            # The runtime refused the values (an index past a table …), or the version before
+            # fails on them too: the client's.
+            also = f" (version {prepared.slot.baseline} fails on it too)" if shared is False else ""
+            log.info("infer %s version %d refused: %s%s", loaded.name, loaded.version, exc, also)
             self.metrics.model(loaded.name, str(loaded.version)).observe_client_error()
             return exc
-        log.warning("infer %s version %d failed: %s", loaded.name, loaded.version, exc)
+        also = f" (version {prepared.slot.baseline} serves it)" if shared else ""
+        log.warning("infer %s version %d failed: %s%s", loaded.name, loaded.version, exc, also)
         self._observe(loaded, prepared.started, failed=True, seconds=prepared.run_s)
         return exc
 

@@ -92,6 +92,28 @@ def faulty_scale_model(path: Path, factor: float) -> Path:
     return _save(helper.make_graph(nodes, "faulty_scale", [x], [y], inits), path)
 
 
+def picky_scale_model(path: Path, factor: float) -> Path:
+    """y = x * factor like ``scale_model``, but the first value of each row indexes a table
+    of 4 (a Gather): ONNX Runtime refuses a request whose first value is 4 or more as an
+    invalid argument (answered 400) where ``scale_model`` serves it."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])
+    inits = [
+        helper.make_tensor("k", TensorProto.FLOAT, [1], [factor]),
+        helper.make_tensor("table", TensorProto.FLOAT, [4], [0.0, 0.0, 0.0, 0.0]),
+        helper.make_tensor("starts", TensorProto.INT64, [2], [0, 0]),
+        helper.make_tensor("ends", TensorProto.INT64, [2], [2**62, 1]),
+    ]
+    nodes = [
+        helper.make_node("Slice", ["x", "starts", "ends"], ["first"]),  # [N, 1]
+        helper.make_node("Cast", ["first"], ["index"], to=TensorProto.INT64),
+        helper.make_node("Gather", ["table", "index"], ["zeros"]),  # [N, 1], all 0
+        helper.make_node("Mul", ["x", "k"], ["scaled"]),
+        helper.make_node("Add", ["scaled", "zeros"], ["y"]),
+    ]
+    return _save(helper.make_graph(nodes, "picky_scale", [x], [y], inits), path)
+
+
 def tensor(array: np.ndarray[Any, Any], datatype: str) -> dict[str, Any]:
     return {
         "datatype": datatype,

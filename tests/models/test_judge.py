@@ -139,8 +139,22 @@ def test_tiny_samples_are_inconclusive() -> None:
     rng = random.Random(3)
     tiny = judge_latency(lognormal(rng, 5, 0.003), lognormal(rng, 2000, 0.0003), BOUNDS)
     assert tiny.outcome is Outcome.INCONCLUSIVE and tiny.too_few
-    few_errors = judge_errors(5, 5, (0, 1000), BOUNDS)
-    assert few_errors.outcome is Outcome.INCONCLUSIVE and few_errors.too_few
+    # The failure tests are exact at any size: a baseline too small to give a reference rate
+    # is what makes them inconclusive, and fewer than min_failures failures.
+    small_base = judge_errors(5, 5, (0, 10), BOUNDS)
+    assert small_base.outcome is Outcome.INCONCLUSIVE and small_base.too_few
+    two = judge_errors(2, 2, (0, 1000), BOUNDS)
+    assert two.outcome is Outcome.INCONCLUSIVE and "fewer than 3 failures" in two.note
+
+
+def test_every_request_failing_fails_however_few_they_are() -> None:
+    """12 failures in 12 requests against a clean record of 1216 is a regression: a quiet
+    device must not commit it for want of 20 requests."""
+    judged = judge_errors(12, 12, (0, 1216), BOUNDS)
+    assert judged.outcome is Outcome.FAIL and judged.p_value < 1e-20
+    assert judge_errors(5, 5, (0, 1000), BOUNDS).outcome is Outcome.FAIL
+    # Against the same rate, few requests decide nothing.
+    assert judge_errors(3, 12, (250, 1000), BOUNDS).outcome is not Outcome.FAIL
 
 
 def test_no_samples_are_inconclusive_even_with_no_minimum() -> None:

@@ -158,8 +158,11 @@ def test_probation_rolls_back_on_error_rate_jump() -> None:
     verdict, reason = judge_probation(policy, Window(40, 10), baseline, elapsed_s=5)
     assert verdict is Verdict.ROLLBACK
     assert "failure rate 25.00% of 40 vs 1.00% of 1000, Fisher exact p=" in reason
-    verdict, _ = judge_probation(policy, Window(10, 10), baseline, elapsed_s=5)
-    assert verdict is Verdict.CONTINUE, "too few requests to judge"
+    # Every request failing is a regression however few: the exact test needs no minimum.
+    verdict, reason = judge_probation(policy, Window(10, 10), baseline, elapsed_s=5)
+    assert verdict is Verdict.ROLLBACK, reason
+    verdict, _ = judge_probation(policy, Window(10, 2), baseline, elapsed_s=5)
+    assert verdict is Verdict.CONTINUE, "two failures never decide"
     # 1 in 40 against 1 %: over the floors, far from significant: more data is needed.
     verdict, _ = judge_probation(policy, Window(40, 1), baseline, elapsed_s=5)
     assert verdict is Verdict.CONTINUE
@@ -239,3 +242,27 @@ def test_retention_never_removes_a_version_in_use() -> None:
     # Nothing active (a drain, a failed reload): the loaded versions still stay.
     retired = {1: Stage.RETIRED, 2: Stage.RETIRED}
     assert versions_to_remove([1, 2], retired, None, 0, in_use=[1]) == [2]
+
+
+def test_a_quiet_device_extends_before_committing_without_a_latency_verdict() -> None:
+    """Twelve requests in the window are too few to compare latencies: the probation is
+    extended (more windows may bring enough) and a commit without them says so, never
+    "probation passed"."""
+    policy = ProbationPolicy(window_s=5, min_requests=20, max_extensions=3)
+    baseline = Window(1216, 0, [0.000283] * 1216)
+    slow = Window(12, 0, [0.000620] * 12)
+    verdict, reason = judge_probation(policy, slow, baseline, elapsed_s=5)
+    assert verdict is Verdict.EXTEND
+    assert "too few requests to judge its latency (12 served, 20 needed)" in reason
+    verdict, reason = judge_probation(policy, slow, baseline, elapsed_s=20, extensions=3)
+    assert verdict is Verdict.COMMIT
+    assert reason.startswith("committed without a latency verdict: 12 requests (0 errors)")
+    # Once enough have come, the latency is judged: 2.2× slower fails (judged again first).
+    slower = Window(48, 0, [0.000620] * 48)
+    verdict, reason = judge_probation(policy, slower, baseline, elapsed_s=10, extensions=1)
+    assert verdict is Verdict.RETRY, reason
+    # No traffic at all: extended, then committed saying so.
+    idle = Window(0, 0, [])
+    assert judge_probation(policy, idle, baseline, elapsed_s=5)[0] is Verdict.EXTEND
+    verdict, reason = judge_probation(policy, idle, baseline, elapsed_s=20, extensions=3)
+    assert verdict is Verdict.COMMIT and "0 requests" in reason
