@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,6 +58,31 @@ def test_inputs_are_private_read_only_copies_and_outputs_written_in_place(key: s
         assert maps_of(path) == []
     finally:
         region.close()
+
+
+def test_a_fifo_is_refused_at_once_not_waited_on(key: str) -> None:
+    """A FIFO in /dev/shm (any client can make one): opening it for reading used to wait, on
+    the event loop, for a writer, and every client's requests waited with it. The open does
+    not wait now (a thread would stay blocked in it if it did: the test then hangs)."""
+    path = Path("/dev/shm", key.lstrip("/"))
+    os.mkfifo(path, 0o600)
+    raised: list[BaseException] = []
+
+    def register() -> None:
+        try:
+            Region.open("r", key, 0, 16, os.getuid(), CopyBudget(1 << 20))
+        except BaseException as exc:
+            raised.append(exc)
+
+    worker = threading.Thread(target=register, daemon=True)
+    worker.start()
+    worker.join(30)
+    waited = worker.is_alive()
+    if waited:  # release it: a writer comes
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        worker.join(10)
+    assert not waited, "the open waited for a writer"
+    assert isinstance(raised[0], RequestError) and "not a regular file" in str(raised[0])
 
 
 def test_a_shrunk_object_is_an_error_for_reads_and_writes(key: str) -> None:

@@ -30,8 +30,11 @@ SHM_DIR = Path("/dev/shm")  # noqa: S108 (where POSIX shm objects live, by defin
 
 
 def _open(path: Path, flags: int, key: str) -> int:
+    # O_NONBLOCK: opening a FIFO a client put in /dev/shm would otherwise wait, on the event
+    # loop, for a writer that never comes (every client's requests with it); the caller
+    # refuses anything but a regular file, where the flag changes nothing.
     try:
-        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY)
+        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
     except FileNotFoundError:
         raise RequestError(f"shared-memory key {key!r}: no such object in {SHM_DIR}") from None
     except PermissionError:
