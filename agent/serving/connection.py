@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import socket
 import time
 from collections import deque
@@ -22,14 +21,13 @@ from agent.errors import AgentError
 from agent.serving import routes, shmview
 from agent.serving.admin import AdminApi, peer_uid
 from agent.serving.admission import ByteBudget
-from agent.serving.framing import Failure, Phase, Request, frame, unsent
+from agent.serving.framing import Failure, Phase, Request, frame
 from agent.serving.handler import OipHandler, PreparedInfer, Response, error_response
-from agent.serving.oip.codec import Buffer
 from agent.serving.oip.server import encode_error
 from agent.serving.pool import InferencePool
-from agent.serving.reader import RequestReader
+from agent.serving.reader import RequestReader, read_rest
 from agent.serving.routes import INFER
-from agent.serving.sending import MAX_IOV, head_first
+from agent.serving.sending import write_now
 from agent.serving.shmview import LazyRegions
 from agent.serving.solo import Solo
 
@@ -81,7 +79,9 @@ class Server(Protocol):
     def shm(self) -> ShmRegistry: ...
     def admit(self, connection: HttpConnection) -> str | None: ...
     def unregister(self, connection: HttpConnection) -> None: ...
-    def connection_closed(self) -> None: ...
+    def opened(self, connection: HttpConnection) -> None: ...
+    def stalled(self, connection: HttpConnection) -> None: ...
+    def connection_closed(self, connection: HttpConnection) -> None: ...
 
 
 class HttpConnection(asyncio.BufferedProtocol):
@@ -101,6 +101,8 @@ class HttpConnection(asyncio.BufferedProtocol):
         self._failed = False  # parsing stopped: answer what is queued, then close
         self._reading_paused = False
         self._writing_paused = False
+        self.stalled_since = 0.0  # when writing last paused (its client not reading)
+        self._eof = False  # the client half-closed: answer what it sent, then close
         self._registered = False
         self.listener = listener
         self.peer: int | None = None
@@ -141,6 +143,7 @@ class HttpConnection(asyncio.BufferedProtocol):
             self.peer = peer_uid(sock)
         if sock is not None and self._limits.shm_max_regions_per_peer > 0:
             self.regions = LazyRegions(self._server, sock, self)
+        self._server.opened(self)
         refusal = self._server.admit(self)
         if refusal is not None:
             self._write(Response(503, encode_error(refusal), retry_after_s=1.0), False, False)
@@ -161,16 +164,35 @@ class HttpConnection(asyncio.BufferedProtocol):
         if self._registered:
             self._registered = False
             self._server.unregister(self)
-        self._server.connection_closed()
+        self._server.connection_closed(self)
+
+    def eof_received(self) -> bool:
+        """The client half-closed: the requests it sent are answered, then the connection
+        closes (True keeps the transport open for the answers)."""
+        self._eof = True
+        self._pause_reading()
+        self._close_after_eof()
+        return True
 
     def pause_writing(self) -> None:
+        # No request is taken up while its client does not read the answers: what waits for
+        # it is bounded by one answer here, and in total by the server (``stalled``).
         self._writing_paused = True
+        self.stalled_since = time.monotonic()
         self._pause_reading()
+        self._server.stalled(self)
 
     def resume_writing(self) -> None:
         self._writing_paused = False
         if len(self._queue) < self._limits.max_pipelined and not self._failed:
             self._resume_reading()
+        self._process()
+
+    @property
+    def write_backlog(self) -> int:
+        """Answer bytes written and not yet taken by the client."""
+        transport = self._transport
+        return transport.get_write_buffer_size() if transport is not None else 0
 
     def get_buffer(self, sizehint: int) -> memoryview:  # noqa: ARG002
         return self._reader.buffer()
@@ -211,7 +233,7 @@ class HttpConnection(asyncio.BufferedProtocol):
     # -- request processing -----------------------------------------------------------------
 
     def _process(self) -> None:
-        while self._queue and not self._busy and not self._closing:
+        while self._queue and not self._busy and not self._closing and not self._writing_paused:
             item = self._queue.popleft()
             if isinstance(item, Failure):
                 response = Response(
@@ -220,8 +242,17 @@ class HttpConnection(asyncio.BufferedProtocol):
                 self._write(response, False, item.head_only)
                 return
             self._answer(item)
-        if self._reading_paused and not (self._queue or self._writing_paused or self._failed):
+        if self._eof:
+            self._close_after_eof()
+        elif self._reading_paused and not (self._queue or self._writing_paused or self._failed):
             self._resume_reading()
+
+    def _close_after_eof(self) -> None:
+        if not self._busy and not self._queue and self._transport is not None:
+            # Every answer written: they go before the close (a client that never reads them
+            # is aborted by ``expire``, like any other).
+            self._closing = True
+            self._transport.close()
 
     def _answer(self, request: Request) -> None:
         """Answer one request now, or start it and come back when it is done."""
@@ -388,10 +419,22 @@ class HttpConnection(asyncio.BufferedProtocol):
         return None
 
     def expire(self, now: float) -> None:
-        """Close the connection when its current phase is past its deadline."""
-        if self._busy or self._queue or self._closing or self._transport is None:
+        """Close the connection when its current phase is past its deadline; abort it when its
+        client has not read its answers for as long as a body may take to arrive."""
+        if self._transport is None:
             return
         limits = self._limits
+        if self._writing_paused and now - self.stalled_since > limits.body_timeout_s:
+            log.info(
+                "server: aborting a %s connection: its client left %d answer bytes unread for %g s",
+                self.listener,
+                self.write_backlog,
+                limits.body_timeout_s,
+            )
+            self.abort()
+            return
+        if self._busy or self._queue or self._closing:
+            return
         since = max(self.phase_since, self.last_answer)
         if self.phase is Phase.IDLE:
             limit = limits.idle_timeout_s if self.answered else limits.header_timeout_s
@@ -428,48 +471,17 @@ class HttpConnection(asyncio.BufferedProtocol):
             self.close()
 
     def close(self) -> None:
+        """Close after what is written has gone; at once when the client is not reading it
+        (a close waits for the buffer, which would keep the descriptor and its bytes)."""
         if self._transport is not None:
             self._closing = True
-            self._transport.close()
+            if self._writing_paused:
+                self._transport.abort()
+            else:
+                self._transport.close()
 
-
-def write_now(fd: int, parts: list[Buffer], transport: asyncio.WriteTransport) -> list[Buffer]:
-    """Write an answer's parts in one system call (a large answer's head in one of its own
-    before it: ``sending.head_first``), as the transport would write one buffer when nothing
-    of it is queued, without joining them. What the socket did not take is left for the
-    transport, in order. Only while the transport holds nothing and is not closing (until
-    connection_lost, the descriptor is this connection's)."""
-    if transport.get_write_buffer_size() or transport.is_closing():
-        return parts
-    try:
-        lead = head_first(parts)  # a large answer's head wakes the client first
-        if lead:
-            sent = os.writev(fd, parts[:lead])
-            head = sum(len(part) for part in parts[:lead])
-            if sent < head:
-                return unsent(parts, sent)
-            parts = parts[lead:]
-        sent = os.writev(fd, parts[:MAX_IOV])
-    except (BlockingIOError, InterruptedError):
-        return parts
-    except OSError:
-        return parts  # the transport's own write meets the error and handles it
-    return unsent(parts, sent)
-
-
-def read_rest(fd: int, reader: RequestReader) -> Failure | None:
-    """Read what the socket already holds of a body received in place, now rather than one
-    turn of the loop later. EOF and errors are left to the transport's next read."""
-    failure = None
-    while failure is None and reader.in_place:
-        view = reader.buffer()
-        try:
-            count = os.readv(fd, [view])
-        except OSError:  # BlockingIOError: not arrived yet
-            break
-        finally:
-            view.release()
-        if not count:
-            break
-        failure = reader.received(count)
-    return failure
+    def abort(self) -> None:
+        """Drop the connection now, unsent answers with it."""
+        if self._transport is not None:
+            self._closing = True
+            self._transport.abort()

@@ -19,15 +19,14 @@ import numpy as np
 from agent import __version__
 from agent.errors import (
     AgentError,
-    InferenceError,
     NotFoundError,
     RequestError,
-    RuntimeInputError,
     UnavailableError,
 )
 from agent.models import fastpath
 from agent.models.slots import LoadedVersion, Slot, Slots
 from agent.serving import modelinfo, routes
+from agent.serving.blame import named_failure, run_on_baseline
 from agent.serving.oip import server as oip
 from agent.serving.oip.codec import Buffer, Limits
 from agent.serving.routes import INFER
@@ -82,7 +81,7 @@ class PreparedInfer:
             results = self.loaded.session.run(self.feeds, [name for name, _ in self.outputs])
         except Exception:
             self.run_s = time.perf_counter() - started
-            self.baseline_ok = _run_on_baseline(self)
+            self.baseline_ok = run_on_baseline(self.slot, self.loaded, self.feeds)
             raise
         self.run_s = time.perf_counter() - started
         if self.placed is not None:
@@ -92,48 +91,9 @@ class PreparedInfer:
         return results
 
 
-def _run_on_baseline(prepared: PreparedInfer) -> bool | None:
-    """Run a request the candidate failed on the version its probation compares with (on the
-    same thread, off the event loop but for the fast path's tiny models): did that one serve
-    it? None when there is no probation, or that version takes other inputs."""
-    slot, candidate = prepared.slot, prepared.loaded
-    version = slot.baseline
-    if version is None or version == candidate.version or slot.active is not candidate:
-        return None
-    try:
-        baseline = slot.acquire(version)
-    except AgentError:
-        return None  # unloaded meanwhile (the probation ended)
-    try:
-        if {spec.name for spec in baseline.session.inputs} != set(prepared.feeds):
-            return None
-        baseline.session.run(prepared.feeds, None)
-    except Exception:
-        return False
-    finally:
-        slot.release(baseline)
-    return True
-
-
 def error_response(exc: AgentError) -> Response:
     retry = exc.retry_after_s if isinstance(exc, UnavailableError) else None
     return Response(exc.status, oip.encode_error(exc.message), retry_after_s=retry)
-
-
-def _named_failure(loaded: LoadedVersion, error: BaseException) -> AgentError:
-    """The error a failed run answers with, naming the model and version that failed.
-
-    The runtimes name only the model file (``model.onnx: ONNX Runtime failed: …``), which does
-    not tell a client which model or version answered. Other agent errors pass unchanged.
-    """
-    prefix = f"model {loaded.name} version {loaded.version}: "
-    if not isinstance(error, AgentError):
-        return InferenceError(f"{prefix}runtime failed: {error}")
-    if isinstance(error, RuntimeInputError) and not error.message.startswith(prefix):
-        return RuntimeInputError(prefix + error.message, remedy=error.remedy)
-    if isinstance(error, InferenceError) and not error.message.startswith(prefix):
-        return InferenceError(prefix + error.message, remedy=error.remedy)
-    return error
 
 
 def _matched(target: str | routes.Route) -> routes.Route:
@@ -373,7 +333,7 @@ class OipHandler:
         """The error a failed run answers with, logged and counted (the client's, or the
         version's); the caller still releases the lease."""
         loaded = prepared.loaded
-        exc = _named_failure(loaded, error)
+        exc = named_failure(loaded, error)
         # On probation, the version compared with ran the same input: what it did decides
         # whose fault this is (a rollback must rest on regressions, not on bad inputs).
         shared = prepared.baseline_ok

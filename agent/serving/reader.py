@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import mmap
+import os
 import sys
 import threading
 import time
@@ -326,3 +327,21 @@ def _never() -> bool:
 
 def _nothing() -> None:
     """Send nothing: the connection is gone."""
+
+
+def read_rest(fd: int, reader: RequestReader) -> Failure | None:
+    """Read what the socket already holds of a body received in place, now rather than one
+    turn of the loop later. EOF and errors are left to the transport's next read."""
+    failure = None
+    while failure is None and reader.in_place:
+        view = reader.buffer()
+        try:
+            count = os.readv(fd, [view])
+        except OSError:  # BlockingIOError: not arrived yet
+            break
+        finally:
+            view.release()
+        if not count:
+            break
+        failure = reader.received(count)
+    return failure

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 import socket
 from collections.abc import Sequence
 from typing import Any
 
+from agent.serving.framing import unsent
 from agent.serving.oip.codec import Buffer
 from agent.serving.oip.kept import Kept
 
@@ -84,3 +87,27 @@ class RequestHttpHeads(Kept[tuple[Any, ...], bytes]):
             kept = ("\r\n".join(head) + "\r\n\r\n").encode()
             self.put(key, kept)
         return kept
+
+
+def write_now(fd: int, parts: list[Buffer], transport: asyncio.WriteTransport) -> list[Buffer]:
+    """Write an answer's parts in one system call (a large answer's head in one of its own
+    before it: ``sending.head_first``), as the transport would write one buffer when nothing
+    of it is queued, without joining them. What the socket did not take is left for the
+    transport, in order. Only while the transport holds nothing and is not closing (until
+    connection_lost, the descriptor is this connection's)."""
+    if transport.get_write_buffer_size() or transport.is_closing():
+        return parts
+    try:
+        lead = head_first(parts)  # a large answer's head wakes the client first
+        if lead:
+            sent = os.writev(fd, parts[:lead])
+            head = sum(len(part) for part in parts[:lead])
+            if sent < head:
+                return unsent(parts, sent)
+            parts = parts[lead:]
+        sent = os.writev(fd, parts[:MAX_IOV])
+    except (BlockingIOError, InterruptedError):
+        return parts
+    except OSError:
+        return parts  # the transport's own write meets the error and handles it
+    return unsent(parts, sent)

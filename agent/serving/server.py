@@ -201,6 +201,9 @@ class InferenceServer:
         self.evicted = 0  # connections closed to make room for a newcomer
         self._servers: list[asyncio.Server] = []
         self._connections: set[HttpConnection] = set()
+        # Every connection until its transport is gone, admitted or not, given way or not: a
+        # closing one can still hold unread answers, which the sweeper bounds in time.
+        self._open: set[HttpConnection] = set()
         self._unix_paths: list[Path] = []
         self._sweeper: asyncio.Task[None] | None = None
         self._rebalance: asyncio.TimerHandle | None = None
@@ -266,7 +269,33 @@ class InferenceServer:
             self._connections.discard(connection)
             self.admission.remove(connection)
 
-    def connection_closed(self) -> None:
+    def opened(self, connection: HttpConnection) -> None:
+        self._open.add(connection)
+
+    def stalled(self, connection: HttpConnection) -> None:  # noqa: ARG002 (the protocol's)
+        """``connection``'s client stopped reading its answers: while the answers waiting for
+        such clients exceed what the server holds of request bodies, the one stalled longest
+        is dropped (its answers with it)."""
+        waiting = [c for c in self._open if c.write_backlog]
+        total = sum(c.write_backlog for c in waiting)
+        cap = self.limits.max_buffered_body_bytes
+        for victim in sorted(waiting, key=lambda c: c.stalled_since):
+            if total <= cap:
+                break
+            log.warning(
+                "server: dropping a %s connection: %d answer bytes wait for clients that do "
+                "not read them (at most %d); this one left %d unread longest",
+                victim.listener,
+                total,
+                cap,
+                victim.write_backlog,
+            )
+            total -= victim.write_backlog
+            self.unregister(victim)
+            victim.abort()
+
+    def connection_closed(self, connection: HttpConnection) -> None:
+        self._open.discard(connection)
         self._closed_event.set()
 
     @property
@@ -336,7 +365,7 @@ class InferenceServer:
         while True:
             await asyncio.sleep(period)
             now = time.monotonic()
-            for connection in list(self._connections):
+            for connection in list(self._open):
                 connection.expire(now)
 
     async def close(self, drain_timeout_s: float = 5.0, grace_s: float = 1.0) -> None:

@@ -15,11 +15,16 @@ from agent.daemon import LocalModel
 from agent.serving import reader as reader_module
 from agent.serving.admission import ByteBudget
 from agent.serving.client import AsyncInferenceClient, InferenceClient
-from agent.serving.connection import read_rest
 from agent.serving.framing import Failure, Request, unsent
 from agent.serving.oip.client import encode_request_parts
 from agent.serving.oip.server import TAIL_BYTES, decode_infer_request, encode_response_parts
-from agent.serving.reader import DIRECT_BYTES, SMALL_BODY_BYTES, SPARE_BYTES, RequestReader
+from agent.serving.reader import (
+    DIRECT_BYTES,
+    SMALL_BODY_BYTES,
+    SPARE_BYTES,
+    RequestReader,
+    read_rest,
+)
 from agent.serving.response_reader import ResponseReader
 from tests.serving.conftest import start_agent
 
