@@ -245,6 +245,11 @@ class RequestReader:
             self._expect_continue = True
 
     def on_headers_complete(self) -> None:
+        parser = self._parser
+        if parser is not None and parser.should_upgrade():
+            # Refused before the request is delivered: httptools would deliver it and then
+            # raise, and the client got the request's answer and then this error.
+            raise ParseAbortError(400, "protocol upgrades are not supported (Upgrade, CONNECT)")
         self.phase = _BODY
         self.phase_since = self._now
         size = self._content_length

@@ -652,6 +652,23 @@ def test_server_error_messages_are_json_everywhere(agent: RunningAgent) -> None:
     assert json.loads(answer.body) == {"error": "inference must be sent with POST"}
 
 
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET /v2/health/ready HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+        b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n",
+    ],
+)
+def test_an_upgrade_gets_one_answer(agent: RunningAgent, head: bytes) -> None:
+    """It got the request's answer, then a 400: two answers to one request."""
+    with Wire(agent.socket) as wire:
+        wire.send(head)
+        answer = wire.read()
+        assert answer.status == 400
+        assert "protocol upgrades are not supported" in answer.json()["error"]
+        assert wire.closed()
+
+
 def test_unix_socket_peer_is_known(agent: RunningAgent) -> None:
     with Wire(agent.socket) as wire:
         wire.send(request("GET", "/v2/health/live"))
