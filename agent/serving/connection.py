@@ -305,10 +305,10 @@ class HttpConnection(asyncio.BufferedProtocol):
                 task = self._loop.create_task(handler.handle_status(request.method, route))
                 task.add_done_callback(self._admin_done)
             elif route.kind in _SHM_ROUTES:
-                answer = shmview.handle(request.method, route, request.body, self.regions)
+                answer = shmview.handle(request.method, route, _plain(request.body), self.regions)
                 self._respond(request, answer)
             else:
-                self._respond(request, handler.handle(request.method, route, request.body))
+                self._respond(request, handler.handle(request.method, route, _plain(request.body)))
         except Exception as exc:  # a defect of ours: the client still gets its answer
             log.exception("server: %s %s failed", request.method, request.path[:200])
             self._busy = False
@@ -485,3 +485,8 @@ class HttpConnection(asyncio.BufferedProtocol):
         if self._transport is not None:
             self._closing = True
             self._transport.abort()
+
+
+def _plain(body: bytes | bytearray | memoryview) -> bytes | bytearray:
+    """A body for the routes that parse JSON (only an inference's may be a view)."""
+    return bytes(body) if isinstance(body, memoryview) else body

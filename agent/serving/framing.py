@@ -39,7 +39,7 @@ class Phase(enum.Enum):
 class Request:
     method: str
     path: str  # without query string
-    body: bytes | bytearray
+    body: bytes | bytearray | memoryview
     header_length: int | None
     keep_alive: bool
     reserved: int = 0  # bytes of the shared body budget this request holds

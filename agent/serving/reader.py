@@ -90,7 +90,7 @@ class RequestReader:
     _header_length: int | None
     _content_length: int | None
     _expect_continue: bool
-    _body: bytearray
+    _body: bytearray | mmap.mmap
     _filled: int  # bytes of a body of known length received (it is allocated whole)
     _method: bytes
     _keep_alive: bool
@@ -139,6 +139,10 @@ class RequestReader:
                 self._go_direct(self._parser)
             return failure
         self._filled += count
+        try:
+            self._count_filled()
+        except ParseAbortError as exc:
+            return self._abort(exc.status, exc.message, exc.retry_after_s)
         if self._filled < len(self._body):
             return None
         self.in_place = False
@@ -260,9 +264,17 @@ class RequestReader:
                     f"request body of {size} bytes exceeds the limit of "
                     f"{self._max_body_bytes} bytes",
                 )
-            if size > SMALL_BODY_BYTES:
-                self._reserve(size)
-            self._body = _body_buffer(size)  # reserved first: its bytes are counted
+            if size > _GROW_BYTES:
+                # Counted as it arrives, not as declared: two clients that declared 48 MiB
+                # and sent nothing held the whole budget, and every large body was refused.
+                # Its pages are the kernel's until written (no zero-fill), so what is held
+                # is what came.
+                self._reserve(_GROW_BYTES)
+                self._body = mmap.mmap(-1, size)
+            else:
+                if size > SMALL_BODY_BYTES:
+                    self._reserve(size)
+                self._body = _body_buffer(size)  # reserved first: its bytes are counted
         # Chunked bodies take their budget as the chunks come. A client that waits for it
         # (curl, for large bodies) is told to send now rather than after its own timeout, but
         # only when no earlier answer is owed: an interim answer must not overtake one.
@@ -275,6 +287,7 @@ class RequestReader:
             end = self._filled + len(body)
             self._body[self._filled : end] = body
             self._filled = end
+            self._count_filled()
             return
         size = len(self._body) + len(body)
         if size > self._max_body_bytes:
@@ -284,6 +297,7 @@ class RequestReader:
         if size > SMALL_BODY_BYTES and size > self._reserved:
             # Chunked, or longer than declared (the parser stops at Content-Length anyway).
             self._reserve(max(size, self._reserved + _GROW_BYTES) - self._reserved)
+        assert isinstance(self._body, bytearray)  # chunked: no length, so never mapped
         self._body += body
 
     def on_message_complete(self) -> None:
@@ -297,10 +311,15 @@ class RequestReader:
             target = self._url.decode("ascii")
         except UnicodeDecodeError:
             raise ParseAbortError(400, "request URL is not ASCII") from None
+        body: bytes | bytearray | memoryview
+        if isinstance(self._body, mmap.mmap):  # an inference's tensors are read in place
+            body = memoryview(self._body) if target.endswith("/infer") else self._body[:]
+        else:
+            body = self._body
         request = Request(
             method,
             path_of(target) if "?" in target or "#" in target else target,
-            self._body,  # handed over, not copied: the next message gets a new buffer
+            body,  # handed over, not copied: the next message gets a new buffer
             self._header_length,
             keep_alive,
             self._reserved,
@@ -310,6 +329,12 @@ class RequestReader:
         self.phase = _IDLE
         self.phase_since = self._now
         self._deliver(request)
+
+    def _count_filled(self) -> None:
+        """A large body's budget grows with what arrived (one read ahead at most)."""
+        if self._filled > self._reserved and self._reserved >= _GROW_BYTES:
+            grown = min(len(self._body), max(self._filled, self._reserved + _GROW_BYTES))
+            self._reserve(grown - self._reserved)
 
     def _reserve(self, size: int) -> None:
         if not self._budget.reserve(size):
