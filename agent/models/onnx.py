@@ -109,6 +109,9 @@ class OnnxSession:
         self._inputs = tuple(_spec(arg, path) for arg in self._session.get_inputs())
         self._outputs = tuple(_spec(arg, path) for arg in self._session.get_outputs())
         self._output_names = [spec.name for spec in self._outputs]
+        # String tensors, converted both ways in ``run`` (``_as_text``, ``_as_bytes``).
+        self._text_inputs = frozenset(s.name for s in self._inputs if s.datatype == "BYTES")
+        self._text_outputs = frozenset(s.name for s in self._outputs if s.datatype == "BYTES")
 
     @property
     def memory_arena(self) -> bool:
@@ -127,8 +130,17 @@ class OnnxSession:
         self, feeds: Mapping[str, np.ndarray[Any, Any]], output_names: Sequence[str] | None = None
     ) -> dict[str, np.ndarray[Any, Any]]:
         names = list(output_names) if output_names else self._output_names
+        given = dict(feeds)
+        if self._text_inputs:  # (nothing to do, and no time spent, for a model of numbers)
+            for name in self._text_inputs.intersection(given):
+                given[name] = self._as_text(name, given[name])
         try:
-            results = self._session.run(names, dict(feeds))
+            results = self._session.run(names, given)
+        except UnicodeDecodeError as exc:  # (inputs are checked: an output's string)
+            raise InferenceError(
+                f"{self.path.name}: an output string is not UTF-8, which ONNX Runtime's Python "
+                f"binding cannot return: {exc}"
+            ) from exc
         except Exception as exc:
             # ORT's INVALID_ARGUMENT: the values of a well-typed request are out of the model's
             # domain (Gather past the table, mismatched sizes); anything else is the runtime's.
@@ -137,11 +149,51 @@ class OnnxSession:
                     f"{self.path.name}: ONNX Runtime refused the input: {exc}"
                 ) from exc
             raise InferenceError(f"{self.path.name}: ONNX Runtime failed: {exc}") from exc
-        return dict(zip(names, results, strict=True))
+        outputs = dict(zip(names, results, strict=True))
+        if self._text_outputs:
+            for name in self._text_outputs.intersection(outputs):
+                outputs[name] = _as_bytes(outputs[name])
+        return outputs
+
+    def _as_text(self, name: str, array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        """A BYTES input as ONNX Runtime's Python binding takes strings: ``str`` objects, each
+        encoded as UTF-8 inside. It turns any other object into its ``str()`` (``b'ab'``
+        arrives as the five characters ``b'ab'``) and misreads fixed-width bytes arrays, so
+        bytes are decoded as UTF-8: the graph sees the client's very bytes. Bytes that are not
+        UTF-8 have no ``str`` it would carry unchanged (a lone surrogate is refused, latin-1
+        would hand the graph other bytes for every non-ASCII text), so they are refused.
+
+        Raises:
+            RuntimeInputError: an element is not UTF-8.
+        """
+        if array.dtype.kind == "U":
+            return array  # (str already: taken as it is)
+        items = array.reshape(-1).tolist()
+        for index, item in enumerate(items):
+            if isinstance(item, bytes | bytearray | memoryview):
+                try:
+                    items[index] = bytes(item).decode()
+                except UnicodeDecodeError as exc:
+                    raise RuntimeInputError(
+                        f"{self.path.name}: input {name!r} element {index} is not UTF-8 "
+                        f"(byte {exc.start}); ONNX Runtime's string tensors take UTF-8 text only"
+                    ) from None
+        text = np.empty(len(items), dtype=np.object_)
+        text[:] = items
+        return text.reshape(array.shape)
 
     def close(self) -> None:
         # Dropping the last reference frees the session; keep the object usable for errors.
         self._session = None
+
+
+def _as_bytes(array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """A string output as BYTES: ONNX Runtime returns ``str`` objects, decoded from the UTF-8
+    it holds; encoded again, they are the graph's very bytes."""
+    items = [item.encode() if isinstance(item, str) else item for item in array.reshape(-1)]
+    out = np.empty(len(items), dtype=np.object_)
+    out[:] = items
+    return out.reshape(array.shape)
 
 
 def _in_place(so: Any, weights: Any) -> list[Any]:

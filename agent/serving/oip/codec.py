@@ -7,12 +7,12 @@ elements are each a 4-byte little-endian length followed by the bytes.
 
 Every decoding failure here is a ``Malformed`` naming the field or tensor, what was expected
 and what was found. It never leaves the package: the server's public functions turn it into
-``RequestError``/``PayloadTooLargeError``, the client's into ``InferenceError``.
+``RequestError``/``PayloadTooLargeError``, the client's into ``InferenceError``. JSON ``data``
+(and what JSON cannot hold: NaN, infinities, BYTES not UTF-8) is ``jsondata``'s.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import struct
 from collections.abc import Mapping, Sequence
@@ -20,40 +20,20 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from agent.errors import InferenceError, RequestError
+from agent.errors import RequestError
 from agent.records import record
 from agent.serving.oip import jsontext
+from agent.serving.oip.jsondata import from_json, to_json
+
+# Re-exported (``as``, for mypy): the codec's error and quoting, as its users know them.
+from agent.serving.oip.malformed import Malformed as Malformed  # noqa: PLC0414
+from agent.serving.oip.malformed import brief as brief  # noqa: PLC0414
 from agent.tensors import OIP_TO_NUMPY, oip_datatype
 
 if TYPE_CHECKING:  # the shared-memory modules load with the first tensor naming a region
     from agent.serving.shm.keys import Placement, Regions
 
 _LENGTH = struct.Struct("<I")
-
-# JSON element kinds numpy may produce for each datatype's data (np.array(data).dtype.kind).
-_JSON_KINDS = {
-    "BOOL": "b",
-    "UINT8": "iu",
-    "UINT16": "iu",
-    "UINT32": "iu",
-    "UINT64": "iu",
-    "INT8": "iu",
-    "INT16": "iu",
-    "INT32": "iu",
-    "INT64": "iu",
-    "FP16": "iuf",
-    "FP32": "iuf",
-    "FP64": "iuf",
-}
-
-
-class Malformed(Exception):  # noqa: N818 (internal: converted to an AgentError at the boundary)
-    """A body the codec cannot accept; ``too_large`` when a size bound was the reason."""
-
-    def __init__(self, message: str, too_large: bool = False) -> None:
-        super().__init__(message)
-        self.message = message
-        self.too_large = too_large
 
 
 @record
@@ -122,111 +102,33 @@ def _decode_bytes_elements(chunk: memoryview, count: int, what: str) -> np.ndarr
     items: list[bytes] = []
     offset = 0
     size = len(chunk)
-    while offset < size:
+    for index in range(count):  # (stops at the data's end: count is the client's)
         if offset + 4 > size:
-            raise Malformed(f"{what}: BYTES element length prefix cut short at byte {offset}")
+            if offset == size:
+                raise Malformed(
+                    f"{what}: shape needs {count} BYTES elements, binary data holds {index}"
+                )
+            raise Malformed(
+                f"{what}: BYTES element {index}: length prefix cut short at byte {offset} "
+                f"({size - offset} of its 4 bytes remain)"
+            )
         (length,) = _LENGTH.unpack_from(chunk, offset)
         offset += 4
         if offset + length > size:
             raise Malformed(
-                f"{what}: BYTES element {len(items)} declares {length} bytes, "
+                f"{what}: BYTES element {index} declares {length} bytes, "
                 f"only {size - offset} remain"
             )
         items.append(bytes(chunk[offset : offset + length]))
         offset += length
-        if len(items) > count:
-            break
-    if len(items) != count:
+    if offset != size:
         raise Malformed(
-            f"{what}: shape needs {count} BYTES elements, binary data holds {len(items)}"
+            f"{what}: {size - offset} trailing bytes after the last of its {count} BYTES "
+            f"elements (at byte {offset} of {size})"
         )
     array = np.empty(count, dtype=np.object_)
     array[:] = items
     return array
-
-
-def _flatten_strings(data: Any, what: str, out: list[bytes]) -> None:
-    for item in _leaves(data):  # iterative: nesting depth is the client's to choose
-        if not isinstance(item, str):
-            raise Malformed(f"{what}: BYTES data must be strings, found {type(item).__name__}")
-        try:
-            out.append(item.encode())
-        except UnicodeEncodeError:
-            raise Malformed(f"{what}: BYTES data holds a lone surrogate, not valid text") from None
-
-
-def brief(value: Any, limit: int = 80) -> str:
-    """``repr`` cut short: error messages quote the client's value, never all of it."""
-    try:
-        text = repr(value)
-    except (ValueError, RecursionError):  # ints past repr's digit limit, deep nesting
-        text = f"<{type(value).__name__}>"
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def _leaves(data: Any) -> list[Any]:
-    out: list[Any] = []
-    stack = [data]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, list):
-            stack.extend(reversed(item))
-        else:
-            out.append(item)
-    return out
-
-
-def _exact_ints(values: list[int], datatype: str, what: str) -> np.ndarray[Any, Any]:
-    dtype = OIP_TO_NUMPY[datatype]
-    info = np.iinfo(dtype)
-    if values and (min(values) < info.min or max(values) > info.max):
-        raise Malformed(f"{what}: values out of range for {datatype}")
-    return np.array(values, dtype=dtype)
-
-
-def _from_json(data: Any, datatype: str, shape: tuple[int, ...], what: str) -> np.ndarray[Any, Any]:
-    count = math.prod(shape)
-    if not isinstance(data, list):
-        data = [data]
-    if datatype == "BYTES":
-        flat: list[bytes] = []
-        _flatten_strings(data, what, flat)
-        if len(flat) != count:
-            raise Malformed(
-                f"{what}: shape {list(shape)} needs {count} elements, data has {len(flat)}"
-            )
-        array = np.empty(count, dtype=np.object_)
-        array[:] = flat
-        return array.reshape(shape)
-    try:
-        raw = np.array(data)
-    except (ValueError, TypeError, RecursionError, OverflowError) as exc:
-        raise Malformed(f"{what}: 'data' is ragged or malformed: {str(exc)[:200]}") from None
-    if raw.size == 0 and count == 0:
-        return np.zeros(shape, dtype=OIP_TO_NUMPY[datatype])
-    if datatype.startswith(("UINT", "INT")) and raw.dtype.kind in "fO":
-        # Integers past int64 (UINT64's upper half) make numpy fall back to float or object.
-        leaves = _leaves(data)
-        if len(leaves) == raw.size and all(
-            isinstance(v, int) and not isinstance(v, bool) for v in leaves
-        ):
-            raw = _exact_ints(leaves, datatype, what).reshape(raw.shape)
-    if raw.dtype.kind not in _JSON_KINDS[datatype]:
-        kind = {"U": "strings", "O": "mixed or nested values", "b": "booleans", "f": "floats"}.get(
-            raw.dtype.kind, str(raw.dtype)
-        )
-        raise Malformed(f"{what}: datatype {datatype} cannot hold {kind} from 'data'")
-    if raw.size != count:
-        raise Malformed(f"{what}: shape {list(shape)} needs {count} elements, data has {raw.size}")
-    if raw.ndim > 1 and raw.shape != shape:
-        raise Malformed(f"{what}: nested data has shape {list(raw.shape)}, declared {list(shape)}")
-    dtype = OIP_TO_NUMPY[datatype]
-    if dtype.kind in "iu":
-        info = np.iinfo(dtype)
-        if raw.size and (raw.min() < info.min or raw.max() > info.max):
-            raise Malformed(f"{what}: values out of range for {datatype}")
-    with np.errstate(over="ignore"):
-        return raw.astype(dtype, copy=False).reshape(shape)
 
 
 @record
@@ -330,7 +232,7 @@ def materialize(
             raise Malformed(f"{plan.what}: shared memory is not offered on this connection")
         chunk = regions.read(plan.shm, plan.what)
     elif plan.size is None:
-        return _from_json(plan.data, plan.datatype, plan.shape, plan.what)
+        return from_json(plan.data, plan.datatype, plan.shape, plan.what)
     else:
         chunk = reader.take(plan.size, plan.what)
     if plan.datatype == "BYTES":
@@ -371,7 +273,7 @@ def split_body(
         if raw[:1] == b"{" and raw[1:2] != b"\0":
             header = jsontext.loads(raw.decode("utf-8", "surrogatepass"))
         else:
-            header = json.loads(raw)
+            header = jsontext.loads(raw)  # (UTF-16 and UTF-32, detected as json.loads does)
     except (ValueError, UnicodeDecodeError) as exc:
         raise Malformed(f"the body is not valid JSON: {exc}") from None
     except RecursionError:
@@ -424,25 +326,6 @@ def tensor_view(array: np.ndarray[Any, Any]) -> Buffer:
     return np.ascontiguousarray(array).reshape(-1).data.cast("B")
 
 
-def _json_data(array: np.ndarray[Any, Any], datatype: str, name: str) -> list[Any]:
-    flat = array.reshape(-1)
-    if datatype != "BYTES":
-        data: list[Any] = flat.tolist()
-        return data
-    out = []
-    for item in flat:
-        if isinstance(item, str):
-            out.append(item)
-            continue
-        try:
-            out.append(bytes(item).decode())
-        except UnicodeDecodeError:
-            raise InferenceError(
-                f"output {name!r} holds BYTES that are not UTF-8; request it with binary_data"
-            ) from None
-    return out
-
-
 def encode_tensors(
     tensors: Sequence[tuple[str, np.ndarray[Any, Any], bool]],
     placed: Mapping[str, dict[str, Any]] | None = None,
@@ -464,7 +347,7 @@ def encode_tensors(
             entry["parameters"] = {"binary_data_size": len(raw)}
             blobs.append(raw)
         else:
-            entry["data"] = _json_data(array, datatype, name)
+            entry["data"] = to_json(array, datatype, name)
         entries.append(entry)
     return entries, blobs
 
