@@ -33,7 +33,8 @@ from agent.records import record
 from agent.serving import routes
 from agent.serving.admin import AdminApi
 from agent.serving.admission import Admission, ByteBudget, Holder
-from agent.serving.connection import FRESH_S, HttpConnection
+from agent.serving.connection import HttpConnection
+from agent.serving.control import FRESH_S
 from agent.serving.handler import OipHandler
 from agent.serving.pool import InferencePool
 from agent.serving.reader import thread_scratch
