@@ -56,6 +56,10 @@ if TYPE_CHECKING:
 # How often the events table is read for rows written by another process (`edge-agent import`,
 # the update child); the daemon's own rows are forwarded as they are written.
 EVENT_POLL_S = 2.0
+# A broker that takes publishes and acknowledges none of them for this many keep-alive
+# intervals is left and dialled again: the window in flight would otherwise stay full for as
+# long as it answers pings.
+ACK_TIMEOUT_KEEPALIVES = 2.0
 
 
 class Reporter:
@@ -357,7 +361,11 @@ class Reporter:
         """Read what the plan asks for (on the I/O thread), publish what it chooses (status,
         live, backlog, in that order); returns how long to wait at most before looking again."""
         link = self._dialer.link
-        reads = self._plan.reads(time.monotonic())
+        now = time.monotonic()
+        ack_s = ACK_TIMEOUT_KEEPALIVES * self.config.keepalive_s
+        if link is not None and self._connected.is_set() and _unacked(self._plan, link, now, ack_s):
+            return IDLE_S
+        reads = self._plan.reads(now)
         if link is None or not self._connected.is_set() or reads is None:
             return IDLE_S
         generation = self._link_generation
@@ -376,7 +384,7 @@ class Reporter:
                     break
                 mids.append(mid)
         finally:
-            wait_s = self._plan.handed(turn, mids)  # what went is in flight, whatever happens
+            wait_s = self._plan.handed(turn, mids, now)  # in flight, whatever happens
         return wait_s
 
     def _read_all(
@@ -384,17 +392,8 @@ class Reporter:
     ) -> tuple[set[int], list[Message], list[Message], list[Message]]:
         """The I/O thread's: the deletes done before these reads, and the three windows."""
         deleted, self._deleted = self._deleted, set()
-        return (
-            deleted,
-            self._read(reads.status),
-            self._read(reads.live),
-            self._read(reads.backlog),
-        )
-
-    def _read(self, window: Window | None) -> list[Message]:
-        if window is None:
-            return []
-        return self.outbox.pending(window.limit, window.after, upto=window.upto, kinds=window.kinds)
+        box = self.outbox
+        return deleted, _read(box, reads.status), _read(box, reads.live), _read(box, reads.backlog)
 
     def _publish(self, link: Link, message: Message) -> int | None:
         """Hand one message to paho: its mid, or None when the connection refused it."""
@@ -404,3 +403,27 @@ class Reporter:
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             return None
         return int(info.mid)
+
+
+def _read(outbox: Outbox, window: Window | None) -> list[Message]:
+    if window is None:
+        return []
+    return outbox.pending(window.limit, window.after, upto=window.upto, kinds=window.kinds)
+
+
+def _unacked(plan: SendPlan, link: Link, now: float, deadline_s: float) -> bool:
+    """True when the broker has acknowledged nothing in flight for longer than it may (the
+    connection is then left, once: its end comes through ``link_down``)."""
+    waited = plan.unacked_for(now)
+    if waited <= deadline_s:
+        return False
+    if not link.reason:
+        link.reason = f"no acknowledgement from the broker for {waited:.0f} s"
+        log.warning(
+            "mqtt: the broker acknowledged none of %d messages in flight for %.0f s; "
+            "connecting again (they wait in the outbox)",
+            len(plan.inflight),
+            waited,
+        )
+        link.client.disconnect()
+    return True

@@ -71,6 +71,7 @@ class Turn:
     granted: int
     exhausted: bool
     through: int | None = None
+    now: float = 0.0  # the time of the reads it was chosen from
 
 
 class SendPlan:
@@ -80,6 +81,7 @@ class SendPlan:
         self.max_inflight = max_inflight
         self.rate = RateLimit(drain_per_s, drain_burst(drain_per_s, max_inflight))
         self.inflight: dict[int, int] = {}  # paho mid -> outbox id, this connection
+        self.sent_at: dict[int, float] = {}  # paho mid -> when it was handed over
         # Outbox ids handed to a connection and not acknowledged: they may have reached the
         # broker, so the outbox bound never drops them (a drop count stays exact). The outbox
         # reads this set as it is: it is changed in place, never replaced.
@@ -98,6 +100,7 @@ class SendPlan:
         """A connection came up; ``last_ids``: the newest id of each kind in the outbox (empty
         when it could not be read: everything waiting then goes as live traffic, unordered)."""
         self.inflight.clear()
+        self.sent_at.clear()
         self.backlog_end = max(last_ids.values(), default=0)
         self.backlog_cursor = 0
         self.backlog_last_event = last_ids.get("event", 0)
@@ -106,13 +109,21 @@ class SendPlan:
     def disconnected(self) -> None:
         """Unacknowledged messages stay in the outbox and go again after the reconnect."""
         self.inflight.clear()
+        self.sent_at.clear()
 
     def acked(self, mid: int) -> int | None:
         """The broker acknowledged ``mid``: the outbox id to delete (None: not ours)."""
         message_id = self.inflight.pop(mid, None)
+        self.sent_at.pop(mid, None)
         if message_id is not None:
             self.unacked.discard(message_id)
         return message_id
+
+    def unacked_for(self, now: float) -> float:
+        """How long the oldest message in flight has waited for its acknowledgement (0: none
+        waits). A broker that takes messages and never acknowledges them would otherwise
+        hold every report behind a full window for as long as the connection lives."""
+        return now - min(self.sent_at.values()) if self.sent_at else 0.0
 
     @property
     def room(self) -> int:
@@ -160,7 +171,7 @@ class SendPlan:
         room = self.room
         urgent = [m for m in (*status, *live) if m.id not in handed][:room]
         if self.backlog_cursor >= self.backlog_end:
-            return Turn(tuple(urgent), len(urgent), 0, False)
+            return Turn(tuple(urgent), len(urgent), 0, False, now=reads.now)
         pending = [m for m in backlog if m.id not in acked and m.id not in handed]
         granted = self.rate.take(reads.now, min(room - len(urgent), len(pending)))
         batch = pending[:granted]
@@ -168,15 +179,17 @@ class SendPlan:
         took_all = len(batch) == len(pending)
         exhausted = took_all and window is not None and len(backlog) < window.limit
         through = backlog[-1].id if took_all and backlog else None
-        return Turn(tuple(urgent + batch), len(urgent), granted, exhausted, through)
+        return Turn(tuple(urgent + batch), len(urgent), granted, exhausted, through, reads.now)
 
-    def handed(self, turn: Turn, mids: Sequence[int]) -> float:
+    def handed(self, turn: Turn, mids: Sequence[int], now: float | None = None) -> float:
         """The first ``len(mids)`` of ``turn.messages`` went to the broker as these paho mids,
         the rest did not (the connection refused them). Returns the seconds until the plan is
         to be asked again: 0 at once, or at the latest (an acknowledgement, a new message or a
         connect comes sooner)."""
+        sent = turn.now if now is None else now
         for message, mid in zip(turn.messages, mids, strict=False):
             self.inflight[mid] = message.id
+            self.sent_at[mid] = sent
             self.unacked.add(message.id)
         if len(mids) < turn.urgent:
             self.rate.give_back(turn.granted)

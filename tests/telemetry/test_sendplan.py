@@ -318,3 +318,19 @@ def test_acks_that_land_while_the_backlog_is_read_do_not_end_it(outbox: Outbox) 
     late = drive.put("event")
     ids, _ = drive.turn(now + 0.2)
     assert ids == [late]
+
+
+def test_the_wait_for_acknowledgements_is_measured_from_the_oldest(outbox: Outbox) -> None:
+    drive = Drive(outbox)
+    drive.connect(0.0)
+    assert drive.plan.unacked_for(5.0) == 0.0  # nothing in flight
+    ids, _ = drive.turn(1.0)
+    assert ids
+    drive.put("health")
+    drive.turn(3.0)
+    assert drive.plan.unacked_for(10.0) == 9.0  # from the first handed over
+    drive.ack_all()
+    assert drive.plan.unacked_for(10.0) == 0.0
+    drive.turn(11.0)
+    drive.plan.disconnected()
+    assert drive.plan.unacked_for(20.0) == 0.0
