@@ -169,7 +169,16 @@ class InferenceClient(SharedMemoryCalls):
                     for region in self._regions.by_name.values():
                         self._register(region)
             try:
-                send_request(self._sock, payload)
+                try:
+                    send_request(self._sock, payload)
+                except (BrokenPipeError, ConnectionResetError):
+                    # The agent may have answered before it stopped reading (a 503 for a
+                    # body it cannot buffer, a 413): that answer, not the broken pipe.
+                    early = self._answer_before_close()
+                    if early is None:
+                        raise
+                    self.close()
+                    return early
                 plan = self.spin.plan()
                 self._await(plan)
                 response = self._read_response()
@@ -187,6 +196,14 @@ class InferenceClient(SharedMemoryCalls):
                     f"no answer from {self.address} within {self.timeout_s} s"
                 ) from exc
         raise AssertionError("unreachable")
+
+    def _answer_before_close(self) -> Reply | None:
+        """A whole answer already sent by the agent on a connection it closed, if any."""
+        self._await(WaitPlan())
+        try:
+            return self._read_response()
+        except (OSError, _StaleConnectionError, ClientError):
+            return None
 
     def _await(self, plan: WaitPlan) -> None:
         self._sent = now = time.perf_counter()

@@ -22,6 +22,8 @@ import numpy as np
 import pytest
 
 from agent.daemon import LocalModel
+from agent.errors import UnavailableError
+from agent.serving.client import InferenceClient
 from agent.serving.connection import HttpConnection, Phase
 from agent.serving.oip import client as oip_client
 
@@ -488,6 +490,24 @@ def test_a_body_holds_the_budget_it_sent_not_what_it_declared(budgeted: RunningA
         retry.send(request_big)
         assert retry.read().status == 200
     assert server.body_budget.used == 0
+
+
+def test_the_client_reports_the_refusal_sent_before_the_close(budgeted: RunningAgent) -> None:
+    """The agent refuses a body it cannot buffer (503) and stops reading it: the project's
+    client, still sending, met a broken pipe and said so, not the agent's answer."""
+    server = budgeted.agent.server
+    head, _, body = _big_infer(15_000).partition(b"\r\n\r\n")  # 3.7 MiB
+    parker = Wire(budgeted.socket)
+    parker.send(head + b"\r\n\r\n" + body[: 3 * MiB])
+    wait_until(lambda: server.body_budget.used >= 3 * MiB)
+    try:
+        with (
+            InferenceClient(str(budgeted.socket)) as client,
+            pytest.raises(UnavailableError, match=r"HTTP 503: .*buffering"),
+        ):
+            client.infer("m", {"x": np.ones((10_240, 64), np.float32)})
+    finally:
+        parker.sock.close()
 
 
 def test_a_parked_body_is_freed_when_its_client_leaves_without_a_collection(
