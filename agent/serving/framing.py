@@ -106,9 +106,12 @@ def length(value: bytes, header: str) -> int:
     Raises:
         ParseAbortError: 400, not a non-negative decimal integer.
     """
-    # Decimal digits only (RFC 9110's 1*DIGIT): int() would also take "+12", " 12" and "1_2".
+    # Decimal digits only (RFC 9110's 1*DIGIT): int() would also take "+12" and "1_2". The
+    # whitespace around a field value is not part of it (RFC 9110 §5.5).
+    value = value.strip(b" \t")
     if not value.isdigit() or not value.isascii():
         if value.startswith(b"-") and value[1:].isdigit():
             raise ParseAbortError(400, f"{header} must not be negative")
-        raise ParseAbortError(400, f"{header} must be a decimal integer, found {value[:40]!r}")
+        shown = value[:40].decode("ascii", "backslashreplace")
+        raise ParseAbortError(400, f"{header} must be a decimal integer, found {shown!r}")
     return int(value)
