@@ -23,7 +23,7 @@ import numpy as np
 from agent.errors import RequestError
 from agent.records import record
 from agent.serving.oip import jsontext
-from agent.serving.oip.jsondata import from_json, to_json
+from agent.serving.oip.jsondata import from_json, spell, to_json
 
 # Re-exported (``as``, for mypy): the codec's error and quoting, as its users know them.
 from agent.serving.oip.malformed import Malformed as Malformed  # noqa: PLC0414
@@ -360,7 +360,10 @@ def join(header: dict[str, Any], blobs: Sequence[Buffer]) -> tuple[bytes, int | 
 def parts_of(header: dict[str, Any], blobs: Sequence[Buffer]) -> tuple[list[Buffer], int | None]:
     """A body as its parts, not joined: the JSON header, then the binary parts; and the
     header's length when there are binary parts."""
-    head = jsontext.dumps(header).encode()
+    try:
+        head = jsontext.dumps(header).encode()
+    except ValueError:  # a NaN or an infinity in a tensor's data: spelled, then written
+        head = jsontext.dumps(spell(header)).encode()
     if not blobs:
         return [head], None
     return [head, *blobs], len(head)

@@ -50,12 +50,9 @@ def to_json(array: np.ndarray[Any, Any], datatype: str, name: str) -> list[Any]:
     """
     flat = array.reshape(-1)
     if datatype != "BYTES":
-        data: list[Any] = flat.tolist()
-        if datatype in _FLOATS and not np.isfinite(flat).all():
-            for index in np.flatnonzero(~np.isfinite(flat)).tolist():
-                value = data[index]
-                data[index] = "NaN" if math.isnan(value) else ("Infinity", "-Infinity")[value < 0]
-        return data
+        # Non-finite floats are spelled when the document is written (``spell``): JSON's
+        # encoder refuses them there, so values that are all finite cost no check here.
+        return flat.tolist()
     out = []
     for item in flat:
         if isinstance(item, str):
@@ -68,6 +65,34 @@ def to_json(array: np.ndarray[Any, Any], datatype: str, name: str) -> list[Any]:
                 f"output {name!r} holds BYTES that are not UTF-8; request it with binary_data"
             ) from None
     return out
+
+
+def spell(document: dict[str, Any]) -> dict[str, Any]:
+    """``document`` (a request or an answer) with the non-finite floats of its tensors' data
+    spelled ``"NaN"``, ``"Infinity"``, ``"-Infinity"``: for when the encoder refused it."""
+    spelled = dict(document)
+    for key in ("inputs", "outputs"):
+        entries = document.get(key)
+        if isinstance(entries, list):
+            spelled[key] = [_spelled_entry(entry) for entry in entries]
+    return spelled
+
+
+def _spelled_entry(entry: Any) -> Any:
+    data = entry.get("data") if isinstance(entry, dict) else None
+    if not isinstance(data, list) or entry.get("datatype") not in _FLOATS:
+        return entry
+    return {**entry, "data": [_spelled(value) for value in data]}
+
+
+def _spelled(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity", "-Infinity")[value < 0]
+    return value
+
+
+def _finite(array: np.ndarray[Any, Any]) -> bool:
+    return bool(np.isfinite(array).all())
 
 
 def from_json(data: Any, datatype: str, shape: tuple[int, ...], what: str) -> np.ndarray[Any, Any]:
@@ -97,7 +122,7 @@ def from_json(data: Any, datatype: str, shape: tuple[int, ...], what: str) -> np
         return np.zeros(shape, dtype=OIP_TO_NUMPY[datatype])
     if raw.dtype.kind == "O":  # (numbers past int64, markers, mixed values)
         _refuse_long(data, what)
-    if datatype in _FLOATS:
+    if datatype in _FLOATS and (raw.dtype.kind != "f" or not _finite(raw)):
         raw = _floats(data, raw, datatype, what)
     elif datatype.startswith(("UINT", "INT")) and raw.dtype.kind in "fO":
         # Integers past int64 (UINT64's upper half) make numpy fall back to float or object.
@@ -122,7 +147,7 @@ def from_json(data: Any, datatype: str, shape: tuple[int, ...], what: str) -> np
             raise Malformed(f"{what}: values out of range for {datatype}")
     with np.errstate(over="ignore"):
         value = raw.astype(dtype, copy=False).reshape(shape)
-    if dtype.kind == "f" and value.dtype != raw.dtype:
+    if dtype.kind == "f" and value.dtype != raw.dtype and not _finite(value):
         _refuse_overflow(raw, value, datatype, what)
     return value
 
