@@ -122,7 +122,8 @@ def from_json(data: Any, datatype: str, shape: tuple[int, ...], what: str) -> np
         return np.zeros(shape, dtype=OIP_TO_NUMPY[datatype])
     if raw.dtype.kind == "O":  # (numbers past int64, markers, mixed values)
         _refuse_long(data, what)
-    if datatype in _FLOATS and (raw.dtype.kind != "f" or not _finite(raw)):
+    spelled = datatype in _FLOATS and raw.dtype.kind != "f"
+    if spelled:  # strings ("NaN", …), or integers past int64
         raw = _floats(data, raw, datatype, what)
     elif datatype.startswith(("UINT", "INT")) and raw.dtype.kind in "fO":
         # Integers past int64 (UINT64's upper half) make numpy fall back to float or object.
@@ -147,7 +148,11 @@ def from_json(data: Any, datatype: str, shape: tuple[int, ...], what: str) -> np
             raise Malformed(f"{what}: values out of range for {datatype}")
     with np.errstate(over="ignore"):
         value = raw.astype(dtype, copy=False).reshape(shape)
-    if dtype.kind == "f" and value.dtype != raw.dtype and not _finite(value):
+    # One look at the values as converted: a bare token or a number past float64 (json reads
+    # both as non-finite floats) and a finite number the datatype cannot hold all show there.
+    if dtype.kind == "f" and not _finite(value):
+        if not spelled and not _finite(raw):
+            _floats(data, raw, datatype, what)  # raises, naming the element
         _refuse_overflow(raw, value, datatype, what)
     return value
 
