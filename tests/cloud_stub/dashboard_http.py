@@ -5,8 +5,15 @@ from __future__ import annotations
 import http.client
 import json
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+
+from cloud_stub.dashboard.server import Dashboard
+from cloud_stub.operator import generate
+from tests.telemetry.conftest import Broker
 
 
 class DashboardHttp:
@@ -69,3 +76,18 @@ class DashboardHttp:
         status, _, body = self.request("POST", "/api/command", json.dumps(doc).encode(), sent)
         answer: dict[str, Any] = json.loads(body)
         return status, answer
+
+
+@contextmanager
+def running_dashboard(tmp_path: Path) -> Iterator[tuple[Dashboard, Broker]]:
+    """A dashboard with an operator key on a real broker, on a free port; stopped on exit."""
+    broker = Broker(tmp_path)
+    broker.start()
+    key, _ = generate(tmp_path / "ops", "ops")
+    board = Dashboard("127.0.0.1", broker.port, tmp_path / "fleet.db", key, "ops")
+    server = board.start("127.0.0.1", 0)
+    try:
+        yield board, broker
+    finally:
+        board.stop(server)
+        broker.stop()

@@ -24,8 +24,7 @@ from cloud_stub.dashboard.auth import (
 )
 from cloud_stub.dashboard.server import Dashboard
 from cloud_stub.fleet.records import Message
-from cloud_stub.operator import generate
-from tests.cloud_stub.dashboard_http import DashboardHttp
+from tests.cloud_stub.dashboard_http import DashboardHttp, running_dashboard
 from tests.telemetry.conftest import Broker, Subscriber
 
 PORT = 8080
@@ -156,16 +155,8 @@ def test_the_secret_file(tmp_path: Path) -> None:
 
 @pytest.fixture
 def dashboard(tmp_path: Path) -> Iterator[tuple[Dashboard, Broker]]:
-    broker = Broker(tmp_path)
-    broker.start()
-    key, _ = generate(tmp_path / "ops", "ops")
-    board = Dashboard("127.0.0.1", broker.port, tmp_path / "fleet.db", key, "ops")
-    server = board.start("127.0.0.1", 0)
-    try:
-        yield board, broker
-    finally:
-        board.stop(server)
-        broker.stop()
+    with running_dashboard(tmp_path) as running:
+        yield running
 
 
 def test_every_refusal_over_http(tmp_path: Path, dashboard: tuple[Dashboard, Broker]) -> None:

@@ -16,8 +16,7 @@ import pytest
 from cloud_stub.dashboard import bounded, server
 from cloud_stub.dashboard.server import Dashboard
 from cloud_stub.fleet.records import Message
-from cloud_stub.operator import generate
-from tests.cloud_stub.dashboard_http import DashboardHttp
+from tests.cloud_stub.dashboard_http import DashboardHttp, running_dashboard
 from tests.telemetry.agents import wait_for
 from tests.telemetry.conftest import Broker, Subscriber
 
@@ -27,16 +26,8 @@ def board(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Das
     monkeypatch.setattr(server, "IO_TIMEOUT_S", 4.0)
     monkeypatch.setattr(bounded, "MAX_CONNECTIONS", 8)
     monkeypatch.setattr(bounded, "MAX_STREAMS", 2)
-    broker = Broker(tmp_path)
-    broker.start()
-    key, _ = generate(tmp_path / "ops", "ops")
-    dashboard = Dashboard("127.0.0.1", broker.port, tmp_path / "fleet.db", key, "ops")
-    http = dashboard.start("127.0.0.1", 0)
-    try:
-        yield dashboard, broker
-    finally:
-        dashboard.stop(http)
-        broker.stop()
+    with running_dashboard(tmp_path) as running:
+        yield running
 
 
 def raw(board: Dashboard, data: bytes) -> bytes:

@@ -12,7 +12,6 @@ from typing import Any
 
 import flatbuffers
 import numpy as np
-import onnx
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -26,22 +25,14 @@ from agent.serving.client import InferenceClient
 from agent.serving.oip import client as oip_client
 from agent.serving.oip import jsontext
 from agent.serving.oip import server as oip_server
-from cloud_stub import samples
 
 from .conftest import RunningAgent, start_agent
+from .test_wire_models import _save
 from .wire import Wire, request
 
 # Text, NUL, non-ASCII UTF-8, empty, and bytes that are no UTF-8 at all.
 TEXT = [b"ab", b"cde", b"a\x00b", "é€😀".encode(), b""]
 NOT_UTF8 = [b"\xff\xfe\x00", b"\x80", b"ok\xc3"]
-
-
-def _save(graph: onnx.GraphProto, path: Path) -> Path:
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", samples.OPSET)])
-    model.ir_version = samples.IR_VERSION
-    onnx.checker.check_model(model)
-    onnx.save(model, path)
-    return path
 
 
 def identity_model(path: Path, elem: int) -> Path:
