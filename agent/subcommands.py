@@ -191,8 +191,9 @@ def _cmd_status(args: argparse.Namespace, address: Callable[[], str]) -> int:
 
 
 def _cmd_admin(args: argparse.Namespace, address: Callable[[], str]) -> int:
-    from agent.serving.client import InferenceClient, _error_for
+    from agent.serving.client import InferenceClient
     from agent.serving.oip.client import decode_error
+    from agent.serving.response_reader import error_for
 
     if args.command == "rollback":
         path = f"/agent/models/{args.model}/rollback"
@@ -206,7 +207,7 @@ def _cmd_admin(args: argparse.Namespace, address: Callable[[], str]) -> int:
     with InferenceClient(address()) as client:
         status, _, payload = client.request("POST", path, json.dumps(body).encode())
     if status != 200:
-        raise _error_for(status, decode_error(payload))
+        raise error_for(status, decode_error(payload))
     print(payload.decode())
     return 0
 

@@ -26,18 +26,15 @@ from urllib.parse import quote
 
 import numpy as np
 
-from agent.errors import (
-    AgentError,
-    InferenceError,
-    NotFoundError,
-    PayloadTooLargeError,
-    RequestError,
-    UnavailableError,
-    UnsupportedError,
-)
 from agent.serving.oip import client as oip
 from agent.serving.oip.codec import Buffer, Limits
-from agent.serving.response_reader import MAX_HEAD, ClientError, Reply, ResponseReader
+from agent.serving.response_reader import (
+    MAX_HEAD,
+    ClientError,
+    Reply,
+    ResponseReader,
+    error_for,
+)
 from agent.serving.sending import RequestHttpHeads, send_request
 from agent.serving.shm.calls import SHM_PATH, SharedMemoryCalls
 from agent.serving.shm.client import LocalRegions, PlacedTensor
@@ -48,17 +45,6 @@ __all__ = ["DEFAULT_SOCKET", "AsyncInferenceClient", "ClientError", "InferenceCl
 DEFAULT_SOCKET = "/run/edge-agent/infer.sock"
 _CHUNK = 256 * 1024
 _IN_PLACE_BYTES = 16 * 1024  # a body's rest larger than this is received in place
-
-
-def _error_for(status: int, message: str) -> AgentError:
-    kinds: dict[int, type[AgentError]] = {
-        400: RequestError,
-        404: NotFoundError,
-        413: PayloadTooLargeError,
-        501: UnsupportedError,
-        503: UnavailableError,
-    }
-    return kinds.get(status, InferenceError)(f"HTTP {status}: {message}")
 
 
 class InferenceClient(SharedMemoryCalls):
@@ -266,7 +252,7 @@ class InferenceClient(SharedMemoryCalls):
     def _json(self, method: str, path: str, body: bytes = b"") -> Any:
         status, _, payload = self.request(method, path, body)
         if status != 200:
-            raise _error_for(status, oip.decode_error(payload))
+            raise error_for(status, oip.decode_error(payload))
         return json.loads(payload)
 
     # -- API --------------------------------------------------------------------------------
@@ -299,7 +285,7 @@ class InferenceClient(SharedMemoryCalls):
     def metrics(self) -> str:
         status, _, body = self.request("GET", "/metrics")
         if status != 200:
-            raise _error_for(status, oip.decode_error(body))
+            raise error_for(status, oip.decode_error(body))
         return body.decode()
 
     def infer(
@@ -363,7 +349,7 @@ class InferenceClient(SharedMemoryCalls):
             "POST", self._model_path(name, version) + "/infer", body, extra
         )
         if status != 200:
-            raise _error_for(status, oip.decode_error(payload))
+            raise error_for(status, oip.decode_error(payload))
         raw_length = headers.get("inference-header-content-length")
         decode = partial(
             oip.decode_infer_response,
@@ -502,7 +488,7 @@ class AsyncInferenceClient:
         path = InferenceClient._model_path(name, version) + "/infer"
         status, headers, payload = await self.request("POST", path, body, extra)
         if status != 200:
-            raise _error_for(status, oip.decode_error(payload))
+            raise error_for(status, oip.decode_error(payload))
         raw_length = headers.get("inference-header-content-length")
         response = oip.decode_infer_response(
             payload, int(raw_length) if raw_length else None, self._limits, None, self._plans

@@ -9,7 +9,15 @@ body is handed out as that buffer, not copied.
 
 from __future__ import annotations
 
-from agent.errors import AgentError
+from agent.errors import (
+    AgentError,
+    InferenceError,
+    NotFoundError,
+    PayloadTooLargeError,
+    RequestError,
+    UnavailableError,
+    UnsupportedError,
+)
 
 MAX_HEAD = 64 * 1024
 SPARE_MAX_BYTES = 256 * 1024  # bodies up to this size get a buffer made ahead (``rehearse``)
@@ -132,3 +140,15 @@ def _parse_head(raw: bytes, max_body_bytes: int) -> tuple[int, dict[str, str], i
     if length > max_body_bytes:
         raise ClientError(f"response of {length} bytes exceeds {max_body_bytes}")
     return status, headers, length
+
+
+def error_for(status: int, message: str) -> AgentError:
+    """The agent error an answer's status stands for (the client raises it)."""
+    kinds: dict[int, type[AgentError]] = {
+        400: RequestError,
+        404: NotFoundError,
+        413: PayloadTooLargeError,
+        501: UnsupportedError,
+        503: UnavailableError,
+    }
+    return kinds.get(status, InferenceError)(f"HTTP {status}: {message}")
