@@ -313,6 +313,9 @@ class RequestReader:
             target = self._url.decode("ascii")
         except UnicodeDecodeError:
             raise ParseAbortError(400, "request URL is not ASCII") from None
+        if target.startswith(("http://", "https://")):  # absolute-form (RFC 9112 3.2.2)
+            slash = target.find("/", target.index("//") + 2)
+            target = target[slash:] if slash >= 0 else "/"
         body: bytes | bytearray | memoryview
         if isinstance(self._body, memoryview):  # an inference's tensors are read in place
             body = self._body if target.endswith("/infer") else self._body.tobytes()

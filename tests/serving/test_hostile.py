@@ -701,6 +701,15 @@ def test_an_upgrade_gets_one_answer(agent: RunningAgent, head: bytes) -> None:
         assert wire.closed()
 
 
+def test_an_absolute_form_target_is_its_path(agent: RunningAgent) -> None:
+    """RFC 9112: a server must take 'GET http://host/path' as the path (it answered 404)."""
+    with Wire(agent.socket) as wire:
+        wire.send(b"GET http://localhost:8000/v2/health/ready?x=1 HTTP/1.1\r\n\r\n")
+        assert wire.read().status == 200
+        wire.send(b"GET http://localhost HTTP/1.1\r\n\r\n")
+        assert wire.read().status == 404  # the root: no route, as "/" is
+
+
 def test_unix_socket_peer_is_known(agent: RunningAgent) -> None:
     with Wire(agent.socket) as wire:
         wire.send(request("GET", "/v2/health/live"))
