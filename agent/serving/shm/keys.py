@@ -59,8 +59,8 @@ def key_file(key: Any) -> str:
         or not name.isprintable()
     ):
         raise RequestError(
-            f"shared-memory key must be 1 to {MAX_KEY_CHARS} printable characters without a "
-            f"'/', after an optional leading '/' (a POSIX shm name), found "
+            f"shared-memory key must be an optional leading '/' and 1 to {MAX_KEY_CHARS} "
+            f"printable characters without another '/' (a POSIX shm name), found "
             f"{key[: MAX_KEY_CHARS + 1]!r}"
         )
     return name
