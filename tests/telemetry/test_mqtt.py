@@ -132,7 +132,9 @@ def test_command_verification(operator: Ed25519PrivateKey) -> None:
     assert unsigned.signed is False
     soon = signed(operator, seq=int(time.time() * 1000), expires=int(time.time()) + 86000)
     assert commands.verify(soon, device_id="dev-1", keys=keys, last_seq=4, now=time.time()).seq
-    with pytest.raises(CommandError, match="nested too deeply"):
+    # Too deep for the recursion limit: a clear refusal, never a RecursionError (how deep is
+    # too deep depends on the limit, which some test plugins raise: either refusal will do).
+    with pytest.raises(CommandError, match=r"nested too deeply|must be a JSON object"):
         commands.parse(b"[" * 5000 + b"]" * 5000)
 
 
