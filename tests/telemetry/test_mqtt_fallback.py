@@ -6,6 +6,7 @@ silent broker, with timing.)"""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -60,8 +61,11 @@ def test_falls_back_to_mqtt_311(tmp_path: Path, matmul_onnx: Path) -> None:
             wait_for(lambda: any(m["topic"] == "edge/test/old-1/health" for m in received))
             log = (tmp_path / "agent.out").read_text()
             # amqtt does not answer the agent's MQTT 5 CONNECT (with its properties and will)
-            # at all: the agent tries 3.1.1 after the CONNACK timeout, min(keepalive, 5 s).
-            assert "no CONNACK to MQTT 5 (no CONNACK within 2 s)" in log, log
+            # at all: the agent tries 3.1.1 after the CONNACK timeout, min(keepalive, 5 s), or
+            # when paho's own keep-alive gives up first (both are 2 s here: a race).
+            assert re.search(
+                r"no CONNACK to MQTT 5 \((no CONNACK within 2 s|disconnected \(Keep alive)", log
+            ), log
             assert "falling back to MQTT 3.1.1" in log
             assert "connected to 127.0.0.1" in log and "(MQTT 3.1.1)" in log
         finally:
